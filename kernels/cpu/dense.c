@@ -1,0 +1,320 @@
+// dense.c: embedding, RMSNorm, matmul, SwiGLU, grouped experts and cross-entropy (CPU).
+//
+// Matrix products go through OpenBLAS gemm; row loops are parallelised with OpenMP.
+// Reductions (sums of squares, dot products, logsumexp, column sums) run in double and
+// are stored as `real`. Every parallel loop writes disjoint outputs, so results do not
+// depend on scheduling.
+#include "cpu_ops.h"
+#include "../util.h"
+
+#include <cblas.h>
+#include <limits.h>
+#include <math.h>
+#include <string.h>
+
+#ifdef MOE_REAL_F64
+#define cblas_gemm cblas_dgemm
+#else
+#define cblas_gemm cblas_sgemm
+#endif
+
+// Column sums over rows (weight gradients, repeated embedding rows) are split into
+// blocks of this many columns: one thread owns a block and walks the rows in order,
+// which is deterministic and reads each row contiguously.
+#define COL_BLOCK 64
+
+// c (m, n) = op(a) op(b) + beta * c, row-major, op(x) = x^T when trans_x is set.
+static void gemm(int trans_a, int trans_b, size_t m, size_t n, size_t k, const real *a,
+                 size_t lda, const real *b, size_t ldb, real beta, real *c, size_t ldc) {
+    if (m == 0 || n == 0) return;
+    if (k == 0) { // an empty sum; BLAS would reject the zero leading dimension
+        if (beta == 0)
+            for (size_t i = 0; i < m; i++)
+                memset(c + i * ldc, 0, n * sizeof(real));
+        return;
+    }
+    CHECK(m <= INT_MAX && n <= INT_MAX && k <= INT_MAX && lda <= INT_MAX && ldb <= INT_MAX &&
+              ldc <= INT_MAX,
+          "gemm of (%zu x %zu x %zu) exceeds BLAS's int sizes", m, n, k);
+    cblas_gemm(CblasRowMajor, trans_a ? CblasTrans : CblasNoTrans,
+               trans_b ? CblasTrans : CblasNoTrans, (int)m, (int)n, (int)k, 1, a, (int)lda, b,
+               (int)ldb, beta, c, (int)ldc);
+}
+
+// ---- embedding ------------------------------------------------------------------------
+
+// Dies on a token outside the table: a bad id would otherwise read or write past it.
+static void check_tokens(const int32_t *tok, size_t N, size_t rows) {
+    for (size_t n = 0; n < N; n++)
+        CHECK(tok[n] >= 0 && (size_t)tok[n] < rows,
+              "token %zu is %d, outside the embedding table of %zu rows", n, (int)tok[n], rows);
+}
+
+void cpu_embedding_forward(Tensor out, Tensor tokens, Tensor table, size_t N, size_t C) {
+    real *o = TENSOR_R(out);               // (N, C)
+    const int32_t *tok = TENSOR_I(tokens); // (N)
+    const real *tab = TENSOR_R(table);     // (V, C)
+    check_tokens(tok, N, C ? table.numel / C : 0);
+#pragma omp parallel for schedule(static)
+    for (size_t n = 0; n < N; n++)
+        memcpy(o + n * C, tab + (size_t)tok[n] * C, C * sizeof(real));
+}
+
+void cpu_embedding_backward(Tensor dtable, Tensor dout, Tensor tokens, size_t N, size_t C) {
+    real *dtab = TENSOR_R(dtable); // (V, C)
+    if (!dtab) return;
+    const real *dy = TENSOR_R(dout);       // (N, C)
+    const int32_t *tok = TENSOR_I(tokens); // (N)
+    check_tokens(tok, N, C ? dtable.numel / C : 0);
+    // Repeated tokens add into the same row, so threads split columns, not tokens.
+    size_t blocks = util_ceil_div(C, COL_BLOCK);
+#pragma omp parallel for schedule(static)
+    for (size_t blk = 0; blk < blocks; blk++) {
+        size_t c0 = blk * COL_BLOCK, c1 = c0 + COL_BLOCK < C ? c0 + COL_BLOCK : C;
+        for (size_t n = 0; n < N; n++) {
+            real *row = dtab + (size_t)tok[n] * C;
+            for (size_t c = c0; c < c1; c++)
+                row[c] += dy[n * C + c];
+        }
+    }
+}
+
+// ---- RMSNorm --------------------------------------------------------------------------
+
+void cpu_rmsnorm_forward(Tensor out, Tensor rstd, Tensor x, Tensor w, size_t N, size_t C,
+                         double eps) {
+    real *o = TENSOR_R(out);      // (N, C)
+    real *rs = TENSOR_R(rstd);    // (N)
+    const real *xs = TENSOR_R(x); // (N, C)
+    const real *ws = TENSOR_R(w); // (C)
+#pragma omp parallel for schedule(static)
+    for (size_t n = 0; n < N; n++) {
+        const real *xr = xs + n * C;
+        double ss = 0.0;
+        for (size_t c = 0; c < C; c++)
+            ss += (double)xr[c] * xr[c];
+        real r = (real)(1.0 / sqrt(ss / (double)C + eps));
+        rs[n] = r;
+        for (size_t c = 0; c < C; c++)
+            o[n * C + c] = xr[c] * r * ws[c];
+    }
+}
+
+// out = x r w with r = (mean x^2 + eps)^(-1/2), so dr/dx_j = -r^3 x_j / C and
+//   dx_i = r w_i dout_i - r^3 x_i / C * sum_j dout_j w_j x_j.
+static void rmsnorm_backward_x(real *dx, const real *dy, const real *x, const real *w,
+                               const real *rstd, size_t N, size_t C) {
+#pragma omp parallel for schedule(static)
+    for (size_t n = 0; n < N; n++) {
+        const real *xr = x + n * C, *dyr = dy + n * C;
+        double dot = 0.0;
+        for (size_t c = 0; c < C; c++)
+            dot += (double)dyr[c] * w[c] * xr[c];
+        double r = rstd[n];
+        double k = r * r * r * dot / (double)C;
+        for (size_t c = 0; c < C; c++)
+            dx[n * C + c] += (real)(r * w[c] * dyr[c] - k * xr[c]);
+    }
+}
+
+// dw_c = sum_n dout[n, c] x[n, c] r[n]: a column sum, blocked so threads own columns.
+static void rmsnorm_backward_w(real *dw, const real *dy, const real *x, const real *rstd,
+                               size_t N, size_t C) {
+    size_t blocks = util_ceil_div(C, COL_BLOCK);
+#pragma omp parallel for schedule(static)
+    for (size_t blk = 0; blk < blocks; blk++) {
+        size_t c0 = blk * COL_BLOCK, c1 = c0 + COL_BLOCK < C ? c0 + COL_BLOCK : C;
+        double acc[COL_BLOCK] = {0};
+        for (size_t n = 0; n < N; n++)
+            for (size_t c = c0; c < c1; c++)
+                acc[c - c0] += (double)dy[n * C + c] * x[n * C + c] * rstd[n];
+        for (size_t c = c0; c < c1; c++)
+            dw[c] += (real)acc[c - c0];
+    }
+}
+
+void cpu_rmsnorm_backward(Tensor dx, Tensor dw, Tensor dout, Tensor x, Tensor w, Tensor rstd,
+                          size_t N, size_t C) {
+    if (dx.data)
+        rmsnorm_backward_x(TENSOR_R(dx), TENSOR_R(dout), TENSOR_R(x), TENSOR_R(w),
+                           TENSOR_R(rstd), N, C);
+    if (dw.data)
+        rmsnorm_backward_w(TENSOR_R(dw), TENSOR_R(dout), TENSOR_R(x), TENSOR_R(rstd), N, C);
+}
+
+// ---- matmul ---------------------------------------------------------------------------
+
+void cpu_matmul_forward(Tensor out, Tensor x, Tensor w, size_t N, size_t K, size_t M) {
+    // out (N, M) = x (N, K) @ w (M, K)^T
+    gemm(0, 1, N, M, K, TENSOR_R(x), K, TENSOR_R(w), K, 0, TENSOR_R(out), M);
+}
+
+void cpu_matmul_backward(Tensor dx, Tensor dw, Tensor dout, Tensor x, Tensor w, size_t N,
+                         size_t K, size_t M) {
+    // dx (N, K) += dout (N, M) @ w (M, K)
+    if (dx.data) gemm(0, 0, N, K, M, TENSOR_R(dout), M, TENSOR_R(w), K, 1, TENSOR_R(dx), K);
+    // dw (M, K) += dout^T (M, N) @ x (N, K)
+    if (dw.data) gemm(1, 0, M, K, N, TENSOR_R(dout), M, TENSOR_R(x), K, 1, TENSOR_R(dw), K);
+}
+
+// ---- SwiGLU ---------------------------------------------------------------------------
+
+static double sigmoid(double z) { return 1.0 / (1.0 + exp(-z)); }
+
+// out (N, F) = silu(h1) * h3 with h13 (N, 2F) rows [h1 | h3].
+static void swiglu_rows(real *out, const real *h13, size_t N, size_t F) {
+#pragma omp parallel for schedule(static)
+    for (size_t n = 0; n < N; n++) {
+        const real *h1 = h13 + n * 2 * F, *h3 = h1 + F;
+        for (size_t f = 0; f < F; f++)
+            out[n * F + f] = (real)(h1[f] * sigmoid(h1[f]) * h3[f]);
+    }
+}
+
+// dh13 (N, 2F) += d/dh13 of silu(h1) * h3; silu'(z) = s (1 + z (1 - s)), s = sigmoid(z).
+static void swiglu_backward_rows(real *dh13, const real *dout, const real *h13, size_t N,
+                                 size_t F) {
+#pragma omp parallel for schedule(static)
+    for (size_t n = 0; n < N; n++) {
+        const real *h1 = h13 + n * 2 * F, *h3 = h1 + F;
+        real *dh1 = dh13 + n * 2 * F, *dh3 = dh1 + F;
+        for (size_t f = 0; f < F; f++) {
+            double z = h1[f], s = sigmoid(z), g = dout[n * F + f];
+            dh1[f] += (real)(g * h3[f] * s * (1.0 + z * (1.0 - s)));
+            dh3[f] += (real)(g * z * s);
+        }
+    }
+}
+
+void cpu_swiglu_forward(Tensor out, Tensor h13, size_t N, size_t F) {
+    swiglu_rows(TENSOR_R(out), TENSOR_R(h13), N, F);
+}
+
+void cpu_swiglu_backward(Tensor dh13, Tensor dout, Tensor h13, size_t N, size_t F) {
+    if (dh13.data) swiglu_backward_rows(TENSOR_R(dh13), TENSOR_R(dout), TENSOR_R(h13), N, F);
+}
+
+// ---- grouped experts ------------------------------------------------------------------
+
+// Validates offsets (E+1) and returns M = offsets[E], the routed rows in use.
+static size_t expert_rows(const int32_t *off, size_t E) {
+    CHECK(off[0] == 0, "expert offsets must start at 0, not %d", (int)off[0]);
+    for (size_t e = 0; e < E; e++)
+        CHECK(off[e + 1] >= off[e], "expert offsets decrease at expert %zu (%d -> %d)", e,
+              (int)off[e], (int)off[e + 1]);
+    return (size_t)off[E];
+}
+
+// Routed row counts are known only at run time: refuse a buffer too small for them.
+static void check_fits(Tensor t, size_t need, const char *name) {
+    CHECK(!t.data || t.numel >= need, "experts: %s holds %zu elements, needs %zu", name,
+          t.numel, need);
+}
+
+void cpu_experts_forward(Tensor yp, Tensor h13, Tensor act, Tensor xp, Tensor w, Tensor offsets,
+                         size_t E, size_t C, size_t F) {
+    const int32_t *off = TENSOR_I(offsets); // (E+1)
+    size_t M = expert_rows(off, E);
+    check_fits(w, E * 3 * F * C, "w");
+    check_fits(xp, M * C, "xp");
+    check_fits(h13, M * 2 * F, "h13");
+    check_fits(act, M * F, "act");
+    check_fits(yp, M * C, "yp");
+    for (size_t e = 0; e < E; e++) {
+        size_t r0 = (size_t)off[e], rows = (size_t)off[e + 1] - r0;
+        if (rows == 0) continue;
+        const real *w13 = TENSOR_R(w) + e * 3 * F * C; // (2F, C)
+        const real *w2 = w13 + 2 * F * C;              // (C, F)
+        const real *x = TENSOR_R(xp) + r0 * C;         // (rows, C)
+        real *h = TENSOR_R(h13) + r0 * 2 * F;          // (rows, 2F)
+        real *a = TENSOR_R(act) + r0 * F;              // (rows, F)
+        gemm(0, 1, rows, 2 * F, C, x, C, w13, C, 0, h, 2 * F);
+        swiglu_rows(a, h, rows, F);
+        gemm(0, 1, rows, C, F, a, F, w2, F, 0, TENSOR_R(yp) + r0 * C, C);
+    }
+}
+
+void cpu_experts_backward(Tensor dxp, Tensor dw, const uint8_t *train, Tensor dyp, Tensor dh13,
+                          Tensor dact, Tensor h13, Tensor act, Tensor xp, Tensor w,
+                          Tensor offsets, size_t E, size_t C, size_t F) {
+    const int32_t *off = TENSOR_I(offsets); // (E+1)
+    size_t M = expert_rows(off, E);
+    check_fits(dw, E * 3 * F * C, "dw");
+    check_fits(dxp, M * C, "dxp");
+    check_fits(dyp, M * C, "dyp");
+    check_fits(dh13, M * 2 * F, "dh13");
+    check_fits(dact, M * F, "dact");
+    for (size_t e = 0; e < E; e++) {
+        size_t r0 = (size_t)off[e], rows = (size_t)off[e + 1] - r0;
+        int want_dw = dw.data && (!train || train[e]);
+        if (rows == 0 || (!want_dw && !dxp.data)) continue;
+        const real *w13 = TENSOR_R(w) + e * 3 * F * C;              // (2F, C)
+        const real *w2 = w13 + 2 * F * C;                           // (C, F)
+        const real *x = TENSOR_R(xp) + r0 * C;                      // (rows, C)
+        const real *h = TENSOR_R(h13) + r0 * 2 * F;                 // (rows, 2F)
+        const real *a = TENSOR_R(act) + r0 * F;                     // (rows, F)
+        const real *dy = TENSOR_R(dyp) + r0 * C;                    // (rows, C)
+        real *dh = TENSOR_R(dh13) + r0 * 2 * F;                     // (rows, 2F)
+        real *da = TENSOR_R(dact) + r0 * F;                         // (rows, F)
+        real *dw13 = want_dw ? TENSOR_R(dw) + e * 3 * F * C : NULL; // (2F, C)
+        real *dw2 = want_dw ? dw13 + 2 * F * C : NULL;              // (C, F)
+
+        gemm(0, 0, rows, F, C, dy, C, w2, F, 0, da, F);
+        if (want_dw) gemm(1, 0, C, F, rows, dy, C, a, F, 1, dw2, F);
+        // dh13 is scratch: clear it so the accumulating SwiGLU backward assigns.
+        memset(dh, 0, rows * 2 * F * sizeof(real));
+        swiglu_backward_rows(dh, da, h, rows, F);
+        if (dxp.data)
+            gemm(0, 0, rows, C, 2 * F, dh, 2 * F, w13, C, 1, TENSOR_R(dxp) + r0 * C, C);
+        if (want_dw) gemm(1, 0, 2 * F, C, rows, dh, 2 * F, x, C, 1, dw13, C);
+    }
+}
+
+// ---- cross-entropy --------------------------------------------------------------------
+
+// log sum_v exp(x_v), shifted by the max so large logits do not overflow.
+static double logsumexp(const real *x, size_t V) {
+    double mx = -INFINITY;
+    for (size_t v = 0; v < V; v++)
+        if (x[v] > mx) mx = x[v];
+    double s = 0.0;
+    for (size_t v = 0; v < V; v++)
+        s += exp((double)x[v] - mx);
+    return mx + log(s);
+}
+
+void cpu_crossentropy_forward(Tensor loss, Tensor lse, Tensor logits, Tensor targets, size_t N,
+                              size_t V) {
+    real *ls = TENSOR_R(lse);              // (N)
+    const real *lg = TENSOR_R(logits);     // (N, V)
+    const int32_t *tg = TENSOR_I(targets); // (N)
+    CHECK(N > 0, "cross-entropy over zero rows has no mean");
+#pragma omp parallel for schedule(static)
+    for (size_t n = 0; n < N; n++)
+        ls[n] = (real)logsumexp(lg + n * V, V);
+    // Summed serially, in row order, so the loss does not depend on the thread count.
+    double sum = 0.0;
+    for (size_t n = 0; n < N; n++) {
+        CHECK(tg[n] >= 0 && (size_t)tg[n] < V, "target %zu is %d, outside the vocabulary %zu",
+              n, (int)tg[n], V);
+        sum += (double)ls[n] - lg[n * V + (size_t)tg[n]];
+    }
+    TENSOR_R(loss)[0] = (real)(sum / (double)N);
+}
+
+void cpu_crossentropy_backward(Tensor dlogits, Tensor logits, Tensor lse, Tensor targets,
+                               double dloss, size_t N, size_t V) {
+    real *dl = TENSOR_R(dlogits); // (N, V)
+    if (!dl) return;
+    const real *lg = TENSOR_R(logits);     // (N, V)
+    const real *ls = TENSOR_R(lse);        // (N)
+    const int32_t *tg = TENSOR_I(targets); // (N)
+    double scale = dloss / (double)N;
+#pragma omp parallel for schedule(static)
+    for (size_t n = 0; n < N; n++) {
+        for (size_t v = 0; v < V; v++) {
+            double p = exp((double)lg[n * V + v] - ls[n]);
+            dl[n * V + v] += (real)(scale * (p - (v == (size_t)tg[n])));
+        }
+    }
+}

@@ -1,0 +1,30 @@
+// util.h: error-check macros and small helpers shared by every room.
+//
+// Every fatal error is one line naming the source location and what went wrong,
+// optionally followed by a HINT line saying what to do about it.
+#ifndef MOE_UTIL_H
+#define MOE_UTIL_H
+
+#include <stdio.h>
+#include <stdlib.h>
+
+_Noreturn void util_die(const char *file, int line, const char *fmt, ...)
+    __attribute__((format(printf, 3, 4)));
+
+// A user's mistake (bad config, bad file): the message alone, no source location.
+_Noreturn void util_fail(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
+
+#define FAIL(...) util_fail(__VA_ARGS__)
+#define DIE(...) util_die(__FILE__, __LINE__, __VA_ARGS__)
+#define CHECK(cond, ...) \
+    do {                 \
+        if (!(cond)) DIE(__VA_ARGS__); \
+    } while (0)
+
+// malloc/calloc that die with file and line instead of returning NULL.
+void *util_calloc(size_t n, size_t size, const char *file, int line);
+#define CALLOC(n, size) util_calloc((n), (size), __FILE__, __LINE__)
+
+size_t util_ceil_div(size_t a, size_t b);
+
+#endif

@@ -1,0 +1,363 @@
+// build.c: the decoder's data flow as tape ops (DESIGN.md, "Data flow of one step").
+#include "build.h"
+
+#include <math.h>
+#include <stdio.h>
+
+#include "../kernels/util.h"
+
+typedef struct {
+    Model *m;
+    size_t N, C;
+} Builder;
+
+// A differentiable activation: value in the activation arena, gradient in its twin.
+static Buf take_buf(Builder *b, size_t numel) {
+    Buf x = {arena_take(&b->m->acts, numel, DTYPE_REAL),
+             arena_take(&b->m->dacts, numel, DTYPE_REAL)};
+    return x;
+}
+
+static Tensor take(Builder *b, size_t numel, DType dt) {
+    return arena_take(&b->m->acts, numel, dt);
+}
+
+static int measuring(const Builder *b) { return b->m->acts.base == NULL; }
+
+// A parameter (or a run of consecutive parameters starting at `name`) and its gradient.
+static Buf param_buf(Builder *b, size_t numel, const char *fmt, int i, int j) {
+    char name[128];
+    snprintf(name, sizeof name, fmt, i, j);
+    const ParamInfo *p = layout_find(&b->m->layout, name);
+    CHECK(p, "internal: parameter %s missing from the layout", name);
+    Buf w = {tensor_slice(b->m->params, p->offset, numel),
+             tensor_slice(b->m->grads, p->offset, numel)};
+    return w;
+}
+
+static Buf op_rmsnorm(Builder *b, Buf x, Buf w) {
+    TapeOp *op = tape_push(&b->m->tape, OP_RMSNORM);
+    op->rmsnorm.out = take_buf(b, b->N * b->C);   // (N, C)
+    op->rmsnorm.rstd = take(b, b->N, DTYPE_REAL); // (N)
+    op->rmsnorm.x = x;
+    op->rmsnorm.w = w;
+    op->rmsnorm.N = b->N;
+    op->rmsnorm.C = b->C;
+    op->rmsnorm.eps = b->m->cfg.norm_eps;
+    return op->rmsnorm.out;
+}
+
+static Buf op_matmul(Builder *b, Buf x, Buf w, size_t rows, size_t in, size_t out) {
+    TapeOp *op = tape_push(&b->m->tape, OP_MATMUL);
+    op->matmul.out = take_buf(b, rows * out);   // (rows, out)
+    op->matmul.x = x;
+    op->matmul.w = w;
+    op->matmul.N = rows;
+    op->matmul.K = in;
+    op->matmul.M = out;
+    return op->matmul.out;
+}
+
+static Buf op_add(Builder *b, Buf x, Buf y, size_t n) {
+    TapeOp *op = tape_push(&b->m->tape, OP_ADD);
+    op->add.out = take_buf(b, n);
+    op->add.a = x;
+    op->add.b = y;
+    op->add.n = n;
+    return op->add.out;
+}
+
+// E SwiGLU experts over contiguous row groups given by `offsets` (E+1).
+static Buf op_experts(Builder *b, Buf xp, Buf w, Tensor offsets, size_t rows, size_t E,
+                      size_t F) {
+    TapeOp *op = tape_push(&b->m->tape, OP_EXPERTS);
+    op->experts.yp = take_buf(b, rows * b->C);          // (rows, C)
+    op->experts.h13 = take(b, rows * 2 * F, DTYPE_REAL);  // (rows, 2F)
+    op->experts.act = take(b, rows * F, DTYPE_REAL);      // (rows, F)
+    op->experts.dh13 = arena_take(&b->m->dacts, rows * 2 * F, DTYPE_REAL);
+    op->experts.dact = arena_take(&b->m->dacts, rows * F, DTYPE_REAL);
+    op->experts.xp = xp;
+    op->experts.w = w;
+    op->experts.offsets = offsets;
+    op->experts.E = E;
+    op->experts.C = b->C;
+    op->experts.F = F;
+    return op->experts.yp;
+}
+
+// A SwiGLU applied to every row: one expert whose group is all N rows.
+static Buf op_swiglu_all(Builder *b, Buf x, Buf w, size_t F) {
+    Tensor offsets = take(b, 2, DTYPE_I32);   // (2) {0, N}
+    if (!measuring(b)) {
+        int32_t host[2] = {0, (int32_t)b->N};
+        b->m->be->upload(offsets, host, sizeof host);
+    }
+    return op_experts(b, x, w, offsets, b->N, 1, F);
+}
+
+static Buf build_attention(Builder *b, Buf xn, int l) {
+    const ModelConfig *c = &b->m->cfg;
+    size_t H = (size_t)c->heads, KV = (size_t)c->kv_heads, D = b->C / H;
+    size_t QKV = (H + 2 * KV) * D;
+    Buf wqkv = param_buf(b, QKV * b->C, "model.layers.%d.self_attn.q_proj.weight", l, 0);
+    Buf wo = param_buf(b, b->C * H * D, "model.layers.%d.self_attn.o_proj.weight", l, 0);
+    Buf qkv = op_matmul(b, xn, wqkv, b->N, b->C, QKV);   // (N, (H+2KV)D)
+
+    TapeOp *rope = tape_push(&b->m->tape, OP_ROPE);
+    rope->rope.qkv = qkv;
+    rope->rope.B = b->m->B;
+    rope->rope.T = b->m->T;
+    rope->rope.H = H;
+    rope->rope.KV = KV;
+    rope->rope.D = D;
+    rope->rope.theta = c->rope_theta;
+
+    TapeOp *op = tape_push(&b->m->tape, OP_ATTENTION);
+    size_t BHTT = b->m->B * H * b->m->T * b->m->T;
+    op->attention.out = take_buf(b, b->N * H * D);   // (N, H*D)
+    op->attention.att = take(b, BHTT, DTYPE_REAL);     // (B, H, T, T)
+    op->attention.datt = arena_take(&b->m->dacts, BHTT, DTYPE_REAL);
+    op->attention.qkv = qkv;
+    op->attention.B = b->m->B;
+    op->attention.T = b->m->T;
+    op->attention.H = H;
+    op->attention.KV = KV;
+    op->attention.D = D;
+    return op_matmul(b, op->attention.out, wo, b->N, H * D, b->C);
+}
+
+// Router input after jitter (Switch: only the router sees the jittered input).
+static Buf build_router_input(Builder *b, Buf xn, MoeLayerState *st) {
+    if (b->m->cfg.noise != NOISE_JITTER) return xn;
+    TapeOp *op = tape_push(&b->m->tape, OP_MUL);
+    st->jitter = take(b, b->N * b->C, DTYPE_REAL);   // (N, C)
+    op->mul.out = take_buf(b, b->N * b->C);
+    op->mul.x = xn;
+    op->mul.u = st->jitter;
+    op->mul.n = b->N * b->C;
+    return op->mul.out;
+}
+
+typedef struct {
+    Buf clean, raw, logits, scores, gates;   // (N, E) x4, (N, k)
+} RouterBufs;
+
+// Router logits, optional Shazeer noise, scores, top-k and gates.
+static RouterBufs build_router(Builder *b, Buf xr, int l, MoeLayerState *st) {
+    const ModelConfig *c = &b->m->cfg;
+    size_t E = (size_t)c->experts, k = (size_t)c->top_k, N = b->N;
+    RouterBufs r = {0};
+    Buf wg = param_buf(b, E * b->C, "model.layers.%d.block_sparse_moe.gate.weight", l, 0);
+    r.clean = op_matmul(b, xr, wg, N, b->C, E);
+    r.logits = r.clean;
+    if (c->noise == NOISE_SHAZEER) {
+        Buf wn = param_buf(b, E * b->C, "model.layers.%d.block_sparse_moe.noise.weight", l, 0);
+        r.raw = op_matmul(b, xr, wn, N, b->C, E);
+        TapeOp *op = tape_push(&b->m->tape, OP_NOISY);
+        st->eps = take(b, N * E, DTYPE_REAL);   // (N, E)
+        op->noisy.h = take_buf(b, N * E);
+        op->noisy.clean = r.clean;
+        op->noisy.raw = r.raw;
+        op->noisy.eps = st->eps;
+        op->noisy.n = N * E;
+        r.logits = op->noisy.h;
+    }
+    TapeOp *sc = tape_push(&b->m->tape, OP_SCORES);
+    sc->scores.scores = take_buf(b, N * E);
+    sc->scores.logits = r.logits;
+    sc->scores.N = N;
+    sc->scores.E = E;
+    sc->scores.func = (ScoreFunc)c->score;
+    r.scores = sc->scores.scores;
+
+    TapeOp *tk = tape_push(&b->m->tape, OP_TOPK);
+    st->idx = take(b, N * k, DTYPE_I32);   // (N, k)
+    tk->topk.idx = st->idx;
+    tk->topk.vals = r.scores.v;
+    tk->topk.N = N;
+    tk->topk.E = E;
+    tk->topk.k = k;
+
+    TapeOp *g = tape_push(&b->m->tape, OP_GATES);
+    g->gates.gates = take_buf(b, N * k);   // (N, k)
+    g->gates.scores = r.scores;
+    g->gates.idx = st->idx;
+    g->gates.N = N;
+    g->gates.E = E;
+    g->gates.k = k;
+    g->gates.renorm = c->renorm;
+    r.gates = g->gates.gates;
+    return r;
+}
+
+// Aux losses, each averaged over MoE layers: backward seeds carry coef / n_moe.
+static void build_aux_losses(Builder *b, const RouterBufs *r, MoeLayerState *st) {
+    const ModelConfig *c = &b->m->cfg;
+    size_t E = (size_t)c->experts, k = (size_t)c->top_k, N = b->N;
+    double per_layer = 1.0 / (double)b->m->n_moe;
+    Buf probs = r->scores;
+    if (c->score == SCORE_SIGMOID) {
+        TapeOp *op = tape_push(&b->m->tape, OP_NORMALIZE);
+        op->normalize.p = take_buf(b, N * E);
+        op->normalize.s = r->scores;
+        op->normalize.N = N;
+        op->normalize.E = E;
+        probs = op->normalize.p;
+    }
+    TapeOp *lb = tape_push(&b->m->tape, OP_LB_LOSS);
+    st->lb = lb->lb.loss = take(b, 1, DTYPE_REAL);
+    st->counts = lb->lb.counts = take(b, E, DTYPE_I32);
+    lb->lb.idx = st->idx;
+    lb->lb.probs = probs;
+    lb->lb.N = N;
+    lb->lb.E = E;
+    lb->lb.k = k;
+    lb->lb.coef = c->aux_coef * per_layer;
+
+    TapeOp *z = tape_push(&b->m->tape, OP_Z_LOSS);
+    st->z = z->zloss.loss = take(b, 1, DTYPE_REAL);
+    z->zloss.lse = take(b, N, DTYPE_REAL);
+    z->zloss.logits = r->logits;
+    z->zloss.N = N;
+    z->zloss.E = E;
+    z->zloss.coef = c->z_coef * per_layer;
+
+    if (c->noise != NOISE_SHAZEER) return;
+    TapeOp *imp = tape_push(&b->m->tape, OP_IMPORTANCE_LOSS);
+    st->importance = imp->importance.loss = take(b, 1, DTYPE_REAL);
+    imp->importance.imp = take(b, E, DTYPE_REAL);
+    imp->importance.idx = st->idx;
+    imp->importance.gates = r->gates;
+    imp->importance.N = N;
+    imp->importance.E = E;
+    imp->importance.k = k;
+    imp->importance.coef = c->noise_coef * per_layer;
+
+    TapeOp *ld = tape_push(&b->m->tape, OP_LOAD_LOSS);
+    st->load = ld->load.loss = take(b, 1, DTYPE_REAL);
+    ld->load.load = take(b, E, DTYPE_REAL);
+    ld->load.idx = st->idx;
+    ld->load.clean = r->clean;
+    ld->load.h = r->logits;
+    ld->load.raw = r->raw;
+    ld->load.N = N;
+    ld->load.E = E;
+    ld->load.k = k;
+    ld->load.coef = c->noise_coef * per_layer;
+}
+
+// Capacity, dispatch, experts, combine. Returns y (N, C) before shared experts.
+static Buf build_routed_experts(Builder *b, Buf xn, const RouterBufs *r, int l,
+                                MoeLayerState *st) {
+    const ModelConfig *c = &b->m->cfg;
+    size_t E = (size_t)c->experts, k = (size_t)c->top_k, N = b->N;
+    size_t F = (size_t)c->expert_ffn_dim, M = N * k;   // M: worst-case routed rows
+    TapeOp *cap = tape_push(&b->m->tape, OP_CAPACITY);
+    st->keep = cap->capacity.keep = take(b, N * k, DTYPE_I32);   // (N, k)
+    cap->capacity.idx = st->idx;
+    cap->capacity.gates = r->gates.v;
+    cap->capacity.N = N;
+    cap->capacity.E = E;
+    cap->capacity.k = k;
+    cap->capacity.capacity = model_config_capacity(c, N);
+    cap->capacity.policy = (DropPolicy)c->drop_policy;
+
+    TapeOp *dp = tape_push(&b->m->tape, OP_DISPATCH);
+    st->offsets = dp->dispatch.offsets = take(b, E + 1, DTYPE_I32);
+    dp->dispatch.rows = take(b, M, DTYPE_I32);   // (M) permuted row -> token
+    dp->dispatch.slot = take(b, N * k, DTYPE_I32);   // (N, k) -> permuted row or -1
+    dp->dispatch.idx = st->idx;
+    dp->dispatch.keep = st->keep;
+    dp->dispatch.N = N;
+    dp->dispatch.E = E;
+    dp->dispatch.k = k;
+
+    TapeOp *ga = tape_push(&b->m->tape, OP_GATHER);
+    ga->gather.xp = take_buf(b, M * b->C);   // (M, C)
+    ga->gather.x = xn;
+    ga->gather.rows = dp->dispatch.rows;
+    ga->gather.offsets = st->offsets;
+    ga->gather.E = E;
+    ga->gather.C = b->C;
+
+    Buf w = param_buf(b, E * 3 * F * b->C,
+                      "model.layers.%d.block_sparse_moe.experts.%d.w1.weight", l, 0);
+    Buf yp = op_experts(b, ga->gather.xp, w, st->offsets, M, E, F);
+
+    TapeOp *co = tape_push(&b->m->tape, OP_COMBINE);
+    co->combine.y = take_buf(b, N * b->C);   // (N, C)
+    co->combine.yp = yp;
+    co->combine.gates = r->gates;
+    co->combine.slot = dp->dispatch.slot;
+    co->combine.N = N;
+    co->combine.k = k;
+    co->combine.C = b->C;
+    return co->combine.y;
+}
+
+static Buf build_moe(Builder *b, Buf xn, int l, MoeLayerState *st) {
+    const ModelConfig *c = &b->m->cfg;
+    st->layer = l;
+    Buf xr = build_router_input(b, xn, st);
+    RouterBufs r = build_router(b, xr, l, st);
+    build_aux_losses(b, &r, st);
+    Buf y = build_routed_experts(b, xn, &r, l, st);
+    size_t Fs = (size_t)c->shared_ffn_dim;
+    for (int s = 0; s < c->shared_experts; s++) {
+        Buf w = param_buf(b, 3 * Fs * b->C,
+                          "model.layers.%d.block_sparse_moe.shared_experts.%d.w1.weight", l, s);
+        y = op_add(b, y, op_swiglu_all(b, xn, w, Fs), b->N * b->C);
+    }
+    return y;
+}
+
+static Buf build_block(Builder *b, Buf x, int l, int *moe_i) {
+    const ModelConfig *c = &b->m->cfg;
+    Buf ln1 = param_buf(b, b->C, "model.layers.%d.input_layernorm.weight", l, 0);
+    Buf ln2 = param_buf(b, b->C, "model.layers.%d.post_attention_layernorm.weight", l, 0);
+    Buf h = op_add(b, x, build_attention(b, op_rmsnorm(b, x, ln1), l), b->N * b->C);
+    Buf hn = op_rmsnorm(b, h, ln2);
+    Buf ffn;
+    if (model_config_is_moe_layer(c, l)) {
+        ffn = build_moe(b, hn, l, &b->m->moe[(*moe_i)++]);
+    } else {
+        Buf w = param_buf(b, 3 * (size_t)c->ffn_dim * b->C, "model.layers.%d.mlp.gate_proj.weight",
+                          l, 0);
+        ffn = op_swiglu_all(b, hn, w, (size_t)c->ffn_dim);
+    }
+    return op_add(b, h, ffn, b->N * b->C);
+}
+
+void build_tape(Model *m) {
+    const ModelConfig *c = &m->cfg;
+    Builder b = {m, m->N, (size_t)c->d_model};
+    size_t V = (size_t)c->vocab;
+    tape_clear(&m->tape);
+    m->acts.used = m->dacts.used = 0;
+    m->tokens = take(&b, m->N, DTYPE_I32);
+    m->targets = take(&b, m->N, DTYPE_I32);
+
+    TapeOp *emb = tape_push(&m->tape, OP_EMBED);
+    Buf table = param_buf(&b, V * b.C, "model.embed_tokens.weight", 0, 0);
+    emb->embed.out = take_buf(&b, m->N * b.C);   // (N, C)
+    emb->embed.table = table;
+    emb->embed.tokens = m->tokens;
+    emb->embed.N = m->N;
+    emb->embed.C = b.C;
+
+    Buf x = emb->embed.out;
+    int moe_i = 0;
+    for (int l = 0; l < c->layers; l++) x = build_block(&b, x, l, &moe_i);
+    Buf xf = op_rmsnorm(&b, x, param_buf(&b, b.C, "model.norm.weight", 0, 0));
+    Buf head = c->tie_embeddings ? table : param_buf(&b, V * b.C, "lm_head.weight", 0, 0);
+    m->logits = op_matmul(&b, xf, head, m->N, b.C, V);   // (N, V)
+
+    TapeOp *ce = tape_push(&m->tape, OP_CROSSENTROPY);
+    m->ce = ce->ce.loss = take(&b, 1, DTYPE_REAL);
+    ce->ce.lse = take(&b, m->N, DTYPE_REAL);
+    ce->ce.targets = m->targets;
+    ce->ce.logits = m->logits;
+    ce->ce.N = m->N;
+    ce->ce.V = V;
+    ce->ce.coef = 1.0;
+}

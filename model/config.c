@@ -1,0 +1,102 @@
+#include "config.h"
+
+#include <math.h>
+#include <stdio.h>
+
+#define MK(field) offsetof(ModelConfig, field)
+
+static const ConfigKey model_keys[] = {
+    {"layers", KEY_INT, MK(layers), "2", 1, 256, NULL, "transformer blocks"},
+    {"d_model", KEY_INT, MK(d_model), "64", 2, 65536, NULL, "residual stream width C"},
+    {"heads", KEY_INT, MK(heads), "4", 1, 1024, NULL, "query heads (must divide d_model)"},
+    {"kv_heads", KEY_INT, MK(kv_heads), "4", 1, 1024, NULL,
+     "key/value heads, grouped-query attention when < heads (must divide heads)"},
+    {"vocab", KEY_INT, MK(vocab), "256", 2, 1 << 24, NULL, "vocabulary size (256: bytes)"},
+    {"seq_len", KEY_INT, MK(seq_len), "64", 1, 1 << 20, NULL, "context length T"},
+    {"ffn_dim", KEY_INT, MK(ffn_dim), "128", 1, 1 << 20, NULL,
+     "hidden width of dense SwiGLU layers (those that are not MoE)"},
+    {"moe_every", KEY_INT, MK(moe_every), "1", 1, 256, NULL,
+     "layer i is MoE when (i+1) % moe_every == 0 (1: all, 2: every other)"},
+    {"experts", KEY_INT, MK(experts), "4", 1, 4096, NULL, "routed experts per MoE layer E"},
+    {"expert_ffn_dim", KEY_INT, MK(expert_ffn_dim), "64", 1, 1 << 20, NULL,
+     "hidden width F of each routed expert"},
+    {"shared_experts", KEY_INT, MK(shared_experts), "0", 0, 64, NULL,
+     "always-on experts added to every token (DeepSeekMoE)"},
+    {"shared_ffn_dim", KEY_INT, MK(shared_ffn_dim), "64", 1, 1 << 20, NULL,
+     "hidden width of each shared expert"},
+    {"tie_embeddings", KEY_BOOL, MK(tie_embeddings), "true", 0, 1, NULL,
+     "lm_head reuses embed_tokens"},
+    {"rope_theta", KEY_DOUBLE, MK(rope_theta), "10000", 1, 1e12, NULL, "RoPE base"},
+    {"norm_eps", KEY_DOUBLE, MK(norm_eps), "1e-5", 0, 1, NULL, "RMSNorm epsilon"},
+    {"init_std", KEY_DOUBLE, MK(init_std), "0.02", 0, 10, NULL,
+     "std of the normal weight init (output projections scaled by 1/sqrt(2*layers))"},
+};
+
+static const ConfigKey router_keys[] = {
+    {"top_k", KEY_INT, MK(top_k), "2", 1, 8, NULL, "experts per token k"},
+    {"score", KEY_ENUM, MK(score), "softmax", 0, 0, "softmax|sigmoid",
+     "router score function"},
+    {"renorm", KEY_BOOL, MK(renorm), "true", 0, 1, NULL,
+     "renormalise the k selected scores to sum to 1 (Mixtral)"},
+    {"noise", KEY_ENUM, MK(noise), "none", 0, 0, "none|jitter|shazeer",
+     "training-time router noise: Switch jitter or Shazeer's learned softplus noise"},
+    {"jitter_eps", KEY_DOUBLE, MK(jitter_eps), "0.01", 0, 1, NULL,
+     "jitter: router input times U[1-eps, 1+eps]"},
+    {"capacity_factor", KEY_DOUBLE, MK(capacity_factor), "0", -1, 1000, NULL,
+     "capacity ceil(k*N*cf/E) per expert; <= 0 is dropless"},
+    {"drop_policy", KEY_ENUM, MK(drop_policy), "position", 0, 0, "position|probs",
+     "which assignments a full expert keeps: earlier choice/token, or highest gate"},
+    {"aux_coef", KEY_DOUBLE, MK(aux_coef), "0.01", 0, 1e3, NULL,
+     "load-balancing loss coefficient (loss is 1.0 when balanced)"},
+    {"z_coef", KEY_DOUBLE, MK(z_coef), "0.001", 0, 1e3, NULL, "router z-loss coefficient"},
+    {"noise_coef", KEY_DOUBLE, MK(noise_coef), "0.01", 0, 1e3, NULL,
+     "Shazeer importance and load (CV^2) loss coefficient"},
+};
+
+void model_config_sections(ModelConfig *cfg, KeySection out[MODEL_CONFIG_SECTIONS]) {
+    out[0] = (KeySection){"model", model_keys, sizeof model_keys / sizeof *model_keys, cfg};
+    out[1] = (KeySection){"router", router_keys, sizeof router_keys / sizeof *router_keys, cfg};
+}
+
+void model_config_defaults(ModelConfig *cfg) {
+    KeySection s[MODEL_CONFIG_SECTIONS];
+    model_config_sections(cfg, s);
+    for (int i = 0; i < MODEL_CONFIG_SECTIONS; i++) keys_set_defaults(&s[i]);
+}
+
+int model_config_validate(const ModelConfig *c, char *err, size_t n) {
+    if (c->d_model % c->heads)
+        return snprintf(err, n, "model.heads = %d must divide model.d_model = %d", c->heads,
+                        c->d_model), -1;
+    if ((c->d_model / c->heads) % 2)
+        return snprintf(err, n, "model.d_model / model.heads = %d must be even for RoPE",
+                        c->d_model / c->heads), -1;
+    if (c->heads % c->kv_heads)
+        return snprintf(err, n, "model.kv_heads = %d must divide model.heads = %d",
+                        c->kv_heads, c->heads), -1;
+    if (c->top_k > c->experts)
+        return snprintf(err, n, "router.top_k = %d exceeds model.experts = %d", c->top_k,
+                        c->experts), -1;
+    if (c->noise == NOISE_SHAZEER && c->top_k >= c->experts)
+        return snprintf(err, n,
+                        "router.noise = shazeer needs router.top_k (%d) < model.experts (%d): "
+                        "its load loss compares against the (k+1)-th expert",
+                        c->top_k, c->experts), -1;
+    if (c->moe_every > c->layers)
+        return snprintf(err, n, "model.moe_every = %d exceeds model.layers = %d: no MoE layer",
+                        c->moe_every, c->layers), -1;
+    return 0;
+}
+
+int model_config_is_moe_layer(const ModelConfig *cfg, int layer) {
+    return (layer + 1) % cfg->moe_every == 0;
+}
+
+int model_config_moe_layers(const ModelConfig *cfg) { return cfg->layers / cfg->moe_every; }
+
+size_t model_config_capacity(const ModelConfig *cfg, size_t n_tokens) {
+    if (cfg->capacity_factor <= 0) return 0;
+    double c = ceil((double)cfg->top_k * (double)n_tokens * cfg->capacity_factor /
+                    (double)cfg->experts);
+    return c < 1 ? 1 : (size_t)c;
+}

@@ -1,0 +1,58 @@
+// config.h: the model's configuration ([model] and [router] INI sections).
+//
+// Defines ModelConfig, its key tables (defaults, ranges, meanings) and the checks that
+// span several keys (heads dividing d_model, top_k <= experts, ...).
+#ifndef MOE_MODEL_CONFIG_H
+#define MOE_MODEL_CONFIG_H
+
+#include <stddef.h>
+
+#include "../kernels/kernels.h"
+#include "../kernels/keys.h"
+
+typedef enum { NOISE_NONE = 0, NOISE_JITTER = 1, NOISE_SHAZEER = 2 } NoiseKind;
+
+typedef struct {
+    // [model]
+    int layers;
+    int d_model;
+    int heads;
+    int kv_heads;
+    int vocab;
+    int seq_len;
+    int ffn_dim;          // hidden width of dense (non-MoE) SwiGLU layers
+    int moe_every;        // layer i is MoE when (i + 1) % moe_every == 0
+    int experts;
+    int expert_ffn_dim;
+    int shared_experts;
+    int shared_ffn_dim;
+    int tie_embeddings;
+    double rope_theta;
+    double norm_eps;
+    double init_std;
+    // [router]
+    int top_k;
+    int score;            // ScoreFunc
+    int renorm;
+    int noise;            // NoiseKind
+    double jitter_eps;
+    double capacity_factor;  // <= 0: dropless
+    int drop_policy;      // DropPolicy
+    double aux_coef;
+    double z_coef;
+    double noise_coef;
+} ModelConfig;
+
+// Sections bound to `cfg`: [0] = model, [1] = router.
+#define MODEL_CONFIG_SECTIONS 2
+void model_config_sections(ModelConfig *cfg, KeySection out[MODEL_CONFIG_SECTIONS]);
+void model_config_defaults(ModelConfig *cfg);
+// Cross-key checks. Returns 0, or -1 with a one-line reason naming the keys in err.
+int model_config_validate(const ModelConfig *cfg, char *err, size_t err_len);
+
+int model_config_is_moe_layer(const ModelConfig *cfg, int layer);
+int model_config_moe_layers(const ModelConfig *cfg);
+// Per-expert capacity for N tokens: ceil(k N cf / E); 0 means dropless.
+size_t model_config_capacity(const ModelConfig *cfg, size_t n_tokens);
+
+#endif

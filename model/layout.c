@@ -1,0 +1,107 @@
+#include "layout.h"
+
+#include <stdarg.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "../kernels/util.h"
+
+typedef struct {
+    Layout *lay;
+    size_t cap;
+} Builder;
+
+static void add_param(Builder *b, ParamKind kind, int layer, int expert, size_t rows,
+                      size_t cols, const char *fmt, ...) __attribute__((format(printf, 7, 8)));
+
+static void add_param(Builder *b, ParamKind kind, int layer, int expert, size_t rows,
+                      size_t cols, const char *fmt, ...) {
+    Layout *lay = b->lay;
+    if (lay->n_params == b->cap) {
+        b->cap = b->cap ? 2 * b->cap : 64;
+        lay->params = realloc(lay->params, b->cap * sizeof *lay->params);
+        CHECK(lay->params, "out of memory growing the parameter layout");
+    }
+    ParamInfo *p = &lay->params[lay->n_params++];
+    memset(p, 0, sizeof *p);
+    va_list ap;
+    va_start(ap, fmt);
+    vsnprintf(p->name, sizeof p->name, fmt, ap);
+    va_end(ap);
+    p->kind = kind;
+    p->layer = layer;
+    p->expert = expert;
+    p->rows = rows;
+    p->cols = cols;
+    p->numel = rows * (cols ? cols : 1);
+    p->offset = lay->total;
+    lay->total += p->numel;
+}
+
+static void add_swiglu(Builder *b, ParamKind kind, int layer, int expert, size_t F, size_t C,
+                       const char *prefix, const char *n1, const char *n3, const char *n2) {
+    add_param(b, kind, layer, expert, F, C, "%s.%s.weight", prefix, n1);
+    add_param(b, kind, layer, expert, F, C, "%s.%s.weight", prefix, n3);
+    add_param(b, kind, layer, expert, C, F, "%s.%s.weight", prefix, n2);
+}
+
+static void add_moe(Builder *b, const ModelConfig *cfg, int l) {
+    size_t C = (size_t)cfg->d_model, E = (size_t)cfg->experts;
+    char prefix[96];
+    add_param(b, PARAM_ROUTER, l, -1, E, C, "model.layers.%d.block_sparse_moe.gate.weight", l);
+    if (cfg->noise == NOISE_SHAZEER)
+        add_param(b, PARAM_ROUTER, l, -1, E, C,
+                  "model.layers.%d.block_sparse_moe.noise.weight", l);
+    for (int e = 0; e < cfg->experts; e++) {
+        snprintf(prefix, sizeof prefix, "model.layers.%d.block_sparse_moe.experts.%d", l, e);
+        add_swiglu(b, PARAM_EXPERT, l, e, (size_t)cfg->expert_ffn_dim, C, prefix, "w1", "w3",
+                   "w2");
+    }
+    for (int s = 0; s < cfg->shared_experts; s++) {
+        snprintf(prefix, sizeof prefix, "model.layers.%d.block_sparse_moe.shared_experts.%d", l,
+                 s);
+        add_swiglu(b, PARAM_SHARED, l, s, (size_t)cfg->shared_ffn_dim, C, prefix, "w1", "w3",
+                   "w2");
+    }
+}
+
+static void add_block(Builder *b, const ModelConfig *cfg, int l) {
+    size_t C = (size_t)cfg->d_model, D = C / (size_t)cfg->heads;
+    size_t HD = (size_t)cfg->heads * D, KD = (size_t)cfg->kv_heads * D;
+    add_param(b, PARAM_NORM, l, -1, C, 0, "model.layers.%d.input_layernorm.weight", l);
+    add_param(b, PARAM_ATTN, l, -1, HD, C, "model.layers.%d.self_attn.q_proj.weight", l);
+    add_param(b, PARAM_ATTN, l, -1, KD, C, "model.layers.%d.self_attn.k_proj.weight", l);
+    add_param(b, PARAM_ATTN, l, -1, KD, C, "model.layers.%d.self_attn.v_proj.weight", l);
+    add_param(b, PARAM_ATTN, l, -1, C, HD, "model.layers.%d.self_attn.o_proj.weight", l);
+    add_param(b, PARAM_NORM, l, -1, C, 0, "model.layers.%d.post_attention_layernorm.weight", l);
+    if (model_config_is_moe_layer(cfg, l)) {
+        add_moe(b, cfg, l);
+    } else {
+        char prefix[64];
+        snprintf(prefix, sizeof prefix, "model.layers.%d.mlp", l);
+        add_swiglu(b, PARAM_DENSE, l, -1, (size_t)cfg->ffn_dim, C, prefix, "gate_proj",
+                   "up_proj", "down_proj");
+    }
+}
+
+void layout_init(Layout *lay, const ModelConfig *cfg) {
+    memset(lay, 0, sizeof *lay);
+    Builder b = {lay, 0};
+    size_t C = (size_t)cfg->d_model, V = (size_t)cfg->vocab;
+    add_param(&b, PARAM_EMBED, -1, -1, V, C, "model.embed_tokens.weight");
+    for (int l = 0; l < cfg->layers; l++) add_block(&b, cfg, l);
+    add_param(&b, PARAM_NORM, -1, -1, C, 0, "model.norm.weight");
+    if (!cfg->tie_embeddings) add_param(&b, PARAM_HEAD, -1, -1, V, C, "lm_head.weight");
+}
+
+void layout_free(Layout *lay) {
+    free(lay->params);
+    memset(lay, 0, sizeof *lay);
+}
+
+const ParamInfo *layout_find(const Layout *lay, const char *name) {
+    for (size_t i = 0; i < lay->n_params; i++)
+        if (!strcmp(lay->params[i].name, name)) return &lay->params[i];
+    return NULL;
+}

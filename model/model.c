@@ -1,0 +1,183 @@
+#include "model.h"
+
+#include <math.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "../kernels/util.h"
+#include "build.h"
+
+static Tensor slab_alloc(const Backend *be, size_t numel, const char *what) {
+    Tensor t = {be->alloc(numel * sizeof(real)), DTYPE_REAL, be->device, numel};
+    CHECK(t.data, "out of memory allocating %s (%zu values)", what, numel);
+    return t;
+}
+
+static void arena_alloc(const Backend *be, Arena *a, const char *what) {
+    a->size = a->used;
+    a->base = be->alloc(a->size);
+    CHECK(a->base, "out of memory allocating %s (%zu bytes)", what, a->size);
+}
+
+void model_init(Model *m, const ModelConfig *cfg, const Backend *be, size_t B, size_t T) {
+    char err[512];
+    CHECK(model_config_validate(cfg, err, sizeof err) == 0, "%s", err);
+    CHECK(T <= (size_t)cfg->seq_len, "batch of %zu tokens per row exceeds model.seq_len = %d",
+          T, cfg->seq_len);
+    memset(m, 0, sizeof *m);
+    m->cfg = *cfg;
+    m->be = be;
+    m->B = B;
+    m->T = T;
+    m->N = B * T;
+    layout_init(&m->layout, cfg);
+    m->params = slab_alloc(be, m->layout.total, "parameters");
+    m->grads = slab_alloc(be, m->layout.total, "gradients");
+    m->n_moe = model_config_moe_layers(cfg);
+    m->moe = CALLOC((size_t)m->n_moe, sizeof *m->moe);
+    tape_init(&m->tape);
+    m->acts.device = m->dacts.device = be->device;
+    build_tape(m);   // measuring pass: sizes the arenas
+    arena_alloc(be, &m->acts, "activations");
+    arena_alloc(be, &m->dacts, "activation gradients");
+    memset(m->moe, 0, (size_t)m->n_moe * sizeof *m->moe);
+    build_tape(m);
+    model_clear_noise(m);
+}
+
+void model_free(Model *m) {
+    m->be->release(m->params.data);
+    m->be->release(m->grads.data);
+    m->be->release(m->acts.base);
+    m->be->release(m->dacts.base);
+    tape_free(&m->tape);
+    layout_free(&m->layout);
+    free(m->moe);
+    memset(m, 0, sizeof *m);
+}
+
+Tensor model_param(const Model *m, const ParamInfo *p) {
+    return tensor_slice(m->params, p->offset, p->numel);
+}
+
+Tensor model_grad(const Model *m, const ParamInfo *p) {
+    return tensor_slice(m->grads, p->offset, p->numel);
+}
+
+static int is_output_projection(const ParamInfo *p) {
+    size_t len = strlen(p->name);
+    const char *tails[] = {"o_proj.weight", "w2.weight", "down_proj.weight"};
+    for (size_t i = 0; i < 3; i++) {
+        size_t n = strlen(tails[i]);
+        if (len >= n && !strcmp(p->name + len - n, tails[i])) return 1;
+    }
+    return 0;
+}
+
+static double param_init_std(const ModelConfig *cfg, const ParamInfo *p) {
+    if (p->kind == PARAM_ROUTER && cfg->noise == NOISE_SHAZEER) return 0.0;
+    if (is_output_projection(p)) return cfg->init_std / sqrt(2.0 * cfg->layers);
+    return cfg->init_std;
+}
+
+void model_init_weights(Model *m, uint64_t seed) {
+    Rng rng;
+    rng_init(&rng, seed);
+    real *host = CALLOC(m->layout.total, sizeof(real));
+    for (size_t i = 0; i < m->layout.n_params; i++) {
+        const ParamInfo *p = &m->layout.params[i];
+        real *w = host + p->offset;
+        if (p->kind == PARAM_NORM) {
+            for (size_t j = 0; j < p->numel; j++) w[j] = 1;
+            continue;
+        }
+        double std = param_init_std(&m->cfg, p);
+        for (size_t j = 0; j < p->numel; j++) w[j] = (real)(std * rng_normal(&rng));
+    }
+    m->be->upload(m->params, host, m->layout.total * sizeof(real));
+    free(host);
+}
+
+void model_randomize_weights(Model *m, uint64_t seed) {
+    Rng rng;
+    rng_init(&rng, seed);
+    real *host = CALLOC(m->layout.total, sizeof(real));
+    for (size_t i = 0; i < m->layout.n_params; i++) {
+        const ParamInfo *p = &m->layout.params[i];
+        real *w = host + p->offset;
+        double std = p->cols ? 1.0 / sqrt((double)p->cols) : 0.1;
+        for (size_t j = 0; j < p->numel; j++)
+            w[j] = (real)((p->cols ? 0.0 : 1.0) + std * rng_normal(&rng));
+    }
+    m->be->upload(m->params, host, m->layout.total * sizeof(real));
+    free(host);
+}
+
+// Fills every noise buffer: Shazeer eps ~ N(0,1) (or 0), jitter u ~ U[1-e, 1+e] (or 1).
+static void fill_noise(Model *m, Rng *rng) {
+    size_t E = (size_t)m->cfg.experts, C = (size_t)m->cfg.d_model;
+    double e = m->cfg.jitter_eps;
+    for (int i = 0; i < m->n_moe; i++) {
+        MoeLayerState *st = &m->moe[i];
+        size_t n = st->eps.data ? m->N * E : st->jitter.data ? m->N * C : 0;
+        if (!n) continue;
+        real *host = CALLOC(n, sizeof(real));
+        for (size_t j = 0; j < n; j++) {
+            if (st->eps.data) host[j] = rng ? (real)rng_normal(rng) : 0;
+            else host[j] = rng ? (real)(1.0 - e + 2.0 * e * rng_uniform(rng)) : 1;
+        }
+        m->be->upload(st->eps.data ? st->eps : st->jitter, host, n * sizeof(real));
+        free(host);
+    }
+}
+
+void model_draw_noise(Model *m, Rng *rng) { fill_noise(m, rng); }
+
+void model_clear_noise(Model *m) { fill_noise(m, NULL); }
+
+void model_set_batch(Model *m, const int32_t *tokens, const int32_t *targets) {
+    for (size_t i = 0; i < m->N; i++) {
+        CHECK(tokens[i] >= 0 && tokens[i] < m->cfg.vocab && targets[i] >= 0 &&
+                  targets[i] < m->cfg.vocab,
+              "token id %d (or target %d) at position %zu outside model.vocab = %d", tokens[i],
+              targets[i], i, m->cfg.vocab);
+    }
+    m->be->upload(m->tokens, tokens, m->N * sizeof(int32_t));
+    m->be->upload(m->targets, targets, m->N * sizeof(int32_t));
+}
+
+static double read_scalar(const Model *m, Tensor t) {
+    if (!t.data) return 0.0;
+    real v;
+    m->be->download(&v, t, sizeof v);
+    return (double)v;
+}
+
+static ModelLosses collect_losses(const Model *m) {
+    ModelLosses l = {0};
+    l.ce = read_scalar(m, m->ce);
+    for (int i = 0; i < m->n_moe; i++) {
+        l.lb += read_scalar(m, m->moe[i].lb) / m->n_moe;
+        l.z += read_scalar(m, m->moe[i].z) / m->n_moe;
+        l.importance += read_scalar(m, m->moe[i].importance) / m->n_moe;
+        l.load += read_scalar(m, m->moe[i].load) / m->n_moe;
+    }
+    const ModelConfig *c = &m->cfg;
+    l.total = l.ce + c->aux_coef * l.lb + c->z_coef * l.z;
+    if (c->noise == NOISE_SHAZEER) l.total += c->noise_coef * (l.importance + l.load);
+    return l;
+}
+
+ModelLosses model_forward(Model *m) {
+    tape_forward(&m->tape, m->be);
+    m->losses = collect_losses(m);
+    return m->losses;
+}
+
+void model_zero_grad(Model *m) { m->be->zero(m->grads, m->grads.numel); }
+
+void model_backward(Model *m) {
+    Tensor d = {m->dacts.base, DTYPE_F32, m->dacts.device, m->dacts.size / 4};
+    m->be->zero(d, d.numel);
+    tape_backward(&m->tape, m->be);
+}

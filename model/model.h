@@ -1,0 +1,85 @@
+// model.h: the Mixtral-style MoE decoder: parameters, run state and its lifecycle.
+//
+// Defines Model (config, backend, parameter and gradient slabs with a view per tensor,
+// the tape and its activation arenas for one batch shape), the per-MoE-layer routing
+// state the logs and tests read, and the forward/backward entry points.
+#ifndef MOE_MODEL_H
+#define MOE_MODEL_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#include "../kernels/kernels.h"
+#include "../kernels/rng.h"
+#include "config.h"
+#include "layout.h"
+#include "tape.h"
+
+// What the router did in one MoE layer on the last forward pass.
+typedef struct {
+    int layer;
+    Tensor eps;        // (N, E) Shazeer noise draws; data NULL unless noise = shazeer
+    Tensor jitter;     // (N, C) jitter factors; data NULL unless noise = jitter
+    Tensor idx;        // (N, k) int32 selected experts, best first
+    Tensor keep;       // (N, k) int32 1 kept, 0 dropped by capacity
+    Tensor counts;     // (E) int32 assignments per expert before capacity
+    Tensor offsets;    // (E+1) int32 kept rows per expert, prefix sums
+    Tensor lb, z;      // (1) unscaled load-balancing and z losses
+    Tensor importance, load;   // (1) Shazeer CV^2 losses; data NULL unless shazeer
+} MoeLayerState;
+
+// Losses of the last forward pass. Aux losses are unscaled means over MoE layers;
+// total = ce + aux_coef*lb + z_coef*z + noise_coef*(importance + load).
+typedef struct {
+    double total, ce, lb, z, importance, load;
+} ModelLosses;
+
+typedef struct {
+    ModelConfig cfg;
+    const Backend *be;
+    Layout layout;
+    Tensor params;     // (layout.total) every weight
+    Tensor grads;      // (layout.total) their gradients, same layout
+    size_t B, T, N;    // batch shape the tape was planned for, N = B*T
+    Tape tape;
+    Arena acts;        // activations
+    Arena dacts;       // activation gradients (zeroed each backward)
+    Tensor tokens;     // (N) int32 inputs
+    Tensor targets;    // (N) int32 next tokens
+    Buf logits;        // (N, V)
+    Tensor ce;         // (1)
+    MoeLayerState *moe;
+    int n_moe;
+    ModelLosses losses;
+} Model;
+
+// Plans the tape and allocates everything for batches of B sequences of T tokens.
+void model_init(Model *m, const ModelConfig *cfg, const Backend *be, size_t B, size_t T);
+void model_free(Model *m);
+
+// Scaled-normal init (see README): N(0, init_std), output projections (o_proj, w2,
+// down_proj) N(0, init_std / sqrt(2 * layers)), norms 1. Router gate N(0, init_std);
+// with Shazeer noise the gate and noise weights start at zero as in the paper.
+void model_init_weights(Model *m, uint64_t seed);
+
+// Test weights: every matrix N(0, 1/fan_in), norms 1 + N(0, 0.1^2), so that routing is
+// spread and every gradient is informative (the gradient tests and `moe dump` use it).
+void model_randomize_weights(Model *m, uint64_t seed);
+
+// The view of one parameter tensor and of its gradient.
+Tensor model_param(const Model *m, const ParamInfo *p);
+Tensor model_grad(const Model *m, const ParamInfo *p);
+
+// Training noise for the next forward: Shazeer eps ~ N(0,1), jitter u ~ U[1-e, 1+e].
+void model_draw_noise(Model *m, Rng *rng);
+// No noise (evaluation): eps = 0, u = 1.
+void model_clear_noise(Model *m);
+
+// Copies a batch of N token ids and N targets into the model's input buffers.
+void model_set_batch(Model *m, const int32_t *tokens, const int32_t *targets);
+ModelLosses model_forward(Model *m);
+void model_zero_grad(Model *m);
+// Accumulates d(total loss)/d(params) into m->grads.
+void model_backward(Model *m);
+
+#endif

@@ -1,0 +1,609 @@
+#!/usr/bin/python3
+"""Independent PyTorch reference for moe.c.
+
+Reads a file written by `./moe dump OUT.h5 [section.key=value ...]`, rebuilds the model in
+float64 from the stored float32 weights, recomputes the forward pass (logits, cross-entropy,
+router selection, capacity drops, auxiliary losses) and every parameter gradient with
+autograd, and compares them with what the C code stored.
+
+Written from the team's DESIGN.md and ROUTING.md (model and routing equations) and torch's
+own ops, never from the C sources: its point is to disagree with the C when the C is wrong.
+
+Usage:
+    /usr/bin/python3 tests/reference/torch_moe.py DUMP.h5        # prints a comparison table
+    /usr/bin/python3 tests/reference/torch_moe.py DUMP.h5 --all  # every row, not only the worst
+
+Needs Debian's python3-torch (1.13, CPU), python3-h5py and python3-numpy, which live in
+/usr/bin/python3, not in the `python3` first on PATH.
+"""
+import math
+import sys
+from collections import OrderedDict
+
+import h5py
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+DTYPE = torch.float64
+TOLERANCE = 1e-4  # the relative error the tests accept
+
+
+# ----------------------------------------------------------------------------------------
+# Reading a dump
+
+
+def _attr_str(v):
+    if isinstance(v, bytes):
+        return v.decode()
+    if isinstance(v, np.ndarray):
+        if v.shape == () or v.size == 1:
+            return _attr_str(v.reshape(-1)[0])
+        raise ValueError(f"config attribute is an array: {v!r}")
+    if isinstance(v, np.generic):
+        return _attr_str(v.item())
+    return str(v)
+
+
+def _parse_bool(key, s):
+    s = s.strip().lower()
+    if s in ("true", "1", "yes", "on"):
+        return True
+    if s in ("false", "0", "no", "off"):
+        return False
+    raise ValueError(f"config key {key}: expected true/false, got {s!r}")
+
+
+class Config:
+    """The resolved config keys the reference needs, parsed from /config."""
+
+    def __init__(self, raw):
+        self.raw = dict(raw)
+
+        def get(key, conv=str, default=None):
+            if key not in self.raw:
+                if default is not None:
+                    return default
+                raise KeyError(
+                    f"dump /config lacks {key!r}; present: {', '.join(sorted(self.raw))}")
+            s = self.raw[key]
+            if conv is bool:
+                return _parse_bool(key, s)
+            try:
+                return conv(s)
+            except ValueError:
+                raise ValueError(f"config key {key}: cannot parse {s!r} as {conv.__name__}")
+
+        self.layers = get("model.layers", int)
+        self.d_model = get("model.d_model", int)
+        self.heads = get("model.heads", int)
+        self.kv_heads = get("model.kv_heads", int)
+        self.vocab = get("model.vocab", int)
+        self.seq_len = get("model.seq_len", int)
+        self.moe_every = get("model.moe_every", int)
+        self.experts = get("model.experts", int)
+        self.shared_experts = get("model.shared_experts", int, 0)
+        self.tie_embeddings = get("model.tie_embeddings", bool)
+        self.rope_theta = get("model.rope_theta", float)
+        self.norm_eps = get("model.norm_eps", float)
+        self.top_k = get("router.top_k", int)
+        self.score = get("router.score")
+        self.renorm = get("router.renorm", bool)
+        self.noise = get("router.noise", str, "none")
+        self.capacity_factor = get("router.capacity_factor", float)
+        self.drop_policy = get("router.drop_policy", str, "position")
+        self.aux_coef = get("router.aux_coef", float)
+        self.z_coef = get("router.z_coef", float)
+        self.noise_coef = get("router.noise_coef", float) if self.noise == "shazeer" else 0.0
+        self.batch_size = get("train.batch_size", int)
+
+        if self.score not in ("softmax", "sigmoid"):
+            raise ValueError(f"router.score={self.score!r}: reference knows softmax, sigmoid")
+        if self.noise not in ("none", "jitter", "shazeer"):
+            raise ValueError(f"router.noise={self.noise!r}: reference knows none, jitter, shazeer")
+        if self.drop_policy not in ("position", "probs"):
+            raise ValueError(f"router.drop_policy={self.drop_policy!r}: reference knows "
+                             "position, probs")
+        if self.d_model % self.heads or self.heads % self.kv_heads:
+            raise ValueError("d_model must divide by heads and heads by kv_heads")
+        if (self.d_model // self.heads) % 2:
+            raise ValueError("head dim must be even for RoPE")
+        if not 1 <= self.top_k <= self.experts:
+            raise ValueError(f"router.top_k={self.top_k} outside 1..experts={self.experts}")
+
+    @property
+    def head_dim(self):
+        return self.d_model // self.heads
+
+    def is_moe(self, i):
+        return (i + 1) % self.moe_every == 0
+
+    def moe_layers(self):
+        return [i for i in range(self.layers) if self.is_moe(i)]
+
+
+class Dump:
+    """Everything in one dump file, as numpy arrays."""
+
+    def __init__(self, path):
+        self.path = path
+        with h5py.File(path, "r") as f:
+            if "config" not in f:
+                raise ValueError(f"{path}: no /config group")
+            self.config = Config({k: _attr_str(v) for k, v in f["config"].attrs.items()})
+            # parameter names are HF's dotted names; tolerate nested groups too
+            self.params = self._group(f, "params", dotted=True)
+            self.grads = self._group(f, "grads", required=False, dotted=True)
+            self.noise = self._group(f, "noise", required=False)
+            self.out = self._group(f, "out", required=False)
+            self.tokens = np.asarray(f["batch/tokens"][()], dtype=np.int64)
+            self.targets = np.asarray(f["batch/targets"][()], dtype=np.int64)
+
+    @staticmethod
+    def _group(f, name, required=True, dotted=False):
+        out = OrderedDict()
+        if name not in f:
+            if required:
+                raise ValueError(f"{f.filename}: no /{name} group")
+            return out
+
+        def visit(path, obj):
+            if isinstance(obj, h5py.Dataset):
+                out[path.replace("/", ".") if dotted else path] = np.asarray(obj[()])
+
+        f[name].visititems(visit)
+        return out
+
+
+# ----------------------------------------------------------------------------------------
+# The model, in float64
+
+
+def rmsnorm(x, w, eps):
+    return x * torch.rsqrt(x.pow(2).mean(dim=-1, keepdim=True) + eps) * w
+
+
+def rotate_half(x):
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+def rope_cos_sin(T, D, theta):
+    inv_freq = 1.0 / (theta ** (torch.arange(0, D, 2, dtype=DTYPE) / D))  # (D/2)
+    pos = torch.arange(T, dtype=DTYPE)
+    freqs = torch.outer(pos, inv_freq)  # (T, D/2)
+    emb = torch.cat((freqs, freqs), dim=-1)  # (T, D)
+    return emb.cos(), emb.sin()
+
+
+def attention(x, P, pre, cfg):
+    """x: (B, T, C) normed input. Causal grouped-query attention with HF-style RoPE."""
+    B, T, C = x.shape
+    H, KV, D = cfg.heads, cfg.kv_heads, cfg.head_dim
+    q = F.linear(x, P[pre + "self_attn.q_proj.weight"]).view(B, T, H, D).transpose(1, 2)
+    k = F.linear(x, P[pre + "self_attn.k_proj.weight"]).view(B, T, KV, D).transpose(1, 2)
+    v = F.linear(x, P[pre + "self_attn.v_proj.weight"]).view(B, T, KV, D).transpose(1, 2)
+    cos, sin = rope_cos_sin(T, D, cfg.rope_theta)
+    q = q * cos + rotate_half(q) * sin
+    k = k * cos + rotate_half(k) * sin
+    # query head h reads kv head h // (H/KV)
+    k = k.repeat_interleave(H // KV, dim=1)
+    v = v.repeat_interleave(H // KV, dim=1)
+    att = (q @ k.transpose(-2, -1)) / math.sqrt(D)  # (B, H, T, T)
+    causal = torch.ones(T, T, dtype=torch.bool).triu(1)
+    att = att.masked_fill(causal, float("-inf")).softmax(dim=-1)
+    y = (att @ v).transpose(1, 2).reshape(B, T, H * D)
+    return F.linear(y, P[pre + "self_attn.o_proj.weight"])
+
+
+def swiglu(x, w1, w3, w2):
+    return F.linear(F.silu(F.linear(x, w1)) * F.linear(x, w3), w2)
+
+
+def capacity(cfg, N):
+    """Per-expert capacity, or None for dropless."""
+    if cfg.capacity_factor <= 0:
+        return None
+    return int(math.ceil(cfg.top_k * N * cfg.capacity_factor / cfg.experts))
+
+
+def capacity_keep(idx, gates, E, cap, policy):
+    """Which (token, choice) assignments survive capacity.
+
+    idx: (N, k) int64 selected experts; gates: (N, k) gate values (only their order
+    matters, for policy 'probs'); cap: per-expert capacity or None (dropless).
+    Position order is choice-major: every first choice (tokens in order) before any
+    second choice. Returns a bool tensor (N, k).
+    """
+    N, k = idx.shape
+    if cap is None:
+        return torch.ones(N, k, dtype=torch.bool)
+    keep = torch.zeros(N, k, dtype=torch.bool)
+    # assignments in position order
+    order = [(j, n) for j in range(k) for n in range(N)]
+    if policy == "position":
+        used = [0] * E
+        for j, n in order:
+            e = int(idx[n, j])
+            if used[e] < cap:
+                used[e] += 1
+                keep[n, j] = True
+        return keep
+    # policy 'probs': per expert keep the cap highest gates, ties by position order
+    g = gates.detach()
+    per_expert = {e: [] for e in range(E)}
+    for pos, (j, n) in enumerate(order):
+        per_expert[int(idx[n, j])].append((-float(g[n, j]), pos, n, j))
+    for e, lst in per_expert.items():
+        lst.sort()
+        for _, _, n, j in lst[:cap]:
+            keep[n, j] = True
+    return keep
+
+
+def cv_squared(v):
+    """Population variance / (mean^2 + 1e-10)."""
+    mean = v.mean()
+    var = ((v - mean) ** 2).mean()
+    return var / (mean * mean + 1e-10)
+
+
+def normal_cdf(z):
+    return 0.5 * (1.0 + torch.erf(z / math.sqrt(2.0)))
+
+
+def moe_layer(x, P, pre, cfg, noise):
+    """x: (N, C) normed hidden. Returns y (N, C) and a dict of router results."""
+    N, C = x.shape
+    E, k = cfg.experts, cfg.top_k
+    m = pre + "block_sparse_moe."
+
+    xr = x
+    if cfg.noise == "jitter":
+        xr = x * noise["jitter"]  # multiplicative factors u, already drawn
+    clean = F.linear(xr, P[m + "gate.weight"])  # (N, E)
+    raw = None
+    if cfg.noise == "shazeer":
+        raw = F.linear(xr, P[m + "noise.weight"])  # (N, E)
+        h = clean + noise["eps"] * F.softplus(raw)
+    else:
+        h = clean
+
+    if cfg.score == "softmax":
+        s = torch.softmax(h, dim=-1)
+    else:
+        s = torch.sigmoid(h)
+
+    # selection: largest first, ties to the lower expert index; constant in backward
+    order = torch.sort(s.detach(), dim=-1, descending=True, stable=True).indices  # (N, E)
+    idx = order[:, :k]
+    sel = s.gather(1, idx)  # (N, k)
+    gates = sel / sel.sum(dim=-1, keepdim=True) if cfg.renorm else sel
+
+    cap = capacity(cfg, N)
+    keep = capacity_keep(idx, gates, E, cap, cfg.drop_policy)
+
+    # combine weights (N, E): kept gates scattered to their experts
+    kept_gates = gates * keep.to(DTYPE)
+    combine = torch.zeros(N, E, dtype=DTYPE).scatter_add(1, idx, kept_gates)
+    y = torch.zeros_like(x)
+    for e in range(E):
+        ex = f"{m}experts.{e}."
+        out = swiglu(x, P[ex + "w1.weight"], P[ex + "w3.weight"], P[ex + "w2.weight"])
+        y = y + combine[:, e:e + 1] * out
+    for j in range(cfg.shared_experts):
+        sx = f"{m}shared_experts.{j}."
+        y = y + swiglu(x, P[sx + "w1.weight"], P[sx + "w3.weight"], P[sx + "w2.weight"])
+
+    # auxiliary losses, unscaled
+    count = torch.zeros(E, dtype=DTYPE).scatter_add(
+        0, idx.reshape(-1), torch.ones(N * k, dtype=DTYPE))  # before capacity
+    p = s if cfg.score == "softmax" else s / s.sum(dim=-1, keepdim=True)
+    P_mean = p.mean(dim=0)
+    lb = E / (k * N) * (count * P_mean).sum()
+    z = (torch.logsumexp(h, dim=-1) ** 2).mean()
+
+    res = {"lb": lb, "z": z, "topk": idx, "keep": keep, "scores": s.detach(),
+           "order": order, "gates": gates.detach()}
+    if cfg.noise == "shazeer":
+        imp = torch.zeros(N, E, dtype=DTYPE).scatter_add(1, idx, gates).sum(dim=0)
+        # threshold: the k-th largest noisy value among the other experts
+        if k < E:
+            h_kth = h.gather(1, order[:, k - 1:k])  # k-th largest overall (N, 1)
+            h_next = h.gather(1, order[:, k:k + 1])  # largest outside the top-k
+            selected = torch.zeros(N, E, dtype=torch.bool).scatter(1, idx, True)
+            thr = torch.where(selected, h_next.expand(N, E), h_kth.expand(N, E))
+            prob = normal_cdf((clean - thr) / F.softplus(raw))
+        else:
+            # k == E: every expert is always selected; its threshold is -inf, P = 1
+            prob = torch.ones(N, E, dtype=DTYPE)
+        load = prob.sum(dim=0)
+        res["importance"] = cv_squared(imp)
+        res["load"] = cv_squared(load)
+    return y, res
+
+
+def forward(cfg, P, tokens, targets, noise):
+    """P: name -> float64 tensor. tokens/targets: (B, T) int64 tensors.
+    noise: layer index -> {"eps": (N, E)} or {"jitter": (N, C)}.
+    Returns a dict of tensors (loss/ce with graph attached)."""
+    B, T = tokens.shape
+    N, C = B * T, cfg.d_model
+    x = F.embedding(tokens, P["model.embed_tokens.weight"])  # (B, T, C)
+    routers = []
+    for i in range(cfg.layers):
+        pre = f"model.layers.{i}."
+        hid = x + attention(rmsnorm(x, P[pre + "input_layernorm.weight"], cfg.norm_eps), P,
+                            pre, cfg)
+        xn = rmsnorm(hid, P[pre + "post_attention_layernorm.weight"], cfg.norm_eps)
+        xn = xn.reshape(N, C)
+        if cfg.is_moe(i):
+            y, r = moe_layer(xn, P, pre, cfg, noise.get(i, {}))
+            r["layer"] = i
+            routers.append(r)
+        else:
+            y = swiglu(xn, P[pre + "mlp.gate_proj.weight"], P[pre + "mlp.up_proj.weight"],
+                       P[pre + "mlp.down_proj.weight"])
+        x = hid + y.view(B, T, C)
+    x = rmsnorm(x, P["model.norm.weight"], cfg.norm_eps).reshape(N, C)
+    head = P["model.embed_tokens.weight"] if cfg.tie_embeddings else P["lm_head.weight"]
+    logits = F.linear(x, head)  # (N, V)
+    ce = F.cross_entropy(logits, targets.reshape(N))
+
+    out = {"logits": logits, "ce": ce, "routers": routers}
+    loss = ce
+    if routers:
+        lb = torch.stack([r["lb"] for r in routers])
+        z = torch.stack([r["z"] for r in routers])
+        out["lb"], out["z"] = lb, z
+        loss = loss + cfg.aux_coef * lb.mean() + cfg.z_coef * z.mean()
+        if cfg.noise == "shazeer":
+            imp = torch.stack([r["importance"] for r in routers])
+            load = torch.stack([r["load"] for r in routers])
+            out["importance"], out["load"] = imp, load
+            loss = loss + cfg.noise_coef * (imp + load).mean()
+    out["loss"] = loss
+    return out
+
+
+def expected_param_names(cfg):
+    names = ["model.embed_tokens.weight"]
+    for i in range(cfg.layers):
+        pre = f"model.layers.{i}."
+        names += [pre + "input_layernorm.weight"]
+        names += [pre + f"self_attn.{p}_proj.weight" for p in "qkvo"]
+        names += [pre + "post_attention_layernorm.weight"]
+        if cfg.is_moe(i):
+            m = pre + "block_sparse_moe."
+            names += [m + "gate.weight"]
+            if cfg.noise == "shazeer":
+                names += [m + "noise.weight"]
+            for e in range(cfg.experts):
+                names += [f"{m}experts.{e}.{w}.weight" for w in ("w1", "w3", "w2")]
+            for j in range(cfg.shared_experts):
+                names += [f"{m}shared_experts.{j}.{w}.weight" for w in ("w1", "w3", "w2")]
+        else:
+            names += [pre + f"mlp.{p}_proj.weight" for p in ("gate", "up", "down")]
+    names += ["model.norm.weight"]
+    if not cfg.tie_embeddings:
+        names += ["lm_head.weight"]
+    return names
+
+
+def noise_from_dump(dump):
+    cfg = dump.config
+    noise = {}
+    for i in cfg.moe_layers():
+        if cfg.noise == "shazeer":
+            key = f"layers.{i}.eps"
+        elif cfg.noise == "jitter":
+            key = f"layers.{i}.jitter"
+        else:
+            continue
+        if key not in dump.noise:
+            raise KeyError(f"{dump.path}: router.noise={cfg.noise} but no /noise/{key}")
+        noise[i] = {key.rsplit(".", 1)[1]: torch.from_numpy(dump.noise[key].astype(np.float64))}
+    return noise
+
+
+def run_reference(dump):
+    """Forward + backward in float64 on a Dump. Returns (outputs, grads, params)."""
+    cfg = dump.config
+    names = expected_param_names(cfg)
+    missing = [n for n in names if n not in dump.params]
+    if missing:
+        raise KeyError(f"{dump.path}: /params lacks {missing[:5]}"
+                       f"{' ...' if len(missing) > 5 else ''} ({len(missing)} missing)")
+    P = OrderedDict()
+    for n, a in dump.params.items():
+        P[n] = torch.from_numpy(a.astype(np.float64)).requires_grad_(True)
+    tokens = torch.from_numpy(dump.tokens)
+    targets = torch.from_numpy(dump.targets)
+    if tokens.shape != (cfg.batch_size, cfg.seq_len):
+        raise ValueError(f"/batch/tokens shape {tuple(tokens.shape)} != "
+                         f"(train.batch_size, model.seq_len) = ({cfg.batch_size}, {cfg.seq_len})")
+    out = forward(cfg, P, tokens, targets, noise_from_dump(dump))
+    out["loss"].backward()
+    grads = OrderedDict()
+    for n, t in P.items():
+        grads[n] = t.grad.detach().clone() if t.grad is not None else torch.zeros_like(t)
+    return out, grads, P
+
+
+def reference(path):
+    """Load a dump and return (Dump, outputs, grads)."""
+    dump = Dump(path)
+    out, grads, _ = run_reference(dump)
+    return dump, out, grads
+
+
+# ----------------------------------------------------------------------------------------
+# Comparison
+
+
+def rel_error(c, r):
+    """max|c - r| / max(max|r|, 1e-30); inf when shapes differ or c has non-finite values."""
+    c = np.asarray(c, dtype=np.float64)
+    r = np.asarray(r, dtype=np.float64)
+    if c.shape != r.shape:
+        return float("inf")
+    if c.size == 0:
+        return 0.0
+    if not np.all(np.isfinite(c)):
+        return float("inf")
+    return float(np.max(np.abs(c - r)) / max(float(np.max(np.abs(r))), 1e-30))
+
+
+class Comparison:
+    """Result of compare(): rel[name] = relative error; exact[name] = (ok, detail)."""
+
+    def __init__(self, path):
+        self.path = path
+        self.rel = OrderedDict()
+        self.exact = OrderedDict()
+        self.notes = []
+        self.dropped = 0  # assignments the reference drops by capacity
+        self.assignments = 0
+        self.cfg = None
+        self.ref = None  # (outputs, grads) of the reference, for callers that want them
+
+    def worst(self):
+        """(name, error) of the worst relative error; an exact mismatch counts as inf."""
+        worst = ("-", 0.0)
+        for n, e in self.rel.items():
+            if not e <= worst[1]:  # also catches nan
+                worst = (n, e)
+        for n, (ok, _) in self.exact.items():
+            if not ok and worst[1] != float("inf"):
+                worst = (n, float("inf"))
+        return worst
+
+    def failures(self, tol=TOLERANCE):
+        bad = [f"{n}: rel err {e:.3e} > {tol:g}" for n, e in self.rel.items() if not e <= tol]
+        bad += [f"{n}: {d}" for n, (ok, d) in self.exact.items() if not ok]
+        return bad
+
+    def ok(self, tol=TOLERANCE):
+        return not self.failures(tol)
+
+    def table(self, tol=TOLERANCE, all_rows=True):
+        lines = [f"reference comparison for {self.path}",
+                 f"{'quantity':<64} {'rel err':>10}  status"]
+        rows = list(self.rel.items())
+        n_grads = sum(1 for r in rows if r[0].startswith("grad:"))
+        if not all_rows and n_grads > 8:
+            lines.append(f"(showing the 8 worst of {n_grads} gradients; --all for every row)")
+            rows = [r for r in rows if not r[0].startswith("grad:")] + sorted(
+                [r for r in rows if r[0].startswith("grad:")], key=lambda r: -r[1])[:8]
+        for n, e in rows:
+            lines.append(f"{n:<64} {e:>10.3e}  {'ok' if e <= tol else 'FAIL'}")
+        for n, (ok, d) in self.exact.items():
+            lines.append(f"{n:<64} {'exact':>10}  {'ok' if ok else 'FAIL'}  {d}")
+        for note in self.notes:
+            lines.append(f"note: {note}")
+        wn, we = self.worst()
+        lines.append(f"worst: {wn} = {we:.3e}; reference drops {self.dropped} of "
+                     f"{self.assignments} assignments; "
+                     f"{'PASS' if self.ok(tol) else 'FAIL'} at tol {tol:g}")
+        return "\n".join(lines)
+
+
+def _selection_margin(r, k):
+    """Smallest gap between the k-th and (k+1)-th score over tokens (near-ties explain a
+    top-k mismatch between float32 C and float64 reference)."""
+    s = r["scores"].gather(1, r["order"])
+    if s.shape[1] <= k:
+        return float("inf")
+    return float((s[:, k - 1] - s[:, k]).min())
+
+
+def compare(path):
+    """Compare the C outputs stored in a dump with the reference. Returns a Comparison."""
+    dump = Dump(path)
+    cfg = dump.config
+    out, grads, _ = run_reference(dump)
+    cmp = Comparison(path)
+    cmp.cfg = cfg
+    cmp.ref = (out, grads)
+
+    def c_out(key):
+        if key not in dump.out:
+            cmp.rel[key] = float("inf")
+            cmp.notes.append(f"/out/{key} missing from the dump")
+            return None
+        return dump.out[key]
+
+    for key in ("loss", "ce"):
+        c = c_out(key)
+        if c is not None:
+            cmp.rel[key] = rel_error(np.asarray(c).reshape(()), out[key].detach().numpy())
+    aux = ["lb", "z"] + (["importance", "load"] if cfg.noise == "shazeer" else [])
+    if out["routers"]:
+        for key in aux:
+            c = c_out(key)
+            if c is not None:
+                cmp.rel[key] = rel_error(np.asarray(c).reshape(-1), out[key].detach().numpy())
+    c = c_out("logits")
+    if c is not None:
+        cmp.rel["logits"] = rel_error(c, out["logits"].detach().numpy())
+
+    for r in out["routers"]:
+        i = r["layer"]
+        ref_topk = r["topk"].numpy()
+        ref_keep = r["keep"].numpy().astype(np.int64)
+        cmp.dropped += int((ref_keep == 0).sum())
+        cmp.assignments += ref_keep.size
+        for what, ref in (("topk", ref_topk), ("keep", ref_keep)):
+            key = f"{what}/layers.{i}"
+            if key not in dump.out:
+                cmp.exact[key] = (False, f"/out/{key} missing from the dump")
+                continue
+            c = np.asarray(dump.out[key]).astype(np.int64)
+            if c.shape != ref.shape:
+                cmp.exact[key] = (False, f"shape {c.shape} != reference {ref.shape}")
+                continue
+            diff = np.argwhere(c != ref)
+            if len(diff) == 0:
+                detail = f"{ref.shape[0]}x{ref.shape[1]} equal"
+                if what == "keep":
+                    detail += f", {int((ref == 0).sum())} dropped"
+                cmp.exact[key] = (True, detail)
+            else:
+                n, j = diff[0]
+                detail = (f"{len(diff)} entries differ; first at token {n} choice {j}: "
+                          f"C {c[n].tolist()} vs reference {ref[n].tolist()}")
+                if what == "topk":
+                    detail += (f"; smallest k-th/(k+1)-th score gap in reference "
+                               f"{_selection_margin(r, cfg.top_k):.3e}")
+                cmp.exact[key] = (False, detail)
+
+    for n, g in grads.items():
+        key = "grad:" + n
+        if n not in dump.grads:
+            cmp.rel[key] = float("inf")
+            cmp.notes.append(f"/grads/{n} missing from the dump")
+            continue
+        cmp.rel[key] = rel_error(dump.grads[n], g.numpy())
+    extra = sorted(set(dump.grads) - set(grads))
+    if extra:
+        cmp.notes.append(f"/grads has tensors without a parameter: {extra[:5]}")
+    unknown = sorted(set(dump.params) - set(expected_param_names(cfg)))
+    if unknown:
+        cmp.notes.append(f"/params the reference does not use (gradient taken as 0): "
+                         f"{unknown[:5]}")
+    return cmp
+
+
+def main(argv):
+    args = [a for a in argv[1:] if not a.startswith("--")]
+    if len(args) != 1:
+        print("usage: /usr/bin/python3 tests/reference/torch_moe.py DUMP.h5 [--all]",
+              file=sys.stderr)
+        return 2
+    cmp = compare(args[0])
+    print(cmp.table(all_rows="--all" in argv))
+    return 0 if cmp.ok() else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv))

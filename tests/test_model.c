@@ -1,0 +1,182 @@
+// test_model.c: every gradient of the whole model against central finite differences
+// (fp64 build), for each router and layer configuration the foundation must support.
+#include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "../model/model.h"
+#include "testlib.h"
+
+// A tiny model: B=2, T=5, C=8, 2 heads over 1 KV head, E=4, F=6, V=11.
+static ModelConfig tiny_config(void) {
+    ModelConfig c;
+    model_config_defaults(&c);
+    c.layers = 2;
+    c.d_model = 8;
+    c.heads = 2;
+    c.kv_heads = 1;
+    c.vocab = 11;
+    c.seq_len = 5;
+    c.ffn_dim = 10;
+    c.experts = 4;
+    c.expert_ffn_dim = 6;
+    c.tie_embeddings = 0;
+    return c;
+}
+
+static double total_loss(void *ctx) { return model_forward((Model *)ctx).total; }
+
+static size_t count_dropped(const Model *m) {
+    size_t dropped = 0, nk = m->N * (size_t)m->cfg.top_k;
+    for (int i = 0; i < m->n_moe; i++)
+        for (size_t j = 0; j < nk; j++) dropped += TENSOR_I(m->moe[i].keep)[j] == 0;
+    return dropped;
+}
+
+// Builds the model, runs forward/backward once, then checks every parameter tensor:
+// all entries of small tensors, 24 random entries of larger ones. Returns the number of
+// dropped assignments so callers can assert that capacity really dropped some.
+static size_t check_model_gradients(const ModelConfig *cfg) {
+    Model m;
+    model_init(&m, cfg, backend_cpu(), 2, 5);
+    model_randomize_weights(&m, 7);
+    Rng rng;
+    rng_init(&rng, 11);
+    int32_t tok[20];
+    for (size_t i = 0; i < 2 * m.N; i++) tok[i] = (int32_t)(rng_next(&rng) % 11);
+    model_set_batch(&m, tok, tok + m.N);
+    model_draw_noise(&m, &rng);
+    ModelLosses l = model_forward(&m);
+    assert_true(isfinite(l.total) && l.ce > 0);
+    size_t dropped = count_dropped(&m);
+    model_zero_grad(&m);
+    model_backward(&m);
+    real *analytic = test_copy(TENSOR_R(m.grads), m.layout.total);
+    for (size_t i = 0; i < m.layout.n_params; i++) {
+        const ParamInfo *p = &m.layout.params[i];
+        size_t n_check = p->numel <= 48 ? 0 : 24;
+        test_fd_check(TENSOR_R(m.params) + p->offset, p->numel, analytic + p->offset,
+                      total_loss, &m, n_check, &rng, 1e-5, 1e-8, p->name);
+    }
+    free(analytic);
+    model_free(&m);
+    return dropped;
+}
+
+static void test_softmax_top1(void **state) {
+    (void)state;
+    ModelConfig c = tiny_config();
+    c.top_k = 1;
+    c.renorm = 0;
+    check_model_gradients(&c);
+}
+
+static void test_softmax_top2(void **state) {
+    (void)state;
+    ModelConfig c = tiny_config();
+    check_model_gradients(&c);
+}
+
+static void test_sigmoid_top2(void **state) {
+    (void)state;
+    ModelConfig c = tiny_config();
+    c.score = SCORE_SIGMOID;
+    check_model_gradients(&c);
+}
+
+static void test_shazeer_noisy_top2(void **state) {
+    (void)state;
+    ModelConfig c = tiny_config();
+    c.noise = NOISE_SHAZEER;
+    check_model_gradients(&c);
+}
+
+static void test_jitter_top2(void **state) {
+    (void)state;
+    ModelConfig c = tiny_config();
+    c.noise = NOISE_JITTER;
+    c.jitter_eps = 0.1;
+    check_model_gradients(&c);
+}
+
+static void test_capacity_position_drops(void **state) {
+    (void)state;
+    ModelConfig c = tiny_config();
+    c.capacity_factor = 1.0;
+    c.drop_policy = DROP_POSITION;
+    assert_true(check_model_gradients(&c) > 0);
+}
+
+static void test_capacity_probs_drops(void **state) {
+    (void)state;
+    ModelConfig c = tiny_config();
+    c.capacity_factor = 1.0;
+    c.drop_policy = DROP_PROBS;
+    assert_true(check_model_gradients(&c) > 0);
+}
+
+static void test_dropless(void **state) {
+    (void)state;
+    ModelConfig c = tiny_config();
+    c.capacity_factor = 0;
+    assert_int_equal(check_model_gradients(&c), 0);
+}
+
+static void test_shared_experts(void **state) {
+    (void)state;
+    ModelConfig c = tiny_config();
+    c.shared_experts = 2;
+    c.shared_ffn_dim = 5;
+    check_model_gradients(&c);
+}
+
+static void test_dense_interleaved(void **state) {
+    (void)state;
+    ModelConfig c = tiny_config();
+    c.layers = 3;
+    c.moe_every = 2;
+    check_model_gradients(&c);
+}
+
+static void test_tied_embeddings_mha(void **state) {
+    (void)state;
+    ModelConfig c = tiny_config();
+    c.tie_embeddings = 1;
+    c.kv_heads = 2;
+    check_model_gradients(&c);
+}
+
+// Perfectly balanced routing gives lb = 1.0 whatever k and E: with all router weights
+// zero every score is 1/E and top-k ties resolve to experts 0..k-1 for every token, so
+// instead force balance with k = E, where every expert gets every token.
+static void test_lb_loss_is_one_when_balanced(void **state) {
+    (void)state;
+    ModelConfig c = tiny_config();
+    c.top_k = c.experts;
+    Model m;
+    model_init(&m, &c, backend_cpu(), 2, 5);
+    model_randomize_weights(&m, 3);
+    int32_t tok[20] = {0};
+    model_set_batch(&m, tok, tok + m.N);
+    ModelLosses l = model_forward(&m);
+    assert_true(fabs(l.lb - 1.0) < 1e-12);
+    model_free(&m);
+}
+
+static const struct CMUnitTest tests[] = {
+    cmocka_unit_test(test_softmax_top1),
+    cmocka_unit_test(test_softmax_top2),
+    cmocka_unit_test(test_sigmoid_top2),
+    cmocka_unit_test(test_shazeer_noisy_top2),
+    cmocka_unit_test(test_jitter_top2),
+    cmocka_unit_test(test_capacity_position_drops),
+    cmocka_unit_test(test_capacity_probs_drops),
+    cmocka_unit_test(test_dropless),
+    cmocka_unit_test(test_shared_experts),
+    cmocka_unit_test(test_dense_interleaved),
+    cmocka_unit_test(test_tied_embeddings_mha),
+    cmocka_unit_test(test_lb_loss_is_one_when_balanced),
+};
+
+TEST_MAIN(tests)

@@ -1,0 +1,48 @@
+// testlib.h: shared helpers for the C test suites (cmocka).
+//
+// Every suite is a cmocka group whose main is TEST_MAIN(tests). `--list` prints the test
+// names (one per line) and `--only NAME` runs one test: tests/test_suites.py uses both so
+// pytest reports each C test by name. The suites link the fp64 build (real = double), so
+// finite differences are accurate to ~1e-9 and tolerances can be tight.
+#ifndef MOE_TESTLIB_H
+#define MOE_TESTLIB_H
+
+#include <setjmp.h>
+#include <stdarg.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <cmocka.h>
+
+#include "../kernels/kernels.h"
+#include "../kernels/rng.h"
+
+int testlib_main(int argc, char **argv, const struct CMUnitTest *tests, size_t n,
+                 const char *group);
+#define TEST_MAIN(tests)                                                                    \
+    int main(int argc, char **argv) {                                                      \
+        return testlib_main(argc, argv, tests, sizeof(tests) / sizeof(tests[0]), __FILE__); \
+    }
+
+// Buffers owned by the test (freed with free()).
+real *test_rand(Rng *r, size_t n, double scale);   // uniform in [-scale, scale)
+real *test_zeros(size_t n);
+real *test_copy(const real *x, size_t n);
+Tensor test_tensor(void *data, size_t n);          // a real tensor over data
+Tensor test_itensor(int32_t *data, size_t n);      // an int32 tensor over data
+
+// Fails the current test when |a - b| > atol + rtol * max(|a|, |b|) for some element,
+// naming `what`, the index and both values.
+void test_assert_close(const real *a, const real *b, size_t n, double rtol, double atol,
+                       const char *what);
+
+// Central finite differences: for each of `n` entries of `x` (all when n_check == 0,
+// else n_check entries picked by `r`), compares (f(x+h) - f(x-h)) / 2h with analytic[i].
+// f reads x through ctx. Restores x. Fails like test_assert_close.
+typedef double (*test_loss_fn)(void *ctx);
+void test_fd_check(real *x, size_t n, const real *analytic, test_loss_fn f, void *ctx,
+                   size_t n_check, Rng *r, double rtol, double atol, const char *what);
+
+// sum_i a[i] * b[i] in double: the scalar a test differentiates (out . random weights).
+double test_dot(const real *a, const real *b, size_t n);
+
+#endif
