@@ -13,14 +13,14 @@ PYTHON_REF := /usr/bin/python3
 BUILD := build
 .DEFAULT_GOAL := all
 
-BUILD_PKGS := gcc make pkg-config libhdf5-dev libcsv-dev libopenblas-openmp-dev libinih-dev
+BUILD_PKGS := gcc make pkg-config libhdf5-dev libcsv-dev libopenblas-openmp-dev libinih-dev zlib1g-dev
 TEST_PKGS := libcmocka-dev python3-torch python3-h5py python3-numpy python3-pytest
 
 missing_pkgs = $(shell for p in $(1); do \
     dpkg-query -W -f='$${Status}\n' $$p 2>/dev/null | grep -q 'ok installed' || echo $$p; done)
 
 CFLAGS_BASE := -std=c11 -O2 -g -Wall -Wextra -Wshadow -fopenmp -D_GNU_SOURCE -MMD -MP
-LDLIBS_BASE := -lcsv -lm -fopenmp
+LDLIBS_BASE := -lcsv -lz -lm -fopenmp
 
 # OpenBLAS's OpenMP build shares our OpenMP thread pool; Debian's default pthread build
 # spins its own threads against ours (30x slower on small ops, 2 cores). Linked by path
@@ -83,7 +83,18 @@ $(BUILD)/tests/%: $(BUILD)/f64/tests/%.o $(F64_TESTLIB) $(F64_LIB)
 	@mkdir -p $(dir $@)
 	$(CC) -o $@ $^ $(LDLIBS) -lcmocka
 
-test: deps-test moe $(TEST_SUITES)
+# tests/reference/test_adamw_torch.py drives AdamW through tests/optim_ref.c, once per
+# precision. It links only the rooms it uses (kernels, model, optim), like the op suites.
+OPTIM_REF := $(BUILD)/tests/optim_ref_f32 $(BUILD)/tests/optim_ref_f64
+optim_ref_objs = $(filter $(BUILD)/$(1)/kernels/% $(BUILD)/$(1)/model/% $(BUILD)/$(1)/optim/%,$(2))
+$(BUILD)/tests/optim_ref_f32: $(BUILD)/f32/tests/optim_ref.o $(call optim_ref_objs,f32,$(F32_LIB))
+	@mkdir -p $(dir $@)
+	$(CC) -o $@ $^ $(LDLIBS)
+$(BUILD)/tests/optim_ref_f64: $(BUILD)/f64/tests/optim_ref.o $(call optim_ref_objs,f64,$(F64_LIB))
+	@mkdir -p $(dir $@)
+	$(CC) -o $@ $^ $(LDLIBS)
+
+test: deps-test moe $(TEST_SUITES) $(OPTIM_REF)
 	$(PYTHON_REF) -m pytest -q -p no:cacheprovider tests
 
 deps:
@@ -106,3 +117,9 @@ clean:
 	rm -rf $(BUILD) moe
 
 -include $(shell find $(BUILD) -name '*.d' 2>/dev/null)
+
+# The main job: the default corpus, then the CPU demo model (configs/tiny.ini).
+.PHONY: demo
+demo: moe
+	./moe prepare
+	./moe train configs/tiny.ini

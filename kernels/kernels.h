@@ -211,6 +211,22 @@ typedef struct Backend {
     void (*load_loss_backward)(Tensor dclean, Tensor dh, Tensor draw, Tensor load,
                                Tensor clean, Tensor h, Tensor raw, Tensor idx, double dloss,
                                size_t N, size_t E, size_t k);
+
+    // ---- optimizer ---------------------------------------------------------------------
+    // One AdamW step over n elements, in torch.optim.AdamW's order of operations, with
+    // bias_c1 = 1 - beta1^t, bias_c2 = 1 - beta2^t for step t >= 1:
+    //   g' = g * grad_scale                   (accumulation and clipping factors)
+    //   p *= 1 - lr * weight_decay            (decoupled decay, before the Adam step)
+    //   m = beta1 m + (1 - beta1) g'
+    //   v = beta2 v + (1 - beta2) g'^2
+    //   p -= (lr / bias_c1) * m / (sqrt(v) / sqrt(bias_c2) + eps)
+    // Updates p, m, v (n) in place; g is read only.
+    void (*adamw_update)(Tensor p, Tensor g, Tensor m, Tensor v, size_t n, double lr,
+                         double beta1, double beta2, double eps, double weight_decay,
+                         double bias_c1, double bias_c2, double grad_scale);
+    // sum_i x[i]^2 over n elements, accumulated in double; the same result for the same
+    // input and thread count (gradient norms must not wobble between identical runs).
+    double (*sum_squares)(Tensor x, size_t n);
 } Backend;
 
 // The CPU backend: C, OpenBLAS and OpenMP. Always built.

@@ -171,6 +171,6 @@ void keys_print_help(FILE *f, const KeySection *s) {
         case KEY_ENUM: snprintf(allowed, sizeof allowed, "%s", k->choices); break;
         case KEY_STRING: snprintf(allowed, sizeof allowed, "text"); break;
         }
-        fprintf(f, "  %-28s %-10s %-22s %s\n", full, k->def, allowed, k->help);
+        fprintf(f, "  %-28s %-12s %-22s %s\n", full, k->def[0] ? k->def : "\"\"", allowed, k->help);
     }
 }

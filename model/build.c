@@ -187,6 +187,7 @@ static RouterBufs build_router(Builder *b, Buf xr, int l, MoeLayerState *st) {
     g->gates.k = k;
     g->gates.renorm = c->renorm;
     r.gates = g->gates.gates;
+    st->gates = r.gates.v;
     return r;
 }
 

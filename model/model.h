@@ -21,6 +21,7 @@ typedef struct {
     Tensor eps;        // (N, E) Shazeer noise draws; data NULL unless noise = shazeer
     Tensor jitter;     // (N, C) jitter factors; data NULL unless noise = jitter
     Tensor idx;        // (N, k) int32 selected experts, best first
+    Tensor gates;      // (N, k) their gate weights
     Tensor keep;       // (N, k) int32 1 kept, 0 dropped by capacity
     Tensor counts;     // (E) int32 assignments per expert before capacity
     Tensor offsets;    // (E+1) int32 kept rows per expert, prefix sums

@@ -164,7 +164,45 @@ static void test_lb_loss_is_one_when_balanced(void **state) {
     model_free(&m);
 }
 
+// Gradient accumulation: two micro-batches of 2 rows, gradients summed and halved, equal
+// one batch of 4 rows. Cross-entropy and z-loss are means over tokens, so they split
+// exactly; the load-balancing loss uses each micro-batch's own routing counts (the local
+// batch, see README), so it is switched off here.
+static void test_grad_accum_matches_full_batch(void **state) {
+    (void)state;
+    ModelConfig c = tiny_config();
+    c.aux_coef = 0;
+    Model full, micro;
+    model_init(&full, &c, backend_cpu(), 4, 5);
+    model_init(&micro, &c, backend_cpu(), 2, 5);
+    model_randomize_weights(&full, 5);
+    model_randomize_weights(&micro, 5);
+    Rng rng;
+    rng_init(&rng, 9);
+    int32_t tok[40];
+    for (size_t i = 0; i < 40; i++) tok[i] = (int32_t)(rng_next(&rng) % 11);
+    model_set_batch(&full, tok, tok + 20);
+    double loss_full = model_forward(&full).total;
+    model_zero_grad(&full);
+    model_backward(&full);
+    double loss_micro = 0;
+    model_zero_grad(&micro);
+    for (size_t half = 0; half < 2; half++) {
+        model_set_batch(&micro, tok + 10 * half, tok + 20 + 10 * half);
+        loss_micro += model_forward(&micro).total / 2;
+        model_backward(&micro);
+    }
+    real *g = TENSOR_R(micro.grads);
+    for (size_t i = 0; i < micro.layout.total; i++) g[i] /= 2;
+    assert_true(fabs(loss_full - loss_micro) < 1e-12);
+    test_assert_close(g, TENSOR_R(full.grads), full.layout.total, 1e-10, 1e-14,
+                      "accumulated gradient");
+    model_free(&full);
+    model_free(&micro);
+}
+
 static const struct CMUnitTest tests[] = {
+    cmocka_unit_test(test_grad_accum_matches_full_batch),
     cmocka_unit_test(test_softmax_top1),
     cmocka_unit_test(test_softmax_top2),
     cmocka_unit_test(test_sigmoid_top2),

@@ -6,30 +6,67 @@
 #define TK(field) offsetof(TrainConfig, field)
 
 static const ConfigKey train_keys[] = {
-    {"batch_size", KEY_INT, TK(batch_size), "8", 1, 1 << 20, NULL, "sequences per step B"},
+    {"batch_size", KEY_INT, TK(batch_size), "8", 1, 1 << 20, NULL,
+     "sequences per micro-batch B"},
+    {"grad_accum", KEY_INT, TK(grad_accum), "1", 1, 1 << 16, NULL,
+     "micro-batches accumulated per optimizer step"},
+    {"steps", KEY_INT, TK(steps), "1000", 1, 1 << 30, NULL, "optimizer steps"},
+    {"eval_every", KEY_INT, TK(eval_every), "100", 0, 1 << 30, NULL,
+     "steps between validation passes (0: only at the end)"},
+    {"log_every", KEY_INT, TK(log_every), "10", 1, 1 << 30, NULL,
+     "steps between log lines when stdout is not a terminal"},
+    {"threads", KEY_INT, TK(threads), "0", 0, 4096, NULL, "OpenMP threads (0: all cores)"},
     {"seed", KEY_INT, TK(seed), "1337", 0, 2147483647, NULL,
      "seed for weights, data order and router noise"},
+    {"name", KEY_STRING, TK(name), "", 0, 0, NULL,
+     "run name (default: the config file's base name)"},
+    {"out_dir", KEY_STRING, TK(out_dir), "checkpoints", 0, 0, NULL,
+     "runs are written to <out_dir>/<name>/"},
+    {"sample_tokens", KEY_INT, TK(sample_tokens), "240", 0, 1 << 20, NULL,
+     "tokens sampled from the model at the end (0: none)"},
+    {"sample_temperature", KEY_DOUBLE, TK(sample_temperature), "0.8", 0, 100, NULL,
+     "sampling temperature (0: greedy)"},
+    {"sample_prompt", KEY_STRING, TK(sample_prompt), "The ", 0, 0, NULL,
+     "text the sample starts from"},
 };
 
-void run_config_sections(RunConfig *rc, KeySection out[RUN_CONFIG_SECTIONS]) {
+int run_config_sections(RunConfig *rc, KeySection out[RUN_CONFIG_MAX_SECTIONS]) {
     model_config_sections(&rc->model, out);
-    out[MODEL_CONFIG_SECTIONS] =
+    int n = MODEL_CONFIG_SECTIONS;
+    out[n++] =
         (KeySection){"train", train_keys, sizeof train_keys / sizeof *train_keys, &rc->train};
+    out[n++] = optim_config_section(&rc->optim);
+    out[n++] = data_config_section(&rc->data);
+    for (int d = 0; d < rc->data.n_domains; d++)
+        out[n++] = data_domain_section(&rc->data.domains[d]);
+    return n;
 }
 
 void run_config_defaults(RunConfig *rc) {
-    KeySection s[RUN_CONFIG_SECTIONS];
-    run_config_sections(rc, s);
-    for (int i = 0; i < RUN_CONFIG_SECTIONS; i++) keys_set_defaults(&s[i]);
+    memset(rc, 0, sizeof *rc);
+    KeySection s[RUN_CONFIG_MAX_SECTIONS];
+    int n = run_config_sections(rc, s);
+    for (int i = 0; i < n; i++) keys_set_defaults(&s[i]);
 }
 
+// "domain NAME" sections are created on first sight; every other section must exist.
 static int set_key(RunConfig *rc, const char *section, const char *key, const char *value,
                    char *err, size_t err_len) {
-    KeySection s[RUN_CONFIG_SECTIONS];
-    run_config_sections(rc, s);
-    for (int i = 0; i < RUN_CONFIG_SECTIONS; i++)
+    if (!strncmp(section, "domain ", 7)) {
+        const char *name = section + 7;
+        int found = 0;
+        for (int d = 0; d < rc->data.n_domains; d++)
+            found |= !strcmp(rc->data.domains[d].name, name);
+        if (!found && !data_config_add_domain(&rc->data, name, err, err_len)) return -1;
+    }
+    KeySection s[RUN_CONFIG_MAX_SECTIONS];
+    int n = run_config_sections(rc, s);
+    for (int i = 0; i < n; i++)
         if (!strcmp(s[i].section, section)) return keys_parse(&s[i], key, value, err, err_len);
-    snprintf(err, err_len, "unknown section [%s]; sections are model, router, train", section);
+    snprintf(err, err_len,
+             "unknown section [%s]; sections are model, router, train, optim, data and "
+             "'domain NAME'",
+             section);
     return -1;
 }
 
@@ -39,13 +76,14 @@ typedef struct {
     size_t err_len;
 } IniCtx;
 
-static int config_ini_key(void *user, const char *section, const char *name, const char *value) {
+static int config_ini_key(void *user, const char *section, const char *name,
+                          const char *value) {
     IniCtx *ctx = user;
     return set_key(ctx->rc, section, name, value, ctx->err, ctx->err_len) == 0;
 }
 
 int run_config_load_ini(RunConfig *rc, const char *path, char *err, size_t err_len) {
-    char inner[512] = "";
+    char inner[768] = "";
     IniCtx ctx = {rc, inner, sizeof inner};
     int line = ini_parse(path, config_ini_key, &ctx);
     if (line == -1) return snprintf(err, err_len, "%s: cannot open config file", path), -1;
@@ -56,12 +94,15 @@ int run_config_load_ini(RunConfig *rc, const char *path, char *err, size_t err_l
     return 0;
 }
 
+// "a.b=v" -> section "a"; "domain.NAME.key=v" -> section "domain NAME".
 int run_config_override(RunConfig *rc, const char *word, char *err, size_t err_len) {
     const char *eq = strchr(word, '=');
-    const char *dot = strchr(word, '.');
-    if (!eq || !dot || dot > eq)
+    const char *dot = NULL;
+    for (const char *p = word; eq && p < eq; p++)
+        if (*p == '.') dot = p;
+    if (!eq || !dot)
         return snprintf(err, err_len, "override '%s': expected section.key=value", word), -1;
-    char section[64], key[64];
+    char section[128], key[64];
     size_t ns = (size_t)(dot - word), nk = (size_t)(eq - dot - 1);
     if (ns >= sizeof section || nk >= sizeof key)
         return snprintf(err, err_len, "override '%s': name too long", word), -1;
@@ -69,26 +110,30 @@ int run_config_override(RunConfig *rc, const char *word, char *err, size_t err_l
     section[ns] = '\0';
     memcpy(key, dot + 1, nk);
     key[nk] = '\0';
+    if (!strncmp(section, "domain.", 7)) section[6] = ' ';
     return set_key(rc, section, key, eq + 1, err, err_len);
 }
 
 int run_config_validate(const RunConfig *rc, char *err, size_t err_len) {
-    return model_config_validate(&rc->model, err, err_len);
+    if (model_config_validate(&rc->model, err, err_len) != 0) return -1;
+    return optim_config_validate(&rc->optim, err, err_len);
 }
 
 void run_config_write_ini(FILE *f, RunConfig *rc) {
-    KeySection s[RUN_CONFIG_SECTIONS];
-    run_config_sections(rc, s);
-    for (int i = 0; i < RUN_CONFIG_SECTIONS; i++) {
+    KeySection s[RUN_CONFIG_MAX_SECTIONS];
+    int n = run_config_sections(rc, s);
+    for (int i = 0; i < n; i++) {
         keys_write_ini(f, &s[i]);
         fputc('\n', f);
     }
 }
 
 void run_config_print_help(FILE *f) {
-    RunConfig rc;
-    KeySection s[RUN_CONFIG_SECTIONS];
-    run_config_sections(&rc, s);
-    fprintf(f, "  %-28s %-10s %-22s %s\n", "key", "default", "allowed", "meaning");
-    for (int i = 0; i < RUN_CONFIG_SECTIONS; i++) keys_print_help(f, &s[i]);
+    static RunConfig rc;
+    KeySection s[RUN_CONFIG_MAX_SECTIONS];
+    run_config_defaults(&rc);
+    data_config_add_domain(&rc.data, "NAME", NULL, 0);
+    int n = run_config_sections(&rc, s);
+    fprintf(f, "  %-28s %-12s %-22s %s\n", "key", "default", "allowed", "meaning");
+    for (int i = 0; i < n; i++) keys_print_help(f, &s[i]);
 }

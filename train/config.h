@@ -1,28 +1,47 @@
 // config.h: a run's whole configuration: INI file, command-line overrides, --help.
 //
-// Defines RunConfig (every section: [model] [router] from model/, [train] here) and
-// loads it from an INI file (libinih) plus `section.key=value` override words. Every
-// error is one line naming the file and line or the key, the value and what is allowed.
+// Defines TrainConfig ([train]) and RunConfig, which gathers every room's section:
+// [model] [router] (model/), [optim] (optim/), [data] and one [domain NAME] per data
+// domain (data/). Loaded from an INI file (libinih) plus `section.key=value` override
+// words (`domain.NAME.key=value` for domains). Every error is one line naming the file
+// and line or the key, the value and what is allowed.
 #ifndef MOE_TRAIN_CONFIG_H
 #define MOE_TRAIN_CONFIG_H
 
 #include <stddef.h>
 #include <stdio.h>
 
+#include "../data/config.h"
 #include "../model/config.h"
+#include "../optim/config.h"
 
 typedef struct {
-    int batch_size;   // sequences per step B
-    int seed;         // weights, data order and noise
+    int batch_size;      // sequences per micro-batch B
+    int grad_accum;      // micro-batches per optimizer step
+    int steps;           // optimizer steps
+    int eval_every;      // steps between validation passes (0: only at the end)
+    int log_every;       // steps between plain log lines (not on a terminal)
+    int threads;         // OpenMP threads (0: all cores)
+    int seed;            // weights, data order and router noise
+    char name[KEY_STRING_MAX];      // run name (default: the config file's base name)
+    char out_dir[KEY_STRING_MAX];   // runs go to <out_dir>/<name>/
+    int sample_tokens;   // bytes sampled at the end (0: none)
+    double sample_temperature;
+    char sample_prompt[KEY_STRING_MAX];
 } TrainConfig;
 
 typedef struct {
     ModelConfig model;
     TrainConfig train;
+    OptimConfig optim;
+    DataConfig data;
 } RunConfig;
 
-#define RUN_CONFIG_SECTIONS (MODEL_CONFIG_SECTIONS + 1)
-void run_config_sections(RunConfig *rc, KeySection out[RUN_CONFIG_SECTIONS]);
+// Fixed sections: model, router, train, optim, data (domains come after).
+#define RUN_CONFIG_FIXED (MODEL_CONFIG_SECTIONS + 3)
+#define RUN_CONFIG_MAX_SECTIONS (RUN_CONFIG_FIXED + DATA_MAX_DOMAINS)
+// Every section bound to rc; returns how many.
+int run_config_sections(RunConfig *rc, KeySection out[RUN_CONFIG_MAX_SECTIONS]);
 void run_config_defaults(RunConfig *rc);
 // Reads an INI file over the current values. Returns 0 or -1 with err set.
 int run_config_load_ini(RunConfig *rc, const char *path, char *err, size_t err_len);

@@ -9,10 +9,10 @@
 #include "h5io.h"
 
 static void write_config(hid_t f, RunConfig *rc) {
-    KeySection s[RUN_CONFIG_SECTIONS];
-    run_config_sections(rc, s);
-    char name[128], value[KEY_STRING_MAX + 32];
-    for (int i = 0; i < RUN_CONFIG_SECTIONS; i++) {
+    KeySection s[RUN_CONFIG_MAX_SECTIONS];
+    int n = run_config_sections(rc, s);
+    char name[160], value[KEY_STRING_MAX + 32];
+    for (int i = 0; i < n; i++) {
         for (size_t j = 0; j < s[i].n_keys; j++) {
             snprintf(name, sizeof name, "%s.%s", s[i].section, s[i].keys[j].name);
             keys_format(&s[i], &s[i].keys[j], value, sizeof value);

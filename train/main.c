@@ -2,8 +2,11 @@
 #include <stdio.h>
 #include <string.h>
 
+#include "../data/prepare.h"
+#include "../kernels/cpu/blas.h"
 #include "config.h"
 #include "dump.h"
+#include "train.h"
 
 static void print_usage(FILE *f) {
     fprintf(f,
@@ -11,16 +14,37 @@ static void print_usage(FILE *f) {
             "\n"
             "usage: moe <command> [args]\n"
             "commands:\n"
+            "  train CONFIG.ini [section.key=value ...]  train a model (--help: every key)\n"
+            "  prepare [DIR]                         build the default three-domain corpus\n"
+            "                                        (default data/default)\n"
             "  dump OUT.h5 [section.key=value ...]   forward/backward on test weights, all\n"
             "                                        tensors to HDF5 (reference tests)\n"
             "  help                                  this text and every config key\n"
             "\n"
-            "config keys (INI sections [model] [router] [train]; override on the command\n"
-            "line as section.key=value):\n");
+            "config keys (INI sections [model] [router] [train] [optim] [data] and one\n"
+            "[domain NAME] per data domain; override on the command line as\n"
+            "section.key=value, or domain.NAME.key=value):\n");
     run_config_print_help(f);
 }
 
+static int prepare_main(int argc, char **argv) {
+    if (argc > 1 && (!strcmp(argv[1], "--help") || !strcmp(argv[1], "-h"))) {
+        printf("usage: moe prepare [DIR]\n  Builds fortunes, bible and python domains "
+               "(train/val text and MANIFEST.tsv) into DIR (default data/default), "
+               "installing the Debian packages they come from when missing.\n");
+        return 0;
+    }
+    char err[1024];
+    const char *dir = argc > 1 ? argv[1] : "data/default";
+    if (data_prepare_default(dir, err, sizeof err) != 0) {
+        fprintf(stderr, "moe: error: %s\n", err);
+        return 1;
+    }
+    return 0;
+}
+
 int main(int argc, char **argv) {
+    cpu_blas_select_kernel(argv);
     if (argc < 2) {
         print_usage(stderr);
         return 2;
@@ -30,6 +54,8 @@ int main(int argc, char **argv) {
         print_usage(stdout);
         return 0;
     }
+    if (!strcmp(cmd, "train")) return train_main(argc - 1, argv + 1);
+    if (!strcmp(cmd, "prepare")) return prepare_main(argc - 1, argv + 1);
     if (!strcmp(cmd, "dump")) return dump_main(argc - 1, argv + 1);
     fprintf(stderr, "moe: error: unknown command '%s'\nHINT: moe help lists the commands\n", cmd);
     return 2;

@@ -52,6 +52,8 @@ static const Backend cpu_backend = {
     .importance_loss_backward = cpu_importance_loss_backward,
     .load_loss_forward = cpu_load_loss_forward,
     .load_loss_backward = cpu_load_loss_backward,
+    .adamw_update = cpu_adamw_update,
+    .sum_squares = cpu_sum_squares,
 };
 
 const Backend *backend_cpu(void) { return &cpu_backend; }

@@ -5,7 +5,7 @@
 // kernels.h. memory.c: alloc/zero; elementwise.c: add, mul; dense.c: embedding,
 // RMSNorm, matmul, SwiGLU, experts, cross-entropy; attention.c: RoPE and
 // attention; router.c: scores, noise, top-k, gates, capacity, dispatch,
-// combine, aux losses.
+// combine, aux losses; optim.c: the AdamW update and the sum of squares.
 #ifndef MOE_CPU_OPS_H
 #define MOE_CPU_OPS_H
 
@@ -90,4 +90,8 @@ void cpu_load_loss_forward(Tensor loss, Tensor load, Tensor clean, Tensor h, Ten
 void cpu_load_loss_backward(Tensor dclean, Tensor dh, Tensor draw, Tensor load, Tensor clean,
                             Tensor h, Tensor raw, Tensor idx, double dloss, size_t N, size_t E,
                             size_t k);
+void cpu_adamw_update(Tensor p, Tensor g, Tensor m, Tensor v, size_t n, double lr, double beta1,
+                      double beta2, double eps, double weight_decay, double bias_c1,
+                      double bias_c2, double grad_scale);
+double cpu_sum_squares(Tensor x, size_t n);
 #endif

@@ -1,0 +1,119 @@
+#include "config.h"
+
+#include <string.h>
+
+#include "../kernels/util.h"
+
+#define DK(field) offsetof(DataConfig, field)
+#define DOM(field) offsetof(DomainConfig, field)
+
+static const ConfigKey data_keys[] = {
+    {"val_tokens", KEY_INT, DK(val_tokens), "65536", 1, 2147483647, NULL,
+     "validation tokens per domain (at most; windows from the start of val)"},
+    {"default_dir", KEY_STRING, DK(default_dir), "data/default", 0, 0, NULL,
+     "default corpus (make data), used when no [domain ...] section is given"},
+};
+
+static const ConfigKey domain_keys[] = {
+    {"kind", KEY_ENUM, DOM(kind), "text", 0, 0, "text|shards|hdf5|csv",
+     "source format: raw bytes, llm.c uint16 shards, HDF5 token dataset, CSV column"},
+    {"train", KEY_STRING, DOM(train), "", 0, 0, NULL,
+     "training source: a file, a directory (all files, sorted) or a glob"},
+    {"val", KEY_STRING, DOM(val), "", 0, 0, NULL, "validation source, as train"},
+    {"weight", KEY_DOUBLE, DOM(weight), "1", 1e-6, 1e6, NULL,
+     "sampling weight: rows come from this domain with probability weight / sum"},
+    {"dataset", KEY_STRING, DOM(dataset), "tokens", 0, 0, NULL,
+     "kind = hdf5: name of the 1-D integer dataset in each file"},
+    {"column", KEY_STRING, DOM(column), "text", 0, 0, NULL,
+     "kind = csv: header name of the text column"},
+};
+
+static const char *const default_domains[] = {"fortunes", "bible", "python"};
+
+void data_config_defaults(DataConfig *cfg) {
+    memset(cfg, 0, sizeof *cfg);
+    KeySection s = data_config_section(cfg);
+    keys_set_defaults(&s);
+}
+
+KeySection data_config_section(DataConfig *cfg) {
+    return (KeySection){"data", data_keys, sizeof data_keys / sizeof *data_keys, cfg};
+}
+
+KeySection data_domain_section(DomainConfig *d) {
+    return (KeySection){d->section, domain_keys, sizeof domain_keys / sizeof *domain_keys, d};
+}
+
+// Names end up in section headers, log lines and CSV columns: keep them plain.
+static int name_is_valid(const char *name) {
+    if (!name[0] || strlen(name) >= DATA_NAME_MAX) return 0;
+    for (const char *p = name; *p; p++)
+        if (!strchr("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_-.", *p))
+            return 0;
+    return 1;
+}
+
+DomainConfig *data_config_find_domain(DataConfig *cfg, const char *name) {
+    for (int i = 0; i < cfg->n_domains; i++)
+        if (!strcmp(cfg->domains[i].name, name)) return &cfg->domains[i];
+    return NULL;
+}
+
+DomainConfig *data_config_add_domain(DataConfig *cfg, const char *name, char *err, size_t n) {
+    if (!name_is_valid(name))
+        return snprintf(err, n,
+                        "[domain %s]: a domain name is 1 to %d characters of letters, digits, "
+                        "'_', '-' and '.'",
+                        name, DATA_NAME_MAX - 1),
+               NULL;
+    if (data_config_find_domain(cfg, name))
+        return snprintf(err, n, "[domain %s]: a domain of that name is already configured",
+                        name),
+               NULL;
+    if (cfg->n_domains == DATA_MAX_DOMAINS)
+        return snprintf(err, n, "[domain %s]: more than %d domains", name, DATA_MAX_DOMAINS),
+               NULL;
+    DomainConfig *d = &cfg->domains[cfg->n_domains++];
+    memset(d, 0, sizeof *d);
+    strcpy(d->name, name);
+    snprintf(d->section, sizeof d->section, "domain %s", name);
+    KeySection s = data_domain_section(d);
+    keys_set_defaults(&s);
+    return d;
+}
+
+void data_config_use_default(DataConfig *cfg) {
+    if (cfg->n_domains) return;
+    char err[256];
+    for (size_t i = 0; i < sizeof default_domains / sizeof *default_domains; i++) {
+        DomainConfig *d = data_config_add_domain(cfg, default_domains[i], err, sizeof err);
+        CHECK(d, "%s", err);
+        // A truncated path simply fails to open later, naming itself.
+        snprintf(d->train, sizeof d->train, "%.*s/%.16s/train.txt", KEY_STRING_MAX - 32,
+                 cfg->default_dir, d->name);
+        snprintf(d->val, sizeof d->val, "%.*s/%.16s/val.txt", KEY_STRING_MAX - 32,
+                 cfg->default_dir, d->name);
+    }
+}
+
+int data_config_validate(const DataConfig *cfg, char *err, size_t n) {
+    for (int i = 0; i < cfg->n_domains; i++) {
+        const DomainConfig *d = &cfg->domains[i];
+        if (!d->train[0] || !d->val[0])
+            return snprintf(err, n, "[%s]: both train and val must name a file, directory "
+                                    "or glob",
+                            d->section),
+                   -1;
+    }
+    return 0;
+}
+
+void data_config_write_ini(FILE *f, DataConfig *cfg) {
+    KeySection s = data_config_section(cfg);
+    keys_write_ini(f, &s);
+    for (int i = 0; i < cfg->n_domains; i++) {
+        fputc('\n', f);
+        s = data_domain_section(&cfg->domains[i]);
+        keys_write_ini(f, &s);
+    }
+}

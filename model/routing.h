@@ -1,0 +1,36 @@
+// routing.h: what the router did, accumulated over forward passes.
+//
+// Defines RoutingStats: per MoE layer and expert, assignments routed (before capacity),
+// assignments dropped by capacity and the sum of their gates, over however many forward
+// passes were accumulated (micro-batches of a step, or an evaluation). The logs, the
+// metrics files and the end-of-run usage table all read it.
+#ifndef MOE_ROUTING_H
+#define MOE_ROUTING_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#include "model.h"
+
+typedef struct {
+    int n_layers;        // MoE layers
+    int experts;
+    int top_k;
+    uint64_t tokens;     // tokens seen (per layer)
+    uint64_t *routed;    // (n_layers, E) assignments before capacity
+    uint64_t *dropped;   // (n_layers, E) assignments dropped by capacity
+    double *gate_sum;    // (n_layers, E) sum of gates of routed assignments
+} RoutingStats;
+
+void routing_stats_init(RoutingStats *rs, const ModelConfig *cfg);
+void routing_stats_free(RoutingStats *rs);
+void routing_stats_reset(RoutingStats *rs);
+// Adds the last forward pass of m, counting only its first `rows` sequences.
+void routing_stats_add(RoutingStats *rs, const Model *m, size_t rows);
+
+// Dropped assignments / all assignments, over every layer.
+double routing_dropped_fraction(const RoutingStats *rs);
+// MaxVio = (max_i load_i - mean load) / mean load, averaged over MoE layers.
+double routing_maxvio(const RoutingStats *rs);
+
+#endif

@@ -1,0 +1,153 @@
+"""`moe train` end to end on small fixture domains: config errors, overfitting one batch,
+validation loss falling on every domain, and the run directory's files."""
+import csv
+import math
+import os
+import re
+import subprocess
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+MOE = os.path.join(ROOT, "moe")
+
+SMALL_MODEL = [
+    "model.layers=2", "model.d_model=32", "model.heads=2", "model.kv_heads=1",
+    "model.seq_len=32", "model.experts=4", "model.expert_ffn_dim=32", "train.threads=1",
+    "train.sample_tokens=0",
+]
+
+
+def run_moe(args, check=True):
+    run = subprocess.run([MOE] + args, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    if check:
+        assert run.returncode == 0, run.stdout + run.stderr
+    return run
+
+
+def write_domain(tmp_path, name, text):
+    d = tmp_path / name
+    d.mkdir()
+    (d / "train.txt").write_text(text)
+    (d / "val.txt").write_text(text[: len(text) // 4])
+    return d
+
+
+def fixture_config(tmp_path, domains, extra=""):
+    lines = []
+    for name, d in domains.items():
+        lines += [f"[domain {name}]", "kind = text", f"train = {d}/train.txt",
+                  f"val = {d}/val.txt", ""]
+    path = tmp_path / "run.ini"
+    path.write_text("\n".join(lines) + extra)
+    return path
+
+
+def english(n):
+    words = ("the quick brown fox jumps over the lazy dog while a small bird sings "
+             "in the old tree near the river and the sun goes down").split()
+    out, i = [], 0
+    while sum(len(w) + 1 for w in out) < n:
+        out.append(words[(i * 7 + i // 3) % len(words)])
+        i += 1
+    return " ".join(out)
+
+
+def digits(n):
+    return "".join(f"{i * 37 % 1000:03d}," for i in range(n // 4))
+
+
+def code(n):
+    block = "def f(x):\n    return x * 2 + 1\n\nfor i in range(10):\n    print(f(i))\n"
+    return (block * (n // len(block) + 1))[:n]
+
+
+@pytest.mark.parametrize("override,expect", [
+    (["router.top_k=9"], "router.top_k = 9"),
+    (["model.d_modle=64"], "unknown key 'model.d_modle'"),
+    (["router.score=softmaxx"], "expected one of softmax|sigmoid"),
+    (["model.heads=3"], "model.heads = 3 must divide model.d_model"),
+    (["model.experts=2", "router.top_k=3"], "router.top_k = 3 exceeds model.experts = 2"),
+    (["train.steps=ten"], "train.steps = 'ten': expected an integer"),
+])
+def test_config_errors_are_one_line(tmp_path, override, expect):
+    cfg = fixture_config(tmp_path, {"a": write_domain(tmp_path, "a", english(4000))})
+    run = run_moe(["train", str(cfg)] + SMALL_MODEL + override, check=False)
+    assert run.returncode != 0
+    err = run.stderr.strip().splitlines()
+    assert len(err) == 1 and expect in err[0], run.stderr
+
+
+def test_config_file_error_names_file_and_line(tmp_path):
+    cfg = tmp_path / "bad.ini"
+    cfg.write_text("[model]\nlayers = 2\nwidth = 64\n")
+    run = run_moe(["train", str(cfg)], check=False)
+    assert run.returncode != 0
+    assert f"{cfg}:3: unknown key 'model.width'" in run.stderr
+
+
+def test_single_batch_overfits(tmp_path):
+    # A domain of exactly seq_len + 1 bytes has one window: every row is the same batch.
+    text = "Sphinx of black quartz, judge my vow!"[:33]
+    d = tmp_path / "one"
+    d.mkdir()
+    (d / "train.txt").write_text(text)
+    (d / "val.txt").write_text(text + text[1:])   # two windows: one validation batch
+    cfg = fixture_config(tmp_path, {"one": d})
+    run_moe(["train", str(cfg)] + SMALL_MODEL + [
+        "train.batch_size=2", "train.steps=150", "train.eval_every=0", "optim.lr=1e-2",
+        "optim.warmup_steps=10", f"train.out_dir={tmp_path}/runs", "train.name=overfit"])
+    rows = list(csv.DictReader(open(tmp_path / "runs/overfit/metrics.csv")))
+    assert len(rows) == 150
+    assert float(rows[-1]["ce"]) < 0.05, rows[-1]
+
+
+def test_short_run_lowers_every_domain_val_loss(tmp_path):
+    domains = {n: write_domain(tmp_path, n, f(40000))
+               for n, f in (("english", english), ("digits", digits), ("code", code))}
+    cfg = fixture_config(tmp_path, domains)
+    run = run_moe(["train", str(cfg)] + SMALL_MODEL + [
+        "train.batch_size=8", "train.steps=60", "train.eval_every=30",
+        f"train.out_dir={tmp_path}/runs", "train.name=short"])
+    evals = re.findall(r"eval step (\d+): val loss (.*) \| mean", run.stdout)
+    assert [int(s) for s, _ in evals] == [0, 30, 60], run.stdout
+    first = dict(re.findall(r"(\w+) ([\d.]+)", evals[0][1]))
+    last = dict(re.findall(r"(\w+) ([\d.]+)", evals[-1][1]))
+    assert set(first) == set(domains)
+    for name in domains:
+        # Before training, near-zero logits give ln(256) nats per byte.
+        assert abs(float(first[name]) - math.log(256)) < 0.2, first
+        assert float(last[name]) < float(first[name]) - 1.0, (name, first, last)
+
+
+def test_too_little_validation_data_fails_before_training(tmp_path):
+    d = tmp_path / "short"
+    d.mkdir()
+    (d / "train.txt").write_text(english(4000))
+    (d / "val.txt").write_text(english(40))
+    cfg = fixture_config(tmp_path, {"short": d})
+    run = run_moe(["train", str(cfg)] + SMALL_MODEL + ["train.batch_size=4"], check=False)
+    assert run.returncode != 0 and "step 1/" not in run.stdout
+    assert "domain short: validation data holds 1 windows" in run.stderr, run.stderr
+
+
+def test_run_directory_files(tmp_path):
+    cfg = fixture_config(tmp_path, {"a": write_domain(tmp_path, "a", english(8000))})
+    out = tmp_path / "runs"
+    run_moe(["train", str(cfg)] + SMALL_MODEL + [
+        "train.batch_size=2", "train.steps=3", "train.eval_every=0",
+        f"train.out_dir={out}", "train.name=files"])
+    run_dir = out / "files"
+    metrics = list(csv.DictReader(open(run_dir / "metrics.csv")))
+    assert [int(r["step"]) for r in metrics] == [0, 1, 2]
+    assert metrics[-1]["val_a"] != "" and metrics[0]["val_a"] == ""
+    experts = list(csv.DictReader(open(run_dir / "experts.csv")))
+    assert len(experts) == 3 * 2 * 4   # steps x MoE layers x experts
+    for step in range(3):
+        rows = [r for r in experts if int(r["step"]) == step and r["layer"] == "0"]
+        assert sum(int(r["tokens"]) for r in rows) == 2 * 32 * 2   # B*T*k assignments
+        assert abs(sum(float(r["fraction"]) for r in rows) - 1.0) < 1e-5
+    # The resolved config is a complete config: training again from it works.
+    rerun = run_moe(["train", str(run_dir / "config.ini"), "train.steps=1",
+                     f"train.out_dir={out}", "train.name=again"])
+    assert "step 1/1" in rerun.stdout
