@@ -57,6 +57,8 @@ CUDA_SRC := $(wildcard kernels/cuda/*.cu)
 F32_LIB := $(patsubst %.c,$(BUILD)/f32/%.o,$(LIB_SRC))
 F32_TRAIN := $(patsubst %.c,$(BUILD)/f32/%.o,$(TRAIN_SRC))
 F64_LIB := $(patsubst %.c,$(BUILD)/f64/%.o,$(LIB_SRC))
+# The C suites also link train/ (checkpoint, config, ...), all of it but the CLI's main.
+F64_TRAIN := $(patsubst %.c,$(BUILD)/f64/%.o,$(filter-out train/main.c,$(TRAIN_SRC)))
 F64_TESTLIB := $(BUILD)/f64/tests/testlib.o
 
 .PHONY: all test deps deps-test clean
@@ -79,7 +81,7 @@ $(BUILD)/tests/test_ops_%: $(BUILD)/f64/tests/test_ops_%.o $(F64_TESTLIB) $(F64_
 	@mkdir -p $(dir $@)
 	$(CC) -o $@ $^ $(LDLIBS) -lcmocka
 
-$(BUILD)/tests/%: $(BUILD)/f64/tests/%.o $(F64_TESTLIB) $(F64_LIB)
+$(BUILD)/tests/%: $(BUILD)/f64/tests/%.o $(F64_TESTLIB) $(F64_LIB) $(F64_TRAIN)
 	@mkdir -p $(dir $@)
 	$(CC) -o $@ $^ $(LDLIBS) -lcmocka
 

@@ -20,8 +20,9 @@ static const ConfigKey domain_keys[] = {
     {"train", KEY_STRING, DOM(train), "", 0, 0, NULL,
      "training source: a file, a directory (all files, sorted) or a glob"},
     {"val", KEY_STRING, DOM(val), "", 0, 0, NULL, "validation source, as train"},
-    {"weight", KEY_DOUBLE, DOM(weight), "1", 1e-6, 1e6, NULL,
-     "sampling weight: rows come from this domain with probability weight / sum"},
+    {"weight", KEY_DOUBLE, DOM(weight), "1", 0, 1e6, NULL,
+     "sampling weight: rows come from this domain with probability weight / sum "
+     "(0: validation only)"},
     {"dataset", KEY_STRING, DOM(dataset), "tokens", 0, 0, NULL,
      "kind = hdf5: name of the 1-D integer dataset in each file"},
     {"column", KEY_STRING, DOM(column), "text", 0, 0, NULL,

@@ -72,6 +72,10 @@ int data_loader_open(DataLoader **out, const DataConfig *cfg, int vocab, size_t 
     dl->key = rng_next(&r);
     double total = 0, cum = 0;
     for (int i = 0; i < cfg->n_domains; i++) total += cfg->domains[i].weight;
+    if (total <= 0) {
+        free(dl);
+        return snprintf(err, n, "every domain has weight 0: none to train on"), -1;
+    }
     for (int i = 0; i < cfg->n_domains; i++) {
         dl->n_domains++;
         if (open_domain(&dl->domains[i], &cfg->domains[i], cfg, vocab, T, err, n) != 0) {
@@ -81,8 +85,12 @@ int data_loader_open(DataLoader **out, const DataConfig *cfg, int vocab, size_t 
         cum += cfg->domains[i].weight / total;
         dl->domains[i].cum_weight = cum;
     }
-    // Rounding must not leave a sliver above the last domain.
-    dl->domains[dl->n_domains - 1].cum_weight = 1.0;
+    // Rounding must not leave a sliver above the last domain that is trained on, nor
+    // give validation-only (weight 0) domains after it any share.
+    for (int i = dl->n_domains - 1; i >= 0; i--) {
+        dl->domains[i].cum_weight = 1.0;
+        if (cfg->domains[i].weight > 0) break;
+    }
     *out = dl;
     return 0;
 }

@@ -12,7 +12,7 @@
 
 typedef enum { KEY_INT, KEY_DOUBLE, KEY_BOOL, KEY_ENUM, KEY_STRING } KeyType;
 
-#define KEY_STRING_MAX 512
+#define KEY_STRING_MAX 2048   // room for an expanded ESFT expert list (~100 experts)
 
 typedef struct {
     const char *name;      // key within its section

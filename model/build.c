@@ -24,15 +24,58 @@ static Tensor take(Builder *b, size_t numel, DType dt) {
 
 static int measuring(const Builder *b) { return b->m->acts.base == NULL; }
 
-// A parameter (or a run of consecutive parameters starting at `name`) and its gradient.
-static Buf param_buf(Builder *b, size_t numel, const char *fmt, int i, int j) {
+static int is_trainable(const Model *m, const ParamInfo *p) {
+    return !m->trainable || m->trainable[p - m->layout.params];
+}
+
+static const ParamInfo *param_find(const Model *m, const char *fmt, int i, int j) {
     char name[128];
     snprintf(name, sizeof name, fmt, i, j);
-    const ParamInfo *p = layout_find(&b->m->layout, name);
+    const ParamInfo *p = layout_find(&m->layout, name);
     CHECK(p, "internal: parameter %s missing from the layout", name);
-    Buf w = {tensor_slice(b->m->params, p->offset, numel),
-             tensor_slice(b->m->grads, p->offset, numel)};
+    return p;
+}
+
+// numel values from p's offset, with a gradient view only when it trains.
+static Buf param_view(const Model *m, const ParamInfo *p, size_t numel, int trains) {
+    Buf w = {tensor_slice(m->params, p->offset, numel),
+             trains ? tensor_slice(m->grads, p->offset, numel) : tensor_none()};
     return w;
+}
+
+// A parameter, or a run of consecutive parameters starting at `name` that one op
+// computes with (all trainable or all frozen), and its gradient.
+static Buf param_buf(Builder *b, size_t numel, const char *fmt, int i, int j) {
+    const Layout *lay = &b->m->layout;
+    const ParamInfo *p = param_find(b->m, fmt, i, j);
+    int trains = is_trainable(b->m, p);
+    for (const ParamInfo *q = p; q < lay->params + lay->n_params && q->offset < p->offset + numel;
+         q++)
+        CHECK(is_trainable(b->m, q) == trains,
+              "%s and %s are computed by one op and must be frozen together", p->name, q->name);
+    return param_view(b->m, p, numel, trains);
+}
+
+// A layer's routed experts: per-expert flags for the experts op (an expert's w1, w3, w2
+// freeze together); no gradient view at all when every expert is frozen.
+static Buf expert_weights(Builder *b, int l, size_t numel, MoeLayerState *st) {
+    Model *m = b->m;
+    size_t E = (size_t)m->cfg.experts;
+    uint8_t *flags = m->expert_train + (size_t)(st - m->moe) * E;
+    int any = 0;
+    for (size_t e = 0; e < E; e++) {
+        const ParamInfo *p =
+            param_find(m, "model.layers.%d.block_sparse_moe.experts.%d.w1.weight", l, (int)e);
+        flags[e] = (uint8_t)is_trainable(m, p);
+        for (int k = 1; k < 3; k++)
+            CHECK(is_trainable(m, p + k) == flags[e],
+                  "%s and %s belong to one expert and must be frozen together", p->name,
+                  p[k].name);
+        any |= flags[e];
+    }
+    return param_view(m, param_find(m, "model.layers.%d.block_sparse_moe.experts.%d.w1.weight",
+                                    l, 0),
+                      numel, any);
 }
 
 static Buf op_rmsnorm(Builder *b, Buf x, Buf w) {
@@ -281,9 +324,10 @@ static Buf build_routed_experts(Builder *b, Buf xn, const RouterBufs *r, int l,
     ga->gather.E = E;
     ga->gather.C = b->C;
 
-    Buf w = param_buf(b, E * 3 * F * b->C,
-                      "model.layers.%d.block_sparse_moe.experts.%d.w1.weight", l, 0);
+    Buf w = expert_weights(b, l, E * 3 * F * b->C, st);
     Buf yp = op_experts(b, ga->gather.xp, w, st->offsets, M, E, F);
+    b->m->tape.ops[b->m->tape.n - 1].experts.train =
+        b->m->expert_train + (size_t)(st - b->m->moe) * E;
 
     TapeOp *co = tape_push(&b->m->tape, OP_COMBINE);
     co->combine.y = take_buf(b, N * b->C);   // (N, C)

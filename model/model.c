@@ -35,6 +35,7 @@ void model_init(Model *m, const ModelConfig *cfg, const Backend *be, size_t B, s
     m->grads = slab_alloc(be, m->layout.total, "gradients");
     m->n_moe = model_config_moe_layers(cfg);
     m->moe = CALLOC((size_t)m->n_moe, sizeof *m->moe);
+    m->expert_train = CALLOC((size_t)m->n_moe * (size_t)cfg->experts, 1);
     tape_init(&m->tape);
     m->acts.device = m->dacts.device = be->device;
     build_tape(m);   // measuring pass: sizes the arenas
@@ -53,7 +54,19 @@ void model_free(Model *m) {
     tape_free(&m->tape);
     layout_free(&m->layout);
     free(m->moe);
+    free(m->trainable);
+    free(m->expert_train);
     memset(m, 0, sizeof *m);
+}
+
+void model_set_trainable(Model *m, const uint8_t *trainable) {
+    free(m->trainable);
+    m->trainable = NULL;
+    if (trainable) {
+        m->trainable = CALLOC(m->layout.n_params, 1);
+        memcpy(m->trainable, trainable, m->layout.n_params);
+    }
+    build_tape(m);   // same buffers, same offsets: only gradient views change
 }
 
 Tensor model_param(const Model *m, const ParamInfo *p) {

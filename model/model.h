@@ -52,6 +52,8 @@ typedef struct {
     MoeLayerState *moe;
     int n_moe;
     ModelLosses losses;
+    uint8_t *trainable;      // (layout.n_params) 1 trains, 0 frozen; NULL: all train
+    uint8_t *expert_train;   // (n_moe, E) the same flags per routed expert, for the experts op
 } Model;
 
 // Plans the tape and allocates everything for batches of B sequences of T tokens.
@@ -66,6 +68,12 @@ void model_init_weights(Model *m, uint64_t seed);
 // Test weights: every matrix N(0, 1/fan_in), norms 1 + N(0, 0.1^2), so that routing is
 // spread and every gradient is informative (the gradient tests and `moe dump` use it).
 void model_randomize_weights(Model *m, uint64_t seed);
+
+// Freezes every tensor whose flag is 0 (one flag per layout tensor; NULL: all train):
+// frozen tensors get no weight-gradient computation (input gradients still flow) and
+// their entries in m->grads stay zero. A fused op's tensors (q|k|v, one SwiGLU's w1|w3|w2)
+// must agree; violating that is a caller bug and dies.
+void model_set_trainable(Model *m, const uint8_t *trainable);
 
 // The view of one parameter tensor and of its gradient.
 Tensor model_param(const Model *m, const ParamInfo *p);

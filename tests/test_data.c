@@ -145,8 +145,9 @@ static void test_config_keys(void **state) {
     assert_string_equal(s.section, "domain web");
     assert_int_equal(keys_parse(&s, "kind", "csv", err, sizeof err), 0);
     assert_int_equal(d->kind, DATA_CSV);
-    assert_int_equal(keys_parse(&s, "weight", "0", err, sizeof err), -1);
+    assert_int_equal(keys_parse(&s, "weight", "-1", err, sizeof err), -1);
     assert_contains(err, "domain web.weight");
+    assert_int_equal(keys_parse(&s, "weight", "0", err, sizeof err), 0);
     assert_int_equal(keys_parse(&s, "kind", "parquet", err, sizeof err), -1);
     assert_contains(err, "text|shards|hdf5|csv");
 
@@ -495,6 +496,21 @@ static void test_mixing_follows_weights(void **state) {
     data_loader_close(dl);
 }
 
+// Weight 0: a validation-only domain, never drawn for training; all zero is an error.
+static void test_zero_weight_domain_is_never_drawn(void **state) {
+    DataLoader *dl = open_two_domains(state, 1, 0, 5);
+    Batch b;
+    for (int k = 0; k < 250; k++) {
+        next_batch(dl, &b);
+        for (size_t r = 0; r < B; r++) assert_int_equal(b.domain[r], 0);
+    }
+    data_loader_close(dl);
+    dl = open_two_domains(state, 0, 1, 5);
+    next_batch(dl, &b);
+    for (size_t r = 0; r < B; r++) assert_int_equal(b.domain[r], 1);
+    data_loader_close(dl);
+}
+
 static void test_val_batches(void **state) {
     DataLoader *dl = open_two_domains(state, 1, 1, 1);
     // val: 1000 tokens, default val_tokens 65536: (1000 - 1) / 16 = 62 windows, 8 batches.
@@ -587,6 +603,7 @@ static const struct CMUnitTest tests[] = {
     FIXTURE_TEST(test_batches_deterministic_per_seed),
     FIXTURE_TEST(test_targets_shift_tokens),
     FIXTURE_TEST(test_mixing_follows_weights),
+    FIXTURE_TEST(test_zero_weight_domain_is_never_drawn),
     FIXTURE_TEST(test_val_batches),
     FIXTURE_TEST(test_short_stream_is_an_error),
     FIXTURE_TEST(test_default_ready_checks_manifest),

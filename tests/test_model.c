@@ -201,7 +201,54 @@ static void test_grad_accum_matches_full_batch(void **state) {
     model_free(&micro);
 }
 
+// Freezing: frozen tensors compute no weight gradient (theirs stay exactly zero) while
+// every trainable gradient, which still flows through the frozen ones, is unchanged.
+static void test_frozen_tensors_get_no_gradient(void **state) {
+    (void)state;
+    ModelConfig c = tiny_config();
+    c.shared_experts = 1;
+    c.shared_ffn_dim = 4;
+    Model m;
+    model_init(&m, &c, backend_cpu(), 2, 5);
+    model_randomize_weights(&m, 3);
+    int32_t tok[20];
+    for (int i = 0; i < 20; i++) tok[i] = (i * 7) % 11;
+    model_set_batch(&m, tok, tok + 10);
+    model_forward(&m);
+    model_zero_grad(&m);
+    model_backward(&m);
+    real *all = test_copy(TENSOR_R(m.grads), m.layout.total);
+
+    uint8_t *trainable = calloc(m.layout.n_params, 1);
+    for (size_t i = 0; i < m.layout.n_params; i++) {
+        const ParamInfo *p = &m.layout.params[i];
+        int frozen = (p->kind == PARAM_EXPERT && p->layer == 0 && p->expert == 1) ||
+                     (p->kind == PARAM_ATTN && p->layer == 1) || p->kind == PARAM_EMBED ||
+                     p->kind == PARAM_SHARED || (p->kind == PARAM_EXPERT && p->layer == 1);
+        trainable[i] = (uint8_t)!frozen;
+    }
+    model_set_trainable(&m, trainable);
+    model_forward(&m);
+    model_zero_grad(&m);
+    model_backward(&m);
+    for (size_t i = 0; i < m.layout.n_params; i++) {
+        const ParamInfo *p = &m.layout.params[i];
+        const real *g = TENSOR_R(m.grads) + p->offset;
+        for (size_t j = 0; j < p->numel; j++) {
+            if (trainable[i]) {
+                if (g[j] != all[p->offset + j]) fail_msg("%s[%zu] changed", p->name, j);
+            } else if (g[j] != 0) {
+                fail_msg("frozen %s has gradient %g", p->name, (double)g[j]);
+            }
+        }
+    }
+    free(trainable);
+    free(all);
+    model_free(&m);
+}
+
 static const struct CMUnitTest tests[] = {
+    cmocka_unit_test(test_frozen_tensors_get_no_gradient),
     cmocka_unit_test(test_grad_accum_matches_full_batch),
     cmocka_unit_test(test_softmax_top1),
     cmocka_unit_test(test_softmax_top2),

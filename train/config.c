@@ -22,6 +22,10 @@ static const ConfigKey train_keys[] = {
      "run name (default: the config file's base name)"},
     {"out_dir", KEY_STRING, TK(out_dir), "checkpoints", 0, 0, NULL,
      "runs are written to <out_dir>/<name>/"},
+    {"ckpt_every", KEY_INT, TK(ckpt_every), "0", 0, 1 << 30, NULL,
+     "steps between checkpoints in the run directory (0: only at the end)"},
+    {"keep", KEY_INT, TK(keep), "3", 1, 1 << 20, NULL,
+     "step checkpoints kept (best.h5, the best validation loss, is kept besides)"},
     {"sample_tokens", KEY_INT, TK(sample_tokens), "240", 0, 1 << 20, NULL,
      "tokens sampled from the model at the end (0: none)"},
     {"sample_temperature", KEY_DOUBLE, TK(sample_temperature), "0.8", 0, 100, NULL,
@@ -30,12 +34,33 @@ static const ConfigKey train_keys[] = {
      "text the sample starts from"},
 };
 
+#define FK(field) offsetof(FinetuneConfig, field)
+
+static const ConfigKey finetune_keys[] = {
+    {"init", KEY_STRING, FK(init), "", 0, 0, NULL,
+     "checkpoint to start from (moe finetune; a run directory means its latest)"},
+    {"train", KEY_STRING, FK(train), "all", 0, 0, NULL,
+     "what trains: all, none, embed, head, norm, attn, router, experts, shared, dense, "
+     "layers.L.PART, layers.L.experts.J (L, J: number or *), or auto (ESFT)"},
+    {"freeze", KEY_STRING, FK(freeze), "", 0, 0, NULL, "what stays frozen (same grammar)"},
+    {"delta", KEY_BOOL, FK(delta), "false", 0, 1, NULL,
+     "checkpoints hold only the trained tensors (apply with moe merge)"},
+    {"select", KEY_ENUM, FK(select), "token", 0, 0, "token|gate",
+     "train = auto: rank experts by token selection ratio or by mean gate"},
+    {"p", KEY_DOUBLE, FK(p), "0.2", 1e-9, 1, NULL,
+     "train = auto: per layer, the fewest experts whose normalised score reaches p"},
+    {"select_batches", KEY_INT, FK(select_batches), "16", 1, 1 << 20, NULL,
+     "train = auto: training batches routed to score the experts"},
+};
+
 int run_config_sections(RunConfig *rc, KeySection out[RUN_CONFIG_MAX_SECTIONS]) {
     model_config_sections(&rc->model, out);
     int n = MODEL_CONFIG_SECTIONS;
     out[n++] =
         (KeySection){"train", train_keys, sizeof train_keys / sizeof *train_keys, &rc->train};
     out[n++] = optim_config_section(&rc->optim);
+    out[n++] = (KeySection){"finetune", finetune_keys, sizeof finetune_keys / sizeof *finetune_keys,
+                            &rc->finetune};
     out[n++] = data_config_section(&rc->data);
     for (int d = 0; d < rc->data.n_domains; d++)
         out[n++] = data_domain_section(&rc->data.domains[d]);
@@ -64,8 +89,8 @@ static int set_key(RunConfig *rc, const char *section, const char *key, const ch
     for (int i = 0; i < n; i++)
         if (!strcmp(s[i].section, section)) return keys_parse(&s[i], key, value, err, err_len);
     snprintf(err, err_len,
-             "unknown section [%s]; sections are model, router, train, optim, data and "
-             "'domain NAME'",
+             "unknown section [%s]; sections are model, router, train, optim, finetune, data "
+             "and 'domain NAME'",
              section);
     return -1;
 }

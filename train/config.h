@@ -25,21 +25,38 @@ typedef struct {
     int seed;            // weights, data order and router noise
     char name[KEY_STRING_MAX];      // run name (default: the config file's base name)
     char out_dir[KEY_STRING_MAX];   // runs go to <out_dir>/<name>/
+    int ckpt_every;      // steps between checkpoints (0: only at the end)
+    int keep;            // step checkpoints kept (the best one is kept besides)
     int sample_tokens;   // bytes sampled at the end (0: none)
     double sample_temperature;
     char sample_prompt[KEY_STRING_MAX];
 } TrainConfig;
+
+// [finetune]: what trains, starting from which checkpoint.
+typedef struct {
+    char init[KEY_STRING_MAX];    // checkpoint to start from (moe finetune)
+    char train[KEY_STRING_MAX];   // selector list (optim/select.h) or "auto" (ESFT)
+    char freeze[KEY_STRING_MAX];  // selector list subtracted from train
+    int delta;                    // checkpoints hold only the trained tensors
+    int select;                   // EsftScore for train = auto
+    double p;                     // ESFT cumulative score threshold
+    int select_batches;           // training batches routed to score experts
+} FinetuneConfig;
 
 typedef struct {
     ModelConfig model;
     TrainConfig train;
     OptimConfig optim;
     DataConfig data;
+    FinetuneConfig finetune;
 } RunConfig;
 
-// Fixed sections: model, router, train, optim, data (domains come after).
-#define RUN_CONFIG_FIXED (MODEL_CONFIG_SECTIONS + 3)
+// Fixed sections: model, router, train, optim, finetune, data (domains come after).
+#define RUN_CONFIG_FIXED (MODEL_CONFIG_SECTIONS + 4)
 #define RUN_CONFIG_MAX_SECTIONS (RUN_CONFIG_FIXED + DATA_MAX_DOMAINS)
+// A run directory (<out_dir>/<name>) plus a file name in it.
+#define RUN_PATH_MAX (2 * KEY_STRING_MAX + 64)
+#define RUN_FILE_MAX (RUN_PATH_MAX + 64)
 // Every section bound to rc; returns how many.
 int run_config_sections(RunConfig *rc, KeySection out[RUN_CONFIG_MAX_SECTIONS]);
 void run_config_defaults(RunConfig *rc);

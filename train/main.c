@@ -4,6 +4,7 @@
 
 #include "../data/prepare.h"
 #include "../kernels/cpu/blas.h"
+#include "commands.h"
 #include "config.h"
 #include "dump.h"
 #include "train.h"
@@ -15,6 +16,12 @@ static void print_usage(FILE *f) {
             "usage: moe <command> [args]\n"
             "commands:\n"
             "  train CONFIG.ini [section.key=value ...]  train a model (--help: every key)\n"
+            "  train --resume RUN_DIR|CHECKPOINT     continue a run bit for bit\n"
+            "  finetune CONFIG.ini finetune.init=CKPT  train selected tensors of a model\n"
+            "  experts CHECKPOINT DATA               which experts serve DATA (ESFT)\n"
+            "  merge BASE DELTA OUT                  apply a delta fine-tune to its base\n"
+            "  eval CHECKPOINT [DATA]                loss and perplexity per domain\n"
+            "  sample CHECKPOINT [--prompt TEXT]     generate text\n"
             "  prepare [DIR]                         build the default three-domain corpus\n"
             "                                        (default data/default)\n"
             "  dump OUT.h5 [section.key=value ...]   forward/backward on test weights, all\n"
@@ -55,6 +62,11 @@ int main(int argc, char **argv) {
         return 0;
     }
     if (!strcmp(cmd, "train")) return train_main(argc - 1, argv + 1);
+    if (!strcmp(cmd, "finetune")) return finetune_main(argc - 1, argv + 1);
+    if (!strcmp(cmd, "experts")) return experts_main(argc - 1, argv + 1);
+    if (!strcmp(cmd, "merge")) return merge_main(argc - 1, argv + 1);
+    if (!strcmp(cmd, "eval")) return eval_main(argc - 1, argv + 1);
+    if (!strcmp(cmd, "sample")) return sample_main(argc - 1, argv + 1);
     if (!strcmp(cmd, "prepare")) return prepare_main(argc - 1, argv + 1);
     if (!strcmp(cmd, "dump")) return dump_main(argc - 1, argv + 1);
     fprintf(stderr, "moe: error: unknown command '%s'\nHINT: moe help lists the commands\n", cmd);

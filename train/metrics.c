@@ -5,11 +5,12 @@
 #include <unistd.h>
 
 #include "../kernels/util.h"
+#include "config.h"
 
-static FILE *open_in(const char *dir, const char *name) {
-    char path[1200];
+static FILE *open_in(const char *dir, const char *name, int append) {
+    char path[RUN_FILE_MAX];
     snprintf(path, sizeof path, "%s/%s", dir, name);
-    FILE *f = fopen(path, "w");
+    FILE *f = fopen(path, append ? "a" : "w");
     if (!f) FAIL("%s: cannot create (check that the directory is writable)", path);
     return f;
 }
@@ -21,13 +22,14 @@ static void csv_cell(FILE *f, const char *text, int first) {
 }
 
 void metrics_open(Metrics *mt, const char *run_dir, const char **domains, int n_domains,
-                  int log_every) {
+                  int log_every, int append) {
     memset(mt, 0, sizeof *mt);
-    mt->metrics = open_in(run_dir, "metrics.csv");
-    mt->experts = open_in(run_dir, "experts.csv");
+    mt->metrics = open_in(run_dir, "metrics.csv", append);
+    mt->experts = open_in(run_dir, "experts.csv", append);
     mt->tty = isatty(STDOUT_FILENO);
     mt->log_every = log_every;
     mt->n_domains = n_domains;
+    if (append) return;
     const char *cols[] = {"step", "lr", "loss", "ce", "lb", "z", "importance", "load",
                           "grad_norm", "dropped", "maxvio", "tok_per_s", "elapsed_s"};
     for (size_t i = 0; i < sizeof cols / sizeof *cols; i++) csv_cell(mt->metrics, cols[i], i == 0);

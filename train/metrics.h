@@ -30,9 +30,10 @@ typedef struct {
     int line_open;        // a progress line is on screen without its newline
 } Metrics;
 
-// Opens both CSV files in run_dir and writes their headers.
+// Opens both CSV files in run_dir and writes their headers, or, with append (a resumed
+// run), adds rows to the existing files.
 void metrics_open(Metrics *mt, const char *run_dir, const char **domains, int n_domains,
-                  int log_every);
+                  int log_every, int append);
 void metrics_close(Metrics *mt);
 // One metrics.csv row; val holds one loss per domain plus their mean, or NULL.
 void metrics_write_step(Metrics *mt, const StepReport *r, const double *val);

@@ -6,10 +6,11 @@
 
 #include "../model/model.h"
 
-// Continues `prompt` by n_tokens bytes with temperature sampling (0: greedy), using a
-// one-sequence copy of m's weights; the context window slides past seq_len. Writes a
+// Continues `prompt` by n_tokens bytes with temperature sampling (0: greedy) restricted
+// to the smallest set of tokens whose probability reaches top_p (nucleus; 1: all), using
+// a one-sequence copy of m's weights; the context window slides past seq_len. Writes a
 // NUL-terminated string of at most out_len bytes.
 void sample_text(const Model *m, const char *prompt, int n_tokens, double temperature,
-                 unsigned long long seed, char *out, size_t out_len);
+                 double top_p, unsigned long long seed, char *out, size_t out_len);
 
 #endif

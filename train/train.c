@@ -1,11 +1,16 @@
-// train.c: `moe train <config.ini> [section.key=value ...]`.
+// train.c: `moe train CONFIG [section.key=value ...]`, `moe train --resume RUN`,
+// `moe finetune CONFIG finetune.init=CKPT ...`.
 //
 // One step: grad_accum micro-batches (forward with fresh router noise, backward into
-// the accumulated gradients), then one AdamW step on their mean. Validation per domain
-// every eval_every steps and at the end; then the expert-usage table and a sample.
+// the accumulated gradients), then one AdamW step on their mean over the trainable
+// tensors. Validation per domain every eval_every steps and at the end; checkpoints every
+// ckpt_every steps, at the end, and best.h5 on a new best validation loss; then the
+// expert-usage table and a sample. A resumed run continues bit for bit: weights, AdamW
+// moments, step, router-noise generator and data cursor all come from the checkpoint.
 #include "train.h"
 
 #include <errno.h>
+#include <math.h>
 #include <libgen.h>
 #include <omp.h>
 #include <stdlib.h>
@@ -15,27 +20,38 @@
 #include "../data/loader.h"
 #include "../kernels/cpu/blas.h"
 #include "../kernels/util.h"
+#include "../model/esft.h"
 #include "../model/model.h"
 #include "../model/routing.h"
 #include "../optim/adamw.h"
 #include "../optim/schedule.h"
+#include "../optim/select.h"
+#include "checkpoint.h"
 #include "config.h"
 #include "eval.h"
 #include "metrics.h"
+#include "run.h"
 #include "sample.h"
 
+typedef enum { MODE_TRAIN, MODE_RESUME, MODE_FINETUNE } RunMode;
+
 typedef struct {
+    RunMode mode;
     RunConfig rc;
-    char run_dir[1100];
+    char run_dir[RUN_PATH_MAX];
+    char ckpt[KEY_STRING_MAX];   // resume: the checkpoint; finetune: the initial weights
     Model model;
     AdamW opt;
     DataLoader *data;
     Metrics metrics;
     RoutingStats step_stats;
     EvalResult eval;
-    Rng noise_rng;
-    int32_t *batch;   // (2, N) tokens then targets
-    double train_s, total_s;   // wall time of training steps, and of the whole loop
+    TrainState st;            // step, tokens, data cursor, noise generator, best loss
+    uint8_t *trainable;       // (layout tensors)
+    uint64_t base_fingerprint;   // finetune: the initial weights, for delta checkpoints
+    int32_t *batch;           // (2, N) tokens then targets
+    long first_step;          // the step this invocation started from
+    double train_s, total_s;  // wall time of training steps, and of the whole loop
 } Run;
 
 static void print_train_help(void) {
@@ -46,25 +62,18 @@ static void print_train_help(void) {
     run_config_print_help(stdout);
 }
 
-static void load_config(RunConfig *rc, int argc, char **argv) {
-    char err[1024];
-    run_config_defaults(rc);
-    if (run_config_load_ini(rc, argv[1], err, sizeof err) != 0) FAIL("%s", err);
-    for (int i = 2; i < argc; i++)
-        if (run_config_override(rc, argv[i], err, sizeof err) != 0) FAIL("%s", err);
-    if (run_config_validate(rc, err, sizeof err) != 0) FAIL("%s", err);
-    if (!rc->train.name[0]) {
-        char path[KEY_STRING_MAX];
-        snprintf(path, sizeof path, "%s", argv[1]);
-        char *base = basename(path), *dot = strrchr(base, '.');
-        if (dot) *dot = '\0';
-        snprintf(rc->train.name, sizeof rc->train.name, "%s", base);
-    }
-    data_config_use_default(&rc->data);
+// The run name defaults to the config file's base name.
+static void default_run_name(RunConfig *rc, const char *config_path) {
+    if (rc->train.name[0]) return;
+    char path[KEY_STRING_MAX];
+    snprintf(path, sizeof path, "%s", config_path);
+    char *base = basename(path), *dot = strrchr(base, '.');
+    if (dot) *dot = '\0';
+    snprintf(rc->train.name, sizeof rc->train.name, "%s", base);
 }
 
 static void make_dirs(const char *path) {
-    char tmp[1100];
+    char tmp[RUN_PATH_MAX];
     snprintf(tmp, sizeof tmp, "%s", path);
     for (char *p = tmp + 1; *p; p++) {
         if (*p != '/') continue;
@@ -76,7 +85,7 @@ static void make_dirs(const char *path) {
 }
 
 static void write_resolved_config(Run *r) {
-    char path[1200];
+    char path[RUN_FILE_MAX];
     snprintf(path, sizeof path, "%s/config.ini", r->run_dir);
     FILE *f = fopen(path, "w");
     if (!f) FAIL("%s: cannot write the resolved config", path);
@@ -115,42 +124,93 @@ static void check_val_batches(const DataLoader *dl, size_t B, size_t T) {
     }
 }
 
+// Trainable tensors from finetune.train minus finetune.freeze; "auto" is first replaced
+// by the ESFT selection on this run's training data, and the expansion is written back
+// into the config so the run directory and checkpoints record what really trained.
+static void choose_trainable(Run *r) {
+    FinetuneConfig *fc = &r->rc.finetune;
+    Model *m = &r->model;
+    if (!strcmp(fc->train, "auto")) {
+        RoutingStats rs;
+        routing_stats_init(&rs, &m->cfg);
+        DataLoader *dl = run_open_data(&r->rc, m, (uint64_t)r->rc.train.seed ^ 0x65736674ULL);
+        run_collect_routing(m, dl, fc->select_batches, &rs);
+        data_loader_close(dl);
+        EsftResult es;
+        esft_select(&es, &rs, (EsftScore)fc->select, fc->p);
+        esft_to_expr(&es, &m->cfg, fc->train, sizeof fc->train);
+        printf("finetune.train = auto: ESFT %s score, p = %.3g over %d batches -> %s\n",
+               fc->select == ESFT_GATE ? "gate" : "token", fc->p, fc->select_batches, fc->train);
+        esft_free(&es);
+        routing_stats_free(&rs);
+    }
+    char err[1024];
+    r->trainable = CALLOC(m->layout.n_params, 1);
+    if (select_trainable(&m->layout, &m->cfg, fc->train, fc->freeze, r->trainable, err,
+                         sizeof err) != 0)
+        FAIL("%s", err);
+    model_set_trainable(m, r->trainable);
+}
+
+static void load_weights(Run *r) {
+    char err[1024];
+    Model *m = &r->model;
+    if (r->mode == MODE_TRAIN) {
+        model_init_weights(m, (uint64_t)r->rc.train.seed);
+        return;
+    }
+    const char *init = r->mode == MODE_FINETUNE ? r->ckpt : r->rc.finetune.init;
+    if (init[0] && ckpt_load(init, m, NULL, NULL, err, sizeof err) != 0) FAIL("%s", err);
+    if (init[0]) r->base_fingerprint = ckpt_fingerprint(m);
+}
+
 static void setup(Run *r) {
     RunConfig *rc = &r->rc;
     if (rc->train.threads > 0) omp_set_num_threads(rc->train.threads);
     if (cpu_blas_self_check() != 0)
         FAIL("OpenBLAS kernel %s computes a wrong product\nHINT: set OPENBLAS_CORETYPE to a "
              "kernel your CPU supports (e.g. Haswell) and run again", cpu_blas_kernel_name());
-    snprintf(r->run_dir, sizeof r->run_dir, "%s/%s", rc->train.out_dir, rc->train.name);
+    if (r->mode != MODE_RESUME)
+        snprintf(r->run_dir, sizeof r->run_dir, "%s/%s", rc->train.out_dir, rc->train.name);
     size_t B = (size_t)rc->train.batch_size, T = (size_t)rc->model.seq_len;
-    char err[1024];
-    if (data_loader_open(&r->data, &rc->data, rc->model.vocab, B, T, (uint64_t)rc->train.seed,
-                         err, sizeof err) != 0)
-        FAIL("%s", err);
+    model_init(&r->model, &rc->model, backend_cpu(), B, T);
+    r->data = run_open_data(rc, &r->model, (uint64_t)rc->train.seed);
     check_val_batches(r->data, B, T);
+    load_weights(r);
+    rng_init(&r->st.noise_rng, (uint64_t)rc->train.seed ^ 0x6e6f697365ULL);
+    r->st.best_val = INFINITY;
+    choose_trainable(r);
+    adamw_init(&r->opt, &rc->optim, &r->model.layout, r->trainable, r->model.be);
+    if (r->mode == MODE_RESUME) {
+        char err[1024];
+        if (ckpt_load(r->ckpt, &r->model, &r->opt, &r->st, err, sizeof err) != 0)
+            FAIL("%s", err);
+        data_loader_seek(r->data, r->st.data_cursor);
+    }
     make_dirs(r->run_dir);
     write_resolved_config(r);
-    model_init(&r->model, &rc->model, backend_cpu(), B, T);
-    model_init_weights(&r->model, (uint64_t)rc->train.seed);
-    adamw_init(&r->opt, &rc->optim, &r->model.layout, NULL, r->model.be);
-    rng_init(&r->noise_rng, (uint64_t)rc->train.seed ^ 0x6e6f697365ULL);
     routing_stats_init(&r->step_stats, &rc->model);
     int nd = data_loader_domains(r->data);
     eval_result_init(&r->eval, &rc->model, nd);
     const char *names[DATA_MAX_DOMAINS];
     for (int d = 0; d < nd; d++) names[d] = data_loader_domain_name(r->data, d);
-    metrics_open(&r->metrics, r->run_dir, names, nd, rc->train.log_every);
+    metrics_open(&r->metrics, r->run_dir, names, nd, rc->train.log_every,
+                 r->mode == MODE_RESUME);
     r->batch = CALLOC(2 * r->model.N, sizeof *r->batch);
 }
 
 static void print_startup(const Run *r) {
     const Model *m = &r->model;
     const RunConfig *rc = &r->rc;
-    printf("moe train: run %s -> %s\n", rc->train.name, r->run_dir);
-    printf("model: %d layers, d_model %d, %d experts top-%d, %.2fM params (%.2fM active per "
-           "token), %zu trainable, optimizer state %.1f MB\n",
+    const char *what[] = {"train", "resume", "finetune"};
+    printf("moe %s: run %s -> %s", what[r->mode], rc->train.name, r->run_dir);
+    if (r->mode != MODE_TRAIN) printf(" (from %s, step %ld)", r->ckpt, r->st.step);
+    char sel[2048];
+    select_describe(&m->layout, r->trainable, sel, sizeof sel);
+    printf("\nmodel: %d layers, d_model %d, %d experts top-%d, %.2fM params (%.2fM active per "
+           "token)\ntraining: %s: %zu trainable params, optimizer state %.2f MB\n",
            rc->model.layers, rc->model.d_model, rc->model.experts, rc->model.top_k,
-           (double)m->layout.total / 1e6, (double)active_params(m) / 1e6,
+           (double)m->layout.total / 1e6, (double)active_params(m) / 1e6, sel,
            adamw_trainable_params(&r->opt), (double)adamw_state_bytes(&r->opt) / 1e6);
     printf("data:");
     for (int d = 0; d < data_loader_domains(r->data); d++)
@@ -173,7 +233,7 @@ static ModelLosses accumulate_gradients(Run *r) {
     for (int a = 0; a < accum; a++) {
         data_loader_next(r->data, r->batch, r->batch + m->N, NULL);
         model_set_batch(m, r->batch, r->batch + m->N);
-        model_draw_noise(m, &r->noise_rng);
+        model_draw_noise(m, &r->st.noise_rng);
         ModelLosses l = model_forward(m);
         model_backward(m);
         routing_stats_add(&r->step_stats, m, m->B);
@@ -195,24 +255,67 @@ static void print_eval(Run *r, long step) {
     printf(" | mean %.4f\n", r->eval.loss[r->eval.n_domains]);
 }
 
+static void save_checkpoint(Run *r, const char *file) {
+    char path[RUN_FILE_MAX], err[1024];
+    snprintf(path, sizeof path, "%s/%s", r->run_dir, file);
+    r->st.data_cursor = data_loader_cursor(r->data);
+    const uint8_t *include = r->rc.finetune.delta ? r->trainable : NULL;
+    if (ckpt_save(path, &r->rc, &r->model, &r->opt, &r->st, include, r->base_fingerprint, err,
+                  sizeof err) != 0)
+        FAIL("%s", err);
+}
+
+// Keeps the newest train.keep ckpt_<step>.h5 files.
+static void prune_checkpoints(const Run *r) {
+    long oldest = r->st.step - (long)r->rc.train.keep * r->rc.train.ckpt_every;
+    for (long s = oldest; s > 0 && r->rc.train.ckpt_every > 0; s -= r->rc.train.ckpt_every) {
+        char path[RUN_FILE_MAX];
+        snprintf(path, sizeof path, "%s/ckpt_%06ld.h5", r->run_dir, s);
+        if (remove(path) != 0) break;
+    }
+}
+
+static void after_step(Run *r, int evaluated) {
+    const TrainConfig *tc = &r->rc.train;
+    long done = r->st.step;
+    if (evaluated && r->eval.loss[r->eval.n_domains] < r->st.best_val) {
+        r->st.best_val = r->eval.loss[r->eval.n_domains];
+        save_checkpoint(r, "best.h5");
+    }
+    if (done == tc->steps || (tc->ckpt_every > 0 && done % tc->ckpt_every == 0)) {
+        char file[64];
+        snprintf(file, sizeof file, "ckpt_%06ld.h5", done);
+        save_checkpoint(r, file);
+        prune_checkpoints(r);
+    }
+}
+
 static void train_loop(Run *r) {
     const TrainConfig *tc = &r->rc.train;
     double t0 = omp_get_wtime(), eval_s = 0.0;   // tok/s counts training time only
     size_t tokens_per_step = r->model.N * (size_t)tc->grad_accum;
-    if (tc->eval_every > 0) {   // the starting point every later evaluation compares to
+    long first = r->first_step = r->st.step;
+    int n_evals = 0;
+    if (tc->eval_every > 0 && r->mode != MODE_RESUME) {   // the starting point
         eval_run(&r->eval, &r->model, r->data);
-        print_eval(r, 0);
+        print_eval(r, first);
         eval_s = omp_get_wtime() - t0;
+        n_evals++;
     }
-    for (long step = 0; step < tc->steps; step++) {
+    for (long step = first; step < tc->steps; step++) {
         StepReport rep = {.step = step, .steps = tc->steps};
         rep.losses = accumulate_gradients(r);
         rep.lr = optim_lr_at(&r->rc.optim, step, tc->steps);
         rep.grad_norm = adamw_step(&r->opt, r->model.params, r->model.grads, rep.lr, step,
                                    1.0 / tc->grad_accum);
+        r->st.step = step + 1;
+        r->st.tokens_seen += tokens_per_step;
         rep.elapsed_s = omp_get_wtime() - t0;
-        rep.tok_per_s = (double)tokens_per_step * (double)(step + 1) / (rep.elapsed_s - eval_s);
-        rep.eta_s = rep.elapsed_s / (double)(step + 1) * (double)(tc->steps - step - 1);
+        double done = (double)(step + 1 - first), left = (double)(tc->steps - step - 1);
+        rep.tok_per_s = (double)tokens_per_step * done / (rep.elapsed_s - eval_s);
+        double evals_left = tc->eval_every > 0 ? floor(left / tc->eval_every) + 1 : 1;
+        rep.eta_s = (rep.elapsed_s - eval_s) / done * left +
+                    (n_evals ? eval_s / n_evals * evals_left : 0.0);
         rep.dropped = routing_dropped_fraction(&r->step_stats);
         rep.maxvio = routing_maxvio(&r->step_stats);
         int last = step + 1 == tc->steps;
@@ -222,10 +325,12 @@ static void train_loop(Run *r) {
             double te = omp_get_wtime();
             eval_run(&r->eval, &r->model, r->data);
             eval_s += omp_get_wtime() - te;
+            n_evals++;
             print_eval(r, step + 1);
         }
         metrics_write_step(&r->metrics, &rep, eval ? r->eval.loss : NULL);
         metrics_write_experts(&r->metrics, step, &r->step_stats, &r->model);
+        after_step(r, eval);
     }
     r->train_s = omp_get_wtime() - t0 - eval_s;
     r->total_s = omp_get_wtime() - t0;
@@ -261,17 +366,20 @@ static void finish(Run *r) {
         size_t len = strlen(tc->sample_prompt) + (size_t)tc->sample_tokens + 1;
         char *text = CALLOC(len, 1);
         sample_text(&r->model, tc->sample_prompt, tc->sample_tokens, tc->sample_temperature,
-                    (unsigned long long)tc->seed, text, len);
+                    1.0, (unsigned long long)tc->seed, text, len);
         printf("\nsample (temperature %.2f):\n%s\n", tc->sample_temperature, text);
         free(text);
     }
-    size_t tokens = r->model.N * (size_t)tc->grad_accum * (size_t)tc->steps;
-    printf("\ndone: %d steps, %.2fM tokens in %.1f s (%.0f tok/s training; %.1f s with "
-           "evaluation); final val loss %.4f mean\n",
-           tc->steps, (double)tokens / 1e6, r->train_s, (double)tokens / r->train_s,
-           r->total_s, r->eval.loss[r->eval.n_domains]);
-    printf("run written to %s (config.ini, metrics.csv, experts.csv)\n", r->run_dir);
+    size_t tokens = r->model.N * (size_t)tc->grad_accum * (size_t)(r->st.step - r->first_step);
+    if (r->train_s > 0)
+        printf("\ndone: step %ld, %.2fM tokens this run in %.1f s (%.0f tok/s training; %.1f s "
+               "with evaluation); final val loss %.4f mean\n",
+               r->st.step, (double)tokens / 1e6, r->train_s, (double)tokens / r->train_s,
+               r->total_s, r->eval.loss[r->eval.n_domains]);
+    printf("run written to %s (config.ini, metrics.csv, experts.csv, checkpoints)\n",
+           r->run_dir);
     free(r->batch);
+    free(r->trainable);
     eval_result_free(&r->eval);
     routing_stats_free(&r->step_stats);
     adamw_free(&r->opt);
@@ -279,10 +387,22 @@ static void finish(Run *r) {
     data_loader_close(r->data);
 }
 
+static void run_all(Run *r) {
+    setup(r);
+    print_startup(r);
+    if (r->st.step >= r->rc.train.steps)
+        FAIL("%s is at step %ld, train.steps = %d: nothing to do\nHINT: raise train.steps "
+             "(e.g. train.steps=%ld) to train further",
+             r->ckpt, r->st.step, r->rc.train.steps, r->st.step * 2);
+    train_loop(r);
+    finish(r);
+}
+
 int train_main(int argc, char **argv) {
     if (argc < 2 || !strcmp(argv[1], "--help") || !strcmp(argv[1], "-h")) {
         if (argc < 2) {
             fprintf(stderr, "usage: moe train CONFIG.ini [section.key=value ...]\n"
+                            "       moe train --resume RUN_DIR|CHECKPOINT [section.key=value ...]\n"
                             "HINT: moe train --help lists every key\n");
             return 2;
         }
@@ -290,10 +410,51 @@ int train_main(int argc, char **argv) {
         return 0;
     }
     static Run run;
-    load_config(&run.rc, argc, argv);
-    setup(&run);
-    print_startup(&run);
-    train_loop(&run);
-    finish(&run);
+    if (!strcmp(argv[1], "--resume")) {
+        if (argc < 3) FAIL("--resume needs a run directory or a checkpoint");
+        run.mode = MODE_RESUME;
+        run_resolve_checkpoint(argv[2], run.ckpt, sizeof run.ckpt);
+        run_load_checkpoint_config(&run.rc, run.ckpt, argc - 3, argv + 3);
+        char dir[KEY_STRING_MAX];
+        snprintf(dir, sizeof dir, "%s", run.ckpt);
+        snprintf(run.run_dir, sizeof run.run_dir, "%s", dirname(dir));
+    } else {
+        run.mode = MODE_TRAIN;
+        run_load_config(&run.rc, argv[1], argc - 2, argv + 2);
+        default_run_name(&run.rc, argv[1]);
+    }
+    run_all(&run);
+    return 0;
+}
+
+// defaults <- the checkpoint's [model] [router] <- CONFIG <- overrides: the architecture
+// comes from the checkpoint, so a config only needs data, optim and finetune keys (one
+// that sets a model key to another value is refused by ckpt_load, naming the key).
+int finetune_main(int argc, char **argv) {
+    if (argc < 2 || !strcmp(argv[1], "--help") || !strcmp(argv[1], "-h")) {
+        printf("usage: moe finetune CONFIG.ini finetune.init=CHECKPOINT [section.key=value ...]\n"
+               "  Starts from CHECKPOINT's weights with fresh optimizer state and trains what\n"
+               "  finetune.train / finetune.freeze select (see moe train --help).\n");
+        return argc < 2 ? 2 : 0;
+    }
+    static Run run;
+    RunConfig user;
+    run_load_config(&user, argv[1], argc - 2, argv + 2);
+    if (!user.finetune.init[0])
+        FAIL("moe finetune needs finetune.init=CHECKPOINT (in %s or on the command line)", argv[1]);
+    run.mode = MODE_FINETUNE;
+    run_resolve_checkpoint(user.finetune.init, run.ckpt, sizeof run.ckpt);
+    RunConfig base;
+    run_load_checkpoint_config(&base, run.ckpt, 0, NULL);
+    char err[1024];
+    run_config_defaults(&run.rc);
+    run.rc.model = base.model;
+    if (run_config_load_ini(&run.rc, argv[1], err, sizeof err) != 0) FAIL("%s", err);
+    run_apply_overrides(&run.rc, argc - 2, argv + 2);
+    if (run_config_validate(&run.rc, err, sizeof err) != 0) FAIL("%s", err);
+    data_config_use_default(&run.rc.data);
+    snprintf(run.rc.finetune.init, sizeof run.rc.finetune.init, "%s", run.ckpt);
+    default_run_name(&run.rc, argv[1]);
+    run_all(&run);
     return 0;
 }

@@ -1,0 +1,201 @@
+#include "commands.h"
+
+#include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "../kernels/util.h"
+#include "../model/esft.h"
+#include "checkpoint.h"
+#include "eval.h"
+#include "run.h"
+#include "sample.h"
+
+// Words after the positional arguments: "section.key=value" overrides only.
+static int is_override(const char *w) { return strchr(w, '=') && strchr(w, '.'); }
+
+// `moe eval CKPT [DATA] [overrides]`: per-domain validation loss and perplexity, on the
+// checkpoint's own domains or on DATA (a text file, directory or glob).
+int eval_main(int argc, char **argv) {
+    if (argc < 2 || !strcmp(argv[1], "--help")) {
+        printf("usage: moe eval CHECKPOINT [DATA] [section.key=value ...]\n"
+               "  Validation loss (nats per token) and perplexity per domain: the domains\n"
+               "  stored in the checkpoint's config, or DATA (text file, directory, glob).\n");
+        return argc < 2 ? 2 : 0;
+    }
+    char ckpt[KEY_STRING_MAX];
+    run_resolve_checkpoint(argv[1], ckpt, sizeof ckpt);
+    int data_arg = argc > 2 && !is_override(argv[2]);
+    RunConfig rc;
+    run_load_checkpoint_config(&rc, ckpt, argc - 2 - data_arg, argv + 2 + data_arg);
+    if (data_arg) run_use_text_domain(&rc, "data", argv[2]);
+    Model m;
+    run_model_from_checkpoint(&m, &rc, ckpt, (size_t)rc.train.batch_size);
+    DataLoader *dl = run_open_data(&rc, &m, (uint64_t)rc.train.seed);
+    EvalResult ev;
+    eval_result_init(&ev, &rc.model, data_loader_domains(dl));
+    eval_run(&ev, &m, dl);
+    printf("%-16s %10s %12s\n", "domain", "loss", "perplexity");
+    for (int d = 0; d < ev.n_domains; d++)
+        printf("%-16s %10.4f %12.3f\n", data_loader_domain_name(dl, d), ev.loss[d],
+               exp(ev.loss[d]));
+    printf("%-16s %10.4f %12.3f\n", "mean", ev.loss[ev.n_domains], exp(ev.loss[ev.n_domains]));
+    eval_result_free(&ev);
+    data_loader_close(dl);
+    model_free(&m);
+    return 0;
+}
+
+typedef struct {
+    const char *prompt;
+    int tokens;
+    double temperature, top_p;
+    unsigned long long seed;
+} SampleArgs;
+
+static double number_arg(const char *flag, const char *v, double lo, double hi) {
+    char *end;
+    double x = strtod(v, &end);
+    if (end == v || *end || x < lo || x > hi)
+        FAIL("%s %s: expected a number from %g to %g", flag, v, lo, hi);
+    return x;
+}
+
+static void parse_sample_args(SampleArgs *a, int argc, char **argv) {
+    *a = (SampleArgs){"The ", 240, 0.8, 0.95, 1337};
+    for (int i = 2; i < argc; i++) {
+        if (i + 1 >= argc) FAIL("%s needs a value", argv[i]);
+        const char *f = argv[i], *v = argv[++i];
+        if (!strcmp(f, "--prompt")) a->prompt = v;
+        else if (!strcmp(f, "--tokens")) a->tokens = (int)number_arg(f, v, 0, 1 << 20);
+        else if (!strcmp(f, "--temperature")) a->temperature = number_arg(f, v, 0, 100);
+        else if (!strcmp(f, "--top-p")) a->top_p = number_arg(f, v, 1e-9, 1);
+        else if (!strcmp(f, "--seed")) a->seed = (unsigned long long)number_arg(f, v, 0, 1e18);
+        else FAIL("unknown option %s (moe sample --help lists them)", f);
+    }
+}
+
+// `moe sample CKPT [--prompt TEXT] [--tokens N] [--temperature T] [--top-p P] [--seed S]`
+int sample_main(int argc, char **argv) {
+    if (argc < 2 || !strcmp(argv[1], "--help")) {
+        printf("usage: moe sample CHECKPOINT [--prompt TEXT] [--tokens 240] "
+               "[--temperature 0.8] [--top-p 0.95] [--seed 1337]\n"
+               "  Continues TEXT byte by byte (temperature 0: greedy; nucleus sampling).\n");
+        return argc < 2 ? 2 : 0;
+    }
+    char ckpt[KEY_STRING_MAX];
+    run_resolve_checkpoint(argv[1], ckpt, sizeof ckpt);
+    SampleArgs a;
+    parse_sample_args(&a, argc, argv);
+    RunConfig rc;
+    run_load_checkpoint_config(&rc, ckpt, 0, NULL);
+    if (rc.model.vocab != 256) FAIL("%s: vocab %d is not byte-level: moe sample prints bytes", ckpt, rc.model.vocab);
+    Model m;
+    run_model_from_checkpoint(&m, &rc, ckpt, 1);
+    size_t len = strlen(a.prompt) + (size_t)a.tokens + 1;
+    char *text = CALLOC(len, 1);
+    sample_text(&m, a.prompt, a.tokens, a.temperature, a.top_p, a.seed, text, len);
+    printf("%s\n", text);
+    free(text);
+    model_free(&m);
+    return 0;
+}
+
+static void write_esft_csv(const char *path, const EsftResult *es, const Model *m) {
+    FILE *f = fopen(path, "w");
+    if (!f) FAIL("%s: cannot write", path);
+    fprintf(f, "layer,expert,token_score,gate_score,selected\n");
+    for (int l = 0; l < es->n_layers; l++)
+        for (int e = 0; e < es->experts; e++) {
+            size_t c = (size_t)l * es->experts + e;
+            fprintf(f, "%d,%d,%.6f,%.6f,%d\n", m->moe[l].layer, e, es->token[c], es->gate[c],
+                    es->selected[c]);
+        }
+    fclose(f);
+}
+
+// `moe experts CKPT DATA [finetune.select=token|gate] [finetune.p=0.2] [--csv FILE]`
+int experts_main(int argc, char **argv) {
+    if (argc < 3 || !strcmp(argv[1], "--help")) {
+        printf("usage: moe experts CHECKPOINT DATA [finetune.select=token|gate] "
+               "[finetune.p=0.2] [finetune.select_batches=16] [--csv FILE]\n"
+               "  ESFT (Wang et al. 2024): per MoE layer, the token selection ratio and mean\n"
+               "  gate of each expert on DATA (text file, directory or glob), normalised within\n"
+               "  the layer; prints the fewest experts per layer whose score reaches p and\n"
+               "  writes every score to FILE (default esft.csv).\n");
+        return argc < 3 ? 2 : 0;
+    }
+    char ckpt[KEY_STRING_MAX];
+    run_resolve_checkpoint(argv[1], ckpt, sizeof ckpt);
+    const char *csv = "esft.csv";
+    char *words[64];
+    int n_words = 0;
+    for (int i = 3; i < argc; i++) {
+        if (!strcmp(argv[i], "--csv") && i + 1 < argc) csv = argv[++i];
+        else if (n_words < 64) words[n_words++] = argv[i];
+    }
+    RunConfig rc;
+    run_load_checkpoint_config(&rc, ckpt, n_words, words);
+    run_use_text_domain(&rc, "data", argv[2]);
+    Model m;
+    run_model_from_checkpoint(&m, &rc, ckpt, (size_t)rc.train.batch_size);
+    DataLoader *dl = run_open_data(&rc, &m, (uint64_t)rc.train.seed ^ 0x65736674ULL);
+    RoutingStats rs;
+    routing_stats_init(&rs, &rc.model);
+    run_collect_routing(&m, dl, rc.finetune.select_batches, &rs);
+    EsftResult es;
+    esft_select(&es, &rs, (EsftScore)rc.finetune.select, rc.finetune.p);
+    printf("ESFT on %s (%llu tokens), %s score, p = %.3g\n", argv[2],
+           (unsigned long long)rs.tokens, rc.finetune.select == ESFT_GATE ? "gate" : "token",
+           rc.finetune.p);
+    for (int l = 0; l < es.n_layers; l++) {
+        printf("layer %d:", m.moe[l].layer);
+        for (int e = 0; e < es.experts; e++)
+            if (es.selected[(size_t)l * es.experts + e])
+                printf(" e%d (%.3f)", e, es.score[(size_t)l * es.experts + e]);
+        printf("\n");
+    }
+    char expr[4096];
+    esft_to_expr(&es, &rc.model, expr, sizeof expr);
+    printf("finetune.train = %s\n", expr);
+    write_esft_csv(csv, &es, &m);
+    printf("scores written to %s\n", csv);
+    esft_free(&es);
+    routing_stats_free(&rs);
+    data_loader_close(dl);
+    model_free(&m);
+    return 0;
+}
+
+// `moe merge BASE DELTA OUT`: the full model a delta fine-tune produced.
+int merge_main(int argc, char **argv) {
+    if (argc != 4) {
+        printf("usage: moe merge BASE DELTA OUT\n"
+               "  Applies a delta checkpoint (finetune.delta = true) to the base it was\n"
+               "  trained from and writes the full model to OUT.\n");
+        return argc == 2 && !strcmp(argv[1], "--help") ? 0 : 2;
+    }
+    char err[1024];
+    RunConfig rc;
+    run_load_checkpoint_config(&rc, argv[1], 0, NULL);
+    Model m;
+    run_model_from_checkpoint(&m, &rc, argv[1], 1);
+    uint64_t expected, actual = ckpt_fingerprint(&m);
+    if (ckpt_read_base_fingerprint(argv[2], &expected, err, sizeof err) != 0) FAIL("%s", err);
+    if (expected == 0) FAIL("%s is not a delta checkpoint (finetune.delta = true)", argv[2]);
+    if (expected != actual)
+        FAIL("%s was not trained from %s (base fingerprint %016llx, this base %016llx)", argv[2],
+             argv[1], (unsigned long long)expected, (unsigned long long)actual);
+    if (ckpt_load(argv[2], &m, NULL, NULL, err, sizeof err) != 0) FAIL("%s", err);
+    RunConfig delta_rc;
+    run_load_checkpoint_config(&delta_rc, argv[2], 0, NULL);
+    delta_rc.finetune.delta = 0;
+    TrainState st = {0};
+    st.best_val = INFINITY;
+    if (ckpt_save(argv[3], &delta_rc, &m, NULL, &st, NULL, 0, err, sizeof err) != 0)
+        FAIL("%s", err);
+    printf("merged %s onto %s -> %s\n", argv[2], argv[1], argv[3]);
+    model_free(&m);
+    return 0;
+}

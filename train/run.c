@@ -1,0 +1,105 @@
+#include "run.h"
+
+#include <dirent.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/stat.h>
+
+#include "../kernels/util.h"
+#include "checkpoint.h"
+
+void run_apply_overrides(RunConfig *rc, int n_words, char **words) {
+    char err[1024];
+    for (int i = 0; i < n_words; i++)
+        if (run_config_override(rc, words[i], err, sizeof err) != 0) FAIL("%s", err);
+}
+
+static void finish_config(RunConfig *rc) {
+    char err[1024];
+    if (run_config_validate(rc, err, sizeof err) != 0) FAIL("%s", err);
+    data_config_use_default(&rc->data);
+}
+
+void run_load_config(RunConfig *rc, const char *ini, int n_words, char **words) {
+    char err[1024];
+    run_config_defaults(rc);
+    if (run_config_load_ini(rc, ini, err, sizeof err) != 0) FAIL("%s", err);
+    run_apply_overrides(rc, n_words, words);
+    finish_config(rc);
+}
+
+void run_load_checkpoint_config(RunConfig *rc, const char *ckpt, int n_words, char **words) {
+    char err[1024];
+    run_config_defaults(rc);
+    if (ckpt_read_config(ckpt, rc, err, sizeof err) != 0) FAIL("%s", err);
+    run_apply_overrides(rc, n_words, words);
+    finish_config(rc);
+}
+
+// Highest-step ckpt_<step>.h5 in dir, or "" when none.
+static void latest_in_dir(const char *dir, char *out, size_t len) {
+    DIR *d = opendir(dir);
+    if (!d) FAIL("%s: cannot open the run directory", dir);
+    long best = -1;
+    struct dirent *e;
+    out[0] = '\0';
+    while ((e = readdir(d))) {
+        long step;
+        char tail[8];
+        if (sscanf(e->d_name, "ckpt_%ld.%7s", &step, tail) == 2 && !strcmp(tail, "h5") &&
+            step > best) {
+            best = step;
+            snprintf(out, len, "%s/%s", dir, e->d_name);
+        }
+    }
+    closedir(d);
+}
+
+void run_resolve_checkpoint(const char *path, char *out, size_t len) {
+    struct stat sb;
+    if (stat(path, &sb) != 0) FAIL("%s: no such checkpoint or run directory", path);
+    if (!S_ISDIR(sb.st_mode)) {
+        snprintf(out, len, "%s", path);
+        return;
+    }
+    latest_in_dir(path, out, len);
+    if (!out[0]) FAIL("%s: the run directory holds no ckpt_<step>.h5 checkpoint", path);
+}
+
+void run_use_text_domain(RunConfig *rc, const char *name, const char *path) {
+    char err[1024];
+    rc->data.n_domains = 0;
+    DomainConfig *d = data_config_add_domain(&rc->data, name, err, sizeof err);
+    if (!d) FAIL("%s", err);
+    d->kind = DATA_TEXT;
+    snprintf(d->train, sizeof d->train, "%s", path);
+    snprintf(d->val, sizeof d->val, "%s", path);
+}
+
+void run_collect_routing(Model *m, DataLoader *dl, int batches, RoutingStats *rs) {
+    int32_t *tok = CALLOC(2 * m->N, sizeof *tok);
+    model_clear_noise(m);
+    routing_stats_reset(rs);
+    for (int i = 0; i < batches; i++) {
+        data_loader_next(dl, tok, tok + m->N, NULL);
+        model_set_batch(m, tok, tok + m->N);
+        model_forward(m);
+        routing_stats_add(rs, m, m->B);
+    }
+    free(tok);
+}
+
+void run_model_from_checkpoint(Model *m, RunConfig *rc, const char *ckpt, size_t B) {
+    char err[1024];
+    model_init(m, &rc->model, backend_cpu(), B, (size_t)rc->model.seq_len);
+    if (ckpt_load(ckpt, m, NULL, NULL, err, sizeof err) != 0) FAIL("%s", err);
+}
+
+DataLoader *run_open_data(const RunConfig *rc, const Model *m, uint64_t seed) {
+    char err[1024];
+    DataLoader *dl = NULL;
+    if (data_loader_open(&dl, &rc->data, rc->model.vocab, m->B, m->T, seed, err, sizeof err) != 0)
+        FAIL("%s", err);
+    return dl;
+}

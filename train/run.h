@@ -1,0 +1,32 @@
+// run.h: what `moe train`, `moe finetune` and the other commands share: loading a
+// config from a file or a checkpoint, finding a run's latest checkpoint, and routing
+// statistics over data for expert selection.
+#ifndef MOE_RUN_H
+#define MOE_RUN_H
+
+#include <stddef.h>
+
+#include "../data/loader.h"
+#include "../model/model.h"
+#include "../model/routing.h"
+#include "config.h"
+
+// defaults <- INI file <- override words; dies with a one-line error.
+void run_load_config(RunConfig *rc, const char *ini, int n_words, char **words);
+// defaults <- the config stored in checkpoint <- override words; dies on error.
+void run_load_checkpoint_config(RunConfig *rc, const char *ckpt, int n_words, char **words);
+// A checkpoint file, or a run directory's latest ckpt_*.h5; dies when there is none.
+void run_resolve_checkpoint(const char *path, char *out, size_t len);
+// Applies "section.key=value" words; dies on the first bad one.
+void run_apply_overrides(RunConfig *rc, int n_words, char **words);
+// A single text domain named `name` reading `path` for both training and validation
+// (moe eval / moe experts DATA).
+void run_use_text_domain(RunConfig *rc, const char *name, const char *path);
+// Routes `batches` training batches of dl through m (no noise, no backward) into rs.
+void run_collect_routing(Model *m, DataLoader *dl, int batches, RoutingStats *rs);
+// Builds and loads a model from a checkpoint for B sequences (weights only).
+void run_model_from_checkpoint(Model *m, RunConfig *rc, const char *ckpt, size_t B);
+// Opens rc's data for m's shape; dies on error.
+DataLoader *run_open_data(const RunConfig *rc, const Model *m, uint64_t seed);
+
+#endif
