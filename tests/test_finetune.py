@@ -178,3 +178,7 @@ def test_finetune_refuses_other_architecture(tmp_path, corpus):
     run = run_moe(["finetune", pre_cfg, f"finetune.init={base}", "model.d_model=64",
                    f"train.out_dir={tmp_path}", "train.name=bad"], check=False)
     assert run.returncode != 0 and "d_model" in run.stderr, run.stderr
+    # Training settings are not architecture: a fine-tune may change them.
+    run_moe(["finetune", pre_cfg, f"finetune.init={base}", "router.aux_coef=0.05",
+             "router.capacity_factor=1.0", f"train.out_dir={tmp_path}", "train.name=ok",
+             "train.steps=1"])

@@ -504,8 +504,20 @@ int ckpt_read_config(const char *path, RunConfig *rc, char *err, size_t n) {
     return r;
 }
 
+// Training settings a fine-tune or a resumed run may change: they neither shape the
+// weights nor define the architecture the weights were trained as.
+static int is_training_setting(const char *name) {
+    static const char *keys[] = {"model.init_std",    "router.capacity_factor",
+                                 "router.drop_policy", "router.aux_coef",
+                                 "router.z_coef",      "router.noise_coef",
+                                 "router.jitter_eps"};
+    for (size_t i = 0; i < sizeof keys / sizeof *keys; i++)
+        if (!strcmp(name, keys[i])) return 1;
+    return 0;
+}
+
 // The stored [model] and [router] keys, parsed, against cfg: keys the file lacks are
-// taken to agree (a later version may add keys).
+// taken to agree (a later version may add keys); training settings may differ.
 static int check_model_config(Ckpt *c, const ModelConfig *cfg) {
     ModelConfig run = *cfg, stored = *cfg;
     KeySection rs[MODEL_CONFIG_SECTIONS], ss[MODEL_CONFIG_SECTIONS];
@@ -519,7 +531,7 @@ static int check_model_config(Ckpt *c, const ModelConfig *cfg) {
         for (size_t i = 0; i < ss[s].n_keys && !r; i++) {
             const ConfigKey *k = &ss[s].keys[i];
             snprintf(name, sizeof name, "%s.%s", ss[s].section, k->name);
-            if (H5Aexists(g, name) <= 0) continue;
+            if (H5Aexists(g, name) <= 0 || is_training_setting(name)) continue;
             if (read_str_attr(g, name, text, sizeof text) != 0)
                 r = ckpt_fail(c, "/config attribute '%s' is not a string", name);
             else if (keys_parse(&ss[s], k->name, text, inner, sizeof inner) != 0)

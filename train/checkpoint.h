@@ -62,7 +62,8 @@ int ckpt_read_config(const char *path, RunConfig *rc, char *err, size_t n);
 // Loads weights (every tensor the file holds; a full checkpoint must hold all of m's)
 // into m, optimizer moments into opt when opt is non-NULL (tensors trainable in opt must
 // be present), and the train state when st is non-NULL. Checks every dataset's shape and
-// its fletcher32 checksum, and that the stored [model] and [router] config equals m's
+// its fletcher32 checksum, and that the stored [model] and [router] config equals m's,
+// training settings aside (init_std, capacity, drop policy, aux coefficients, jitter)
 // (a mismatch names the first differing key and both values). Returns 0 or -1 with err.
 int ckpt_load(const char *path, Model *m, AdamW *opt, TrainState *st, char *err, size_t n);
 
