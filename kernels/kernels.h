@@ -184,9 +184,10 @@ typedef struct Backend {
     // ---- auxiliary losses (each writes an unscaled scalar loss (1)) -------------------
     // Load balancing (Switch/Megatron normalisation, 1.0 when balanced):
     //   loss = E / (k N) * sum_i count_i * P_i, count_i = #{(n,j): idx[n,j] = i} (before
-    //   capacity), P_i = mean_n probs[n, i]. counts (E) int32 is an output.
-    void (*lb_loss_forward)(Tensor loss, Tensor counts, Tensor probs, Tensor idx, size_t N,
-                            size_t E, size_t k);
+    //   capacity), P_i = mean_n probs[n, i]. counts (E) int32 and pmean (E) = P are outputs
+    //   (pmean.data NULL: not wanted), so statistics can be pooled over micro-batches.
+    void (*lb_loss_forward)(Tensor loss, Tensor counts, Tensor pmean, Tensor probs, Tensor idx,
+                            size_t N, size_t E, size_t k);
     void (*lb_loss_backward)(Tensor dprobs, Tensor counts, double dloss, size_t N, size_t E,
                              size_t k);
     // p (N, E) = s / sum_e s per row (sigmoid scores made a distribution for lb loss).

@@ -248,15 +248,18 @@ static void build_aux_losses(Builder *b, const RouterBufs *r, MoeLayerState *st)
         op->normalize.E = E;
         probs = op->normalize.p;
     }
+    st->lb_op = b->m->tape.n;
     TapeOp *lb = tape_push(&b->m->tape, OP_LB_LOSS);
     st->lb = lb->lb.loss = take(b, 1, DTYPE_REAL);
-    st->counts = lb->lb.counts = take(b, E, DTYPE_I32);
+    st->counts = lb->lb.counts = lb->lb.counts_used = take(b, E, DTYPE_I32);
+    st->pmean = lb->lb.pmean = take(b, E, DTYPE_REAL);
+    st->pooled_counts = take(b, E, DTYPE_I32);
     lb->lb.idx = st->idx;
     lb->lb.probs = probs;
     lb->lb.N = N;
     lb->lb.E = E;
     lb->lb.k = k;
-    lb->lb.coef = c->aux_coef * per_layer;
+    lb->lb.coef = lb->lb.coef_used = c->aux_coef * per_layer;
 
     TapeOp *z = tape_push(&b->m->tape, OP_Z_LOSS);
     st->z = z->zloss.loss = take(b, 1, DTYPE_REAL);
@@ -267,19 +270,23 @@ static void build_aux_losses(Builder *b, const RouterBufs *r, MoeLayerState *st)
     z->zloss.coef = c->z_coef * per_layer;
 
     if (c->noise != NOISE_SHAZEER) return;
+    st->importance_op = b->m->tape.n;
     TapeOp *imp = tape_push(&b->m->tape, OP_IMPORTANCE_LOSS);
     st->importance = imp->importance.loss = take(b, 1, DTYPE_REAL);
-    imp->importance.imp = take(b, E, DTYPE_REAL);
+    st->imp = imp->importance.imp = imp->importance.imp_used = take(b, E, DTYPE_REAL);
+    st->pooled_imp = take(b, E, DTYPE_REAL);
     imp->importance.idx = st->idx;
     imp->importance.gates = r->gates;
     imp->importance.N = N;
     imp->importance.E = E;
     imp->importance.k = k;
-    imp->importance.coef = c->noise_coef * per_layer;
+    imp->importance.coef = imp->importance.coef_used = c->noise_coef * per_layer;
 
+    st->load_op = b->m->tape.n;
     TapeOp *ld = tape_push(&b->m->tape, OP_LOAD_LOSS);
     st->load = ld->load.loss = take(b, 1, DTYPE_REAL);
-    ld->load.load = take(b, E, DTYPE_REAL);
+    st->load_sums = ld->load.load = ld->load.load_used = take(b, E, DTYPE_REAL);
+    st->pooled_load = take(b, E, DTYPE_REAL);
     ld->load.idx = st->idx;
     ld->load.clean = r->clean;
     ld->load.h = r->logits;
@@ -287,7 +294,7 @@ static void build_aux_losses(Builder *b, const RouterBufs *r, MoeLayerState *st)
     ld->load.N = N;
     ld->load.E = E;
     ld->load.k = k;
-    ld->load.coef = c->noise_coef * per_layer;
+    ld->load.coef = ld->load.coef_used = c->noise_coef * per_layer;
 }
 
 // Capacity, dispatch, experts, combine. Returns y (N, C) before shared experts.

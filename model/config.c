@@ -51,6 +51,9 @@ static const ConfigKey router_keys[] = {
     {"z_coef", KEY_DOUBLE, MK(z_coef), "0.001", 0, 1e3, NULL, "router z-loss coefficient"},
     {"noise_coef", KEY_DOUBLE, MK(noise_coef), "0.01", 0, 1e3, NULL,
      "Shazeer importance and load (CV^2) loss coefficient"},
+    {"aux_scope", KEY_ENUM, MK(aux_scope), "batch", 0, 0, "batch|micro",
+     "aux-loss statistics over the optimizer batch (exact under grad_accum; one extra "
+     "forward per micro-batch) or each micro-batch"},
 };
 
 void model_config_sections(ModelConfig *cfg, KeySection out[MODEL_CONFIG_SECTIONS]) {

@@ -41,7 +41,11 @@ typedef struct {
     double aux_coef;
     double z_coef;
     double noise_coef;
+    int aux_scope;        // AuxScope
 } ModelConfig;
+
+// Which tokens the aux losses' statistics cover under gradient accumulation.
+typedef enum { AUX_SCOPE_BATCH = 0, AUX_SCOPE_MICRO = 1 } AuxScope;
 
 // Sections bound to `cfg`: [0] = model, [1] = router.
 #define MODEL_CONFIG_SECTIONS 2

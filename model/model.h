@@ -25,8 +25,14 @@ typedef struct {
     Tensor keep;       // (N, k) int32 1 kept, 0 dropped by capacity
     Tensor counts;     // (E) int32 assignments per expert before capacity
     Tensor offsets;    // (E+1) int32 kept rows per expert, prefix sums
+    Tensor pmean;      // (E) mean router probability (the lb loss's P)
     Tensor lb, z;      // (1) unscaled load-balancing and z losses
     Tensor importance, load;   // (1) Shazeer CV^2 losses; data NULL unless shazeer
+    Tensor imp, load_sums;     // (E) Shazeer importance and load per expert
+    // Statistics pooled over an optimizer batch's micro-batches (model/pool.h) and the
+    // tape ops whose backward uses them.
+    Tensor pooled_counts, pooled_imp, pooled_load;   // (E) each
+    size_t lb_op, importance_op, load_op;
 } MoeLayerState;
 
 // Losses of the last forward pass. Aux losses are unscaled means over MoE layers;

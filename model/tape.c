@@ -105,7 +105,7 @@ static void op_forward(const TapeOp *op, const Backend *be) {
     } break;
     case OP_LB_LOSS: {
         const __typeof__(op->lb) *a = &op->lb;
-        be->lb_loss_forward(a->loss, a->counts, a->probs.v, a->idx, a->N, a->E, a->k);
+        be->lb_loss_forward(a->loss, a->counts, a->pmean, a->probs.v, a->idx, a->N, a->E, a->k);
     } break;
     case OP_Z_LOSS: {
         const __typeof__(op->zloss) *a = &op->zloss;
@@ -188,7 +188,8 @@ static void op_backward(const TapeOp *op, const Backend *be) {
     } break;
     case OP_LB_LOSS: {
         const __typeof__(op->lb) *a = &op->lb;
-        if (a->coef != 0) be->lb_loss_backward(a->probs.g, a->counts, a->coef, a->N, a->E, a->k);
+        if (a->coef_used != 0)
+            be->lb_loss_backward(a->probs.g, a->counts_used, a->coef_used, a->N, a->E, a->k);
     } break;
     case OP_Z_LOSS: {
         const __typeof__(op->zloss) *a = &op->zloss;
@@ -197,14 +198,15 @@ static void op_backward(const TapeOp *op, const Backend *be) {
     } break;
     case OP_IMPORTANCE_LOSS: {
         const __typeof__(op->importance) *a = &op->importance;
-        if (a->coef != 0)
-            be->importance_loss_backward(a->gates.g, a->imp, a->idx, a->coef, a->N, a->E, a->k);
+        if (a->coef_used != 0)
+            be->importance_loss_backward(a->gates.g, a->imp_used, a->idx, a->coef_used, a->N, a->E,
+                                         a->k);
     } break;
     case OP_LOAD_LOSS: {
         const __typeof__(op->load) *a = &op->load;
-        if (a->coef != 0)
-            be->load_loss_backward(a->clean.g, a->h.g, a->raw.g, a->load, a->clean.v, a->h.v,
-                                   a->raw.v, a->idx, a->coef, a->N, a->E, a->k);
+        if (a->coef_used != 0)
+            be->load_loss_backward(a->clean.g, a->h.g, a->raw.g, a->load_used, a->clean.v, a->h.v,
+                                   a->raw.v, a->idx, a->coef_used, a->N, a->E, a->k);
     } break;
     case OP_CROSSENTROPY: {
         const __typeof__(op->ce) *a = &op->ce;

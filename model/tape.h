@@ -84,14 +84,27 @@ typedef struct {
         struct { Buf y, yp, gates; Tensor slot; size_t N, k, C; } combine;
         struct { Buf p, s; size_t N, E; } normalize;
         // Loss ops write an unscaled scalar; backward seeds it with `coef`.
-        struct { Tensor loss, counts, idx; Buf probs; size_t N, E, k; double coef; } lb;
-        struct { Tensor loss, lse; Buf logits; size_t N, E; double coef; } zloss;
-        struct { Tensor loss, imp, idx; Buf gates; size_t N, E, k; double coef; } importance;
+        // Loss ops' backward weights by `*_used` statistics and `coef_used`: by default
+        // this micro-batch's own and coef; model_use_pool swaps in statistics pooled over
+        // the optimizer batch (model/pool.h).
         struct {
-            Tensor loss, load, idx;
+            Tensor loss, counts, pmean, idx, counts_used;
+            Buf probs;
+            size_t N, E, k;
+            double coef, coef_used;
+        } lb;
+        struct { Tensor loss, lse; Buf logits; size_t N, E; double coef; } zloss;
+        struct {
+            Tensor loss, imp, idx, imp_used;
+            Buf gates;
+            size_t N, E, k;
+            double coef, coef_used;
+        } importance;
+        struct {
+            Tensor loss, load, idx, load_used;
             Buf clean, h, raw;
             size_t N, E, k;
-            double coef;
+            double coef, coef_used;
         } load;
         struct { Tensor loss, lse, targets; Buf logits; size_t N, V; double coef; } ce;
     };

@@ -6,6 +6,7 @@
 #include <string.h>
 
 #include "../model/model.h"
+#include "../model/pool.h"
 #include "testlib.h"
 
 // A tiny model: B=2, T=5, C=8, 2 heads over 1 KV head, E=4, F=6, V=11.
@@ -247,7 +248,69 @@ static void test_frozen_tensors_get_no_gradient(void **state) {
     model_free(&m);
 }
 
+// Gradient accumulation with every aux loss on: two micro-batches of 2 rows, their
+// routing statistics pooled first (model/pool.h), give the losses and gradients of one
+// batch of 4 rows. Shazeer noise is per token, so the micro-batches get the full batch's
+// noise rows.
+static void test_grad_accum_pooled_aux_losses(void **state) {
+    (void)state;
+    ModelConfig c = tiny_config();
+    c.aux_coef = 0.3;
+    c.z_coef = 0.1;
+    c.noise = NOISE_SHAZEER;
+    c.noise_coef = 0.5;
+    Model full, micro;
+    model_init(&full, &c, backend_cpu(), 4, 5);
+    model_init(&micro, &c, backend_cpu(), 2, 5);
+    model_randomize_weights(&full, 5);
+    model_randomize_weights(&micro, 5);
+    Rng rng;
+    rng_init(&rng, 9);
+    int32_t tok[40];
+    for (size_t i = 0; i < 40; i++) tok[i] = (int32_t)(rng_next(&rng) % 11);
+    size_t per_layer = 20 * 4;   // (N, E) noise rows of the full batch
+    real *eps = test_rand(&rng, 2 * per_layer, 1.5);
+    for (int l = 0; l < 2; l++) memcpy(TENSOR_R(full.moe[l].eps), eps + l * per_layer, per_layer * sizeof(real));
+    model_set_batch(&full, tok, tok + 20);
+    ModelLosses want = model_forward(&full);
+    model_zero_grad(&full);
+    model_backward(&full);
+
+    RoutingPool pool;
+    routing_pool_init(&pool, &micro);
+    for (int pass = 0; pass < 2; pass++) {   // pass 0 pools, pass 1 trains
+        if (pass == 1) model_use_pool(&micro, &pool);
+        model_zero_grad(&micro);
+        for (size_t half = 0; half < 2; half++) {
+            for (int l = 0; l < 2; l++)
+                memcpy(TENSOR_R(micro.moe[l].eps), eps + l * per_layer + half * per_layer / 2,
+                       per_layer / 2 * sizeof(real));
+            model_set_batch(&micro, tok + 10 * half, tok + 20 + 10 * half);
+            model_forward(&micro);
+            if (pass == 0) routing_pool_add(&pool, &micro);
+            else model_backward(&micro);
+        }
+    }
+    ModelLosses got = routing_pool_losses(&pool, &micro);
+    assert_true(want.lb > 0 && want.importance > 0 && want.load > 0);
+    double w[5] = {want.total, want.ce, want.lb, want.importance, want.load};
+    double g[5] = {got.total, got.ce, got.lb, got.importance, got.load};
+    for (int i = 0; i < 5; i++)
+        if (fabs(w[i] - g[i]) > 1e-12 * (1 + fabs(w[i])))
+            fail_msg("pooled loss %d: %.15g, one batch %.15g", i, g[i], w[i]);
+    real *gm = TENSOR_R(micro.grads);
+    for (size_t i = 0; i < micro.layout.total; i++) gm[i] /= 2;
+    test_assert_close(gm, TENSOR_R(full.grads), full.layout.total, 1e-10, 1e-14,
+                      "pooled accumulated gradient");
+    model_use_pool(&micro, NULL);
+    routing_pool_free(&pool);
+    free(eps);
+    model_free(&full);
+    model_free(&micro);
+}
+
 static const struct CMUnitTest tests[] = {
+    cmocka_unit_test(test_grad_accum_pooled_aux_losses),
     cmocka_unit_test(test_frozen_tensors_get_no_gradient),
     cmocka_unit_test(test_grad_accum_matches_full_batch),
     cmocka_unit_test(test_softmax_top1),

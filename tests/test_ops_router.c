@@ -563,11 +563,12 @@ static void test_lb_loss_forward(void **state) {
         size_t N = shapes[s].N, E = shapes[s].E, k = shapes[s].k;
         real *logits = test_rand(&r, N * E, 2.0), *probs = test_zeros(N * E); // (N, E)
         int32_t *idx = izeros(N * k), *counts = izeros(E);
+        real *pmean = test_zeros(E); // (E)
         ref_softmax(probs, logits, N, E);
         rand_choices(&r, idx, N, E, k);
         real loss;
-        bk()->lb_loss_forward(T(&loss, 1), I(counts, E), T(probs, N * E), I(idx, N * k), N, E,
-                              k);
+        bk()->lb_loss_forward(T(&loss, 1), I(counts, E), T(pmean, E), T(probs, N * E),
+                              I(idx, N * k), N, E, k);
         double want = 0.0;
         for (size_t i = 0; i < E; i++) {
             int32_t count = 0;
@@ -575,8 +576,11 @@ static void test_lb_loss_forward(void **state) {
             for (size_t a = 0; a < N * k; a++) count += idx[a] == (int32_t)i;
             for (size_t n = 0; n < N; n++) P += probs[n * E + i] / (double)N;
             assert_int_equal(counts[i], count);
+            real Pr = (real)P;
+            test_assert_close(&pmean[i], &Pr, 1, 1e-12, 0.0, "lb pmean");
             want += (double)E / (double)(k * N) * count * P;
         }
+        free(pmean);
         real w = (real)want;
         test_assert_close(&loss, &w, 1, EXACT, 0.0, "lb loss");
         free(logits);
@@ -593,7 +597,8 @@ static void check_balanced_lb(size_t N, size_t E, size_t k) {
     for (size_t n = 0; n < N; n++)
         for (size_t j = 0; j < k; j++) idx[n * k + j] = (int32_t)((n + j) % E);
     real loss;
-    bk()->lb_loss_forward(T(&loss, 1), I(counts, E), T(probs, N * E), I(idx, N * k), N, E, k);
+    bk()->lb_loss_forward(T(&loss, 1), I(counts, E), none(), T(probs, N * E), I(idx, N * k), N,
+                          E, k);
     assert_true(fabs(loss - 1.0) <= 1e-12);
     free(probs);
     free(idx);
@@ -983,7 +988,7 @@ static Case gather_case(void) {
 // -- lb loss: in = probs
 static double lb_loss(void *ctx) {
     Case *c = ctx;
-    bk()->lb_loss_forward(T(c->out, 1), I(c->counts, c->E), T(c->in[0], c->in_n[0]),
+    bk()->lb_loss_forward(T(c->out, 1), I(c->counts, c->E), none(), T(c->in[0], c->in_n[0]),
                           I(c->idx, c->N * c->k), c->N, c->E, c->k);
     return c->dloss * c->out[0];
 }

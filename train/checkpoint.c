@@ -510,7 +510,7 @@ static int is_training_setting(const char *name) {
     static const char *keys[] = {"model.init_std",    "router.capacity_factor",
                                  "router.drop_policy", "router.aux_coef",
                                  "router.z_coef",      "router.noise_coef",
-                                 "router.jitter_eps"};
+                                 "router.jitter_eps", "router.aux_scope"};
     for (size_t i = 0; i < sizeof keys / sizeof *keys; i++)
         if (!strcmp(name, keys[i])) return 1;
     return 0;

@@ -22,6 +22,7 @@
 #include "../kernels/util.h"
 #include "../model/esft.h"
 #include "../model/model.h"
+#include "../model/pool.h"
 #include "../model/routing.h"
 #include "../optim/adamw.h"
 #include "../optim/schedule.h"
@@ -49,7 +50,8 @@ typedef struct {
     TrainState st;            // step, tokens, data cursor, noise generator, best loss
     uint8_t *trainable;       // (layout tensors)
     uint64_t base_fingerprint;   // finetune: the initial weights, for delta checkpoints
-    int32_t *batch;           // (2, N) tokens then targets
+    int32_t *batch;           // (grad_accum, 2, N) tokens then targets per micro-batch
+    RoutingPool pool;         // aux-loss statistics of the step's micro-batches
     long first_step;          // the step this invocation started from
     double train_s, total_s;  // wall time of training steps, and of the whole loop
 } Run;
@@ -196,7 +198,8 @@ static void setup(Run *r) {
     for (int d = 0; d < nd; d++) names[d] = data_loader_domain_name(r->data, d);
     metrics_open(&r->metrics, r->run_dir, names, nd, rc->train.log_every,
                  r->mode == MODE_RESUME);
-    r->batch = CALLOC(2 * r->model.N, sizeof *r->batch);
+    r->batch = CALLOC(2 * r->model.N * (size_t)rc->train.grad_accum, sizeof *r->batch);
+    routing_pool_init(&r->pool, &r->model);
 }
 
 static void print_startup(const Run *r) {
@@ -223,18 +226,46 @@ static void print_startup(const Run *r) {
            cpu_blas_kernel_name(), cpu_blas_kernel_origin());
 }
 
-// Forward and backward over grad_accum micro-batches; returns their mean losses.
+// The step's micro-batches, drawn up front so a pooling pass can see them all.
+static void draw_micro_batches(Run *r) {
+    size_t N = r->model.N;
+    for (int a = 0; a < r->rc.train.grad_accum; a++)
+        data_loader_next(r->data, r->batch + 2 * N * a, r->batch + 2 * N * a + N, NULL);
+}
+
+static ModelLosses forward_micro(Run *r, int a) {
+    Model *m = &r->model;
+    model_set_batch(m, r->batch + 2 * m->N * a, r->batch + 2 * m->N * a + m->N);
+    model_draw_noise(m, &r->st.noise_rng);
+    return model_forward(m);
+}
+
+// Pooling pass (router.aux_scope = batch with grad_accum > 1): every micro-batch
+// forward, with the noise the training pass will draw again, its routing statistics
+// pooled so the aux losses cover the whole optimizer batch (model/pool.h).
+static void pool_micro_batches(Run *r) {
+    Rng noise = r->st.noise_rng;
+    routing_pool_reset(&r->pool);
+    for (int a = 0; a < r->rc.train.grad_accum; a++) {
+        forward_micro(r, a);
+        routing_pool_add(&r->pool, &r->model);
+    }
+    r->st.noise_rng = noise;
+    model_use_pool(&r->model, &r->pool);
+}
+
+// Forward and backward over grad_accum micro-batches; returns the step's losses.
 static ModelLosses accumulate_gradients(Run *r) {
     Model *m = &r->model;
-    ModelLosses mean = {0};
     int accum = r->rc.train.grad_accum;
+    int pooled = accum > 1 && r->rc.model.aux_scope == AUX_SCOPE_BATCH;
+    draw_micro_batches(r);
+    if (pooled) pool_micro_batches(r);
     model_zero_grad(m);
     routing_stats_reset(&r->step_stats);
+    ModelLosses mean = {0};
     for (int a = 0; a < accum; a++) {
-        data_loader_next(r->data, r->batch, r->batch + m->N, NULL);
-        model_set_batch(m, r->batch, r->batch + m->N);
-        model_draw_noise(m, &r->st.noise_rng);
-        ModelLosses l = model_forward(m);
+        ModelLosses l = forward_micro(r, a);
         model_backward(m);
         routing_stats_add(&r->step_stats, m, m->B);
         mean.total += l.total / accum;
@@ -244,7 +275,9 @@ static ModelLosses accumulate_gradients(Run *r) {
         mean.importance += l.importance / accum;
         mean.load += l.load / accum;
     }
-    return mean;
+    if (!pooled) return mean;
+    model_use_pool(m, NULL);
+    return routing_pool_losses(&r->pool, m);
 }
 
 static void print_eval(Run *r, long step) {
@@ -379,6 +412,7 @@ static void finish(Run *r) {
     printf("run written to %s (config.ini, metrics.csv, experts.csv, checkpoints)\n",
            r->run_dir);
     free(r->batch);
+    routing_pool_free(&r->pool);
     free(r->trainable);
     eval_result_free(&r->eval);
     routing_stats_free(&r->step_stats);

@@ -72,8 +72,8 @@ void cpu_combine_forward(Tensor y, Tensor yp, Tensor gates, Tensor slot, size_t 
                          size_t C);
 void cpu_combine_backward(Tensor dyp, Tensor dgates, Tensor dy, Tensor yp, Tensor gates,
                           Tensor slot, size_t N, size_t k, size_t C);
-void cpu_lb_loss_forward(Tensor loss, Tensor counts, Tensor probs, Tensor idx, size_t N,
-                         size_t E, size_t k);
+void cpu_lb_loss_forward(Tensor loss, Tensor counts, Tensor pmean, Tensor probs, Tensor idx,
+                         size_t N, size_t E, size_t k);
 void cpu_lb_loss_backward(Tensor dprobs, Tensor counts, double dloss, size_t N, size_t E,
                           size_t k);
 void cpu_normalize_rows_forward(Tensor p, Tensor s, size_t N, size_t E);

@@ -370,18 +370,23 @@ void cpu_combine_backward(Tensor dyp, Tensor dgates, Tensor dy, Tensor yp, Tenso
 
 // ---- load balancing loss ------------------------------------------------------------
 
-void cpu_lb_loss_forward(Tensor loss, Tensor counts, Tensor probs, Tensor idx, size_t N,
-                         size_t E, size_t k) {
+void cpu_lb_loss_forward(Tensor loss, Tensor counts, Tensor pmean, Tensor probs, Tensor idx,
+                         size_t N, size_t E, size_t k) {
     int32_t *cnt = TENSOR_I(counts);    // (E)
     const real *p = TENSOR_R(probs);    // (N, E)
     const int32_t *top = TENSOR_I(idx); // (N, k)
     check_experts(top, N * k, E, "lb_loss");
     memset(cnt, 0, E * sizeof(int32_t));
     for (size_t a = 0; a < N * k; a++) cnt[top[a]]++;
-    // sum_i count_i * sum_n p[n,i], row by row: serial, so independent of the thread count.
-    double total = 0.0;
+    // Column sums row by row: serial, so independent of the thread count.
+    double *colsum = CALLOC(E, sizeof *colsum); // (E)
     for (size_t n = 0; n < N; n++)
-        for (size_t i = 0; i < E; i++) total += (double)cnt[i] * p[n * E + i];
+        for (size_t i = 0; i < E; i++) colsum[i] += p[n * E + i];
+    double total = 0.0;
+    for (size_t i = 0; i < E; i++) total += (double)cnt[i] * colsum[i];
+    if (pmean.data)
+        for (size_t i = 0; i < E; i++) TENSOR_R(pmean)[i] = (real)(colsum[i] / (double)N);
+    free(colsum);
     TENSOR_R(loss)[0] = (real)((double)E / ((double)k * N) * total / (double)N);
 }
 
