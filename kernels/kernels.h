@@ -163,6 +163,18 @@ typedef struct Backend {
     void (*capacity_forward)(Tensor keep, Tensor idx, Tensor gates, size_t N, size_t E,
                              size_t k, size_t capacity, DropPolicy policy);
 
+    // out (N, E) = s + b (b (E) broadcast over rows): DeepSeek-V3 selects experts on
+    // score + expert bias. Forward only: the bias shifts selection, gradients skip it.
+    void (*add_bias_forward)(Tensor out, Tensor s, Tensor b, size_t N, size_t E);
+    // Hash routing (Roller et al. 2021): idx (N, k) = k distinct experts per token from a
+    // fixed hash of its id: h = splitmix64(token), idx[n, j] = (h + j) % E. k <= E.
+    void (*hash_route_forward)(Tensor idx, Tensor tokens, size_t N, size_t E, size_t k);
+    // Expert choice (Zhou et al. 2022): keep (N, E) int32 = 1 where expert e takes token n:
+    // each expert takes its `capacity` highest scores (N, E) over tokens, ties to the
+    // lower token index. A token may be taken by 0..E experts.
+    void (*expert_choice_forward)(Tensor keep, Tensor scores, size_t N, size_t E,
+                                  size_t capacity);
+
     // ---- dispatch / combine ---------------------------------------------------------
     // Counting sort of the kept assignments by expert (stable in token order):
     // offsets (E+1) prefix sums of kept rows per expert; rows (N*k) permuted row ->
@@ -182,14 +194,16 @@ typedef struct Backend {
                              Tensor slot, size_t N, size_t k, size_t C);
 
     // ---- auxiliary losses (each writes an unscaled scalar loss (1)) -------------------
-    // Load balancing (Switch/Megatron normalisation, 1.0 when balanced):
-    //   loss = E / (k N) * sum_i count_i * P_i, count_i = #{(n,j): idx[n,j] = i} (before
-    //   capacity), P_i = mean_n probs[n, i]. counts (E) int32 and pmean (E) = P are outputs
+    // Load balancing (Switch/Megatron normalisation, 1.0 when balanced), over G groups of
+    // N/G consecutive rows (G = 1: the batch; G = B: per sequence, DeepSeek), averaged:
+    //   loss = mean_g E / (k n) * sum_i count_gi * P_gi, n = N/G rows per group,
+    //   count_gi = #{(n,j) in group g: idx[n,j] = i} (before capacity), P_gi = mean over the
+    //   group's rows of probs[n, i]. counts (G, E) int32 and pmean (G, E) = P are outputs
     //   (pmean.data NULL: not wanted), so statistics can be pooled over micro-batches.
     void (*lb_loss_forward)(Tensor loss, Tensor counts, Tensor pmean, Tensor probs, Tensor idx,
-                            size_t N, size_t E, size_t k);
+                            size_t N, size_t E, size_t k, size_t G);
     void (*lb_loss_backward)(Tensor dprobs, Tensor counts, double dloss, size_t N, size_t E,
-                             size_t k);
+                             size_t k, size_t G);
     // p (N, E) = s / sum_e s per row (sigmoid scores made a distribution for lb loss).
     void (*normalize_rows_forward)(Tensor p, Tensor s, size_t N, size_t E);
     void (*normalize_rows_backward)(Tensor ds, Tensor dp, Tensor s, size_t N, size_t E);

@@ -2,6 +2,7 @@
 #include "build.h"
 
 #include <math.h>
+#include <stdlib.h>
 #include <stdio.h>
 
 #include "../kernels/util.h"
@@ -182,13 +183,97 @@ static Buf build_router_input(Builder *b, Buf xn, MoeLayerState *st) {
 }
 
 typedef struct {
-    Buf clean, raw, logits, scores, gates;   // (N, E) x4, (N, k)
+    Buf clean, raw, logits, scores, gates;   // (N, E) x4, (N, slots)
 } RouterBufs;
 
-// Router logits, optional Shazeer noise, scores, top-k and gates.
+static Buf op_scores(Builder *b, Buf logits) {
+    const ModelConfig *c = &b->m->cfg;
+    TapeOp *sc = tape_push(&b->m->tape, OP_SCORES);
+    sc->scores.scores = take_buf(b, b->N * (size_t)c->experts);
+    sc->scores.logits = logits;
+    sc->scores.N = b->N;
+    sc->scores.E = (size_t)c->experts;
+    sc->scores.func = (ScoreFunc)c->score;
+    return sc->scores.scores;
+}
+
+static Buf op_gates(Builder *b, Buf scores, Tensor idx, size_t slots, int renorm) {
+    TapeOp *g = tape_push(&b->m->tape, OP_GATES);
+    g->gates.gates = take_buf(b, b->N * slots);   // (N, slots)
+    g->gates.scores = scores;
+    g->gates.idx = idx;
+    g->gates.N = b->N;
+    g->gates.E = (size_t)b->m->cfg.experts;
+    g->gates.k = slots;
+    g->gates.renorm = renorm;
+    return g->gates.gates;
+}
+
+// Top-k on the scores, or on scores + expert bias (DeepSeek-V3: the bias picks, the
+// scores weigh).
+static void op_topk(Builder *b, Buf scores, MoeLayerState *st) {
+    const ModelConfig *c = &b->m->cfg;
+    size_t E = (size_t)c->experts, N = b->N;
+    Tensor vals = scores.v;
+    if (c->bias_gamma > 0) {
+        TapeOp *ab = tape_push(&b->m->tape, OP_ADD_BIAS);
+        vals = ab->add_bias.out = take(b, N * E, DTYPE_REAL);   // (N, E)
+        ab->add_bias.s = scores.v;
+        ab->add_bias.b = st->bias;
+        ab->add_bias.N = N;
+        ab->add_bias.E = E;
+    }
+    TapeOp *tk = tape_push(&b->m->tape, OP_TOPK);
+    st->idx = take(b, N * (size_t)c->top_k, DTYPE_I32);   // (N, k)
+    tk->topk.idx = st->idx;
+    tk->topk.vals = vals;
+    tk->topk.N = N;
+    tk->topk.E = E;
+    tk->topk.k = (size_t)c->top_k;
+}
+
+// Hash routing: fixed experts from the token id, equal gates 1/k, no learned router.
+static RouterBufs build_hash_router(Builder *b, MoeLayerState *st) {
+    size_t k = (size_t)b->m->cfg.top_k, N = b->N;
+    RouterBufs r = {0};
+    TapeOp *h = tape_push(&b->m->tape, OP_HASH_ROUTE);
+    st->idx = h->hash.idx = take(b, N * k, DTYPE_I32);   // (N, k)
+    h->hash.tokens = b->m->tokens;
+    h->hash.N = N;
+    h->hash.E = (size_t)b->m->cfg.experts;
+    h->hash.k = k;
+    r.gates.v = take(b, N * k, DTYPE_REAL);   // (N, k) constant
+    r.gates.g = tensor_none();
+    if (!measuring(b)) {
+        real *g = CALLOC(N * k, sizeof *g);
+        for (size_t i = 0; i < N * k; i++) g[i] = (real)(1.0 / (double)k);
+        b->m->be->upload(r.gates.v, g, N * k * sizeof *g);
+        free(g);
+    }
+    st->gates = r.gates.v;
+    return r;
+}
+
+// Expert choice: every (token, expert) pair is a slot (idx (N, E) = 0..E-1 per row), the
+// gate is the score itself; which slots are kept is the experts' choice (capacity stage).
+static void build_expert_choice_slots(Builder *b, RouterBufs *r, MoeLayerState *st) {
+    size_t E = (size_t)b->m->cfg.experts, N = b->N;
+    st->idx = take(b, N * E, DTYPE_I32);   // (N, E) constant
+    if (!measuring(b)) {
+        int32_t *idx = CALLOC(N * E, sizeof *idx);
+        for (size_t i = 0; i < N * E; i++) idx[i] = (int32_t)(i % E);
+        b->m->be->upload(st->idx, idx, N * E * sizeof *idx);
+        free(idx);
+    }
+    r->gates = op_gates(b, r->scores, st->idx, E, 0);
+    st->gates = r->gates.v;
+}
+
+// Router logits, optional Shazeer noise, scores, selection and gates.
 static RouterBufs build_router(Builder *b, Buf xr, int l, MoeLayerState *st) {
     const ModelConfig *c = &b->m->cfg;
-    size_t E = (size_t)c->experts, k = (size_t)c->top_k, N = b->N;
+    size_t E = (size_t)c->experts, N = b->N;
+    if (c->select == SELECT_HASH) return build_hash_router(b, st);
     RouterBufs r = {0};
     Buf wg = param_buf(b, E * b->C, "model.layers.%d.block_sparse_moe.gate.weight", l, 0);
     r.clean = op_matmul(b, xr, wg, N, b->C, E);
@@ -205,71 +290,49 @@ static RouterBufs build_router(Builder *b, Buf xr, int l, MoeLayerState *st) {
         op->noisy.n = N * E;
         r.logits = op->noisy.h;
     }
-    TapeOp *sc = tape_push(&b->m->tape, OP_SCORES);
-    sc->scores.scores = take_buf(b, N * E);
-    sc->scores.logits = r.logits;
-    sc->scores.N = N;
-    sc->scores.E = E;
-    sc->scores.func = (ScoreFunc)c->score;
-    r.scores = sc->scores.scores;
-
-    TapeOp *tk = tape_push(&b->m->tape, OP_TOPK);
-    st->idx = take(b, N * k, DTYPE_I32);   // (N, k)
-    tk->topk.idx = st->idx;
-    tk->topk.vals = r.scores.v;
-    tk->topk.N = N;
-    tk->topk.E = E;
-    tk->topk.k = k;
-
-    TapeOp *g = tape_push(&b->m->tape, OP_GATES);
-    g->gates.gates = take_buf(b, N * k);   // (N, k)
-    g->gates.scores = r.scores;
-    g->gates.idx = st->idx;
-    g->gates.N = N;
-    g->gates.E = E;
-    g->gates.k = k;
-    g->gates.renorm = c->renorm;
-    r.gates = g->gates.gates;
+    r.scores = op_scores(b, r.logits);
+    if (c->select == SELECT_EXPERT_CHOICE) {
+        build_expert_choice_slots(b, &r, st);
+        return r;
+    }
+    op_topk(b, r.scores, st);
+    r.gates = op_gates(b, r.scores, st->idx, (size_t)c->top_k, c->renorm);
     st->gates = r.gates.v;
     return r;
 }
 
-// Aux losses, each averaged over MoE layers: backward seeds carry coef / n_moe.
-static void build_aux_losses(Builder *b, const RouterBufs *r, MoeLayerState *st) {
+static void op_lb_loss(Builder *b, Buf probs, MoeLayerState *st, double coef) {
     const ModelConfig *c = &b->m->cfg;
-    size_t E = (size_t)c->experts, k = (size_t)c->top_k, N = b->N;
-    double per_layer = 1.0 / (double)b->m->n_moe;
-    Buf probs = r->scores;
-    if (c->score == SCORE_SIGMOID) {
-        TapeOp *op = tape_push(&b->m->tape, OP_NORMALIZE);
-        op->normalize.p = take_buf(b, N * E);
-        op->normalize.s = r->scores;
-        op->normalize.N = N;
-        op->normalize.E = E;
-        probs = op->normalize.p;
-    }
+    size_t E = (size_t)c->experts, G = c->lb_type == LB_SEQ ? b->m->B : 1;
+    st->probs = probs.v;
     st->lb_op = b->m->tape.n;
     TapeOp *lb = tape_push(&b->m->tape, OP_LB_LOSS);
     st->lb = lb->lb.loss = take(b, 1, DTYPE_REAL);
-    st->counts = lb->lb.counts = lb->lb.counts_used = take(b, E, DTYPE_I32);
-    st->pmean = lb->lb.pmean = take(b, E, DTYPE_REAL);
+    st->counts = lb->lb.counts = lb->lb.counts_used = take(b, G * E, DTYPE_I32);   // (G, E)
+    st->pmean = lb->lb.pmean = take(b, G * E, DTYPE_REAL);                          // (G, E)
     st->pooled_counts = take(b, E, DTYPE_I32);
     lb->lb.idx = st->idx;
     lb->lb.probs = probs;
-    lb->lb.N = N;
+    lb->lb.N = b->N;
     lb->lb.E = E;
-    lb->lb.k = k;
-    lb->lb.coef = lb->lb.coef_used = c->aux_coef * per_layer;
+    lb->lb.k = (size_t)c->top_k;
+    lb->lb.G = G;
+    lb->lb.coef = lb->lb.coef_used = coef;
+}
 
+static void op_z_loss(Builder *b, Buf logits, MoeLayerState *st, double coef) {
     TapeOp *z = tape_push(&b->m->tape, OP_Z_LOSS);
     st->z = z->zloss.loss = take(b, 1, DTYPE_REAL);
-    z->zloss.lse = take(b, N, DTYPE_REAL);
-    z->zloss.logits = r->logits;
-    z->zloss.N = N;
-    z->zloss.E = E;
-    z->zloss.coef = c->z_coef * per_layer;
+    st->lse = z->zloss.lse = take(b, b->N, DTYPE_REAL);   // (N)
+    z->zloss.logits = logits;
+    z->zloss.N = b->N;
+    z->zloss.E = (size_t)b->m->cfg.experts;
+    z->zloss.coef = coef;
+}
 
-    if (c->noise != NOISE_SHAZEER) return;
+static void op_shazeer_losses(Builder *b, const RouterBufs *r, MoeLayerState *st, double coef) {
+    const ModelConfig *c = &b->m->cfg;
+    size_t E = (size_t)c->experts, k = (size_t)c->top_k, N = b->N;
     st->importance_op = b->m->tape.n;
     TapeOp *imp = tape_push(&b->m->tape, OP_IMPORTANCE_LOSS);
     st->importance = imp->importance.loss = take(b, 1, DTYPE_REAL);
@@ -280,7 +343,7 @@ static void build_aux_losses(Builder *b, const RouterBufs *r, MoeLayerState *st)
     imp->importance.N = N;
     imp->importance.E = E;
     imp->importance.k = k;
-    imp->importance.coef = imp->importance.coef_used = c->noise_coef * per_layer;
+    imp->importance.coef = imp->importance.coef_used = coef;
 
     st->load_op = b->m->tape.n;
     TapeOp *ld = tape_push(&b->m->tape, OP_LOAD_LOSS);
@@ -294,34 +357,76 @@ static void build_aux_losses(Builder *b, const RouterBufs *r, MoeLayerState *st)
     ld->load.N = N;
     ld->load.E = E;
     ld->load.k = k;
-    ld->load.coef = ld->load.coef_used = c->noise_coef * per_layer;
+    ld->load.coef = ld->load.coef_used = coef;
 }
 
-// Capacity, dispatch, experts, combine. Returns y (N, C) before shared experts.
-static Buf build_routed_experts(Builder *b, Buf xn, const RouterBufs *r, int l,
-                                MoeLayerState *st) {
+// Aux losses, each averaged over MoE layers: backward seeds carry coef / n_moe. Hash
+// routing has no router to balance; expert choice is balanced by construction (z-loss
+// only).
+static void build_aux_losses(Builder *b, const RouterBufs *r, MoeLayerState *st) {
     const ModelConfig *c = &b->m->cfg;
-    size_t E = (size_t)c->experts, k = (size_t)c->top_k, N = b->N;
-    size_t F = (size_t)c->expert_ffn_dim, M = N * k;   // M: worst-case routed rows
+    double per_layer = 1.0 / (double)b->m->n_moe;
+    if (c->select == SELECT_HASH) return;
+    if (c->select == SELECT_TOPK) {
+        Buf probs = r->scores;
+        if (c->score == SCORE_SIGMOID) {
+            TapeOp *op = tape_push(&b->m->tape, OP_NORMALIZE);
+            op->normalize.p = take_buf(b, b->N * (size_t)c->experts);
+            op->normalize.s = r->scores;
+            op->normalize.N = b->N;
+            op->normalize.E = (size_t)c->experts;
+            probs = op->normalize.p;
+        }
+        op_lb_loss(b, probs, st, c->aux_coef * per_layer);
+    }
+    op_z_loss(b, r->logits, st, c->z_coef * per_layer);
+    if (c->noise == NOISE_SHAZEER) op_shazeer_losses(b, r, st, c->noise_coef * per_layer);
+}
+
+// Which assignments survive: capacity (token choice) or each expert's top-C (expert choice).
+static void build_keep(Builder *b, const RouterBufs *r, MoeLayerState *st, size_t slots) {
+    const ModelConfig *c = &b->m->cfg;
+    size_t E = (size_t)c->experts, N = b->N;
+    st->keep = take(b, N * slots, DTYPE_I32);   // (N, slots)
+    if (c->select == SELECT_EXPERT_CHOICE) {
+        TapeOp *ec = tape_push(&b->m->tape, OP_EXPERT_CHOICE);
+        ec->expert_choice.keep = st->keep;
+        ec->expert_choice.scores = r->scores.v;
+        ec->expert_choice.N = N;
+        ec->expert_choice.E = E;
+        ec->expert_choice.capacity = model_config_capacity(c, N);
+        return;
+    }
     TapeOp *cap = tape_push(&b->m->tape, OP_CAPACITY);
-    st->keep = cap->capacity.keep = take(b, N * k, DTYPE_I32);   // (N, k)
+    cap->capacity.keep = st->keep;
     cap->capacity.idx = st->idx;
     cap->capacity.gates = r->gates.v;
     cap->capacity.N = N;
     cap->capacity.E = E;
-    cap->capacity.k = k;
+    cap->capacity.k = slots;
     cap->capacity.capacity = model_config_capacity(c, N);
     cap->capacity.policy = (DropPolicy)c->drop_policy;
+}
+
+// Keep, dispatch, experts, combine. Returns y (N, C) before shared experts.
+static Buf build_routed_experts(Builder *b, Buf xn, const RouterBufs *r, int l,
+                                MoeLayerState *st) {
+    const ModelConfig *c = &b->m->cfg;
+    size_t E = (size_t)c->experts, N = b->N, slots = model_config_slots(c);
+    size_t F = (size_t)c->expert_ffn_dim;
+    size_t M = model_config_max_rows(c, N);   // most rows the experts can receive
+    st->slots = slots;
+    build_keep(b, r, st, slots);
 
     TapeOp *dp = tape_push(&b->m->tape, OP_DISPATCH);
     st->offsets = dp->dispatch.offsets = take(b, E + 1, DTYPE_I32);
-    dp->dispatch.rows = take(b, M, DTYPE_I32);   // (M) permuted row -> token
-    dp->dispatch.slot = take(b, N * k, DTYPE_I32);   // (N, k) -> permuted row or -1
+    dp->dispatch.rows = take(b, N * slots, DTYPE_I32);   // (<= N*slots) permuted row -> token
+    dp->dispatch.slot = take(b, N * slots, DTYPE_I32);   // (N, slots) -> permuted row or -1
     dp->dispatch.idx = st->idx;
     dp->dispatch.keep = st->keep;
     dp->dispatch.N = N;
     dp->dispatch.E = E;
-    dp->dispatch.k = k;
+    dp->dispatch.k = slots;
 
     TapeOp *ga = tape_push(&b->m->tape, OP_GATHER);
     ga->gather.xp = take_buf(b, M * b->C);   // (M, C)
@@ -342,14 +447,16 @@ static Buf build_routed_experts(Builder *b, Buf xn, const RouterBufs *r, int l,
     co->combine.gates = r->gates;
     co->combine.slot = dp->dispatch.slot;
     co->combine.N = N;
-    co->combine.k = k;
+    co->combine.k = slots;
     co->combine.C = b->C;
     return co->combine.y;
 }
 
 static Buf build_moe(Builder *b, Buf xn, int l, MoeLayerState *st) {
     const ModelConfig *c = &b->m->cfg;
+    size_t E = (size_t)c->experts;
     st->layer = l;
+    st->bias = tensor_slice(b->m->expert_bias, (size_t)(st - b->m->moe) * E, E);
     Buf xr = build_router_input(b, xn, st);
     RouterBufs r = build_router(b, xr, l, st);
     build_aux_losses(b, &r, st);

@@ -51,6 +51,14 @@ static const ConfigKey router_keys[] = {
     {"z_coef", KEY_DOUBLE, MK(z_coef), "0.001", 0, 1e3, NULL, "router z-loss coefficient"},
     {"noise_coef", KEY_DOUBLE, MK(noise_coef), "0.01", 0, 1e3, NULL,
      "Shazeer importance and load (CV^2) loss coefficient"},
+    {"select", KEY_ENUM, MK(select), "topk", 0, 0, "topk|expert_choice|hash",
+     "token choice top-k; expert choice (each expert takes its top-C tokens, Zhou et al. "
+     "2022); or hash routing (fixed hash of the token id, no learned router)"},
+    {"bias_gamma", KEY_DOUBLE, MK(bias_gamma), "0", 0, 1, NULL,
+     "DeepSeek-V3 expert-bias balancing step (0: off; 0.001 in the paper): select on "
+     "score + bias, b_i += gamma * sign(mean load - load_i) after each step"},
+    {"lb_type", KEY_ENUM, MK(lb_type), "batch", 0, 0, "batch|seq",
+     "load-balancing loss over the whole batch, or per sequence then averaged (DeepSeek)"},
     {"aux_scope", KEY_ENUM, MK(aux_scope), "batch", 0, 0, "batch|micro",
      "aux-loss statistics over the optimizer batch (exact under grad_accum; one extra "
      "forward per micro-batch) or each micro-batch"},
@@ -85,6 +93,15 @@ int model_config_validate(const ModelConfig *c, char *err, size_t n) {
                         "router.noise = shazeer needs router.top_k (%d) < model.experts (%d): "
                         "its load loss compares against the (k+1)-th expert",
                         c->top_k, c->experts), -1;
+    if (c->select != SELECT_TOPK && c->noise == NOISE_SHAZEER)
+        return snprintf(err, n, "router.noise = shazeer needs router.select = topk (its load "
+                                "loss is defined for token-choice top-k)"), -1;
+    if (c->select == SELECT_HASH && c->noise != NOISE_NONE)
+        return snprintf(err, n, "router.select = hash has no router to add noise to; set "
+                                "router.noise = none"), -1;
+    if (c->select != SELECT_TOPK && c->bias_gamma > 0)
+        return snprintf(err, n, "router.bias_gamma > 0 needs router.select = topk (the bias "
+                                "shifts top-k selection)"), -1;
     if (c->moe_every > c->layers)
         return snprintf(err, n, "model.moe_every = %d exceeds model.layers = %d: no MoE layer",
                         c->moe_every, c->layers), -1;
@@ -98,8 +115,23 @@ int model_config_is_moe_layer(const ModelConfig *cfg, int layer) {
 int model_config_moe_layers(const ModelConfig *cfg) { return cfg->layers / cfg->moe_every; }
 
 size_t model_config_capacity(const ModelConfig *cfg, size_t n_tokens) {
+    if (cfg->select == SELECT_EXPERT_CHOICE) {
+        double cf = cfg->capacity_factor > 0 ? cfg->capacity_factor : (double)cfg->top_k;
+        double c = ceil((double)n_tokens * cf / (double)cfg->experts);
+        return c < 1 ? 1 : c > (double)n_tokens ? n_tokens : (size_t)c;
+    }
     if (cfg->capacity_factor <= 0) return 0;
     double c = ceil((double)cfg->top_k * (double)n_tokens * cfg->capacity_factor /
                     (double)cfg->experts);
     return c < 1 ? 1 : (size_t)c;
+}
+
+size_t model_config_slots(const ModelConfig *cfg) {
+    return cfg->select == SELECT_EXPERT_CHOICE ? (size_t)cfg->experts : (size_t)cfg->top_k;
+}
+
+size_t model_config_max_rows(const ModelConfig *cfg, size_t n_tokens) {
+    size_t rows = n_tokens * model_config_slots(cfg), cap = model_config_capacity(cfg, n_tokens);
+    size_t capped = cap * (size_t)cfg->experts;
+    return cap && capped < rows ? capped : rows;
 }

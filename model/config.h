@@ -42,7 +42,13 @@ typedef struct {
     double z_coef;
     double noise_coef;
     int aux_scope;        // AuxScope
+    int select;           // RouterSelect
+    double bias_gamma;    // DeepSeek-V3 expert-bias step (0: off)
+    int lb_type;          // LbType
 } ModelConfig;
+
+typedef enum { SELECT_TOPK = 0, SELECT_EXPERT_CHOICE = 1, SELECT_HASH = 2 } RouterSelect;
+typedef enum { LB_BATCH = 0, LB_SEQ = 1 } LbType;
 
 // Which tokens the aux losses' statistics cover under gradient accumulation.
 typedef enum { AUX_SCOPE_BATCH = 0, AUX_SCOPE_MICRO = 1 } AuxScope;
@@ -56,7 +62,12 @@ int model_config_validate(const ModelConfig *cfg, char *err, size_t err_len);
 
 int model_config_is_moe_layer(const ModelConfig *cfg, int layer);
 int model_config_moe_layers(const ModelConfig *cfg);
-// Per-expert capacity for N tokens: ceil(k N cf / E); 0 means dropless.
+// Per-expert capacity for N tokens: ceil(k N cf / E); 0 means dropless. Expert choice:
+// each expert's C = ceil(N cf / E), cf = capacity_factor, or top_k when that is <= 0.
 size_t model_config_capacity(const ModelConfig *cfg, size_t n_tokens);
+// Assignment slots per token: top_k, or E under expert choice (a token may get 0..E).
+size_t model_config_slots(const ModelConfig *cfg);
+// Most routed rows the experts can receive for N tokens.
+size_t model_config_max_rows(const ModelConfig *cfg, size_t n_tokens);
 
 #endif

@@ -49,7 +49,9 @@ static void add_swiglu(Builder *b, ParamKind kind, int layer, int expert, size_t
 static void add_moe(Builder *b, const ModelConfig *cfg, int l) {
     size_t C = (size_t)cfg->d_model, E = (size_t)cfg->experts;
     char prefix[96];
-    add_param(b, PARAM_ROUTER, l, -1, E, C, "model.layers.%d.block_sparse_moe.gate.weight", l);
+    if (cfg->select != SELECT_HASH)   // hash routing has no learned router
+        add_param(b, PARAM_ROUTER, l, -1, E, C, "model.layers.%d.block_sparse_moe.gate.weight",
+                  l);
     if (cfg->noise == NOISE_SHAZEER)
         add_param(b, PARAM_ROUTER, l, -1, E, C,
                   "model.layers.%d.block_sparse_moe.noise.weight", l);

@@ -36,6 +36,7 @@ void model_init(Model *m, const ModelConfig *cfg, const Backend *be, size_t B, s
     m->n_moe = model_config_moe_layers(cfg);
     m->moe = CALLOC((size_t)m->n_moe, sizeof *m->moe);
     m->expert_train = CALLOC((size_t)m->n_moe * (size_t)cfg->experts, 1);
+    m->expert_bias = slab_alloc(be, (size_t)m->n_moe * (size_t)cfg->experts, "expert bias");
     tape_init(&m->tape);
     m->acts.device = m->dacts.device = be->device;
     build_tape(m);   // measuring pass: sizes the arenas
@@ -49,6 +50,7 @@ void model_init(Model *m, const ModelConfig *cfg, const Backend *be, size_t B, s
 void model_free(Model *m) {
     m->be->release(m->params.data);
     m->be->release(m->grads.data);
+    m->be->release(m->expert_bias.data);
     m->be->release(m->acts.base);
     m->be->release(m->dacts.base);
     tape_free(&m->tape);
@@ -124,6 +126,12 @@ void model_randomize_weights(Model *m, uint64_t seed) {
     }
     m->be->upload(m->params, host, m->layout.total * sizeof(real));
     free(host);
+    if (m->cfg.bias_gamma <= 0) return;   // a bias only matters when balancing uses it
+    size_t nb = m->expert_bias.numel;
+    real *b = CALLOC(nb, sizeof *b);
+    for (size_t i = 0; i < nb; i++) b[i] = (real)(0.2 * rng_normal(&rng));
+    m->be->upload(m->expert_bias, b, nb * sizeof *b);
+    free(b);
 }
 
 // Fills every noise buffer: Shazeer eps ~ N(0,1) (or 0), jitter u ~ U[1-e, 1+e] (or 1).

@@ -20,12 +20,16 @@ typedef struct {
     int layer;
     Tensor eps;        // (N, E) Shazeer noise draws; data NULL unless noise = shazeer
     Tensor jitter;     // (N, C) jitter factors; data NULL unless noise = jitter
-    Tensor idx;        // (N, k) int32 selected experts, best first
-    Tensor gates;      // (N, k) their gate weights
-    Tensor keep;       // (N, k) int32 1 kept, 0 dropped by capacity
-    Tensor counts;     // (E) int32 assignments per expert before capacity
+    Tensor idx;        // (N, slots) int32 selected experts, best first
+    Tensor gates;      // (N, slots) their gate weights
+    Tensor keep;       // (N, slots) int32 1 kept, 0 dropped by capacity / not chosen
+    Tensor counts;     // (G, E) int32 assignments per expert before capacity (lb groups)
     Tensor offsets;    // (E+1) int32 kept rows per expert, prefix sums
-    Tensor pmean;      // (E) mean router probability (the lb loss's P)
+    size_t slots;      // assignment slots per token: top_k, or E under expert choice
+    Tensor bias;       // (E) DeepSeek-V3 expert bias (state, not a parameter)
+    Tensor probs;      // (N, E) router probabilities the lb loss uses; NULL without lb
+    Tensor lse;        // (N) router logsumexp per token; NULL under hash routing
+    Tensor pmean;      // (G, E) mean router probability per lb group (the lb loss's P)
     Tensor lb, z;      // (1) unscaled load-balancing and z losses
     Tensor importance, load;   // (1) Shazeer CV^2 losses; data NULL unless shazeer
     Tensor imp, load_sums;     // (E) Shazeer importance and load per expert
@@ -60,6 +64,7 @@ typedef struct {
     ModelLosses losses;
     uint8_t *trainable;      // (layout.n_params) 1 trains, 0 frozen; NULL: all train
     uint8_t *expert_train;   // (n_moe, E) the same flags per routed expert, for the experts op
+    Tensor expert_bias;      // (n_moe, E) DeepSeek-V3 selection bias, zero at init
 } Model;
 
 // Plans the tape and allocates everything for batches of B sequences of T tokens.
@@ -71,8 +76,9 @@ void model_free(Model *m);
 // with Shazeer noise the gate and noise weights start at zero as in the paper.
 void model_init_weights(Model *m, uint64_t seed);
 
-// Test weights: every matrix N(0, 1/fan_in), norms 1 + N(0, 0.1^2), so that routing is
-// spread and every gradient is informative (the gradient tests and `moe dump` use it).
+// Test weights: every matrix N(0, 1/fan_in), norms 1 + N(0, 0.1^2), expert biases
+// N(0, 0.2^2) when bias balancing is on, so that routing is spread and every gradient is
+// informative (the gradient tests and `moe dump` use it).
 void model_randomize_weights(Model *m, uint64_t seed);
 
 // Freezes every tensor whose flag is 0 (one flag per layout tensor; NULL: all train):

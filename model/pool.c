@@ -31,7 +31,7 @@ void routing_pool_reset(RoutingPool *p) {
     memset(p->imp, 0, n * sizeof *p->imp);
     memset(p->load, 0, n * sizeof *p->load);
     p->micro = 0;
-    p->ce = p->z = 0.0;
+    p->ce = p->z = p->lb = 0.0;
 }
 
 // Adds an (E) tensor of the model to an (E) host sum.
@@ -43,20 +43,29 @@ static void add_reals(double *sum, const Model *m, Tensor t, size_t E) {
     free(host);
 }
 
+// Only the batch-wide top-k lb needs pooling: per-sequence lb is a mean over sequences,
+// and hash routing and expert choice have no lb.
+static int pooled_lb(const Model *m) {
+    return m->cfg.select == SELECT_TOPK && m->cfg.lb_type == LB_BATCH;
+}
+
 void routing_pool_add(RoutingPool *p, const Model *m) {
     size_t E = (size_t)p->experts;
     int32_t *counts = CALLOC(E, sizeof *counts);
     for (int l = 0; l < p->n_layers; l++) {
         const MoeLayerState *st = &m->moe[l];
-        m->be->download(counts, st->counts, E * sizeof *counts);
-        for (size_t e = 0; e < E; e++) p->counts[l * E + e] += counts[e];
-        add_reals(p->pmean + l * E, m, st->pmean, E);
+        if (pooled_lb(m)) {
+            m->be->download(counts, st->counts, E * sizeof *counts);
+            for (size_t e = 0; e < E; e++) p->counts[l * E + e] += counts[e];
+            add_reals(p->pmean + l * E, m, st->pmean, E);
+        }
         add_reals(p->imp + l * E, m, st->imp, E);
         add_reals(p->load + l * E, m, st->load_sums, E);
     }
     free(counts);
     p->ce += m->losses.ce;
     p->z += m->losses.z;
+    p->lb += m->losses.lb;
     p->micro++;
 }
 
@@ -75,15 +84,16 @@ ModelLosses routing_pool_losses(const RoutingPool *p, const Model *m) {
     ModelLosses l = {0};
     l.ce = p->ce / p->micro;
     l.z = p->z / p->micro;
-    for (int i = 0; i < p->n_layers; i++) {
+    if (!pooled_lb(m)) l.lb = p->lb / p->micro;
+    for (int i = 0; i < p->n_layers && pooled_lb(m); i++) {
         double sum = 0.0;
         for (size_t e = 0; e < E; e++)
             sum += p->counts[i * E + e] * (p->pmean[i * E + e] / p->micro);
         l.lb += (double)E / (k * tokens) * sum / p->n_layers;
-        if (c->noise == NOISE_SHAZEER) {
-            l.importance += cv2(p->imp + i * E, E) / p->n_layers;
-            l.load += cv2(p->load + i * E, E) / p->n_layers;
-        }
+    }
+    for (int i = 0; i < p->n_layers && c->noise == NOISE_SHAZEER; i++) {
+        l.importance += cv2(p->imp + i * E, E) / p->n_layers;
+        l.load += cv2(p->load + i * E, E) / p->n_layers;
     }
     l.total = l.ce + c->aux_coef * l.lb + c->z_coef * l.z;
     if (c->noise == NOISE_SHAZEER) l.total += c->noise_coef * (l.importance + l.load);
@@ -106,10 +116,12 @@ void model_use_pool(Model *m, const RoutingPool *p) {
     size_t E = (size_t)m->cfg.experts;
     for (int l = 0; l < m->n_moe; l++) {
         MoeLayerState *st = &m->moe[l];
-        __typeof__(m->tape.ops[0].lb) *lb = &m->tape.ops[st->lb_op].lb;
-        lb->counts_used = p ? st->pooled_counts : lb->counts;
-        lb->coef_used = p ? lb->coef / p->micro : lb->coef;
-        if (p) m->be->upload(st->pooled_counts, p->counts + l * E, E * sizeof(int32_t));
+        if (pooled_lb(m)) {
+            __typeof__(m->tape.ops[0].lb) *lb = &m->tape.ops[st->lb_op].lb;
+            lb->counts_used = p ? st->pooled_counts : lb->counts;
+            lb->coef_used = p ? lb->coef / p->micro : lb->coef;
+            if (p) m->be->upload(st->pooled_counts, p->counts + l * E, E * sizeof(int32_t));
+        }
         if (!st->imp.data) continue;
         __typeof__(m->tape.ops[0].importance) *imp = &m->tape.ops[st->importance_op].importance;
         __typeof__(m->tape.ops[0].load) *ld = &m->tape.ops[st->load_op].load;

@@ -20,6 +20,7 @@ typedef struct {
     double *imp;       // (n_layers, E) Shazeer importance, summed
     double *load;      // (n_layers, E) Shazeer load, summed
     double ce, z;      // per-micro-batch loss means, summed
+    double lb;         // per-micro-batch lb, summed (per-sequence lb is a mean already)
 } RoutingPool;
 
 void routing_pool_init(RoutingPool *p, const Model *m);

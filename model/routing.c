@@ -1,5 +1,6 @@
 #include "routing.h"
 
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -31,8 +32,10 @@ void routing_stats_reset(RoutingStats *rs) {
     memset(rs->gate_sum, 0, n * sizeof *rs->gate_sum);
 }
 
+// Expert choice offers every (token, expert) slot; only the experts' picks are routed.
 void routing_stats_add(RoutingStats *rs, const Model *m, size_t rows) {
-    size_t k = (size_t)rs->top_k, n = rows * m->T * k, E = (size_t)rs->experts;
+    size_t slots = model_config_slots(&m->cfg), n = rows * m->T * slots, E = (size_t)rs->experts;
+    int choice = m->cfg.select == SELECT_EXPERT_CHOICE;
     int32_t *idx = CALLOC(n, sizeof *idx), *keep = CALLOC(n, sizeof *keep);
     real *gates = CALLOC(n, sizeof *gates);
     for (int l = 0; l < rs->n_layers; l++) {
@@ -41,6 +44,7 @@ void routing_stats_add(RoutingStats *rs, const Model *m, size_t rows) {
         m->be->download(keep, st->keep, n * sizeof *keep);
         m->be->download(gates, st->gates, n * sizeof *gates);
         for (size_t a = 0; a < n; a++) {
+            if (choice && !keep[a]) continue;
             size_t cell = (size_t)l * E + (size_t)idx[a];
             rs->routed[cell]++;
             rs->dropped[cell] += keep[a] == 0;
@@ -77,4 +81,30 @@ double routing_maxvio(const RoutingStats *rs) {
         total += mean > 0 ? ((double)max - mean) / mean : 0.0;
     }
     return total / rs->n_layers;
+}
+
+static int router_trains(const Model *m, int layer) {
+    if (!m->trainable) return 1;
+    char name[96];
+    snprintf(name, sizeof name, "model.layers.%d.block_sparse_moe.gate.weight", layer);
+    const ParamInfo *p = layout_find(&m->layout, name);
+    return p && m->trainable[p - m->layout.params];
+}
+
+void routing_update_expert_bias(Model *m, const RoutingStats *rs, double gamma) {
+    size_t E = (size_t)rs->experts;
+    real *b = CALLOC(E, sizeof *b);
+    for (int l = 0; l < rs->n_layers; l++) {
+        if (!router_trains(m, m->moe[l].layer)) continue;
+        const uint64_t *load = rs->routed + (size_t)l * E;
+        double mean = 0.0;
+        for (size_t e = 0; e < E; e++) mean += (double)load[e] / (double)E;
+        m->be->download(b, m->moe[l].bias, E * sizeof *b);
+        for (size_t e = 0; e < E; e++) {
+            double d = mean - (double)load[e];
+            b[e] += (real)(gamma * (double)((d > 0) - (d < 0)));
+        }
+        m->be->upload(m->moe[l].bias, b, E * sizeof *b);
+    }
+    free(b);
 }

@@ -28,6 +28,11 @@ void routing_stats_reset(RoutingStats *rs);
 // Adds the last forward pass of m, counting only its first `rows` sequences.
 void routing_stats_add(RoutingStats *rs, const Model *m, size_t rows);
 
+// DeepSeek-V3 expert-bias balancing after an optimizer step: per MoE layer,
+// b_i += gamma * sign(mean load - load_i) with loads = rs's routed counts (the whole
+// step). Skipped for layers whose router is frozen.
+void routing_update_expert_bias(Model *m, const RoutingStats *rs, double gamma);
+
 // Dropped assignments / all assignments, over every layer.
 double routing_dropped_fraction(const RoutingStats *rs);
 // MaxVio = (max_i load_i - mean load) / mean load, averaged over MoE layers.

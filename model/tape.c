@@ -105,7 +105,8 @@ static void op_forward(const TapeOp *op, const Backend *be) {
     } break;
     case OP_LB_LOSS: {
         const __typeof__(op->lb) *a = &op->lb;
-        be->lb_loss_forward(a->loss, a->counts, a->pmean, a->probs.v, a->idx, a->N, a->E, a->k);
+        be->lb_loss_forward(a->loss, a->counts, a->pmean, a->probs.v, a->idx, a->N, a->E, a->k,
+                            a->G);
     } break;
     case OP_Z_LOSS: {
         const __typeof__(op->zloss) *a = &op->zloss;
@@ -119,6 +120,18 @@ static void op_forward(const TapeOp *op, const Backend *be) {
         const __typeof__(op->load) *a = &op->load;
         be->load_loss_forward(a->loss, a->load, a->clean.v, a->h.v, a->raw.v, a->idx, a->N,
                               a->E, a->k);
+    } break;
+    case OP_ADD_BIAS: {
+        const __typeof__(op->add_bias) *a = &op->add_bias;
+        be->add_bias_forward(a->out, a->s, a->b, a->N, a->E);
+    } break;
+    case OP_HASH_ROUTE: {
+        const __typeof__(op->hash) *a = &op->hash;
+        be->hash_route_forward(a->idx, a->tokens, a->N, a->E, a->k);
+    } break;
+    case OP_EXPERT_CHOICE: {
+        const __typeof__(op->expert_choice) *a = &op->expert_choice;
+        be->expert_choice_forward(a->keep, a->scores, a->N, a->E, a->capacity);
     } break;
     case OP_CROSSENTROPY: {
         const __typeof__(op->ce) *a = &op->ce;
@@ -167,7 +180,10 @@ static void op_backward(const TapeOp *op, const Backend *be) {
     } break;
     case OP_TOPK:
     case OP_CAPACITY:
-    case OP_DISPATCH: break;   // selection is constant in backward
+    case OP_DISPATCH:
+    case OP_ADD_BIAS:
+    case OP_HASH_ROUTE:
+    case OP_EXPERT_CHOICE: break;   // selection is constant in backward
     case OP_GATES: {
         const __typeof__(op->gates) *a = &op->gates;
         be->gates_backward(a->scores.g, a->gates.g, a->scores.v, a->idx, a->N, a->E, a->k,
@@ -189,7 +205,8 @@ static void op_backward(const TapeOp *op, const Backend *be) {
     case OP_LB_LOSS: {
         const __typeof__(op->lb) *a = &op->lb;
         if (a->coef_used != 0)
-            be->lb_loss_backward(a->probs.g, a->counts_used, a->coef_used, a->N, a->E, a->k);
+            be->lb_loss_backward(a->probs.g, a->counts_used, a->coef_used, a->N, a->E, a->k,
+                                 a->G);
     } break;
     case OP_Z_LOSS: {
         const __typeof__(op->zloss) *a = &op->zloss;

@@ -52,6 +52,9 @@ typedef enum {
     OP_IMPORTANCE_LOSS,
     OP_LOAD_LOSS,
     OP_CROSSENTROPY,
+    OP_ADD_BIAS,
+    OP_HASH_ROUTE,
+    OP_EXPERT_CHOICE,
 } OpKind;
 
 typedef struct {
@@ -90,7 +93,7 @@ typedef struct {
         struct {
             Tensor loss, counts, pmean, idx, counts_used;
             Buf probs;
-            size_t N, E, k;
+            size_t N, E, k, G;   // G groups: 1 (batch) or B (per sequence)
             double coef, coef_used;
         } lb;
         struct { Tensor loss, lse; Buf logits; size_t N, E; double coef; } zloss;
@@ -107,6 +110,9 @@ typedef struct {
             double coef, coef_used;
         } load;
         struct { Tensor loss, lse, targets; Buf logits; size_t N, V; double coef; } ce;
+        struct { Tensor out, s, b; size_t N, E; } add_bias;
+        struct { Tensor idx, tokens; size_t N, E, k; } hash;
+        struct { Tensor keep, scores; size_t N, E, capacity; } expert_choice;
     };
 } TapeOp;
 

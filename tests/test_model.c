@@ -148,6 +148,37 @@ static void test_tied_embeddings_mha(void **state) {
     check_model_gradients(&c);
 }
 
+static void test_expert_choice(void **state) {
+    (void)state;
+    ModelConfig c = tiny_config();
+    c.select = SELECT_EXPERT_CHOICE;
+    c.capacity_factor = 1.5;
+    check_model_gradients(&c);
+}
+
+static void test_sigmoid_bias_balancing(void **state) {
+    (void)state;
+    ModelConfig c = tiny_config();
+    c.score = SCORE_SIGMOID;
+    c.bias_gamma = 0.001;
+    check_model_gradients(&c);
+}
+
+static void test_sequence_lb(void **state) {
+    (void)state;
+    ModelConfig c = tiny_config();
+    c.lb_type = LB_SEQ;
+    c.aux_coef = 0.5;
+    check_model_gradients(&c);
+}
+
+static void test_hash_routing(void **state) {
+    (void)state;
+    ModelConfig c = tiny_config();
+    c.select = SELECT_HASH;
+    check_model_gradients(&c);
+}
+
 // Perfectly balanced routing gives lb = 1.0 whatever k and E: with all router weights
 // zero every score is 1/E and top-k ties resolve to experts 0..k-1 for every token, so
 // instead force balance with k = E, where every expert gets every token.
@@ -325,6 +356,10 @@ static const struct CMUnitTest tests[] = {
     cmocka_unit_test(test_dense_interleaved),
     cmocka_unit_test(test_tied_embeddings_mha),
     cmocka_unit_test(test_lb_loss_is_one_when_balanced),
+    cmocka_unit_test(test_expert_choice),
+    cmocka_unit_test(test_sigmoid_bias_balancing),
+    cmocka_unit_test(test_sequence_lb),
+    cmocka_unit_test(test_hash_routing),
 };
 
 TEST_MAIN(tests)

@@ -568,7 +568,7 @@ static void test_lb_loss_forward(void **state) {
         rand_choices(&r, idx, N, E, k);
         real loss;
         bk()->lb_loss_forward(T(&loss, 1), I(counts, E), T(pmean, E), T(probs, N * E),
-                              I(idx, N * k), N, E, k);
+                              I(idx, N * k), N, E, k, 1);
         double want = 0.0;
         for (size_t i = 0; i < E; i++) {
             int32_t count = 0;
@@ -598,7 +598,7 @@ static void check_balanced_lb(size_t N, size_t E, size_t k) {
         for (size_t j = 0; j < k; j++) idx[n * k + j] = (int32_t)((n + j) % E);
     real loss;
     bk()->lb_loss_forward(T(&loss, 1), I(counts, E), none(), T(probs, N * E), I(idx, N * k), N,
-                          E, k);
+                          E, k, 1);
     assert_true(fabs(loss - 1.0) <= 1e-12);
     free(probs);
     free(idx);
@@ -989,14 +989,14 @@ static Case gather_case(void) {
 static double lb_loss(void *ctx) {
     Case *c = ctx;
     bk()->lb_loss_forward(T(c->out, 1), I(c->counts, c->E), none(), T(c->in[0], c->in_n[0]),
-                          I(c->idx, c->N * c->k), c->N, c->E, c->k);
+                          I(c->idx, c->N * c->k), c->N, c->E, c->k, 1);
     return c->dloss * c->out[0];
 }
 
 static void lb_grad(Case *c, size_t which, real *grad) {
     lb_loss(c);
     bk()->lb_loss_backward(grad_or_none(c, which, 0, grad), I(c->counts, c->E), c->dloss, c->N,
-                           c->E, c->k);
+                           c->E, c->k, 1);
 }
 
 static Case lb_case(void) {
@@ -1237,7 +1237,7 @@ static void test_backward_skips_null_gradients(void **state) {
                                  SCORE_SOFTMAX);
     bk()->gates_backward(none(), T(c.in[0], NE), T(c.in[1], NE), I(c.idx, c.N * c.k), c.N, c.E,
                          c.k, 1);
-    bk()->lb_loss_backward(none(), I(c.counts, c.E), 1.0, c.N, c.E, c.k);
+    bk()->lb_loss_backward(none(), I(c.counts, c.E), 1.0, c.N, c.E, c.k, 1);
     bk()->normalize_rows_backward(none(), T(c.in[0], NE), T(c.in[1], NE), c.N, c.E);
     bk()->zloss_backward(none(), T(c.in[0], NE), T(c.in[1], c.N), 1.0, c.N, c.E);
     bk()->importance_loss_backward(none(), T(c.aux, c.E), I(c.idx, c.N * c.k), 1.0, c.N, c.E,

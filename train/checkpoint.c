@@ -212,6 +212,38 @@ static int write_model(Ckpt *c, const Model *m, const uint8_t *include) {
     return r;
 }
 
+// DeepSeek-V3 expert bias: state, not a parameter, so it has no ParamInfo; stored beside
+// the router gate it belongs to. Delta checkpoints carry it when they carry the gate.
+static void bias_path(const Model *m, int moe_layer, char *out, size_t len) {
+    snprintf(out, len, "/model/layers/%d/router/expert_bias", m->moe[moe_layer].layer);
+}
+
+static int has_bias(const Model *m) { return m->cfg.bias_gamma > 0 && m->n_moe > 0; }
+
+static int gate_included(const Model *m, int moe_layer, const uint8_t *include) {
+    char name[96];
+    snprintf(name, sizeof name, "model.layers.%d.block_sparse_moe.gate.weight",
+             m->moe[moe_layer].layer);
+    const ParamInfo *p = layout_find(&m->layout, name);
+    return !include || (p && include[p - m->layout.params]);
+}
+
+static int write_bias(Ckpt *c, const Model *m, const uint8_t *include) {
+    if (!has_bias(m)) return 0;
+    size_t E = (size_t)m->cfg.experts, esize = dtype_size(m->expert_bias.dtype);
+    char *host = CALLOC(E, esize), dpath[DSET_PATH_MAX];
+    hsize_t dims[1] = {E};
+    int r = 0;
+    for (int l = 0; l < m->n_moe && !r; l++) {
+        if (!gate_included(m, l, include)) continue;
+        m->be->download(host, m->moe[l].bias, E * esize);
+        bias_path(m, l, dpath, sizeof dpath);
+        r = write_array(c, dpath, H5T_IEEE_F32LE, mem_type(m->expert_bias.dtype), host, 1, dims);
+    }
+    free(host);
+    return r;
+}
+
 static int write_moment(Ckpt *c, const Model *m, const ParamInfo *p, Tensor t,
                         const char *which, void *scratch) {
     char dpath[DSET_PATH_MAX];
@@ -289,7 +321,8 @@ static int build_image(Ckpt *c, const char *label, RunConfig *rc, const Model *m
     if (fapl >= 0) H5Pclose(fapl);
     if (c->file < 0) return ckpt_fail(c, "cannot create an HDF5 file in memory");
     int r = write_root(c, st, include ? "delta" : "full", base) || write_config(c, rc) ||
-            write_model(c, m, include) || (opt && write_optim(c, m, opt, include)) ||
+            write_model(c, m, include) || write_bias(c, m, include) ||
+            (opt && write_optim(c, m, opt, include)) ||
             (st && write_state(c, st));
     // The image holds only what was flushed.
     ssize_t n = -1;
@@ -510,7 +543,8 @@ static int is_training_setting(const char *name) {
     static const char *keys[] = {"model.init_std",    "router.capacity_factor",
                                  "router.drop_policy", "router.aux_coef",
                                  "router.z_coef",      "router.noise_coef",
-                                 "router.jitter_eps", "router.aux_scope"};
+                                 "router.jitter_eps", "router.aux_scope",
+                                 "router.bias_gamma", "router.lb_type"};
     for (size_t i = 0; i < sizeof keys / sizeof *keys; i++)
         if (!strcmp(name, keys[i])) return 1;
     return 0;
@@ -628,6 +662,26 @@ static int read_model(Ckpt *c, const Model *m, char *host) {
     return 0;
 }
 
+// Expert biases into host (n_moe, E); a full checkpoint of a bias-balanced model must
+// hold them, a delta only those of the routers it trained.
+static int read_bias(Ckpt *c, const Model *m, char *host) {
+    if (!has_bias(m)) return 0;
+    size_t E = (size_t)m->cfg.experts, esize = dtype_size(m->expert_bias.dtype);
+    char dpath[DSET_PATH_MAX];
+    hsize_t dims[1] = {E};
+    for (int l = 0; l < m->n_moe; l++) {
+        bias_path(m, l, dpath, sizeof dpath);
+        if (!path_exists(c->file, dpath)) {
+            if (is_delta(c)) continue;
+            return ckpt_fail(c, "%s is missing (router.bias_gamma > 0)", dpath);
+        }
+        if (read_array(c, dpath, mem_type(m->expert_bias.dtype), host + (size_t)l * E * esize,
+                       1, dims))
+            return -1;
+    }
+    return 0;
+}
+
 // host_m, host_v: (n_trainable) in opt's state order.
 static int read_optim(Ckpt *c, const Model *m, const AdamW *opt, char *host_m, char *host_v) {
     CHECK(opt->n_tensors == m->layout.n_params,
@@ -667,12 +721,13 @@ static int read_state(Ckpt *c, TrainState *st) {
 typedef struct {
     char *params;
     char *m, *v;
+    char *bias;   // (n_moe, E)
     TrainState st;
 } Staged;
 
 static int load_staged(Ckpt *c, const Model *m, const AdamW *opt, int want_state, Staged *s) {
     if (open_checked(c) != 0 || check_model_config(c, &m->cfg) != 0) return -1;
-    if (read_model(c, m, s->params) != 0) return -1;
+    if (read_model(c, m, s->params) != 0 || read_bias(c, m, s->bias) != 0) return -1;
     if (opt && read_optim(c, m, opt, s->m, s->v) != 0) return -1;
     if (want_state && read_state(c, &s->st) != 0) return -1;
     return 0;
@@ -681,9 +736,11 @@ static int load_staged(Ckpt *c, const Model *m, const AdamW *opt, int want_state
 int ckpt_load(const char *path, Model *m, AdamW *opt, TrainState *st, char *err, size_t n) {
     Ckpt c = {-1, path, err, n};
     size_t pbytes = m->layout.total * dtype_size(m->params.dtype);
-    Staged s = {CALLOC(pbytes, 1), NULL, NULL, {0}};
+    size_t bbytes = m->expert_bias.numel * dtype_size(m->expert_bias.dtype);
+    Staged s = {CALLOC(pbytes, 1), NULL, NULL, CALLOC(bbytes ? bbytes : 1, 1), {0}};
     // A delta replaces some tensors: the others keep m's current values.
     m->be->download(s.params, m->params, pbytes);
+    if (bbytes) m->be->download(s.bias, m->expert_bias, bbytes);
     size_t mbytes = opt ? opt->n_trainable * dtype_size(opt->m.dtype) : 0;
     if (opt) {
         s.m = CALLOC(mbytes ? mbytes : 1, 1);
@@ -695,6 +752,7 @@ int ckpt_load(const char *path, Model *m, AdamW *opt, TrainState *st, char *err,
     hdf5_restore(q);
     if (r == 0) {
         m->be->upload(m->params, s.params, pbytes);
+        if (bbytes) m->be->upload(m->expert_bias, s.bias, bbytes);
         if (opt && mbytes) {
             opt->be->upload(opt->m, s.m, mbytes);
             opt->be->upload(opt->v, s.v, mbytes);
@@ -702,6 +760,7 @@ int ckpt_load(const char *path, Model *m, AdamW *opt, TrainState *st, char *err,
         if (st) *st = s.st;
     }
     free(s.params);
+    free(s.bias);
     free(s.m);
     free(s.v);
     return r;

@@ -36,8 +36,9 @@ static void write_slab_tensors(hid_t f, const Model *m, Tensor slab, const char 
 
 static void write_real_tensor(hid_t f, const Model *m, const char *path, Tensor t, size_t rows,
                               size_t cols) {
-    real *host = CALLOC(rows * cols, sizeof(real));
-    m->be->download(host, t, rows * cols * sizeof(real));
+    size_t n = rows * (cols ? cols : 1);   // cols 0: a vector
+    real *host = CALLOC(n, sizeof(real));
+    m->be->download(host, t, n * sizeof(real));
     hsize_t dims[2] = {rows, cols};
     h5io_write_real(f, path, host, cols ? 2 : 1, dims);
     free(host);
@@ -71,10 +72,10 @@ static void write_layer_losses(hid_t f, const Model *m, const char *path, size_t
 
 static void write_routing(hid_t f, const Model *m) {
     size_t N = m->N, E = (size_t)m->cfg.experts, C = (size_t)m->cfg.d_model;
-    size_t k = (size_t)m->cfg.top_k;
     char path[128];
     for (int i = 0; i < m->n_moe; i++) {
         const MoeLayerState *st = &m->moe[i];
+        size_t k = st->slots;
         snprintf(path, sizeof path, "/out/topk/layers.%d", st->layer);
         write_i32_tensor(f, m, path, st->idx, N, k);
         snprintf(path, sizeof path, "/out/keep/layers.%d", st->layer);
@@ -83,6 +84,8 @@ static void write_routing(hid_t f, const Model *m) {
         if (st->eps.data) write_real_tensor(f, m, path, st->eps, N, E);
         snprintf(path, sizeof path, "/noise/layers.%d.jitter", st->layer);
         if (st->jitter.data) write_real_tensor(f, m, path, st->jitter, N, C);
+        snprintf(path, sizeof path, "/state/layers.%d.expert_bias", st->layer);
+        if (m->cfg.bias_gamma > 0) write_real_tensor(f, m, path, st->bias, E, 0);
     }
     write_layer_losses(f, m, "/out/lb", offsetof(MoeLayerState, lb));
     write_layer_losses(f, m, "/out/z", offsetof(MoeLayerState, z));

@@ -341,6 +341,8 @@ static void train_loop(Run *r) {
         rep.lr = optim_lr_at(&r->rc.optim, step, tc->steps);
         rep.grad_norm = adamw_step(&r->opt, r->model.params, r->model.grads, rep.lr, step,
                                    1.0 / tc->grad_accum);
+        if (r->rc.model.bias_gamma > 0)
+            routing_update_expert_bias(&r->model, &r->step_stats, r->rc.model.bias_gamma);
         r->st.step = step + 1;
         r->st.tokens_seen += tokens_per_step;
         rep.elapsed_s = omp_get_wtime() - t0;

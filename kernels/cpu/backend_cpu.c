@@ -54,6 +54,9 @@ static const Backend cpu_backend = {
     .load_loss_backward = cpu_load_loss_backward,
     .adamw_update = cpu_adamw_update,
     .sum_squares = cpu_sum_squares,
+    .add_bias_forward = cpu_add_bias_forward,
+    .hash_route_forward = cpu_hash_route_forward,
+    .expert_choice_forward = cpu_expert_choice_forward,
 };
 
 const Backend *backend_cpu(void) { return &cpu_backend; }

@@ -73,9 +73,9 @@ void cpu_combine_forward(Tensor y, Tensor yp, Tensor gates, Tensor slot, size_t 
 void cpu_combine_backward(Tensor dyp, Tensor dgates, Tensor dy, Tensor yp, Tensor gates,
                           Tensor slot, size_t N, size_t k, size_t C);
 void cpu_lb_loss_forward(Tensor loss, Tensor counts, Tensor pmean, Tensor probs, Tensor idx,
-                         size_t N, size_t E, size_t k);
+                         size_t N, size_t E, size_t k, size_t G);
 void cpu_lb_loss_backward(Tensor dprobs, Tensor counts, double dloss, size_t N, size_t E,
-                          size_t k);
+                          size_t k, size_t G);
 void cpu_normalize_rows_forward(Tensor p, Tensor s, size_t N, size_t E);
 void cpu_normalize_rows_backward(Tensor ds, Tensor dp, Tensor s, size_t N, size_t E);
 void cpu_zloss_forward(Tensor loss, Tensor lse, Tensor logits, size_t N, size_t E);
@@ -93,5 +93,8 @@ void cpu_load_loss_backward(Tensor dclean, Tensor dh, Tensor draw, Tensor load, 
 void cpu_adamw_update(Tensor p, Tensor g, Tensor m, Tensor v, size_t n, double lr, double beta1,
                       double beta2, double eps, double weight_decay, double bias_c1,
                       double bias_c2, double grad_scale);
-double cpu_sum_squares(Tensor x, size_t n);
+double cpu_sum_squares(Tensor x, size_t n);void cpu_add_bias_forward(Tensor out, Tensor s, Tensor b, size_t N, size_t E);
+void cpu_hash_route_forward(Tensor idx, Tensor tokens, size_t N, size_t E, size_t k);
+void cpu_expert_choice_forward(Tensor keep, Tensor scores, size_t N, size_t E, size_t capacity);
+
 #endif

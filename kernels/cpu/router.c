@@ -370,35 +370,48 @@ void cpu_combine_backward(Tensor dyp, Tensor dgates, Tensor dy, Tensor yp, Tenso
 
 // ---- load balancing loss ------------------------------------------------------------
 
-void cpu_lb_loss_forward(Tensor loss, Tensor counts, Tensor pmean, Tensor probs, Tensor idx,
-                         size_t N, size_t E, size_t k) {
-    int32_t *cnt = TENSOR_I(counts);    // (E)
-    const real *p = TENSOR_R(probs);    // (N, E)
-    const int32_t *top = TENSOR_I(idx); // (N, k)
-    check_experts(top, N * k, E, "lb_loss");
+// One group of n rows: counts (E), pmean (E) or NULL; returns the group's loss.
+static double lb_group(int32_t *cnt, real *pm, const real *p, const int32_t *top, size_t n,
+                       size_t E, size_t k) {
     memset(cnt, 0, E * sizeof(int32_t));
-    for (size_t a = 0; a < N * k; a++) cnt[top[a]]++;
+    for (size_t a = 0; a < n * k; a++) cnt[top[a]]++;
     // Column sums row by row: serial, so independent of the thread count.
     double *colsum = CALLOC(E, sizeof *colsum); // (E)
-    for (size_t n = 0; n < N; n++)
-        for (size_t i = 0; i < E; i++) colsum[i] += p[n * E + i];
+    for (size_t r = 0; r < n; r++)
+        for (size_t i = 0; i < E; i++) colsum[i] += p[r * E + i];
     double total = 0.0;
     for (size_t i = 0; i < E; i++) total += (double)cnt[i] * colsum[i];
-    if (pmean.data)
-        for (size_t i = 0; i < E; i++) TENSOR_R(pmean)[i] = (real)(colsum[i] / (double)N);
+    if (pm)
+        for (size_t i = 0; i < E; i++) pm[i] = (real)(colsum[i] / (double)n);
     free(colsum);
-    TENSOR_R(loss)[0] = (real)((double)E / ((double)k * N) * total / (double)N);
+    return (double)E / ((double)k * n) * total / (double)n;
+}
+
+void cpu_lb_loss_forward(Tensor loss, Tensor counts, Tensor pmean, Tensor probs, Tensor idx,
+                         size_t N, size_t E, size_t k, size_t G) {
+    CHECK(G >= 1 && N % G == 0, "lb_loss: %zu rows do not split into %zu groups", N, G);
+    const int32_t *top = TENSOR_I(idx); // (N, k)
+    check_experts(top, N * k, E, "lb_loss");
+    size_t n = N / G;
+    double sum = 0.0;
+    for (size_t g = 0; g < G; g++) {
+        real *pm = pmean.data ? TENSOR_R(pmean) + g * E : NULL;   // (G, E)
+        sum += lb_group(TENSOR_I(counts) + g * E, pm, TENSOR_R(probs) + g * n * E,
+                        top + g * n * k, n, E, k);
+    }
+    TENSOR_R(loss)[0] = (real)(sum / (double)G);
 }
 
 void cpu_lb_loss_backward(Tensor dprobs, Tensor counts, double dloss, size_t N, size_t E,
-                          size_t k) {
+                          size_t k, size_t G) {
     if (!dprobs.data) return;
     real *dp = TENSOR_R(dprobs);           // (N, E)
-    const int32_t *cnt = TENSOR_I(counts); // (E)
-    double scale = dloss * (double)E / ((double)k * N * N);
+    const int32_t *cnt = TENSOR_I(counts); // (G, E)
+    size_t n = N / G;
+    double scale = dloss / (double)G * (double)E / ((double)k * n * n);
 #pragma omp parallel for
-    for (size_t n = 0; n < N; n++)
-        for (size_t i = 0; i < E; i++) dp[n * E + i] += (real)(scale * cnt[i]);
+    for (size_t r = 0; r < N; r++)
+        for (size_t i = 0; i < E; i++) dp[r * E + i] += (real)(scale * cnt[(r / n) * E + i]);
 }
 
 void cpu_normalize_rows_forward(Tensor p, Tensor s, size_t N, size_t E) {
