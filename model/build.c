@@ -267,6 +267,7 @@ static void build_expert_choice_slots(Builder *b, RouterBufs *r, MoeLayerState *
     }
     r->gates = op_gates(b, r->scores, st->idx, E, 0);
     st->gates = r->gates.v;
+    st->probs = r->scores.v;   // router health: entropy of the scores
 }
 
 // Router logits, optional Shazeer noise, scores, selection and gates.

@@ -1,5 +1,6 @@
 #include "routing.h"
 
+#include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -15,12 +16,16 @@ void routing_stats_init(RoutingStats *rs, const ModelConfig *cfg) {
     rs->routed = CALLOC(n, sizeof *rs->routed);
     rs->dropped = CALLOC(n, sizeof *rs->dropped);
     rs->gate_sum = CALLOC(n, sizeof *rs->gate_sum);
+    rs->entropy_sum = CALLOC((size_t)rs->n_layers, sizeof *rs->entropy_sum);
+    rs->lse_sum = CALLOC((size_t)rs->n_layers, sizeof *rs->lse_sum);
 }
 
 void routing_stats_free(RoutingStats *rs) {
     free(rs->routed);
     free(rs->dropped);
     free(rs->gate_sum);
+    free(rs->entropy_sum);
+    free(rs->lse_sum);
     memset(rs, 0, sizeof *rs);
 }
 
@@ -30,6 +35,34 @@ void routing_stats_reset(RoutingStats *rs) {
     memset(rs->routed, 0, n * sizeof *rs->routed);
     memset(rs->dropped, 0, n * sizeof *rs->dropped);
     memset(rs->gate_sum, 0, n * sizeof *rs->gate_sum);
+    memset(rs->entropy_sum, 0, (size_t)rs->n_layers * sizeof *rs->entropy_sum);
+    memset(rs->lse_sum, 0, (size_t)rs->n_layers * sizeof *rs->lse_sum);
+}
+
+// Entropy of each token's scores made a distribution, and logsumexp of its logits.
+static void add_router_health(RoutingStats *rs, int l, const Model *m, const MoeLayerState *st,
+                              size_t tokens) {
+    size_t E = (size_t)rs->experts;
+    if (st->probs.data) {
+        real *p = CALLOC(tokens * E, sizeof *p);
+        m->be->download(p, st->probs, tokens * E * sizeof *p);
+        for (size_t n = 0; n < tokens; n++) {
+            double sum = 0.0, h = 0.0;
+            for (size_t e = 0; e < E; e++) sum += p[n * E + e];
+            for (size_t e = 0; e < E; e++) {
+                double q = p[n * E + e] / sum;
+                if (q > 0) h -= q * log(q);
+            }
+            rs->entropy_sum[l] += h;
+        }
+        free(p);
+    }
+    if (st->lse.data) {
+        real *lse = CALLOC(tokens, sizeof *lse);
+        m->be->download(lse, st->lse, tokens * sizeof *lse);
+        for (size_t n = 0; n < tokens; n++) rs->lse_sum[l] += lse[n];
+        free(lse);
+    }
 }
 
 // Expert choice offers every (token, expert) slot; only the experts' picks are routed.
@@ -50,11 +83,66 @@ void routing_stats_add(RoutingStats *rs, const Model *m, size_t rows) {
             rs->dropped[cell] += keep[a] == 0;
             rs->gate_sum[cell] += (double)gates[a];
         }
+        add_router_health(rs, l, m, st, rows * m->T);
     }
     rs->tokens += rows * m->T;
     free(idx);
     free(keep);
     free(gates);
+}
+
+void routing_stats_merge(RoutingStats *dst, const RoutingStats *src) {
+    size_t n = (size_t)src->n_layers * (size_t)src->experts;
+    for (size_t i = 0; i < n; i++) {
+        dst->routed[i] += src->routed[i];
+        dst->dropped[i] += src->dropped[i];
+        dst->gate_sum[i] += src->gate_sum[i];
+    }
+    for (int l = 0; l < src->n_layers; l++) {
+        dst->entropy_sum[l] += src->entropy_sum[l];
+        dst->lse_sum[l] += src->lse_sum[l];
+    }
+    dst->tokens += src->tokens;
+}
+
+double routing_layer_dropped(const RoutingStats *rs, int l) {
+    uint64_t routed = 0, dropped = 0;
+    for (int e = 0; e < rs->experts; e++) {
+        routed += rs->routed[(size_t)l * rs->experts + e];
+        dropped += rs->dropped[(size_t)l * rs->experts + e];
+    }
+    return routed ? (double)dropped / (double)routed : 0.0;
+}
+
+double routing_layer_maxvio(const RoutingStats *rs, int l) {
+    const uint64_t *load = rs->routed + (size_t)l * (size_t)rs->experts;
+    uint64_t max = 0, sum = 0;
+    for (int e = 0; e < rs->experts; e++) {
+        sum += load[e];
+        if (load[e] > max) max = load[e];
+    }
+    double mean = (double)sum / rs->experts;
+    return mean > 0 ? ((double)max - mean) / mean : 0.0;
+}
+
+double routing_layer_entropy(const RoutingStats *rs, int l) {
+    return rs->tokens ? rs->entropy_sum[l] / (double)rs->tokens : 0.0;
+}
+
+double routing_layer_lse(const RoutingStats *rs, int l) {
+    return rs->tokens ? rs->lse_sum[l] / (double)rs->tokens : 0.0;
+}
+
+int routing_layer_dead(const RoutingStats *rs, int l) {
+    int dead = 0;
+    for (int e = 0; e < rs->experts; e++) dead += rs->routed[(size_t)l * rs->experts + e] == 0;
+    return dead;
+}
+
+static double layer_mean(const RoutingStats *rs, double (*f)(const RoutingStats *, int)) {
+    double sum = 0.0;
+    for (int l = 0; l < rs->n_layers; l++) sum += f(rs, l);
+    return rs->n_layers ? sum / rs->n_layers : 0.0;
 }
 
 double routing_dropped_fraction(const RoutingStats *rs) {
@@ -68,19 +156,17 @@ double routing_dropped_fraction(const RoutingStats *rs) {
 }
 
 double routing_maxvio(const RoutingStats *rs) {
-    if (rs->n_layers == 0 || rs->tokens == 0) return 0.0;
-    double total = 0.0;
-    for (int l = 0; l < rs->n_layers; l++) {
-        const uint64_t *load = rs->routed + (size_t)l * (size_t)rs->experts;
-        uint64_t max = 0, sum = 0;
-        for (int e = 0; e < rs->experts; e++) {
-            sum += load[e];
-            if (load[e] > max) max = load[e];
-        }
-        double mean = (double)sum / rs->experts;
-        total += mean > 0 ? ((double)max - mean) / mean : 0.0;
-    }
-    return total / rs->n_layers;
+    return rs->tokens ? layer_mean(rs, routing_layer_maxvio) : 0.0;
+}
+
+double routing_entropy(const RoutingStats *rs) { return layer_mean(rs, routing_layer_entropy); }
+
+double routing_lse(const RoutingStats *rs) { return layer_mean(rs, routing_layer_lse); }
+
+int routing_dead(const RoutingStats *rs) {
+    int dead = 0;
+    for (int l = 0; l < rs->n_layers; l++) dead += routing_layer_dead(rs, l);
+    return dead;
 }
 
 static int router_trains(const Model *m, int layer) {

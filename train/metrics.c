@@ -26,12 +26,14 @@ void metrics_open(Metrics *mt, const char *run_dir, const char **domains, int n_
     memset(mt, 0, sizeof *mt);
     mt->metrics = open_in(run_dir, "metrics.csv", append);
     mt->experts = open_in(run_dir, "experts.csv", append);
+    mt->layers = open_in(run_dir, "layers.csv", append);
     mt->tty = isatty(STDOUT_FILENO);
     mt->log_every = log_every;
     mt->n_domains = n_domains;
     if (append) return;
     const char *cols[] = {"step", "lr", "loss", "ce", "lb", "z", "importance", "load",
-                          "grad_norm", "dropped", "maxvio", "tok_per_s", "elapsed_s"};
+                          "grad_norm", "dropped", "maxvio", "entropy", "lse", "tok_per_s",
+                          "elapsed_s", "dead"};
     for (size_t i = 0; i < sizeof cols / sizeof *cols; i++) csv_cell(mt->metrics, cols[i], i == 0);
     char name[256];
     for (int d = 0; d < n_domains; d++) {
@@ -43,26 +45,46 @@ void metrics_open(Metrics *mt, const char *run_dir, const char **domains, int n_
     const char *ecols[] = {"step", "layer", "expert", "tokens", "fraction", "mean_gate", "dropped"};
     for (size_t i = 0; i < sizeof ecols / sizeof *ecols; i++) csv_cell(mt->experts, ecols[i], i == 0);
     fputc('\n', mt->experts);
+    const char *lcols[] = {"step", "layer", "dropped", "maxvio", "entropy", "lse", "dead"};
+    for (size_t i = 0; i < sizeof lcols / sizeof *lcols; i++) csv_cell(mt->layers, lcols[i], i == 0);
+    fputc('\n', mt->layers);
 }
 
 void metrics_close(Metrics *mt) {
     metrics_break_line(mt);
     if (mt->metrics) fclose(mt->metrics);
     if (mt->experts) fclose(mt->experts);
+    if (mt->layers) fclose(mt->layers);
     memset(mt, 0, sizeof *mt);
 }
 
-void metrics_write_step(Metrics *mt, const StepReport *r, const double *val) {
+// Dead experts are counted over the evaluation window; empty on other steps.
+static void write_layer_rows(Metrics *mt, const StepReport *r, const Model *m) {
+    const RoutingStats *rs = r->routing;
+    for (int l = 0; rs && l < rs->n_layers; l++) {
+        fprintf(mt->layers, "%ld,%d,%.6f,%.6f,%.6f,%.6f,", r->step, m->moe[l].layer,
+                routing_layer_dropped(rs, l), routing_layer_maxvio(rs, l),
+                routing_layer_entropy(rs, l), routing_layer_lse(rs, l));
+        if (r->window) fprintf(mt->layers, "%d", routing_layer_dead(r->window, l));
+        fputc('\n', mt->layers);
+    }
+    fflush(mt->layers);
+}
+
+void metrics_write_step(Metrics *mt, const StepReport *r, const double *val, const Model *m) {
     const ModelLosses *l = &r->losses;
-    fprintf(mt->metrics, "%ld,%.6g,%.6f,%.6f,%.6f,%.6f,%.6f,%.6f,%.6f,%.6f,%.6f,%.1f,%.3f",
-            r->step, r->lr, l->total, l->ce, l->lb, l->z, l->importance, l->load, r->grad_norm,
-            r->dropped, r->maxvio, r->tok_per_s, r->elapsed_s);
+    fprintf(mt->metrics,
+            "%ld,%.6g,%.6f,%.6f,%.6f,%.6f,%.6f,%.6f,%.6f,%.6f,%.6f,%.6f,%.6f,%.1f,%.3f,", r->step,
+            r->lr, l->total, l->ce, l->lb, l->z, l->importance, l->load, r->grad_norm, r->dropped,
+            r->maxvio, r->entropy, r->lse, r->tok_per_s, r->elapsed_s);
+    if (r->window) fprintf(mt->metrics, "%d", routing_dead(r->window));
     for (int d = 0; d <= mt->n_domains; d++) {
         if (val) fprintf(mt->metrics, ",%.6f", val[d]);
         else fputc(',', mt->metrics);
     }
     fputc('\n', mt->metrics);
     fflush(mt->metrics);
+    write_layer_rows(mt, r, m);
 }
 
 void metrics_write_experts(Metrics *mt, long step, const RoutingStats *rs, const Model *m) {

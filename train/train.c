@@ -46,6 +46,7 @@ typedef struct {
     DataLoader *data;
     Metrics metrics;
     RoutingStats step_stats;
+    RoutingStats window;      // routing since the last evaluation (dead experts)
     EvalResult eval;
     TrainState st;            // step, tokens, data cursor, noise generator, best loss
     uint8_t *trainable;       // (layout tensors)
@@ -192,6 +193,7 @@ static void setup(Run *r) {
     make_dirs(r->run_dir);
     write_resolved_config(r);
     routing_stats_init(&r->step_stats, &rc->model);
+    routing_stats_init(&r->window, &rc->model);
     int nd = data_loader_domains(r->data);
     eval_result_init(&r->eval, &rc->model, nd);
     const char *names[DATA_MAX_DOMAINS];
@@ -353,6 +355,10 @@ static void train_loop(Run *r) {
                     (n_evals ? eval_s / n_evals * evals_left : 0.0);
         rep.dropped = routing_dropped_fraction(&r->step_stats);
         rep.maxvio = routing_maxvio(&r->step_stats);
+        rep.entropy = routing_entropy(&r->step_stats);
+        rep.lse = routing_lse(&r->step_stats);
+        rep.routing = &r->step_stats;
+        routing_stats_merge(&r->window, &r->step_stats);
         int last = step + 1 == tc->steps;
         int eval = last || (tc->eval_every > 0 && (step + 1) % tc->eval_every == 0);
         metrics_print_step(&r->metrics, &rep);
@@ -363,7 +369,9 @@ static void train_loop(Run *r) {
             n_evals++;
             print_eval(r, step + 1);
         }
-        metrics_write_step(&r->metrics, &rep, eval ? r->eval.loss : NULL);
+        rep.window = eval ? &r->window : NULL;
+        metrics_write_step(&r->metrics, &rep, eval ? r->eval.loss : NULL, &r->model);
+        if (eval) routing_stats_reset(&r->window);
         metrics_write_experts(&r->metrics, step, &r->step_stats, &r->model);
         after_step(r, eval);
     }
@@ -418,6 +426,7 @@ static void finish(Run *r) {
     free(r->trainable);
     eval_result_free(&r->eval);
     routing_stats_free(&r->step_stats);
+    routing_stats_free(&r->window);
     adamw_free(&r->opt);
     model_free(&r->model);
     data_loader_close(r->data);
