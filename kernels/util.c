@@ -2,23 +2,25 @@
 
 #include <stdarg.h>
 
-_Noreturn void util_die(const char *file, int line, const char *fmt, ...) {
+static void print_error(const char *fmt, va_list ap) {
     fflush(stdout);
     fprintf(stderr, "moe: error: ");
+    vfprintf(stderr, fmt, ap);
+}
+
+_Noreturn void util_die(const char *file, int line, const char *fmt, ...) {
     va_list ap;
     va_start(ap, fmt);
-    vfprintf(stderr, fmt, ap);
+    print_error(fmt, ap);
     va_end(ap);
     fprintf(stderr, " (%s:%d)\n", file, line);
     exit(EXIT_FAILURE);
 }
 
 _Noreturn void util_fail(const char *fmt, ...) {
-    fflush(stdout);
-    fprintf(stderr, "moe: error: ");
     va_list ap;
     va_start(ap, fmt);
-    vfprintf(stderr, fmt, ap);
+    print_error(fmt, ap);
     va_end(ap);
     fputc('\n', stderr);
     exit(EXIT_FAILURE);

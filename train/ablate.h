@@ -31,8 +31,9 @@ int ablate_main(int argc, char **argv);
 
 // ablate_report.c: reads each variant's <out>/<name>/metrics.csv (and layers.csv when
 // present) and writes <out>/ablation.csv, ablation.md and the figures.
+// `note` (how many ran, at what parallelism, the wall time) goes into ablation.md.
 void ablate_report(const char *out, const char *grid_path, const RunConfig *base,
-                   const AblateVariant *v, int n, int jobs, double wall_s);
+                   const AblateVariant *v, int n, const char *note);
 // The mean validation loss of a run's last evaluation, or NAN when there is none.
 double ablate_final_val(const char *run_dir);
 
