@@ -99,6 +99,9 @@ int model_config_validate(const ModelConfig *c, char *err, size_t n) {
     if (c->select == SELECT_HASH && c->noise != NOISE_NONE)
         return snprintf(err, n, "router.select = hash has no router to add noise to; set "
                                 "router.noise = none"), -1;
+    if (c->noise == NOISE_SHAZEER && c->bias_gamma > 0)
+        return snprintf(err, n, "router.noise = shazeer and router.bias_gamma > 0 do not combine: "
+                                "the load loss assumes selection on the noisy scores alone"), -1;
     if (c->select != SELECT_TOPK && c->bias_gamma > 0)
         return snprintf(err, n, "router.bias_gamma > 0 needs router.select = topk (the bias "
                                 "shifts top-k selection)"), -1;

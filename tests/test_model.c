@@ -283,9 +283,9 @@ static void test_frozen_tensors_get_no_gradient(void **state) {
 // routing statistics pooled first (model/pool.h), give the losses and gradients of one
 // batch of 4 rows. Shazeer noise is per token, so the micro-batches get the full batch's
 // noise rows.
-static void test_grad_accum_pooled_aux_losses(void **state) {
-    (void)state;
+static void check_grad_accum_pooled(LbType lb_type) {
     ModelConfig c = tiny_config();
+    c.lb_type = lb_type;
     c.aux_coef = 0.3;
     c.z_coef = 0.1;
     c.noise = NOISE_SHAZEER;
@@ -340,8 +340,19 @@ static void test_grad_accum_pooled_aux_losses(void **state) {
     model_free(&micro);
 }
 
+static void test_grad_accum_pooled_aux_losses(void **state) {
+    (void)state;
+    check_grad_accum_pooled(LB_BATCH);
+}
+
+static void test_grad_accum_pooled_sequence_lb(void **state) {
+    (void)state;
+    check_grad_accum_pooled(LB_SEQ);
+}
+
 static const struct CMUnitTest tests[] = {
     cmocka_unit_test(test_grad_accum_pooled_aux_losses),
+    cmocka_unit_test(test_grad_accum_pooled_sequence_lb),
     cmocka_unit_test(test_frozen_tensors_get_no_gradient),
     cmocka_unit_test(test_grad_accum_matches_full_batch),
     cmocka_unit_test(test_softmax_top1),

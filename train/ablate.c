@@ -1,4 +1,4 @@
-// ablate.c: `moe ablate GRID.ini [--jobs N] [--out DIR]` (the grid format is in ablate.h).
+// ablate.c: `moe ablate GRID.ini [--jobs N] [--out DIR] [overrides]` (format: ablate.h).
 //
 // Each variant trains in a child process, `moe train <out>/base.ini <overrides>
 // train.out_dir=<out> train.name=<variant> train.threads=<cores/jobs>` (the same binary,
@@ -183,7 +183,7 @@ static int grid_key(void *user, const char *section, const char *key, const char
     return bad == 0;
 }
 
-static void grid_load(GridFile *g, const char *path) {
+static void grid_load(GridFile *g, const char *path, int n_words, char **words) {
     memset(g, 0, sizeof *g);
     g->path = path;
     g->base = CALLOC(1, sizeof *g->base);
@@ -196,6 +196,7 @@ static void grid_load(GridFile *g, const char *path) {
     if (line > 0) FAIL("%s:%d: %s", path, line, g->err[0] ? g->err : "syntax error");
     if (!g->n_sections && !g->n_axes)
         FAIL("%s: no [variant NAME] or [grid] section: nothing to compare", path);
+    run_apply_overrides(g->base, n_words, words);
     if (run_config_validate(g->base, g->err, sizeof g->err) != 0) FAIL("%s: %s", path, g->err);
     data_config_use_default(&g->base->data);
 }
@@ -334,9 +335,11 @@ typedef struct {
     double t0;
 } Job;
 
-// rc: the variant's resolved config, with the thread count its child will get.
+// rc: the variant's config as its child resolves it (name, out_dir and threads included).
 static void plan_job(Job *j, RunConfig *rc, const char *out) {
-    snprintf(j->run_dir, sizeof j->run_dir, "%s/%s", out, j->v->name);
+    if (snprintf(j->run_dir, sizeof j->run_dir, "%s/%s", out, j->v->name) >=
+        (int)sizeof j->run_dir)
+        FAIL("%s/%s: path too long", out, j->v->name);
     j->plan = PLAN_FRESH;
     char pattern[RUN_FILE_MAX];
     snprintf(pattern, sizeof pattern, "%s/ckpt_*.h5", j->run_dir);
@@ -452,6 +455,7 @@ static void run_jobs(Job *job, int n, int jobs, const char *out, const char *bas
             running++;
         }
         if (running == 0) break;
+        fflush(stdout);   // progress lines show up in a log file while the runs go on
         int status;
         pid_t pid = wait(&status);
         if (pid < 0 && errno == EINTR) continue;
@@ -471,11 +475,17 @@ typedef struct {
     const char *grid;
     const char *out;
     int jobs;
+    char **words;     // section.key=value overrides of the base
+    int n_words;
 } AblateArgs;
 
 static void parse_args(AblateArgs *a, int argc, char **argv) {
     *a = (AblateArgs){.grid = argv[1], .jobs = 1};
     for (int i = 2; i < argc; i++) {
+        if (strncmp(argv[i], "--", 2) && strchr(argv[i], '=')) {
+            words_push(&a->words, &a->n_words, argv[i]);
+            continue;
+        }
         if (i + 1 >= argc) FAIL("%s needs a value (moe ablate --help)", argv[i]);
         const char *f = argv[i], *v = argv[++i];
         char *end;
@@ -490,13 +500,14 @@ static void parse_args(AblateArgs *a, int argc, char **argv) {
 }
 
 static void print_ablate_help(void) {
-    printf("usage: moe ablate GRID.ini [--jobs N] [--out DIR]\n"
+    printf("usage: moe ablate GRID.ini [--jobs N] [--out DIR] [section.key=value ...]\n"
            "  Trains every variant of GRID (a config plus [variant NAME] sections of\n"
            "  overrides and/or a [grid] section of comma-separated value lists) with the same\n"
            "  data, seed, init and token budget, N at a time (default 1, cores/N threads\n"
            "  each), into DIR (default <train.out_dir>/<GRID base name>); finished variants\n"
            "  are skipped and interrupted ones resumed when run again. Writes\n"
-           "  DIR/ablation.csv, DIR/ablation.md, DIR/val_loss.png and DIR/maxvio.png.\n");
+           "  DIR/ablation.csv, DIR/ablation.md, DIR/val_loss.png and DIR/maxvio.png.\n"
+           "  Overrides change the base (e.g. train.steps=20 for a quick trial).\n");
 }
 
 // <train.out_dir>/<grid file's base name without .ini>
@@ -527,7 +538,7 @@ int ablate_main(int argc, char **argv) {
     AblateArgs a;
     parse_args(&a, argc, argv);
     GridFile g;
-    grid_load(&g, a.grid);
+    grid_load(&g, a.grid, a.n_words, a.words);
     int n;
     AblateVariant *v = grid_expand(&g, &n);
     char out[RUN_PATH_MAX], base_ini[RUN_FILE_MAX];
@@ -546,6 +557,10 @@ int ablate_main(int argc, char **argv) {
         job[i].v = &v[i];
         variant_config(rc, base_ini, &v[i], a.grid);
         rc->train.threads = threads;
+        snprintf(rc->train.name, sizeof rc->train.name, "%s", v[i].name);
+        if (snprintf(rc->train.out_dir, sizeof rc->train.out_dir, "%s", out) >=
+            (int)sizeof rc->train.out_dir)
+            FAIL("--out %s: path too long", out);
         plan_job(&job[i], rc, out);
     }
     free(rc);

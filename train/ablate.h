@@ -1,6 +1,7 @@
-// ablate.h: `moe ablate GRID.ini [--jobs N] [--out DIR]`: one training run per variant
-// of a base config, all with the same data, seed, init and token budget, then one table
-// and two figures comparing them.
+// ablate.h: `moe ablate GRID.ini [--jobs N] [--out DIR] [section.key=value ...]`: one
+// training run per variant of a base config, all with the same data, seed, init and token
+// budget, then one table and two figures comparing them. Override words change the base
+// (train.steps=20 for a quick trial of a grid).
 //
 // A grid file is a normal config (the base every variant shares) plus either or both of
 //   [variant NAME]   one run per section: its "section.key = value" lines override the base

@@ -4,9 +4,11 @@
 
 #include "../data/prepare.h"
 #include "../kernels/cpu/blas.h"
+#include "ablate.h"
 #include "commands.h"
 #include "config.h"
 #include "dump.h"
+#include "route.h"
 #include "train.h"
 
 static void print_usage(FILE *f) {
@@ -22,6 +24,10 @@ static void print_usage(FILE *f) {
             "  merge BASE DELTA OUT                  apply a delta fine-tune to its base\n"
             "  eval CHECKPOINT [DATA]                loss and perplexity per domain\n"
             "  sample CHECKPOINT [--prompt TEXT]     generate text\n"
+            "  ablate GRID.ini [--jobs N] [--out DIR]  train router variants side by side\n"
+            "  route CHECKPOINT [DATA ...] [--out DIR] [--compare CKPT] [--tokens N]\n"
+            "                                        expert activation maps, co-activation,\n"
+            "                                        router saturation\n"
             "  prepare [DIR]                         build the default three-domain corpus\n"
             "                                        (default data/default)\n"
             "  dump OUT.h5 [section.key=value ...]   forward/backward on test weights, all\n"
@@ -67,6 +73,8 @@ int main(int argc, char **argv) {
     if (!strcmp(cmd, "merge")) return merge_main(argc - 1, argv + 1);
     if (!strcmp(cmd, "eval")) return eval_main(argc - 1, argv + 1);
     if (!strcmp(cmd, "sample")) return sample_main(argc - 1, argv + 1);
+    if (!strcmp(cmd, "ablate")) return ablate_main(argc - 1, argv + 1);
+    if (!strcmp(cmd, "route")) return route_main(argc - 1, argv + 1);
     if (!strcmp(cmd, "prepare")) return prepare_main(argc - 1, argv + 1);
     if (!strcmp(cmd, "dump")) return dump_main(argc - 1, argv + 1);
     fprintf(stderr, "moe: error: unknown command '%s'\nHINT: moe help lists the commands\n", cmd);

@@ -13,6 +13,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import torch_moe  # noqa: E402
@@ -48,10 +49,41 @@ CASES = {
     "dense_interleaved": ["model.layers=3", "model.moe_every=2"],
     "tied_embeddings": ["model.tie_embeddings=true"],
     "mha_no_gqa": ["model.kv_heads=4"],
+    # hash routing (Roller et al. 2021): no router weights, no lb / z, gates 1/k
+    "hash_top2": ["router.select=hash"],
+    "hash_top1": ["router.select=hash", "router.top_k=1", "router.renorm=false"],
+    "hash_capacity_position": ["router.select=hash", "router.capacity_factor=1.0",
+                               "router.drop_policy=position"],
+    "hash_capacity_probs": ["router.select=hash", "router.capacity_factor=1.0",
+                            "router.drop_policy=probs"],
+    "hash_interleaved_shared": ["router.select=hash", "model.layers=3", "model.moe_every=2",
+                                "model.shared_experts=1", "model.shared_ffn_dim=8"],
+    # expert choice (Zhou et al. 2022): C = min(N, ceil(N*cf/E)), cf = top_k when <= 0
+    "ec_cf1_softmax": ["router.select=expert_choice", "router.capacity_factor=1.0"],
+    "ec_cf1_sigmoid": ["router.select=expert_choice", "router.capacity_factor=1.0",
+                       "router.score=sigmoid"],
+    "ec_default_cf": ["router.select=expert_choice", "router.capacity_factor=0"],
+    "ec_jitter": ["router.select=expert_choice", "router.capacity_factor=1.0",
+                  "router.noise=jitter"],
+    "ec_all_tokens": ["router.select=expert_choice", "router.capacity_factor=10"],
+    # DeepSeek-V3 expert bias: top-k on s + b, gates from s
+    "bias_sigmoid_top2": ["router.bias_gamma=0.001", "router.score=sigmoid"],
+    "bias_softmax_top2": ["router.bias_gamma=0.001", "router.score=softmax"],
+    "bias_softmax_top1_norenorm": ["router.bias_gamma=0.001", "router.top_k=1",
+                                   "router.renorm=false"],
+    "bias_sigmoid_capacity_probs": ["router.bias_gamma=0.001", "router.score=sigmoid",
+                                    "router.capacity_factor=1.0", "router.drop_policy=probs"],
+    # per-sequence load balancing
+    "lb_seq_top2": ["router.lb_type=seq"],
+    "lb_seq_sigmoid_top1": ["router.lb_type=seq", "router.score=sigmoid", "router.top_k=1",
+                            "router.renorm=false"],
+    "lb_seq_capacity": ["router.lb_type=seq", "router.capacity_factor=1.0"],
+    "lb_seq_shazeer": ["router.lb_type=seq", "router.noise=shazeer"],
 }
 
 # Cases that prove nothing unless capacity drops something: try these seeds in turn.
-DROP_CASES = {"capacity_position", "capacity_probs"}
+DROP_CASES = {"capacity_position", "capacity_probs", "hash_capacity_position",
+              "hash_capacity_probs", "bias_sigmoid_capacity_probs", "lb_seq_capacity"}
 SEEDS = [None, 1, 2, 3, 4, 5, 6, 7]
 
 
@@ -82,29 +114,106 @@ def position_keep_differs(cmp):
     return False
 
 
+def bias_changes_selection(cmp):
+    """True when the expert bias changes some token's selected set (else the bias case
+    would pass with the bias ignored)."""
+    k = cmp.cfg.top_k
+    out, _ = cmp.ref
+    for r in out["routers"]:
+        biased = r["topk"].sort(dim=1).values
+        plain = r["order_unbiased"][:, :k].sort(dim=1).values
+        if not bool((biased == plain).all()):
+            return True
+    return False
+
+
+def seq_lb_differs(cmp):
+    """True when the per-sequence lb differs from the batch-wide one in some layer."""
+    out, _ = cmp.ref
+    for r in out["routers"]:
+        batch = torch_moe.load_balance(r["probs"], r["topk"], cmp.cfg.experts, cmp.cfg.top_k)
+        if abs(float(batch) - float(r["lb"])) > 1e-3 * abs(float(batch)):
+            return True
+    return False
+
+
+def ec_tokens_per_token(cmp):
+    """Experts per token under expert choice, over every MoE layer (a flat list)."""
+    out, _ = cmp.ref
+    return [int(v) for r in out["routers"] for v in r["keep"].sum(dim=1)]
+
+
+def not_exercised(case, cmp):
+    """Why this dump does not exercise what the case is for (None when it does)."""
+    why = []
+    if case in DROP_CASES and cmp.dropped == 0:
+        why.append("no assignment dropped")
+    if case == "capacity_probs" and not position_keep_differs(cmp):
+        why.append("probs keeps the same as position")
+    if case.startswith("bias_") and not bias_changes_selection(cmp):
+        why.append("the expert bias changes no selection")
+    if case.startswith("lb_seq") and not seq_lb_differs(cmp):
+        why.append("per-sequence lb equals the batch lb")
+    if case.startswith("ec_cf1") or case == "ec_jitter":
+        per = ec_tokens_per_token(cmp)
+        if min(per) != 0 or max(per) < 2:
+            why.append(f"experts per token range {min(per)}..{max(per)}, want 0 and >= 2")
+    return "; ".join(why) or None
+
+
+def check_case_invariants(case, cmp, path):
+    """Properties of the new router variants that hold whatever the numbers."""
+    cfg = cmp.cfg
+    out, _ = cmp.ref
+    dump = torch_moe.Dump(str(path))
+    n = out["logits"].shape[0]
+    if cfg.select == "hash":
+        assert "lb" not in dump.out and "z" not in dump.out, "hash: /out/lb or /out/z present"
+        assert not any(p.endswith("block_sparse_moe.gate.weight") for p in dump.params)
+        # total loss is just the cross-entropy
+        assert float(dump.out["loss"]) == pytest.approx(float(dump.out["ce"]), rel=1e-6)
+        if cfg.drop_policy == "probs":
+            # gates all tie at 1/k, so probs must keep exactly what position keeps
+            cap = torch_moe.capacity(cfg, n)
+            for r in out["routers"]:
+                alt = torch_moe.capacity_keep(r["topk"], r["gates"], cfg.experts, cap,
+                                              "position")
+                assert bool((alt == r["keep"]).all())
+    if cfg.select == "expert_choice":
+        assert "lb" not in dump.out, "expert choice: /out/lb present"
+        assert "z" in dump.out, "expert choice: /out/z missing"
+        cap = torch_moe.expert_choice_capacity(cfg, n)
+        for r in out["routers"]:
+            # every expert takes exactly C tokens
+            assert r["keep"].sum(dim=0).tolist() == [cap] * cfg.experts
+        if case.startswith("ec_cf1") or case == "ec_jitter":
+            per = ec_tokens_per_token(cmp)
+            assert min(per) == 0 and max(per) >= 2, per
+        if case == "ec_all_tokens":
+            assert cap == n
+    if cfg.uses_bias:
+        assert all(f"layers.{i}.expert_bias" in dump.state for i in cfg.moe_layers())
+        assert bias_changes_selection(cmp)
+
+
 @pytest.mark.parametrize("case", list(CASES))
 def test_reference(case, tmp_path, reference_summary, record_property):
     overrides = BASE + CASES[case]
-    seeds = SEEDS if case in DROP_CASES else [None]
     cmp = None
+    path = None
     tried = []
-    for seed in seeds:
+    for seed in SEEDS:
         ov = overrides + ([f"train.seed={seed}"] if seed is not None else [])
         path = tmp_path / f"case{'' if seed is None else seed}.h5"
         run_dump(path, ov)
         cmp = torch_moe.compare(str(path))
-        if case not in DROP_CASES:
+        why = not_exercised(case, cmp)
+        if why is None:
             break
-        differs = case != "capacity_probs" or position_keep_differs(cmp)
-        tried.append(f"seed {seed or 'default'}: {cmp.dropped} dropped"
-                     f"{'' if differs else ', probs keeps the same as position'}")
-        if cmp.dropped > 0 and differs:
-            break
+        tried.append(f"seed {seed or 'default'}: {why}")
     else:
-        if case in DROP_CASES:
-            pytest.fail(f"{case}: no seed made capacity drop assignments (or, for probs, "
-                        f"differ from position), so the case proves nothing: "
-                        f"{'; '.join(tried)}", pytrace=False)
+        pytest.fail(f"{case}: no seed exercised the case, so it proves nothing: "
+                    f"{'; '.join(tried)}", pytrace=False)
 
     worst_name, worst_err = cmp.worst()
     record_property("worst_quantity", worst_name)
@@ -118,3 +227,18 @@ def test_reference(case, tmp_path, reference_summary, record_property):
         + "\n  ".join(failures) + "\n" + cmp.table(all_rows=False))
     if case in DROP_CASES:
         assert cmp.dropped > 0
+    check_case_invariants(case, cmp, path)
+
+
+def test_splitmix64_finalizer_vectors():
+    """The reference's hash against SplitMix64's published outputs for seed 0 (the
+    finalizer of state + golden gamma, i.e. of i * gamma for the i-th output)."""
+    gamma = 0x9E3779B97F4A7C15
+    want = [0xE220A8397B1DCDAF, 0x6E789E6AA1B965F4, 0x06C45D188009454F]
+    got = [torch_moe.splitmix64_finalizer((i * gamma) & ((1 << 64) - 1)) for i in range(3)]
+    assert got == want
+    # token ids are taken as uint32: the choices are (h + j) % E
+    idx = torch_moe.hash_choices(torch.tensor([0, 5]), 4, 3)
+    for row, t in zip(idx.tolist(), (0, 5)):
+        h = torch_moe.splitmix64_finalizer(t) % 4
+        assert row == [h % 4, (h + 1) % 4, (h + 2) % 4]

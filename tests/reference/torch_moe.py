@@ -6,6 +6,10 @@ float64 from the stored float32 weights, recomputes the forward pass (logits, cr
 router selection, capacity drops, auxiliary losses) and every parameter gradient with
 autograd, and compares them with what the C code stored.
 
+Router variants (router.select): token-choice top-k (optionally on score + a DeepSeek-V3
+expert bias from /state, router.bias_gamma > 0), expert choice (Zhou et al. 2022) and hash
+routing (Roller et al. 2021); load balancing over the batch or per sequence (router.lb_type).
+
 Written from the team's DESIGN.md and ROUTING.md (model and routing equations) and torch's
 own ops, never from the C sources: its point is to disagree with the C when the C is wrong.
 
@@ -96,6 +100,10 @@ class Config:
         self.z_coef = get("router.z_coef", float)
         self.noise_coef = get("router.noise_coef", float) if self.noise == "shazeer" else 0.0
         self.batch_size = get("train.batch_size", int)
+        # router variants; defaults are what dumps written before these keys meant
+        self.select = get("router.select", str, "topk")
+        self.bias_gamma = get("router.bias_gamma", float, 0.0)
+        self.lb_type = get("router.lb_type", str, "batch")
 
         if self.score not in ("softmax", "sigmoid"):
             raise ValueError(f"router.score={self.score!r}: reference knows softmax, sigmoid")
@@ -104,12 +112,41 @@ class Config:
         if self.drop_policy not in ("position", "probs"):
             raise ValueError(f"router.drop_policy={self.drop_policy!r}: reference knows "
                              "position, probs")
+        if self.select not in ("topk", "expert_choice", "hash"):
+            raise ValueError(f"router.select={self.select!r}: reference knows topk, "
+                             "expert_choice, hash")
+        if self.lb_type not in ("batch", "seq"):
+            raise ValueError(f"router.lb_type={self.lb_type!r}: reference knows batch, seq")
+        if self.select == "hash" and self.noise != "none":
+            raise ValueError("router.select=hash has no router logits to add noise to")
+        if self.select != "topk" and (self.noise == "shazeer" or self.bias_gamma > 0):
+            raise ValueError("Shazeer noise and the expert bias are defined for "
+                             "router.select=topk only")
+        if self.bias_gamma > 0 and self.noise == "shazeer":
+            # the Shazeer load loss's threshold (k-th largest noisy logit excluding i) is
+            # not defined when the selection is on score + bias: no equation to check
+            raise ValueError("router.bias_gamma > 0 with router.noise=shazeer: the reference "
+                             "has no definition of the load loss for a biased selection")
         if self.d_model % self.heads or self.heads % self.kv_heads:
             raise ValueError("d_model must divide by heads and heads by kv_heads")
         if (self.d_model // self.heads) % 2:
             raise ValueError("head dim must be even for RoPE")
         if not 1 <= self.top_k <= self.experts:
             raise ValueError(f"router.top_k={self.top_k} outside 1..experts={self.experts}")
+
+    @property
+    def has_router(self):
+        """Whether an MoE layer has router weights (a gate); hash routing has none."""
+        return self.select != "hash"
+
+    @property
+    def has_lb(self):
+        """Whether an MoE layer has a load-balancing loss (token-choice learned routers)."""
+        return self.select == "topk"
+
+    @property
+    def uses_bias(self):
+        return self.select == "topk" and self.bias_gamma > 0
 
     @property
     def head_dim(self):
@@ -136,6 +173,7 @@ class Dump:
             self.grads = self._group(f, "grads", required=False, dotted=True)
             self.noise = self._group(f, "noise", required=False)
             self.out = self._group(f, "out", required=False)
+            self.state = self._group(f, "state", required=False, dotted=True)
             self.tokens = np.asarray(f["batch/tokens"][()], dtype=np.int64)
             self.targets = np.asarray(f["batch/targets"][()], dtype=np.int64)
 
@@ -252,11 +290,99 @@ def normal_cdf(z):
     return 0.5 * (1.0 + torch.erf(z / math.sqrt(2.0)))
 
 
-def moe_layer(x, P, pre, cfg, noise):
-    """x: (N, C) normed hidden. Returns y (N, C) and a dict of router results."""
+_M64 = (1 << 64) - 1
+
+
+def splitmix64_finalizer(x):
+    """SplitMix64's output function on a 64-bit unsigned integer (Python ints, mod 2^64)."""
+    z = (x + 0x9E3779B97F4A7C15) & _M64
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & _M64
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _M64
+    return z ^ (z >> 31)
+
+
+def hash_choices(token_ids, E, k):
+    """Hash routing (Roller et al. 2021): token n's j-th expert is (h + j) % E with
+    h = splitmix64_finalizer(token id as uint32 widened to 64 bits) % E. Returns (N, k)."""
+    rows = []
+    for t in token_ids.reshape(-1).tolist():
+        h = splitmix64_finalizer(int(t) & 0xFFFFFFFF) % E
+        rows.append([(h + j) % E for j in range(k)])
+    return torch.tensor(rows, dtype=torch.int64).reshape(-1, k)
+
+
+def expert_choice_capacity(cfg, N):
+    """Tokens per expert under expert choice: min(N, ceil(N * cf / E)), cf = top_k when
+    capacity_factor <= 0."""
+    cf = cfg.capacity_factor if cfg.capacity_factor > 0 else float(cfg.top_k)
+    return min(N, int(math.ceil(N * cf / cfg.experts)))
+
+
+def expert_choice_keep(s, C):
+    """Each expert (column of s, (N, E)) takes the C tokens with the highest score, ties to
+    the lower token index. Returns a bool (N, E) and the smallest gap, over experts, between
+    the C-th and the (C+1)-th score (inf when C == N)."""
+    N, E = s.shape
+    order = torch.sort(s.detach(), dim=0, descending=True, stable=True).indices  # (N, E)
+    keep = torch.zeros(N, E, dtype=torch.bool).scatter(0, order[:C], True)
+    margin = float("inf")
+    if C < N:
+        srt = s.detach().gather(0, order)
+        margin = float((srt[C - 1] - srt[C]).min())
+    return keep, margin
+
+
+def expert_counts(idx, E):
+    """Assignments per expert in idx (any shape of expert indices), as float64 (E,)."""
+    return torch.zeros(E, dtype=DTYPE).scatter_add(
+        0, idx.reshape(-1), torch.ones(idx.numel(), dtype=DTYPE))
+
+
+def load_balance(p, idx, E, k, groups=1):
+    """Load-balancing loss E/(k*n) * sum_i count_i * P_i over each of `groups` equal
+    consecutive slices of the N tokens (count of idx (N, k) before capacity, P the mean of
+    p (N, E) over the slice), averaged over the slices. groups = 1 is the whole batch;
+    groups = B is per sequence (lb_type=seq)."""
+    N = p.shape[0]
+    if N % groups:
+        raise ValueError(f"{N} tokens do not split into {groups} sequences")
+    n = N // groups
+    vals = []
+    for g in range(groups):
+        sl = slice(g * n, (g + 1) * n)
+        count = expert_counts(idx[sl], E)
+        vals.append(E / (k * n) * (count * p[sl].mean(dim=0)).sum())
+    return torch.stack(vals).mean()
+
+
+def moe_layer(x, P, pre, cfg, noise, tokens=None, state=None):
+    """x: (N, C) normed hidden; tokens: (N,) token ids (hash routing); state: this layer's
+    state tensors (expert_bias). Returns y (N, C) and a dict of router results."""
     N, C = x.shape
     E, k = cfg.experts, cfg.top_k
     m = pre + "block_sparse_moe."
+    state = state or {}
+
+    def experts_out(combine):
+        y = torch.zeros_like(x)
+        for e in range(E):
+            ex = f"{m}experts.{e}."
+            out = swiglu(x, P[ex + "w1.weight"], P[ex + "w3.weight"], P[ex + "w2.weight"])
+            y = y + combine[:, e:e + 1] * out
+        for j in range(cfg.shared_experts):
+            sx = f"{m}shared_experts.{j}."
+            y = y + swiglu(x, P[sx + "w1.weight"], P[sx + "w3.weight"], P[sx + "w2.weight"])
+        return y
+
+    if cfg.select == "hash":
+        # no router: fixed choices, constant gates 1/k, capacity as for top-k (ties of the
+        # equal gates under 'probs' follow the position order)
+        idx = hash_choices(tokens, E, k)
+        gates = torch.full((N, k), 1.0 / k, dtype=DTYPE)
+        keep = capacity_keep(idx, gates, E, capacity(cfg, N), cfg.drop_policy)
+        combine = torch.zeros(N, E, dtype=DTYPE).scatter_add(1, idx, gates * keep.to(DTYPE))
+        res = {"topk": idx, "keep": keep, "gates": gates, "margin": float("inf")}
+        return experts_out(combine), res
 
     xr = x
     if cfg.noise == "jitter":
@@ -273,9 +399,27 @@ def moe_layer(x, P, pre, cfg, noise):
         s = torch.softmax(h, dim=-1)
     else:
         s = torch.sigmoid(h)
+    z = (torch.logsumexp(h, dim=-1) ** 2).mean()
 
-    # selection: largest first, ties to the lower expert index; constant in backward
-    order = torch.sort(s.detach(), dim=-1, descending=True, stable=True).indices  # (N, E)
+    if cfg.select == "expert_choice":
+        # Zhou et al. 2022: each expert takes its top-C tokens; gates are the raw scores
+        cap = expert_choice_capacity(cfg, N)
+        keep, margin = expert_choice_keep(s, cap)
+        combine = s * keep.to(DTYPE)
+        idx = torch.arange(E, dtype=torch.int64).expand(N, E).clone()
+        res = {"z": z, "topk": idx, "keep": keep, "scores": s.detach(), "gates": s.detach(),
+               "margin": margin, "capacity": cap}
+        return experts_out(combine), res
+
+    # token-choice top-k: selection on s (+ expert bias), largest first, ties to the lower
+    # expert index; constant in backward. The bias selects but never weights.
+    key = s.detach()
+    if cfg.uses_bias:
+        if "expert_bias" not in state:
+            raise KeyError("router.bias_gamma > 0 but the dump has no /state/layers.{i}."
+                           "expert_bias")
+        key = key + state["expert_bias"].reshape(1, E)
+    order = torch.sort(key, dim=-1, descending=True, stable=True).indices  # (N, E)
     idx = order[:, :k]
     sel = s.gather(1, idx)  # (N, k)
     gates = sel / sel.sum(dim=-1, keepdim=True) if cfg.renorm else sel
@@ -286,25 +430,19 @@ def moe_layer(x, P, pre, cfg, noise):
     # combine weights (N, E): kept gates scattered to their experts
     kept_gates = gates * keep.to(DTYPE)
     combine = torch.zeros(N, E, dtype=DTYPE).scatter_add(1, idx, kept_gates)
-    y = torch.zeros_like(x)
-    for e in range(E):
-        ex = f"{m}experts.{e}."
-        out = swiglu(x, P[ex + "w1.weight"], P[ex + "w3.weight"], P[ex + "w2.weight"])
-        y = y + combine[:, e:e + 1] * out
-    for j in range(cfg.shared_experts):
-        sx = f"{m}shared_experts.{j}."
-        y = y + swiglu(x, P[sx + "w1.weight"], P[sx + "w3.weight"], P[sx + "w2.weight"])
+    y = experts_out(combine)
 
-    # auxiliary losses, unscaled
-    count = torch.zeros(E, dtype=DTYPE).scatter_add(
-        0, idx.reshape(-1), torch.ones(N * k, dtype=DTYPE))  # before capacity
+    # auxiliary losses, unscaled; counts before capacity, on the (biased) selection
     p = s if cfg.score == "softmax" else s / s.sum(dim=-1, keepdim=True)
-    P_mean = p.mean(dim=0)
-    lb = E / (k * N) * (count * P_mean).sum()
-    z = (torch.logsumexp(h, dim=-1) ** 2).mean()
+    lb = load_balance(p, idx, E, k, cfg.batch_size if cfg.lb_type == "seq" else 1)
 
+    sk = key.gather(1, order)
+    margin = float((sk[:, k - 1] - sk[:, k]).min()) if k < E else float("inf")
     res = {"lb": lb, "z": z, "topk": idx, "keep": keep, "scores": s.detach(),
-           "order": order, "gates": gates.detach()}
+           "probs": p.detach(), "order": order, "gates": gates.detach(), "margin": margin}
+    if cfg.uses_bias:
+        res["order_unbiased"] = torch.sort(s.detach(), dim=-1, descending=True,
+                                           stable=True).indices
     if cfg.noise == "shazeer":
         imp = torch.zeros(N, E, dtype=DTYPE).scatter_add(1, idx, gates).sum(dim=0)
         # threshold: the k-th largest noisy value among the other experts
@@ -323,10 +461,12 @@ def moe_layer(x, P, pre, cfg, noise):
     return y, res
 
 
-def forward(cfg, P, tokens, targets, noise):
+def forward(cfg, P, tokens, targets, noise, state=None):
     """P: name -> float64 tensor. tokens/targets: (B, T) int64 tensors.
     noise: layer index -> {"eps": (N, E)} or {"jitter": (N, C)}.
+    state: layer index -> {"expert_bias": (E,)} (float64, no gradient).
     Returns a dict of tensors (loss/ce with graph attached)."""
+    state = state or {}
     B, T = tokens.shape
     N, C = B * T, cfg.d_model
     x = F.embedding(tokens, P["model.embed_tokens.weight"])  # (B, T, C)
@@ -338,7 +478,8 @@ def forward(cfg, P, tokens, targets, noise):
         xn = rmsnorm(hid, P[pre + "post_attention_layernorm.weight"], cfg.norm_eps)
         xn = xn.reshape(N, C)
         if cfg.is_moe(i):
-            y, r = moe_layer(xn, P, pre, cfg, noise.get(i, {}))
+            y, r = moe_layer(xn, P, pre, cfg, noise.get(i, {}), tokens=tokens.reshape(N),
+                             state=state.get(i, {}))
             r["layer"] = i
             routers.append(r)
         else:
@@ -352,11 +493,16 @@ def forward(cfg, P, tokens, targets, noise):
 
     out = {"logits": logits, "ce": ce, "routers": routers}
     loss = ce
+    # each aux loss averages over the MoE layers that have it (hash: none; expert choice: z)
+    lbs = [r["lb"] for r in routers if "lb" in r]
+    zs = [r["z"] for r in routers if "z" in r]
+    if lbs:
+        out["lb"] = torch.stack(lbs)
+        loss = loss + cfg.aux_coef * out["lb"].mean()
+    if zs:
+        out["z"] = torch.stack(zs)
+        loss = loss + cfg.z_coef * out["z"].mean()
     if routers:
-        lb = torch.stack([r["lb"] for r in routers])
-        z = torch.stack([r["z"] for r in routers])
-        out["lb"], out["z"] = lb, z
-        loss = loss + cfg.aux_coef * lb.mean() + cfg.z_coef * z.mean()
         if cfg.noise == "shazeer":
             imp = torch.stack([r["importance"] for r in routers])
             load = torch.stack([r["load"] for r in routers])
@@ -375,7 +521,8 @@ def expected_param_names(cfg):
         names += [pre + "post_attention_layernorm.weight"]
         if cfg.is_moe(i):
             m = pre + "block_sparse_moe."
-            names += [m + "gate.weight"]
+            if cfg.has_router:
+                names += [m + "gate.weight"]
             if cfg.noise == "shazeer":
                 names += [m + "noise.weight"]
             for e in range(cfg.experts):
@@ -406,6 +553,24 @@ def noise_from_dump(dump):
     return noise
 
 
+def state_from_dump(dump):
+    """layer index -> {"expert_bias": float64 (E,)} when the expert bias is in use."""
+    cfg = dump.config
+    state = {}
+    if not cfg.uses_bias:
+        return state
+    for i in cfg.moe_layers():
+        key = f"layers.{i}.expert_bias"
+        if key not in dump.state:
+            raise KeyError(f"{dump.path}: router.bias_gamma={cfg.bias_gamma:g} but no "
+                           f"/state/{key}")
+        b = dump.state[key]
+        if b.shape != (cfg.experts,):
+            raise ValueError(f"/state/{key} has shape {b.shape}, expected ({cfg.experts},)")
+        state[i] = {"expert_bias": torch.from_numpy(b.astype(np.float64))}
+    return state
+
+
 def run_reference(dump):
     """Forward + backward in float64 on a Dump. Returns (outputs, grads, params)."""
     cfg = dump.config
@@ -422,7 +587,7 @@ def run_reference(dump):
     if tokens.shape != (cfg.batch_size, cfg.seq_len):
         raise ValueError(f"/batch/tokens shape {tuple(tokens.shape)} != "
                          f"(train.batch_size, model.seq_len) = ({cfg.batch_size}, {cfg.seq_len})")
-    out = forward(cfg, P, tokens, targets, noise_from_dump(dump))
+    out = forward(cfg, P, tokens, targets, noise_from_dump(dump), state_from_dump(dump))
     out["loss"].backward()
     grads = OrderedDict()
     for n, t in P.items():
@@ -508,15 +673,6 @@ class Comparison:
         return "\n".join(lines)
 
 
-def _selection_margin(r, k):
-    """Smallest gap between the k-th and (k+1)-th score over tokens (near-ties explain a
-    top-k mismatch between float32 C and float64 reference)."""
-    s = r["scores"].gather(1, r["order"])
-    if s.shape[1] <= k:
-        return float("inf")
-    return float((s[:, k - 1] - s[:, k]).min())
-
-
 def compare(path):
     """Compare the C outputs stored in a dump with the reference. Returns a Comparison."""
     dump = Dump(path)
@@ -538,11 +694,20 @@ def compare(path):
         if c is not None:
             cmp.rel[key] = rel_error(np.asarray(c).reshape(()), out[key].detach().numpy())
     aux = ["lb", "z"] + (["importance", "load"] if cfg.noise == "shazeer" else [])
-    if out["routers"]:
-        for key in aux:
+    for key in aux:
+        if key in out:
             c = c_out(key)
             if c is not None:
                 cmp.rel[key] = rel_error(np.asarray(c).reshape(-1), out[key].detach().numpy())
+        elif key in dump.out:
+            # e.g. lb under expert choice, lb and z under hash routing: must not be there
+            cmp.exact[f"absent:{key}"] = (False, f"/out/{key} present, but the reference "
+                                                 "has no such loss in this configuration")
+    if out["routers"] and not cfg.has_router:
+        gates = [n for n in dump.params if n.endswith("block_sparse_moe.gate.weight")]
+        cmp.exact["absent:gate.weight"] = (
+            not gates, "no router weights" if not gates else
+            f"hash routing but /params has {gates[:2]}")
     c = c_out("logits")
     if c is not None:
         cmp.rel["logits"] = rel_error(c, out["logits"].detach().numpy())
@@ -572,9 +737,9 @@ def compare(path):
                 n, j = diff[0]
                 detail = (f"{len(diff)} entries differ; first at token {n} choice {j}: "
                           f"C {c[n].tolist()} vs reference {ref[n].tolist()}")
-                if what == "topk":
-                    detail += (f"; smallest k-th/(k+1)-th score gap in reference "
-                               f"{_selection_margin(r, cfg.top_k):.3e}")
+                if r["margin"] != float("inf"):
+                    detail += (f"; smallest gap at the selection boundary in the "
+                               f"reference {r['margin']:.3e}")
                 cmp.exact[key] = (False, detail)
 
     for n, g in grads.items():
