@@ -1,5 +1,6 @@
 #include "tape.h"
 
+#include <omp.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -234,9 +235,17 @@ static void op_backward(const TapeOp *op, const Backend *be) {
 }
 
 void tape_forward(const Tape *t, const Backend *be) {
-    for (size_t i = 0; i < t->n; i++) op_forward(&t->ops[i], be);
+    for (size_t i = 0; i < t->n; i++) {
+        double t0 = t->op_seconds ? omp_get_wtime() : 0.0;
+        op_forward(&t->ops[i], be);
+        if (t->op_seconds) t->op_seconds[i] += omp_get_wtime() - t0;
+    }
 }
 
 void tape_backward(const Tape *t, const Backend *be) {
-    for (size_t i = t->n; i-- > 0;) op_backward(&t->ops[i], be);
+    for (size_t i = t->n; i-- > 0;) {
+        double t0 = t->op_seconds ? omp_get_wtime() : 0.0;
+        op_backward(&t->ops[i], be);
+        if (t->op_seconds) t->op_seconds[i] += omp_get_wtime() - t0;
+    }
 }

@@ -119,6 +119,9 @@ typedef struct {
 typedef struct {
     TapeOp *ops;
     size_t n, cap;
+    // (n) when non-NULL, tape_forward and tape_backward add each op's wall time in
+    // seconds at its index (make bench splits a step into phases with it).
+    double *op_seconds;
 } Tape;
 
 void tape_init(Tape *t);

@@ -245,7 +245,7 @@ static int match_item(const Layout *lay, const ModelConfig *cfg, const char *exp
         return -1;
     }
     char buf[128], why[512];
-    Item it;
+    Item it = {0};
     if (len >= sizeof buf) {
         snprintf(err, n, "%.*s: unknown item; allowed: %s", (int)len, s, ALLOWED_ITEMS);
         return -1;

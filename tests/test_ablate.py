@@ -180,3 +180,15 @@ def test_grid_errors_are_one_line(tmp_path, body, message):
     run = run_moe(["ablate", grid, "--out", tmp_path / "out"], check=False)
     assert run.returncode != 0
     assert run.stderr.count("\n") == 1 and message in run.stderr, run.stderr
+
+
+def test_router_grid_trains_every_variant(tmp_path):
+    """configs/ablations/router.ini itself, two steps per variant on the default corpus."""
+    run_moe(["prepare"])
+    run_moe(["ablate", os.path.join(ROOT, "configs", "ablations", "router.ini"), "--jobs", 2,
+             "--out", tmp_path, "train.steps=2", "train.batch_size=4", "data.val_tokens=2048"])
+    rows = {r["variant"]: r for r in read_csv(tmp_path / "ablation.csv")}
+    assert {"top2", "top1", "capacity-1.0", "capacity-1.25", "no-aux", "no-z", "noisy-top2",
+            "jitter"} <= set(rows)
+    assert all(r["status"] == "ok" for r in rows.values()), rows
+    assert float(rows["top2"]["dropped_pct"]) == 0 < float(rows["capacity-1.0"]["dropped_pct"])

@@ -67,18 +67,18 @@ static double now_s(void) {
 // ---- the grid file ----------------------------------------------------------------
 
 typedef struct {
-    char *key;          // section.key
+    char *key; // section.key
     char **values;
     int n_values;
 } GridAxis;
 
 typedef struct {
     const char *path;
-    RunConfig *base;       // heap: a RunConfig is ~150 KB
-    RunConfig *scratch;    // checks each override's key and value as it is read
-    AblateVariant *sections;   // [variant NAME], in file order
+    RunConfig *base;         // heap: a RunConfig is ~150 KB
+    RunConfig *scratch;      // checks each override's key and value as it is read
+    AblateVariant *sections; // [variant NAME], in file order
     int n_sections;
-    GridAxis *axes;            // [grid] keys, in file order
+    GridAxis *axes; // [grid] keys, in file order
     int n_axes;
     char err[1024];
 } GridFile;
@@ -94,9 +94,9 @@ static int name_is_plain(const char *s) {
 // What every variant shares (an ablation compares routers at equal data, seed and token
 // budget) and what ablate sets itself for each child.
 static int key_is_fixed(const char *key) {
-    static const char *const fixed[] = {"train.steps",    "train.batch_size", "train.grad_accum",
-                                        "train.seed",     "train.eval_every", "model.seq_len",
-                                        "model.vocab",    "train.name",       "train.out_dir",
+    static const char *const fixed[] = {"train.steps",  "train.batch_size", "train.grad_accum",
+                                        "train.seed",   "train.eval_every", "model.seq_len",
+                                        "model.vocab",  "train.name",       "train.out_dir",
                                         "train.threads"};
     if (!strncmp(key, "data.", 5) || !strncmp(key, "domain.", 7)) return 1;
     for (size_t i = 0; i < sizeof fixed / sizeof *fixed; i++)
@@ -145,13 +145,21 @@ static int check_override(GridFile *g, const char *key, const char *value) {
 }
 
 static int grid_add_axis(GridFile *g, const char *key, const char *list) {
+    for (int i = 0; i < g->n_axes; i++)
+        if (!strcmp(g->axes[i].key, key)) {
+            snprintf(g->err, sizeof g->err, "%s is listed twice in [grid]", key);
+            return 0;
+        }
     GridAxis a = {.key = text_dup(key)};
     char *copy = text_dup(list), *save = NULL;
     for (char *v = strtok_r(copy, ",", &save); v; v = strtok_r(NULL, ",", &save)) {
         v += strspn(v, " \t");
-        for (char *e = v + strlen(v); e > v && isspace((unsigned char)e[-1]);) *--e = '\0';
+        for (char *e = v + strlen(v); e > v && isspace((unsigned char)e[-1]);)
+            *--e = '\0';
         if (!*v || !check_override(g, key, v)) {
-            if (!*v) snprintf(g->err, sizeof g->err, "%s = %s: an empty value in the list", key, list);
+            if (!*v)
+                snprintf(g->err, sizeof g->err, "%s = %s: an empty value in the list", key,
+                         list);
             free(copy);
             return 0;
         }
@@ -171,6 +179,9 @@ static int grid_key(void *user, const char *section, const char *key, const char
         AblateVariant *v = NULL;
         for (int i = 0; i < g->n_sections; i++)
             if (!strcmp(g->sections[i].name, section + 8)) v = &g->sections[i];
+        if (!v)
+            snprintf(g->err, sizeof g->err, "[%s]: put the header on a line of its own",
+                     section);
         if (!v || !check_override(g, key, value)) return 0;
         words_push(&v->words, &v->n_words, text_printf("%s=%s", key, value));
         return 1;
@@ -215,8 +226,8 @@ static AblateVariant grid_variant(const GridFile *g, const AblateVariant *sectio
         const char *key = g->axes[a].key, *leaf = strrchr(key, '.');
         const char *value = g->axes[a].values[pick[a]];
         size_t len = strlen(name);
-        snprintf(name + len, sizeof name - len, "%s%s=%s", len ? "+" : "", leaf ? leaf + 1 : key,
-                 value);
+        snprintf(name + len, sizeof name - len, "%s%s=%s", len ? "+" : "",
+                 leaf ? leaf + 1 : key, value);
         words_push(&v.words, &v.n_words, text_printf("%s=%s", key, value));
     }
     if (!name_is_plain(name))
@@ -230,16 +241,17 @@ static AblateVariant grid_variant(const GridFile *g, const AblateVariant *sectio
 // Every [variant] section (or the base alone) crossed with every combination of the
 // [grid] lists, the first list varying slowest.
 static AblateVariant *grid_expand(const GridFile *g, int *n_out) {
-    long combos = 1;
-    for (int a = 0; a < g->n_axes; a++) combos *= g->axes[a].n_values;
-    long n_sec = g->n_sections ? g->n_sections : 1, n = n_sec * combos;
+    long combos = 1, n = g->n_sections ? g->n_sections : 1;
+    for (int a = 0; a < g->n_axes && n <= ABLATE_MAX_RUNS; a++) {
+        combos *= g->axes[a].n_values;
+        n *= g->axes[a].n_values;
+    }
     if (n > ABLATE_MAX_RUNS)
-        FAIL("%s: the grid expands to %ld runs (at most %d); list variants as [variant NAME] "
+        FAIL("%s: the grid expands to more than %d runs; list variants as [variant NAME] "
              "sections instead of a full factorial",
-             g->path, n, ABLATE_MAX_RUNS);
+             g->path, ABLATE_MAX_RUNS);
     AblateVariant *out = CALLOC((size_t)n, sizeof *out);
-    int pick[64] = {0};
-    if (g->n_axes > 64) FAIL("%s: more than 64 [grid] keys", g->path);
+    int *pick = CALLOC((size_t)g->n_axes, sizeof *pick);
     for (long i = 0; i < n; i++) {
         long c = i % combos;
         for (int a = g->n_axes - 1; a >= 0; a--) {
@@ -251,6 +263,7 @@ static AblateVariant *grid_expand(const GridFile *g, int *n_out) {
             if (!strcmp(out[j].name, out[i].name))
                 FAIL("%s: two runs are named %s", g->path, out[i].name);
     }
+    free(pick);
     *n_out = (int)n;
     return out;
 }
@@ -258,6 +271,7 @@ static AblateVariant *grid_expand(const GridFile *g, int *n_out) {
 // ---- run directories ----------------------------------------------------------------
 
 static void make_dirs(const char *path) {
+    if (!path[0]) FAIL("an empty directory name (--out)");
     char tmp[RUN_FILE_MAX];
     snprintf(tmp, sizeof tmp, "%s", path);
     for (char *p = tmp + 1;; p++) {
@@ -329,7 +343,7 @@ typedef enum { PLAN_FRESH, PLAN_RESUME, PLAN_SKIP } Plan;
 typedef struct {
     AblateVariant *v;
     char run_dir[RUN_PATH_MAX];
-    char ckpt[RUN_FILE_MAX];    // resume: the checkpoint it continues from; skip: the final one
+    char ckpt[RUN_FILE_MAX]; // resume: the checkpoint it continues from; skip: the final one
     Plan plan;
     pid_t pid;
     double t0;
@@ -389,7 +403,8 @@ static void start_job(Job *j, const char *out, const char *base_ini, int threads
     } else {
         make_dirs(j->run_dir);
         words_push(&argv, &n, text_dup(base_ini));
-        for (int i = 0; i < j->v->n_words; i++) words_push(&argv, &n, text_dup(j->v->words[i]));
+        for (int i = 0; i < j->v->n_words; i++)
+            words_push(&argv, &n, text_dup(j->v->words[i]));
         words_push(&argv, &n, text_printf("train.out_dir=%s", out));
         words_push(&argv, &n, text_printf("train.name=%s", j->v->name));
     }
@@ -399,7 +414,8 @@ static void start_job(Job *j, const char *out, const char *base_ini, int threads
     snprintf(log, sizeof log, "%s/train.log", j->run_dir);
     j->t0 = now_s();
     j->pid = spawn_train(argv, log, j->plan == PLAN_RESUME);
-    for (int i = 0; argv[i]; i++) free(argv[i]);
+    for (int i = 0; argv[i]; i++)
+        free(argv[i]);
     free(argv);
 }
 
@@ -432,8 +448,10 @@ static void finish_job(Job *j, int i, int n, int status) {
     log_last_line(log, last, sizeof last);
     j->v->failed = 1;
     print_progress(i, n, "FAILED", j->v->name);
-    if (WIFEXITED(status)) printf(" (exit status %d, %s): %s\n", WEXITSTATUS(status), log, last);
-    else printf(" (killed by signal %d, %s)\n", WTERMSIG(status), log);
+    if (WIFEXITED(status))
+        printf(" (exit status %d, %s): %s\n", WEXITSTATUS(status), log, last);
+    else
+        printf(" (killed by signal %d, %s)\n", WTERMSIG(status), log);
 }
 
 // Starts jobs in order, at most `jobs` at a time, until all have finished.
@@ -450,12 +468,14 @@ static void run_jobs(Job *job, int n, int jobs, const char *out, const char *bas
             }
             start_job(j, out, base_ini, threads);
             print_progress(next++, n, j->plan == PLAN_RESUME ? "resume" : "start", j->v->name);
-            if (j->plan == PLAN_RESUME) printf(" from %s\n", j->ckpt);
-            else printf(" -> %s/train.log\n", j->run_dir);
+            if (j->plan == PLAN_RESUME)
+                printf(" from %s\n", j->ckpt);
+            else
+                printf(" -> %s/train.log\n", j->run_dir);
             running++;
         }
         if (running == 0) break;
-        fflush(stdout);   // progress lines show up in a log file while the runs go on
+        fflush(stdout); // progress lines show up in a log file while the runs go on
         int status;
         pid_t pid = wait(&status);
         if (pid < 0 && errno == EINTR) continue;
@@ -475,7 +495,7 @@ typedef struct {
     const char *grid;
     const char *out;
     int jobs;
-    char **words;     // section.key=value overrides of the base
+    char **words; // section.key=value overrides of the base
     int n_words;
 } AblateArgs;
 
@@ -489,13 +509,15 @@ static void parse_args(AblateArgs *a, int argc, char **argv) {
         if (i + 1 >= argc) FAIL("%s needs a value (moe ablate --help)", argv[i]);
         const char *f = argv[i], *v = argv[++i];
         char *end;
-        if (!strcmp(f, "--out")) a->out = v;
+        if (!strcmp(f, "--out"))
+            a->out = v;
         else if (!strcmp(f, "--jobs")) {
             long j = strtol(v, &end, 10);
             if (end == v || *end || j < 1 || j > 1024)
                 FAIL("--jobs %s: expected a number from 1 to 1024", v);
             a->jobs = (int)j;
-        } else FAIL("unknown option %s (moe ablate --help lists them)", f);
+        } else
+            FAIL("unknown option %s (moe ablate --help lists them)", f);
     }
 }
 
@@ -522,8 +544,9 @@ static void default_out(char *out, size_t n, const char *grid, const RunConfig *
 static void write_base_ini(const char *path, RunConfig *base, const char *grid) {
     FILE *f = fopen(path, "w");
     if (!f) FAIL("%s: cannot write", path);
-    fprintf(f, "; base config of the ablation %s (every key, defaults included); each variant\n"
-               "; trains from this file plus its overrides\n\n",
+    fprintf(f,
+            "; base config of the ablation %s (every key, defaults included); each variant\n"
+            "; trains from this file plus its overrides\n\n",
             grid);
     run_config_write_ini(f, base);
     if (fclose(f) != 0) FAIL("%s: cannot write", path);
@@ -542,8 +565,10 @@ int ablate_main(int argc, char **argv) {
     int n;
     AblateVariant *v = grid_expand(&g, &n);
     char out[RUN_PATH_MAX], base_ini[RUN_FILE_MAX];
-    if (a.out) snprintf(out, sizeof out, "%s", a.out);
-    else default_out(out, sizeof out, a.grid, g.base);
+    if (a.out)
+        snprintf(out, sizeof out, "%s", a.out);
+    else
+        default_out(out, sizeof out, a.grid, g.base);
     make_dirs(out);
     snprintf(base_ini, sizeof base_ini, "%s/base.ini", out);
     write_base_ini(base_ini, g.base, a.grid);
@@ -553,7 +578,7 @@ int ablate_main(int argc, char **argv) {
     int threads = cores / jobs > 0 ? cores / jobs : 1;
     Job *job = CALLOC((size_t)n, sizeof *job);
     RunConfig *rc = CALLOC(1, sizeof *rc);
-    for (int i = 0; i < n; i++) {   // every config error before any run starts
+    for (int i = 0; i < n; i++) { // every config error before any run starts
         job[i].v = &v[i];
         variant_config(rc, base_ini, &v[i], a.grid);
         rc->train.threads = threads;

@@ -23,9 +23,9 @@
 
 typedef struct {
     char *name;
-    char **words;    // (n_words) "section.key=value" applied over the base, in order
+    char **words; // (n_words) "section.key=value" applied over the base, in order
     int n_words;
-    int failed;      // its training run exited with an error
+    int failed; // its training run exited with an error
 } AblateVariant;
 
 int ablate_main(int argc, char **argv);

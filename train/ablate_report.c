@@ -20,9 +20,9 @@
 // ---- CSV files, read by header name ---------------------------------------------------
 
 typedef struct {
-    char **cells;      // (rows, cols) row-major, row 0 the header; NULL: a missing cell
+    char **cells; // (rows, cols) row-major, row 0 the header; NULL: a missing cell
     size_t rows, cols, cap;
-    size_t col;        // parser: cells read of the current row
+    size_t col; // parser: cells read of the current row
 } Table;
 
 static void table_reserve(Table *t, size_t n) {
@@ -37,7 +37,7 @@ static void table_reserve(Table *t, size_t n) {
 
 static void table_on_cell(void *text, size_t len, void *user) {
     Table *t = user;
-    if (t->rows > 0 && t->col >= t->cols) return;   // a ragged row's extra cells
+    if (t->rows > 0 && t->col >= t->cols) return; // a ragged row's extra cells
     size_t at = t->rows * t->cols + t->col++;
     table_reserve(t, at + 1);
     t->cells[at] = CALLOC(len + 1, 1);
@@ -72,7 +72,8 @@ static int table_load(Table *t, const char *path) {
 }
 
 static void table_free(Table *t) {
-    for (size_t i = 0; i < t->rows * t->cols; i++) free(t->cells[i]);
+    for (size_t i = 0; i < t->rows * t->cols; i++)
+        free(t->cells[i]);
     free(t->cells);
     memset(t, 0, sizeof *t);
 }
@@ -99,7 +100,8 @@ static size_t table_latest_rows(const Table *t, int step_col, size_t *keep) {
     for (size_t r = 1; r < t->rows; r++) {
         double s = table_num(t, r, step_col);
         if (isnan(s)) continue;
-        while (n && table_num(t, keep[n - 1], step_col) >= s) n--;
+        while (n && table_num(t, keep[n - 1], step_col) >= s)
+            n--;
         keep[n++] = r;
     }
     return n;
@@ -108,16 +110,16 @@ static size_t table_latest_rows(const Table *t, int step_col, size_t *keep) {
 // ---- one run ------------------------------------------------------------------------
 
 typedef struct {
-    int ok;                              // metrics.csv read and holds an evaluation
-    double val[DATA_MAX_DOMAINS + 1];    // the last evaluation: per domain, then the mean
-    double dropped_pct;                  // mean over steps
-    double maxvio_mean, maxvio_final;    // over all steps; over the last tenth
-    double entropy, lse;                 // last tenth of the steps
-    double dead, tok_per_s;              // last step
-    size_t n;                            // steps
-    double *step, *maxvio;               // (n) steps completed, MaxVio
+    int ok;                           // metrics.csv read and holds an evaluation
+    double val[DATA_MAX_DOMAINS + 1]; // the last evaluation: per domain, then the mean
+    double dropped_pct;               // mean over steps
+    double maxvio_mean, maxvio_final; // over all steps; over the last tenth
+    double entropy, lse;              // last tenth of the steps
+    double dead, tok_per_s;           // last logged value
+    size_t n;                         // steps
+    double *step, *maxvio;            // (n) steps completed, MaxVio
     size_t n_eval;
-    double *eval_step, *eval_mean;       // (n_eval) the validation curve
+    double *eval_step, *eval_mean; // (n_eval) the validation curve
 } RunSummary;
 
 // Mean of the last tenth (at least one) of the non-NAN values.
@@ -139,7 +141,8 @@ static double last_value(const double *x, size_t n) {
 // layers or, with sum, added up; NAN where there is no row (or no file or column).
 static void layers_series(const char *run_dir, const char *name, int sum, const double *step,
                           size_t n, double *out) {
-    for (size_t i = 0; i < n; i++) out[i] = NAN;
+    for (size_t i = 0; i < n; i++)
+        out[i] = NAN;
     char path[RUN_FILE_MAX];
     snprintf(path, sizeof path, "%s/layers.csv", run_dir);
     Table t;
@@ -151,7 +154,8 @@ static void layers_series(const char *run_dir, const char *name, int sum, const 
     for (size_t r = 1; sc >= 0 && vc >= 0 && r < t.rows; r++) {
         double s = table_num(&t, r, sc), v = table_num(&t, r, vc);
         if (isnan(s) || s < 0 || s > (double)max) continue;
-        for (size_t k = (size_t)s; s < prev && k <= max; k++) acc[k] = cnt[k] = 0;   // resumed
+        for (size_t k = (size_t)s; s < prev && k <= max; k++)
+            acc[k] = cnt[k] = 0; // resumed
         prev = s;
         if (!isnan(v)) acc[(size_t)s] += v, cnt[(size_t)s] += 1;
     }
@@ -172,7 +176,8 @@ static void health_series(const Table *t, const size_t *rows, size_t n, const ch
         layers_series(run_dir, name, sum, step, n, out);
         return;
     }
-    for (size_t i = 0; i < n; i++) out[i] = table_num(t, rows[i], c);
+    for (size_t i = 0; i < n; i++)
+        out[i] = table_num(t, rows[i], c);
 }
 
 static void summary_free(RunSummary *s) {
@@ -186,7 +191,8 @@ static void summary_free(RunSummary *s) {
 static void summary_read(RunSummary *s, const char *run_dir, const char *const *domains,
                          int n_domains) {
     memset(s, 0, sizeof *s);
-    for (int d = 0; d <= n_domains; d++) s->val[d] = NAN;
+    for (int d = 0; d <= n_domains; d++)
+        s->val[d] = NAN;
     s->dropped_pct = s->maxvio_mean = s->maxvio_final = s->entropy = s->lse = s->dead =
         s->tok_per_s = NAN;
     char path[RUN_FILE_MAX];
@@ -205,7 +211,7 @@ static void summary_read(RunSummary *s, const char *run_dir, const char *const *
     double *x = CALLOC(n, sizeof *x), drop = 0.0, vio = 0.0;
     size_t last_eval = 0;
     for (size_t i = 0; i < n; i++) {
-        s->step[i] = table_num(&t, rows[i], c_step) + 1;   // the row of step s logs s+1 done
+        s->step[i] = table_num(&t, rows[i], c_step) + 1; // the row of step s logs s+1 done
         s->maxvio[i] = table_num(&t, rows[i], c_vio);
         drop += table_num(&t, rows[i], c_drop) / (double)n;
         vio += s->maxvio[i] / (double)n;
@@ -271,13 +277,16 @@ static void write_csv(const char *path, const char *const *domains, int nd,
         snprintf(col, sizeof col, "val_%s", domains[d]);
         csv_text(f, col, 0);
     }
-    const char *cols[] = {"val_mean", "dropped_pct", "maxvio_mean", "maxvio_final", "entropy",
-                          "lse", "dead", "tok_per_s", "status", "overrides"};
-    for (size_t i = 0; i < sizeof cols / sizeof *cols; i++) csv_text(f, cols[i], 0);
+    const char *cols[] = {"val_mean", "dropped_pct", "maxvio_mean", "maxvio_final",
+                          "entropy",  "lse",         "dead",        "tok_per_s",
+                          "status",   "overrides"};
+    for (size_t i = 0; i < sizeof cols / sizeof *cols; i++)
+        csv_text(f, cols[i], 0);
     fputc('\n', f);
     for (int i = 0; i < n; i++) {
         csv_text(f, v[i].name, 1);
-        for (int d = 0; d <= nd; d++) csv_num(f, s[i].val[d], "%.4f");
+        for (int d = 0; d <= nd; d++)
+            csv_num(f, s[i].val[d], "%.4f");
         csv_num(f, s[i].dropped_pct, "%.3f");
         csv_num(f, s[i].maxvio_mean, "%.4f");
         csv_num(f, s[i].maxvio_final, "%.4f");
@@ -298,8 +307,10 @@ static void write_csv(const char *path, const char *const *domains, int nd,
 
 static void md_num(FILE *f, double x, const char *fmt) {
     fputs(" | ", f);
-    if (isnan(x)) fputs("-", f);
-    else fprintf(f, fmt, x);
+    if (isnan(x))
+        fputs("-", f);
+    else
+        fprintf(f, fmt, x);
 }
 
 // "model name" of /proc/cpuinfo, or the empty string.
@@ -327,7 +338,7 @@ static void write_md_header(FILE *f, const char *grid, const RunConfig *base, in
     fprintf(f,
             "# Ablation: %s\n\n"
             "%d variants, each %d steps x %d sequences x %d tokens x %d accum (%.2fM tokens), "
-            "seed %d, the same data order and initial weights. %s, on %s (%ld cores), %s.\n\n",
+            "seed %d (the same data order and weight init). %s, on %s (%ld cores), %s.\n\n",
             grid, n, tc->steps, tc->batch_size, base->model.seq_len, tc->grad_accum,
             tokens / 1e6, tc->seed, note, cpu[0] ? cpu : "an unknown CPU",
             sysconf(_SC_NPROCESSORS_ONLN), date);
@@ -340,15 +351,22 @@ static void write_md(const char *path, const char *grid, const RunConfig *base,
     if (!f) FAIL("%s: cannot write", path);
     write_md_header(f, grid, base, n, note);
     fputs("| variant", f);
-    for (int d = 0; d < nd; d++) fprintf(f, " | %s", domains[d]);
-    fputs(" | val mean | dropped % | MaxVio mean | MaxVio final | entropy | lse | dead | tok/s |\n"
+    for (int d = 0; d < nd; d++)
+        fprintf(f, " | %s", domains[d]);
+    fputs(" | val mean | dropped % | MaxVio mean | MaxVio final | entropy | lse | dead | tok/s "
+          "|\n"
           "|---",
           f);
-    for (int d = 0; d < nd + 8; d++) fputs("|---:", f);
+    for (int d = 0; d < nd + 8; d++)
+        fputs("|---:", f);
     fputs("|\n", f);
     for (int i = 0; i < n; i++) {
-        fprintf(f, "| %s%s", v[i].name, s[i].ok ? "" : v[i].failed ? " (failed)" : " (no metrics)");
-        for (int d = 0; d <= nd; d++) md_num(f, s[i].val[d], "%.4f");
+        fprintf(f, "| %s%s", v[i].name,
+                s[i].ok       ? ""
+                : v[i].failed ? " (failed)"
+                              : " (no metrics)");
+        for (int d = 0; d <= nd; d++)
+            md_num(f, s[i].val[d], "%.4f");
         md_num(f, s[i].dropped_pct, "%.2f");
         md_num(f, s[i].maxvio_mean, "%.3f");
         md_num(f, s[i].maxvio_final, "%.3f");
@@ -362,13 +380,15 @@ static void write_md(const char *path, const char *grid, const RunConfig *base,
           "validation windows. dropped %: assignments dropped by capacity, mean over steps. "
           "MaxVio: (max load - mean load) / mean load, mean over MoE layers; mean over all "
           "steps, and over the last tenth of them (final). entropy, lse: router entropy and "
-          "mean router logsumexp, last tenth of the steps. dead: dead experts at the last "
-          "step. tok/s: training throughput. `-`: not logged by this build.\n\n"
+          "mean router logsumexp, last tenth of the steps. dead: experts, over all MoE layers, "
+          "that got no token between the last two evaluations. tok/s: training throughput. "
+          "`-`: not logged.\n\n"
           "Variants (overrides of base.ini):\n\n",
           f);
     for (int i = 0; i < n; i++) {
         fprintf(f, "- `%s`:", v[i].name);
-        for (int w = 0; w < v[i].n_words; w++) fprintf(f, " `%s`", v[i].words[w]);
+        for (int w = 0; w < v[i].n_words; w++)
+            fprintf(f, " `%s`", v[i].words[w]);
         fputs(v[i].n_words ? "\n" : " the base config\n", f);
     }
     if (fclose(f) != 0) FAIL("%s: cannot write", path);
@@ -388,7 +408,8 @@ static void write_curves(const char *path, const RunSummary *s, int n, int maxvi
         for (size_t k = 0; maxvio && k < s[i].n; k++) {
             size_t from = k + 1 >= (size_t)window ? k + 1 - (size_t)window : 0;
             double sum = 0.0;
-            for (size_t j = from; j <= k; j++) sum += s[i].maxvio[j];
+            for (size_t j = from; j <= k; j++)
+                sum += s[i].maxvio[j];
             fprintf(f, "%g %.6f\n", s[i].step[k], sum / (double)(k + 1 - from));
         }
         fputs("\n\n", f);
@@ -404,7 +425,8 @@ static void write_plot_lines(FILE *f, const char *data, const char *with,
         if (!s[i].ok) continue;
         // 8 colours, then the same colours dashed: up to 16 variants stay distinguishable.
         fprintf(f, "%s \\\n  '%s' index %d using 1:2 with %s lw 2 lc %d dt %d title '%s'",
-                block ? "," : "", data, block, with, block % 8 + 1, block / 8 % 4 + 1, v[i].name);
+                block ? "," : "", data, block, with, block % 8 + 1, block / 8 % 4 + 1,
+                v[i].name);
         block++;
     }
     fputc('\n', f);
@@ -428,22 +450,25 @@ static void write_plots(const char *out, const char *grid, const AblateVariant *
     snprintf(path, sizeof path, "%s/plots.gp", out);
     FILE *f = fopen(path, "w");
     if (!f) FAIL("%s: cannot write", path);
-    fprintf(f, "# moe ablate %s: validation loss and MaxVio over steps, one line per variant.\n"
-               "# Render again with: cd %s && gnuplot plots.gp\n"
-               "set terminal pngcairo size 1200,650 noenhanced font ',10'\n"
-               "set grid\nset key outside right top\nset xlabel 'step'\n"
-               "set output 'val_loss.png'\n"
-               "set title 'validation loss, mean over domains (nats/token): %s'\n"
-               "set ylabel 'loss'\n",
+    fprintf(f,
+            "# moe ablate %s: validation loss and MaxVio over steps, one line per variant.\n"
+            "# Render again with: cd %s && gnuplot plots.gp\n"
+            "set terminal pngcairo size 1200,650 noenhanced font ',10'\n"
+            "set grid\nset key outside right top\nset xlabel 'step'\n"
+            "set output 'val_loss.png'\n"
+            "set title 'validation loss, mean over domains (nats/token): %s'\n"
+            "set ylabel 'loss'\n",
             grid, out, grid);
     write_plot_lines(f, "val.dat", "linespoints", v, s, n);
-    fprintf(f, "set output 'maxvio.png'\n"
-               "set title 'MaxVio, mean over MoE layers, moving average over %d steps: %s'\n"
-               "set ylabel 'MaxVio'\n",
+    fprintf(f,
+            "set output 'maxvio.png'\n"
+            "set title 'MaxVio, mean over MoE layers, moving average over %d steps: %s'\n"
+            "set ylabel 'MaxVio'\n",
             window, grid);
     write_plot_lines(f, "maxvio.dat", "lines", v, s, n);
     if (fclose(f) != 0) FAIL("%s: cannot write", path);
-    if (!plot_available()) plot_warn_missing("val_loss.png and maxvio.png");
+    if (!plot_available())
+        plot_warn_missing("val_loss.png and maxvio.png");
     else if (plot_render(out, "plots.gp") == 0)
         printf("ablate: wrote %s/val_loss.png and %s/maxvio.png\n", out, out);
 }
@@ -452,7 +477,8 @@ void ablate_report(const char *out, const char *grid_path, const RunConfig *base
                    const AblateVariant *v, int n, const char *note) {
     const char *domains[DATA_MAX_DOMAINS];
     int nd = base->data.n_domains;
-    for (int d = 0; d < nd; d++) domains[d] = base->data.domains[d].name;
+    for (int d = 0; d < nd; d++)
+        domains[d] = base->data.domains[d].name;
     RunSummary *s = CALLOC((size_t)n, sizeof *s);
     char path[RUN_FILE_MAX];
     for (int i = 0; i < n; i++) {
@@ -465,6 +491,7 @@ void ablate_report(const char *out, const char *grid_path, const RunConfig *base
     write_md(path, grid_path, base, domains, nd, v, s, n, note);
     printf("ablate: wrote %s/ablation.csv and %s/ablation.md\n", out, out);
     write_plots(out, grid_path, v, s, n);
-    for (int i = 0; i < n; i++) summary_free(&s[i]);
+    for (int i = 0; i < n; i++)
+        summary_free(&s[i]);
     free(s);
 }

@@ -9,23 +9,31 @@
 #include "../model/esft.h"
 #include "checkpoint.h"
 #include "eval.h"
+#include "logits.h"
 #include "run.h"
 #include "sample.h"
 
 // Words after the positional arguments: "section.key=value" overrides only.
 static int is_override(const char *w) { return strchr(w, '=') && strchr(w, '.'); }
 
-// `moe eval CKPT [DATA] [overrides]`: per-domain validation loss and perplexity, on the
-// checkpoint's own domains or on DATA (a text file, directory or glob).
+// `moe eval CKPT [DATA] [overrides] [--dump-logits FILE]`: per-domain validation loss and
+// perplexity, on the checkpoint's own domains or on DATA (a text file, directory or glob).
 int eval_main(int argc, char **argv) {
     if (argc < 2 || !strcmp(argv[1], "--help")) {
-        printf("usage: moe eval CHECKPOINT [DATA] [section.key=value ...]\n"
+        printf("usage: moe eval CHECKPOINT [DATA] [section.key=value ...] [--dump-logits FILE]\n"
                "  Validation loss (nats per token) and perplexity per domain: the domains\n"
-               "  stored in the checkpoint's config, or DATA (text file, directory, glob).\n");
+               "  stored in the checkpoint's config, or DATA (text file, directory, glob).\n"
+               "  --dump-logits FILE (the last two words): also write the first domain's\n"
+               "  first validation batch, its tokens and logits, to FILE (HDF5).\n");
         return argc < 2 ? 2 : 0;
     }
     char ckpt[KEY_STRING_MAX];
     run_resolve_checkpoint(argv[1], ckpt, sizeof ckpt);
+    const char *dump = NULL;
+    if (argc > 3 && !strcmp(argv[argc - 2], "--dump-logits")) {
+        dump = argv[argc - 1];
+        argc -= 2;
+    }
     int data_arg = argc > 2 && !is_override(argv[2]);
     RunConfig rc;
     run_load_checkpoint_config(&rc, ckpt, argc - 2 - data_arg, argv + 2 + data_arg);
@@ -33,6 +41,7 @@ int eval_main(int argc, char **argv) {
     Model m;
     run_model_from_checkpoint(&m, &rc, ckpt, (size_t)rc.train.batch_size);
     DataLoader *dl = run_open_data(&rc, &m, (uint64_t)rc.train.seed);
+    if (dump) logits_dump(dump, &m, dl);
     EvalResult ev;
     eval_result_init(&ev, &rc.model, data_loader_domains(dl));
     eval_run(&ev, &m, dl);

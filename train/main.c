@@ -8,6 +8,7 @@
 #include "commands.h"
 #include "config.h"
 #include "dump.h"
+#include "hf.h"
 #include "route.h"
 #include "train.h"
 
@@ -23,11 +24,17 @@ static void print_usage(FILE *f) {
             "  experts CHECKPOINT DATA               which experts serve DATA (ESFT)\n"
             "  merge BASE DELTA OUT                  apply a delta fine-tune to its base\n"
             "  eval CHECKPOINT [DATA]                loss and perplexity per domain\n"
+            "                [--dump-logits FILE]    (and one batch's logits to HDF5)\n"
             "  sample CHECKPOINT [--prompt TEXT]     generate text\n"
             "  ablate GRID.ini [--jobs N] [--out DIR]  train router variants side by side\n"
             "  route CHECKPOINT [DATA ...] [--out DIR] [--compare CKPT] [--tokens N]\n"
             "                                        expert activation maps, co-activation,\n"
             "                                        router saturation\n"
+            "  export CHECKPOINT DIR [--dtype f32|bf16] [--shard-size BYTES]\n"
+            "                                        a Hugging Face Mixtral directory\n"
+            "                                        (config.json, safetensors)\n"
+            "  import HF_DIR OUT.h5 [--seq-len N]    a Hugging Face Mixtral directory as a\n"
+            "                                        checkpoint (for finetune)\n"
             "  prepare [DIR]                         build the default three-domain corpus\n"
             "                                        (default data/default)\n"
             "  dump OUT.h5 [section.key=value ...]   forward/backward on test weights, all\n"
@@ -75,6 +82,8 @@ int main(int argc, char **argv) {
     if (!strcmp(cmd, "sample")) return sample_main(argc - 1, argv + 1);
     if (!strcmp(cmd, "ablate")) return ablate_main(argc - 1, argv + 1);
     if (!strcmp(cmd, "route")) return route_main(argc - 1, argv + 1);
+    if (!strcmp(cmd, "export")) return export_main(argc - 1, argv + 1);
+    if (!strcmp(cmd, "import")) return import_main(argc - 1, argv + 1);
     if (!strcmp(cmd, "prepare")) return prepare_main(argc - 1, argv + 1);
     if (!strcmp(cmd, "dump")) return dump_main(argc - 1, argv + 1);
     fprintf(stderr, "moe: error: unknown command '%s'\nHINT: moe help lists the commands\n", cmd);

@@ -12,8 +12,8 @@ int plot_available(void) {
     char dir[4096];
     for (const char *p = path; *p;) {
         size_t n = strcspn(p, ":");
-        if (n) snprintf(dir, sizeof dir, "%.*s/gnuplot", (int)n, p);
-        else snprintf(dir, sizeof dir, "./gnuplot");   // an empty PATH entry is "."
+        // An empty PATH entry means the current directory.
+        snprintf(dir, sizeof dir, "%.*s/gnuplot", n ? (int)n : 1, n ? p : ".");
         if (access(dir, X_OK) == 0) return 1;
         p += n + (p[n] == ':');
     }

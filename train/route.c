@@ -19,10 +19,10 @@
 
 typedef struct {
     const char *ckpt, *compare, *out;
-    long tokens;                        // token-dump rows per domain (times layers)
+    long tokens; // token-dump rows per domain (times layers)
     const char *data[DATA_MAX_DOMAINS];
     int n_data;
-    char *words[ROUTE_MAX_WORDS];       // section.key=value overrides
+    char *words[ROUTE_MAX_WORDS]; // section.key=value overrides
     int n_words;
 } RouteArgs;
 
@@ -75,11 +75,11 @@ static size_t routes_chosen(const Routes *r, int l, size_t t, size_t *slot) {
 
 typedef struct {
     int n_domains, n_layers, experts;
-    uint64_t *tokens;      // (D) tokens routed
-    uint64_t *usage;       // (D, L, E) choices per expert
-    uint64_t *coact;       // (L, E, E) tokens choosing both experts
-    uint64_t *sat_hit;     // (D, L) OTHER's choices that CHECKPOINT makes too
-    uint64_t *sat_all;     // (D, L) OTHER's choices
+    uint64_t *tokens;  // (D) tokens routed
+    uint64_t *usage;   // (D, L, E) choices per expert
+    uint64_t *coact;   // (L, E, E) tokens choosing both experts
+    uint64_t *sat_hit; // (D, L) OTHER's choices that CHECKPOINT makes too
+    uint64_t *sat_all; // (D, L) OTHER's choices
 } RouteCounts;
 
 static void counts_init(RouteCounts *c, int D, int L, int E) {
@@ -105,12 +105,18 @@ static void counts_free(RouteCounts *c) {
 
 // A byte as one readable cell: itself when printable, else a C escape.
 static void byte_text(int32_t tok, int vocab, char *out, size_t n) {
-    if (vocab != 256) out[0] = '\0';
-    else if (tok == '\n') snprintf(out, n, "\\n");
-    else if (tok == '\t') snprintf(out, n, "\\t");
-    else if (tok == '\\') snprintf(out, n, "\\\\");
-    else if (isprint(tok)) snprintf(out, n, "%c", (char)tok);
-    else snprintf(out, n, "\\x%02x", (unsigned)tok);
+    if (vocab != 256)
+        out[0] = '\0';
+    else if (tok == '\n')
+        snprintf(out, n, "\\n");
+    else if (tok == '\t')
+        snprintf(out, n, "\\t");
+    else if (tok == '\\')
+        snprintf(out, n, "\\\\");
+    else if (isprint(tok))
+        snprintf(out, n, "%c", (char)tok);
+    else
+        snprintf(out, n, "\\x%02x", (unsigned)tok);
 }
 
 static void csv_cell(FILE *f, const char *text, int first) {
@@ -142,7 +148,7 @@ static void dump_row(FILE *f, const char *domain, size_t offset, size_t pos, int
 typedef struct {
     const RouteArgs *args;
     RunConfig *rc;
-    Model m, other;       // other: --compare, else unused
+    Model m, other; // other: --compare, else unused
     int compare;
     DataLoader *dl;
     Routes ra, rb;
@@ -183,7 +189,8 @@ static void forward_batch(RouteRun *rr, const int32_t *tok, const int32_t *tgt) 
 
 static void route_domain(RouteRun *rr, int d) {
     Model *m = &rr->m;
-    size_t B = m->B, T = m->T, slots = rr->ra.slots > rr->rb.slots ? rr->ra.slots : rr->rb.slots;
+    size_t B = m->B, T = m->T,
+           slots = rr->ra.slots > rr->rb.slots ? rr->ra.slots : rr->rb.slots;
     int32_t *tok = CALLOC(2 * m->N, sizeof *tok), *tgt = tok + m->N;
     size_t *sa = CALLOC(slots, sizeof *sa), *sb = CALLOC(slots, sizeof *sb);
     const char *name = data_loader_domain_name(rr->dl, d);
@@ -226,7 +233,8 @@ static void close_out(FILE *f, const char *dir, const char *name) {
 static double usage_fraction(const RouteCounts *c, int d, int l, int e) {
     const uint64_t *u = c->usage + ((size_t)d * c->n_layers + l) * c->experts;
     uint64_t total = 0;
-    for (int j = 0; j < c->experts; j++) total += u[j];
+    for (int j = 0; j < c->experts; j++)
+        total += u[j];
     return total ? (double)u[e] / (double)total : 0.0;
 }
 
@@ -239,7 +247,8 @@ static void write_usage(const RouteRun *rr, const char *dir) {
             for (int e = 0; e < c->experts; e++) {
                 csv_cell(f, data_loader_domain_name(rr->dl, d), 1);
                 fprintf(f, ",%d,%d,%llu,%.6f\n", rr->m.moe[l].layer, e,
-                        (unsigned long long)c->usage[((size_t)d * c->n_layers + l) * c->experts + e],
+                        (unsigned long long)
+                            c->usage[((size_t)d * c->n_layers + l) * c->experts + e],
                         usage_fraction(c, d, l, e));
             }
     close_out(f, dir, "usage.csv");
@@ -250,7 +259,8 @@ static void write_coactivation(const RouteRun *rr, const char *dir) {
     size_t E = (size_t)c->experts;
     FILE *f = open_out(dir, "coactivation.csv");
     fputs("layer,expert", f);
-    for (size_t e = 0; e < E; e++) fprintf(f, ",e%zu", e);
+    for (size_t e = 0; e < E; e++)
+        fprintf(f, ",e%zu", e);
     fputc('\n', f);
     for (int l = 0; l < c->n_layers; l++)
         for (size_t a = 0; a < E; a++) {
@@ -314,38 +324,45 @@ static void write_heatmap(const RouteRun *rr, const char *dir) {
     }
     close_out(f, dir, "usage.dat");
     f = open_out(dir, "usage.gp");
-    fprintf(f, "# moe route: expert usage per domain. Render again with: cd %s && gnuplot "
-               "usage.gp\n"
-               "set terminal pngcairo size %d,%d noenhanced font ',10'\n"
-               "set output 'usage.png'\n"
-               "set multiplot layout 1,%d title 'share of each MoE layer''s assignments per "
-               "expert: %s'\n"
-               "set palette defined (0 '#ffffff', 0.5 '#6baed6', 1 '#08306b')\n"
-               "set cbrange [0:%g]\nset xrange [-0.5:%d.5]\nset yrange [%d.5:-0.5]\n"
-               "set xlabel 'expert'\nset ylabel 'layer'\nset xtics 1\nset ytics (",
+    fprintf(f,
+            "# moe route: expert usage per domain. Render again with: cd %s && gnuplot "
+            "usage.gp\n"
+            "set terminal pngcairo size %d,%d noenhanced font ',10'\n"
+            "set output 'usage.png'\n"
+            "set multiplot layout 1,%d title 'share of each MoE layer''s assignments per "
+            "expert: %s'\n"
+            "set palette defined (0 '#ffffff', 0.5 '#6baed6', 1 '#08306b')\n"
+            "set cbrange [0:%g]\nset xrange [-0.5:%d.5]\nset yrange [%d.5:-0.5]\n"
+            "set xlabel 'expert'\nset ylabel 'layer'\nset xtics 1\nset ytics (",
             dir, 80 + 360 * D, 160 + 32 * L, D, rr->args->ckpt, max > 0 ? max : 1.0, E - 1,
             L - 1);
-    for (int l = 0; l < L; l++) fprintf(f, "%s'%d' %d", l ? ", " : "", rr->m.moe[l].layer, l);
+    for (int l = 0; l < L; l++)
+        fprintf(f, "%s'%d' %d", l ? ", " : "", rr->m.moe[l].layer, l);
     fputs(")\n", f);
     for (int d = 0; d < D; d++)
         fprintf(f, "set title '%s'\nplot 'usage.dat' index %d using 1:2:3 with image notitle\n",
                 data_loader_domain_name(rr->dl, d), d);
     fputs("unset multiplot\n", f);
     close_out(f, dir, "usage.gp");
-    if (!plot_available()) plot_warn_missing("usage.png");
-    else plot_render(dir, "usage.gp");
+    if (!plot_available())
+        plot_warn_missing("usage.png");
+    else
+        plot_render(dir, "usage.gp");
 }
 
 // The usage table on stdout: percent of each domain's assignments per expert.
 static void print_usage(const RouteRun *rr) {
     const RouteCounts *c = &rr->c;
-    printf("expert usage (%% of each domain's assignments per MoE layer):\n%-16s", "layer/domain");
-    for (int e = 0; e < c->experts; e++) printf(" e%-3d", e);
+    printf("expert usage (%% of each domain's assignments per MoE layer):\n%-16s",
+           "layer/domain");
+    for (int e = 0; e < c->experts; e++)
+        printf(" e%-3d", e);
     printf("\n");
     for (int l = 0; l < c->n_layers; l++)
         for (int d = 0; d < c->n_domains; d++) {
             printf("L%-2d %-12.12s", rr->m.moe[l].layer, data_loader_domain_name(rr->dl, d));
-            for (int e = 0; e < c->experts; e++) printf(" %4.0f", 100.0 * usage_fraction(c, d, l, e));
+            for (int e = 0; e < c->experts; e++)
+                printf(" %4.0f", 100.0 * usage_fraction(c, d, l, e));
             printf("\n");
         }
 }
@@ -357,7 +374,8 @@ static void print_usage(const RouteRun *rr) {
 static void domain_name_of(const char *path, char *out, size_t n) {
     char copy[KEY_STRING_MAX];
     snprintf(copy, sizeof copy, "%s", path);
-    for (size_t len = strlen(copy); len > 1 && copy[len - 1] == '/';) copy[--len] = '\0';
+    for (size_t len = strlen(copy); len > 1 && copy[len - 1] == '/';)
+        copy[--len] = '\0';
     char *base = basename(copy), *dot = strrchr(base, '.');
     if (dot && dot != base) *dot = '\0';
     if (strcmp(base, "train") && strcmp(base, "val")) {
@@ -399,15 +417,20 @@ static void parse_route_args(RouteArgs *a, int argc, char **argv) {
         if (!strncmp(w, "--", 2)) {
             if (i + 1 >= argc) FAIL("%s needs a value (moe route --help)", w);
             const char *v = argv[++i];
-            if (!strcmp(w, "--out")) a->out = v;
-            else if (!strcmp(w, "--compare")) a->compare = v;
-            else if (!strcmp(w, "--tokens")) a->tokens = count_arg(w, v);
-            else FAIL("unknown option %s (moe route --help lists them)", w);
+            if (!strcmp(w, "--out"))
+                a->out = v;
+            else if (!strcmp(w, "--compare"))
+                a->compare = v;
+            else if (!strcmp(w, "--tokens"))
+                a->tokens = count_arg(w, v);
+            else
+                FAIL("unknown option %s (moe route --help lists them)", w);
         } else if (is_override(w)) {
             if (a->n_words == ROUTE_MAX_WORDS) FAIL("more than %d overrides", ROUTE_MAX_WORDS);
             a->words[a->n_words++] = argv[i];
         } else {
-            if (a->n_data == DATA_MAX_DOMAINS) FAIL("more than %d DATA arguments", DATA_MAX_DOMAINS);
+            if (a->n_data == DATA_MAX_DOMAINS)
+                FAIL("more than %d DATA arguments", DATA_MAX_DOMAINS);
             a->data[a->n_data++] = w;
         }
     }
@@ -440,14 +463,15 @@ static void open_other(RouteRun *rr, const char *path) {
 }
 
 static void print_route_help(void) {
-    printf("usage: moe route CHECKPOINT [DATA ...] [--out DIR] [--compare OTHER] [--tokens 256]\n"
-           "                 [section.key=value ...]\n"
-           "  Expert usage per domain and layer (usage.csv, usage.png heatmap), the routing of\n"
-           "  the first N tokens of each domain (tokens.csv), co-activation of experts\n"
-           "  (coactivation.csv) and, with --compare, router saturation against OTHER\n"
-           "  (saturation.csv). DATA: text files or directories, one domain each (default: the\n"
-           "  checkpoint's domains); their validation windows are routed. DIR defaults to\n"
-           "  <checkpoint's directory>/route.\n");
+    printf(
+        "usage: moe route CHECKPOINT [DATA ...] [--out DIR] [--compare OTHER] [--tokens 256]\n"
+        "                 [section.key=value ...]\n"
+        "  Expert usage per domain and layer (usage.csv, usage.png heatmap), the routing of\n"
+        "  the first N tokens of each domain (tokens.csv), co-activation of experts\n"
+        "  (coactivation.csv) and, with --compare, router saturation against OTHER\n"
+        "  (saturation.csv). DATA: text files or directories, one domain each (default: the\n"
+        "  checkpoint's domains); their validation windows are routed. DIR defaults to\n"
+        "  <checkpoint's directory>/route.\n");
 }
 
 int route_main(int argc, char **argv) {
@@ -471,8 +495,10 @@ int route_main(int argc, char **argv) {
     rr.dl = run_open_data(rr.rc, &rr.m, (uint64_t)rr.rc->train.seed);
     char dir[KEY_STRING_MAX];
     snprintf(dir, sizeof dir, "%s", ckpt);
-    if (a.out) snprintf(out, sizeof out, "%s", a.out);
-    else snprintf(out, sizeof out, "%s/route", dirname(dir));
+    if (a.out)
+        snprintf(out, sizeof out, "%s", a.out);
+    else
+        snprintf(out, sizeof out, "%s/route", dirname(dir));
     make_dir(out);
     int D = data_loader_domains(rr.dl);
     counts_init(&rr.c, D, rr.m.n_moe, rr.rc->model.experts);

@@ -1,30 +1,43 @@
 // attention.c: RoPE and causal grouped-query attention (CPU).
 //
-// Plain loops parallelised with OpenMP: attention over (batch, head) in forward and
-// over (batch, KV head) in backward, so the query heads sharing a key/value head add
-// their key and value gradients in one thread, in a fixed order. Dot products and
-// weighted sums accumulate in double.
+// Attention runs one (batch, head) per OpenMP task, as BLAS products over blocks of
+// ATTN_BLOCK query rows that stop at the diagonal, so the masked half of the scores is
+// never computed. Each gemm runs on its task's thread (OpenBLAS inside a parallel
+// region), so a result does not depend on the thread count. Backward goes over (batch,
+// KV head): the query heads sharing a key/value head add their key and value gradients
+// in one thread, in a fixed order.
 #include "cpu_ops.h"
 #include "../util.h"
+#include "vexp.h"
 
 #include <math.h>
 #include <stdlib.h>
+#include <string.h>
 
 // ---- RoPE -----------------------------------------------------------------------------
 
 // Rotates the first H + KV heads of each row (queries, then keys) by sign * a_i, with
 // a_i = t * theta^(-2i/D) as in kernels.h; sign -1 applies the transpose (backward).
+// The angles depend on (t, i) alone: their cosines and sines are computed once per call
+// for the T positions, not once per sequence.
 static void rope_rotate(real *qkv, size_t B, size_t T, size_t H, size_t KV, size_t D,
                         double theta, double sign) {
     CHECK(D % 2 == 0, "RoPE needs an even head size, not %zu", D);
     size_t half = D / 2, width = (H + 2 * KV) * D;
+    double *cs = CALLOC(2 * T * half, sizeof(double)); // (T, half, 2): cos, sin
+#pragma omp parallel for schedule(static)
+    for (size_t t = 0; t < T; t++)
+        for (size_t i = 0; i < half; i++) {
+            double a = sign * (double)t * pow(theta, -2.0 * (double)i / (double)D);
+            cs[2 * (t * half + i)] = cos(a);
+            cs[2 * (t * half + i) + 1] = sin(a);
+        }
 #pragma omp parallel for schedule(static)
     for (size_t bt = 0; bt < B * T; bt++) {
-        double t = (double)(bt % T);
+        const double *ct = cs + 2 * (bt % T) * half;
         real *row = qkv + bt * width; // ((H + 2KV) * D)
         for (size_t i = 0; i < half; i++) {
-            double a = sign * t * pow(theta, -2.0 * (double)i / (double)D);
-            double c = cos(a), s = sin(a);
+            double c = ct[2 * i], s = ct[2 * i + 1];
             for (size_t head = 0; head < H + KV; head++) {
                 real *x1 = row + head * D + i, *x2 = x1 + half;
                 double v1 = *x1, v2 = *x2;
@@ -33,6 +46,7 @@ static void rope_rotate(real *qkv, size_t B, size_t T, size_t H, size_t KV, size
             }
         }
     }
+    free(cs);
 }
 
 void cpu_rope_forward(Tensor qkv, size_t B, size_t T, size_t H, size_t KV, size_t D,
@@ -47,45 +61,47 @@ void cpu_rope_backward(Tensor dqkv, size_t B, size_t T, size_t H, size_t KV, siz
 
 // ---- attention ------------------------------------------------------------------------
 
-static double dot(const real *a, const real *b, size_t n) {
-    double s = 0.0;
-    for (size_t i = 0; i < n; i++)
-        s += (double)a[i] * b[i];
-    return s;
-}
+// Query rows per block: a causal block of scores is (ATTN_BLOCK, t1), t1 <= T.
+#define ATTN_BLOCK 64
 
 static void check_groups(size_t H, size_t KV) {
     CHECK(KV > 0 && H % KV == 0, "attention: %zu query heads cannot share %zu KV heads", H, KV);
 }
 
-// One (batch, head): p (T, T) = causal softmax(q k^T / sqrt(D)), out = p v.
-// q, k, v and out step `width` / `out_width` elements per position.
-static void attend(real *out, real *p, const real *q, const real *k, const real *v, double *acc,
-                   size_t T, size_t D, size_t width, size_t out_width) {
-    double scale = 1.0 / sqrt((double)D);
-    for (size_t t = 0; t < T; t++) {
-        real *pt = p + t * T; // (T)
-        double mx = -INFINITY;
-        for (size_t u = 0; u <= t; u++) {
-            double s = scale * dot(q + t * width, k + u * width, D);
-            pt[u] = (real)s;
-            if (pt[u] > mx) mx = pt[u]; // the stored score, so the top one gets exp(0) = 1
-        }
-        double sum = 0.0;
-        for (size_t u = 0; u <= t; u++) {
-            double e = exp((double)pt[u] - mx);
-            pt[u] = (real)e;
-            sum += e;
-        }
-        for (size_t u = 0; u < T; u++)
-            pt[u] = u <= t ? (real)(pt[u] / sum) : 0;
-        for (size_t d = 0; d < D; d++)
-            acc[d] = 0.0;
-        for (size_t u = 0; u <= t; u++)
-            for (size_t d = 0; d < D; d++)
-                acc[d] += (double)pt[u] * v[u * width + d];
-        for (size_t d = 0; d < D; d++)
-            out[t * out_width + d] = (real)acc[d];
+static size_t block_end(size_t t0, size_t T) {
+    return t0 + ATTN_BLOCK < T ? t0 + ATTN_BLOCK : T;
+}
+
+// Row t of p (T) holds its scores for u <= t; becomes the causal softmax, 0 above t.
+static void softmax_causal_row(real *pt, size_t t, size_t T) {
+    real mx = pt[0], sum = 0;
+#pragma omp simd reduction(max : mx)
+    for (size_t u = 1; u <= t; u++)
+        mx = pt[u] > mx ? pt[u] : mx;
+#pragma omp simd reduction(+ : sum)
+    for (size_t u = 0; u <= t; u++) {
+        pt[u] = vexp(pt[u] - mx);
+        sum += pt[u];
+    }
+    real inv = 1 / sum;
+#pragma omp simd
+    for (size_t u = 0; u <= t; u++)
+        pt[u] *= inv;
+    memset(pt + t + 1, 0, (T - t - 1) * sizeof(real));
+}
+
+// One (batch, head): p (T, T) = causal softmax(q k^T / sqrt(D)), out (T, D) = p v.
+// q, k, v step `width` elements per position, out `out_width`.
+static void attend(real *out, real *p, const real *q, const real *k, const real *v, size_t T,
+                   size_t D, size_t width, size_t out_width) {
+    real scale = (real)(1.0 / sqrt((double)D));
+    for (size_t t0 = 0; t0 < T; t0 += ATTN_BLOCK) {
+        size_t t1 = block_end(t0, T);
+        real *pb = p + t0 * T; // (t1 - t0, T): keys 0 .. t1-1 reach this block
+        cpu_gemm(0, 1, t1 - t0, t1, D, scale, q + t0 * width, width, k, width, 0, pb, T);
+        for (size_t t = t0; t < t1; t++)
+            softmax_causal_row(p + t * T, t, T);
+        cpu_gemm(0, 0, t1 - t0, D, t1, 1, pb, T, v, width, 0, out + t0 * out_width, out_width);
     }
 }
 
@@ -96,78 +112,51 @@ void cpu_attention_forward(Tensor out, Tensor att, Tensor qkv, size_t B, size_t 
     real *o = TENSOR_R(out);       // (B*T, H*D)
     real *a = TENSOR_R(att);       // (B, H, T, T)
     const real *x = TENSOR_R(qkv); // (B*T, (H + 2KV) * D)
-#pragma omp parallel
-    {
-        double *acc = CALLOC(D, sizeof(double)); // (D)
-#pragma omp for schedule(static)
-        for (size_t bh = 0; bh < B * H; bh++) {
-            size_t b = bh / H, h = bh % H, kvh = h / group;
-            const real *xb = x + b * T * width;
-            attend(o + b * T * H * D + h * D, a + bh * T * T, xb + h * D, xb + (H + kvh) * D,
-                   xb + (H + KV + kvh) * D, acc, T, D, width, H * D);
+#pragma omp parallel for schedule(dynamic, 1)
+    for (size_t bh = 0; bh < B * H; bh++) {
+        size_t b = bh / H, h = bh % H, kvh = h / group;
+        const real *xb = x + b * T * width;
+        attend(o + b * T * H * D + h * D, a + bh * T * T, xb + h * D, xb + (H + kvh) * D,
+               xb + (H + KV + kvh) * D, T, D, width, H * D);
+    }
+}
+
+// One (batch, query head): ds (T, T) = p * (dp - rowsum(p dp)) with dp = dout v^T, the
+// gradient of the pre-softmax scores, 0 above the diagonal; then dq += scale * ds k.
+static void score_and_query_grads(real *ds, real *dq, const real *p, const real *dout,
+                                  const real *k, const real *v, real scale, size_t T, size_t D,
+                                  size_t width, size_t out_width) {
+    for (size_t t0 = 0; t0 < T; t0 += ATTN_BLOCK) {
+        size_t t1 = block_end(t0, T);
+        real *db = ds + t0 * T; // (t1 - t0, T)
+        cpu_gemm(0, 1, t1 - t0, t1, D, 1, dout + t0 * out_width, out_width, v, width, 0, db, T);
+        for (size_t t = t0; t < t1; t++) {
+            real *dst = ds + t * T;
+            const real *pt = p + t * T;
+            real rowsum = 0;
+#pragma omp simd reduction(+ : rowsum)
+            for (size_t u = 0; u <= t; u++)
+                rowsum += pt[u] * dst[u];
+#pragma omp simd
+            for (size_t u = 0; u <= t; u++)
+                dst[u] = pt[u] * (dst[u] - rowsum);
+            memset(dst + t + 1, 0, (t1 - t - 1) * sizeof(real));
         }
-        free(acc);
+        cpu_gemm(0, 0, t1 - t0, D, t1, scale, db, T, k, width, 1, dq + t0 * width, width);
     }
 }
 
-// One (batch, query head), first half of backward: ds (T, T) = p * (dp - rowsum(p dp))
-// with dp = dout v^T, the gradient of the pre-softmax scores. Only the causal part
-// (u <= t) is written; nothing reads above the diagonal.
-static void score_grads(real *ds, const real *p, const real *dout, const real *v, size_t T,
-                        size_t D, size_t width, size_t out_width) {
-    for (size_t t = 0; t < T; t++) {
-        real *dst = ds + t * T;
-        const real *pt = p + t * T;
-        double rowsum = 0.0;
-        for (size_t u = 0; u <= t; u++) {
-            double dp = dot(dout + t * out_width, v + u * width, D);
-            dst[u] = (real)dp;
-            rowsum += (double)pt[u] * dp;
-        }
-        for (size_t u = 0; u <= t; u++)
-            dst[u] = (real)((double)pt[u] * ((double)dst[u] - rowsum));
-    }
-}
-
-// dq (T, D) += scale * ds k for one (batch, query head).
-static void query_grads(real *dq, const real *ds, const real *k, double *acc, double scale,
-                        size_t T, size_t D, size_t width) {
-    for (size_t t = 0; t < T; t++) {
-        for (size_t d = 0; d < D; d++)
-            acc[d] = 0.0;
-        for (size_t u = 0; u <= t; u++)
-            for (size_t d = 0; d < D; d++)
-                acc[d] += (double)ds[t * T + u] * k[u * width + d];
-        for (size_t d = 0; d < D; d++)
-            dq[t * width + d] += (real)(scale * acc[d]);
-    }
-}
-
-// For one (batch, KV head) shared by `group` query heads h0 .. h0+group-1:
-//   dk_u += scale * sum_{h, t >= u} ds[h,t,u] q[h,t]
-//   dv_u += sum_{h, t >= u} p[h,t,u] dout[h,t]
-// ds and p point at the first head's (T, T) block; q and dout at its first column.
+// dk (T, D) += scale * ds^T q and dv (T, D) += p^T dout for one query head, by blocks of
+// keys: keys u0 .. u1-1 see the queries t >= u0 (ds and p are 0 above the diagonal).
 static void key_value_grads(real *dk, real *dv, const real *ds, const real *p, const real *q,
-                            const real *dout, double *acck, double *accv, double scale,
-                            size_t group, size_t T, size_t D, size_t width, size_t out_width) {
-    for (size_t u = 0; u < T; u++) {
-        for (size_t d = 0; d < D; d++)
-            acck[d] = accv[d] = 0.0;
-        for (size_t g = 0; g < group; g++) {
-            const real *dsg = ds + g * T * T, *pg = p + g * T * T;
-            const real *qg = q + g * D, *dog = dout + g * D;
-            for (size_t t = u; t < T; t++) {
-                double s = dsg[t * T + u], pr = pg[t * T + u];
-                for (size_t d = 0; d < D; d++) {
-                    acck[d] += s * qg[t * width + d];
-                    accv[d] += pr * dog[t * out_width + d];
-                }
-            }
-        }
-        for (size_t d = 0; d < D; d++) {
-            dk[u * width + d] += (real)(scale * acck[d]);
-            dv[u * width + d] += (real)accv[d];
-        }
+                            const real *dout, real scale, size_t T, size_t D, size_t width,
+                            size_t out_width) {
+    for (size_t u0 = 0; u0 < T; u0 += ATTN_BLOCK) {
+        size_t u1 = block_end(u0, T), rows = T - u0;
+        cpu_gemm(1, 0, u1 - u0, D, rows, scale, ds + u0 * T + u0, T, q + u0 * width, width, 1,
+                 dk + u0 * width, width);
+        cpu_gemm(1, 0, u1 - u0, D, rows, 1, p + u0 * T + u0, T, dout + u0 * out_width,
+                 out_width, 1, dv + u0 * width, width);
     }
 }
 
@@ -176,31 +165,25 @@ void cpu_attention_backward(Tensor dqkv, Tensor datt, Tensor dout, Tensor qkv, T
     if (!dqkv.data) return;
     check_groups(H, KV);
     size_t width = (H + 2 * KV) * D, out_width = H * D, group = H / KV;
-    double scale = 1.0 / sqrt((double)D);
+    real scale = (real)(1.0 / sqrt((double)D));
     real *dx = TENSOR_R(dqkv);       // (B*T, (H + 2KV) * D)
     real *ds = TENSOR_R(datt);       // (B, H, T, T)
     const real *dy = TENSOR_R(dout); // (B*T, H*D)
     const real *x = TENSOR_R(qkv);   // (B*T, (H + 2KV) * D)
     const real *p = TENSOR_R(att);   // (B, H, T, T)
-#pragma omp parallel
-    {
-        double *acc = CALLOC(2 * D, sizeof(double)); // (2, D)
-#pragma omp for schedule(static)
-        for (size_t bk = 0; bk < B * KV; bk++) {
-            size_t b = bk / KV, kvh = bk % KV, h0 = kvh * group;
-            const real *xb = x + b * T * width, *dyb = dy + b * T * out_width;
-            real *dxb = dx + b * T * width;
-            size_t blk = (b * H + h0) * T * T; // first query head's (T, T) block
-            const real *k = xb + (H + kvh) * D, *v = xb + (H + KV + kvh) * D;
-            for (size_t g = 0; g < group; g++) {
-                size_t h = h0 + g, hb = blk + g * T * T;
-                score_grads(ds + hb, p + hb, dyb + h * D, v, T, D, width, out_width);
-                query_grads(dxb + h * D, ds + hb, k, acc, scale, T, D, width);
-            }
-            key_value_grads(dxb + (H + kvh) * D, dxb + (H + KV + kvh) * D, ds + blk, p + blk,
-                            xb + h0 * D, dyb + h0 * D, acc, acc + D, scale, group, T, D, width,
-                            out_width);
+#pragma omp parallel for schedule(dynamic, 1)
+    for (size_t bk = 0; bk < B * KV; bk++) {
+        size_t b = bk / KV, kvh = bk % KV;
+        const real *xb = x + b * T * width, *dyb = dy + b * T * out_width;
+        real *dxb = dx + b * T * width;
+        const real *k = xb + (H + kvh) * D, *v = xb + (H + KV + kvh) * D;
+        real *dk = dxb + (H + kvh) * D, *dv = dxb + (H + KV + kvh) * D;
+        for (size_t h = kvh * group; h < (kvh + 1) * group; h++) {
+            size_t blk = (b * H + h) * T * T; // this head's (T, T) block
+            score_and_query_grads(ds + blk, dxb + h * D, p + blk, dyb + h * D, k, v, scale, T,
+                                  D, width, out_width);
+            key_value_grads(dk, dv, ds + blk, p + blk, xb + h * D, dyb + h * D, scale, T, D,
+                            width, out_width);
         }
-        free(acc);
     }
 }

@@ -11,6 +11,12 @@
 
 #include "../kernels.h"
 
+// c (m, n) = alpha op(a) op(b) + beta c through BLAS (sgemm, or dgemm in the fp64 build),
+// row-major, op(x) = x^T when trans_x is set. Inside an OpenMP parallel region the
+// OpenMP build of OpenBLAS runs it on the calling thread alone.
+void cpu_gemm(int trans_a, int trans_b, size_t m, size_t n, size_t k, real alpha, const real *a,
+              size_t lda, const real *b, size_t ldb, real beta, real *c, size_t ldc);
+
 void *cpu_alloc(size_t bytes);
 void cpu_release(void *p);
 void cpu_zero(Tensor t, size_t numel);

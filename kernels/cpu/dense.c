@@ -6,10 +6,12 @@
 // depend on scheduling.
 #include "cpu_ops.h"
 #include "../util.h"
+#include "vexp.h"
 
 #include <cblas.h>
 #include <limits.h>
 #include <math.h>
+#include <omp.h>
 #include <string.h>
 
 #ifdef MOE_REAL_F64
@@ -23,9 +25,8 @@
 // which is deterministic and reads each row contiguously.
 #define COL_BLOCK 64
 
-// c (m, n) = op(a) op(b) + beta * c, row-major, op(x) = x^T when trans_x is set.
-static void gemm(int trans_a, int trans_b, size_t m, size_t n, size_t k, const real *a,
-                 size_t lda, const real *b, size_t ldb, real beta, real *c, size_t ldc) {
+void cpu_gemm(int trans_a, int trans_b, size_t m, size_t n, size_t k, real alpha, const real *a,
+              size_t lda, const real *b, size_t ldb, real beta, real *c, size_t ldc) {
     if (m == 0 || n == 0) return;
     if (k == 0) { // an empty sum; BLAS would reject the zero leading dimension
         if (beta == 0)
@@ -37,8 +38,8 @@ static void gemm(int trans_a, int trans_b, size_t m, size_t n, size_t k, const r
               ldc <= INT_MAX,
           "gemm of (%zu x %zu x %zu) exceeds BLAS's int sizes", m, n, k);
     cblas_gemm(CblasRowMajor, trans_a ? CblasTrans : CblasNoTrans,
-               trans_b ? CblasTrans : CblasNoTrans, (int)m, (int)n, (int)k, 1, a, (int)lda, b,
-               (int)ldb, beta, c, (int)ldc);
+               trans_b ? CblasTrans : CblasNoTrans, (int)m, (int)n, (int)k, alpha, a, (int)lda,
+               b, (int)ldb, beta, c, (int)ldc);
 }
 
 // ---- embedding ------------------------------------------------------------------------
@@ -146,42 +147,49 @@ void cpu_rmsnorm_backward(Tensor dx, Tensor dw, Tensor dout, Tensor x, Tensor w,
 
 void cpu_matmul_forward(Tensor out, Tensor x, Tensor w, size_t N, size_t K, size_t M) {
     // out (N, M) = x (N, K) @ w (M, K)^T
-    gemm(0, 1, N, M, K, TENSOR_R(x), K, TENSOR_R(w), K, 0, TENSOR_R(out), M);
+    cpu_gemm(0, 1, N, M, K, 1, TENSOR_R(x), K, TENSOR_R(w), K, 0, TENSOR_R(out), M);
 }
 
 void cpu_matmul_backward(Tensor dx, Tensor dw, Tensor dout, Tensor x, Tensor w, size_t N,
                          size_t K, size_t M) {
     // dx (N, K) += dout (N, M) @ w (M, K)
-    if (dx.data) gemm(0, 0, N, K, M, TENSOR_R(dout), M, TENSOR_R(w), K, 1, TENSOR_R(dx), K);
+    if (dx.data)
+        cpu_gemm(0, 0, N, K, M, 1, TENSOR_R(dout), M, TENSOR_R(w), K, 1, TENSOR_R(dx), K);
     // dw (M, K) += dout^T (M, N) @ x (N, K)
-    if (dw.data) gemm(1, 0, M, K, N, TENSOR_R(dout), M, TENSOR_R(x), K, 1, TENSOR_R(dw), K);
+    if (dw.data)
+        cpu_gemm(1, 0, M, K, N, 1, TENSOR_R(dout), M, TENSOR_R(x), K, 1, TENSOR_R(dw), K);
 }
 
 // ---- SwiGLU ---------------------------------------------------------------------------
 
-static double sigmoid(double z) { return 1.0 / (1.0 + exp(-z)); }
+static real sigmoid(real z) { return 1 / (1 + vexp(-z)); }
 
 // out (N, F) = silu(h1) * h3 with h13 (N, 2F) rows [h1 | h3].
 static void swiglu_rows(real *out, const real *h13, size_t N, size_t F) {
 #pragma omp parallel for schedule(static)
     for (size_t n = 0; n < N; n++) {
         const real *h1 = h13 + n * 2 * F, *h3 = h1 + F;
+        real *o = out + n * F;
+#pragma omp simd
         for (size_t f = 0; f < F; f++)
-            out[n * F + f] = (real)(h1[f] * sigmoid(h1[f]) * h3[f]);
+            o[f] = h1[f] * sigmoid(h1[f]) * h3[f];
     }
 }
 
-// dh13 (N, 2F) += d/dh13 of silu(h1) * h3; silu'(z) = s (1 + z (1 - s)), s = sigmoid(z).
+// dh13 (N, 2F) += d/dh13 of silu(h1) * h3 (accumulate = 0: =, so scratch needs no
+// clearing); silu'(z) = s (1 + z (1 - s)), s = sigmoid(z).
 static void swiglu_backward_rows(real *dh13, const real *dout, const real *h13, size_t N,
-                                 size_t F) {
+                                 size_t F, int accumulate) {
 #pragma omp parallel for schedule(static)
     for (size_t n = 0; n < N; n++) {
-        const real *h1 = h13 + n * 2 * F, *h3 = h1 + F;
+        const real *h1 = h13 + n * 2 * F, *h3 = h1 + F, *g = dout + n * F;
         real *dh1 = dh13 + n * 2 * F, *dh3 = dh1 + F;
+#pragma omp simd
         for (size_t f = 0; f < F; f++) {
-            double z = h1[f], s = sigmoid(z), g = dout[n * F + f];
-            dh1[f] += (real)(g * h3[f] * s * (1.0 + z * (1.0 - s)));
-            dh3[f] += (real)(g * z * s);
+            real z = h1[f], s = sigmoid(z);
+            real d1 = g[f] * h3[f] * s * (1 + z * (1 - s)), d3 = g[f] * z * s;
+            dh1[f] = accumulate ? dh1[f] + d1 : d1;
+            dh3[f] = accumulate ? dh3[f] + d3 : d3;
         }
     }
 }
@@ -191,7 +199,7 @@ void cpu_swiglu_forward(Tensor out, Tensor h13, size_t N, size_t F) {
 }
 
 void cpu_swiglu_backward(Tensor dh13, Tensor dout, Tensor h13, size_t N, size_t F) {
-    if (dh13.data) swiglu_backward_rows(TENSOR_R(dh13), TENSOR_R(dout), TENSOR_R(h13), N, F);
+    if (dh13.data) swiglu_backward_rows(TENSOR_R(dh13), TENSOR_R(dout), TENSOR_R(h13), N, F, 1);
 }
 
 // ---- grouped experts ------------------------------------------------------------------
@@ -211,6 +219,30 @@ static void check_fits(Tensor t, size_t need, const char *name) {
           t.numel, need);
 }
 
+// Few experts: each one's GEMMs use every thread, one expert after another. Many (at
+// least two per thread): the experts are shared out among the threads, each expert's
+// GEMMs and SwiGLU on its own thread, which spares small GEMMs the fork and join per
+// product. An expert's result never depends on which thread ran it.
+static int experts_by_thread(size_t E) { return E >= 2 * (size_t)omp_get_max_threads(); }
+
+// One expert's rows: h (rows, 2F) = x w13^T, a = silu(h1) * h3, y (rows, C) = a w2^T.
+static void expert_forward(real *y, real *h, real *a, const real *x, const real *w13,
+                           size_t rows, size_t C, size_t F) {
+    const real *w2 = w13 + 2 * F * C; // (C, F)
+    cpu_gemm(0, 1, rows, 2 * F, C, 1, x, C, w13, C, 0, h, 2 * F);
+    swiglu_rows(a, h, rows, F);
+    cpu_gemm(0, 1, rows, C, F, 1, a, F, w2, F, 0, y, C);
+}
+
+// The rows of expert e: [off[e], off[e+1]).
+static void experts_forward_one(size_t e, const int32_t *off, Tensor yp, Tensor h13, Tensor act,
+                                Tensor xp, Tensor w, size_t C, size_t F) {
+    size_t r0 = (size_t)off[e], rows = (size_t)off[e + 1] - r0;
+    if (rows == 0) return;
+    expert_forward(TENSOR_R(yp) + r0 * C, TENSOR_R(h13) + r0 * 2 * F, TENSOR_R(act) + r0 * F,
+                   TENSOR_R(xp) + r0 * C, TENSOR_R(w) + e * 3 * F * C, rows, C, F);
+}
+
 void cpu_experts_forward(Tensor yp, Tensor h13, Tensor act, Tensor xp, Tensor w, Tensor offsets,
                          size_t E, size_t C, size_t F) {
     const int32_t *off = TENSOR_I(offsets); // (E+1)
@@ -220,18 +252,44 @@ void cpu_experts_forward(Tensor yp, Tensor h13, Tensor act, Tensor xp, Tensor w,
     check_fits(h13, M * 2 * F, "h13");
     check_fits(act, M * F, "act");
     check_fits(yp, M * C, "yp");
-    for (size_t e = 0; e < E; e++) {
-        size_t r0 = (size_t)off[e], rows = (size_t)off[e + 1] - r0;
-        if (rows == 0) continue;
-        const real *w13 = TENSOR_R(w) + e * 3 * F * C; // (2F, C)
-        const real *w2 = w13 + 2 * F * C;              // (C, F)
-        const real *x = TENSOR_R(xp) + r0 * C;         // (rows, C)
-        real *h = TENSOR_R(h13) + r0 * 2 * F;          // (rows, 2F)
-        real *a = TENSOR_R(act) + r0 * F;              // (rows, F)
-        gemm(0, 1, rows, 2 * F, C, x, C, w13, C, 0, h, 2 * F);
-        swiglu_rows(a, h, rows, F);
-        gemm(0, 1, rows, C, F, a, F, w2, F, 0, TENSOR_R(yp) + r0 * C, C);
+    // Two loops, not one `parallel for if (...)`: that hung libgomp (GCC 12) on a shared
+    // expert (inactive region, SwiGLU's parallel loop nested in it) then routed experts.
+    if (experts_by_thread(E)) {
+#pragma omp parallel for schedule(dynamic, 1)
+        for (size_t e = 0; e < E; e++)
+            experts_forward_one(e, off, yp, h13, act, xp, w, C, F);
+    } else {
+        for (size_t e = 0; e < E; e++)
+            experts_forward_one(e, off, yp, h13, act, xp, w, C, F);
     }
+}
+
+// One expert's backward over its rows (shapes as in expert_forward); dw13 (3FC) NULL: no
+// weight gradient; dx NULL: no input gradient. dh (rows, 2F), da (rows, F) are scratch.
+static void expert_backward(real *dx, real *dw13, const real *dy, real *dh, real *da,
+                            const real *h, const real *a, const real *x, const real *w13,
+                            size_t rows, size_t C, size_t F) {
+    const real *w2 = w13 + 2 * F * C; // (C, F)
+    cpu_gemm(0, 0, rows, F, C, 1, dy, C, w2, F, 0, da, F);
+    if (dw13) cpu_gemm(1, 0, C, F, rows, 1, dy, C, a, F, 1, dw13 + 2 * F * C, F);
+    swiglu_backward_rows(dh, da, h, rows, F, 0);
+    if (dx) cpu_gemm(0, 0, rows, C, 2 * F, 1, dh, 2 * F, w13, C, 1, dx, C);
+    if (dw13) cpu_gemm(1, 0, 2 * F, C, rows, 1, dh, 2 * F, x, C, 1, dw13, C);
+}
+
+// Gradients of expert e's rows, and of its weights when it trains (train NULL: all).
+static void experts_backward_one(size_t e, const int32_t *off, Tensor dxp, Tensor dw,
+                                 const uint8_t *train, Tensor dyp, Tensor dh13, Tensor dact,
+                                 Tensor h13, Tensor act, Tensor xp, Tensor w, size_t C,
+                                 size_t F) {
+    size_t r0 = (size_t)off[e], rows = (size_t)off[e + 1] - r0;
+    int want_dw = dw.data && (!train || train[e]);
+    if (rows == 0 || (!want_dw && !dxp.data)) return;
+    expert_backward(dxp.data ? TENSOR_R(dxp) + r0 * C : NULL,
+                    want_dw ? TENSOR_R(dw) + e * 3 * F * C : NULL, TENSOR_R(dyp) + r0 * C,
+                    TENSOR_R(dh13) + r0 * 2 * F, TENSOR_R(dact) + r0 * F,
+                    TENSOR_R(h13) + r0 * 2 * F, TENSOR_R(act) + r0 * F, TENSOR_R(xp) + r0 * C,
+                    TENSOR_R(w) + e * 3 * F * C, rows, C, F);
 }
 
 void cpu_experts_backward(Tensor dxp, Tensor dw, const uint8_t *train, Tensor dyp, Tensor dh13,
@@ -244,29 +302,15 @@ void cpu_experts_backward(Tensor dxp, Tensor dw, const uint8_t *train, Tensor dy
     check_fits(dyp, M * C, "dyp");
     check_fits(dh13, M * 2 * F, "dh13");
     check_fits(dact, M * F, "dact");
-    for (size_t e = 0; e < E; e++) {
-        size_t r0 = (size_t)off[e], rows = (size_t)off[e + 1] - r0;
-        int want_dw = dw.data && (!train || train[e]);
-        if (rows == 0 || (!want_dw && !dxp.data)) continue;
-        const real *w13 = TENSOR_R(w) + e * 3 * F * C;              // (2F, C)
-        const real *w2 = w13 + 2 * F * C;                           // (C, F)
-        const real *x = TENSOR_R(xp) + r0 * C;                      // (rows, C)
-        const real *h = TENSOR_R(h13) + r0 * 2 * F;                 // (rows, 2F)
-        const real *a = TENSOR_R(act) + r0 * F;                     // (rows, F)
-        const real *dy = TENSOR_R(dyp) + r0 * C;                    // (rows, C)
-        real *dh = TENSOR_R(dh13) + r0 * 2 * F;                     // (rows, 2F)
-        real *da = TENSOR_R(dact) + r0 * F;                         // (rows, F)
-        real *dw13 = want_dw ? TENSOR_R(dw) + e * 3 * F * C : NULL; // (2F, C)
-        real *dw2 = want_dw ? dw13 + 2 * F * C : NULL;              // (C, F)
-
-        gemm(0, 0, rows, F, C, dy, C, w2, F, 0, da, F);
-        if (want_dw) gemm(1, 0, C, F, rows, dy, C, a, F, 1, dw2, F);
-        // dh13 is scratch: clear it so the accumulating SwiGLU backward assigns.
-        memset(dh, 0, rows * 2 * F * sizeof(real));
-        swiglu_backward_rows(dh, da, h, rows, F);
-        if (dxp.data)
-            gemm(0, 0, rows, C, 2 * F, dh, 2 * F, w13, C, 1, TENSOR_R(dxp) + r0 * C, C);
-        if (want_dw) gemm(1, 0, 2 * F, C, rows, dh, 2 * F, x, C, 1, dw13, C);
+    if (experts_by_thread(E)) {
+#pragma omp parallel for schedule(dynamic, 1)
+        for (size_t e = 0; e < E; e++)
+            experts_backward_one(e, off, dxp, dw, train, dyp, dh13, dact, h13, act, xp, w, C,
+                                 F);
+    } else {
+        for (size_t e = 0; e < E; e++)
+            experts_backward_one(e, off, dxp, dw, train, dyp, dh13, dact, h13, act, xp, w, C,
+                                 F);
     }
 }
 

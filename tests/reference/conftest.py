@@ -16,8 +16,14 @@ def reference_summary():
     return add
 
 
+@pytest.fixture
+def reference_line():
+    """Adds one free-form line to the same summary section."""
+    return _LINES.append
+
+
 def pytest_terminal_summary(terminalreporter):
     if _LINES:
-        terminalreporter.section("moe.c vs PyTorch reference (max relative error)")
+        terminalreporter.section("moe.c vs the references (max relative error)")
         for line in _LINES:
             terminalreporter.write_line(line)

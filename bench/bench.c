@@ -1,0 +1,392 @@
+// bench.c: `make bench` and `make bench-peer` (a benchmark, never a test).
+//
+//   bench [--steps N] [--seconds S] [--csv FILE] [--only train|layer] [CONFIG.ini ...]
+//         [section.key=value ...]
+//   bench --peer [--steps N] [--python PATH] [CONFIG.ini] [section.key=value ...]
+//
+// Default configs: tiny, small, fine-grained. One run prints the machine's peaks (sgemm
+// and FMA), then per config training throughput, MFU and time per phase, then one MoE
+// layer alone with balanced and skewed routing, and writes every figure to bench.csv.
+// --peer trains the config (default small) here and in bench/torch_ref.py (PyTorch,
+// same shapes and routing) and prints the ratio of their tokens/s. Override words
+// (router.aux_scope=micro, ...) apply to every config of moe.c, not to the peer.
+//
+// Each measurement runs in its own child process, so its peak RSS (wait4) is its own and
+// no OpenMP thread pool crosses a fork: this parent never enters a parallel region.
+#include "bench.h"
+
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/resource.h>
+#include <sys/wait.h>
+#include <time.h>
+#include <unistd.h>
+
+#include "../kernels/cpu/blas.h"
+
+#define MAX_CONFIGS 16
+#define SGEMM_N 2048
+
+typedef enum { JOB_PEAK, JOB_TRAIN, JOB_LAYER } JobKind;
+
+typedef struct {
+    JobKind kind;
+    BenchConfig config;
+    int steps;
+    double seconds;
+} Job;
+
+typedef union {
+    PeakResult peak;
+    TrainResult train;
+    LayerResult layer;
+} JobResult;
+
+typedef struct {
+    int steps;
+    double seconds;
+    const char *csv;
+    const char *python;
+    const char *only; // "train" or "layer": that part alone (peaks are always measured)
+    int peer;
+    const char *configs[MAX_CONFIGS];
+    int n_configs;
+    char **words; // (MAX_CONFIGS) section.key=value overrides, applied to every config
+    int n_words;
+} Options;
+
+static void job_run(const Job *j, JobResult *r) {
+    switch (j->kind) {
+    case JOB_PEAK: bench_measure_peaks(&r->peak, SGEMM_N); break;
+    case JOB_TRAIN: bench_train(&r->train, &j->config, j->steps, j->seconds); break;
+    case JOB_LAYER: bench_layer(&r->layer, &j->config); break;
+    }
+}
+
+static int read_all(int fd, void *buf, size_t n) {
+    size_t got = 0;
+    while (got < n) {
+        ssize_t k = read(fd, (char *)buf + got, n - got);
+        if (k <= 0) return -1;
+        got += (size_t)k;
+    }
+    return 0;
+}
+
+// Runs j in a child; returns 0 with its result and peak RSS (MB), or -1 if it failed
+// (its error is already on stderr).
+static int run_child(const Job *j, JobResult *r, double *rss_mb) {
+    int fd[2];
+    if (pipe(fd) != 0) return -1;
+    fflush(stdout);
+    pid_t pid = fork();
+    if (pid < 0) return -1;
+    if (pid == 0) {
+        close(fd[0]);
+        JobResult mine;
+        memset(&mine, 0, sizeof mine);
+        job_run(j, &mine);
+        ssize_t put = write(fd[1], &mine, sizeof mine);
+        _exit(put == (ssize_t)sizeof mine ? 0 : 1);
+    }
+    close(fd[1]);
+    int ok = read_all(fd[0], r, sizeof *r);
+    close(fd[0]);
+    int status;
+    struct rusage ru;
+    if (wait4(pid, &status, 0, &ru) < 0 || !WIFEXITED(status) || WEXITSTATUS(status) != 0)
+        ok = -1;
+    *rss_mb = (double)ru.ru_maxrss / 1024.0;
+    return ok;
+}
+
+// ---- output ---------------------------------------------------------------------------
+
+static FILE *csv_open(const char *path) {
+    FILE *f = fopen(path, "w");
+    if (!f) {
+        fprintf(stderr, "bench: cannot write %s\n", path);
+        exit(1);
+    }
+    fprintf(f, "section,config,metric,value\n");
+    return f;
+}
+
+static void csv_row(FILE *f, const char *section, const char *config, const char *metric,
+                    double value) {
+    fprintf(f, "%s,%s,%s,%.6g\n", section, config, metric, value);
+}
+
+static void print_peaks(const PeakResult *p, double rss, FILE *csv) {
+    printf("peaks (%d threads, the better of two measurements: before and after the rest)\n"
+           "  sgemm %zu^3, OpenBLAS %s kernel (%s), %s threads: %.1f GFLOP/s\n"
+           "  FMA register loop, %s: %.1f GFLOP/s (AVX2: %.1f)\n",
+           p->threads, p->sgemm_n, p->kernel, p->origin, p->threading, p->sgemm_gflops,
+           p->fma_isa, p->fma_gflops, p->fma_avx2_gflops);
+    csv_row(csv, "peak", "-", "sgemm_gflops", p->sgemm_gflops);
+    csv_row(csv, "peak", "-", "fma_gflops", p->fma_gflops);
+    csv_row(csv, "peak", "-", "fma_avx2_gflops", p->fma_avx2_gflops);
+    csv_row(csv, "peak", "-", "threads", p->threads);
+    csv_row(csv, "peak", "-", "rss_mb", rss);
+}
+
+static void print_train_header(void) {
+    printf("\ntraining steps on random tokens (the fastest step of those run):\n"
+           "model FLOPs per token = 6 x active params + 12 x layers x seq_len x d_model "
+           "(attention scores and\nweighted sums, forward and backward); MFU = model "
+           "FLOP/s over the sgemm peak and over the FMA peak\n");
+    printf("%-26s %7s %7s %6s %9s %8s %6s %6s %7s\n", "config", "params", "active", "tok/st",
+           "tok/s", "GFLOP/s", "MFU", "MFUfma", "RSS MB");
+}
+
+static void print_train(const TrainResult *t, const PeakResult *p, double rss, FILE *csv) {
+    double tok_s = (double)t->tokens_per_step / t->step_s;
+    double gflops = tok_s * t->flops_per_token / 1e9;
+    printf("%-26s %6.1fM %6.1fM %6zu %9.0f %8.1f %5.1f%% %5.1f%% %7.0f\n", t->name,
+           (double)t->params / 1e6, (double)t->active / 1e6, t->tokens_per_step, tok_s, gflops,
+           100.0 * gflops / p->sgemm_gflops, 100.0 * gflops / p->fma_gflops, rss);
+    printf("  %-24s", "phases, % of step:");
+    for (int i = 0; i < PHASE_COUNT; i++)
+        printf(" %s %.1f", bench_phase_names[i], 100.0 * t->phase_s[i] / t->step_s);
+    double moe = t->phase_s[PHASE_ROUTER] + t->phase_s[PHASE_DISPATCH];
+    // Dropped assignments cost nothing, so MFU on nominal FLOPs flatters a config that drops.
+    double done = tok_s * (t->flops_per_token - (1.0 - t->kept) * t->expert_flops) / 1e9;
+    printf("\n  %-24s %.1f%% of router + dispatch + experts\n",
+           "MoE overhead:", 100.0 * moe / (moe + t->phase_s[PHASE_EXPERTS]));
+    printf(
+        "  %-24s %.1f%% of assignments kept; FLOPs done %.1f GFLOP/s, %.1f%% of sgemm peak\n",
+        "capacity:", 100.0 * t->kept, done, 100.0 * done / p->sgemm_gflops);
+    printf("  %-24s %.1f%% in ops (embedding, norms, adds, lm_head, cross-entropy), %.1f%% "
+           "outside the tape\n  %-24s (zeroing gradients and activation gradients, batch "
+           "copies)\n",
+           "other:", 100.0 * (t->phase_s[PHASE_OTHER] - t->untaped_s) / t->step_s,
+           100.0 * t->untaped_s / t->step_s, "");
+    printf("  %-24s %d steps, fastest %.3f s; arenas: activations %.0f MB, their gradients "
+           "%.0f MB\n",
+           "run:", t->steps, t->step_s, t->acts_mb, t->dacts_mb);
+    csv_row(csv, "train", t->name, "tokens_per_s", tok_s);
+    csv_row(csv, "train", t->name, "model_gflops", gflops);
+    csv_row(csv, "train", t->name, "mfu_sgemm", gflops / p->sgemm_gflops);
+    csv_row(csv, "train", t->name, "mfu_fma", gflops / p->fma_gflops);
+    csv_row(csv, "train", t->name, "flops_per_token", t->flops_per_token);
+    csv_row(csv, "train", t->name, "step_s", t->step_s);
+    csv_row(csv, "train", t->name, "rss_mb", rss);
+    csv_row(csv, "train", t->name, "kept", t->kept);
+    csv_row(csv, "train", t->name, "done_gflops", done);
+    csv_row(csv, "train", t->name, "moe_overhead", moe / (moe + t->phase_s[PHASE_EXPERTS]));
+    for (int i = 0; i < PHASE_COUNT; i++) {
+        char key[48];
+        snprintf(key, sizeof key, "phase_%s_s", bench_phase_names[i]);
+        csv_row(csv, "train", t->name, key, t->phase_s[i]);
+    }
+}
+
+static void print_layer_header(void) {
+    printf("\none MoE layer alone (the config's shape, one layer, dropless; forward + "
+           "backward):\n");
+}
+
+static void print_layer(const LayerResult *l, const PeakResult *p, double rss, FILE *csv) {
+    printf("%s: N %zu tokens, C %zu, E %zu, top-%zu, F %zu (peak RSS %.0f MB)\n", l->name, l->N,
+           l->C, l->E, l->k, l->F, rss);
+    printf("  experts op, GFLOP/s (%% of sgemm peak) by rows per expert; GEMMs alone in "
+           "brackets:\n   ");
+    for (int i = 0; i < BENCH_ROW_SIZES; i++) {
+        const ExpertRate *r = &l->rate[i];
+        printf(" %zu: %.0f (%.0f%%) [%.0f%%]", r->rows, r->op_gflops,
+               100.0 * r->op_gflops / p->sgemm_gflops,
+               100.0 * r->gemm_gflops / p->sgemm_gflops);
+        char key[48];
+        snprintf(key, sizeof key, "experts_op_gflops_rows%zu", r->rows);
+        csv_row(csv, "layer", l->name, key, r->op_gflops);
+        snprintf(key, sizeof key, "expert_gemm_gflops_rows%zu", r->rows);
+        csv_row(csv, "layer", l->name, key, r->gemm_gflops);
+    }
+    printf("\n  %-9s %8s %9s %8s %9s %8s %9s\n", "routing", "max/mean", "layer ms", "router",
+           "dispatch", "experts", "overhead");
+    const char *names[2] = {"balanced", "skewed"};
+    double total[2];
+    for (int s = 0; s < 2; s++) {
+        total[s] = l->router_s[s] + l->dispatch_s[s] + l->experts_s[s];
+        printf("  %-9s %8.2f %9.2f %8.2f %9.2f %8.2f %8.1f%%\n", names[s], l->max_mean[s],
+               1e3 * total[s], 1e3 * l->router_s[s], 1e3 * l->dispatch_s[s],
+               1e3 * l->experts_s[s], 100.0 * (l->router_s[s] + l->dispatch_s[s]) / total[s]);
+        char key[48];
+        snprintf(key, sizeof key, "%s_max_mean", names[s]);
+        csv_row(csv, "layer", l->name, key, l->max_mean[s]);
+        snprintf(key, sizeof key, "%s_layer_s", names[s]);
+        csv_row(csv, "layer", l->name, key, total[s]);
+        snprintf(key, sizeof key, "%s_overhead", names[s]);
+        csv_row(csv, "layer", l->name, key, (l->router_s[s] + l->dispatch_s[s]) / total[s]);
+    }
+    printf("  skewed / balanced: %.3fx\n", total[1] / total[0]);
+    csv_row(csv, "layer", l->name, "skewed_over_balanced", total[1] / total[0]);
+}
+
+// ---- modes -------------------------------------------------------------------------------
+
+static void print_banner(void) {
+    char when[64];
+    time_t now = time(NULL);
+    strftime(when, sizeof when, "%Y-%m-%d %H:%M", localtime(&now));
+    const char *core = getenv("OPENBLAS_CORETYPE");
+    printf("moe.c bench, %s, %ld cores, OPENBLAS_CORETYPE=%s\n", when,
+           sysconf(_SC_NPROCESSORS_ONLN), core ? core : "(unset)");
+}
+
+typedef struct {
+    JobResult r;
+    double rss_mb;
+    int ok;
+} Outcome;
+
+static Outcome run_job(JobKind kind, const char *config, const Options *o) {
+    static const char *what[] = {"machine peaks", "training steps", "one MoE layer"};
+    fprintf(stderr, "bench: %s%s%s ...\n", what[kind], config ? ", " : "",
+            config ? config : "");
+    Job j = {kind, {config, o->words, o->n_words}, o->steps, o->seconds};
+    Outcome out;
+    memset(&out, 0, sizeof out);
+    out.ok = run_child(&j, &out.r, &out.rss_mb) == 0;
+    return out;
+}
+
+// The peaks are measured before and after everything else and the higher kept, so a
+// peak taken while another process shared the cores does not inflate the MFU.
+static PeakResult best_peaks(const PeakResult *a, const PeakResult *b) {
+    PeakResult best = *a;
+    if (b->sgemm_gflops > best.sgemm_gflops) best.sgemm_gflops = b->sgemm_gflops;
+    if (b->fma_gflops > best.fma_gflops) best.fma_gflops = b->fma_gflops;
+    if (b->fma_avx2_gflops > best.fma_avx2_gflops) best.fma_avx2_gflops = b->fma_avx2_gflops;
+    return best;
+}
+
+static int bench_all(const Options *o) {
+    static Outcome train[MAX_CONFIGS], layer[MAX_CONFIGS];
+    Outcome first = run_job(JOB_PEAK, NULL, o);
+    if (!first.ok) return 1;
+    int do_train = !o->only || !strcmp(o->only, "train");
+    int do_layer = !o->only || !strcmp(o->only, "layer");
+    for (int i = 0; i < o->n_configs && do_train; i++)
+        train[i] = run_job(JOB_TRAIN, o->configs[i], o);
+    for (int i = 0; i < o->n_configs && do_layer; i++)
+        layer[i] = run_job(JOB_LAYER, o->configs[i], o);
+    Outcome last = run_job(JOB_PEAK, NULL, o);
+    PeakResult peak = last.ok ? best_peaks(&first.r.peak, &last.r.peak) : first.r.peak;
+
+    FILE *csv = csv_open(o->csv);
+    print_banner();
+    print_peaks(&peak, first.rss_mb, csv);
+    int failed = 0;
+    if (do_train) print_train_header();
+    for (int i = 0; i < o->n_configs && do_train; i++) {
+        if (train[i].ok)
+            print_train(&train[i].r.train, &peak, train[i].rss_mb, csv);
+        else
+            failed = printf("%s: failed\n", o->configs[i]) > 0;
+    }
+    if (do_layer) print_layer_header();
+    for (int i = 0; i < o->n_configs && do_layer; i++) {
+        if (layer[i].ok)
+            print_layer(&layer[i].r.layer, &peak, layer[i].rss_mb, csv);
+        else
+            failed = printf("%s: failed\n", o->configs[i]) > 0;
+    }
+    fclose(csv);
+    printf("\nwritten: %s\n", o->csv);
+    return failed;
+}
+
+// Runs the PyTorch peer on the same config; returns its tokens/s, or 0 on failure.
+static double torch_tokens_per_s(const Options *o, const char *config) {
+    char cmd[1024];
+    snprintf(cmd, sizeof cmd, "%s bench/torch_ref.py %s --steps %d", o->python, config,
+             o->steps);
+    fflush(stdout);
+    FILE *p = popen(cmd, "r");
+    if (!p) return 0.0;
+    char line[512];
+    double tok_s = 0.0;
+    while (fgets(line, sizeof line, p)) {
+        fputs(line, stdout);
+        sscanf(line, "torch_ref tokens/s: %lf", &tok_s);
+    }
+    return pclose(p) == 0 ? tok_s : 0.0;
+}
+
+static int bench_peer(const Options *o) {
+    const char *config = o->n_configs ? o->configs[0] : "configs/small.ini";
+    print_banner();
+    JobResult r;
+    double rss;
+    Job j = {JOB_TRAIN, {config, o->words, o->n_words}, o->steps, o->seconds};
+    if (run_child(&j, &r, &rss) != 0) return 1;
+    double ours = (double)r.train.tokens_per_step / r.train.step_s;
+    printf("moe.c %s: %.0f tokens/s (%d threads, fastest of %d steps: %.3f s, %.1f%% of "
+           "assignments kept by capacity)\n",
+           r.train.name, ours, r.train.threads, r.train.steps, r.train.step_s,
+           100.0 * r.train.kept);
+    double theirs = torch_tokens_per_s(o, config);
+    if (theirs <= 0.0) {
+        fprintf(stderr, "bench: bench/torch_ref.py failed\n");
+        return 1;
+    }
+    printf("moe.c / PyTorch tokens/s: %.2fx\n", ours / theirs);
+    return 0;
+}
+
+static void usage(void) {
+    fprintf(stderr, "usage: bench [--steps N] [--seconds S] [--csv FILE] [--only train|layer] "
+                    "[CONFIG.ini ...] [section.key=value ...]\n"
+                    "       bench --peer [--steps N] [--python PATH] [CONFIG.ini] "
+                    "[section.key=value ...]\n"
+                    "  section.key=value words apply to every config, as in moe train\n");
+    exit(2);
+}
+
+static Options parse_options(int argc, char **argv) {
+    static char *words[MAX_CONFIGS];
+    Options o = {.steps = 3,
+                 .seconds = 5.0,
+                 .csv = "bench.csv",
+                 .python = "/usr/bin/python3",
+                 .words = words};
+    for (int i = 1; i < argc; i++) {
+        const char *a = argv[i];
+        int more = i + 1 < argc;
+        if (!strcmp(a, "--steps") && more)
+            o.steps = atoi(argv[++i]);
+        else if (!strcmp(a, "--seconds") && more)
+            o.seconds = atof(argv[++i]);
+        else if (!strcmp(a, "--csv") && more)
+            o.csv = argv[++i];
+        else if (!strcmp(a, "--python") && more)
+            o.python = argv[++i];
+        else if (!strcmp(a, "--only") && more)
+            o.only = argv[++i];
+        else if (!strcmp(a, "--peer"))
+            o.peer = 1;
+        else if (a[0] == '-' || o.n_configs == MAX_CONFIGS || o.n_words == MAX_CONFIGS)
+            usage();
+        else if (strchr(a, '='))
+            o.words[o.n_words++] = argv[i];
+        else
+            o.configs[o.n_configs++] = a;
+    }
+    if (o.steps < 1 || (o.only && strcmp(o.only, "train") && strcmp(o.only, "layer"))) usage();
+    return o;
+}
+
+int main(int argc, char **argv) {
+    cpu_blas_select_kernel(argv);
+    Options o = parse_options(argc, argv);
+    if (o.peer) return bench_peer(&o);
+    if (!o.n_configs) {
+        const char *defaults[] = {"configs/tiny.ini", "configs/small.ini",
+                                  "configs/fine-grained.ini"};
+        for (int i = 0; i < 3; i++)
+            o.configs[o.n_configs++] = defaults[i];
+    }
+    return bench_all(&o);
+}

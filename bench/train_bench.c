@@ -1,0 +1,222 @@
+// train_bench.c: optimizer steps of a config on random tokens, split into phases.
+//
+// The step is the one `moe train` takes (train/train.c): with router.aux_scope = batch
+// and grad_accum > 1 a pooling forward over every micro-batch first, then forward and
+// backward per micro-batch, then AdamW. No data files, evaluation, checkpoints or logs.
+#include "bench.h"
+
+#include <omp.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "../kernels/util.h"
+#include "../model/model.h"
+#include "../model/pool.h"
+#include "../optim/adamw.h"
+#include "../train/run.h"
+
+const char *const bench_phase_names[PHASE_COUNT] = {
+    "attention", "router", "dispatch", "experts", "optimizer", "pool", "other"};
+
+typedef struct {
+    RunConfig rc;
+    Model m;
+    AdamW opt;
+    RoutingPool pool;
+    Rng rng;            // tokens and router noise
+    int32_t *tokens;    // (grad_accum, 2, N) inputs then targets per micro-batch
+    double *op_seconds; // (tape ops) forward + backward time of the current step
+    int pooled;
+    size_t kept; // assignments kept by capacity in the current step
+} Trainer;
+
+// Parameters one token computes with, as `moe train` counts them: all but the experts
+// it is not routed to; the embedding only when tied (then it is also the lm_head).
+static size_t active_params(const Model *m) {
+    size_t active = 0;
+    for (size_t i = 0; i < m->layout.n_params; i++) {
+        const ParamInfo *p = &m->layout.params[i];
+        if (p->kind == PARAM_EXPERT)
+            active += p->expert < m->cfg.top_k ? p->numel : 0;
+        else if (p->kind != PARAM_EMBED || m->cfg.tie_embeddings)
+            active += p->numel;
+    }
+    return active;
+}
+
+// The tape's matmuls are the attention projections (q|k|v feeds RoPE, o_proj reads the
+// attention output), the router's gate and noise, and the lm_head before cross-entropy.
+static Phase matmul_phase(const Tape *t, size_t i) {
+    if (i + 1 < t->n && t->ops[i + 1].kind == OP_ROPE) return PHASE_ATTENTION;
+    if (i > 0 && t->ops[i - 1].kind == OP_ATTENTION) return PHASE_ATTENTION;
+    if (i + 1 < t->n && t->ops[i + 1].kind == OP_CROSSENTROPY) return PHASE_OTHER;
+    return PHASE_ROUTER;
+}
+
+Phase bench_op_phase(const Tape *t, size_t i) {
+    switch (t->ops[i].kind) {
+    case OP_ROPE:
+    case OP_ATTENTION: return PHASE_ATTENTION;
+    case OP_MATMUL: return matmul_phase(t, i);
+    case OP_MUL: // Switch jitter, the router's input only
+    case OP_SCORES:
+    case OP_NOISY:
+    case OP_TOPK:
+    case OP_GATES:
+    case OP_CAPACITY:
+    case OP_NORMALIZE:
+    case OP_LB_LOSS:
+    case OP_Z_LOSS:
+    case OP_IMPORTANCE_LOSS:
+    case OP_LOAD_LOSS:
+    case OP_ADD_BIAS:
+    case OP_HASH_ROUTE:
+    case OP_EXPERT_CHOICE: return PHASE_ROUTER;
+    case OP_DISPATCH:
+    case OP_GATHER:
+    case OP_COMBINE: return PHASE_DISPATCH;
+    case OP_EXPERTS: return PHASE_EXPERTS;
+    default: return PHASE_OTHER;
+    }
+}
+
+void bench_config_name(const BenchConfig *c, char *out, size_t len) {
+    size_t used = (size_t)snprintf(out, len, "%s", c->path);
+    for (int i = 0; i < c->n_words && used < len; i++)
+        used += (size_t)snprintf(out + used, len - used, " %s", c->words[i]);
+}
+
+static void trainer_init(Trainer *tr, const BenchConfig *config) {
+    memset(tr, 0, sizeof *tr);
+    run_load_config(&tr->rc, config->path, config->n_words, config->words);
+    if (tr->rc.train.threads > 0 && !getenv("OMP_NUM_THREADS"))
+        omp_set_num_threads(tr->rc.train.threads);
+    size_t B = (size_t)tr->rc.train.batch_size, T = (size_t)tr->rc.model.seq_len;
+    model_init(&tr->m, &tr->rc.model, backend_cpu(), B, T);
+    model_init_weights(&tr->m, (uint64_t)tr->rc.train.seed);
+    adamw_init(&tr->opt, &tr->rc.optim, &tr->m.layout, NULL, tr->m.be);
+    routing_pool_init(&tr->pool, &tr->m);
+    rng_init(&tr->rng, (uint64_t)tr->rc.train.seed);
+    size_t accum = (size_t)tr->rc.train.grad_accum;
+    tr->tokens = CALLOC(accum * 2 * tr->m.N, sizeof *tr->tokens);
+    tr->op_seconds = CALLOC(tr->m.tape.n, sizeof *tr->op_seconds);
+    tr->pooled = accum > 1 && tr->rc.model.aux_scope == AUX_SCOPE_BATCH;
+}
+
+static void trainer_free(Trainer *tr) {
+    free(tr->tokens);
+    free(tr->op_seconds);
+    routing_pool_free(&tr->pool);
+    adamw_free(&tr->opt);
+    tr->m.tape.op_seconds = NULL;
+    model_free(&tr->m);
+}
+
+// Uniform random tokens: the targets are noise too, which changes nothing in the cost.
+static void draw_tokens(Trainer *tr) {
+    size_t n = (size_t)tr->rc.train.grad_accum * 2 * tr->m.N, V = (size_t)tr->rc.model.vocab;
+    for (size_t i = 0; i < n; i++)
+        tr->tokens[i] = (int32_t)(rng_next(&tr->rng) % V);
+}
+
+static void forward_micro(Trainer *tr, int a) {
+    const int32_t *batch = tr->tokens + 2 * tr->m.N * (size_t)a;
+    model_set_batch(&tr->m, batch, batch + tr->m.N);
+    model_draw_noise(&tr->m, &tr->rng);
+    model_forward(&tr->m);
+}
+
+// The pooling forward of train.c's step, timed as one phase (its ops are not split).
+static double pool_pass(Trainer *tr) {
+    double t0 = omp_get_wtime();
+    tr->m.tape.op_seconds = NULL;
+    Rng noise = tr->rng;
+    routing_pool_reset(&tr->pool);
+    for (int a = 0; a < tr->rc.train.grad_accum; a++) {
+        forward_micro(tr, a);
+        routing_pool_add(&tr->pool, &tr->m);
+    }
+    tr->rng = noise;
+    model_use_pool(&tr->m, &tr->pool);
+    tr->m.tape.op_seconds = tr->op_seconds;
+    return omp_get_wtime() - t0;
+}
+
+// Assignments the experts computed in the last forward (kept by capacity), all layers.
+static size_t kept_rows(const Model *m) {
+    size_t E = (size_t)m->cfg.experts, rows = 0;
+    for (int i = 0; i < m->n_moe; i++) {
+        int32_t total;
+        m->be->download(&total, tensor_slice(m->moe[i].offsets, E, 1), sizeof total);
+        rows += (size_t)total;
+    }
+    return rows;
+}
+
+// One optimizer step; fills phase (PHASE_COUNT) and *untaped (the part of PHASE_OTHER
+// outside tape ops) and returns the step's wall time.
+static double train_step(Trainer *tr, long step, double *phase, double *untaped) {
+    Model *m = &tr->m;
+    int accum = tr->rc.train.grad_accum;
+    draw_tokens(tr);
+    memset(tr->op_seconds, 0, m->tape.n * sizeof *tr->op_seconds);
+    memset(phase, 0, PHASE_COUNT * sizeof *phase);
+    double t0 = omp_get_wtime();
+    if (tr->pooled) phase[PHASE_POOL] = pool_pass(tr);
+    m->tape.op_seconds = tr->op_seconds;
+    model_zero_grad(m);
+    tr->kept = 0;
+    for (int a = 0; a < accum; a++) {
+        forward_micro(tr, a);
+        tr->kept += kept_rows(m);
+        model_backward(m);
+    }
+    m->tape.op_seconds = NULL;
+    if (tr->pooled) model_use_pool(m, NULL);
+    double t1 = omp_get_wtime();
+    adamw_step(&tr->opt, m->params, m->grads, tr->rc.optim.lr, step, 1.0 / accum);
+    double t2 = omp_get_wtime();
+    phase[PHASE_OPTIMIZER] = t2 - t1;
+    for (size_t i = 0; i < m->tape.n; i++)
+        phase[bench_op_phase(&m->tape, i)] += tr->op_seconds[i];
+    double timed = 0.0;
+    for (int p = 0; p < PHASE_COUNT; p++)
+        timed += p == PHASE_OTHER ? 0.0 : phase[p];
+    *untaped = (t2 - t0) - timed - phase[PHASE_OTHER]; // zeroing, noise, batch copies
+    phase[PHASE_OTHER] += *untaped;
+    return t2 - t0;
+}
+
+void bench_train(TrainResult *out, const BenchConfig *config, int steps, double min_seconds) {
+    static Trainer tr;
+    trainer_init(&tr, config);
+    const ModelConfig *c = &tr.rc.model;
+    bench_config_name(config, out->name, sizeof out->name);
+    out->params = tr.m.layout.total;
+    out->active = active_params(&tr.m);
+    out->tokens_per_step = tr.m.N * (size_t)tr.rc.train.grad_accum;
+    out->flops_per_token =
+        6.0 * (double)out->active + 12.0 * c->layers * (double)c->seq_len * c->d_model;
+    out->expert_flops = 6.0 * c->top_k * 3.0 * c->expert_ffn_dim * c->d_model * tr.m.n_moe;
+    out->threads = omp_get_max_threads();
+    out->acts_mb = (double)tr.m.acts.size / 1e6;
+    out->dacts_mb = (double)tr.m.dacts.size / 1e6;
+    size_t routed = out->tokens_per_step * (size_t)c->top_k * (size_t)tr.m.n_moe;
+    double phase[PHASE_COUNT], untaped;
+    train_step(&tr, 0, phase, &untaped); // warm-up: first touch of every buffer, threads
+    out->step_s = 0.0;
+    double started = omp_get_wtime();
+    long s = 1;
+    for (; s <= steps || omp_get_wtime() - started < min_seconds; s++) {
+        double t = train_step(&tr, s, phase, &untaped);
+        if (out->step_s == 0.0 || t < out->step_s) {
+            out->step_s = t;
+            out->untaped_s = untaped;
+            out->kept = routed ? (double)tr.kept / (double)routed : 1.0;
+            memcpy(out->phase_s, phase, sizeof phase);
+        }
+    }
+    out->steps = (int)(s - 1);
+    trainer_free(&tr);
+}

@@ -1,0 +1,32 @@
+// backend_cuda.h: the CUDA backend's entry points, callable from C.
+//
+// Compiled only when nvcc is found (the Makefile then defines MOE_CUDA for
+// kernels/backend.c, the one C file that includes this header). Everything else reaches
+// the backend through backend_select() (kernels/backend.h).
+#ifndef MOE_BACKEND_CUDA_H
+#define MOE_BACKEND_CUDA_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+#include "../kernels.h"
+
+// 1 when device 0 is usable (selected, a test kernel ran, cuBLAS is ready); 0 otherwise,
+// with a one-line reason in err. Safe without a GPU driver: it only asks the runtime.
+int backend_cuda_probe(char *err, size_t n);
+
+// The table (fp32: real = float on the device). Call after backend_cuda_probe returned 1.
+const Backend *backend_cuda(void);
+
+// One line about device 0, e.g. "NVIDIA H100 80GB HBM3 (sm_90, 79.1 GiB)".
+void backend_cuda_describe(char *buf, size_t n);
+
+#ifdef __cplusplus
+}
+#endif
+
+#endif

@@ -1,0 +1,300 @@
+// cuda_ops.cuh: the CUDA backend's op implementations and the helpers they share.
+//
+// Each cuda_* function implements the Backend entry of the same name; semantics, shapes
+// and the accumulate-in-backward rule are in kernels.h, and the CPU op of the same name
+// (kernels/cpu/) is the reference every one is tested against (tests/cuda/).
+// runtime.cu: errors, cuBLAS, scratch, sorting, memory ops; dense.cu: elementwise,
+// embedding, RMSNorm, matmul, SwiGLU, experts, cross-entropy; attention.cu: RoPE and
+// attention; router.cu: scores, noise, top-k, gates, capacity, dispatch, gather/combine,
+// aux losses; router_variants.cu: expert bias, hash routing, expert choice; optim.cu:
+// AdamW and the sum of squares; backend_cuda.cu: the table and the device probe.
+//
+// Everything runs in order on the legacy default stream, so an op's kernels see every
+// earlier op's results, host arrays passed in (e.g. experts' `train`) are read during the
+// call, and download() (a blocking copy) returns finished results.
+//
+// Determinism: no floating-point atomics. Reductions use fixed launch shapes and fixed
+// tree orders; integer atomics appear only in histograms (exact) and the error flag.
+#ifndef MOE_CUDA_OPS_CUH
+#define MOE_CUDA_OPS_CUH
+
+#include <cublas_v2.h>
+#include <cuda_runtime.h>
+#include <math.h>
+#include <stddef.h>
+#include <stdint.h>
+
+extern "C" {
+#include "../kernels.h"
+}
+
+static_assert(sizeof(real) == sizeof(float), "the CUDA backend is built for real = float only");
+
+// The project's one error printer (kernels/util.c): "moe: error: ... (file:line)", exits.
+extern "C" [[noreturn]] void util_die(const char *file, int line, const char *fmt, ...)
+    __attribute__((format(printf, 3, 4)));
+
+#define CUDA_DIE(...) util_die(__FILE__, __LINE__, __VA_ARGS__)
+#define CUDA_REQUIRE(cond, ...) \
+    do {                        \
+        if (!(cond)) CUDA_DIE(__VA_ARGS__); \
+    } while (0)
+
+void cuda_check(cudaError_t err, const char *call, const char *file, int line);
+void cublas_check(cublasStatus_t st, const char *call, const char *file, int line);
+// Every CUDA runtime / cuBLAS call goes through these: a failure is one line naming the
+// call, the error and the source location.
+#define cudaCheck(call) cuda_check((call), #call, __FILE__, __LINE__)
+#define cublasCheck(call) cublas_check((call), #call, __FILE__, __LINE__)
+// After a kernel launch: launch errors (bad configuration, missing kernel image).
+#define cudaCheckLaunch() cuda_check(cudaGetLastError(), "kernel launch", __FILE__, __LINE__)
+
+// ---- launch shapes --------------------------------------------------------------------
+
+#define CUDA_THREADS 256   // block size of every 1-D kernel; the reductions assume it
+// Blocks for a grid-stride loop over n items (at most 2^20 blocks; the loop covers the rest).
+unsigned cuda_blocks(size_t n);
+#define GRID_STRIDE(i, n) \
+    for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < (n); \
+         i += (size_t)gridDim.x * blockDim.x)
+
+// Sum of v over the block (blockDim.x == CUDA_THREADS), in a fixed order: warps by
+// shuffle, then warp sums by the first warp. Every thread gets the result. All threads
+// of the block must call it.
+__device__ __forceinline__ double cuda_block_sum(double v) {
+    __shared__ double warp_sums[CUDA_THREADS / 32];
+    __shared__ double total;
+    for (int off = 16; off > 0; off /= 2) v += __shfl_down_sync(0xffffffffu, v, off);
+    int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+    if (lane == 0) warp_sums[warp] = v;
+    __syncthreads();
+    if (warp == 0) {
+        v = lane < CUDA_THREADS / 32 ? warp_sums[lane] : 0.0;
+        for (int off = 16; off > 0; off /= 2) v += __shfl_down_sync(0xffffffffu, v, off);
+        if (lane == 0) total = v;
+    }
+    __syncthreads();
+    double r = total;
+    __syncthreads();   // the shared slots may be reused by the next call
+    return r;
+}
+
+__device__ __forceinline__ float cuda_block_max(float v) {
+    __shared__ float warp_max[CUDA_THREADS / 32];
+    __shared__ float total;
+    for (int off = 16; off > 0; off /= 2) v = fmaxf(v, __shfl_down_sync(0xffffffffu, v, off));
+    int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+    if (lane == 0) warp_max[warp] = v;
+    __syncthreads();
+    if (warp == 0) {
+        v = lane < CUDA_THREADS / 32 ? warp_max[lane] : -INFINITY;
+        for (int off = 16; off > 0; off /= 2) v = fmaxf(v, __shfl_down_sync(0xffffffffu, v, off));
+        if (lane == 0) total = v;
+    }
+    __syncthreads();
+    float r = total;
+    __syncthreads();
+    return r;
+}
+
+// ---- invalid data ---------------------------------------------------------------------
+// The CPU ops die on an index outside its range (token, target, expert, offsets). On the
+// device a kernel skips the bad item and records the first problem in a flag; the flag is
+// read at the next download() (every loss read is one) and the run dies there, naming it.
+enum {
+    CUDA_BAD_TOKEN = 1,
+    CUDA_BAD_TARGET,
+    CUDA_BAD_EXPERT,
+    CUDA_BAD_ROW,
+};
+int *cuda_error_flag(void);   // device int, 0 while all is well
+__device__ __forceinline__ void cuda_flag(int *flag, int code) { atomicCAS(flag, 0, code); }
+void cuda_error_check(void);  // dies if a kernel raised the flag
+
+// ---- shared resources -----------------------------------------------------------------
+// Opens cuBLAS (dlopen); 0 with a one-line reason when it cannot.
+int cuda_cublas_load(char *err, size_t n);
+// The handle, created on first use; dies when cuBLAS cannot start.
+cublasHandle_t cuda_cublas(void);
+// Grow-only device scratch, one buffer per slot: an op takes what it needs for the length
+// of the call (everything runs on one stream, so the next op cannot overlap it).
+enum { SCRATCH_OP = 0, SCRATCH_SORT = 1, SCRATCH_SLOTS };
+void *cuda_scratch(int slot, size_t bytes);
+// Carves 256-byte aligned pieces out of one scratch request: size first, then place.
+struct ScratchLayout {
+    size_t used = 0;
+    size_t add(size_t bytes) {
+        size_t at = used;
+        used += (bytes + 255) / 256 * 256;
+        return at;
+    }
+};
+// Copies n int32 values of a device buffer to the host (a synchronising read).
+void cuda_read_ints(int32_t *host, const int32_t *dev, size_t n);
+
+// c (m, n) = alpha op(a) op(b) + beta c, row-major, as cpu_gemm (cuBLAS sgemm underneath).
+void cuda_gemm(int trans_a, int trans_b, size_t m, size_t n, size_t k, float alpha,
+               const float *a, size_t lda, const float *b, size_t ldb, float beta, float *c,
+               size_t ldc);
+
+// Stable sorts of n (key, value) pairs with CUB's radix sort (stable, -0.0 == +0.0).
+// Ascending int keys in [0, 2^bits): bits = 32 sorts any int32 (negative first).
+void cuda_sort_pairs_int(const int32_t *keys_in, int32_t *keys_out, const int32_t *vals_in,
+                         int32_t *vals_out, size_t n, int bits);
+// Descending float keys.
+void cuda_sort_pairs_float_desc(const float *keys_in, float *keys_out, const int32_t *vals_in,
+                                int32_t *vals_out, size_t n);
+// Fills v (n) with 0, 1, ..., n-1.
+void cuda_iota(int32_t *v, size_t n);
+// Bits needed for keys 0..max_key.
+int cuda_key_bits(size_t max_key);
+
+// ---- column sums ------------------------------------------------------------------------
+// out (cols) = sum over rows r of f(r, c), in double: partial sums over fixed chunks of
+// rows (set by `rows` alone, never by the device), then the chunks in order. F is a
+// struct with `__device__ double operator()(size_t r, size_t c) const`.
+#define COLSUM_MIN_CHUNK 64
+static inline size_t cuda_colsum_chunk(size_t rows) {
+    size_t chunk = (rows + 65534) / 65535;   // gridDim.y holds at most 65535 chunks
+    return chunk > COLSUM_MIN_CHUNK ? chunk : COLSUM_MIN_CHUNK;
+}
+static inline size_t cuda_colsum_scratch(size_t rows, size_t cols) {
+    size_t chunks = (rows + cuda_colsum_chunk(rows) - 1) / cuda_colsum_chunk(rows);
+    return (chunks ? chunks : 1) * cols * sizeof(double);
+}
+
+template <class F>
+__global__ void colsum_partial_kernel(double *part, size_t rows, size_t cols, size_t chunk, F f) {
+    size_t c = blockIdx.x * (size_t)blockDim.x + threadIdx.x;
+    if (c >= cols) return;
+    size_t r0 = blockIdx.y * chunk, r1 = r0 + chunk < rows ? r0 + chunk : rows;
+    double s = 0.0;
+    for (size_t r = r0; r < r1; r++) s += f(r, c);
+    part[blockIdx.y * cols + c] = s;
+}
+
+static __global__ void colsum_final_kernel(double *out, const double *part, size_t chunks,
+                                           size_t cols) {
+    GRID_STRIDE(c, cols) {
+        double s = 0.0;
+        for (size_t k = 0; k < chunks; k++) s += part[k * cols + c];
+        out[c] = s;
+    }
+}
+
+// part: cuda_colsum_scratch(rows, cols) bytes of device scratch; out: cols doubles.
+template <class F>
+void cuda_colsum(double *out, double *part, size_t rows, size_t cols, F f) {
+    if (cols == 0) return;
+    size_t chunk = cuda_colsum_chunk(rows), chunks = (rows + chunk - 1) / chunk;
+    if (chunks > 0) {
+        dim3 grid((unsigned)((cols + CUDA_THREADS - 1) / CUDA_THREADS), (unsigned)chunks);
+        colsum_partial_kernel<<<grid, CUDA_THREADS>>>(part, rows, cols, chunk, f);
+        cudaCheckLaunch();
+    }
+    colsum_final_kernel<<<cuda_blocks(cols), CUDA_THREADS>>>(out, part, chunks, cols);
+    cudaCheckLaunch();
+}
+
+// dst[index[i]] (rows of C) += src[i] for i < n (i < *count when count is not NULL), each
+// destination row summing its sources in increasing i: the CPU loops' order, so the
+// result is deterministic. Indices outside [0, dst_rows) are skipped and flagged `bad`.
+void cuda_scatter_add_rows(float *dst, size_t dst_rows, const float *src, const int32_t *index,
+                           size_t n, const int32_t *count, size_t C, int bad);
+
+// ---- ops ------------------------------------------------------------------------------
+extern "C" {
+void *cuda_alloc(size_t bytes);
+void cuda_release(void *p);
+void cuda_zero(Tensor t, size_t numel);
+void cuda_upload(Tensor dst, const void *src, size_t bytes);
+void cuda_download(void *dst, Tensor src, size_t bytes);
+void cuda_add_forward(Tensor out, Tensor a, Tensor b, size_t n);
+void cuda_add_backward(Tensor da, Tensor db, Tensor dout, size_t n);
+void cuda_mul_forward(Tensor out, Tensor x, Tensor u, size_t n);
+void cuda_mul_backward(Tensor dx, Tensor dout, Tensor u, size_t n);
+void cuda_embedding_forward(Tensor out, Tensor tokens, Tensor table, size_t N, size_t C);
+void cuda_embedding_backward(Tensor dtable, Tensor dout, Tensor tokens, size_t N, size_t C);
+void cuda_rmsnorm_forward(Tensor out, Tensor rstd, Tensor x, Tensor w, size_t N, size_t C,
+                          double eps);
+void cuda_rmsnorm_backward(Tensor dx, Tensor dw, Tensor dout, Tensor x, Tensor w, Tensor rstd,
+                           size_t N, size_t C);
+void cuda_matmul_forward(Tensor out, Tensor x, Tensor w, size_t N, size_t K, size_t M);
+void cuda_matmul_backward(Tensor dx, Tensor dw, Tensor dout, Tensor x, Tensor w, size_t N,
+                          size_t K, size_t M);
+void cuda_rope_forward(Tensor qkv, size_t B, size_t T, size_t H, size_t KV, size_t D,
+                       double theta);
+void cuda_rope_backward(Tensor dqkv, size_t B, size_t T, size_t H, size_t KV, size_t D,
+                        double theta);
+void cuda_attention_forward(Tensor out, Tensor att, Tensor qkv, size_t B, size_t T, size_t H,
+                            size_t KV, size_t D);
+void cuda_attention_backward(Tensor dqkv, Tensor datt, Tensor dout, Tensor qkv, Tensor att,
+                             size_t B, size_t T, size_t H, size_t KV, size_t D);
+void cuda_swiglu_forward(Tensor out, Tensor h13, size_t N, size_t F);
+void cuda_swiglu_backward(Tensor dh13, Tensor dout, Tensor h13, size_t N, size_t F);
+void cuda_experts_forward(Tensor yp, Tensor h13, Tensor act, Tensor xp, Tensor w,
+                          Tensor offsets, size_t E, size_t C, size_t F);
+void cuda_experts_backward(Tensor dxp, Tensor dw, const uint8_t *train, Tensor dyp,
+                           Tensor dh13, Tensor dact, Tensor h13, Tensor act, Tensor xp,
+                           Tensor w, Tensor offsets, size_t E, size_t C, size_t F);
+void cuda_crossentropy_forward(Tensor loss, Tensor lse, Tensor logits, Tensor targets,
+                               size_t N, size_t V);
+void cuda_crossentropy_backward(Tensor dlogits, Tensor logits, Tensor lse, Tensor targets,
+                                double dloss, size_t N, size_t V);
+void cuda_router_scores_forward(Tensor scores, Tensor logits, size_t N, size_t E,
+                                ScoreFunc func);
+void cuda_router_scores_backward(Tensor dlogits, Tensor dscores, Tensor scores, size_t N,
+                                 size_t E, ScoreFunc func);
+void cuda_noisy_logits_forward(Tensor h, Tensor clean, Tensor raw, Tensor eps, size_t n);
+void cuda_noisy_logits_backward(Tensor dclean, Tensor draw, Tensor dh, Tensor raw, Tensor eps,
+                                size_t n);
+void cuda_topk_forward(Tensor idx, Tensor vals, size_t N, size_t E, size_t k);
+void cuda_gates_forward(Tensor gates, Tensor scores, Tensor idx, size_t N, size_t E, size_t k,
+                        int renorm);
+void cuda_gates_backward(Tensor dscores, Tensor dgates, Tensor scores, Tensor idx, size_t N,
+                         size_t E, size_t k, int renorm);
+void cuda_capacity_forward(Tensor keep, Tensor idx, Tensor gates, size_t N, size_t E, size_t k,
+                           size_t capacity, DropPolicy policy);
+void cuda_dispatch_plan(Tensor offsets, Tensor rows, Tensor slot, Tensor idx, Tensor keep,
+                        size_t N, size_t E, size_t k);
+void cuda_gather_rows_forward(Tensor xp, Tensor x, Tensor rows, Tensor offsets, size_t E,
+                              size_t C);
+void cuda_gather_rows_backward(Tensor dx, Tensor dxp, Tensor rows, Tensor offsets, size_t E,
+                               size_t C);
+void cuda_combine_forward(Tensor y, Tensor yp, Tensor gates, Tensor slot, size_t N, size_t k,
+                          size_t C);
+void cuda_combine_backward(Tensor dyp, Tensor dgates, Tensor dy, Tensor yp, Tensor gates,
+                           Tensor slot, size_t N, size_t k, size_t C);
+void cuda_lb_loss_forward(Tensor loss, Tensor counts, Tensor pmean, Tensor probs, Tensor idx,
+                          size_t N, size_t E, size_t k, size_t G);
+void cuda_lb_loss_backward(Tensor dprobs, Tensor counts, double dloss, size_t N, size_t E,
+                           size_t k, size_t G);
+void cuda_normalize_rows_forward(Tensor p, Tensor s, size_t N, size_t E);
+void cuda_normalize_rows_backward(Tensor ds, Tensor dp, Tensor s, size_t N, size_t E);
+void cuda_zloss_forward(Tensor loss, Tensor lse, Tensor logits, size_t N, size_t E);
+void cuda_zloss_backward(Tensor dlogits, Tensor logits, Tensor lse, double dloss, size_t N,
+                         size_t E);
+void cuda_importance_loss_forward(Tensor loss, Tensor imp, Tensor gates, Tensor idx, size_t N,
+                                  size_t E, size_t k);
+void cuda_importance_loss_backward(Tensor dgates, Tensor imp, Tensor idx, double dloss,
+                                   size_t N, size_t E, size_t k);
+void cuda_load_loss_forward(Tensor loss, Tensor load, Tensor clean, Tensor h, Tensor raw,
+                            Tensor idx, size_t N, size_t E, size_t k);
+void cuda_load_loss_backward(Tensor dclean, Tensor dh, Tensor draw, Tensor load, Tensor clean,
+                             Tensor h, Tensor raw, Tensor idx, double dloss, size_t N, size_t E,
+                             size_t k);
+void cuda_add_bias_forward(Tensor out, Tensor s, Tensor b, size_t N, size_t E);
+void cuda_hash_route_forward(Tensor idx, Tensor tokens, size_t N, size_t E, size_t k);
+void cuda_expert_choice_forward(Tensor keep, Tensor scores, size_t N, size_t E,
+                                size_t capacity);
+void cuda_adamw_update(Tensor p, Tensor g, Tensor m, Tensor v, size_t n, double lr,
+                       double beta1, double beta2, double eps, double weight_decay,
+                       double bias_c1, double bias_c2, double grad_scale);
+double cuda_sum_squares(Tensor x, size_t n);
+}
+
+// Device pointers of a Tensor's data, typed.
+#define DEV_R(t) ((float *)(t).data)
+#define DEV_I(t) ((int32_t *)(t).data)
+
+#endif

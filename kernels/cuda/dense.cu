@@ -1,0 +1,411 @@
+// dense.cu: elementwise add/mul, embedding, RMSNorm, matmul, SwiGLU, grouped experts and
+// cross-entropy (CUDA, fp32 storage).
+//
+// Matrix products are cuBLAS sgemm (cuda_gemm). Where the CPU op reduces in double (sums
+// of squares, dot products, logsumexp, column sums) so does the kernel, with a fixed
+// reduction order. Repeated embedding rows are summed by sorting the tokens (stable) and
+// walking each token's rows in order: no atomics.
+#include "cuda_ops.cuh"
+
+#include <stdlib.h>
+
+// ---- elementwise ------------------------------------------------------------------------
+
+__global__ void add_kernel(float *o, const float *a, const float *b, size_t n) {
+    GRID_STRIDE(i, n) o[i] = a[i] + b[i];
+}
+
+__global__ void accumulate_kernel(float *dst, const float *src, size_t n) {
+    GRID_STRIDE(i, n) dst[i] += src[i];
+}
+
+__global__ void mul_kernel(float *o, const float *x, const float *u, size_t n) {
+    GRID_STRIDE(i, n) o[i] = x[i] * u[i];
+}
+
+__global__ void mul_accumulate_kernel(float *g, const float *d, const float *u, size_t n) {
+    GRID_STRIDE(i, n) g[i] += d[i] * u[i];
+}
+
+void cuda_add_forward(Tensor out, Tensor a, Tensor b, size_t n) {
+    if (n == 0) return;
+    add_kernel<<<cuda_blocks(n), CUDA_THREADS>>>(DEV_R(out), DEV_R(a), DEV_R(b), n);
+    cudaCheckLaunch();
+}
+
+static void accumulate(Tensor dst, Tensor src, size_t n) {
+    if (!dst.data || n == 0) return;
+    accumulate_kernel<<<cuda_blocks(n), CUDA_THREADS>>>(DEV_R(dst), DEV_R(src), n);
+    cudaCheckLaunch();
+}
+
+void cuda_add_backward(Tensor da, Tensor db, Tensor dout, size_t n) {
+    accumulate(da, dout, n);
+    accumulate(db, dout, n);
+}
+
+void cuda_mul_forward(Tensor out, Tensor x, Tensor u, size_t n) {
+    if (n == 0) return;
+    mul_kernel<<<cuda_blocks(n), CUDA_THREADS>>>(DEV_R(out), DEV_R(x), DEV_R(u), n);
+    cudaCheckLaunch();
+}
+
+void cuda_mul_backward(Tensor dx, Tensor dout, Tensor u, size_t n) {
+    if (!dx.data || n == 0) return;
+    mul_accumulate_kernel<<<cuda_blocks(n), CUDA_THREADS>>>(DEV_R(dx), DEV_R(dout), DEV_R(u), n);
+    cudaCheckLaunch();
+}
+
+// ---- embedding --------------------------------------------------------------------------
+
+__global__ void embedding_kernel(float *out, const int32_t *tok, const float *tab, size_t N,
+                                 size_t C, size_t V, int *flag) {
+    GRID_STRIDE(i, N * C) {
+        size_t n = i / C, c = i % C;
+        int32_t t = tok[n];
+        if (t < 0 || (size_t)t >= V) {
+            if (c == 0) cuda_flag(flag, CUDA_BAD_TOKEN);
+            out[i] = 0.0f;
+            continue;
+        }
+        out[i] = tab[(size_t)t * C + c];
+    }
+}
+
+void cuda_embedding_forward(Tensor out, Tensor tokens, Tensor table, size_t N, size_t C) {
+    if (N == 0 || C == 0) return;
+    embedding_kernel<<<cuda_blocks(N * C), CUDA_THREADS>>>(
+        DEV_R(out), DEV_I(tokens), DEV_R(table), N, C, table.numel / C, cuda_error_flag());
+    cudaCheckLaunch();
+}
+
+// Sort keys: the destination row, or dst_rows (sorted last, skipped) past the count or
+// outside the buffer.
+__global__ void scatter_keys_kernel(int32_t *keys, const int32_t *index, size_t n,
+                                    const int32_t *count, size_t dst_rows, int *flag, int bad) {
+    size_t limit = count ? (size_t)*count : n;
+    GRID_STRIDE(i, n) {
+        int32_t r = i < limit ? index[i] : (int32_t)dst_rows;
+        if (i < limit && (r < 0 || (size_t)r >= dst_rows)) {
+            cuda_flag(flag, bad);
+            r = (int32_t)dst_rows;
+        }
+        keys[i] = r;
+    }
+}
+
+// One thread per (sorted position i, column c); the first position of each destination
+// row sums that row's sources in sorted (= source) order onto the row's old value.
+__global__ void scatter_add_kernel(float *dst, const float *src, const int32_t *keys,
+                                   const int32_t *sources, size_t n, size_t C, size_t dst_rows) {
+    GRID_STRIDE(i, n * C) {
+        size_t p = i / C, c = i % C;
+        int32_t row = keys[p];
+        if ((size_t)row >= dst_rows || (p > 0 && keys[p - 1] == row)) continue;
+        float acc = dst[(size_t)row * C + c];
+        for (size_t q = p; q < n && keys[q] == row; q++)
+            acc += src[(size_t)sources[q] * C + c];
+        dst[(size_t)row * C + c] = acc;
+    }
+}
+
+void cuda_scatter_add_rows(float *dst, size_t dst_rows, const float *src, const int32_t *index,
+                           size_t n, const int32_t *count, size_t C, int bad) {
+    if (n == 0 || C == 0) return;
+    ScratchLayout L;
+    size_t o_keys = L.add(n * 4), o_skeys = L.add(n * 4), o_vals = L.add(n * 4),
+           o_svals = L.add(n * 4);
+    char *s = (char *)cuda_scratch(SCRATCH_OP, L.used);
+    int32_t *keys = (int32_t *)(s + o_keys), *skeys = (int32_t *)(s + o_skeys);
+    int32_t *vals = (int32_t *)(s + o_vals), *svals = (int32_t *)(s + o_svals);
+    scatter_keys_kernel<<<cuda_blocks(n), CUDA_THREADS>>>(keys, index, n, count, dst_rows,
+                                                          cuda_error_flag(), bad);
+    cudaCheckLaunch();
+    cuda_iota(vals, n);
+    cuda_sort_pairs_int(keys, skeys, vals, svals, n, cuda_key_bits(dst_rows));
+    scatter_add_kernel<<<cuda_blocks(n * C), CUDA_THREADS>>>(dst, src, skeys, svals, n, C,
+                                                             dst_rows);
+    cudaCheckLaunch();
+}
+
+void cuda_embedding_backward(Tensor dtable, Tensor dout, Tensor tokens, size_t N, size_t C) {
+    if (!dtable.data || C == 0) return;
+    cuda_scatter_add_rows(DEV_R(dtable), dtable.numel / C, DEV_R(dout), DEV_I(tokens), N, NULL,
+                          C, CUDA_BAD_TOKEN);
+}
+
+// ---- RMSNorm ----------------------------------------------------------------------------
+
+// One block per row.
+__global__ void rmsnorm_kernel(float *o, float *rs, const float *x, const float *w, size_t C,
+                               double eps) {
+    size_t n = blockIdx.x;
+    const float *xr = x + n * C;
+    double ss = 0.0;
+    for (size_t c = threadIdx.x; c < C; c += blockDim.x) ss += (double)xr[c] * xr[c];
+    ss = cuda_block_sum(ss);
+    float r = (float)(1.0 / sqrt(ss / (double)C + eps));
+    if (threadIdx.x == 0) rs[n] = r;
+    for (size_t c = threadIdx.x; c < C; c += blockDim.x) o[n * C + c] = xr[c] * r * w[c];
+}
+
+void cuda_rmsnorm_forward(Tensor out, Tensor rstd, Tensor x, Tensor w, size_t N, size_t C,
+                          double eps) {
+    if (N == 0) return;
+    rmsnorm_kernel<<<(unsigned)N, CUDA_THREADS>>>(DEV_R(out), DEV_R(rstd), DEV_R(x), DEV_R(w),
+                                                  C, eps);
+    cudaCheckLaunch();
+}
+
+// dx_i += r w_i dout_i - r^3 x_i / C * sum_j dout_j w_j x_j; one block per row.
+__global__ void rmsnorm_backward_x_kernel(float *dx, const float *dy, const float *x,
+                                          const float *w, const float *rstd, size_t C) {
+    size_t n = blockIdx.x;
+    const float *xr = x + n * C, *dyr = dy + n * C;
+    double dot = 0.0;
+    for (size_t c = threadIdx.x; c < C; c += blockDim.x) dot += (double)dyr[c] * w[c] * xr[c];
+    dot = cuda_block_sum(dot);
+    double r = rstd[n];
+    double k = r * r * r * dot / (double)C;
+    for (size_t c = threadIdx.x; c < C; c += blockDim.x)
+        dx[n * C + c] += (float)(r * w[c] * dyr[c] - k * xr[c]);
+}
+
+struct RmsnormDw {
+    const float *dy, *x, *rstd;
+    size_t C;
+    __device__ double operator()(size_t n, size_t c) const {
+        return (double)dy[n * C + c] * x[n * C + c] * rstd[n];
+    }
+};
+
+__global__ void add_doubles_kernel(float *dst, const double *src, size_t n) {
+    GRID_STRIDE(i, n) dst[i] += (float)src[i];
+}
+
+void cuda_rmsnorm_backward(Tensor dx, Tensor dw, Tensor dout, Tensor x, Tensor w, Tensor rstd,
+                           size_t N, size_t C) {
+    if (N == 0 || C == 0) return;
+    if (dx.data) {
+        rmsnorm_backward_x_kernel<<<(unsigned)N, CUDA_THREADS>>>(
+            DEV_R(dx), DEV_R(dout), DEV_R(x), DEV_R(w), DEV_R(rstd), C);
+        cudaCheckLaunch();
+    }
+    if (dw.data) {
+        ScratchLayout L;
+        size_t o_part = L.add(cuda_colsum_scratch(N, C)), o_sum = L.add(C * sizeof(double));
+        char *s = (char *)cuda_scratch(SCRATCH_OP, L.used);
+        double *sum = (double *)(s + o_sum);
+        cuda_colsum(sum, (double *)(s + o_part), N, C,
+                    RmsnormDw{DEV_R(dout), DEV_R(x), DEV_R(rstd), C});
+        add_doubles_kernel<<<cuda_blocks(C), CUDA_THREADS>>>(DEV_R(dw), sum, C);
+        cudaCheckLaunch();
+    }
+}
+
+// ---- matmul -----------------------------------------------------------------------------
+
+void cuda_matmul_forward(Tensor out, Tensor x, Tensor w, size_t N, size_t K, size_t M) {
+    // out (N, M) = x (N, K) @ w (M, K)^T
+    cuda_gemm(0, 1, N, M, K, 1.0f, DEV_R(x), K, DEV_R(w), K, 0.0f, DEV_R(out), M);
+}
+
+void cuda_matmul_backward(Tensor dx, Tensor dw, Tensor dout, Tensor x, Tensor w, size_t N,
+                          size_t K, size_t M) {
+    // dx (N, K) += dout (N, M) @ w (M, K)
+    if (dx.data) cuda_gemm(0, 0, N, K, M, 1.0f, DEV_R(dout), M, DEV_R(w), K, 1.0f, DEV_R(dx), K);
+    // dw (M, K) += dout^T (M, N) @ x (N, K)
+    if (dw.data) cuda_gemm(1, 0, M, K, N, 1.0f, DEV_R(dout), M, DEV_R(x), K, 1.0f, DEV_R(dw), K);
+}
+
+// ---- SwiGLU -----------------------------------------------------------------------------
+
+__device__ __forceinline__ double swiglu_sigmoid(double z) { return 1.0 / (1.0 + exp(-z)); }
+
+// out (N, F) = silu(h1) * h3 with h13 (N, 2F) rows [h1 | h3].
+__global__ void swiglu_kernel(float *out, const float *h13, size_t N, size_t F) {
+    GRID_STRIDE(i, N * F) {
+        size_t n = i / F, f = i % F;
+        double h1 = h13[n * 2 * F + f], h3 = h13[n * 2 * F + F + f];
+        out[i] = (float)(h1 * swiglu_sigmoid(h1) * h3);
+    }
+}
+
+// dh13 += d/dh13 of silu(h1) * h3; silu'(z) = s (1 + z (1 - s)), s = sigmoid(z).
+__global__ void swiglu_backward_kernel(float *dh13, const float *dout, const float *h13,
+                                       size_t N, size_t F) {
+    GRID_STRIDE(i, N * F) {
+        size_t n = i / F, f = i % F;
+        double z = h13[n * 2 * F + f], h3 = h13[n * 2 * F + F + f];
+        double s = swiglu_sigmoid(z), g = dout[i];
+        dh13[n * 2 * F + f] += (float)(g * h3 * s * (1.0 + z * (1.0 - s)));
+        dh13[n * 2 * F + F + f] += (float)(g * z * s);
+    }
+}
+
+static void swiglu_rows(float *out, const float *h13, size_t N, size_t F) {
+    if (N * F == 0) return;
+    swiglu_kernel<<<cuda_blocks(N * F), CUDA_THREADS>>>(out, h13, N, F);
+    cudaCheckLaunch();
+}
+
+static void swiglu_backward_rows(float *dh13, const float *dout, const float *h13, size_t N,
+                                 size_t F) {
+    if (N * F == 0) return;
+    swiglu_backward_kernel<<<cuda_blocks(N * F), CUDA_THREADS>>>(dh13, dout, h13, N, F);
+    cudaCheckLaunch();
+}
+
+void cuda_swiglu_forward(Tensor out, Tensor h13, size_t N, size_t F) {
+    swiglu_rows(DEV_R(out), DEV_R(h13), N, F);
+}
+
+void cuda_swiglu_backward(Tensor dh13, Tensor dout, Tensor h13, size_t N, size_t F) {
+    if (dh13.data) swiglu_backward_rows(DEV_R(dh13), DEV_R(dout), DEV_R(h13), N, F);
+}
+
+// ---- grouped experts --------------------------------------------------------------------
+// First version: the offsets (E+1) are read back to the host once per call (one
+// synchronisation), then each non-empty expert runs its own cuBLAS calls in expert order.
+// A grouped GEMM (cublasGemmGroupedBatchedEx) without the read-back is the next step.
+
+// Downloads and validates offsets (E+1) into a host array the caller frees; *M = offsets[E].
+static int32_t *expert_offsets(Tensor offsets, size_t E, size_t *M) {
+    int32_t *off = (int32_t *)malloc((E + 1) * sizeof(int32_t));
+    CUDA_REQUIRE(off, "out of host memory for %zu expert offsets", E + 1);
+    cuda_read_ints(off, DEV_I(offsets), E + 1);
+    CUDA_REQUIRE(off[0] == 0, "expert offsets must start at 0, not %d", (int)off[0]);
+    for (size_t e = 0; e < E; e++)
+        CUDA_REQUIRE(off[e + 1] >= off[e], "expert offsets decrease at expert %zu (%d -> %d)", e,
+                     (int)off[e], (int)off[e + 1]);
+    *M = (size_t)off[E];
+    return off;
+}
+
+// Routed row counts are known only at run time: refuse a buffer too small for them.
+static void check_fits(Tensor t, size_t need, const char *name) {
+    CUDA_REQUIRE(!t.data || t.numel >= need, "experts: %s holds %zu elements, needs %zu", name,
+                 t.numel, need);
+}
+
+void cuda_experts_forward(Tensor yp, Tensor h13, Tensor act, Tensor xp, Tensor w,
+                          Tensor offsets, size_t E, size_t C, size_t F) {
+    size_t M;
+    int32_t *off = expert_offsets(offsets, E, &M);
+    check_fits(w, E * 3 * F * C, "w");
+    check_fits(xp, M * C, "xp");
+    check_fits(h13, M * 2 * F, "h13");
+    check_fits(act, M * F, "act");
+    check_fits(yp, M * C, "yp");
+    for (size_t e = 0; e < E; e++) {
+        size_t r0 = (size_t)off[e], rows = (size_t)off[e + 1] - r0;
+        if (rows == 0) continue;
+        const float *w13 = DEV_R(w) + e * 3 * F * C; // (2F, C)
+        const float *w2 = w13 + 2 * F * C;           // (C, F)
+        const float *x = DEV_R(xp) + r0 * C;         // (rows, C)
+        float *h = DEV_R(h13) + r0 * 2 * F;          // (rows, 2F)
+        float *a = DEV_R(act) + r0 * F;              // (rows, F)
+        cuda_gemm(0, 1, rows, 2 * F, C, 1.0f, x, C, w13, C, 0.0f, h, 2 * F);
+        swiglu_rows(a, h, rows, F);
+        cuda_gemm(0, 1, rows, C, F, 1.0f, a, F, w2, F, 0.0f, DEV_R(yp) + r0 * C, C);
+    }
+    free(off);
+}
+
+void cuda_experts_backward(Tensor dxp, Tensor dw, const uint8_t *train, Tensor dyp,
+                           Tensor dh13, Tensor dact, Tensor h13, Tensor act, Tensor xp,
+                           Tensor w, Tensor offsets, size_t E, size_t C, size_t F) {
+    size_t M;
+    int32_t *off = expert_offsets(offsets, E, &M);
+    check_fits(dw, E * 3 * F * C, "dw");
+    check_fits(dxp, M * C, "dxp");
+    check_fits(dyp, M * C, "dyp");
+    check_fits(dh13, M * 2 * F, "dh13");
+    check_fits(dact, M * F, "dact");
+    for (size_t e = 0; e < E; e++) {
+        size_t r0 = (size_t)off[e], rows = (size_t)off[e + 1] - r0;
+        int want_dw = dw.data && (!train || train[e]);
+        if (rows == 0 || (!want_dw && !dxp.data)) continue;
+        const float *w13 = DEV_R(w) + e * 3 * F * C;                // (2F, C)
+        const float *w2 = w13 + 2 * F * C;                          // (C, F)
+        const float *x = DEV_R(xp) + r0 * C;                        // (rows, C)
+        const float *h = DEV_R(h13) + r0 * 2 * F;                   // (rows, 2F)
+        const float *a = DEV_R(act) + r0 * F;                       // (rows, F)
+        const float *dy = DEV_R(dyp) + r0 * C;                      // (rows, C)
+        float *dh = DEV_R(dh13) + r0 * 2 * F;                       // (rows, 2F)
+        float *da = DEV_R(dact) + r0 * F;                           // (rows, F)
+        float *dw13 = want_dw ? DEV_R(dw) + e * 3 * F * C : NULL;   // (2F, C)
+        float *dw2 = want_dw ? dw13 + 2 * F * C : NULL;             // (C, F)
+
+        cuda_gemm(0, 0, rows, F, C, 1.0f, dy, C, w2, F, 0.0f, da, F);
+        if (want_dw) cuda_gemm(1, 0, C, F, rows, 1.0f, dy, C, a, F, 1.0f, dw2, F);
+        // dh13 is scratch: clear it so the accumulating SwiGLU backward assigns.
+        cudaCheck(cudaMemset(dh, 0, rows * 2 * F * sizeof(float)));
+        swiglu_backward_rows(dh, da, h, rows, F);
+        if (dxp.data)
+            cuda_gemm(0, 0, rows, C, 2 * F, 1.0f, dh, 2 * F, w13, C, 1.0f, DEV_R(dxp) + r0 * C, C);
+        if (want_dw) cuda_gemm(1, 0, 2 * F, C, rows, 1.0f, dh, 2 * F, x, C, 1.0f, dw13, C);
+    }
+    free(off);
+}
+
+// ---- cross-entropy ----------------------------------------------------------------------
+
+// lse (N) = logsumexp of each row, max-shifted; one block per row.
+__global__ void logsumexp_rows_kernel(float *lse, const float *x, size_t V) {
+    const float *row = x + blockIdx.x * V;
+    float mx = -INFINITY;
+    for (size_t v = threadIdx.x; v < V; v += blockDim.x) mx = fmaxf(mx, row[v]);
+    mx = cuda_block_max(mx);
+    double s = 0.0;
+    for (size_t v = threadIdx.x; v < V; v += blockDim.x) s += exp((double)row[v] - mx);
+    s = cuda_block_sum(s);
+    if (threadIdx.x == 0) lse[blockIdx.x] = (float)((double)mx + log(s));
+}
+
+// loss (1) = mean_n (lse[n] - logits[n, target[n]]); one block, fixed order. A target
+// outside the vocabulary makes the loss NaN and raises the flag.
+__global__ void crossentropy_loss_kernel(float *loss, const float *lse, const float *lg,
+                                         const int32_t *tg, size_t N, size_t V, int *flag) {
+    double s = 0.0;
+    for (size_t n = threadIdx.x; n < N; n += blockDim.x) {
+        int32_t t = tg[n];
+        if (t < 0 || (size_t)t >= V) {
+            cuda_flag(flag, CUDA_BAD_TARGET);
+            s += NAN;
+            continue;
+        }
+        s += (double)lse[n] - lg[n * V + (size_t)t];
+    }
+    s = cuda_block_sum(s);
+    if (threadIdx.x == 0) loss[0] = (float)(s / (double)N);
+}
+
+void cuda_crossentropy_forward(Tensor loss, Tensor lse, Tensor logits, Tensor targets,
+                               size_t N, size_t V) {
+    CUDA_REQUIRE(N > 0, "cross-entropy over zero rows has no mean");
+    logsumexp_rows_kernel<<<(unsigned)N, CUDA_THREADS>>>(DEV_R(lse), DEV_R(logits), V);
+    cudaCheckLaunch();
+    crossentropy_loss_kernel<<<1, CUDA_THREADS>>>(DEV_R(loss), DEV_R(lse), DEV_R(logits),
+                                                  DEV_I(targets), N, V, cuda_error_flag());
+    cudaCheckLaunch();
+}
+
+// dlogits += scale * (softmax - onehot(target)).
+__global__ void crossentropy_backward_kernel(float *dl, const float *lg, const float *ls,
+                                             const int32_t *tg, double scale, size_t N,
+                                             size_t V) {
+    GRID_STRIDE(i, N * V) {
+        size_t n = i / V, v = i % V;
+        double p = exp((double)lg[i] - ls[n]);
+        dl[i] += (float)(scale * (p - (double)(v == (size_t)tg[n])));
+    }
+}
+
+void cuda_crossentropy_backward(Tensor dlogits, Tensor logits, Tensor lse, Tensor targets,
+                                double dloss, size_t N, size_t V) {
+    if (!dlogits.data || N * V == 0) return;
+    crossentropy_backward_kernel<<<cuda_blocks(N * V), CUDA_THREADS>>>(
+        DEV_R(dlogits), DEV_R(logits), DEV_R(lse), DEV_I(targets), dloss / (double)N, N, V);
+    cudaCheckLaunch();
+}

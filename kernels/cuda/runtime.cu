@@ -1,0 +1,248 @@
+// runtime.cu: what the CUDA ops share: error checks, the cuBLAS handle, scratch memory,
+// the invalid-data flag, row-major gemm, CUB sorts; and the memory ops of the table.
+//
+// cuBLAS is opened with dlopen when the backend is first asked for, not linked: its
+// libraries take ~70 ms to load, which every CPU-only start of ./moe would pay. libcudart
+// (linked) loads in no measurable time and needs no driver until it is called.
+#include "cuda_ops.cuh"
+
+#include <cub/device/device_radix_sort.cuh>
+#include <dlfcn.h>
+#include <limits.h>
+#include <stdio.h>
+#include <string.h>
+
+// ---- cuBLAS, loaded at run time ---------------------------------------------------------
+
+static struct {
+    void *lib;
+    decltype(&cublasCreate_v2) create;
+    decltype(&cublasSetMathMode) set_math_mode;
+    decltype(&cublasSgemm_v2) sgemm;
+    decltype(&cublasGetStatusString) status_string;
+} blas;
+
+#define CUBLAS_SONAME_(major) "libcublas.so." #major
+#define CUBLAS_SONAME(major) CUBLAS_SONAME_(major)
+
+int cuda_cublas_load(char *err, size_t n) {
+    if (blas.lib) return 1;
+    // The soname of the toolkit we compiled against, found through ./moe's rpath.
+    void *lib = dlopen(CUBLAS_SONAME(CUBLAS_VER_MAJOR), RTLD_NOW | RTLD_LOCAL);
+    if (!lib) {
+        snprintf(err, n, "CUDA backend built, but cuBLAS cannot be loaded: %s", dlerror());
+        return 0;
+    }
+    blas.create = (decltype(blas.create))dlsym(lib, "cublasCreate_v2");
+    blas.set_math_mode = (decltype(blas.set_math_mode))dlsym(lib, "cublasSetMathMode");
+    blas.sgemm = (decltype(blas.sgemm))dlsym(lib, "cublasSgemm_v2");
+    blas.status_string = (decltype(blas.status_string))dlsym(lib, "cublasGetStatusString");
+    if (!blas.create || !blas.set_math_mode || !blas.sgemm || !blas.status_string) {
+        snprintf(err, n, "CUDA backend built, but %s lacks a function it needs",
+                 CUBLAS_SONAME(CUBLAS_VER_MAJOR));
+        dlclose(lib);
+        return 0;
+    }
+    blas.lib = lib;
+    return 1;
+}
+
+// ---- errors ---------------------------------------------------------------------------
+
+void cuda_check(cudaError_t err, const char *call, const char *file, int line) {
+    if (err == cudaSuccess) return;
+    util_die(file, line, "CUDA %s in %s: %s", cudaGetErrorName(err), call,
+             cudaGetErrorString(err));
+}
+
+void cublas_check(cublasStatus_t st, const char *call, const char *file, int line) {
+    if (st == CUBLAS_STATUS_SUCCESS) return;
+    util_die(file, line, "cuBLAS %s (status %d) in %s",
+             blas.status_string ? blas.status_string(st) : "error", (int)st, call);
+}
+
+unsigned cuda_blocks(size_t n) {
+    size_t b = (n + CUDA_THREADS - 1) / CUDA_THREADS;
+    if (b == 0) b = 1;
+    return (unsigned)(b < (1u << 20) ? b : (1u << 20));
+}
+
+// ---- shared resources (one device, one thread: the trainer drives ops serially) --------
+
+static cublasHandle_t g_cublas;
+static int *g_error_flag;
+static void *g_scratch[SCRATCH_SLOTS];
+static size_t g_scratch_bytes[SCRATCH_SLOTS];
+
+cublasHandle_t cuda_cublas(void) {
+    if (!g_cublas) {
+        char err[512];
+        if (!cuda_cublas_load(err, sizeof err)) CUDA_DIE("%s", err);
+        cublasCheck(blas.create(&g_cublas));
+        // Plain fp32 products (no TF32): the fp32 mode must match the CPU backend.
+        cublasCheck(blas.set_math_mode(g_cublas, CUBLAS_DEFAULT_MATH));
+    }
+    return g_cublas;
+}
+
+int *cuda_error_flag(void) {
+    if (!g_error_flag) {
+        cudaCheck(cudaMalloc((void **)&g_error_flag, sizeof(int)));
+        cudaCheck(cudaMemset(g_error_flag, 0, sizeof(int)));
+    }
+    return g_error_flag;
+}
+
+void cuda_error_check(void) {
+    if (!g_error_flag) return;
+    int code = 0;
+    cudaCheck(cudaMemcpy(&code, g_error_flag, sizeof code, cudaMemcpyDeviceToHost));
+    if (code == 0) return;
+    const char *what[] = {"?", "a token id outside the embedding table",
+                          "a target outside the vocabulary",
+                          "an expert index outside [0, E)",
+                          "a row or slot index outside its buffer"};
+    CUDA_DIE("a CUDA op met invalid data: %s (the CPU backend stops at the op itself; "
+             "run with train.device=cpu to find it)",
+             code > 0 && code <= CUDA_BAD_ROW ? what[code] : what[0]);
+}
+
+void *cuda_scratch(int slot, size_t bytes) {
+    if (bytes > g_scratch_bytes[slot]) {
+        // Earlier ops may still be reading the old buffer: wait for them before freeing.
+        cudaCheck(cudaDeviceSynchronize());
+        cudaCheck(cudaFree(g_scratch[slot]));
+        size_t grow = bytes + bytes / 4;   // room for a slightly larger call next time
+        g_scratch[slot] = NULL;
+        cudaError_t err = cudaMalloc(&g_scratch[slot], grow);
+        if (err != cudaSuccess)
+            CUDA_DIE("out of GPU memory for %zu bytes of op scratch (%s)", grow,
+                     cudaGetErrorString(err));
+        g_scratch_bytes[slot] = grow;
+    }
+    return g_scratch[slot];
+}
+
+void cuda_read_ints(int32_t *host, const int32_t *dev, size_t n) {
+    cudaCheck(cudaMemcpy(host, dev, n * sizeof(int32_t), cudaMemcpyDeviceToHost));
+}
+
+// ---- gemm -----------------------------------------------------------------------------
+
+__global__ void zero_rows_kernel(float *c, size_t m, size_t n, size_t ldc) {
+    GRID_STRIDE(i, m * n) c[(i / n) * ldc + i % n] = 0.0f;
+}
+
+// cuBLAS is column-major: a row-major (r, c) matrix is its column-major transpose, so
+// row-major C = op(A) op(B) is column-major C^T = op(B)^T op(A)^T: swap the operands.
+void cuda_gemm(int trans_a, int trans_b, size_t m, size_t n, size_t k, float alpha,
+               const float *a, size_t lda, const float *b, size_t ldb, float beta, float *c,
+               size_t ldc) {
+    if (m == 0 || n == 0) return;
+    if (k == 0) {   // an empty sum, as cpu_gemm
+        if (beta == 0.0f) {
+            zero_rows_kernel<<<cuda_blocks(m * n), CUDA_THREADS>>>(c, m, n, ldc);
+            cudaCheckLaunch();
+        }
+        return;
+    }
+    CUDA_REQUIRE(m <= INT_MAX && n <= INT_MAX && k <= INT_MAX && lda <= INT_MAX &&
+                     ldb <= INT_MAX && ldc <= INT_MAX,
+                 "gemm of (%zu x %zu x %zu) exceeds cuBLAS's int sizes", m, n, k);
+    cublasHandle_t h = cuda_cublas();
+    cublasCheck(blas.sgemm(h, trans_b ? CUBLAS_OP_T : CUBLAS_OP_N,
+                            trans_a ? CUBLAS_OP_T : CUBLAS_OP_N, (int)n, (int)m, (int)k, &alpha,
+                            b, (int)ldb, a, (int)lda, &beta, c, (int)ldc));
+}
+
+// ---- sorting ----------------------------------------------------------------------------
+
+__global__ void iota_kernel(int32_t *v, size_t n) {
+    GRID_STRIDE(i, n) v[i] = (int32_t)i;
+}
+
+void cuda_iota(int32_t *v, size_t n) {
+    if (n == 0) return;
+    iota_kernel<<<cuda_blocks(n), CUDA_THREADS>>>(v, n);
+    cudaCheckLaunch();
+}
+
+int cuda_key_bits(size_t max_key) {
+    int bits = 1;
+    while (bits < 32 && (max_key >> bits) != 0) bits++;
+    return bits;
+}
+
+static void check_sort_size(size_t n) {
+    CUDA_REQUIRE(n <= INT_MAX, "sort of %zu items exceeds CUB's int sizes", n);
+}
+
+void cuda_sort_pairs_int(const int32_t *keys_in, int32_t *keys_out, const int32_t *vals_in,
+                         int32_t *vals_out, size_t n, int bits) {
+    if (n == 0) return;
+    check_sort_size(n);
+    size_t bytes = 0;
+    // 32 bits: the full signed range. Fewer: keys are known to be in [0, 2^bits), and
+    // sorting them as unsigned skips the sign transform, so the bit range is exact.
+    if (bits >= 32) {
+        cudaCheck(cub::DeviceRadixSort::SortPairs(NULL, bytes, keys_in, keys_out, vals_in,
+                                                  vals_out, (int)n));
+        void *tmp = cuda_scratch(SCRATCH_SORT, bytes);
+        cudaCheck(cub::DeviceRadixSort::SortPairs(tmp, bytes, keys_in, keys_out, vals_in,
+                                                  vals_out, (int)n));
+    } else {
+        const uint32_t *ki = (const uint32_t *)keys_in;
+        uint32_t *ko = (uint32_t *)keys_out;
+        cudaCheck(cub::DeviceRadixSort::SortPairs(NULL, bytes, ki, ko, vals_in, vals_out,
+                                                  (int)n, 0, bits));
+        void *tmp = cuda_scratch(SCRATCH_SORT, bytes);
+        cudaCheck(cub::DeviceRadixSort::SortPairs(tmp, bytes, ki, ko, vals_in, vals_out,
+                                                  (int)n, 0, bits));
+    }
+    cudaCheckLaunch();
+}
+
+void cuda_sort_pairs_float_desc(const float *keys_in, float *keys_out, const int32_t *vals_in,
+                                int32_t *vals_out, size_t n) {
+    if (n == 0) return;
+    check_sort_size(n);
+    size_t bytes = 0;
+    cudaCheck(cub::DeviceRadixSort::SortPairsDescending(NULL, bytes, keys_in, keys_out, vals_in,
+                                                        vals_out, (int)n));
+    void *tmp = cuda_scratch(SCRATCH_SORT, bytes);
+    cudaCheck(cub::DeviceRadixSort::SortPairsDescending(tmp, bytes, keys_in, keys_out, vals_in,
+                                                        vals_out, (int)n));
+    cudaCheckLaunch();
+}
+
+// ---- memory ops -------------------------------------------------------------------------
+
+// cudaMalloc returns 256-byte aligned memory (more than the 64 bytes kernels.h promises).
+void *cuda_alloc(size_t bytes) {
+    size_t rounded = (bytes + 255) / 256 * 256;
+    if (rounded == 0) rounded = 256;
+    void *p = NULL;
+    if (cudaMalloc(&p, rounded) != cudaSuccess) {
+        (void)cudaGetLastError();   // clear it: the caller reports the failure
+        return NULL;
+    }
+    cudaCheck(cudaMemset(p, 0, rounded));
+    return p;
+}
+
+void cuda_release(void *p) {
+    if (p) cudaCheck(cudaFree(p));
+}
+
+void cuda_zero(Tensor t, size_t numel) {
+    if (t.data && numel) cudaCheck(cudaMemset(t.data, 0, numel * dtype_size(t.dtype)));
+}
+
+void cuda_upload(Tensor dst, const void *src, size_t bytes) {
+    if (bytes) cudaCheck(cudaMemcpy(dst.data, src, bytes, cudaMemcpyHostToDevice));
+}
+
+void cuda_download(void *dst, Tensor src, size_t bytes) {
+    if (bytes) cudaCheck(cudaMemcpy(dst, src.data, bytes, cudaMemcpyDeviceToHost));
+    cuda_error_check();   // every read of a result is a point where bad data surfaces
+}

@@ -1,0 +1,804 @@
+// test_cuda_ops.c: every CUDA op against the CPU op of the same name, on random inputs,
+// forward and backward (build/tests/cuda_ops; tests/test_cuda.py runs it under pytest).
+//
+// Both backends get the same inputs; backward gradients start from the same random values
+// so the accumulate (+=) rule is checked too, and some cases pass NULL gradients. Float
+// outputs must agree within |gpu - cpu| <= rtol * (|cpu| + max|cpu|) over the buffer;
+// integer outputs (indices, keep masks, offsets, counts) must be identical. rtol is 1e-5
+// (fp32) unless a case says otherwise. A few ops are also run twice on the GPU and must
+// give the same bits (the deterministic reductions).
+//
+//   cuda_ops              run every case; exit 0 when all pass
+//   cuda_ops --list       the case names
+//   cuda_ops --only NAME  one case
+// Without a usable GPU it prints "SKIP: no CUDA device (<reason>)" and exits 77.
+#include <math.h>
+#include <stdarg.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "../../kernels/backend.h"
+#include "../../kernels/rng.h"
+
+#define EXIT_SKIP 77
+#define RTOL 1e-5
+
+static const Backend *cpu, *gpu;
+static Rng rng;
+static int case_failures;
+
+// ---- paired buffers: the same contents on the CPU and on the GPU ----------------------
+
+typedef struct {
+    Tensor c, g;   // CPU and GPU views; data NULL on both for "not wanted"
+    size_t n;
+} Pair;
+
+#define MAX_LIVE 256
+static void *live_cpu[MAX_LIVE], *live_gpu[MAX_LIVE];
+static int n_live;
+
+static Pair pair_new(size_t n, DType dt) {
+    if (n_live == MAX_LIVE) {
+        fprintf(stderr, "test_cuda_ops: too many live buffers\n");
+        exit(2);
+    }
+    size_t bytes = (n ? n : 1) * 4;
+    Pair p = {{cpu->alloc(bytes), dt, DEVICE_CPU, n}, {gpu->alloc(bytes), dt, DEVICE_CUDA, n}, n};
+    if (!p.c.data || !p.g.data) {
+        fprintf(stderr, "test_cuda_ops: out of memory for %zu elements\n", n);
+        exit(2);
+    }
+    live_cpu[n_live] = p.c.data;
+    live_gpu[n_live++] = p.g.data;
+    return p;
+}
+
+static void free_all(void) {
+    for (int i = 0; i < n_live; i++) {
+        cpu->release(live_cpu[i]);
+        gpu->release(live_gpu[i]);
+    }
+    n_live = 0;
+}
+
+static Pair none(void) {
+    Pair p = {tensor_none(), tensor_none(), 0};
+    p.g.device = DEVICE_CUDA;
+    return p;
+}
+
+static void pair_set(Pair p, const void *host) {
+    memcpy(p.c.data, host, p.n * 4);
+    gpu->upload(p.g, host, p.n * 4);
+}
+
+// Normal values times scale.
+static Pair reals(size_t n, double scale) {
+    Pair p = pair_new(n, DTYPE_F32);
+    float *h = malloc((n ? n : 1) * sizeof *h);
+    for (size_t i = 0; i < n; i++) h[i] = (float)(scale * rng_normal(&rng));
+    pair_set(p, h);
+    free(h);
+    return p;
+}
+
+// Uniform in [lo, hi).
+static Pair uniform(size_t n, double lo, double hi) {
+    Pair p = pair_new(n, DTYPE_F32);
+    float *h = malloc((n ? n : 1) * sizeof *h);
+    for (size_t i = 0; i < n; i++) h[i] = (float)(lo + (hi - lo) * rng_uniform(&rng));
+    pair_set(p, h);
+    free(h);
+    return p;
+}
+
+// Integers 0..levels-1 scaled by step: many exact ties.
+static Pair ties(size_t n, int levels, double step) {
+    Pair p = pair_new(n, DTYPE_F32);
+    float *h = malloc((n ? n : 1) * sizeof *h);
+    for (size_t i = 0; i < n; i++) h[i] = (float)(step * (double)(rng_next(&rng) % (uint64_t)levels));
+    pair_set(p, h);
+    free(h);
+    return p;
+}
+
+static Pair ints(const int32_t *v, size_t n) {
+    Pair p = pair_new(n, DTYPE_I32);
+    pair_set(p, v);
+    return p;
+}
+
+static Pair rand_ints(size_t n, int32_t below) {
+    int32_t *h = malloc((n ? n : 1) * sizeof *h);
+    for (size_t i = 0; i < n; i++) h[i] = (int32_t)(rng_next(&rng) % (uint64_t)below);
+    Pair p = ints(h, n);
+    free(h);
+    return p;
+}
+
+static Pair zeros(size_t n, DType dt) { return pair_new(n, dt); }
+
+// ---- comparisons ------------------------------------------------------------------------
+
+static void fail(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
+static void fail(const char *fmt, ...) {
+    va_list ap;
+    va_start(ap, fmt);
+    printf("    mismatch: ");
+    vprintf(fmt, ap);
+    printf("\n");
+    va_end(ap);
+    case_failures++;
+}
+
+static float *gpu_copy(Pair p, size_t n) {
+    float *h = malloc((n ? n : 1) * 4);
+    gpu->download(h, p.g, n * 4);
+    return h;
+}
+
+// The first n floats of p agree within rtol * (|cpu| + max|cpu|).
+static void close_n(const char *what, Pair p, size_t n, double rtol) {
+    float *g = gpu_copy(p, n);
+    const float *c = (const float *)p.c.data;
+    double mx = 0.0;
+    for (size_t i = 0; i < n; i++) mx = fmax(mx, fabs(c[i]));
+    size_t bad = 0, worst = 0;
+    double worst_err = 0.0;
+    for (size_t i = 0; i < n; i++) {
+        double err = fabs((double)g[i] - c[i]);
+        if (!(err <= rtol * (fabs(c[i]) + mx))) {   // NaN fails too
+            if (bad == 0 || !(err <= worst_err)) {
+                worst = i;
+                worst_err = err;
+            }
+            bad++;
+        }
+    }
+    if (bad)
+        fail("%s: %zu of %zu differ beyond rtol %.0e (max|cpu| %.3g); worst [%zu] cpu %.9g gpu "
+             "%.9g",
+             what, bad, n, rtol, mx, worst, c[worst], g[worst]);
+    free(g);
+}
+
+static void close_all(const char *what, Pair p, double rtol) { close_n(what, p, p.n, rtol); }
+
+static void same_ints_n(const char *what, Pair p, size_t n) {
+    int32_t *g = (int32_t *)gpu_copy(p, n);
+    const int32_t *c = (const int32_t *)p.c.data;
+    for (size_t i = 0; i < n; i++)
+        if (g[i] != c[i]) {
+            fail("%s: [%zu] cpu %d gpu %d", what, i, (int)c[i], (int)g[i]);
+            break;
+        }
+    free(g);
+}
+
+static void same_ints(const char *what, Pair p) { same_ints_n(what, p, p.n); }
+
+// Two GPU results that must be bit-identical.
+static void same_bits(const char *what, const float *a, const float *b, size_t n) {
+    if (memcmp(a, b, n * sizeof *a) != 0) fail("%s: two GPU runs differ", what);
+}
+
+static int32_t *host_ints(Pair p) { return (int32_t *)p.c.data; }
+
+// Uploads the CPU side of p to its GPU side: inputs built by CPU ops (routing plans), so
+// the op under test sees the same inputs even if an earlier GPU op differed.
+static void to_gpu(Pair p) { gpu->upload(p.g, p.c.data, p.n * 4); }
+
+// ---- cases --------------------------------------------------------------------------------
+
+static void case_memory(void) {
+    size_t n = 1000;
+    Pair p = zeros(n, DTYPE_F32);
+    if ((uintptr_t)p.g.data % 256 != 0) fail("alloc: %p is not 256-byte aligned", p.g.data);
+    float *h = gpu_copy(p, n);
+    for (size_t i = 0; i < n; i++)
+        if (h[i] != 0.0f) {
+            fail("alloc: not zeroed at %zu", i);
+            break;
+        }
+    free(h);
+    Pair q = reals(n, 1.0);
+    close_all("upload/download", q, 0.0);
+    gpu->zero(q.g, n / 2);
+    cpu->zero(q.c, n / 2);
+    close_all("zero", q, 0.0);
+    Pair s = reals(n, 1.0);   // upload into a slice
+    float part[10] = {1, 2, 3, 4, 5, 6, 7, 8, 9, 10};
+    memcpy((float *)s.c.data + 100, part, sizeof part);
+    gpu->upload(tensor_slice(s.g, 100, 10), part, sizeof part);
+    close_all("upload into a slice", s, 0.0);
+}
+
+// Every entry of the table is set: an op added to kernels.h without a CUDA version fails here.
+static void case_table_complete(void) {
+    const char *first = (const char *)&gpu->alloc, *end = (const char *)(gpu + 1);
+    for (const char *at = first; at + sizeof(void (*)(void)) <= end; at += sizeof(void (*)(void))) {
+        void (*fn)(void);
+        memcpy(&fn, at, sizeof fn);
+        if (!fn) fail("Backend entry at byte %zu is NULL", (size_t)(at - (const char *)gpu));
+    }
+    if (gpu->device != DEVICE_CUDA) fail("device is not DEVICE_CUDA");
+}
+
+static void case_add_mul(void) {
+    size_t n = 1237;
+    Pair a = reals(n, 1), b = reals(n, 1), u = uniform(n, 0.9, 1.1), out = zeros(n, DTYPE_F32);
+    cpu->add_forward(out.c, a.c, b.c, n);
+    gpu->add_forward(out.g, a.g, b.g, n);
+    close_all("add out", out, RTOL);
+    Pair da = reals(n, 1), dout = reals(n, 1), nb = none();
+    cpu->add_backward(da.c, nb.c, dout.c, n);
+    gpu->add_backward(da.g, nb.g, dout.g, n);
+    close_all("add da (db NULL)", da, RTOL);
+    cpu->mul_forward(out.c, a.c, u.c, n);
+    gpu->mul_forward(out.g, a.g, u.g, n);
+    close_all("mul out", out, RTOL);
+    cpu->mul_backward(da.c, dout.c, u.c, n);
+    gpu->mul_backward(da.g, dout.g, u.g, n);
+    close_all("mul dx", da, RTOL);
+}
+
+static void case_embedding(void) {
+    size_t V = 7, N = 53, C = 19;
+    Pair tab = reals(V * C, 1), tok = rand_ints(N, (int32_t)V), out = zeros(N * C, DTYPE_F32);
+    cpu->embedding_forward(out.c, tok.c, tab.c, N, C);
+    gpu->embedding_forward(out.g, tok.g, tab.g, N, C);
+    close_all("embedding out", out, 0.0);
+    Pair dtab = reals(V * C, 1), dout = reals(N * C, 1);
+    float *before = gpu_copy(dtab, V * C);
+    cpu->embedding_backward(dtab.c, dout.c, tok.c, N, C);
+    gpu->embedding_backward(dtab.g, dout.g, tok.g, N, C);
+    close_all("embedding dtable (repeated tokens)", dtab, RTOL);
+    // determinism: the same backward again from the same start gives the same bits
+    float *first = gpu_copy(dtab, V * C);
+    gpu->upload(dtab.g, before, V * C * 4);
+    gpu->embedding_backward(dtab.g, dout.g, tok.g, N, C);
+    float *second = gpu_copy(dtab, V * C);
+    same_bits("embedding dtable", first, second, V * C);
+    free(before);
+    free(first);
+    free(second);
+}
+
+static void case_rmsnorm(void) {
+    size_t N = 17, C = 300;
+    Pair x = reals(N * C, 2), w = uniform(C, 0.5, 1.5), out = zeros(N * C, DTYPE_F32),
+         rstd = zeros(N, DTYPE_F32);
+    cpu->rmsnorm_forward(out.c, rstd.c, x.c, w.c, N, C, 1e-5);
+    gpu->rmsnorm_forward(out.g, rstd.g, x.g, w.g, N, C, 1e-5);
+    close_all("rmsnorm out", out, RTOL);
+    close_all("rmsnorm rstd", rstd, RTOL);
+    Pair dx = reals(N * C, 1), dw = reals(C, 1), dout = reals(N * C, 1);
+    cpu->rmsnorm_backward(dx.c, dw.c, dout.c, x.c, w.c, rstd.c, N, C);
+    gpu->rmsnorm_backward(dx.g, dw.g, dout.g, x.g, w.g, rstd.g, N, C);
+    close_all("rmsnorm dx", dx, RTOL);
+    close_all("rmsnorm dw", dw, RTOL);
+    Pair nw = none();
+    cpu->rmsnorm_backward(dx.c, nw.c, dout.c, x.c, w.c, rstd.c, N, C);
+    gpu->rmsnorm_backward(dx.g, nw.g, dout.g, x.g, w.g, rstd.g, N, C);
+    close_all("rmsnorm dx (dw NULL)", dx, RTOL);
+}
+
+static void case_matmul(void) {
+    size_t N = 37, K = 29, M = 41;
+    Pair x = reals(N * K, 1), w = reals(M * K, 0.2), out = zeros(N * M, DTYPE_F32);
+    cpu->matmul_forward(out.c, x.c, w.c, N, K, M);
+    gpu->matmul_forward(out.g, x.g, w.g, N, K, M);
+    close_all("matmul out", out, RTOL);
+    Pair dx = reals(N * K, 1), dw = reals(M * K, 1), dout = reals(N * M, 1), nx = none();
+    cpu->matmul_backward(dx.c, dw.c, dout.c, x.c, w.c, N, K, M);
+    gpu->matmul_backward(dx.g, dw.g, dout.g, x.g, w.g, N, K, M);
+    close_all("matmul dx", dx, RTOL);
+    close_all("matmul dw", dw, RTOL);
+    cpu->matmul_backward(nx.c, dw.c, dout.c, x.c, w.c, N, K, M);
+    gpu->matmul_backward(nx.g, dw.g, dout.g, x.g, w.g, N, K, M);
+    close_all("matmul dw (dx NULL)", dw, RTOL);
+}
+
+static void case_rope(void) {
+    size_t B = 2, T = 11, H = 4, KV = 2, D = 8, W = (H + 2 * KV) * D;
+    Pair qkv = reals(B * T * W, 1);
+    cpu->rope_forward(qkv.c, B, T, H, KV, D, 10000.0);
+    gpu->rope_forward(qkv.g, B, T, H, KV, D, 10000.0);
+    close_all("rope qkv", qkv, RTOL);
+    Pair d = reals(B * T * W, 1);
+    cpu->rope_backward(d.c, B, T, H, KV, D, 500.0);
+    gpu->rope_backward(d.g, B, T, H, KV, D, 500.0);
+    close_all("rope dqkv", d, RTOL);
+}
+
+static void attention_case(size_t B, size_t T, size_t H, size_t KV, size_t D) {
+    size_t W = (H + 2 * KV) * D;
+    Pair qkv = reals(B * T * W, 1), out = zeros(B * T * H * D, DTYPE_F32),
+         att = zeros(B * H * T * T, DTYPE_F32);
+    cpu->attention_forward(out.c, att.c, qkv.c, B, T, H, KV, D);
+    gpu->attention_forward(out.g, att.g, qkv.g, B, T, H, KV, D);
+    close_all("attention out", out, RTOL);
+    close_all("attention att", att, RTOL);
+    Pair dqkv = reals(B * T * W, 1), datt = zeros(B * H * T * T, DTYPE_F32),
+         dout = reals(B * T * H * D, 1);
+    float *before = gpu_copy(dqkv, dqkv.n);
+    cpu->attention_backward(dqkv.c, datt.c, dout.c, qkv.c, att.c, B, T, H, KV, D);
+    gpu->attention_backward(dqkv.g, datt.g, dout.g, qkv.g, att.g, B, T, H, KV, D);
+    // long float sums over T keys and the group's heads, in different orders
+    close_all("attention dqkv", dqkv, 2e-5);
+    float *first = gpu_copy(dqkv, dqkv.n);
+    gpu->upload(dqkv.g, before, dqkv.n * 4);
+    gpu->attention_backward(dqkv.g, datt.g, dout.g, qkv.g, att.g, B, T, H, KV, D);
+    float *second = gpu_copy(dqkv, dqkv.n);
+    same_bits("attention dqkv", first, second, dqkv.n);
+    free(before);
+    free(first);
+    free(second);
+}
+
+static void case_attention(void) {
+    attention_case(2, 13, 4, 2, 8);
+    attention_case(1, 70, 2, 2, 16);   // T beyond the CPU's 64-row blocks; no grouping
+    attention_case(2, 5, 3, 1, 4);     // three query heads on one KV head
+}
+
+static void case_swiglu(void) {
+    size_t N = 23, F = 37;
+    Pair h13 = reals(N * 2 * F, 2), out = zeros(N * F, DTYPE_F32);
+    cpu->swiglu_forward(out.c, h13.c, N, F);
+    gpu->swiglu_forward(out.g, h13.g, N, F);
+    close_all("swiglu out", out, RTOL);
+    Pair dh = reals(N * 2 * F, 1), dout = reals(N * F, 1);
+    cpu->swiglu_backward(dh.c, dout.c, h13.c, N, F);
+    gpu->swiglu_backward(dh.g, dout.g, h13.g, N, F);
+    close_all("swiglu dh13", dh, RTOL);
+}
+
+static void case_experts(void) {
+    // Five experts, two of them empty; rows buffers larger than the routed rows.
+    size_t E = 5, C = 16, F = 12, cap = 20;
+    int32_t off[] = {0, 3, 3, 10, 10, 14};
+    size_t M = 14;
+    uint8_t train[] = {1, 1, 0, 1, 1};
+    Pair offsets = ints(off, E + 1), w = reals(E * 3 * F * C, 0.25), xp = reals(cap * C, 1);
+    Pair yp = zeros(cap * C, DTYPE_F32), h13 = zeros(cap * 2 * F, DTYPE_F32),
+         act = zeros(cap * F, DTYPE_F32);
+    cpu->experts_forward(yp.c, h13.c, act.c, xp.c, w.c, offsets.c, E, C, F);
+    gpu->experts_forward(yp.g, h13.g, act.g, xp.g, w.g, offsets.g, E, C, F);
+    close_n("experts yp", yp, M * C, RTOL);
+    close_n("experts h13", h13, M * 2 * F, RTOL);
+    close_n("experts act", act, M * F, RTOL);
+    Pair dxp = reals(cap * C, 1), dw = reals(E * 3 * F * C, 1), dyp = reals(cap * C, 1);
+    Pair dh13 = zeros(cap * 2 * F, DTYPE_F32), dact = zeros(cap * F, DTYPE_F32);
+    cpu->experts_backward(dxp.c, dw.c, train, dyp.c, dh13.c, dact.c, h13.c, act.c, xp.c, w.c,
+                          offsets.c, E, C, F);
+    gpu->experts_backward(dxp.g, dw.g, train, dyp.g, dh13.g, dact.g, h13.g, act.g, xp.g, w.g,
+                          offsets.g, E, C, F);
+    close_n("experts dxp", dxp, M * C, RTOL);
+    close_all("experts dw (expert 2 frozen)", dw, RTOL);
+    Pair nx = none();
+    cpu->experts_backward(nx.c, dw.c, NULL, dyp.c, dh13.c, dact.c, h13.c, act.c, xp.c, w.c,
+                          offsets.c, E, C, F);
+    gpu->experts_backward(nx.g, dw.g, NULL, dyp.g, dh13.g, dact.g, h13.g, act.g, xp.g, w.g,
+                          offsets.g, E, C, F);
+    close_all("experts dw (dxp NULL)", dw, RTOL);
+}
+
+static void case_crossentropy(void) {
+    size_t N = 19, V = 301;
+    Pair lg = reals(N * V, 3), tg = rand_ints(N, (int32_t)V), loss = zeros(1, DTYPE_F32),
+         lse = zeros(N, DTYPE_F32);
+    cpu->crossentropy_forward(loss.c, lse.c, lg.c, tg.c, N, V);
+    gpu->crossentropy_forward(loss.g, lse.g, lg.g, tg.g, N, V);
+    close_all("crossentropy loss", loss, RTOL);
+    close_all("crossentropy lse", lse, RTOL);
+    Pair dl = reals(N * V, 0.01);
+    cpu->crossentropy_backward(dl.c, lg.c, lse.c, tg.c, 0.7, N, V);
+    gpu->crossentropy_backward(dl.g, lg.g, lse.g, tg.g, 0.7, N, V);
+    close_all("crossentropy dlogits", dl, RTOL);
+}
+
+static void case_router_scores(void) {
+    size_t N = 31, E = 9;
+    for (int f = 0; f < 2; f++) {
+        ScoreFunc func = f ? SCORE_SIGMOID : SCORE_SOFTMAX;
+        const char *fn = f ? "sigmoid" : "softmax";
+        char what[64];
+        Pair lg = reals(N * E, 4), s = zeros(N * E, DTYPE_F32);
+        cpu->router_scores_forward(s.c, lg.c, N, E, func);
+        gpu->router_scores_forward(s.g, lg.g, N, E, func);
+        snprintf(what, sizeof what, "%s scores", fn);
+        close_all(what, s, RTOL);
+        Pair dl = reals(N * E, 1), ds = reals(N * E, 1);
+        cpu->router_scores_backward(dl.c, ds.c, s.c, N, E, func);
+        gpu->router_scores_backward(dl.g, ds.g, s.g, N, E, func);
+        snprintf(what, sizeof what, "%s dlogits", fn);
+        close_all(what, dl, RTOL);
+    }
+}
+
+static void case_noisy_logits(void) {
+    size_t n = 517;
+    Pair clean = reals(n, 1), raw = reals(n, 3), eps = reals(n, 1), h = zeros(n, DTYPE_F32);
+    cpu->noisy_logits_forward(h.c, clean.c, raw.c, eps.c, n);
+    gpu->noisy_logits_forward(h.g, clean.g, raw.g, eps.g, n);
+    close_all("noisy h", h, RTOL);
+    Pair dc = reals(n, 1), dr = reals(n, 1), dh = reals(n, 1), nc = none();
+    cpu->noisy_logits_backward(dc.c, dr.c, dh.c, raw.c, eps.c, n);
+    gpu->noisy_logits_backward(dc.g, dr.g, dh.g, raw.g, eps.g, n);
+    close_all("noisy dclean", dc, RTOL);
+    close_all("noisy draw", dr, RTOL);
+    cpu->noisy_logits_backward(nc.c, dr.c, dh.c, raw.c, eps.c, n);
+    gpu->noisy_logits_backward(nc.g, dr.g, dh.g, raw.g, eps.g, n);
+    close_all("noisy draw (dclean NULL)", dr, RTOL);
+}
+
+static void case_topk(void) {
+    size_t N = 97;
+    size_t shapes[][2] = {{10, 1}, {10, 2}, {10, 4}, {16, 8}, {8, 8}, {3, 2}};
+    for (size_t s = 0; s < sizeof shapes / sizeof shapes[0]; s++) {
+        size_t E = shapes[s][0], k = shapes[s][1];
+        char what[64];
+        // few distinct values: ties everywhere, which must go to the lower expert index
+        Pair v = s % 2 ? ties(N * E, 3, 0.5) : reals(N * E, 1), idx = zeros(N * k, DTYPE_I32);
+        cpu->topk_forward(idx.c, v.c, N, E, k);
+        gpu->topk_forward(idx.g, v.g, N, E, k);
+        snprintf(what, sizeof what, "topk idx (E=%zu k=%zu%s)", E, k, s % 2 ? ", ties" : "");
+        same_ints(what, idx);
+    }
+}
+
+// Random top-k routing on both sides: scores (N, E) softmax and idx (N, k).
+static void make_routing(size_t N, size_t E, size_t k, int with_ties, Pair *scores, Pair *idx) {
+    Pair lg = with_ties ? ties(N * E, 4, 1.0) : reals(N * E, 2);
+    *scores = zeros(N * E, DTYPE_F32);
+    *idx = zeros(N * k, DTYPE_I32);
+    cpu->router_scores_forward(scores->c, lg.c, N, E, SCORE_SOFTMAX);
+    to_gpu(*scores);   // both sides from the CPU's scores
+    cpu->topk_forward(idx->c, scores->c, N, E, k);
+    to_gpu(*idx);
+}
+
+static void case_gates(void) {
+    size_t N = 41, E = 8, k = 3;
+    Pair scores, idx;
+    make_routing(N, E, k, 0, &scores, &idx);
+    for (int renorm = 0; renorm < 2; renorm++) {
+        Pair g = zeros(N * k, DTYPE_F32);
+        cpu->gates_forward(g.c, scores.c, idx.c, N, E, k, renorm);
+        gpu->gates_forward(g.g, scores.g, idx.g, N, E, k, renorm);
+        close_all(renorm ? "gates (renorm)" : "gates", g, RTOL);
+        Pair ds = reals(N * E, 1), dg = reals(N * k, 1);
+        cpu->gates_backward(ds.c, dg.c, scores.c, idx.c, N, E, k, renorm);
+        gpu->gates_backward(ds.g, dg.g, scores.g, idx.g, N, E, k, renorm);
+        close_all(renorm ? "gates dscores (renorm)" : "gates dscores", ds, RTOL);
+    }
+}
+
+static void case_capacity(void) {
+    size_t N = 67, E = 6, k = 2;
+    for (int with_ties = 0; with_ties < 2; with_ties++) {
+        Pair scores, idx;
+        make_routing(N, E, k, with_ties, &scores, &idx);
+        Pair gates = with_ties ? ties(N * k, 3, 0.25) : uniform(N * k, 0, 1);
+        size_t caps[] = {0, 1, 9, 23, 200};
+        for (size_t c = 0; c < sizeof caps / sizeof caps[0]; c++)
+            for (int policy = 0; policy < 2; policy++) {
+                Pair keep = zeros(N * k, DTYPE_I32);
+                char what[96];
+                cpu->capacity_forward(keep.c, idx.c, gates.c, N, E, k, caps[c], policy);
+                gpu->capacity_forward(keep.g, idx.g, gates.g, N, E, k, caps[c], policy);
+                snprintf(what, sizeof what, "capacity keep (capacity %zu, %s%s)", caps[c],
+                         policy == DROP_PROBS ? "probs" : "position",
+                         with_ties ? ", tied gates" : "");
+                same_ints(what, keep);
+            }
+    }
+}
+
+// The CPU routing plan for N tokens with drops: idx, gates, keep, offsets, rows, slot.
+typedef struct {
+    Pair scores, idx, gates, keep, offsets, rows, slot;
+    size_t M;
+} Plan;
+
+static Plan make_plan(size_t N, size_t E, size_t k, size_t capacity) {
+    Plan p;
+    make_routing(N, E, k, 0, &p.scores, &p.idx);
+    p.gates = zeros(N * k, DTYPE_F32);
+    cpu->gates_forward(p.gates.c, p.scores.c, p.idx.c, N, E, k, 1);
+    to_gpu(p.gates);
+    p.keep = zeros(N * k, DTYPE_I32);
+    cpu->capacity_forward(p.keep.c, p.idx.c, p.gates.c, N, E, k, capacity, DROP_POSITION);
+    to_gpu(p.keep);
+    p.offsets = zeros(E + 1, DTYPE_I32);
+    p.rows = zeros(N * k, DTYPE_I32);
+    p.slot = zeros(N * k, DTYPE_I32);
+    cpu->dispatch_plan(p.offsets.c, p.rows.c, p.slot.c, p.idx.c, p.keep.c, N, E, k);
+    p.M = (size_t)host_ints(p.offsets)[E];
+    to_gpu(p.offsets);
+    to_gpu(p.rows);
+    to_gpu(p.slot);
+    return p;
+}
+
+static void case_dispatch(void) {
+    size_t N = 59, E = 7, k = 2;
+    size_t caps[] = {0, 5, 12};
+    for (size_t c = 0; c < 3; c++) {
+        Pair scores, idx;
+        make_routing(N, E, k, c == 2, &scores, &idx);
+        Pair gates = uniform(N * k, 0, 1), keep = zeros(N * k, DTYPE_I32);
+        cpu->capacity_forward(keep.c, idx.c, gates.c, N, E, k, caps[c], DROP_PROBS);
+        to_gpu(keep);
+        Pair off = zeros(E + 1, DTYPE_I32), rows = zeros(N * k, DTYPE_I32),
+             slot = zeros(N * k, DTYPE_I32);
+        cpu->dispatch_plan(off.c, rows.c, slot.c, idx.c, keep.c, N, E, k);
+        gpu->dispatch_plan(off.g, rows.g, slot.g, idx.g, keep.g, N, E, k);
+        same_ints("dispatch offsets", off);
+        same_ints_n("dispatch rows", rows, (size_t)host_ints(off)[E]);
+        same_ints("dispatch slot", slot);
+    }
+    // An expert nobody chose: all tokens on expert 1 of 4.
+    size_t n1 = 10;
+    int32_t one[10];
+    for (size_t i = 0; i < n1; i++) one[i] = 1;
+    Pair idx = ints(one, n1), keep = ints(one, n1), off = zeros(5, DTYPE_I32),
+         rows = zeros(n1, DTYPE_I32), slot = zeros(n1, DTYPE_I32);
+    cpu->dispatch_plan(off.c, rows.c, slot.c, idx.c, keep.c, n1, 4, 1);
+    gpu->dispatch_plan(off.g, rows.g, slot.g, idx.g, keep.g, n1, 4, 1);
+    same_ints("dispatch offsets (empty experts)", off);
+    same_ints("dispatch rows (empty experts)", rows);
+}
+
+static void case_gather_combine(void) {
+    size_t N = 45, E = 6, k = 3, C = 21;
+    Plan p = make_plan(N, E, k, 16);   // capacity 16 of ~22 per expert: drops
+    size_t R = N * k;                   // worst-case permuted rows
+    Pair x = reals(N * C, 1), xp = zeros(R * C, DTYPE_F32);
+    cpu->gather_rows_forward(xp.c, x.c, p.rows.c, p.offsets.c, E, C);
+    gpu->gather_rows_forward(xp.g, x.g, p.rows.g, p.offsets.g, E, C);
+    close_n("gather xp", xp, p.M * C, 0.0);
+    Pair dx = reals(N * C, 1), dxp = reals(R * C, 1);
+    float *before = gpu_copy(dx, dx.n);
+    cpu->gather_rows_backward(dx.c, dxp.c, p.rows.c, p.offsets.c, E, C);
+    gpu->gather_rows_backward(dx.g, dxp.g, p.rows.g, p.offsets.g, E, C);
+    close_all("gather dx", dx, RTOL);
+    float *first = gpu_copy(dx, dx.n);
+    gpu->upload(dx.g, before, dx.n * 4);
+    gpu->gather_rows_backward(dx.g, dxp.g, p.rows.g, p.offsets.g, E, C);
+    float *second = gpu_copy(dx, dx.n);
+    same_bits("gather dx", first, second, dx.n);
+    free(before);
+    free(first);
+    free(second);
+
+    Pair yp = reals(R * C, 1), y = zeros(N * C, DTYPE_F32);
+    cpu->combine_forward(y.c, yp.c, p.gates.c, p.slot.c, N, k, C);
+    gpu->combine_forward(y.g, yp.g, p.gates.g, p.slot.g, N, k, C);
+    close_all("combine y", y, RTOL);
+    Pair dyp = reals(R * C, 1), dg = reals(N * k, 1), dy = reals(N * C, 1), nn = none();
+    cpu->combine_backward(dyp.c, dg.c, dy.c, yp.c, p.gates.c, p.slot.c, N, k, C);
+    gpu->combine_backward(dyp.g, dg.g, dy.g, yp.g, p.gates.g, p.slot.g, N, k, C);
+    close_n("combine dyp", dyp, p.M * C, RTOL);
+    close_all("combine dgates", dg, RTOL);
+    cpu->combine_backward(nn.c, dg.c, dy.c, yp.c, p.gates.c, p.slot.c, N, k, C);
+    gpu->combine_backward(nn.g, dg.g, dy.g, yp.g, p.gates.g, p.slot.g, N, k, C);
+    close_all("combine dgates (dyp NULL)", dg, RTOL);
+}
+
+static void case_lb_loss(void) {
+    size_t N = 48, E = 8, k = 2;
+    size_t groups[] = {1, 4};
+    for (size_t gi = 0; gi < 2; gi++) {
+        size_t G = groups[gi];
+        Pair scores, idx;
+        make_routing(N, E, k, 0, &scores, &idx);
+        Pair loss = zeros(1, DTYPE_F32), counts = zeros(G * E, DTYPE_I32),
+             pmean = zeros(G * E, DTYPE_F32), nopm = none();
+        cpu->lb_loss_forward(loss.c, counts.c, pmean.c, scores.c, idx.c, N, E, k, G);
+        gpu->lb_loss_forward(loss.g, counts.g, pmean.g, scores.g, idx.g, N, E, k, G);
+        close_all("lb loss", loss, RTOL);
+        same_ints("lb counts", counts);
+        close_all("lb pmean", pmean, RTOL);
+        cpu->lb_loss_forward(loss.c, counts.c, nopm.c, scores.c, idx.c, N, E, k, G);
+        gpu->lb_loss_forward(loss.g, counts.g, nopm.g, scores.g, idx.g, N, E, k, G);
+        close_all("lb loss (pmean NULL)", loss, RTOL);
+        Pair dp = reals(N * E, 1);
+        cpu->lb_loss_backward(dp.c, counts.c, 0.3, N, E, k, G);
+        gpu->lb_loss_backward(dp.g, counts.g, 0.3, N, E, k, G);
+        close_all("lb dprobs", dp, RTOL);
+    }
+}
+
+static void case_normalize_rows(void) {
+    size_t N = 29, E = 7;
+    Pair s = uniform(N * E, 0.05, 1), p = zeros(N * E, DTYPE_F32);
+    cpu->normalize_rows_forward(p.c, s.c, N, E);
+    gpu->normalize_rows_forward(p.g, s.g, N, E);
+    close_all("normalize p", p, RTOL);
+    Pair ds = reals(N * E, 1), dp = reals(N * E, 1);
+    cpu->normalize_rows_backward(ds.c, dp.c, s.c, N, E);
+    gpu->normalize_rows_backward(ds.g, dp.g, s.g, N, E);
+    close_all("normalize ds", ds, RTOL);
+}
+
+static void case_zloss(void) {
+    size_t N = 53, E = 8;
+    Pair lg = reals(N * E, 3), loss = zeros(1, DTYPE_F32), lse = zeros(N, DTYPE_F32);
+    cpu->zloss_forward(loss.c, lse.c, lg.c, N, E);
+    gpu->zloss_forward(loss.g, lse.g, lg.g, N, E);
+    close_all("zloss loss", loss, RTOL);
+    close_all("zloss lse", lse, RTOL);
+    Pair dl = reals(N * E, 1);
+    cpu->zloss_backward(dl.c, lg.c, lse.c, 0.5, N, E);
+    gpu->zloss_backward(dl.g, lg.g, lse.g, 0.5, N, E);
+    close_all("zloss dlogits", dl, RTOL);
+}
+
+static void case_importance_loss(void) {
+    size_t N = 61, E = 8, k = 2;
+    Pair scores, idx;
+    make_routing(N, E, k, 0, &scores, &idx);
+    Pair gates = uniform(N * k, 0, 1), loss = zeros(1, DTYPE_F32), imp = zeros(E, DTYPE_F32);
+    cpu->importance_loss_forward(loss.c, imp.c, gates.c, idx.c, N, E, k);
+    gpu->importance_loss_forward(loss.g, imp.g, gates.g, idx.g, N, E, k);
+    close_all("importance loss", loss, RTOL);
+    close_all("importance imp", imp, RTOL);
+    Pair dg = reals(N * k, 1);
+    cpu->importance_loss_backward(dg.c, imp.c, idx.c, 0.8, N, E, k);
+    gpu->importance_loss_backward(dg.g, imp.g, idx.g, 0.8, N, E, k);
+    close_all("importance dgates", dg, RTOL);
+}
+
+static void case_load_loss(void) {
+    size_t N = 57, E = 8, k = 2;
+    Pair clean = reals(N * E, 1), raw = reals(N * E, 1), eps = reals(N * E, 1),
+         h = zeros(N * E, DTYPE_F32), idx = zeros(N * k, DTYPE_I32);
+    cpu->noisy_logits_forward(h.c, clean.c, raw.c, eps.c, N * E);
+    to_gpu(h);
+    cpu->topk_forward(idx.c, h.c, N, E, k);
+    to_gpu(idx);
+    Pair loss = zeros(1, DTYPE_F32), load = zeros(E, DTYPE_F32);
+    cpu->load_loss_forward(loss.c, load.c, clean.c, h.c, raw.c, idx.c, N, E, k);
+    gpu->load_loss_forward(loss.g, load.g, clean.g, h.g, raw.g, idx.g, N, E, k);
+    close_all("load loss", loss, RTOL);
+    close_all("load load", load, RTOL);
+    Pair dc = reals(N * E, 1), dh = reals(N * E, 1), dr = reals(N * E, 1), nh = none();
+    cpu->load_loss_backward(dc.c, dh.c, dr.c, load.c, clean.c, h.c, raw.c, idx.c, 0.6, N, E, k);
+    gpu->load_loss_backward(dc.g, dh.g, dr.g, load.g, clean.g, h.g, raw.g, idx.g, 0.6, N, E, k);
+    close_all("load dclean", dc, RTOL);
+    close_all("load dh", dh, RTOL);
+    close_all("load draw", dr, RTOL);
+    cpu->load_loss_backward(dc.c, nh.c, dr.c, load.c, clean.c, h.c, raw.c, idx.c, 0.6, N, E, k);
+    gpu->load_loss_backward(dc.g, nh.g, dr.g, load.g, clean.g, h.g, raw.g, idx.g, 0.6, N, E, k);
+    close_all("load dclean (dh NULL)", dc, RTOL);
+}
+
+static void case_router_variants(void) {
+    size_t N = 71, E = 9;
+    Pair s = reals(N * E, 1), b = reals(E, 0.1), out = zeros(N * E, DTYPE_F32);
+    cpu->add_bias_forward(out.c, s.c, b.c, N, E);
+    gpu->add_bias_forward(out.g, s.g, b.g, N, E);
+    close_all("add_bias out", out, RTOL);
+    Pair tok = rand_ints(N, 50000);
+    for (size_t k = 1; k <= 3; k++) {
+        Pair idx = zeros(N * k, DTYPE_I32);
+        cpu->hash_route_forward(idx.c, tok.c, N, E, k);
+        gpu->hash_route_forward(idx.g, tok.g, N, E, k);
+        same_ints("hash_route idx", idx);
+    }
+    size_t caps[] = {0, 1, 7, 30, 71, 100};
+    for (int with_ties = 0; with_ties < 2; with_ties++) {
+        Pair sc = with_ties ? ties(N * E, 3, 0.5) : uniform(N * E, 0, 1);
+        for (size_t c = 0; c < sizeof caps / sizeof caps[0]; c++) {
+            Pair keep = zeros(N * E, DTYPE_I32);
+            char what[80];
+            cpu->expert_choice_forward(keep.c, sc.c, N, E, caps[c]);
+            gpu->expert_choice_forward(keep.g, sc.g, N, E, caps[c]);
+            snprintf(what, sizeof what, "expert_choice keep (capacity %zu%s)", caps[c],
+                     with_ties ? ", ties" : "");
+            same_ints(what, keep);
+        }
+    }
+}
+
+static void case_adamw(void) {
+    size_t n = 2049;
+    Pair p = reals(n, 1), g = reals(n, 0.1), m = reals(n, 0.01), v = uniform(n, 0, 1e-3);
+    for (int t = 1; t <= 3; t++) {
+        double b1 = 0.9, b2 = 0.95;
+        double c1 = 1 - pow(b1, t), c2 = 1 - pow(b2, t);
+        cpu->adamw_update(p.c, g.c, m.c, v.c, n, 1e-3, b1, b2, 1e-8, 0.1, c1, c2, 0.5);
+        gpu->adamw_update(p.g, g.g, m.g, v.g, n, 1e-3, b1, b2, 1e-8, 0.1, c1, c2, 0.5);
+    }
+    close_all("adamw p", p, RTOL);
+    close_all("adamw m", m, RTOL);
+    close_all("adamw v", v, RTOL);
+}
+
+static void case_sum_squares(void) {
+    size_t sizes[] = {1, 255, 4097, 1000003};
+    for (size_t i = 0; i < 4; i++) {
+        Pair x = reals(sizes[i], 1);
+        double c = cpu->sum_squares(x.c, sizes[i]), g1 = gpu->sum_squares(x.g, sizes[i]),
+               g2 = gpu->sum_squares(x.g, sizes[i]);
+        if (!(fabs(g1 - c) <= 1e-10 * c))   // double sums in different orders
+            fail("sum_squares n=%zu: cpu %.17g gpu %.17g", sizes[i], c, g1);
+        if (memcmp(&g1, &g2, sizeof g1) != 0)
+            fail("sum_squares n=%zu: two GPU runs differ (%.17g, %.17g)", sizes[i], g1, g2);
+    }
+}
+
+typedef struct {
+    const char *name;
+    void (*run)(void);
+} Case;
+
+static const Case cases[] = {
+    {"memory", case_memory},
+    {"table_complete", case_table_complete},
+    {"add_mul", case_add_mul},
+    {"embedding", case_embedding},
+    {"rmsnorm", case_rmsnorm},
+    {"matmul", case_matmul},
+    {"rope", case_rope},
+    {"attention", case_attention},
+    {"swiglu", case_swiglu},
+    {"experts", case_experts},
+    {"crossentropy", case_crossentropy},
+    {"router_scores", case_router_scores},
+    {"noisy_logits", case_noisy_logits},
+    {"topk", case_topk},
+    {"gates", case_gates},
+    {"capacity", case_capacity},
+    {"dispatch", case_dispatch},
+    {"gather_combine", case_gather_combine},
+    {"lb_loss", case_lb_loss},
+    {"normalize_rows", case_normalize_rows},
+    {"zloss", case_zloss},
+    {"importance_loss", case_importance_loss},
+    {"load_loss", case_load_loss},
+    {"router_variants", case_router_variants},
+    {"adamw", case_adamw},
+    {"sum_squares", case_sum_squares},
+};
+#define N_CASES (sizeof cases / sizeof cases[0])
+
+int main(int argc, char **argv) {
+    const char *only = NULL;
+    if (argc >= 2 && !strcmp(argv[1], "--list")) {
+        for (size_t i = 0; i < N_CASES; i++) printf("%s\n", cases[i].name);
+        return 0;
+    }
+    if (argc >= 3 && !strcmp(argv[1], "--only")) only = argv[2];
+    char err[512];
+    cpu = backend_cpu();
+    gpu = backend_select("cuda", err, sizeof err);
+    if (!gpu) {
+        printf("SKIP: no CUDA device (%s)\n", err);
+        return EXIT_SKIP;
+    }
+    char dev[256];
+    backend_describe(gpu, dev, sizeof dev);
+    printf("CUDA ops against the CPU ops on %s\n", dev);
+    int failed = 0, ran = 0;
+    for (size_t i = 0; i < N_CASES; i++) {
+        if (only && strcmp(only, cases[i].name) != 0) continue;
+        rng_init(&rng, 1234 + i);
+        case_failures = 0;
+        cases[i].run();
+        free_all();
+        printf("%-4s %s\n", case_failures ? "FAIL" : "ok", cases[i].name);
+        failed += case_failures != 0;
+        ran++;
+    }
+    if (ran == 0) {
+        printf("no case named '%s' (--list names them)\n", only);
+        return 2;
+    }
+    printf("%d of %d CUDA op cases passed\n", ran - failed, ran);
+    return failed ? 1 : 0;
+}

@@ -1,0 +1,271 @@
+// hf_export.c: `moe export CKPT DIR`: a checkpoint as a transformers Mixtral directory.
+#include <cjson/cJSON.h>
+#include <errno.h>
+#include <fcntl.h>
+#include <inttypes.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include "../kernels/util.h"
+#include "checkpoint.h"
+#include "hf.h"
+#include "run.h"
+#include "safetensors.h"
+
+#define HF_PATH_MAX 4096
+
+typedef struct {
+    const char *ckpt, *dir;
+    StDType dtype;
+    uint64_t shard_size;
+} ExportArgs;
+
+static void parse_export_args(ExportArgs *a, int argc, char **argv) {
+    *a = (ExportArgs){argv[1], argv[2], ST_F32, HF_SHARD_DEFAULT};
+    for (int i = 3; i < argc; i++) {
+        if (i + 1 >= argc) FAIL("%s needs a value (moe export --help)", argv[i]);
+        const char *f = argv[i], *v = argv[++i];
+        if (!strcmp(f, "--dtype") && !strcmp(v, "f32")) a->dtype = ST_F32;
+        else if (!strcmp(f, "--dtype") && !strcmp(v, "bf16")) a->dtype = ST_BF16;
+        else if (!strcmp(f, "--dtype")) FAIL("--dtype %s: expected f32 or bf16", v);
+        else if (!strcmp(f, "--shard-size")) {
+            char *end;
+            errno = 0;
+            a->shard_size = strtoull(v, &end, 10);
+            if (end == v || *end || errno || a->shard_size == 0 || v[0] == '-')
+                FAIL("--shard-size %s: expected a positive number of bytes", v);
+        } else FAIL("unknown option %s (moe export --help lists them)", f);
+    }
+}
+
+// The first feature of c that a Mixtral model cannot express; returns 0 when there is none.
+static int mixtral_unsupported(const ModelConfig *c, char *why, size_t n) {
+    if (c->shared_experts > 0)
+        snprintf(why, n, "model.shared_experts = %d: Mixtral has no shared (always-on) experts",
+                 c->shared_experts);
+    else if (c->moe_every > 1)
+        snprintf(why, n, "model.moe_every = %d: Mixtral has no dense layers (every layer is MoE)",
+                 c->moe_every);
+    else if (c->score != SCORE_SOFTMAX)
+        snprintf(why, n, "router.score = sigmoid: Mixtral scores experts with a softmax");
+    else if (!c->renorm)
+        snprintf(why, n, "router.renorm = false: Mixtral always renormalises the top-k gates "
+                 "(with top_k = 1 its gate is 1.0)");
+    else if (c->noise == NOISE_SHAZEER)
+        snprintf(why, n, "router.noise = shazeer: Mixtral has no learned noise weights");
+    else if (c->select != SELECT_TOPK)
+        snprintf(why, n, "router.select = %s: Mixtral routes by token-choice top-k",
+                 c->select == SELECT_HASH ? "hash" : "expert_choice");
+    else if (c->bias_gamma > 0)
+        snprintf(why, n, "router.bias_gamma = %g: Mixtral has no expert-selection bias "
+                 "(DeepSeek-V3)", c->bias_gamma);
+    else return 0;
+    return -1;
+}
+
+static cJSON *mixtral_config(const ModelConfig *c, StDType dtype) {
+    cJSON *j = cJSON_CreateObject();
+    cJSON_AddItemToArray(cJSON_AddArrayToObject(j, "architectures"),
+                         cJSON_CreateString("MixtralForCausalLM"));
+    cJSON_AddStringToObject(j, "model_type", "mixtral");
+    cJSON_AddNumberToObject(j, "vocab_size", c->vocab);
+    cJSON_AddNumberToObject(j, "hidden_size", c->d_model);
+    cJSON_AddNumberToObject(j, "intermediate_size", c->expert_ffn_dim);
+    cJSON_AddNumberToObject(j, "num_hidden_layers", c->layers);
+    cJSON_AddNumberToObject(j, "num_attention_heads", c->heads);
+    cJSON_AddNumberToObject(j, "num_key_value_heads", c->kv_heads);
+    cJSON_AddNumberToObject(j, "head_dim", c->d_model / c->heads);
+    cJSON_AddNumberToObject(j, "num_local_experts", c->experts);
+    cJSON_AddNumberToObject(j, "num_experts_per_tok", c->top_k);
+    cJSON_AddNumberToObject(j, "max_position_embeddings", c->seq_len);
+    cJSON_AddNumberToObject(j, "rms_norm_eps", c->norm_eps);
+    cJSON_AddNumberToObject(j, "rope_theta", c->rope_theta);
+    cJSON_AddBoolToObject(j, "tie_word_embeddings", c->tie_embeddings);
+    cJSON_AddStringToObject(j, "hidden_act", "silu");
+    cJSON_AddNumberToObject(j, "router_aux_loss_coef", c->aux_coef);
+    cJSON_AddNumberToObject(j, "router_jitter_noise",
+                            c->noise == NOISE_JITTER ? c->jitter_eps : 0.0);
+    cJSON_AddBoolToObject(j, "output_router_logits", 0);
+    cJSON_AddNumberToObject(j, "initializer_range", c->init_std);
+    cJSON_AddNumberToObject(j, "attention_dropout", 0.0);
+    cJSON_AddNullToObject(j, "sliding_window");
+    // Byte-level models have no special tokens; MixtralConfig's defaults (1, 2) would make
+    // generate() stop at byte 0x02.
+    cJSON_AddNullToObject(j, "bos_token_id");
+    cJSON_AddNullToObject(j, "eos_token_id");
+    cJSON_AddBoolToObject(j, "use_cache", 1);
+    cJSON_AddStringToObject(j, "torch_dtype", dtype == ST_BF16 ? "bfloat16" : "float32");
+    return j;
+}
+
+static void join_path(char *out, const char *dir, const char *name) {
+    if (snprintf(out, HF_PATH_MAX, "%s/%s", dir, name) >= HF_PATH_MAX)
+        FAIL("%s/%s: path too long", dir, name);
+}
+
+// Writes text to dir/name through a fsynced temporary file and a rename.
+static void write_text(const char *dir, const char *name, const char *text) {
+    char path[HF_PATH_MAX], tmp[HF_PATH_MAX + 8];
+    join_path(path, dir, name);
+    snprintf(tmp, sizeof tmp, "%s.tmp", path);
+    FILE *f = fopen(tmp, "w");
+    int ok = f && fputs(text, f) >= 0 && fputc('\n', f) != EOF && fflush(f) == 0 &&
+             fsync(fileno(f)) == 0;
+    if (f && fclose(f) != 0) ok = 0;
+    if (!ok || rename(tmp, path) != 0) {
+        unlink(tmp);
+        FAIL("%s: cannot write: %s", path, strerror(errno));
+    }
+}
+
+static void write_json(const char *dir, const char *name, cJSON *j) {
+    char *text = cJSON_Print(j);
+    CHECK(text, "out of memory printing %s", name);
+    write_text(dir, name, text);
+    free(text);
+}
+
+static void make_dir(const char *dir) {
+    struct stat sb;
+    if (mkdir(dir, 0755) != 0 && (errno != EEXIST || stat(dir, &sb) != 0 || !S_ISDIR(sb.st_mode)))
+        FAIL("%s: cannot create the export directory: %s", dir,
+             errno == EEXIST ? "a file has that name" : strerror(errno));
+}
+
+// Renames are durable only once the directory itself is synced.
+static void sync_dir(const char *dir) {
+    int fd = open(dir, O_RDONLY | O_DIRECTORY);
+    if (fd < 0 || fsync(fd) != 0) FAIL("%s: cannot sync the directory: %s", dir, strerror(errno));
+    close(fd);
+}
+
+// A file of the other layout (single vs sharded) left by an earlier export would
+// contradict this one: transformers prefers model.safetensors over the index.
+static void remove_stale(const char *dir, const char *name) {
+    char path[HF_PATH_MAX];
+    join_path(path, dir, name);
+    if (unlink(path) != 0 && errno != ENOENT) FAIL("%s: cannot remove: %s", path, strerror(errno));
+}
+
+typedef struct {
+    size_t first, count;
+    uint64_t bytes;
+} Shard;
+
+// transformers' split: tensors in order, a new shard whenever the next tensor would take
+// the current one past the limit (a tensor larger than the limit gets a shard alone).
+static size_t plan_shards(const StOut *t, size_t n, StDType dtype, uint64_t limit, Shard *out) {
+    size_t k = 0;
+    for (size_t i = 0; i < n; i++) {
+        uint64_t b = safetensors_out_bytes(&t[i], dtype);
+        if (k == 0 || out[k - 1].bytes + b > limit) out[k++] = (Shard){i, 0, 0};
+        out[k - 1].count++;
+        out[k - 1].bytes += b;
+    }
+    return k;
+}
+
+static void write_tensors(const char *dir, const char *name, const StOut *t, size_t n,
+                          StDType dtype) {
+    char path[HF_PATH_MAX], err[HF_PATH_MAX + 256];
+    join_path(path, dir, name);
+    if (safetensors_write(path, t, n, dtype, err, sizeof err) != 0) FAIL("%s", err);
+}
+
+// Returns the number of files written.
+static size_t write_weights(const char *dir, const StOut *t, size_t n, StDType dtype,
+                            uint64_t limit) {
+    Shard *s = CALLOC(n, sizeof *s);
+    size_t n_shards = plan_shards(t, n, dtype, limit, s);
+    if (n_shards == 1) {
+        write_tensors(dir, HF_WEIGHTS, t, n, dtype);
+        remove_stale(dir, HF_INDEX);
+        free(s);
+        return 1;
+    }
+    cJSON *index = cJSON_CreateObject();
+    cJSON *meta = cJSON_AddObjectToObject(index, "metadata");
+    cJSON *map = cJSON_AddObjectToObject(index, "weight_map");
+    uint64_t total = 0;
+    for (size_t k = 0; k < n_shards; k++) {
+        char name[64];
+        snprintf(name, sizeof name, "model-%05zu-of-%05zu.safetensors", k + 1, n_shards);
+        write_tensors(dir, name, t + s[k].first, s[k].count, dtype);
+        for (size_t i = s[k].first; i < s[k].first + s[k].count; i++)
+            cJSON_AddStringToObject(map, t[i].name, name);
+        total += s[k].bytes;
+    }
+    cJSON_AddNumberToObject(meta, "total_size", (double)total);
+    write_json(dir, HF_INDEX, index);
+    cJSON_Delete(index);
+    remove_stale(dir, HF_WEIGHTS);
+    free(s);
+    return n_shards;
+}
+
+// Every parameter as float32, in layout order (m->params may hold doubles in tests).
+static float *params_f32(const Model *m) {
+    real *host = CALLOC(m->layout.total, sizeof *host);
+    m->be->download(host, m->params, m->layout.total * sizeof *host);
+    float *out = CALLOC(m->layout.total, sizeof *out);
+    for (size_t i = 0; i < m->layout.total; i++) out[i] = (float)host[i];
+    free(host);
+    return out;
+}
+
+static void load_exportable(Model *m, RunConfig *rc, const char *ckpt) {
+    char err[1024], why[256];
+    uint64_t base;
+    if (ckpt_read_base_fingerprint(ckpt, &base, err, sizeof err) != 0) FAIL("%s", err);
+    if (base) FAIL("%s is a delta checkpoint: moe merge it onto its base, then export that", ckpt);
+    run_load_checkpoint_config(rc, ckpt, 0, NULL);
+    if (mixtral_unsupported(&rc->model, why, sizeof why))
+        FAIL("%s: cannot export as Mixtral: %s", ckpt, why);
+    if (rc->model.capacity_factor > 0)
+        fprintf(stderr, "moe: warning: router.capacity_factor = %g is not exported: Mixtral "
+                "routes every token (dropless)\n", rc->model.capacity_factor);
+    model_init(m, &rc->model, backend_cpu(), 1, 1);   // weights only: the smallest batch
+    if (ckpt_load(ckpt, m, NULL, NULL, err, sizeof err) != 0) FAIL("%s", err);
+}
+
+int export_main(int argc, char **argv) {
+    int help = argc > 1 && !strcmp(argv[1], "--help");
+    if (argc < 3 || help) {
+        printf("usage: moe export CHECKPOINT DIR [--dtype f32|bf16] [--shard-size BYTES]\n"
+               "  Writes DIR/config.json and DIR/model.safetensors (shards and\n"
+               "  model.safetensors.index.json past --shard-size, default 5000000000) for\n"
+               "  transformers' MixtralForCausalLM. bf16 rounds to nearest even.\n");
+        return help ? 0 : 2;
+    }
+    ExportArgs a;
+    parse_export_args(&a, argc, argv);
+    char ckpt[KEY_STRING_MAX];
+    run_resolve_checkpoint(a.ckpt, ckpt, sizeof ckpt);
+    RunConfig rc;
+    Model m;
+    load_exportable(&m, &rc, ckpt);
+    make_dir(a.dir);
+    float *host = params_f32(&m);
+    StOut *t = CALLOC(m.layout.n_params, sizeof *t);
+    uint64_t bytes = 0;
+    for (size_t i = 0; i < m.layout.n_params; i++) {
+        const ParamInfo *p = &m.layout.params[i];
+        t[i] = (StOut){p->name, p->rows, p->cols, host + p->offset};
+        bytes += safetensors_out_bytes(&t[i], a.dtype);
+    }
+    size_t files = write_weights(a.dir, t, m.layout.n_params, a.dtype, a.shard_size);
+    cJSON *config = mixtral_config(&rc.model, a.dtype);
+    write_json(a.dir, HF_CONFIG, config);
+    cJSON_Delete(config);
+    sync_dir(a.dir);
+    printf("exported %s -> %s: %zu tensors, %" PRIu64 " bytes of %s in %zu file%s\n", ckpt,
+           a.dir, m.layout.n_params, bytes, safetensors_dtype_name(a.dtype), files,
+           files == 1 ? "" : "s");
+    free(t);
+    free(host);
+    model_free(&m);
+    return 0;
+}
