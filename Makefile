@@ -104,6 +104,18 @@ $(BUILD)/f64/%.o: %.c | $(BUILD)/config.mk
 	@mkdir -p $(dir $@)
 	$(CC) $(CFLAGS) -DMOE_REAL_F64 -c $< -o $@
 
+# Test sources include cmocka's header: under `make -j test` they must wait for deps-test
+# (a stamp, so the package check runs once). The shorter stem makes make prefer this rule.
+$(BUILD)/deps-test.stamp: Makefile | $(BUILD)/config.mk
+	@$(MAKE) --no-print-directory deps-test
+	@touch $@
+$(BUILD)/f64/tests/%.o: tests/%.c | $(BUILD)/config.mk $(BUILD)/deps-test.stamp
+	@mkdir -p $(dir $@)
+	$(CC) $(CFLAGS) -DMOE_REAL_F64 -c $< -o $@
+
+# Objects are intermediate files of chained pattern rules; keep them between runs.
+.SECONDARY:
+
 # CUDA: nvcc objects, the -DMOE_CUDA switch of backend.c, the CUDA libraries on every f32
 # link, and the CUDA op tests (tests/test_cuda.py runs them, or skips saying why). The
 # stamp names the CUDA setting (off, or the architecture): when it changes, backend.c and

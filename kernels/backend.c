@@ -31,6 +31,8 @@ const Backend *backend_select(const char *device, char *err, size_t n) {
 #endif
 }
 
+int backend_cuda_built(void) { return HAVE_CUDA; }
+
 void backend_describe(const Backend *be, char *buf, size_t n) {
 #if HAVE_CUDA
     if (be->device == DEVICE_CUDA) {

@@ -15,6 +15,9 @@
 // (an unknown name, a build without CUDA, no GPU, a GPU of another architecture).
 const Backend *backend_select(const char *device, char *err, size_t n);
 
+// 1 when this binary was built with the CUDA backend (whether or not a GPU is present).
+int backend_cuda_built(void);
+
 // One line for a start-up message: "cpu", or "cuda: NVIDIA H100 80GB HBM3 (sm_90, 79.1 GiB)".
 void backend_describe(const Backend *be, char *buf, size_t n);
 

@@ -242,6 +242,13 @@ typedef struct Backend {
     // sum_i x[i]^2 over n elements, accumulated in double; the same result for the same
     // input and thread count (gradient norms must not wobble between identical runs).
     double (*sum_squares)(Tensor x, size_t n);
+
+    // ---- precision of matrix products ----------------------------------------------------
+    // bf16 != 0: the products of matmul and experts ops from now on round their operands
+    // to bfloat16 (round to nearest even) and accumulate and write fp32, as autocast does;
+    // 0: plain fp32. The tape sets it before every op with products (the router's stay
+    // fp32). NULL: the backend has fp32 products only.
+    void (*set_gemm_bf16)(int bf16);
 } Backend;
 
 // The CPU backend: C, OpenBLAS and OpenMP. Always built.

@@ -102,6 +102,14 @@ static Buf op_matmul(Builder *b, Buf x, Buf w, size_t rows, size_t in, size_t ou
     return op->matmul.out;
 }
 
+// The router's products stay fp32 under bf16 products: top-k compares logits that bf16
+// rounding (8 significant bits) would tie or reorder.
+static Buf op_matmul_fp32(Builder *b, Buf x, Buf w, size_t rows, size_t in, size_t out) {
+    Buf y = op_matmul(b, x, w, rows, in, out);
+    b->m->tape.ops[b->m->tape.n - 1].matmul.fp32 = 1;
+    return y;
+}
+
 static Buf op_add(Builder *b, Buf x, Buf y, size_t n) {
     TapeOp *op = tape_push(&b->m->tape, OP_ADD);
     op->add.out = take_buf(b, n);
@@ -277,11 +285,11 @@ static RouterBufs build_router(Builder *b, Buf xr, int l, MoeLayerState *st) {
     if (c->select == SELECT_HASH) return build_hash_router(b, st);
     RouterBufs r = {0};
     Buf wg = param_buf(b, E * b->C, "model.layers.%d.block_sparse_moe.gate.weight", l, 0);
-    r.clean = op_matmul(b, xr, wg, N, b->C, E);
+    r.clean = op_matmul_fp32(b, xr, wg, N, b->C, E);
     r.logits = r.clean;
     if (c->noise == NOISE_SHAZEER) {
         Buf wn = param_buf(b, E * b->C, "model.layers.%d.block_sparse_moe.noise.weight", l, 0);
-        r.raw = op_matmul(b, xr, wn, N, b->C, E);
+        r.raw = op_matmul_fp32(b, xr, wn, N, b->C, E);
         TapeOp *op = tape_push(&b->m->tape, OP_NOISY);
         st->eps = take(b, N * E, DTYPE_REAL);   // (N, E)
         op->noisy.h = take_buf(b, N * E);

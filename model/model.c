@@ -1,6 +1,7 @@
 #include "model.h"
 
 #include <math.h>
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -201,4 +202,15 @@ void model_backward(Model *m) {
     Tensor d = {m->dacts.base, DTYPE_F32, m->dacts.device, m->dacts.size / 4};
     m->be->zero(d, d.numel);
     tape_backward(&m->tape, m->be);
+}
+
+int model_set_precision(Model *m, int bf16, char *err, size_t n) {
+    if (bf16 && !m->be->set_gemm_bf16) {
+        snprintf(err, n, "the %s backend computes in fp32 only (bf16 products need CUDA)",
+                 m->be->name);
+        return -1;
+    }
+    m->tape.bf16 = bf16;
+    if (m->be->set_gemm_bf16) m->be->set_gemm_bf16(bf16);
+    return 0;
 }

@@ -234,9 +234,17 @@ static void op_backward(const TapeOp *op, const Backend *be) {
     }
 }
 
+// Before an op with products: the precision its products run in.
+static void set_precision(const Tape *t, const TapeOp *op, const Backend *be) {
+    if (!t->bf16) return;
+    if (op->kind == OP_MATMUL) be->set_gemm_bf16(!op->matmul.fp32);
+    else if (op->kind == OP_EXPERTS) be->set_gemm_bf16(1);
+}
+
 void tape_forward(const Tape *t, const Backend *be) {
     for (size_t i = 0; i < t->n; i++) {
         double t0 = t->op_seconds ? omp_get_wtime() : 0.0;
+        set_precision(t, &t->ops[i], be);
         op_forward(&t->ops[i], be);
         if (t->op_seconds) t->op_seconds[i] += omp_get_wtime() - t0;
     }
@@ -245,6 +253,7 @@ void tape_forward(const Tape *t, const Backend *be) {
 void tape_backward(const Tape *t, const Backend *be) {
     for (size_t i = t->n; i-- > 0;) {
         double t0 = t->op_seconds ? omp_get_wtime() : 0.0;
+        set_precision(t, &t->ops[i], be);
         op_backward(&t->ops[i], be);
         if (t->op_seconds) t->op_seconds[i] += omp_get_wtime() - t0;
     }

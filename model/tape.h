@@ -62,7 +62,8 @@ typedef struct {
     union {
         struct { Buf out, table; Tensor tokens; size_t N, C; } embed;
         struct { Buf out, x, w; Tensor rstd; size_t N, C; double eps; } rmsnorm;
-        struct { Buf out, x, w; size_t N, K, M; } matmul;
+        // fp32: always full precision, whatever the tape's bf16 (the router's logits).
+        struct { Buf out, x, w; size_t N, K, M; int fp32; } matmul;
         struct { Buf qkv; size_t B, T, H, KV, D; double theta; } rope;
         struct { Buf out, qkv; Tensor att, datt; size_t B, T, H, KV, D; } attention;
         struct { Buf out, a, b; size_t n; } add;
@@ -122,6 +123,9 @@ typedef struct {
     // (n) when non-NULL, tape_forward and tape_backward add each op's wall time in
     // seconds at its index (make bench splits a step into phases with it).
     double *op_seconds;
+    // Products in bf16 (Backend.set_gemm_bf16) for every matmul not marked fp32 and for
+    // the experts; 0: fp32 throughout. Set through model_set_precision.
+    int bf16;
 } Tape;
 
 void tape_init(Tape *t);

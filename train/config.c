@@ -16,6 +16,11 @@ static const ConfigKey train_keys[] = {
     {"log_every", KEY_INT, TK(log_every), "10", 1, 1 << 30, NULL,
      "steps between log lines when stdout is not a terminal"},
     {"threads", KEY_INT, TK(threads), "0", 0, 4096, NULL, "OpenMP threads (0: all cores)"},
+    {"device", KEY_ENUM, TK(device), "cpu", 0, 0, "cpu|cuda",
+     "where the run computes: cpu, or cuda (GPU 0; the build needs nvcc)"},
+    {"precision", KEY_ENUM, TK(precision), "auto", 0, 0, "auto|fp32|bf16",
+     "matrix products: bf16 operands with fp32 accumulation (cuda only), or fp32; auto: "
+     "bf16 on cuda, fp32 on cpu"},
     {"seed", KEY_INT, TK(seed), "1337", 0, 2147483647, NULL,
      "seed for weights, data order and router noise"},
     {"name", KEY_STRING, TK(name), "", 0, 0, NULL,

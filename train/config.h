@@ -15,6 +15,10 @@
 #include "../model/config.h"
 #include "../optim/config.h"
 
+typedef enum { TRAIN_DEVICE_CPU = 0, TRAIN_DEVICE_CUDA = 1 } TrainDevice;
+// auto: bf16 products on cuda, fp32 on cpu.
+typedef enum { PRECISION_AUTO = 0, PRECISION_FP32 = 1, PRECISION_BF16 = 2 } TrainPrecision;
+
 typedef struct {
     int batch_size;      // sequences per micro-batch B
     int grad_accum;      // micro-batches per optimizer step
@@ -22,6 +26,8 @@ typedef struct {
     int eval_every;      // steps between validation passes (0: only at the end)
     int log_every;       // steps between plain log lines (not on a terminal)
     int threads;         // OpenMP threads (0: all cores)
+    int device;          // TrainDevice
+    int precision;       // TrainPrecision
     int seed;            // weights, data order and router noise
     char name[KEY_STRING_MAX];      // run name (default: the config file's base name)
     char out_dir[KEY_STRING_MAX];   // runs go to <out_dir>/<name>/

@@ -6,6 +6,7 @@
 #include <string.h>
 #include <sys/stat.h>
 
+#include "../kernels/backend.h"
 #include "../kernels/util.h"
 #include "checkpoint.h"
 
@@ -88,6 +89,45 @@ void run_collect_routing(Model *m, DataLoader *dl, int batches, RoutingStats *rs
         routing_stats_add(rs, m, m->B);
     }
     free(tok);
+}
+
+const Backend *run_backend(const TrainConfig *tc) {
+    if (tc->device == TRAIN_DEVICE_CPU) {
+        if (tc->precision == PRECISION_BF16)
+            FAIL("train.precision = bf16: the CPU backend computes in fp32 only\nHINT: use "
+                 "train.device=cuda, or train.precision=fp32 (auto picks it on the CPU)");
+        return backend_cpu();
+    }
+    char err[512];
+    const Backend *be = backend_select("cuda", err, sizeof err);
+    if (!be)
+        FAIL("train.device = cuda: %s\nHINT: train.device=cpu runs the same model on the CPU",
+             err);
+    return be;
+}
+
+static int wants_bf16(const Model *m, const TrainConfig *tc) {
+    return tc->precision == PRECISION_BF16 ||
+           (tc->precision == PRECISION_AUTO && m->be->device == DEVICE_CUDA);
+}
+
+void run_set_precision(Model *m, const TrainConfig *tc) {
+    char err[512];
+    if (model_set_precision(m, wants_bf16(m, tc), err, sizeof err) != 0)
+        FAIL("train.precision: %s", err);
+}
+
+void run_describe_device(const Model *m, char *buf, size_t n) {
+    char dev[384];
+    backend_describe(m->be, dev, sizeof dev);
+    const char *prec = m->tape.bf16 ? "bf16 products, fp32 router, weights and optimizer"
+                                    : "fp32";
+    if (m->be->device == DEVICE_CUDA)
+        snprintf(buf, n, "device %s, %s", dev, prec);
+    else if (backend_cuda_built())
+        snprintf(buf, n, "device cpu, fp32 (CUDA built: train.device=cuda to use a GPU)");
+    else
+        snprintf(buf, n, "device cpu, fp32 (this build has no CUDA backend: nvcc was not found)");
 }
 
 void run_model_from_checkpoint(Model *m, RunConfig *rc, const char *ckpt, size_t B) {

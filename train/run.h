@@ -24,6 +24,14 @@ void run_apply_overrides(RunConfig *rc, int n_words, char **words);
 void run_use_text_domain(RunConfig *rc, const char *name, const char *path);
 // Routes `batches` training batches of dl through m (no noise, no backward) into rs.
 void run_collect_routing(Model *m, DataLoader *dl, int batches, RoutingStats *rs);
+// The backend train.device names; dies with the reason when it cannot be had (no CUDA in
+// this build, no GPU) or train.precision asks for what it lacks.
+const Backend *run_backend(const TrainConfig *tc);
+// Applies train.precision to m (after model_init); dies when the backend lacks it.
+void run_set_precision(Model *m, const TrainConfig *tc);
+// One line for the start-up message: the device, its precision, and why not CUDA when
+// the run is on the CPU.
+void run_describe_device(const Model *m, char *buf, size_t n);
 // Builds and loads a model from a checkpoint for B sequences (weights only).
 void run_model_from_checkpoint(Model *m, RunConfig *rc, const char *ckpt, size_t B);
 // Opens rc's data for m's shape; dies on error.

@@ -176,7 +176,8 @@ static void setup(Run *r) {
     if (r->mode != MODE_RESUME)
         snprintf(r->run_dir, sizeof r->run_dir, "%s/%s", rc->train.out_dir, rc->train.name);
     size_t B = (size_t)rc->train.batch_size, T = (size_t)rc->model.seq_len;
-    model_init(&r->model, &rc->model, backend_cpu(), B, T);
+    model_init(&r->model, &rc->model, run_backend(&rc->train), B, T);
+    run_set_precision(&r->model, &rc->train);
     r->data = run_open_data(rc, &r->model, (uint64_t)rc->train.seed);
     check_val_batches(r->data, B, T);
     load_weights(r);
@@ -204,6 +205,17 @@ static void setup(Run *r) {
     routing_pool_init(&r->pool, &r->model);
 }
 
+// Everything the run allocated once, on the device it computes on.
+static void print_memory_plan(const Run *r) {
+    const Model *m = &r->model;
+    double mb = 1e6, param = (double)m->layout.total * sizeof(real);
+    printf("memory (%s, allocated once): parameters %.1f MB, gradients %.1f MB, optimizer "
+           "state %.1f MB (trainable tensors only), activations %.1f MB, their gradients "
+           "%.1f MB\n",
+           m->be->name, param / mb, param / mb, (double)adamw_state_bytes(&r->opt) / mb,
+           (double)m->acts.size / mb, (double)m->dacts.size / mb);
+}
+
 static void print_startup(const Run *r) {
     const Model *m = &r->model;
     const RunConfig *rc = &r->rc;
@@ -221,11 +233,14 @@ static void print_startup(const Run *r) {
     for (int d = 0; d < data_loader_domains(r->data); d++)
         printf(" %s (%.2fM train tokens)", data_loader_domain_name(r->data, d),
                (double)data_loader_train_tokens(r->data, d) / 1e6);
+    char dev[512];
+    run_describe_device(m, dev, sizeof dev);
     printf("\nbatch: %d x %d tokens x %d accum = %zu tokens/step, %d steps | cpu: %d threads, "
-           "OpenBLAS %s kernel (%s); device cpu (this build has no CUDA backend)\n",
+           "OpenBLAS %s kernel (%s)\n%s\n",
            rc->train.batch_size, rc->model.seq_len, rc->train.grad_accum,
            m->N * (size_t)rc->train.grad_accum, rc->train.steps, omp_get_max_threads(),
-           cpu_blas_kernel_name(), cpu_blas_kernel_origin());
+           cpu_blas_kernel_name(), cpu_blas_kernel_origin(), dev);
+    print_memory_plan(r);
 }
 
 // The step's micro-batches, drawn up front so a pooling pass can see them all.

@@ -136,6 +136,7 @@ static Backend make_table(void) {
     b.load_loss_backward = cuda_load_loss_backward;
     b.adamw_update = cuda_adamw_update;
     b.sum_squares = cuda_sum_squares;
+    b.set_gemm_bf16 = cuda_set_gemm_bf16;
     return b;
 }
 

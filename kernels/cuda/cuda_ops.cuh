@@ -118,7 +118,7 @@ int cuda_cublas_load(char *err, size_t n);
 cublasHandle_t cuda_cublas(void);
 // Grow-only device scratch, one buffer per slot: an op takes what it needs for the length
 // of the call (everything runs on one stream, so the next op cannot overlap it).
-enum { SCRATCH_OP = 0, SCRATCH_SORT = 1, SCRATCH_SLOTS };
+enum { SCRATCH_OP = 0, SCRATCH_SORT = 1, SCRATCH_BF16_A, SCRATCH_BF16_B, SCRATCH_SLOTS };
 void *cuda_scratch(int slot, size_t bytes);
 // Carves 256-byte aligned pieces out of one scratch request: size first, then place.
 struct ScratchLayout {
@@ -132,7 +132,10 @@ struct ScratchLayout {
 // Copies n int32 values of a device buffer to the host (a synchronising read).
 void cuda_read_ints(int32_t *host, const int32_t *dev, size_t n);
 
-// c (m, n) = alpha op(a) op(b) + beta c, row-major, as cpu_gemm (cuBLAS sgemm underneath).
+// c (m, n) = alpha op(a) op(b) + beta c, row-major, as cpu_gemm: cuBLAS sgemm, or under
+// cuda_set_gemm_bf16(1) cublasGemmEx on bf16 copies of a and b with fp32 accumulation
+// and an fp32 c.
+void cuda_set_gemm_bf16(int bf16);
 void cuda_gemm(int trans_a, int trans_b, size_t m, size_t n, size_t k, float alpha,
                const float *a, size_t lda, const float *b, size_t ldb, float beta, float *c,
                size_t ldc);

@@ -7,6 +7,7 @@
 #include "cuda_ops.cuh"
 
 #include <cub/device/device_radix_sort.cuh>
+#include <cuda_bf16.h>
 #include <dlfcn.h>
 #include <limits.h>
 #include <stdio.h>
@@ -14,11 +15,19 @@
 
 // ---- cuBLAS, loaded at run time ---------------------------------------------------------
 
+// cublasGemmEx is overloaded in C++ (the compute type as cudaDataType or as
+// cublasComputeType_t): name the overload.
+typedef cublasStatus_t (*GemmExFn)(cublasHandle_t, cublasOperation_t, cublasOperation_t, int,
+                                   int, int, const void *, const void *, cudaDataType, int,
+                                   const void *, cudaDataType, int, const void *, void *,
+                                   cudaDataType, int, cublasComputeType_t, cublasGemmAlgo_t);
+
 static struct {
     void *lib;
     decltype(&cublasCreate_v2) create;
     decltype(&cublasSetMathMode) set_math_mode;
     decltype(&cublasSgemm_v2) sgemm;
+    GemmExFn gemm_ex;
     decltype(&cublasGetStatusString) status_string;
 } blas;
 
@@ -37,7 +46,9 @@ int cuda_cublas_load(char *err, size_t n) {
     blas.set_math_mode = (decltype(blas.set_math_mode))dlsym(lib, "cublasSetMathMode");
     blas.sgemm = (decltype(blas.sgemm))dlsym(lib, "cublasSgemm_v2");
     blas.status_string = (decltype(blas.status_string))dlsym(lib, "cublasGetStatusString");
-    if (!blas.create || !blas.set_math_mode || !blas.sgemm || !blas.status_string) {
+    blas.gemm_ex = (GemmExFn)dlsym(lib, "cublasGemmEx");
+    if (!blas.create || !blas.set_math_mode || !blas.sgemm || !blas.status_string ||
+        !blas.gemm_ex) {
         snprintf(err, n, "CUDA backend built, but %s lacks a function it needs",
                  CUBLAS_SONAME(CUBLAS_VER_MAJOR));
         dlclose(lib);
@@ -133,6 +144,41 @@ __global__ void zero_rows_kernel(float *c, size_t m, size_t n, size_t ldc) {
     GRID_STRIDE(i, m * n) c[(i / n) * ldc + i % n] = 0.0f;
 }
 
+static int g_gemm_bf16;
+
+void cuda_set_gemm_bf16(int bf16) { g_gemm_bf16 = bf16; }
+
+// dst (rows, cols) dense = src (rows, cols, leading dimension ld) rounded to nearest even.
+__global__ void to_bf16_kernel(__nv_bfloat16 *dst, const float *src, size_t rows, size_t cols,
+                               size_t ld) {
+    GRID_STRIDE(i, rows * cols) dst[i] = __float2bfloat16_rn(src[(i / cols) * ld + i % cols]);
+}
+
+static const __nv_bfloat16 *bf16_copy(int slot, const float *src, size_t rows, size_t cols,
+                                      size_t ld) {
+    __nv_bfloat16 *dst =
+        (__nv_bfloat16 *)cuda_scratch(slot, rows * cols * sizeof(__nv_bfloat16));
+    to_bf16_kernel<<<cuda_blocks(rows * cols), CUDA_THREADS>>>(dst, src, rows, cols, ld);
+    cudaCheckLaunch();
+    return dst;
+}
+
+// The bf16 product: a and b as dense bf16 copies (their leading dimensions become their
+// widths), fp32 accumulate (CUBLAS_COMPUTE_32F) into the fp32 c.
+static void gemm_bf16(cublasHandle_t h, int trans_a, int trans_b, int m, int n, int k,
+                      float alpha, const float *a, size_t lda, const float *b, size_t ldb,
+                      float beta, float *c, int ldc) {
+    int a_cols = trans_a ? m : k, b_cols = trans_b ? k : n;
+    const __nv_bfloat16 *a16 =
+        bf16_copy(SCRATCH_BF16_A, a, (size_t)(trans_a ? k : m), (size_t)a_cols, lda);
+    const __nv_bfloat16 *b16 =
+        bf16_copy(SCRATCH_BF16_B, b, (size_t)(trans_b ? n : k), (size_t)b_cols, ldb);
+    cublasCheck(blas.gemm_ex(h, trans_b ? CUBLAS_OP_T : CUBLAS_OP_N,
+                              trans_a ? CUBLAS_OP_T : CUBLAS_OP_N, n, m, k, &alpha, b16,
+                              CUDA_R_16BF, b_cols, a16, CUDA_R_16BF, a_cols, &beta, c,
+                              CUDA_R_32F, ldc, CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT));
+}
+
 // cuBLAS is column-major: a row-major (r, c) matrix is its column-major transpose, so
 // row-major C = op(A) op(B) is column-major C^T = op(B)^T op(A)^T: swap the operands.
 void cuda_gemm(int trans_a, int trans_b, size_t m, size_t n, size_t k, float alpha,
@@ -150,6 +196,11 @@ void cuda_gemm(int trans_a, int trans_b, size_t m, size_t n, size_t k, float alp
                      ldb <= INT_MAX && ldc <= INT_MAX,
                  "gemm of (%zu x %zu x %zu) exceeds cuBLAS's int sizes", m, n, k);
     cublasHandle_t h = cuda_cublas();
+    if (g_gemm_bf16) {
+        gemm_bf16(h, trans_a, trans_b, (int)m, (int)n, (int)k, alpha, a, lda, b, ldb, beta, c,
+                  (int)ldc);
+        return;
+    }
     cublasCheck(blas.sgemm(h, trans_b ? CUBLAS_OP_T : CUBLAS_OP_N,
                             trans_a ? CUBLAS_OP_T : CUBLAS_OP_N, (int)n, (int)m, (int)k, &alpha,
                             b, (int)ldb, a, (int)lda, &beta, c, (int)ldc));

@@ -301,6 +301,45 @@ static void case_matmul(void) {
     close_all("matmul dw (dx NULL)", dw, RTOL);
 }
 
+// x rounded to the nearest bfloat16, ties to even (finite x).
+static float bf16_round(float x) {
+    uint32_t u;
+    memcpy(&u, &x, sizeof u);
+    u = (u + 0x7fffu + ((u >> 16) & 1u)) & 0xffff0000u;
+    memcpy(&x, &u, sizeof x);
+    return x;
+}
+
+// Normal values times scale; the CPU side holds them rounded to bf16, the GPU side as
+// they are, for the GPU's bf16 products to round itself.
+static Pair reals_bf16(size_t n, double scale) {
+    Pair p = reals(n, scale);
+    float *c = (float *)p.c.data;
+    for (size_t i = 0; i < n; i++) c[i] = bf16_round(c[i]);
+    return p;
+}
+
+// bf16 products: bf16 x bf16 products are exact in fp32, so the CPU's fp32 product of the
+// rounded operands differs from cuBLAS's only in the order of the fp32 sums.
+static void case_matmul_bf16(void) {
+    size_t N = 67, K = 129, M = 45;
+    gpu->set_gemm_bf16(1);
+    Pair x = reals_bf16(N * K, 1), w = reals_bf16(M * K, 0.2), out = zeros(N * M, DTYPE_F32);
+    cpu->matmul_forward(out.c, x.c, w.c, N, K, M);
+    gpu->matmul_forward(out.g, x.g, w.g, N, K, M);
+    close_all("bf16 matmul out", out, 1e-5);
+    Pair dx = reals(N * K, 1), dw = reals(M * K, 1), dout = reals_bf16(N * M, 1);
+    cpu->matmul_backward(dx.c, dw.c, dout.c, x.c, w.c, N, K, M);
+    gpu->matmul_backward(dx.g, dw.g, dout.g, x.g, w.g, N, K, M);
+    close_all("bf16 matmul dx", dx, 1e-5);
+    close_all("bf16 matmul dw", dw, 1e-5);
+    gpu->set_gemm_bf16(0);   // and back to plain fp32 products
+    Pair x2 = reals(N * K, 1), w2 = reals(M * K, 0.2), out2 = zeros(N * M, DTYPE_F32);
+    cpu->matmul_forward(out2.c, x2.c, w2.c, N, K, M);
+    gpu->matmul_forward(out2.g, x2.g, w2.g, N, K, M);
+    close_all("matmul out after bf16 off", out2, RTOL);
+}
+
 static void case_rope(void) {
     size_t B = 2, T = 11, H = 4, KV = 2, D = 8, W = (H + 2 * KV) * D;
     Pair qkv = reals(B * T * W, 1);
@@ -744,6 +783,7 @@ static const Case cases[] = {
     {"embedding", case_embedding},
     {"rmsnorm", case_rmsnorm},
     {"matmul", case_matmul},
+    {"matmul_bf16", case_matmul_bf16},
     {"rope", case_rope},
     {"attention", case_attention},
     {"swiglu", case_swiglu},
