@@ -3,6 +3,7 @@
 #   make test       build and run every test (C suites and the PyTorch comparison)
 #   make bench      benchmark (not a test): peaks, training phases, one MoE layer; bench.csv
 #   make bench-peer moe.c's tokens/s over PyTorch's on configs/small.ini
+#   make bench-gpu  the GPU part of make bench alone; bench-gpu-peer: against PyTorch on the GPU
 #   make deps       install the Debian packages the build needs (apt-get; root or sudo)
 #   make deps-test  install the packages the tests need (PyTorch, h5py, pytest, cmocka,
 #                   gnuplot for the figures of moe ablate / moe route)
@@ -190,12 +191,21 @@ BENCH_OBJ := $(patsubst %.c,$(BUILD)/f32/%.o,$(wildcard bench/*.c)) $(F32_LIB) \
 $(BUILD)/bench: $(BENCH_OBJ)
 	$(CC) -o $@ $^ $(LDLIBS)
 
-.PHONY: bench bench-peer
+.PHONY: bench bench-peer bench-gpu bench-gpu-peer
 bench: $(BUILD)/bench
 	$(BUILD)/bench
+	$(BUILD)/bench --gpu --csv bench-gpu.csv
 
 bench-peer: $(BUILD)/bench
 	$(BUILD)/bench --peer --steps 5 configs/small.ini
+
+# The GPU part alone (make bench runs it too; without a GPU it says why and passes), and
+# moe.c against PyTorch on the GPU (bench/torch_gpu_ref.py: eager and torch.compile).
+bench-gpu: $(BUILD)/bench
+	$(BUILD)/bench --gpu --csv bench-gpu.csv
+
+bench-gpu-peer: $(BUILD)/bench
+	$(BUILD)/bench --gpu-peer --steps 5 configs/gpu-medium.ini
 
 -include $(shell find $(BUILD) -name '*.d' 2>/dev/null)
 

@@ -3,6 +3,8 @@
 //   bench [--steps N] [--seconds S] [--csv FILE] [--only train|layer] [CONFIG.ini ...]
 //         [section.key=value ...]
 //   bench --peer [--steps N] [--python PATH] [CONFIG.ini] [section.key=value ...]
+//   bench --gpu [--steps N] [--csv FILE] [CONFIG.ini] [section.key=value ...]
+//   bench --gpu-peer [--steps N] [--python PATH] [CONFIG.ini] [section.key=value ...]
 //
 // Default configs: tiny, small, fine-grained. One run prints the machine's peaks (sgemm
 // and FMA), then per config training throughput, MFU and time per phase, then one MoE
@@ -10,6 +12,11 @@
 // --peer trains the config (default small) here and in bench/torch_ref.py (PyTorch,
 // same shapes and routing) and prints the ratio of their tokens/s. Override words
 // (router.aux_scope=micro, ...) apply to every config of moe.c, not to the peer.
+//
+// --gpu measures the CUDA backend's device instead: its dense bf16 GEMM rate, the grouped
+// experts op against a dense product of equal FLOPs (coarse and fine-grained layouts,
+// balanced and skewed), and training steps of the config (default gpu-medium) with
+// train.device=cuda; without a usable GPU it prints why and exits 0.
 //
 // Each measurement runs in its own child process, so its peak RSS (wait4) is its own and
 // no OpenMP thread pool crosses a fork: this parent never enters a parallel region.
@@ -28,7 +35,7 @@
 #define MAX_CONFIGS 16
 #define SGEMM_N 2048
 
-typedef enum { JOB_PEAK, JOB_TRAIN, JOB_LAYER } JobKind;
+typedef enum { JOB_PEAK, JOB_TRAIN, JOB_LAYER, JOB_GPU } JobKind;
 
 typedef struct {
     JobKind kind;
@@ -41,6 +48,7 @@ typedef union {
     PeakResult peak;
     TrainResult train;
     LayerResult layer;
+    GpuResult gpu;
 } JobResult;
 
 typedef struct {
@@ -48,8 +56,11 @@ typedef struct {
     double seconds;
     const char *csv;
     const char *python;
+    int python_set;
     const char *only; // "train" or "layer": that part alone (peaks are always measured)
     int peer;
+    int gpu;
+    int gpu_peer; // --python defaults to python3 there: the GPU machine's own PyTorch
     const char *configs[MAX_CONFIGS];
     int n_configs;
     char **words; // (MAX_CONFIGS) section.key=value overrides, applied to every config
@@ -61,6 +72,7 @@ static void job_run(const Job *j, JobResult *r) {
     case JOB_PEAK: bench_measure_peaks(&r->peak, SGEMM_N); break;
     case JOB_TRAIN: bench_train(&r->train, &j->config, j->steps, j->seconds); break;
     case JOB_LAYER: bench_layer(&r->layer, &j->config); break;
+    case JOB_GPU: bench_gpu(&r->gpu); break;
     }
 }
 
@@ -242,7 +254,8 @@ typedef struct {
 } Outcome;
 
 static Outcome run_job(JobKind kind, const char *config, const Options *o) {
-    static const char *what[] = {"machine peaks", "training steps", "one MoE layer"};
+    static const char *what[] = {"machine peaks", "training steps", "one MoE layer",
+                                 "GPU: GEMM peak and experts"};
     fprintf(stderr, "bench: %s%s%s ...\n", what[kind], config ? ", " : "",
             config ? config : "");
     Job j = {kind, {config, o->words, o->n_words}, o->steps, o->seconds};
@@ -298,11 +311,14 @@ static int bench_all(const Options *o) {
     return failed;
 }
 
-// Runs the PyTorch peer on the same config; returns its tokens/s, or 0 on failure.
-static double torch_tokens_per_s(const Options *o, const char *config) {
-    char cmd[1024];
-    snprintf(cmd, sizeof cmd, "%s bench/torch_ref.py %s --steps %d", o->python, config,
-             o->steps);
+// Runs a PyTorch peer script on the same config; returns the tokens/s it prints on its
+// "<tag> tokens/s: X" line, or 0 on failure.
+static double peer_tokens_per_s(const char *python, const char *script, const char *config,
+                                int steps, const char *extra) {
+    char cmd[1024], tag[128];
+    snprintf(cmd, sizeof cmd, "%s bench/%s.py %s --steps %d %s", python, script, config, steps,
+             extra);
+    snprintf(tag, sizeof tag, "%s tokens/s: %%lf", script);
     fflush(stdout);
     FILE *p = popen(cmd, "r");
     if (!p) return 0.0;
@@ -310,7 +326,7 @@ static double torch_tokens_per_s(const Options *o, const char *config) {
     double tok_s = 0.0;
     while (fgets(line, sizeof line, p)) {
         fputs(line, stdout);
-        sscanf(line, "torch_ref tokens/s: %lf", &tok_s);
+        sscanf(line, tag, &tok_s);
     }
     return pclose(p) == 0 ? tok_s : 0.0;
 }
@@ -327,7 +343,7 @@ static int bench_peer(const Options *o) {
            "assignments kept by capacity)\n",
            r.train.name, ours, r.train.threads, r.train.steps, r.train.step_s,
            100.0 * r.train.kept);
-    double theirs = torch_tokens_per_s(o, config);
+    double theirs = peer_tokens_per_s(o->python, "torch_ref", config, o->steps, "");
     if (theirs <= 0.0) {
         fprintf(stderr, "bench: bench/torch_ref.py failed\n");
         return 1;
@@ -336,10 +352,121 @@ static int bench_peer(const Options *o) {
     return 0;
 }
 
+// ---- the GPU ---------------------------------------------------------------------------
+
+static void print_gpu(const GpuResult *g, FILE *csv) {
+    printf("GPU: %s\n  dense bf16 GEMM %zu^3 (cuBLAS, fp32 accumulate): %.1f TFLOP/s\n",
+           g->device, g->peak_n, g->peak_gflops / 1e3);
+    csv_row(csv, "gpu", "-", "dense_bf16_gflops", g->peak_gflops);
+    printf("\nexpert GEMMs, bf16 products (the experts op: forward = both products and the "
+           "SwiGLU;\ndgrad = backward without weight gradients; wgrad = the rest of "
+           "backward), TFLOP/s and %% of a dense\nproduct of equal FLOPs (every row in one "
+           "expert):\n");
+    printf("  %-34s %-9s %15s %15s %15s %8s\n", "layout", "routing", "forward", "dgrad",
+           "wgrad", "vs bal.");
+    const char *routing[2] = {"balanced", "skewed"}, *pass[3] = {"fwd", "dgrad", "wgrad"};
+    for (int l = 0; l < BENCH_GPU_LAYOUTS; l++) {
+        const GpuLayoutResult *r = &g->layout[l];
+        char name[BENCH_NAME_MAX + 64];
+        snprintf(name, sizeof name, "%s E%zu top-%zu C%zu F%zu N%zu", r->name, r->E, r->k, r->C,
+                 r->F, r->N);
+        double total[2] = {0, 0};
+        for (int s = 0; s < 2; s++) {
+            printf("  %-34s %-9s", s ? "" : name, routing[s]);
+            for (int p = 0; p < 3; p++) {
+                double tf = r->flops_per_pass / r->grouped_s[s][p] / 1e12;
+                printf(" %6.1f (%5.1f%%)", tf, 100.0 * r->dense_s[p] / r->grouped_s[s][p]);
+                total[s] += r->grouped_s[s][p];
+                char key[64];
+                snprintf(key, sizeof key, "%s_%s_vs_dense", routing[s], pass[p]);
+                csv_row(csv, "gpu", r->name, key, r->dense_s[p] / r->grouped_s[s][p]);
+            }
+            printf(" %7.3fx\n", total[s] / total[0]);
+        }
+        csv_row(csv, "gpu", r->name, "skewed_over_balanced", total[1] / total[0]);
+    }
+}
+
+static void print_gpu_train(const TrainResult *t, const GpuResult *g, FILE *csv) {
+    double tok_s = (double)t->tokens_per_step / t->step_s;
+    double gflops = tok_s * t->flops_per_token / 1e9;
+    double moe = t->phase_s[PHASE_ROUTER] + t->phase_s[PHASE_DISPATCH];
+    printf("\ntraining steps on the GPU (random tokens, the fastest step; model FLOPs as on "
+           "the CPU):\n  %s: %.1fM params (%.1fM active), %zu tokens/step: %.0f tokens/s, "
+           "%.1f TFLOP/s, MFU %.1f%% of the dense bf16 peak\n  %-22s",
+           t->name, (double)t->params / 1e6, (double)t->active / 1e6, t->tokens_per_step,
+           tok_s, gflops / 1e3, 100.0 * gflops / g->peak_gflops, "phases, % of step:");
+    for (int i = 0; i < PHASE_COUNT; i++)
+        printf(" %s %.1f", bench_phase_names[i], 100.0 * t->phase_s[i] / t->step_s);
+    printf("\n  %-22s %.1f%% of the step (router, top-k, aux losses, dispatch, combine)\n",
+           "MoE overhead:", 100.0 * moe / t->step_s);
+    csv_row(csv, "gpu_train", t->name, "tokens_per_s", tok_s);
+    csv_row(csv, "gpu_train", t->name, "mfu", gflops / g->peak_gflops);
+    csv_row(csv, "gpu_train", t->name, "moe_overhead_of_step", moe / t->step_s);
+}
+
+static int bench_gpu_all(const Options *o) {
+    Outcome g = run_job(JOB_GPU, NULL, o);
+    print_banner();
+    if (g.ok && g.r.gpu.why_not[0]) {
+        printf("GPU: skipped (%s)\n", g.r.gpu.why_not);
+        return 0;
+    }
+    if (!g.ok) return 1;
+    FILE *csv = csv_open(o->csv);
+    print_gpu(&g.r.gpu, csv);
+    Options on_gpu = *o;
+    char *words[MAX_CONFIGS + 1];
+    memcpy(words, o->words, (size_t)o->n_words * sizeof *words);
+    static char device_word[] = "train.device=cuda";
+    words[o->n_words] = device_word;
+    on_gpu.words = words;
+    on_gpu.n_words = o->n_words + 1;
+    const char *config = o->n_configs ? o->configs[0] : "configs/gpu-medium.ini";
+    Outcome t = run_job(JOB_TRAIN, config, &on_gpu);
+    if (t.ok) print_gpu_train(&t.r.train, &g.r.gpu, csv);
+    fclose(csv);
+    printf("\nwritten: %s\n", o->csv);
+    return t.ok ? 0 : 1;
+}
+
+// moe.c on the GPU against bench/torch_gpu_ref.py, eager and under torch.compile.
+static int bench_gpu_peer(const Options *o) {
+    const char *config = o->n_configs ? o->configs[0] : "configs/gpu-medium.ini";
+    print_banner();
+    static char device_word[] = "train.device=cuda";
+    char *words[MAX_CONFIGS + 1];
+    memcpy(words, o->words, (size_t)o->n_words * sizeof *words);
+    words[o->n_words] = device_word;
+    Job j = {JOB_TRAIN, {config, words, o->n_words + 1}, o->steps, o->seconds};
+    JobResult r;
+    double rss;
+    if (run_child(&j, &r, &rss) != 0) return 1;
+    double ours = (double)r.train.tokens_per_step / r.train.step_s;
+    printf("moe.c %s on the GPU: %.0f tokens/s (fastest of %d steps: %.3f s)\n", r.train.name,
+           ours, r.train.steps, r.train.step_s);
+    const char *modes[2] = {"", "--compile"}, *names[2] = {"eager", "torch.compile"};
+    int failed = 0;
+    for (int m = 0; m < 2; m++) {
+        double theirs = peer_tokens_per_s(o->python, "torch_gpu_ref", config, o->steps, modes[m]);
+        if (theirs <= 0.0) {
+            fprintf(stderr, "bench: bench/torch_gpu_ref.py %s failed\n", modes[m]);
+            failed = 1;
+            continue;
+        }
+        printf("moe.c / PyTorch %s tokens/s: %.2fx\n", names[m], ours / theirs);
+    }
+    return failed;
+}
+
 static void usage(void) {
     fprintf(stderr, "usage: bench [--steps N] [--seconds S] [--csv FILE] [--only train|layer] "
                     "[CONFIG.ini ...] [section.key=value ...]\n"
                     "       bench --peer [--steps N] [--python PATH] [CONFIG.ini] "
+                    "[section.key=value ...]\n"
+                    "       bench --gpu [--steps N] [--csv FILE] [CONFIG.ini] "
+                    "[section.key=value ...]\n"
+                    "       bench --gpu-peer [--steps N] [--python PATH] [CONFIG.ini] "
                     "[section.key=value ...]\n"
                     "  section.key=value words apply to every config, as in moe train\n");
     exit(2);
@@ -362,11 +489,15 @@ static Options parse_options(int argc, char **argv) {
         else if (!strcmp(a, "--csv") && more)
             o.csv = argv[++i];
         else if (!strcmp(a, "--python") && more)
-            o.python = argv[++i];
+            o.python = argv[++i], o.python_set = 1;
         else if (!strcmp(a, "--only") && more)
             o.only = argv[++i];
         else if (!strcmp(a, "--peer"))
             o.peer = 1;
+        else if (!strcmp(a, "--gpu"))
+            o.gpu = 1;
+        else if (!strcmp(a, "--gpu-peer"))
+            o.gpu_peer = 1;
         else if (a[0] == '-' || o.n_configs == MAX_CONFIGS || o.n_words == MAX_CONFIGS)
             usage();
         else if (strchr(a, '='))
@@ -382,6 +513,11 @@ int main(int argc, char **argv) {
     cpu_blas_select_kernel(argv);
     Options o = parse_options(argc, argv);
     if (o.peer) return bench_peer(&o);
+    if (o.gpu) return bench_gpu_all(&o);
+    if (o.gpu_peer) {
+        if (!o.python_set) o.python = "python3";
+        return bench_gpu_peer(&o);
+    }
     if (!o.n_configs) {
         const char *defaults[] = {"configs/tiny.ini", "configs/small.ini",
                                   "configs/fine-grained.ini"};

@@ -105,4 +105,29 @@ typedef struct {
 
 void bench_layer(LayerResult *out, const BenchConfig *config);
 
+// ---- the GPU (gpu_bench.c, bench --gpu) ---------------------------------------------------
+
+#define BENCH_GPU_LAYOUTS 2
+
+// One expert layout: N tokens, E experts, top-k, d_model C, expert width F; seconds of
+// the experts op's forward, dgrad and wgrad, [0] balanced and [1] skewed (expert 0 at
+// twice the mean load), and the same with every row in one expert (dense, equal FLOPs).
+typedef struct {
+    char name[BENCH_NAME_MAX];
+    size_t E, k, C, F, N;
+    double grouped_s[2][3];
+    double dense_s[3];
+    double flops_per_pass; // 6 * N*k * C * F, each of forward, dgrad and wgrad
+} GpuLayoutResult;
+
+typedef struct {
+    char why_not[512]; // non-empty: no GPU measurement, and why
+    char device[256];
+    double peak_gflops; // dense bf16 GEMM, fp32 accumulate, peak_n^3
+    size_t peak_n;
+    GpuLayoutResult layout[BENCH_GPU_LAYOUTS];
+} GpuResult;
+
+void bench_gpu(GpuResult *out);
+
 #endif

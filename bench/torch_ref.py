@@ -125,9 +125,13 @@ class MoeModel(torch.nn.Module):
         if KV != H:
             k = k.repeat_interleave(H // KV, dim=1)
             v = v.repeat_interleave(H // KV, dim=1)
-        s = (q @ k.transpose(-1, -2)) / math.sqrt(D)
+        return self.attend(q, k, v).transpose(1, 2).reshape(B, T, H * D) @ b.wo.t()
+
+    def attend(self, q, k, v):  # (B, H, T, D) each: causal softmax attention
+        T = q.shape[2]
+        s = (q @ k.transpose(-1, -2)) / math.sqrt(q.shape[-1])
         p = torch.softmax(s.masked_fill(self.mask[:T, :T], float("-inf")), dim=-1)
-        return (p @ v).transpose(1, 2).reshape(B, T, H * D) @ b.wo.t()
+        return p @ v
 
     def moe(self, x, b):
         """y (N, C) and the router statistics the aux losses need."""

@@ -93,7 +93,8 @@ static void trainer_init(Trainer *tr, const BenchConfig *config) {
     if (tr->rc.train.threads > 0 && !getenv("OMP_NUM_THREADS"))
         omp_set_num_threads(tr->rc.train.threads);
     size_t B = (size_t)tr->rc.train.batch_size, T = (size_t)tr->rc.model.seq_len;
-    model_init(&tr->m, &tr->rc.model, backend_cpu(), B, T);
+    model_init(&tr->m, &tr->rc.model, run_backend(&tr->rc.train), B, T);
+    run_set_precision(&tr->m, &tr->rc.train);
     model_init_weights(&tr->m, (uint64_t)tr->rc.train.seed);
     adamw_init(&tr->opt, &tr->rc.optim, &tr->m.layout, NULL, tr->m.be);
     routing_pool_init(&tr->pool, &tr->m);
@@ -127,9 +128,15 @@ static void forward_micro(Trainer *tr, int a) {
     model_forward(&tr->m);
 }
 
+// Wall time once the device has finished what was issued (train.device = cuda).
+static double clock_s(const Model *m) {
+    if (m->be->synchronize) m->be->synchronize();
+    return omp_get_wtime();
+}
+
 // The pooling forward of train.c's step, timed as one phase (its ops are not split).
 static double pool_pass(Trainer *tr) {
-    double t0 = omp_get_wtime();
+    double t0 = clock_s(&tr->m);
     tr->m.tape.op_seconds = NULL;
     Rng noise = tr->rng;
     routing_pool_reset(&tr->pool);
@@ -140,7 +147,7 @@ static double pool_pass(Trainer *tr) {
     tr->rng = noise;
     model_use_pool(&tr->m, &tr->pool);
     tr->m.tape.op_seconds = tr->op_seconds;
-    return omp_get_wtime() - t0;
+    return clock_s(&tr->m) - t0;
 }
 
 // Assignments the experts computed in the last forward (kept by capacity), all layers.
@@ -162,7 +169,7 @@ static double train_step(Trainer *tr, long step, double *phase, double *untaped)
     draw_tokens(tr);
     memset(tr->op_seconds, 0, m->tape.n * sizeof *tr->op_seconds);
     memset(phase, 0, PHASE_COUNT * sizeof *phase);
-    double t0 = omp_get_wtime();
+    double t0 = clock_s(m);
     if (tr->pooled) phase[PHASE_POOL] = pool_pass(tr);
     m->tape.op_seconds = tr->op_seconds;
     model_zero_grad(m);
@@ -174,9 +181,9 @@ static double train_step(Trainer *tr, long step, double *phase, double *untaped)
     }
     m->tape.op_seconds = NULL;
     if (tr->pooled) model_use_pool(m, NULL);
-    double t1 = omp_get_wtime();
+    double t1 = clock_s(m);
     adamw_step(&tr->opt, m->params, m->grads, tr->rc.optim.lr, step, 1.0 / accum);
-    double t2 = omp_get_wtime();
+    double t2 = clock_s(m);
     phase[PHASE_OPTIMIZER] = t2 - t1;
     for (size_t i = 0; i < m->tape.n; i++)
         phase[bench_op_phase(&m->tape, i)] += tr->op_seconds[i];

@@ -33,6 +33,17 @@ const Backend *backend_select(const char *device, char *err, size_t n) {
 
 int backend_cuda_built(void) { return HAVE_CUDA; }
 
+double backend_gemm_peak_bf16(size_t n, int repeats, char *err, size_t len) {
+    if (!backend_select("cuda", err, len)) return 0.0;
+#if HAVE_CUDA
+    return backend_cuda_gemm_peak(n, repeats);
+#else
+    (void)n;
+    (void)repeats;
+    return 0.0;
+#endif
+}
+
 void backend_describe(const Backend *be, char *buf, size_t n) {
 #if HAVE_CUDA
     if (be->device == DEVICE_CUDA) {

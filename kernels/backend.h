@@ -18,6 +18,10 @@ const Backend *backend_select(const char *device, char *err, size_t n);
 // 1 when this binary was built with the CUDA backend (whether or not a GPU is present).
 int backend_cuda_built(void);
 
+// make bench on a GPU: the dense bf16 GEMM rate (GFLOP/s) of the CUDA backend's device,
+// n-cubed, best of `repeats`; 0 with a reason in err when there is no CUDA backend or GPU.
+double backend_gemm_peak_bf16(size_t n, int repeats, char *err, size_t len);
+
 // One line for a start-up message: "cpu", or "cuda: NVIDIA H100 80GB HBM3 (sm_90, 79.1 GiB)".
 void backend_describe(const Backend *be, char *buf, size_t n);
 

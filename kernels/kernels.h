@@ -249,6 +249,10 @@ typedef struct Backend {
     // 0: plain fp32. The tape sets it before every op with products (the router's stay
     // fp32). NULL: the backend has fp32 products only.
     void (*set_gemm_bf16)(int bf16);
+
+    // Waits until every op issued so far has finished (timing an asynchronous device);
+    // NULL: ops finish before they return (the CPU).
+    void (*synchronize)(void);
 } Backend;
 
 // The CPU backend: C, OpenBLAS and OpenMP. Always built.

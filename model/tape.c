@@ -241,20 +241,27 @@ static void set_precision(const Tape *t, const TapeOp *op, const Backend *be) {
     else if (op->kind == OP_EXPERTS) be->set_gemm_bf16(1);
 }
 
+// The op timer's clock: on an asynchronous device, after everything issued has finished.
+static double op_clock(const Tape *t, const Backend *be) {
+    if (!t->op_seconds) return 0.0;
+    if (be->synchronize) be->synchronize();
+    return omp_get_wtime();
+}
+
 void tape_forward(const Tape *t, const Backend *be) {
     for (size_t i = 0; i < t->n; i++) {
-        double t0 = t->op_seconds ? omp_get_wtime() : 0.0;
+        double t0 = op_clock(t, be);
         set_precision(t, &t->ops[i], be);
         op_forward(&t->ops[i], be);
-        if (t->op_seconds) t->op_seconds[i] += omp_get_wtime() - t0;
+        if (t->op_seconds) t->op_seconds[i] += op_clock(t, be) - t0;
     }
 }
 
 void tape_backward(const Tape *t, const Backend *be) {
     for (size_t i = t->n; i-- > 0;) {
-        double t0 = t->op_seconds ? omp_get_wtime() : 0.0;
+        double t0 = op_clock(t, be);
         set_precision(t, &t->ops[i], be);
         op_backward(&t->ops[i], be);
-        if (t->op_seconds) t->op_seconds[i] += omp_get_wtime() - t0;
+        if (t->op_seconds) t->op_seconds[i] += op_clock(t, be) - t0;
     }
 }

@@ -25,6 +25,11 @@ const Backend *backend_cuda(void);
 // One line about device 0, e.g. "NVIDIA H100 80GB HBM3 (sm_90, 79.1 GiB)".
 void backend_cuda_describe(char *buf, size_t n);
 
+// The dense bf16 GEMM rate of device 0 (make bench): the best of `repeats` products
+// c (n, n) fp32 = a (n, n) b (n, n) with bf16 operands and fp32 accumulation, timed
+// with CUDA events, in GFLOP/s. Call after backend_cuda_probe returned 1.
+double backend_cuda_gemm_peak(size_t n, int repeats);
+
 #ifdef __cplusplus
 }
 #endif

@@ -136,6 +136,7 @@ void cuda_read_ints(int32_t *host, const int32_t *dev, size_t n);
 // cuda_set_gemm_bf16(1) cublasGemmEx on bf16 copies of a and b with fp32 accumulation
 // and an fp32 c.
 void cuda_set_gemm_bf16(int bf16);
+void cuda_synchronize(void);
 void cuda_gemm(int trans_a, int trans_b, size_t m, size_t n, size_t k, float alpha,
                const float *a, size_t lda, const float *b, size_t ldb, float beta, float *c,
                size_t ldc);

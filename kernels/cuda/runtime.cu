@@ -148,6 +148,8 @@ static int g_gemm_bf16;
 
 void cuda_set_gemm_bf16(int bf16) { g_gemm_bf16 = bf16; }
 
+void cuda_synchronize(void) { cudaCheck(cudaDeviceSynchronize()); }
+
 // dst (rows, cols) dense = src (rows, cols, leading dimension ld) rounded to nearest even.
 __global__ void to_bf16_kernel(__nv_bfloat16 *dst, const float *src, size_t rows, size_t cols,
                                size_t ld) {
@@ -177,6 +179,36 @@ static void gemm_bf16(cublasHandle_t h, int trans_a, int trans_b, int m, int n, 
                               trans_a ? CUBLAS_OP_T : CUBLAS_OP_N, n, m, k, &alpha, b16,
                               CUDA_R_16BF, b_cols, a16, CUDA_R_16BF, a_cols, &beta, c,
                               CUDA_R_32F, ldc, CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT));
+}
+
+extern "C" double backend_cuda_gemm_peak(size_t n, int repeats) {
+    void *a = cuda_alloc(n * n * sizeof(__nv_bfloat16));
+    void *b = cuda_alloc(n * n * sizeof(__nv_bfloat16));
+    void *c = cuda_alloc(n * n * sizeof(float));
+    if (!a || !b || !c) CUDA_DIE("out of GPU memory for the %zu^3 GEMM peak", n);
+    cudaEvent_t start, stop;
+    cudaCheck(cudaEventCreate(&start));
+    cudaCheck(cudaEventCreate(&stop));
+    const float one = 1.0f, zero = 0.0f;
+    float best_ms = 0.0f;
+    for (int r = 0; r <= repeats; r++) {   // r = 0 warms up
+        cudaCheck(cudaEventRecord(start));
+        cublasCheck(blas.gemm_ex(cuda_cublas(), CUBLAS_OP_N, CUBLAS_OP_N, (int)n, (int)n,
+                                  (int)n, &one, a, CUDA_R_16BF, (int)n, b, CUDA_R_16BF,
+                                  (int)n, &zero, c, CUDA_R_32F, (int)n, CUBLAS_COMPUTE_32F,
+                                  CUBLAS_GEMM_DEFAULT));
+        cudaCheck(cudaEventRecord(stop));
+        cudaCheck(cudaEventSynchronize(stop));
+        float ms;
+        cudaCheck(cudaEventElapsedTime(&ms, start, stop));
+        if (r > 0 && (best_ms == 0.0f || ms < best_ms)) best_ms = ms;
+    }
+    cudaCheck(cudaEventDestroy(start));
+    cudaCheck(cudaEventDestroy(stop));
+    cuda_release(a);
+    cuda_release(b);
+    cuda_release(c);
+    return 2.0 * (double)n * (double)n * (double)n / (best_ms * 1e-3) / 1e9;
 }
 
 // cuBLAS is column-major: a row-major (r, c) matrix is its column-major transpose, so
