@@ -26,7 +26,9 @@ void bench_config_name(const BenchConfig *c, char *out, size_t len);
 // ---- peaks (peak.c) -------------------------------------------------------------------
 
 typedef struct {
-    double sgemm_gflops; // best of BENCH_REPEATS square sgemms, all threads
+    double sgemm_gflops; // the higher of the two below: the sgemm peak MFU is taken against
+    double sgemm_shared_gflops; // one square sgemm shared by all threads, best of repeats
+    double sgemm_split_gflops;  // one square sgemm per thread at once (how the experts run)
     size_t sgemm_n;
     double fma_gflops;      // register-only fmadd loop, widest ISA the CPU has
     double fma_avx2_gflops; // the same loop on 256-bit vectors (the Haswell kernel's ceiling)

@@ -28,7 +28,8 @@ typedef struct {
     int32_t *tokens;    // (grad_accum, 2, N) inputs then targets per micro-batch
     double *op_seconds; // (tape ops) forward + backward time of the current step
     int pooled;
-    size_t kept; // assignments kept by capacity in the current step
+    Model *replicas; // (grad_accum - 1) when pooled with train.keep_activations, as train.c
+    size_t kept;     // assignments kept by capacity in the current step
 } Trainer;
 
 // Parameters one token computes with, as `moe train` counts them: all but the experts
@@ -103,9 +104,16 @@ static void trainer_init(Trainer *tr, const BenchConfig *config) {
     tr->tokens = CALLOC(accum * 2 * tr->m.N, sizeof *tr->tokens);
     tr->op_seconds = CALLOC(tr->m.tape.n, sizeof *tr->op_seconds);
     tr->pooled = accum > 1 && tr->rc.model.aux_scope == AUX_SCOPE_BATCH;
+    if (tr->pooled && tr->rc.train.keep_activations) {
+        tr->replicas = CALLOC(accum - 1, sizeof *tr->replicas);
+        for (size_t a = 0; a + 1 < accum; a++) model_init_replica(&tr->replicas[a], &tr->m);
+    }
 }
 
 static void trainer_free(Trainer *tr) {
+    for (int a = 0; tr->replicas && a < tr->rc.train.grad_accum - 1; a++)
+        model_free_replica(&tr->replicas[a]);
+    free(tr->replicas);
     free(tr->tokens);
     free(tr->op_seconds);
     routing_pool_free(&tr->pool);
@@ -121,11 +129,51 @@ static void draw_tokens(Trainer *tr) {
         tr->tokens[i] = (int32_t)(rng_next(&tr->rng) % V);
 }
 
+// Assignments the experts computed in the last forward (kept by capacity), all layers.
+static size_t kept_rows(const Model *m) {
+    size_t E = (size_t)m->cfg.experts, rows = 0;
+    for (int i = 0; i < m->n_moe; i++) {
+        int32_t total;
+        m->be->download(&total, tensor_slice(m->moe[i].offsets, E, 1), sizeof total);
+        rows += (size_t)total;
+    }
+    return rows;
+}
+
+static Model *micro_model(Trainer *tr, int a) {
+    return a == 0 || !tr->replicas ? &tr->m : &tr->replicas[a - 1];
+}
+
 static void forward_micro(Trainer *tr, int a) {
-    const int32_t *batch = tr->tokens + 2 * tr->m.N * (size_t)a;
-    model_set_batch(&tr->m, batch, batch + tr->m.N);
-    model_draw_noise(&tr->m, &tr->rng);
-    model_forward(&tr->m);
+    Model *m = micro_model(tr, a);
+    const int32_t *batch = tr->tokens + 2 * m->N * (size_t)a;
+    model_set_batch(m, batch, batch + m->N);
+    model_draw_noise(m, &tr->rng);
+    model_forward(m);
+}
+
+// Every tape op's time into tr->op_seconds (the replicas' tapes have the same ops).
+static void time_ops(Trainer *tr, int on) {
+    for (int a = 0; a < tr->rc.train.grad_accum; a++)
+        micro_model(tr, a)->tape.op_seconds = on ? tr->op_seconds : NULL;
+}
+
+// train.c's accumulate_kept: each micro-batch forward once into its own activations,
+// then each backward with the pooled statistics.
+static void accumulate_kept(Trainer *tr) {
+    int accum = tr->rc.train.grad_accum;
+    routing_pool_reset(&tr->pool);
+    for (int a = 0; a < accum; a++) {
+        forward_micro(tr, a);
+        tr->kept += kept_rows(micro_model(tr, a));
+        routing_pool_add(&tr->pool, micro_model(tr, a));
+    }
+    for (int a = 0; a < accum; a++) {
+        Model *m = micro_model(tr, a);
+        model_use_pool(m, &tr->pool);
+        model_backward(m);
+        model_use_pool(m, NULL);
+    }
 }
 
 // Wall time once the device has finished what was issued (train.device = cuda).
@@ -150,17 +198,6 @@ static double pool_pass(Trainer *tr) {
     return clock_s(&tr->m) - t0;
 }
 
-// Assignments the experts computed in the last forward (kept by capacity), all layers.
-static size_t kept_rows(const Model *m) {
-    size_t E = (size_t)m->cfg.experts, rows = 0;
-    for (int i = 0; i < m->n_moe; i++) {
-        int32_t total;
-        m->be->download(&total, tensor_slice(m->moe[i].offsets, E, 1), sizeof total);
-        rows += (size_t)total;
-    }
-    return rows;
-}
-
 // One optimizer step; fills phase (PHASE_COUNT) and *untaped (the part of PHASE_OTHER
 // outside tape ops) and returns the step's wall time.
 static double train_step(Trainer *tr, long step, double *phase, double *untaped) {
@@ -170,17 +207,23 @@ static double train_step(Trainer *tr, long step, double *phase, double *untaped)
     memset(tr->op_seconds, 0, m->tape.n * sizeof *tr->op_seconds);
     memset(phase, 0, PHASE_COUNT * sizeof *phase);
     double t0 = clock_s(m);
-    if (tr->pooled) phase[PHASE_POOL] = pool_pass(tr);
-    m->tape.op_seconds = tr->op_seconds;
-    model_zero_grad(m);
     tr->kept = 0;
-    for (int a = 0; a < accum; a++) {
-        forward_micro(tr, a);
-        tr->kept += kept_rows(m);
-        model_backward(m);
+    if (tr->replicas) {
+        time_ops(tr, 1);
+        model_zero_grad(m);
+        accumulate_kept(tr);
+    } else {
+        if (tr->pooled) phase[PHASE_POOL] = pool_pass(tr);
+        time_ops(tr, 1);
+        model_zero_grad(m);
+        for (int a = 0; a < accum; a++) {
+            forward_micro(tr, a);
+            tr->kept += kept_rows(m);
+            model_backward(m);
+        }
+        if (tr->pooled) model_use_pool(m, NULL);
     }
-    m->tape.op_seconds = NULL;
-    if (tr->pooled) model_use_pool(m, NULL);
+    time_ops(tr, 0);
     double t1 = clock_s(m);
     adamw_step(&tr->opt, m->params, m->grads, tr->rc.optim.lr, step, 1.0 / accum);
     double t2 = clock_s(m);

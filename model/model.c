@@ -62,6 +62,43 @@ void model_free(Model *m) {
     memset(m, 0, sizeof *m);
 }
 
+void model_init_replica(Model *r, const Model *m) {
+    memset(r, 0, sizeof *r);
+    r->cfg = m->cfg;
+    r->be = m->be;
+    r->B = m->B;
+    r->T = m->T;
+    r->N = m->N;
+    r->layout = m->layout;
+    r->params = m->params;
+    r->grads = m->grads;
+    r->expert_bias = m->expert_bias;
+    r->n_moe = m->n_moe;
+    r->moe = CALLOC((size_t)r->n_moe, sizeof *r->moe);
+    r->expert_train = CALLOC((size_t)r->n_moe * (size_t)r->cfg.experts, 1);
+    tape_init(&r->tape);
+    r->acts.device = r->dacts.device = r->be->device;
+    build_tape(r);   // measuring pass
+    CHECK(r->dacts.used == m->dacts.size, "replica plans %zu bytes of activation gradients, "
+          "its model %zu", r->dacts.used, m->dacts.size);
+    arena_alloc(r->be, &r->acts, "activations");
+    r->dacts = m->dacts;
+    memset(r->moe, 0, (size_t)r->n_moe * sizeof *r->moe);
+    build_tape(r);
+    model_clear_noise(r);
+    model_set_trainable(r, m->trainable);
+    r->tape.bf16 = m->tape.bf16;
+}
+
+void model_free_replica(Model *r) {
+    r->be->release(r->acts.base);
+    tape_free(&r->tape);
+    free(r->moe);
+    free(r->trainable);
+    free(r->expert_train);
+    memset(r, 0, sizeof *r);
+}
+
 void model_set_trainable(Model *m, const uint8_t *trainable) {
     free(m->trainable);
     m->trainable = NULL;

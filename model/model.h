@@ -71,6 +71,15 @@ typedef struct {
 void model_init(Model *m, const ModelConfig *cfg, const Backend *be, size_t B, size_t T);
 void model_free(Model *m);
 
+// A second set of activations for m's parameters, so that several micro-batches' forward
+// passes can wait for their backward passes (router.aux_scope = batch pools routing
+// statistics over all of them first) without running forward twice. Shares m's
+// parameters, gradients, expert bias, layout and activation-gradient arena (backward
+// passes run one at a time); has its own tape, activations and routing state, with m's
+// trainable flags and precision as they are now. Free it with model_free_replica, before m.
+void model_init_replica(Model *r, const Model *m);
+void model_free_replica(Model *r);
+
 // Scaled-normal init (see README): N(0, init_std), output projections (o_proj, w2,
 // down_proj) N(0, init_std / sqrt(2 * layers)), norms 1. Router gate N(0, init_std);
 // with Shazeer noise the gate and noise weights start at zero as in the paper.

@@ -6,6 +6,8 @@ import os
 import re
 import subprocess
 
+import h5py
+import numpy as np
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -151,3 +153,29 @@ def test_run_directory_files(tmp_path):
     rerun = run_moe(["train", str(run_dir / "config.ini"), "train.steps=1",
                      f"train.out_dir={out}", "train.name=again"])
     assert "step 1/1" in rerun.stdout
+
+
+def test_kept_activations_equal_the_second_forward(tmp_path):
+    """train.keep_activations (one activation set per micro-batch) and the pooling forward
+    pass it replaces give the same losses and weights, bit for bit."""
+    cfg = fixture_config(tmp_path, {"a": write_domain(tmp_path, "a", english(40000))})
+    outputs = {}
+    for keep in ("true", "false"):
+        run = run_moe(["train", str(cfg)] + SMALL_MODEL + [
+            "train.batch_size=4", "train.grad_accum=3", "train.steps=5", "train.eval_every=0",
+            "router.noise=shazeer", f"train.keep_activations={keep}",
+            f"train.out_dir={tmp_path}/runs", f"train.name={keep}"])
+        assert ("activations 3 x" if keep == "true" else "activations 1 x") in run.stdout
+        rows = list(csv.DictReader(open(tmp_path / f"runs/{keep}/metrics.csv")))
+        ckpt = tmp_path / f"runs/{keep}/ckpt_000005.h5"
+        with h5py.File(ckpt) as f:
+            weights = {}
+            f["model"].visititems(lambda n, o: weights.__setitem__(n, o[()])
+                                  if isinstance(o, h5py.Dataset) else None)
+        outputs[keep] = ([(r["loss"], r["lb"], r["importance"], r["load"], r["grad_norm"])
+                          for r in rows], weights)
+    (loss_a, w_a), (loss_b, w_b) = outputs["true"], outputs["false"]
+    assert len(loss_a) == 5 and loss_a == loss_b
+    assert w_a.keys() == w_b.keys()
+    for k in w_a:
+        assert np.array_equal(w_a[k], w_b[k]), k

@@ -21,6 +21,10 @@ static const ConfigKey train_keys[] = {
     {"precision", KEY_ENUM, TK(precision), "auto", 0, 0, "auto|fp32|bf16",
      "matrix products: bf16 operands with fp32 accumulation (cuda only), or fp32; auto: "
      "bf16 on cuda, fp32 on cpu"},
+    {"keep_activations", KEY_BOOL, TK(keep_activations), "true", 0, 1, NULL,
+     "grad_accum > 1 with router.aux_scope = batch: keep each micro-batch's activations "
+     "for its backward (grad_accum - 1 more activation arenas) instead of a second "
+     "forward pass"},
     {"seed", KEY_INT, TK(seed), "1337", 0, 2147483647, NULL,
      "seed for weights, data order and router noise"},
     {"name", KEY_STRING, TK(name), "", 0, 0, NULL,

@@ -28,6 +28,7 @@ typedef struct {
     int threads;         // OpenMP threads (0: all cores)
     int device;          // TrainDevice
     int precision;       // TrainPrecision
+    int keep_activations;   // pooled aux statistics: one activation set per micro-batch
     int seed;            // weights, data order and router noise
     char name[KEY_STRING_MAX];      // run name (default: the config file's base name)
     char out_dir[KEY_STRING_MAX];   // runs go to <out_dir>/<name>/
