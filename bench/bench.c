@@ -246,9 +246,9 @@ static void print_banner(void) {
     char when[64];
     time_t now = time(NULL);
     strftime(when, sizeof when, "%Y-%m-%d %H:%M", localtime(&now));
-    const char *core = getenv("OPENBLAS_CORETYPE");
-    printf("moe.c bench, %s, %ld cores, OPENBLAS_CORETYPE=%s\n", when,
-           sysconf(_SC_NPROCESSORS_ONLN), core ? core : "(unset)");
+    // The kernel and who chose it: OPENBLAS_CORETYPE itself is set by now either way.
+    printf("moe.c bench, %s, %ld cores, OpenBLAS %s kernel (%s)\n", when,
+           sysconf(_SC_NPROCESSORS_ONLN), cpu_blas_kernel_name(), cpu_blas_kernel_origin());
 }
 
 typedef struct {
