@@ -234,11 +234,13 @@ static void op_backward(const TapeOp *op, const Backend *be) {
     }
 }
 
-// Before an op with products: the precision its products run in.
+// Before an op with products: the precision its products run in. Set every time, not
+// only under bf16: the backend's mode is shared by every model on it (a sampling model
+// next to a bf16 training one runs fp32).
 static void set_precision(const Tape *t, const TapeOp *op, const Backend *be) {
-    if (!t->bf16) return;
-    if (op->kind == OP_MATMUL) be->set_gemm_bf16(!op->matmul.fp32);
-    else if (op->kind == OP_EXPERTS) be->set_gemm_bf16(1);
+    if (!be->set_gemm_bf16) return;
+    if (op->kind == OP_MATMUL) be->set_gemm_bf16(t->bf16 && !op->matmul.fp32);
+    else if (op->kind == OP_EXPERTS) be->set_gemm_bf16(t->bf16);
 }
 
 // The op timer's clock: on an asynchronous device, after everything issued has finished.
