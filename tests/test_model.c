@@ -340,6 +340,83 @@ static void check_grad_accum_pooled(LbType lb_type) {
     model_free(&micro);
 }
 
+// ---- precision of products: a CPU backend that records the mode of each product ---------
+
+static Backend g_recording;
+static int g_bf16, g_router_bf16, g_other_fp32, g_experts_fp32, g_products;
+
+static void record_set_gemm_bf16(int bf16) { g_bf16 = bf16; }
+
+static void record_matmul(size_t M) {
+    g_products++;
+    if (M == 4) g_router_bf16 += g_bf16;   // (N, E) outputs: the router's gate and noise
+    else g_other_fp32 += !g_bf16;
+}
+
+static void recording_matmul_forward(Tensor out, Tensor x, Tensor w, size_t N, size_t K,
+                                     size_t M) {
+    record_matmul(M);
+    backend_cpu()->matmul_forward(out, x, w, N, K, M);
+}
+
+static void recording_matmul_backward(Tensor dx, Tensor dw, Tensor dout, Tensor x, Tensor w,
+                                      size_t N, size_t K, size_t M) {
+    record_matmul(M);
+    backend_cpu()->matmul_backward(dx, dw, dout, x, w, N, K, M);
+}
+
+static void recording_experts_forward(Tensor yp, Tensor h13, Tensor act, Tensor xp, Tensor w,
+                                      Tensor offsets, size_t E, size_t C, size_t F) {
+    g_experts_fp32 += !g_bf16;
+    backend_cpu()->experts_forward(yp, h13, act, xp, w, offsets, E, C, F);
+}
+
+static const Backend *recording_backend(void) {
+    g_recording = *backend_cpu();
+    g_recording.name = "recording";
+    g_recording.set_gemm_bf16 = record_set_gemm_bf16;
+    g_recording.matmul_forward = recording_matmul_forward;
+    g_recording.matmul_backward = recording_matmul_backward;
+    g_recording.experts_forward = recording_experts_forward;
+    return &g_recording;
+}
+
+// Under bf16 products every matmul and expert product runs with the backend's bf16 mode on
+// but the router's (gate and Shazeer noise), forward and backward; a model without bf16
+// on the same backend runs all its products in fp32 whatever the mode was left at.
+static void test_bf16_products_spare_the_router(void **state) {
+    (void)state;
+    ModelConfig c = tiny_config();
+    c.noise = NOISE_SHAZEER;
+    char err[256];
+    Model cpu;
+    model_init(&cpu, &c, backend_cpu(), 2, 5);
+    assert_int_equal(model_set_precision(&cpu, 1, err, sizeof err), -1);
+    assert_non_null(strstr(err, "fp32 only"));
+    model_free(&cpu);
+    const Backend *be = recording_backend();
+    Model m, plain;
+    model_init(&m, &c, be, 2, 5);
+    model_init(&plain, &c, be, 2, 5);
+    model_randomize_weights(&m, 3);
+    assert_int_equal(model_set_precision(&m, 1, err, sizeof err), 0);
+    int32_t tok[20] = {1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 0, 1, 2, 3, 4, 5, 6, 7, 8, 9};
+    model_set_batch(&m, tok, tok + m.N);
+    model_forward(&m);
+    model_zero_grad(&m);
+    model_backward(&m);
+    assert_true(g_products > 0);
+    assert_int_equal(g_router_bf16, 0);
+    assert_int_equal(g_other_fp32, 0);
+    assert_int_equal(g_experts_fp32, 0);
+    g_bf16 = 1;   // left on by m; plain must switch it off for itself
+    model_set_batch(&plain, tok, tok + plain.N);
+    model_forward(&plain);
+    assert_true(g_other_fp32 > 0 && g_experts_fp32 > 0);
+    model_free(&plain);
+    model_free(&m);
+}
+
 static void test_grad_accum_pooled_aux_losses(void **state) {
     (void)state;
     check_grad_accum_pooled(LB_BATCH);
@@ -351,6 +428,7 @@ static void test_grad_accum_pooled_sequence_lb(void **state) {
 }
 
 static const struct CMUnitTest tests[] = {
+    cmocka_unit_test(test_bf16_products_spare_the_router),
     cmocka_unit_test(test_grad_accum_pooled_aux_losses),
     cmocka_unit_test(test_grad_accum_pooled_sequence_lb),
     cmocka_unit_test(test_frozen_tensors_get_no_gradient),
