@@ -425,6 +425,35 @@ static void case_experts(void) {
     close_all("experts dw (dxp NULL)", dw, RTOL);
 }
 
+// The experts op under bf16 products. xp, w and dyp are bf16 values on both sides, so the
+// first product of each pass is exact up to sum order (h13, act within 1e-5); the second
+// rounds an fp32 intermediate (act, dh13) on the GPU only: relative error up to 2^-9 per
+// element, averaged down over the sums, bounded here by 1e-2 of the largest value.
+static void case_experts_bf16(void) {
+    size_t E = 3, C = 64, F = 48, M = 90;
+    int32_t off[] = {0, 40, 40, 90};
+    gpu->set_gemm_bf16(1);
+    Pair offsets = ints(off, E + 1), w = reals_bf16(E * 3 * F * C, 0.2), xp = reals_bf16(M * C, 1);
+    Pair yp = zeros(M * C, DTYPE_F32), h13 = zeros(M * 2 * F, DTYPE_F32),
+         act = zeros(M * F, DTYPE_F32);
+    cpu->experts_forward(yp.c, h13.c, act.c, xp.c, w.c, offsets.c, E, C, F);
+    gpu->experts_forward(yp.g, h13.g, act.g, xp.g, w.g, offsets.g, E, C, F);
+    close_all("bf16 experts h13", h13, 1e-5);
+    close_all("bf16 experts act", act, 1e-5);
+    close_all("bf16 experts yp", yp, 1e-2);
+    Pair dxp = zeros(M * C, DTYPE_F32), dw = zeros(E * 3 * F * C, DTYPE_F32),
+         dyp = reals_bf16(M * C, 1);
+    Pair dh13 = zeros(M * 2 * F, DTYPE_F32), dact = zeros(M * F, DTYPE_F32);
+    to_gpu(act);   // the same act on both sides for backward
+    cpu->experts_backward(dxp.c, dw.c, NULL, dyp.c, dh13.c, dact.c, h13.c, act.c, xp.c, w.c,
+                          offsets.c, E, C, F);
+    gpu->experts_backward(dxp.g, dw.g, NULL, dyp.g, dh13.g, dact.g, h13.g, act.g, xp.g, w.g,
+                          offsets.g, E, C, F);
+    close_all("bf16 experts dxp", dxp, 1e-2);
+    close_all("bf16 experts dw", dw, 1e-2);
+    gpu->set_gemm_bf16(0);
+}
+
 static void case_crossentropy(void) {
     size_t N = 19, V = 301;
     Pair lg = reals(N * V, 3), tg = rand_ints(N, (int32_t)V), loss = zeros(1, DTYPE_F32),
@@ -788,6 +817,7 @@ static const Case cases[] = {
     {"attention", case_attention},
     {"swiglu", case_swiglu},
     {"experts", case_experts},
+    {"experts_bf16", case_experts_bf16},
     {"crossentropy", case_crossentropy},
     {"router_scores", case_router_scores},
     {"noisy_logits", case_noisy_logits},
