@@ -1,8 +1,7 @@
 // train_bench.c: optimizer steps of a config on random tokens, split into phases.
 //
-// The step is the one `moe train` takes (train/train.c): with router.aux_scope = batch
-// and grad_accum > 1 a pooling forward over every micro-batch first, then forward and
-// backward per micro-batch, then AdamW. No data files, evaluation, checkpoints or logs.
+// The step is the one `moe train` takes: the trainer's own StepRunner (train/step.h) over
+// the micro-batches, then AdamW. No data files, evaluation, checkpoints or logs.
 #include "bench.h"
 
 #include <omp.h>
@@ -12,9 +11,9 @@
 
 #include "../kernels/util.h"
 #include "../model/model.h"
-#include "../model/pool.h"
 #include "../optim/adamw.h"
 #include "../train/run.h"
+#include "../train/step.h"
 
 const char *const bench_phase_names[PHASE_COUNT] = {
     "attention", "router", "dispatch", "experts", "optimizer", "pool", "other"};
@@ -23,13 +22,11 @@ typedef struct {
     RunConfig rc;
     Model m;
     AdamW opt;
-    RoutingPool pool;
+    StepRunner step;
     Rng rng;            // tokens and router noise
     int32_t *tokens;    // (grad_accum, 2, N) inputs then targets per micro-batch
     double *op_seconds; // (tape ops) forward + backward time of the current step
-    int pooled;
-    Model *replicas; // (grad_accum - 1) when pooled with train.keep_activations, as train.c
-    size_t kept;     // assignments kept by capacity in the current step
+    size_t kept;        // assignments kept by capacity in the current step
 } Trainer;
 
 // Parameters one token computes with, as `moe train` counts them: all but the experts
@@ -98,25 +95,18 @@ static void trainer_init(Trainer *tr, const BenchConfig *config) {
     run_set_precision(&tr->m, &tr->rc.train);
     model_init_weights(&tr->m, (uint64_t)tr->rc.train.seed);
     adamw_init(&tr->opt, &tr->rc.optim, &tr->m.layout, NULL, tr->m.be);
-    routing_pool_init(&tr->pool, &tr->m);
     rng_init(&tr->rng, (uint64_t)tr->rc.train.seed);
     size_t accum = (size_t)tr->rc.train.grad_accum;
     tr->tokens = CALLOC(accum * 2 * tr->m.N, sizeof *tr->tokens);
     tr->op_seconds = CALLOC(tr->m.tape.n, sizeof *tr->op_seconds);
-    tr->pooled = accum > 1 && tr->rc.model.aux_scope == AUX_SCOPE_BATCH;
-    if (tr->pooled && tr->rc.train.keep_activations) {
-        tr->replicas = CALLOC(accum - 1, sizeof *tr->replicas);
-        for (size_t a = 0; a + 1 < accum; a++) model_init_replica(&tr->replicas[a], &tr->m);
-    }
+    step_runner_init(&tr->step, &tr->m, (int)accum, tr->rc.model.aux_scope == AUX_SCOPE_BATCH,
+                     tr->rc.train.keep_activations);
 }
 
 static void trainer_free(Trainer *tr) {
-    for (int a = 0; tr->replicas && a < tr->rc.train.grad_accum - 1; a++)
-        model_free_replica(&tr->replicas[a]);
-    free(tr->replicas);
+    step_runner_free(&tr->step);
     free(tr->tokens);
     free(tr->op_seconds);
-    routing_pool_free(&tr->pool);
     adamw_free(&tr->opt);
     tr->m.tape.op_seconds = NULL;
     model_free(&tr->m);
@@ -140,62 +130,21 @@ static size_t kept_rows(const Model *m) {
     return rows;
 }
 
-static Model *micro_model(Trainer *tr, int a) {
-    return a == 0 || !tr->replicas ? &tr->m : &tr->replicas[a - 1];
-}
-
-static void forward_micro(Trainer *tr, int a) {
-    Model *m = micro_model(tr, a);
-    const int32_t *batch = tr->tokens + 2 * m->N * (size_t)a;
-    model_set_batch(m, batch, batch + m->N);
-    model_draw_noise(m, &tr->rng);
-    model_forward(m);
-}
-
 // Every tape op's time into tr->op_seconds (the replicas' tapes have the same ops).
 static void time_ops(Trainer *tr, int on) {
     for (int a = 0; a < tr->rc.train.grad_accum; a++)
-        micro_model(tr, a)->tape.op_seconds = on ? tr->op_seconds : NULL;
+        step_runner_model(&tr->step, a)->tape.op_seconds = on ? tr->op_seconds : NULL;
 }
 
-// train.c's accumulate_kept: each micro-batch forward once into its own activations,
-// then each backward with the pooled statistics.
-static void accumulate_kept(Trainer *tr) {
-    int accum = tr->rc.train.grad_accum;
-    routing_pool_reset(&tr->pool);
-    for (int a = 0; a < accum; a++) {
-        forward_micro(tr, a);
-        tr->kept += kept_rows(micro_model(tr, a));
-        routing_pool_add(&tr->pool, micro_model(tr, a));
-    }
-    for (int a = 0; a < accum; a++) {
-        Model *m = micro_model(tr, a);
-        model_use_pool(m, &tr->pool);
-        model_backward(m);
-        model_use_pool(m, NULL);
-    }
+static void count_kept(void *ctx, const Model *m) {
+    Trainer *tr = ctx;
+    tr->kept += kept_rows(m);
 }
 
 // Wall time once the device has finished what was issued (train.device = cuda).
 static double clock_s(const Model *m) {
     if (m->be->synchronize) m->be->synchronize();
     return omp_get_wtime();
-}
-
-// The pooling forward of train.c's step, timed as one phase (its ops are not split).
-static double pool_pass(Trainer *tr) {
-    double t0 = clock_s(&tr->m);
-    tr->m.tape.op_seconds = NULL;
-    Rng noise = tr->rng;
-    routing_pool_reset(&tr->pool);
-    for (int a = 0; a < tr->rc.train.grad_accum; a++) {
-        forward_micro(tr, a);
-        routing_pool_add(&tr->pool, &tr->m);
-    }
-    tr->rng = noise;
-    model_use_pool(&tr->m, &tr->pool);
-    tr->m.tape.op_seconds = tr->op_seconds;
-    return clock_s(&tr->m) - t0;
 }
 
 // One optimizer step; fills phase (PHASE_COUNT) and *untaped (the part of PHASE_OTHER
@@ -208,22 +157,10 @@ static double train_step(Trainer *tr, long step, double *phase, double *untaped)
     memset(phase, 0, PHASE_COUNT * sizeof *phase);
     double t0 = clock_s(m);
     tr->kept = 0;
-    if (tr->replicas) {
-        time_ops(tr, 1);
-        model_zero_grad(m);
-        accumulate_kept(tr);
-    } else {
-        if (tr->pooled) phase[PHASE_POOL] = pool_pass(tr);
-        time_ops(tr, 1);
-        model_zero_grad(m);
-        for (int a = 0; a < accum; a++) {
-            forward_micro(tr, a);
-            tr->kept += kept_rows(m);
-            model_backward(m);
-        }
-        if (tr->pooled) model_use_pool(m, NULL);
-    }
+    time_ops(tr, 1);
+    step_runner_run(&tr->step, tr->tokens, &tr->rng, count_kept, tr);
     time_ops(tr, 0);
+    phase[PHASE_POOL] = tr->step.pool_seconds;
     double t1 = clock_s(m);
     adamw_step(&tr->opt, m->params, m->grads, tr->rc.optim.lr, step, 1.0 / accum);
     double t2 = clock_s(m);

@@ -22,7 +22,6 @@
 #include "../kernels/util.h"
 #include "../model/esft.h"
 #include "../model/model.h"
-#include "../model/pool.h"
 #include "../model/routing.h"
 #include "../optim/adamw.h"
 #include "../optim/schedule.h"
@@ -33,6 +32,7 @@
 #include "metrics.h"
 #include "run.h"
 #include "sample.h"
+#include "step.h"
 
 typedef enum { MODE_TRAIN, MODE_RESUME, MODE_FINETUNE } RunMode;
 
@@ -52,9 +52,7 @@ typedef struct {
     uint8_t *trainable;       // (layout tensors)
     uint64_t base_fingerprint;   // finetune: the initial weights, for delta checkpoints
     int32_t *batch;           // (grad_accum, 2, N) tokens then targets per micro-batch
-    RoutingPool pool;         // aux-loss statistics of the step's micro-batches
-    Model *replicas;          // (grad_accum - 1) activations of micro-batches 1.. while
-                              // they wait for backward (train.keep_activations); or NULL
+    StepRunner step;          // the step's micro-batches forward and backward
     long first_step;          // the step this invocation started from
     double train_s, total_s;  // wall time of training steps, and of the whole loop
 } Run;
@@ -169,17 +167,6 @@ static void load_weights(Run *r) {
     if (init[0]) r->base_fingerprint = ckpt_fingerprint(m);
 }
 
-// With pooled aux statistics over several micro-batches, one activation set per
-// micro-batch (train.keep_activations) spares the second forward of each.
-static void init_replicas(Run *r) {
-    const RunConfig *rc = &r->rc;
-    int accum = rc->train.grad_accum;
-    if (accum < 2 || rc->model.aux_scope != AUX_SCOPE_BATCH || !rc->train.keep_activations)
-        return;
-    r->replicas = CALLOC((size_t)accum - 1, sizeof *r->replicas);
-    for (int a = 0; a < accum - 1; a++) model_init_replica(&r->replicas[a], &r->model);
-}
-
 static void setup(Run *r) {
     RunConfig *rc = &r->rc;
     if (rc->train.threads > 0) omp_set_num_threads(rc->train.threads);
@@ -215,15 +202,15 @@ static void setup(Run *r) {
     metrics_open(&r->metrics, r->run_dir, names, nd, rc->train.log_every,
                  r->mode == MODE_RESUME);
     r->batch = CALLOC(2 * r->model.N * (size_t)rc->train.grad_accum, sizeof *r->batch);
-    routing_pool_init(&r->pool, &r->model);
-    init_replicas(r);
+    step_runner_init(&r->step, &r->model, rc->train.grad_accum,
+                     rc->model.aux_scope == AUX_SCOPE_BATCH, rc->train.keep_activations);
 }
 
 // Everything the run allocated once, on the device it computes on.
 static void print_memory_plan(const Run *r) {
     const Model *m = &r->model;
     double mb = 1e6, param = (double)m->layout.total * sizeof(real);
-    int sets = r->replicas ? r->rc.train.grad_accum : 1;
+    int sets = step_runner_sets(&r->step);
     printf("memory (%s, allocated once): parameters %.1f MB, gradients %.1f MB, optimizer "
            "state %.1f MB (trainable tensors only), activations %d x %.1f MB, their "
            "gradients %.1f MB\n",
@@ -265,79 +252,16 @@ static void draw_micro_batches(Run *r) {
         data_loader_next(r->data, r->batch + 2 * N * a, r->batch + 2 * N * a + N, NULL);
 }
 
-// The model whose activations micro-batch a runs in: its own replica when they are kept.
-static Model *micro_model(Run *r, int a) {
-    return a == 0 || !r->replicas ? &r->model : &r->replicas[a - 1];
-}
-
-static ModelLosses forward_micro(Run *r, int a) {
-    Model *m = micro_model(r, a);
-    model_set_batch(m, r->batch + 2 * m->N * a, r->batch + 2 * m->N * a + m->N);
-    model_draw_noise(m, &r->st.noise_rng);
-    return model_forward(m);
-}
-
-// Pooling pass (router.aux_scope = batch with grad_accum > 1): every micro-batch
-// forward, with the noise the training pass will draw again, its routing statistics
-// pooled so the aux losses cover the whole optimizer batch (model/pool.h).
-static void pool_micro_batches(Run *r) {
-    Rng noise = r->st.noise_rng;
-    routing_pool_reset(&r->pool);
-    for (int a = 0; a < r->rc.train.grad_accum; a++) {
-        forward_micro(r, a);
-        routing_pool_add(&r->pool, &r->model);
-    }
-    r->st.noise_rng = noise;
-    model_use_pool(&r->model, &r->pool);
-}
-
-// Pooled statistics with every micro-batch's activations kept: each forward once, then
-// each backward, in the same order and with the same noise as pool_micro_batches and the
-// passes after it, so the results are the same bits.
-static ModelLosses accumulate_kept(Run *r) {
-    int accum = r->rc.train.grad_accum;
-    routing_pool_reset(&r->pool);
-    for (int a = 0; a < accum; a++) {
-        forward_micro(r, a);
-        routing_pool_add(&r->pool, micro_model(r, a));
-    }
-    model_zero_grad(&r->model);
-    routing_stats_reset(&r->step_stats);
-    for (int a = 0; a < accum; a++) {
-        Model *m = micro_model(r, a);
-        model_use_pool(m, &r->pool);
-        model_backward(m);
-        model_use_pool(m, NULL);
-        routing_stats_add(&r->step_stats, m, m->B);
-    }
-    return routing_pool_losses(&r->pool, &r->model);
+static void add_routing(void *ctx, const Model *m) {
+    Run *r = ctx;
+    routing_stats_add(&r->step_stats, m, m->B);
 }
 
 // Forward and backward over grad_accum micro-batches; returns the step's losses.
 static ModelLosses accumulate_gradients(Run *r) {
-    Model *m = &r->model;
-    int accum = r->rc.train.grad_accum;
-    int pooled = accum > 1 && r->rc.model.aux_scope == AUX_SCOPE_BATCH;
     draw_micro_batches(r);
-    if (r->replicas) return accumulate_kept(r);
-    if (pooled) pool_micro_batches(r);
-    model_zero_grad(m);
     routing_stats_reset(&r->step_stats);
-    ModelLosses mean = {0};
-    for (int a = 0; a < accum; a++) {
-        ModelLosses l = forward_micro(r, a);
-        model_backward(m);
-        routing_stats_add(&r->step_stats, m, m->B);
-        mean.total += l.total / accum;
-        mean.ce += l.ce / accum;
-        mean.lb += l.lb / accum;
-        mean.z += l.z / accum;
-        mean.importance += l.importance / accum;
-        mean.load += l.load / accum;
-    }
-    if (!pooled) return mean;
-    model_use_pool(m, NULL);
-    return routing_pool_losses(&r->pool, m);
+    return step_runner_run(&r->step, r->batch, &r->st.noise_rng, add_routing, r);
 }
 
 static void print_eval(Run *r, long step) {
@@ -480,9 +404,7 @@ static void finish(Run *r) {
     printf("run written to %s (config.ini, metrics.csv, experts.csv, checkpoints)\n",
            r->run_dir);
     free(r->batch);
-    for (int a = 0; r->replicas && a < tc->grad_accum - 1; a++) model_free_replica(&r->replicas[a]);
-    free(r->replicas);
-    routing_pool_free(&r->pool);
+    step_runner_free(&r->step);
     free(r->trainable);
     eval_result_free(&r->eval);
     routing_stats_free(&r->step_stats);
