@@ -339,23 +339,34 @@ static double peer_tokens_per_s(const char *python, const char *script, const ch
     return pclose(p) == 0 ? tok_s : 0.0;
 }
 
+// Rounds of moe.c then PyTorch, alternating, each side's best kept: a quiet or a noisy
+// stretch of a shared machine then falls on both sides rather than on one.
+#define PEER_ROUNDS 2
+
 static int bench_peer(const Options *o) {
     const char *config = o->n_configs ? o->configs[0] : "configs/small.ini";
     print_banner();
-    JobResult r;
-    double rss;
-    Job j = {JOB_TRAIN, {config, o->words, o->n_words}, o->steps, o->seconds};
-    if (run_child(&j, &r, &rss) != 0) return 1;
-    double ours = (double)r.train.tokens_per_step / r.train.step_s;
-    printf("moe.c %s: %.0f tokens/s (%d threads, fastest of %d steps: %.3f s, %.1f%% of "
-           "assignments kept by capacity)\n",
-           r.train.name, ours, r.train.threads, r.train.steps, r.train.step_s,
-           100.0 * r.train.kept);
-    double theirs = peer_tokens_per_s(o->python, "torch_ref", config, o->steps, "");
-    if (theirs <= 0.0) {
-        fprintf(stderr, "bench: bench/torch_ref.py failed\n");
-        return 1;
+    double ours = 0.0, theirs = 0.0;
+    for (int round = 1; round <= PEER_ROUNDS; round++) {
+        JobResult r;
+        double rss;
+        Job j = {JOB_TRAIN, {config, o->words, o->n_words}, o->steps, o->seconds};
+        if (run_child(&j, &r, &rss) != 0) return 1;
+        double tok_s = (double)r.train.tokens_per_step / r.train.step_s;
+        printf("round %d: moe.c %s: %.0f tokens/s (%d threads, fastest of %d steps: %.3f s, "
+               "%.1f%% of assignments kept by capacity)\n",
+               round, r.train.name, tok_s, r.train.threads, r.train.steps, r.train.step_s,
+               100.0 * r.train.kept);
+        if (tok_s > ours) ours = tok_s;
+        printf("round %d: ", round);
+        double peer = peer_tokens_per_s(o->python, "torch_ref", config, o->steps, "");
+        if (peer <= 0.0) {
+            fprintf(stderr, "bench: bench/torch_ref.py failed\n");
+            return 1;
+        }
+        if (peer > theirs) theirs = peer;
     }
+    printf("best of %d rounds: moe.c %.0f, PyTorch %.0f tokens/s\n", PEER_ROUNDS, ours, theirs);
     printf("moe.c / PyTorch tokens/s: %.2fx\n", ours / theirs);
     return 0;
 }
