@@ -31,8 +31,13 @@ static const struct {
 
 typedef struct {
     const Backend *be;
-    size_t E, C, F, M;
-    Tensor w, dw, xp, dxp, yp, dyp, h13, dh13, act, dact, offsets;
+    size_t E, C, F, M;   // experts, d_model, expert width, routed rows
+    Tensor w, dw;        // (E, 3F, C) each expert's w1, w3, w2
+    Tensor xp, dxp;      // (M, C) permuted rows
+    Tensor yp, dyp;      // (M, C)
+    Tensor h13, dh13;    // (M, 2F)
+    Tensor act, dact;    // (M, F)
+    Tensor offsets;      // (E+1) int32
 } GpuExperts;
 
 static Tensor device_buffer(const Backend *be, size_t numel, DType dt) {
