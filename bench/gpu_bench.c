@@ -31,13 +31,13 @@ static const struct {
 
 typedef struct {
     const Backend *be;
-    size_t E, C, F, M;   // experts, d_model, expert width, routed rows
-    Tensor w, dw;        // (E, 3F, C) each expert's w1, w3, w2
-    Tensor xp, dxp;      // (M, C) permuted rows
-    Tensor yp, dyp;      // (M, C)
-    Tensor h13, dh13;    // (M, 2F)
-    Tensor act, dact;    // (M, F)
-    Tensor offsets;      // (E+1) int32
+    size_t E, C, F, M; // experts, d_model, expert width, routed rows
+    Tensor w, dw;      // (E, 3F, C) each expert's w1, w3, w2
+    Tensor xp, dxp;    // (M, C) permuted rows
+    Tensor yp, dyp;    // (M, C)
+    Tensor h13, dh13;  // (M, 2F)
+    Tensor act, dact;  // (M, F)
+    Tensor offsets;    // (E+1) int32
 } GpuExperts;
 
 static Tensor device_buffer(const Backend *be, size_t numel, DType dt) {
@@ -62,7 +62,7 @@ static void upload_offsets(GpuExperts *g, size_t E, int skewed) {
     size_t rest = E > 1 ? (g->M - first) / (E - 1) : 0;
     for (size_t e = 0; e < E; e++)
         off[e + 1] = off[e] + (int32_t)(e == 0 ? first : rest);
-    off[E] = (int32_t)g->M;   // the remainder of the division goes to the last expert
+    off[E] = (int32_t)g->M; // the remainder of the division goes to the last expert
     g->be->upload(g->offsets, off, (E + 1) * sizeof *off);
     free(off);
 }
@@ -89,9 +89,10 @@ static void gpu_experts_init(GpuExperts *g, const Backend *be, size_t E, size_t 
 }
 
 static void gpu_experts_free(GpuExperts *g) {
-    Tensor all[] = {g->w, g->dw, g->xp, g->dxp, g->yp, g->dyp, g->h13, g->dh13, g->act,
-                    g->dact, g->offsets};
-    for (size_t i = 0; i < sizeof all / sizeof *all; i++) g->be->release(all[i].data);
+    Tensor all[] = {g->w,   g->dw,   g->xp,  g->dxp,  g->yp,     g->dyp,
+                    g->h13, g->dh13, g->act, g->dact, g->offsets};
+    for (size_t i = 0; i < sizeof all / sizeof *all; i++)
+        g->be->release(all[i].data);
 }
 
 typedef enum { PASS_FORWARD, PASS_DGRAD, PASS_BACKWARD } Pass;
@@ -102,7 +103,7 @@ static double time_pass(GpuExperts *g, size_t E, Pass pass) {
     Tensor no_dw = tensor_none();
     no_dw.device = be->device;
     double best = 0.0;
-    for (int r = 0; r <= GPU_REPEATS; r++) {   // r = 0 warms up
+    for (int r = 0; r <= GPU_REPEATS; r++) { // r = 0 warms up
         be->synchronize();
         double t0 = omp_get_wtime();
         if (pass == PASS_FORWARD)

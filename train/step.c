@@ -15,11 +15,13 @@ void step_runner_init(StepRunner *s, Model *m, int accum, int aux_scope_batch,
     routing_pool_init(&s->pool, m);
     if (!s->pooled || !keep_activations) return;
     s->replicas = CALLOC((size_t)accum - 1, sizeof *s->replicas);
-    for (int a = 0; a < accum - 1; a++) model_init_replica(&s->replicas[a], m);
+    for (int a = 0; a < accum - 1; a++)
+        model_init_replica(&s->replicas[a], m);
 }
 
 void step_runner_free(StepRunner *s) {
-    for (int a = 0; s->replicas && a < s->accum - 1; a++) model_free_replica(&s->replicas[a]);
+    for (int a = 0; s->replicas && a < s->accum - 1; a++)
+        model_free_replica(&s->replicas[a]);
     free(s->replicas);
     routing_pool_free(&s->pool);
     memset(s, 0, sizeof *s);

@@ -16,9 +16,9 @@
 
 typedef struct {
     Model *model;
-    Model *replicas;     // (accum - 1) activation sets of micro-batches 1..; or NULL
-    int accum;           // micro-batches per step
-    int pooled;          // aux statistics pooled over the step's micro-batches
+    Model *replicas; // (accum - 1) activation sets of micro-batches 1..; or NULL
+    int accum;       // micro-batches per step
+    int pooled;      // aux statistics pooled over the step's micro-batches
     RoutingPool pool;
     double pool_seconds; // the last step's pooling forward pass (0 when activations are kept)
 } StepRunner;
