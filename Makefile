@@ -4,6 +4,7 @@
 #   make bench      benchmark (not a test): peaks, training phases, one MoE layer; bench.csv
 #   make bench-peer moe.c's tokens/s over PyTorch's on configs/small.ini
 #   make bench-gpu  the GPU part of make bench alone; bench-gpu-peer: against PyTorch on the GPU
+#   make gpu-bundle pack binaries and libraries for tests/cuda/gpu_check.sh on a GPU machine
 #   make deps       install the Debian packages the build needs (apt-get; root or sudo)
 #   make deps-test  install the packages the tests need (PyTorch, h5py, pytest, cmocka,
 #                   gnuplot for the figures of moe ablate / moe route)
@@ -206,6 +207,12 @@ bench-gpu: $(BUILD)/bench
 
 bench-gpu-peer: $(BUILD)/bench
 	$(BUILD)/bench --gpu-peer --steps 5 configs/gpu-medium.ini
+
+# The GPU checks for a machine without Debian's packages: .gpu/bundle.tar.xz holds the
+# binaries and their libraries; tests/cuda/gpu_check.sh runs everything there.
+.PHONY: gpu-bundle
+gpu-bundle: moe $(BUILD)/bench $(if $(CUDA_OBJ),$(BUILD)/tests/cuda_ops)
+	bash tests/cuda/make_bundle.sh
 
 -include $(shell find $(BUILD) -name '*.d' 2>/dev/null)
 
