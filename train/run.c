@@ -132,6 +132,9 @@ void run_describe_device(const Model *m, char *buf, size_t n) {
 
 void run_model_from_checkpoint(Model *m, RunConfig *rc, const char *ckpt, size_t B) {
     char err[1024];
+    if (rc->train.device != TRAIN_DEVICE_CPU)
+        fprintf(stderr, "moe: note: this command runs on the CPU (train.device = cuda applies "
+                        "to moe train and moe finetune)\n");
     model_init(m, &rc->model, backend_cpu(), B, (size_t)rc->model.seq_len);
     if (ckpt_load(ckpt, m, NULL, NULL, err, sizeof err) != 0) FAIL("%s", err);
 }

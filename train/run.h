@@ -32,7 +32,8 @@ void run_set_precision(Model *m, const TrainConfig *tc);
 // One line for the start-up message: the device, its precision, and why not CUDA when
 // the run is on the CPU.
 void run_describe_device(const Model *m, char *buf, size_t n);
-// Builds and loads a model from a checkpoint for B sequences (weights only).
+// Builds and loads a model from a checkpoint for B sequences (weights only), on the CPU
+// (saying so when train.device names another device).
 void run_model_from_checkpoint(Model *m, RunConfig *rc, const char *ckpt, size_t B);
 // Opens rc's data for m's shape; dies on error.
 DataLoader *run_open_data(const RunConfig *rc, const Model *m, uint64_t seed);
