@@ -434,15 +434,8 @@ static int bench_gpu_all(const Options *o) {
     if (!g.ok) return 1;
     FILE *csv = csv_open(o->csv);
     print_gpu(&g.r.gpu, csv);
-    Options on_gpu = *o;
-    char *words[MAX_CONFIGS + 1];
-    memcpy(words, o->words, (size_t)o->n_words * sizeof *words);
-    static char device_word[] = "train.device=cuda";
-    words[o->n_words] = device_word;
-    on_gpu.words = words;
-    on_gpu.n_words = o->n_words + 1;
     const char *config = o->n_configs ? o->configs[0] : "configs/gpu-medium.ini";
-    Outcome t = run_job(JOB_TRAIN, config, &on_gpu);
+    Outcome t = run_job(JOB_TRAIN, config, o);
     if (t.ok) print_gpu_train(&t.r.train, &g.r.gpu, csv);
     fclose(csv);
     printf("\nwritten: %s\n", o->csv);
@@ -453,11 +446,7 @@ static int bench_gpu_all(const Options *o) {
 static int bench_gpu_peer(const Options *o) {
     const char *config = o->n_configs ? o->configs[0] : "configs/gpu-medium.ini";
     print_banner();
-    static char device_word[] = "train.device=cuda";
-    char *words[MAX_CONFIGS + 1];
-    memcpy(words, o->words, (size_t)o->n_words * sizeof *words);
-    words[o->n_words] = device_word;
-    Job j = {JOB_TRAIN, {config, words, o->n_words + 1}, o->steps, o->seconds};
+    Job j = {JOB_TRAIN, {config, o->words, o->n_words}, o->steps, o->seconds};
     JobResult r;
     double rss;
     if (run_child(&j, &r, &rss) != 0) return 1;
@@ -525,6 +514,11 @@ static Options parse_options(int argc, char **argv) {
             o.configs[o.n_configs++] = a;
     }
     if (o.steps < 1 || (o.only && strcmp(o.only, "train") && strcmp(o.only, "layer"))) usage();
+    if (o.gpu || o.gpu_peer) { // their training runs are the GPU's
+        static char device_word[] = "train.device=cuda";
+        if (o.n_words == MAX_CONFIGS) usage();
+        o.words[o.n_words++] = device_word;
+    }
     return o;
 }
 

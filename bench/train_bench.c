@@ -141,12 +141,6 @@ static void count_kept(void *ctx, const Model *m) {
     tr->kept += kept_rows(m);
 }
 
-// Wall time once the device has finished what was issued (train.device = cuda).
-static double clock_s(const Model *m) {
-    if (m->be->synchronize) m->be->synchronize();
-    return omp_get_wtime();
-}
-
 // One optimizer step; fills phase (PHASE_COUNT) and *untaped (the part of PHASE_OTHER
 // outside tape ops) and returns the step's wall time.
 static double train_step(Trainer *tr, long step, double *phase, double *untaped) {
@@ -155,15 +149,15 @@ static double train_step(Trainer *tr, long step, double *phase, double *untaped)
     draw_tokens(tr);
     memset(tr->op_seconds, 0, m->tape.n * sizeof *tr->op_seconds);
     memset(phase, 0, PHASE_COUNT * sizeof *phase);
-    double t0 = clock_s(m);
+    double t0 = step_clock(m);
     tr->kept = 0;
     time_ops(tr, 1);
     step_runner_run(&tr->step, tr->tokens, &tr->rng, count_kept, tr);
     time_ops(tr, 0);
     phase[PHASE_POOL] = tr->step.pool_seconds;
-    double t1 = clock_s(m);
+    double t1 = step_clock(m);
     adamw_step(&tr->opt, m->params, m->grads, tr->rc.optim.lr, step, 1.0 / accum);
-    double t2 = clock_s(m);
+    double t2 = step_clock(m);
     phase[PHASE_OPTIMIZER] = t2 - t1;
     for (size_t i = 0; i < m->tape.n; i++)
         phase[bench_op_phase(&m->tape, i)] += tr->op_seconds[i];

@@ -20,6 +20,29 @@ static void arena_alloc(const Backend *be, Arena *a, const char *what) {
     CHECK(a->base, "out of memory allocating %s (%zu bytes)", what, a->size);
 }
 
+// Builds the tape and the per-layer routing state for m's batch shape: a measuring pass
+// sizes the arenas, then the real pass hands out views. The activation-gradient arena is
+// allocated, or shared with shared_dacts (a replica: backward passes run one at a time).
+static void plan_tape(Model *m, const Arena *shared_dacts) {
+    m->moe = CALLOC((size_t)m->n_moe, sizeof *m->moe);
+    m->expert_train = CALLOC((size_t)m->n_moe * (size_t)m->cfg.experts, 1);
+    tape_init(&m->tape);
+    m->acts.device = m->dacts.device = m->be->device;
+    build_tape(m);   // measuring pass: sizes the arenas
+    arena_alloc(m->be, &m->acts, "activations");
+    if (shared_dacts) {
+        CHECK(m->dacts.used == shared_dacts->size,
+              "replica plans %zu bytes of activation gradients, its model %zu", m->dacts.used,
+              shared_dacts->size);
+        m->dacts = *shared_dacts;
+    } else {
+        arena_alloc(m->be, &m->dacts, "activation gradients");
+    }
+    memset(m->moe, 0, (size_t)m->n_moe * sizeof *m->moe);
+    build_tape(m);
+    model_clear_noise(m);
+}
+
 void model_init(Model *m, const ModelConfig *cfg, const Backend *be, size_t B, size_t T) {
     char err[512];
     CHECK(model_config_validate(cfg, err, sizeof err) == 0, "%s", err);
@@ -35,17 +58,8 @@ void model_init(Model *m, const ModelConfig *cfg, const Backend *be, size_t B, s
     m->params = slab_alloc(be, m->layout.total, "parameters");
     m->grads = slab_alloc(be, m->layout.total, "gradients");
     m->n_moe = model_config_moe_layers(cfg);
-    m->moe = CALLOC((size_t)m->n_moe, sizeof *m->moe);
-    m->expert_train = CALLOC((size_t)m->n_moe * (size_t)cfg->experts, 1);
     m->expert_bias = slab_alloc(be, (size_t)m->n_moe * (size_t)cfg->experts, "expert bias");
-    tape_init(&m->tape);
-    m->acts.device = m->dacts.device = be->device;
-    build_tape(m);   // measuring pass: sizes the arenas
-    arena_alloc(be, &m->acts, "activations");
-    arena_alloc(be, &m->dacts, "activation gradients");
-    memset(m->moe, 0, (size_t)m->n_moe * sizeof *m->moe);
-    build_tape(m);
-    model_clear_noise(m);
+    plan_tape(m, NULL);
 }
 
 void model_free(Model *m) {
@@ -74,18 +88,7 @@ void model_init_replica(Model *r, const Model *m) {
     r->grads = m->grads;
     r->expert_bias = m->expert_bias;
     r->n_moe = m->n_moe;
-    r->moe = CALLOC((size_t)r->n_moe, sizeof *r->moe);
-    r->expert_train = CALLOC((size_t)r->n_moe * (size_t)r->cfg.experts, 1);
-    tape_init(&r->tape);
-    r->acts.device = r->dacts.device = r->be->device;
-    build_tape(r);   // measuring pass
-    CHECK(r->dacts.used == m->dacts.size, "replica plans %zu bytes of activation gradients, "
-          "its model %zu", r->dacts.used, m->dacts.size);
-    arena_alloc(r->be, &r->acts, "activations");
-    r->dacts = m->dacts;
-    memset(r->moe, 0, (size_t)r->n_moe * sizeof *r->moe);
-    build_tape(r);
-    model_clear_noise(r);
+    plan_tape(r, &m->dacts);
     model_set_trainable(r, m->trainable);
     r->tape.bf16 = m->tape.bf16;
 }
@@ -247,7 +250,6 @@ int model_set_precision(Model *m, int bf16, char *err, size_t n) {
                  m->be->name);
         return -1;
     }
-    m->tape.bf16 = bf16;
-    if (m->be->set_gemm_bf16) m->be->set_gemm_bf16(bf16);
+    m->tape.bf16 = bf16;   // the tape sets the backend's mode before each product
     return 0;
 }

@@ -41,8 +41,7 @@ static ModelLosses forward_micro(StepRunner *s, const int32_t *batch, int a, Rng
     return model_forward(m);
 }
 
-// Wall time once the device has finished what was issued.
-static double clock_s(const Model *m) {
+double step_clock(const Model *m) {
     if (m->be->synchronize) m->be->synchronize();
     return omp_get_wtime();
 }
@@ -52,7 +51,7 @@ static double clock_s(const Model *m) {
 // timer (make bench reports it as its own phase).
 static void pool_pass(StepRunner *s, const int32_t *batch, Rng *noise) {
     Model *m = s->model;
-    double *timer = m->tape.op_seconds, t0 = clock_s(m);
+    double *timer = m->tape.op_seconds, t0 = step_clock(m);
     m->tape.op_seconds = NULL;
     Rng again = *noise;
     routing_pool_reset(&s->pool);
@@ -63,7 +62,7 @@ static void pool_pass(StepRunner *s, const int32_t *batch, Rng *noise) {
     *noise = again;
     model_use_pool(m, &s->pool);
     m->tape.op_seconds = timer;
-    s->pool_seconds = clock_s(m) - t0;
+    s->pool_seconds = step_clock(m) - t0;
 }
 
 // With kept activations: each micro-batch forward once into its own activation set, then

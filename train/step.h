@@ -32,6 +32,10 @@ Model *step_runner_model(StepRunner *s, int a);
 // Activation sets held (1, or accum with kept activations).
 int step_runner_sets(const StepRunner *s);
 
+// Wall time in seconds once m's device has finished what was issued (timing an
+// asynchronous device; plain wall time on the CPU).
+double step_clock(const Model *m);
+
 // Called after micro-batch a's backward, while its routing state is still in m.
 typedef void (*StepMicroFn)(void *ctx, const Model *m);
 

@@ -200,6 +200,11 @@ void cuda_colsum(double *out, double *part, size_t rows, size_t cols, F f) {
     cudaCheckLaunch();
 }
 
+// out[i] = in[index[i]] (rows of C) for i < n (i < *count when count is not NULL; a count
+// above n is flagged `bad`). Indices outside [0, in_rows) give zero rows, flagged `bad`.
+void cuda_gather_rows(float *out, const float *in, size_t in_rows, const int32_t *index,
+                      size_t n, const int32_t *count, size_t C, int bad);
+
 // dst[index[i]] (rows of C) += src[i] for i < n (i < *count when count is not NULL), each
 // destination row summing its sources in increasing i: the CPU loops' order, so the
 // result is deterministic. Indices outside [0, dst_rows) are skipped and flagged `bad`.

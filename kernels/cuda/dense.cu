@@ -58,25 +58,42 @@ void cuda_mul_backward(Tensor dx, Tensor dout, Tensor u, size_t n) {
 
 // ---- embedding --------------------------------------------------------------------------
 
-__global__ void embedding_kernel(float *out, const int32_t *tok, const float *tab, size_t N,
-                                 size_t C, size_t V, int *flag) {
-    GRID_STRIDE(i, N * C) {
-        size_t n = i / C, c = i % C;
-        int32_t t = tok[n];
-        if (t < 0 || (size_t)t >= V) {
-            if (c == 0) cuda_flag(flag, CUDA_BAD_TOKEN);
+// out[i] = in[index[i]] (rows of C) for i < m, m = *count when count is not NULL (at most
+// n: more is flagged `bad` and cut to n), else n. An index outside [0, in_rows) is
+// flagged `bad` and gives a zero row.
+__global__ void gather_rows_kernel(float *out, const float *in, const int32_t *index, size_t n,
+                                   const int32_t *count, size_t in_rows, size_t C, int *flag,
+                                   int bad) {
+    size_t m = n;
+    if (count && (size_t)*count > n) {
+        if (blockIdx.x == 0 && threadIdx.x == 0) cuda_flag(flag, bad);
+    } else if (count) {
+        m = (size_t)*count;
+    }
+    GRID_STRIDE(i, m * C) {
+        size_t row = i / C, c = i % C;
+        int32_t r = index[row];
+        if (r < 0 || (size_t)r >= in_rows) {
+            if (c == 0) cuda_flag(flag, bad);
             out[i] = 0.0f;
             continue;
         }
-        out[i] = tab[(size_t)t * C + c];
+        out[i] = in[(size_t)r * C + c];
     }
 }
 
-void cuda_embedding_forward(Tensor out, Tensor tokens, Tensor table, size_t N, size_t C) {
-    if (N == 0 || C == 0) return;
-    embedding_kernel<<<cuda_blocks(N * C), CUDA_THREADS>>>(
-        DEV_R(out), DEV_I(tokens), DEV_R(table), N, C, table.numel / C, cuda_error_flag());
+void cuda_gather_rows(float *out, const float *in, size_t in_rows, const int32_t *index,
+                      size_t n, const int32_t *count, size_t C, int bad) {
+    if (n == 0 || C == 0) return;
+    gather_rows_kernel<<<cuda_blocks(n * C), CUDA_THREADS>>>(out, in, index, n, count, in_rows,
+                                                             C, cuda_error_flag(), bad);
     cudaCheckLaunch();
+}
+
+void cuda_embedding_forward(Tensor out, Tensor tokens, Tensor table, size_t N, size_t C) {
+    if (C == 0) return;
+    cuda_gather_rows(DEV_R(out), DEV_R(table), table.numel / C, DEV_I(tokens), N, NULL, C,
+                     CUDA_BAD_TOKEN);
 }
 
 // Sort keys: the destination row, or dst_rows (sorted last, skipped) past the count or

@@ -379,36 +379,12 @@ void cuda_dispatch_plan(Tensor offsets, Tensor rows, Tensor slot, Tensor idx, Te
     cudaCheckLaunch();
 }
 
-// xp (M, C) = x[rows]; launched over the buffer's rows, M = offsets[E] read on the device.
-__global__ void gather_kernel(float *out, const float *in, const int32_t *row,
-                              const int32_t *count, size_t max_rows, size_t in_rows, size_t C,
-                              int *flag) {
-    size_t M = (size_t)*count;
-    if (M > max_rows) {
-        if (blockIdx.x == 0 && threadIdx.x == 0) cuda_flag(flag, CUDA_BAD_ROW);
-        M = max_rows;
-    }
-    GRID_STRIDE(i, M * C) {
-        size_t m = i / C, c = i % C;
-        int32_t r = row[m];
-        if (r < 0 || (size_t)r >= in_rows) {
-            if (c == 0) cuda_flag(flag, CUDA_BAD_ROW);
-            out[i] = 0.0f;
-            continue;
-        }
-        out[i] = in[(size_t)r * C + c];
-    }
-}
-
+// xp (M, C) = x[rows], M = offsets[E] read on the device: launched over the buffer's rows.
 void cuda_gather_rows_forward(Tensor xp, Tensor x, Tensor rows, Tensor offsets, size_t E,
                               size_t C) {
     if (C == 0) return;
-    size_t max_rows = xp.numel / C;
-    if (max_rows == 0) return;
-    gather_kernel<<<cuda_blocks(max_rows * C), CUDA_THREADS>>>(
-        DEV_R(xp), DEV_R(x), DEV_I(rows), DEV_I(offsets) + E, max_rows, x.numel / C, C,
-        cuda_error_flag());
-    cudaCheckLaunch();
+    cuda_gather_rows(DEV_R(xp), DEV_R(x), x.numel / C, DEV_I(rows), xp.numel / C,
+                     DEV_I(offsets) + E, C, CUDA_BAD_ROW);
 }
 
 // dx[rows[m]] += dxp[m]: sorted by token so each token's rows add in permuted-row order.
