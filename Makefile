@@ -51,7 +51,9 @@ endif
 $(BUILD)/config.mk: Makefile
 	@$(MAKE) --no-print-directory deps
 	@mkdir -p $(BUILD)
-	@echo "PKG_CFLAGS := $$(PKG_CONFIG_PATH=$(OPENBLAS_PC) pkg-config --cflags hdf5 openblas inih libcjson)" > $@.tmp
+	@$(if $(NVCC),bash kernels/cuda/fetch_cudnn_frontend.sh $(CUDNN_FE_DIR) $(CUDNN_FE_VERSION) $(PYTHON_REF))
+	@echo "CUDNN_FE_INC := $$(test -f $(CUDNN_FE_DIR)/include/cudnn_frontend.h && echo $(CUDNN_FE_DIR)/include)" > $@.tmp
+	@echo "PKG_CFLAGS := $$(PKG_CONFIG_PATH=$(OPENBLAS_PC) pkg-config --cflags hdf5 openblas inih libcjson)" >> $@.tmp
 	@echo "PKG_LIBS := $$(PKG_CONFIG_PATH=$(OPENBLAS_PC) pkg-config --libs hdf5 openblas inih libcjson) \
 	  -Wl,-rpath,$$(PKG_CONFIG_PATH=$(OPENBLAS_PC) pkg-config --variable=libdir openblas)" >> $@.tmp
 	@mv $@.tmp $@
@@ -76,7 +78,9 @@ NVCC := $(shell command -v nvcc 2>/dev/null || ls /usr/local/cuda/bin/nvcc 2>/de
 endif
 CUDA_ARCH ?= 90
 CUDA_SRC := $(if $(NVCC),$(wildcard kernels/cuda/*.cu))
-CUDA_OBJ := $(patsubst %.cu,$(BUILD)/f32/%.o,$(CUDA_SRC))
+# Host-only C++ of the backend (kernels/cuda/*.cpp, no kernels): g++ compiles it.
+CUDA_CPP := $(if $(NVCC),$(wildcard kernels/cuda/*.cpp))
+CUDA_OBJ := $(patsubst %.cu,$(BUILD)/f32/%.o,$(CUDA_SRC)) $(patsubst %.cpp,$(BUILD)/f32/%.o,$(CUDA_CPP))
 CUDA_LIBDIR := $(wildcard $(patsubst %/bin/nvcc,%,$(NVCC))/lib64)
 # cuBLAS is not linked: the backend opens it (dlopen, through this rpath) when asked for,
 # so CPU runs do not pay its load time.
@@ -84,6 +88,19 @@ CUDA_LIBS := $(if $(CUDA_LIBDIR),-L$(CUDA_LIBDIR) -Wl$(comma)-rpath$(comma)$(CUD
     -lcudart -ldl -lstdc++
 NVCCFLAGS := -O2 -std=c++17 -arch=sm_$(CUDA_ARCH) -DMOE_CUDA_ARCH=\"$(CUDA_ARCH)\" \
     -Xcompiler=-Wall,-Wextra
+# cuDNN's fused attention goes through cuDNN's C++ frontend: header-only, not in Debian,
+# fetched once from PyPI (nvidia-cudnn-frontend) into build/ with the package probe, so
+# nvcc machines need python3-pip. libcudnn itself is opened at run time, like cuBLAS.
+# Without the headers (no network) the backend keeps the plain attention kernels.
+CUDNN_FE_VERSION := 1.32.0
+CUDNN_FE_DIR := $(BUILD)/third_party/cudnn-frontend-$(CUDNN_FE_VERSION)
+BUILD_PKGS += $(if $(NVCC),python3-pip g++)
+# -O1: host code that builds cuDNN graphs once per run (-O2 doubles the build time);
+# the frontend's JSON support (serialising graphs) is not used.
+CUDA_CXXFLAGS := -std=c++17 -O1 -Wall -Wextra -MMD -MP \
+    -isystem $(patsubst %/bin/nvcc,%,$(NVCC))/include \
+    $(if $(CUDNN_FE_INC),-isystem $(CUDNN_FE_INC) -DMOE_CUDNN_FE \
+        -DNV_CUDNN_FRONTEND_USE_DYNAMIC_LOADING -DCUDNN_FRONTEND_SKIP_JSON_LIB)
 
 F32_LIB := $(patsubst %.c,$(BUILD)/f32/%.o,$(LIB_SRC)) $(CUDA_OBJ)
 F32_TRAIN := $(patsubst %.c,$(BUILD)/f32/%.o,$(TRAIN_SRC))
@@ -122,7 +139,7 @@ $(BUILD)/f64/tests/%.o: tests/%.c | $(BUILD)/config.mk $(BUILD)/deps-test.stamp
 # link, and the CUDA op tests (tests/test_cuda.py runs them, or skips saying why). The
 # stamp names the CUDA setting (off, or the architecture): when it changes, backend.c and
 # the CUDA objects rebuild and a stale CUDA test binary goes.
-CUDA_STAMP := $(BUILD)/f32/cuda.$(if $(CUDA_OBJ),sm_$(CUDA_ARCH),off)
+CUDA_STAMP := $(BUILD)/f32/cuda.$(if $(CUDA_OBJ),sm_$(CUDA_ARCH)$(if $(CUDNN_FE_INC),-cudnn),off)
 $(BUILD)/f32/kernels/backend.o $(CUDA_OBJ): $(CUDA_STAMP)
 $(CUDA_STAMP):
 	@mkdir -p $(dir $@) && rm -f $(BUILD)/f32/cuda.* $(BUILD)/tests/cuda_ops && touch $@
@@ -130,6 +147,9 @@ ifneq ($(CUDA_OBJ),)
 $(BUILD)/f32/kernels/cuda/%.o: kernels/cuda/%.cu | $(BUILD)/config.mk
 	@mkdir -p $(dir $@)
 	$(NVCC) $(NVCCFLAGS) -MMD -MP -c $< -o $@
+$(BUILD)/f32/kernels/cuda/%.o: kernels/cuda/%.cpp | $(BUILD)/config.mk
+	@mkdir -p $(dir $@)
+	$(CXX) $(CUDA_CXXFLAGS) -c $< -o $@
 $(BUILD)/f32/kernels/backend.o: CFLAGS += -DMOE_CUDA
 moe $(BUILD)/bench $(BUILD)/tests/optim_ref_f32 $(BUILD)/tests/cuda_ops: LDLIBS += $(CUDA_LIBS)
 $(BUILD)/tests/cuda_ops: $(BUILD)/f32/tests/cuda/test_cuda_ops.o \

@@ -104,13 +104,20 @@ typedef struct Backend {
 
     // ---- causal attention with grouped KV heads ---------------------------------
     // Query head h reads key/value head h / (H / KV). Scores scaled by 1/sqrt(D), causal
-    // mask, softmax over keys. att (B, H, T, T) keeps the probabilities (entries above
-    // the diagonal are 0). out (B*T, H*D).
+    // mask, softmax over keys. out (B*T, H*D). att keeps what the backward needs: the
+    // probabilities (B, H, T, T) (entries above the diagonal are 0), or, where
+    // attention_plan says so, a fused kernel's softmax statistics.
     void (*attention_forward)(Tensor out, Tensor att, Tensor qkv, size_t B, size_t T,
                               size_t H, size_t KV, size_t D);
-    // dqkv (B*T, (H+2KV)*D) +=; datt (B, H, T, T) is scratch.
-    void (*attention_backward)(Tensor dqkv, Tensor datt, Tensor dout, Tensor qkv, Tensor att,
-                               size_t B, size_t T, size_t H, size_t KV, size_t D);
+    // dqkv (B*T, (H+2KV)*D) +=; datt is scratch; out is the forward's output.
+    void (*attention_backward)(Tensor dqkv, Tensor datt, Tensor dout, Tensor out, Tensor qkv,
+                               Tensor att, size_t B, size_t T, size_t H, size_t KV, size_t D);
+    // How many values att and datt hold for this shape when the attention ops run under
+    // bf16 products (bf16 != 0) or fp32: B*H*T*T each where the probabilities are kept,
+    // B*H*T and 0 for a fused kernel that keeps one logsumexp per query and recomputes
+    // the rest. NULL: the probabilities, always (the CPU).
+    void (*attention_plan)(size_t *att_numel, size_t *datt_numel, size_t B, size_t T,
+                           size_t H, size_t KV, size_t D, int bf16);
 
     // ---- SwiGLU -----------------------------------------------------------------
     // h13 (N, 2F) holds [x w1^T | x w3^T] per row; out (N, F) = silu(h1) * h3.

@@ -165,10 +165,12 @@ static Buf build_attention(Builder *b, Buf xn, int l) {
     rope->rope.theta = c->rope_theta;
 
     TapeOp *op = tape_push(&b->m->tape, OP_ATTENTION);
-    size_t BHTT = b->m->B * H * b->m->T * b->m->T;
+    size_t B = b->m->B, T = b->m->T, att = B * H * T * T, datt = att;   // (B, H, T, T)
+    const Backend *be = b->m->be;
+    if (be->attention_plan) be->attention_plan(&att, &datt, B, T, H, KV, D, b->m->tape.bf16);
     op->attention.out = take_buf(b, b->N * H * D);   // (N, H*D)
-    op->attention.att = take(b, BHTT, DTYPE_REAL);     // (B, H, T, T)
-    op->attention.datt = arena_take(&b->m->dacts, BHTT, DTYPE_REAL);
+    op->attention.att = take(b, att, DTYPE_REAL);
+    op->attention.datt = arena_take(&b->m->dacts, datt, DTYPE_REAL);
     op->attention.qkv = qkv;
     op->attention.B = b->m->B;
     op->attention.T = b->m->T;

@@ -20,13 +20,15 @@ static void arena_alloc(const Backend *be, Arena *a, const char *what) {
     CHECK(a->base, "out of memory allocating %s (%zu bytes)", what, a->size);
 }
 
-// Builds the tape and the per-layer routing state for m's batch shape: a measuring pass
-// sizes the arenas, then the real pass hands out views. The activation-gradient arena is
-// allocated, or shared with shared_dacts (a replica: backward passes run one at a time).
-static void plan_tape(Model *m, const Arena *shared_dacts) {
+// Builds the tape and the per-layer routing state for m's batch shape and precision (the
+// backend may keep less attention state under bf16): a measuring pass sizes the arenas,
+// then the real pass hands out views. The activation-gradient arena is allocated, or
+// shared with shared_dacts (a replica: backward passes run one at a time).
+static void plan_tape(Model *m, const Arena *shared_dacts, int bf16) {
     m->moe = CALLOC((size_t)m->n_moe, sizeof *m->moe);
     m->expert_train = CALLOC((size_t)m->n_moe * (size_t)m->cfg.experts, 1);
     tape_init(&m->tape);
+    m->tape.bf16 = bf16;
     m->acts.device = m->dacts.device = m->be->device;
     build_tape(m);   // measuring pass: sizes the arenas
     arena_alloc(m->be, &m->acts, "activations");
@@ -59,20 +61,27 @@ void model_init(Model *m, const ModelConfig *cfg, const Backend *be, size_t B, s
     m->grads = slab_alloc(be, m->layout.total, "gradients");
     m->n_moe = model_config_moe_layers(cfg);
     m->expert_bias = slab_alloc(be, (size_t)m->n_moe * (size_t)cfg->experts, "expert bias");
-    plan_tape(m, NULL);
+    plan_tape(m, NULL, 0);
+}
+
+// What plan_tape made; a replica's dacts belong to its model.
+static void unplan_tape(Model *m, int owns_dacts) {
+    m->be->release(m->acts.base);
+    if (owns_dacts) m->be->release(m->dacts.base);
+    memset(&m->acts, 0, sizeof m->acts);
+    memset(&m->dacts, 0, sizeof m->dacts);
+    tape_free(&m->tape);
+    free(m->moe);
+    free(m->expert_train);
 }
 
 void model_free(Model *m) {
     m->be->release(m->params.data);
     m->be->release(m->grads.data);
     m->be->release(m->expert_bias.data);
-    m->be->release(m->acts.base);
-    m->be->release(m->dacts.base);
-    tape_free(&m->tape);
+    unplan_tape(m, 1);
     layout_free(&m->layout);
-    free(m->moe);
     free(m->trainable);
-    free(m->expert_train);
     memset(m, 0, sizeof *m);
 }
 
@@ -88,17 +97,13 @@ void model_init_replica(Model *r, const Model *m) {
     r->grads = m->grads;
     r->expert_bias = m->expert_bias;
     r->n_moe = m->n_moe;
-    plan_tape(r, &m->dacts);
+    plan_tape(r, &m->dacts, m->tape.bf16);
     model_set_trainable(r, m->trainable);
-    r->tape.bf16 = m->tape.bf16;
 }
 
 void model_free_replica(Model *r) {
-    r->be->release(r->acts.base);
-    tape_free(&r->tape);
-    free(r->moe);
+    unplan_tape(r, 0);
     free(r->trainable);
-    free(r->expert_train);
     memset(r, 0, sizeof *r);
 }
 
@@ -250,6 +255,11 @@ int model_set_precision(Model *m, int bf16, char *err, size_t n) {
                  m->be->name);
         return -1;
     }
-    m->tape.bf16 = bf16;   // the tape sets the backend's mode before each product
+    // The tape sets the backend's mode before each product; the attention state the
+    // backend keeps may differ between modes, so the activations are planned again.
+    if (bf16 != m->tape.bf16) {
+        unplan_tape(m, 1);
+        plan_tape(m, NULL, bf16);
+    }
     return 0;
 }

@@ -161,8 +161,8 @@ static void op_backward(const TapeOp *op, const Backend *be) {
     } break;
     case OP_ATTENTION: {
         const __typeof__(op->attention) *a = &op->attention;
-        be->attention_backward(a->qkv.g, a->datt, a->out.g, a->qkv.v, a->att, a->B, a->T,
-                               a->H, a->KV, a->D);
+        be->attention_backward(a->qkv.g, a->datt, a->out.g, a->out.v, a->qkv.v, a->att, a->B,
+                               a->T, a->H, a->KV, a->D);
     } break;
     case OP_ADD: be->add_backward(op->add.a.g, op->add.b.g, op->add.out.g, op->add.n); break;
     case OP_MUL: be->mul_backward(op->mul.x.g, op->mul.out.g, op->mul.u, op->mul.n); break;
@@ -236,11 +236,12 @@ static void op_backward(const TapeOp *op, const Backend *be) {
 
 // Before an op with products: the precision its products run in. Set every time, not
 // only under bf16: the backend's mode is shared by every model on it (a sampling model
-// next to a bf16 training one runs fp32).
+// next to a bf16 training one runs fp32). Attention's products follow the tape too (its
+// state was planned for that mode: Backend.attention_plan).
 static void set_precision(const Tape *t, const TapeOp *op, const Backend *be) {
     if (!be->set_gemm_bf16) return;
     if (op->kind == OP_MATMUL) be->set_gemm_bf16(t->bf16 && !op->matmul.fp32);
-    else if (op->kind == OP_EXPERTS) be->set_gemm_bf16(t->bf16);
+    else if (op->kind == OP_EXPERTS || op->kind == OP_ATTENTION) be->set_gemm_bf16(t->bf16);
 }
 
 // The op timer's clock: on an asynchronous device, after everything issued has finished.

@@ -417,6 +417,139 @@ static void test_bf16_products_spare_the_router(void **state) {
     model_free(&m);
 }
 
+// ---- attention state planned per precision: a CPU backend posing as a fused kernel -------
+// Under bf16 it plans B*H*T values of attention state and no datt, as cuDNN's fused
+// attention does; its ops check they got exactly that and compute through a private
+// (B, H, T, T) buffer per layer, so the model's numbers stay the CPU backend's.
+
+#define FUSED_LAYERS 4
+static Backend g_fused;
+static int g_fused_bf16, g_fused_calls;
+static struct {
+    void *att;   // the model's state buffer: the key
+    real *probs;
+} g_fused_probs[FUSED_LAYERS];
+
+static void fused_set_gemm_bf16(int bf16) { g_fused_bf16 = bf16; }
+
+static void fused_plan(size_t *att, size_t *datt, size_t B, size_t T, size_t H, size_t KV,
+                       size_t D, int bf16) {
+    (void)KV, (void)D;
+    *att = bf16 ? B * H * T : B * H * T * T;
+    *datt = bf16 ? 0 : B * H * T * T;
+}
+
+static real *fused_probs_for(Tensor att, size_t numel) {
+    for (int i = 0; i < FUSED_LAYERS; i++) {
+        if (!g_fused_probs[i].att) {
+            g_fused_probs[i].att = att.data;
+            g_fused_probs[i].probs = calloc(numel, sizeof(real));
+        }
+        if (g_fused_probs[i].att == att.data) return g_fused_probs[i].probs;
+    }
+    fail_msg("more attention layers than the test expects");
+    return NULL;
+}
+
+static void fused_forward(Tensor out, Tensor att, Tensor qkv, size_t B, size_t T, size_t H,
+                          size_t KV, size_t D) {
+    size_t bhtt = B * H * T * T;
+    if (!g_fused_bf16) {
+        assert_int_equal(att.numel, bhtt);
+        backend_cpu()->attention_forward(out, att, qkv, B, T, H, KV, D);
+        return;
+    }
+    g_fused_calls++;
+    assert_int_equal(att.numel, B * H * T);
+    Tensor probs = {fused_probs_for(att, bhtt), DTYPE_REAL, DEVICE_CPU, bhtt};
+    backend_cpu()->attention_forward(out, probs, qkv, B, T, H, KV, D);
+}
+
+static void fused_backward(Tensor dqkv, Tensor datt, Tensor dout, Tensor out, Tensor qkv,
+                           Tensor att, size_t B, size_t T, size_t H, size_t KV, size_t D) {
+    size_t bhtt = B * H * T * T;
+    if (!g_fused_bf16) {
+        backend_cpu()->attention_backward(dqkv, datt, dout, out, qkv, att, B, T, H, KV, D);
+        return;
+    }
+    g_fused_calls++;
+    assert_int_equal(datt.numel, 0);
+    Tensor probs = {fused_probs_for(att, bhtt), DTYPE_REAL, DEVICE_CPU, bhtt};
+    real *scratch = calloc(bhtt, sizeof(real));
+    Tensor ds = {scratch, DTYPE_REAL, DEVICE_CPU, bhtt};
+    backend_cpu()->attention_backward(dqkv, ds, dout, out, qkv, probs, B, T, H, KV, D);
+    free(scratch);
+}
+
+static const Backend *fused_backend(void) {
+    g_fused = *backend_cpu();
+    g_fused.name = "fused-attention stand-in";
+    g_fused.set_gemm_bf16 = fused_set_gemm_bf16;
+    g_fused.attention_plan = fused_plan;
+    g_fused.attention_forward = fused_forward;
+    g_fused.attention_backward = fused_backward;
+    return &g_fused;
+}
+
+static size_t attention_state(const Model *m) {
+    size_t n = 0;
+    for (size_t i = 0; i < m->tape.n; i++)
+        if (m->tape.ops[i].kind == OP_ATTENTION) n += m->tape.ops[i].attention.att.numel;
+    return n;
+}
+
+// Switching to bf16 plans the activations again (less attention state, a smaller arena),
+// keeps frozen tensors frozen, and a replica follows its model; the losses and gradients
+// are the CPU backend's bit for bit (the stand-in computes in fp32 whatever the mode).
+static void test_attention_state_follows_precision(void **state) {
+    (void)state;
+    ModelConfig c = tiny_config();
+    size_t B = 2, T = 5, H = (size_t)c.heads, L = (size_t)c.layers;
+    const Backend *be = fused_backend();
+    Model m, ref;
+    model_init(&m, &c, be, B, T);
+    model_init(&ref, &c, backend_cpu(), B, T);
+    model_randomize_weights(&m, 4);
+    model_randomize_weights(&ref, 4);
+    uint8_t *trainable = calloc(m.layout.n_params, 1);
+    memset(trainable, 1, m.layout.n_params);
+    trainable[0] = 0;   // a frozen embedding: lost flags would give m a gradient there
+    model_set_trainable(&m, trainable);
+    model_set_trainable(&ref, trainable);
+    size_t fp32_acts = m.acts.size;
+    assert_int_equal(attention_state(&m), L * B * H * T * T);
+    char err[256];
+    assert_int_equal(model_set_precision(&m, 1, err, sizeof err), 0);
+    assert_int_equal(attention_state(&m), L * B * H * T);
+    assert_true(m.acts.size < fp32_acts);
+    Model r;
+    model_init_replica(&r, &m);
+    assert_int_equal(attention_state(&r), L * B * H * T);
+    model_free_replica(&r);
+
+    int32_t tok[20] = {1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 0, 1, 2, 3, 4, 5, 6, 7, 8, 9};
+    Model *both[2] = {&m, &ref};
+    ModelLosses loss[2];
+    for (int i = 0; i < 2; i++) {
+        model_set_batch(both[i], tok, tok + 10);
+        loss[i] = model_forward(both[i]);
+        model_zero_grad(both[i]);
+        model_backward(both[i]);
+    }
+    assert_true(g_fused_calls == 2 * (int)L);
+    assert_memory_equal(&loss[0].total, &loss[1].total, sizeof loss[0].total);
+    size_t n = m.layout.total;
+    assert_memory_equal(TENSOR_R(m.grads), TENSOR_R(ref.grads), n * sizeof(real));
+
+    assert_int_equal(model_set_precision(&m, 0, err, sizeof err), 0);
+    assert_int_equal(attention_state(&m), L * B * H * T * T);
+    assert_int_equal(m.acts.size, fp32_acts);
+    for (int i = 0; i < FUSED_LAYERS; i++) free(g_fused_probs[i].probs);
+    free(trainable);
+    model_free(&m);
+    model_free(&ref);
+}
+
 static void test_grad_accum_pooled_aux_losses(void **state) {
     (void)state;
     check_grad_accum_pooled(LB_BATCH);
@@ -429,6 +562,7 @@ static void test_grad_accum_pooled_sequence_lb(void **state) {
 
 static const struct CMUnitTest tests[] = {
     cmocka_unit_test(test_bf16_products_spare_the_router),
+    cmocka_unit_test(test_attention_state_follows_precision),
     cmocka_unit_test(test_grad_accum_pooled_aux_losses),
     cmocka_unit_test(test_grad_accum_pooled_sequence_lb),
     cmocka_unit_test(test_frozen_tensors_get_no_gradient),

@@ -887,7 +887,7 @@ static void attention_grads(AttCase *c, real *dqkv, real *R) {
     real *datt = filled(att_att_numel(c), NAN);
     ops()->attention_backward(
         test_tensor(dqkv, att_qkv_numel(c)), test_tensor(datt, att_att_numel(c)),
-        test_tensor(R, att_out_numel(c)), test_tensor(c->qkv, att_qkv_numel(c)),
+        test_tensor(R, att_out_numel(c)), tensor_none(), test_tensor(c->qkv, att_qkv_numel(c)),
         test_tensor(c->att, att_att_numel(c)), c->B, c->T, c->H, c->KV, c->D);
     free(datt);
 }

@@ -117,13 +117,23 @@ void run_set_precision(Model *m, const TrainConfig *tc) {
         FAIL("train.precision: %s", err);
 }
 
+// Which attention the tape planned: a fused kernel keeps no (B, H, T, T) probabilities.
+static const char *attention_kind(const Model *m) {
+    const ModelConfig *c = &m->cfg;
+    size_t H = (size_t)c->heads, D = (size_t)c->d_model / H, att, datt;
+    if (!m->be->attention_plan) return "attention keeps its probabilities";
+    m->be->attention_plan(&att, &datt, m->B, m->T, H, (size_t)c->kv_heads, D, m->tape.bf16);
+    return att < m->B * H * m->T * m->T ? "fused attention (cuDNN)"
+                                        : "plain attention kernels (fp32)";
+}
+
 void run_describe_device(const Model *m, char *buf, size_t n) {
     char dev[384];
     backend_describe(m->be, dev, sizeof dev);
     const char *prec = m->tape.bf16 ? "bf16 products, fp32 router, weights and optimizer"
                                     : "fp32";
     if (m->be->device == DEVICE_CUDA)
-        snprintf(buf, n, "device %s, %s", dev, prec);
+        snprintf(buf, n, "device %s, %s, %s", dev, prec, attention_kind(m));
     else if (backend_cuda_built())
         snprintf(buf, n, "device cpu, fp32 (CUDA built: train.device=cuda to use a GPU)");
     else

@@ -160,8 +160,10 @@ static void key_value_grads(real *dk, real *dv, const real *ds, const real *p, c
     }
 }
 
-void cpu_attention_backward(Tensor dqkv, Tensor datt, Tensor dout, Tensor qkv, Tensor att,
-                            size_t B, size_t T, size_t H, size_t KV, size_t D) {
+// The probabilities in att suffice: out is not needed here.
+void cpu_attention_backward(Tensor dqkv, Tensor datt, Tensor dout, Tensor out, Tensor qkv,
+                            Tensor att, size_t B, size_t T, size_t H, size_t KV, size_t D) {
+    (void)out;
     if (!dqkv.data) return;
     check_groups(H, KV);
     size_t width = (H + 2 * KV) * D, out_width = H * D, group = H / KV;

@@ -41,8 +41,8 @@ void cpu_rope_backward(Tensor dqkv, size_t B, size_t T, size_t H, size_t KV, siz
                        double theta);
 void cpu_attention_forward(Tensor out, Tensor att, Tensor qkv, size_t B, size_t T, size_t H,
                            size_t KV, size_t D);
-void cpu_attention_backward(Tensor dqkv, Tensor datt, Tensor dout, Tensor qkv, Tensor att,
-                            size_t B, size_t T, size_t H, size_t KV, size_t D);
+void cpu_attention_backward(Tensor dqkv, Tensor datt, Tensor dout, Tensor out, Tensor qkv,
+                            Tensor att, size_t B, size_t T, size_t H, size_t KV, size_t D);
 void cpu_swiglu_forward(Tensor out, Tensor h13, size_t N, size_t F);
 void cpu_swiglu_backward(Tensor dh13, Tensor dout, Tensor h13, size_t N, size_t F);
 void cpu_experts_forward(Tensor yp, Tensor h13, Tensor act, Tensor xp, Tensor w, Tensor offsets,

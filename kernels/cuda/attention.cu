@@ -1,13 +1,20 @@
-// attention.cu: RoPE and causal grouped-query attention (CUDA, plain kernels).
+// attention.cu: RoPE and causal grouped-query attention: which path runs, and the plain
+// CUDA kernels.
 //
-// This is the fallback path the issue asks for; cuDNN's fused scaled-dot-product
-// attention (forward and backward) is the next step and will keep these kernels as the
-// reference. It keeps the probabilities att (B, H, T, T) exactly as the CPU op does.
+// Under bf16 products the ops run cuDNN's fused attention (attention_cudnn.cu) wherever
+// cuDNN builds a plan for the shape: att then holds the softmax statistics (B*H*T) and
+// datt nothing. fp32 mode, and any shape or machine cuDNN refuses, runs the plain kernels
+// below in fp32; they keep the probabilities att (B, H, T, T) exactly as the CPU op does.
 //   forward:  one block per (batch, head, query t): scores, causal softmax, out = p v.
 //   backward: one block per (batch, head, query t) for ds and dq, then one block per
 //             (batch, KV head, key u) for dk and dv, summing the group's query heads and
 //             the queries t >= u in a fixed order. Every output element has one writer.
 #include "cuda_ops.cuh"
+#include "backend_cuda.h"
+#include "sdpa_cudnn.h"
+
+#include <cuda_bf16.h>
+#include <stdio.h>
 
 // ---- RoPE -------------------------------------------------------------------------------
 
@@ -97,10 +104,122 @@ __global__ void attention_forward_kernel(float *out, float *att, const float *qk
     }
 }
 
+// ---- the fused path (cuDNN, sdpa_cudnn.cpp) ------------------------------------------
+
+// It runs for bf16 products when cuDNN plans the shape; the first refusal is said once,
+// with cuDNN's reason.
+extern "C" int backend_cuda_fused_attention(size_t B, size_t T, size_t H, size_t KV, size_t D,
+                                            char *err, size_t n) {
+    size_t fwd_ws, bwd_ws;
+    SdpaDims s = {B, T, H, KV, D};
+    return sdpa_cudnn_plan(&s, &fwd_ws, &bwd_ws, err, n);
+}
+
+static int use_fused(int bf16, size_t B, size_t T, size_t H, size_t KV, size_t D) {
+    static int said;
+    char why[512];
+    if (!bf16 || B * H * T == 0 || D == 0) return 0;
+    if (backend_cuda_fused_attention(B, T, H, KV, D, why, sizeof why)) return 1;
+    if (!said++)
+        fprintf(stderr, "moe: note: attention runs the plain CUDA kernels in fp32, not cuDNN's "
+                        "fused attention: %s\n", why);
+    return 0;
+}
+
+__global__ void bf16_from_float_kernel(__nv_bfloat16 *dst, const float *src, size_t n) {
+    GRID_STRIDE(i, n) dst[i] = __float2bfloat16_rn(src[i]);
+}
+
+// dst = src, or dst += src when accumulate (a backward op's contract).
+__global__ void float_from_bf16_kernel(float *dst, const __nv_bfloat16 *src, size_t n,
+                                       int accumulate) {
+    GRID_STRIDE(i, n) dst[i] = __bfloat162float(src[i]) + (accumulate ? dst[i] : 0.0f);
+}
+
+static void to_bf16(__nv_bfloat16 *dst, const float *src, size_t n) {
+    bf16_from_float_kernel<<<cuda_blocks(n), CUDA_THREADS>>>(dst, src, n);
+    cudaCheckLaunch();
+}
+
+static void from_bf16(float *dst, const __nv_bfloat16 *src, size_t n, int accumulate) {
+    float_from_bf16_kernel<<<cuda_blocks(n), CUDA_THREADS>>>(dst, src, n, accumulate);
+    cudaCheckLaunch();
+}
+
+// bf16 buffers of (B*T, W) or (B*T, H*D) and the workspace, carved from op scratch.
+struct SdpaScratch {
+    __nv_bfloat16 *qkv, *dqkv, *o, *dout;
+    void *ws;
+};
+
+static SdpaScratch sdpa_scratch(const SdpaDims &s, int backward) {
+    size_t fwd_ws = 0, bwd_ws = 0, N = s.B * s.T, W = (s.H + 2 * s.KV) * s.D, HD = s.H * s.D;
+    char why[512];
+    CUDA_REQUIRE(sdpa_cudnn_plan(&s, &fwd_ws, &bwd_ws, why, sizeof why),
+                 "cuDNN fused attention: %s", why);
+    size_t two = sizeof(__nv_bfloat16);
+    ScratchLayout lay;
+    size_t at_qkv = lay.add(N * W * two), at_o = lay.add(N * HD * two);
+    size_t at_dqkv = backward ? lay.add(N * W * two) : 0;
+    size_t at_do = backward ? lay.add(N * HD * two) : 0;
+    size_t at_ws = lay.add(backward ? bwd_ws : fwd_ws);
+    char *base = (char *)cuda_scratch(SCRATCH_OP, lay.used);
+    SdpaScratch sc = {(__nv_bfloat16 *)(base + at_qkv), (__nv_bfloat16 *)(base + at_dqkv),
+                      (__nv_bfloat16 *)(base + at_o), (__nv_bfloat16 *)(base + at_do),
+                      base + at_ws};
+    return sc;
+}
+
+static void sdpa_forward(float *out, float *stats, const float *qkv, const SdpaDims &s) {
+    size_t N = s.B * s.T, W = (s.H + 2 * s.KV) * s.D;
+    SdpaScratch sc = sdpa_scratch(s, 0);
+    to_bf16(sc.qkv, qkv, N * W);
+    const char *e = sdpa_cudnn_forward(&s, sc.qkv, sc.o, stats, sc.ws);
+    CUDA_REQUIRE(!e, "cuDNN fused attention forward: %s", e);
+    from_bf16(out, sc.o, N * s.H * s.D, 0);
+}
+
+// out holds the forward's bf16 O widened to fp32, so rounding it back is exact.
+static void sdpa_backward(float *dqkv, const float *dout, const float *out, const float *qkv,
+                          const float *stats, const SdpaDims &s) {
+    size_t N = s.B * s.T, W = (s.H + 2 * s.KV) * s.D, HD = s.H * s.D;
+    SdpaScratch sc = sdpa_scratch(s, 1);
+    to_bf16(sc.qkv, qkv, N * W);
+    to_bf16(sc.o, out, N * HD);
+    to_bf16(sc.dout, dout, N * HD);
+    const char *e = sdpa_cudnn_backward(&s, sc.qkv, sc.o, sc.dout, stats, sc.dqkv, sc.ws);
+    CUDA_REQUIRE(!e, "cuDNN fused attention backward: %s", e);
+    from_bf16(dqkv, sc.dqkv, N * W, 1);
+}
+
+// ---- which path -------------------------------------------------------------------------
+
+void cuda_attention_plan(size_t *att_numel, size_t *datt_numel, size_t B, size_t T, size_t H,
+                         size_t KV, size_t D, int bf16) {
+    int fused = use_fused(bf16, B, T, H, KV, D);
+    *att_numel = fused ? B * H * T : B * H * T * T;
+    *datt_numel = fused ? 0 : B * H * T * T;
+}
+
+// The state the forward left in att must be the one its plan sized.
+static int attention_fused(Tensor att, size_t B, size_t T, size_t H, size_t KV, size_t D) {
+    int fused = use_fused(cuda_gemm_bf16(), B, T, H, KV, D);
+    size_t need = fused ? B * H * T : B * H * T * T;
+    CUDA_REQUIRE(att.numel >= need,
+                 "internal: attention state holds %zu values, the %s path needs %zu (plan the "
+                 "model after setting its precision)",
+                 att.numel, fused ? "fused" : "plain", need);
+    return fused;
+}
+
 void cuda_attention_forward(Tensor out, Tensor att, Tensor qkv, size_t B, size_t T, size_t H,
                             size_t KV, size_t D) {
     AttnShape s = attn_shape(T, H, KV, D);
     if (B * H * T == 0 || D == 0) return;
+    if (attention_fused(att, B, T, H, KV, D)) {
+        sdpa_forward(DEV_R(out), DEV_R(att), DEV_R(qkv), SdpaDims{B, T, H, KV, D});
+        return;
+    }
     attention_forward_kernel<<<(unsigned)(B * H * T), CUDA_THREADS, D * sizeof(float)>>>(
         DEV_R(out), DEV_R(att), DEV_R(qkv), s);
     cudaCheckLaunch();
@@ -162,11 +281,16 @@ __global__ void attention_backward_kv_kernel(float *dqkv, const float *datt, con
     }
 }
 
-void cuda_attention_backward(Tensor dqkv, Tensor datt, Tensor dout, Tensor qkv, Tensor att,
-                             size_t B, size_t T, size_t H, size_t KV, size_t D) {
+void cuda_attention_backward(Tensor dqkv, Tensor datt, Tensor dout, Tensor out, Tensor qkv,
+                             Tensor att, size_t B, size_t T, size_t H, size_t KV, size_t D) {
     if (!dqkv.data) return;
     AttnShape s = attn_shape(T, H, KV, D);
     if (B * H * T == 0 || D == 0) return;
+    if (attention_fused(att, B, T, H, KV, D)) {
+        sdpa_backward(DEV_R(dqkv), DEV_R(dout), DEV_R(out), DEV_R(qkv), DEV_R(att),
+                      SdpaDims{B, T, H, KV, D});
+        return;
+    }
     attention_backward_q_kernel<<<(unsigned)(B * H * T), CUDA_THREADS, D * sizeof(float)>>>(
         DEV_R(dqkv), DEV_R(datt), DEV_R(dout), DEV_R(qkv), DEV_R(att), s);
     cudaCheckLaunch();

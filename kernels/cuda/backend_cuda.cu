@@ -102,6 +102,7 @@ static Backend make_table(void) {
     b.rope_backward = cuda_rope_backward;
     b.attention_forward = cuda_attention_forward;
     b.attention_backward = cuda_attention_backward;
+    b.attention_plan = cuda_attention_plan;
     b.swiglu_forward = cuda_swiglu_forward;
     b.swiglu_backward = cuda_swiglu_backward;
     b.experts_forward = cuda_experts_forward;

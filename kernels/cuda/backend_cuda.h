@@ -25,6 +25,12 @@ const Backend *backend_cuda(void);
 // One line about device 0, e.g. "NVIDIA H100 80GB HBM3 (sm_90, 79.1 GiB)".
 void backend_cuda_describe(char *buf, size_t n);
 
+// 1 when attention of this shape runs cuDNN's fused kernel under bf16 products (cuDNN
+// loads and plans it on device 0); 0 with the reason: no libcudnn, a build without the
+// frontend's headers, or cuDNN's own refusal. fp32 always runs the plain kernels.
+int backend_cuda_fused_attention(size_t B, size_t T, size_t H, size_t KV, size_t D, char *err,
+                                 size_t n);
+
 // The dense bf16 GEMM rate of device 0 (make bench): the best of `repeats` products
 // c (n, n) fp32 = a (n, n) b (n, n) with bf16 operands and fp32 accumulation, timed
 // with CUDA events, in GFLOP/s. Call after backend_cuda_probe returned 1.

@@ -136,6 +136,7 @@ void cuda_read_ints(int32_t *host, const int32_t *dev, size_t n);
 // cuda_set_gemm_bf16(1) cublasGemmEx on bf16 copies of a and b with fp32 accumulation
 // and an fp32 c.
 void cuda_set_gemm_bf16(int bf16);
+int cuda_gemm_bf16(void);   // the mode set last
 void cuda_synchronize(void);
 void cuda_gemm(int trans_a, int trans_b, size_t m, size_t n, size_t k, float alpha,
                const float *a, size_t lda, const float *b, size_t ldb, float beta, float *c,
@@ -237,8 +238,10 @@ void cuda_rope_backward(Tensor dqkv, size_t B, size_t T, size_t H, size_t KV, si
                         double theta);
 void cuda_attention_forward(Tensor out, Tensor att, Tensor qkv, size_t B, size_t T, size_t H,
                             size_t KV, size_t D);
-void cuda_attention_backward(Tensor dqkv, Tensor datt, Tensor dout, Tensor qkv, Tensor att,
-                             size_t B, size_t T, size_t H, size_t KV, size_t D);
+void cuda_attention_plan(size_t *att_numel, size_t *datt_numel, size_t B, size_t T, size_t H,
+                         size_t KV, size_t D, int bf16);
+void cuda_attention_backward(Tensor dqkv, Tensor datt, Tensor dout, Tensor out, Tensor qkv,
+                             Tensor att, size_t B, size_t T, size_t H, size_t KV, size_t D);
 void cuda_swiglu_forward(Tensor out, Tensor h13, size_t N, size_t F);
 void cuda_swiglu_backward(Tensor dh13, Tensor dout, Tensor h13, size_t N, size_t F);
 void cuda_experts_forward(Tensor yp, Tensor h13, Tensor act, Tensor xp, Tensor w,

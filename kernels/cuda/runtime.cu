@@ -148,6 +148,8 @@ static int g_gemm_bf16;
 
 void cuda_set_gemm_bf16(int bf16) { g_gemm_bf16 = bf16; }
 
+int cuda_gemm_bf16(void) { return g_gemm_bf16; }
+
 void cuda_synchronize(void) { cudaCheck(cudaDeviceSynchronize()); }
 
 // dst (rows, cols) dense = src (rows, cols, leading dimension ld) rounded to nearest even.

@@ -32,6 +32,13 @@ if [ ! -e /usr/local/cuda/lib64/libcudart.so.13 ]; then
 fi
 export PYTHONUNBUFFERED=1
 PY=${PYTHON:-python3}   # the interpreter with PyTorch (and transformers, h5py, pytest)
+# libcudnn.so.9 (opened at run time for fused attention): the system's, or PyTorch's wheel's.
+if ! ldconfig -p 2>/dev/null | grep -q 'libcudnn.so.9 ' && [ ! -e /usr/local/cuda/lib64/libcudnn.so.9 ]; then
+    cudnn=$("$PY" -c 'import nvidia.cudnn, os; print(os.path.join(list(nvidia.cudnn.__path__)[0], "lib"))' 2>/dev/null ||
+            dirname "$(find / -name 'libcudnn.so.9' -not -path '/proc/*' 2>/dev/null | head -1)")
+    export LD_LIBRARY_PATH="$cudnn${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+    echo "gpu_check: libcudnn from $cudnn"
+fi
 
 step() {   # step NAME SECONDS COMMAND...: runs COMMAND into $OUT/NAME.txt, says how it ended
     local name=$1 limit=$2

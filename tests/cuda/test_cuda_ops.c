@@ -19,6 +19,7 @@
 #include <string.h>
 
 #include "../../kernels/backend.h"
+#include "../../kernels/cuda/backend_cuda.h"
 #include "../../kernels/rng.h"
 
 #define EXIT_SKIP 77
@@ -363,13 +364,13 @@ static void attention_case(size_t B, size_t T, size_t H, size_t KV, size_t D) {
     Pair dqkv = reals(B * T * W, 1), datt = zeros(B * H * T * T, DTYPE_F32),
          dout = reals(B * T * H * D, 1);
     float *before = gpu_copy(dqkv, dqkv.n);
-    cpu->attention_backward(dqkv.c, datt.c, dout.c, qkv.c, att.c, B, T, H, KV, D);
-    gpu->attention_backward(dqkv.g, datt.g, dout.g, qkv.g, att.g, B, T, H, KV, D);
+    cpu->attention_backward(dqkv.c, datt.c, dout.c, out.c, qkv.c, att.c, B, T, H, KV, D);
+    gpu->attention_backward(dqkv.g, datt.g, dout.g, out.g, qkv.g, att.g, B, T, H, KV, D);
     // long float sums over T keys and the group's heads, in different orders
     close_all("attention dqkv", dqkv, 2e-5);
     float *first = gpu_copy(dqkv, dqkv.n);
     gpu->upload(dqkv.g, before, dqkv.n * 4);
-    gpu->attention_backward(dqkv.g, datt.g, dout.g, qkv.g, att.g, B, T, H, KV, D);
+    gpu->attention_backward(dqkv.g, datt.g, dout.g, out.g, qkv.g, att.g, B, T, H, KV, D);
     float *second = gpu_copy(dqkv, dqkv.n);
     same_bits("attention dqkv", first, second, dqkv.n);
     free(before);
@@ -381,6 +382,82 @@ static void case_attention(void) {
     attention_case(2, 13, 4, 2, 8);
     attention_case(1, 70, 2, 2, 16);   // T beyond the CPU's 64-row blocks; no grouping
     attention_case(2, 5, 3, 1, 4);     // three query heads on one KV head
+}
+
+// Host logsumexp of each query's scaled causal scores: what cuDNN keeps as statistics.
+static void attention_lse(float *lse, const float *qkv, size_t B, size_t T, size_t H,
+                          size_t KV, size_t D) {
+    size_t W = (H + 2 * KV) * D;
+    double scale = 1.0 / sqrt((double)D), *s = malloc(T * sizeof *s);
+    for (size_t b = 0; b < B; b++)
+        for (size_t h = 0; h < H; h++)
+            for (size_t t = 0; t < T; t++) {
+                const float *q = qkv + (b * T + t) * W + h * D;
+                double mx = -INFINITY, sum = 0.0;
+                for (size_t u = 0; u <= t; u++) {
+                    const float *k = qkv + (b * T + u) * W + (H + h / (H / KV)) * D;
+                    double dot = 0.0;
+                    for (size_t d = 0; d < D; d++) dot += (double)q[d] * k[d];
+                    s[u] = scale * dot;
+                    mx = s[u] > mx ? s[u] : mx;
+                }
+                for (size_t u = 0; u <= t; u++) sum += exp(s[u] - mx);
+                lse[(b * H + h) * T + t] = (float)(mx + log(sum));
+            }
+    free(s);
+}
+
+// The reasons that mean "no cuDNN here" rather than "our cuDNN graph is wrong".
+static int cudnn_absent(const char *why) {
+    return strstr(why, "cannot be loaded") || strstr(why, "no cuDNN frontend headers");
+}
+
+// cuDNN's fused attention (bf16 products). qkv and dout are bf16 values on both sides; the
+// CPU computes in fp32 from them. cuDNN rounds the probabilities to bf16 for P V (and dP,
+// dS for the backward's products) and its outputs to bf16: 2^-9 relative each, summed
+// over up to T keys with weights that sum to one, so 1e-2 on out and on the statistics,
+// and 2e-2 on dqkv, whose products chain two such roundings.
+static void fused_attention_case(size_t B, size_t T, size_t H, size_t KV, size_t D) {
+    char why[512];
+    if (!backend_cuda_fused_attention(B, T, H, KV, D, why, sizeof why)) {
+        if (cudnn_absent(why)) printf("  fused attention not checked: %s\n", why);
+        else fail("fused attention B=%zu T=%zu H=%zu KV=%zu D=%zu: cuDNN refused: %s", B, T,
+                  H, KV, D, why);
+        return;
+    }
+    size_t W = (H + 2 * KV) * D, bhtt = B * H * T * T, att_n = 0, datt_n = 1;
+    gpu->attention_plan(&att_n, &datt_n, B, T, H, KV, D, 1);
+    if (att_n != B * H * T || datt_n != 0)
+        fail("fused attention plans %zu state and %zu scratch values, not %zu and 0", att_n,
+             datt_n, B * H * T);
+    gpu->set_gemm_bf16(1);
+    Pair qkv = reals_bf16(B * T * W, 1), out = zeros(B * T * H * D, DTYPE_F32);
+    Pair probs = zeros(bhtt, DTYPE_F32), stats = zeros(B * H * T, DTYPE_F32);
+    cpu->attention_forward(out.c, probs.c, qkv.c, B, T, H, KV, D);
+    gpu->attention_forward(out.g, stats.g, qkv.g, B, T, H, KV, D);
+    close_all("fused attention out", out, 1e-2);
+    attention_lse((float *)stats.c.data, (const float *)qkv.c.data, B, T, H, KV, D);
+    close_all("fused attention statistics", stats, 1e-2);
+    Pair dqkv = reals(B * T * W, 1), datt = zeros(bhtt, DTYPE_F32), dout = reals_bf16(B * T * H * D, 1);
+    float *before = gpu_copy(dqkv, dqkv.n);
+    cpu->attention_backward(dqkv.c, datt.c, dout.c, out.c, qkv.c, probs.c, B, T, H, KV, D);
+    gpu->attention_backward(dqkv.g, none().g, dout.g, out.g, qkv.g, stats.g, B, T, H, KV, D);
+    close_all("fused attention dqkv", dqkv, 2e-2);
+    float *first = gpu_copy(dqkv, dqkv.n);
+    gpu->upload(dqkv.g, before, dqkv.n * 4);
+    gpu->attention_backward(dqkv.g, none().g, dout.g, out.g, qkv.g, stats.g, B, T, H, KV, D);
+    float *second = gpu_copy(dqkv, dqkv.n);
+    same_bits("fused attention dqkv (deterministic backward)", first, second, dqkv.n);
+    gpu->set_gemm_bf16(0);
+    free(before);
+    free(first);
+    free(second);
+}
+
+static void case_attention_fused(void) {
+    fused_attention_case(2, 64, 4, 2, 64);    // GQA, head size 64
+    fused_attention_case(1, 100, 2, 2, 32);   // T not a multiple of the kernel's tiles
+    fused_attention_case(2, 17, 8, 1, 128);   // one KV head for eight query heads
 }
 
 static void case_swiglu(void) {
@@ -815,6 +892,7 @@ static const Case cases[] = {
     {"matmul_bf16", case_matmul_bf16},
     {"rope", case_rope},
     {"attention", case_attention},
+    {"attention_fused", case_attention_fused},
     {"swiglu", case_swiglu},
     {"experts", case_experts},
     {"experts_bf16", case_experts_bf16},

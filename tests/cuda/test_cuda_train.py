@@ -7,7 +7,8 @@ Tolerances: fp32 on the GPU differs from the CPU only in the order of fp32 sums 
 against OpenBLAS, the kernels' reduction trees against OpenMP's), so 20 steps stay within
 1e-4 relative. bf16 rounds both operands of every product but the router's to 8
 significant bits (relative error up to 2^-9 each, so up to about 4e-3 per product before
-sums average it down); through 20 steps of AdamW the loss may drift by a few parts per
+sums average it down), and attention runs cuDNN's fused kernel, which also rounds its
+probabilities and output to bf16 (the same 2^-9 per value); through 20 steps of AdamW the loss may drift by a few parts per
 thousand, and 2e-2 relative is the bound: well above that drift, well below the 0.3 to
 1.5 nats a wrong product (a transposed operand, a lost accumulation) moves the loss in the
 first steps."""
