@@ -403,6 +403,15 @@ static void print_gpu(const GpuResult *g, FILE *csv) {
             printf(" %7.3fx\n", total[s] / total[0]);
         }
         csv_row(csv, "gpu", r->name, "skewed_over_balanced", total[1] / total[0]);
+        double grouped = 0.0;
+        printf("  %-34s %-9s", "  as grouped GEMMs", "balanced");
+        for (int p = 0; p < 3; p++) {
+            printf(" %6.1f (%5.1f%%)", r->flops_per_pass / r->grouped_gemm_s[p] / 1e12,
+                   100.0 * r->dense_s[p] / r->grouped_gemm_s[p]);
+            grouped += r->grouped_gemm_s[p];
+        }
+        printf(" %7.3fx (time over the per-expert loop)\n", grouped / total[0]);
+        csv_row(csv, "gpu", r->name, "grouped_gemm_over_loop", grouped / total[0]);
     }
 }
 

@@ -113,11 +113,14 @@ void bench_layer(LayerResult *out, const BenchConfig *config);
 
 // One expert layout: N tokens, E experts, top-k, d_model C, expert width F; seconds of
 // the experts op's forward, dgrad and wgrad, [0] balanced and [1] skewed (expert 0 at
-// twice the mean load), and the same with every row in one expert (dense, equal FLOPs).
+// twice the mean load), one cuBLAS call per expert (train.expert_gemm = loop); balanced
+// as grouped GEMMs (= grouped); and the loop with every row in one expert (dense, equal
+// FLOPs).
 typedef struct {
     char name[BENCH_NAME_MAX];
     size_t E, k, C, F, N;
     double grouped_s[2][3];
+    double grouped_gemm_s[3];
     double dense_s[3];
     double flops_per_pass; // 6 * N*k * C * F, each of forward, dgrad and wgrad
 } GpuLayoutResult;

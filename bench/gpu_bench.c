@@ -148,6 +148,9 @@ void bench_gpu(GpuResult *out) {
         gpu_experts_init(&g, be, r->E, r->N * r->k, r->C, r->F);
         time_passes(&g, r->E, 0, r->grouped_s[0]);
         time_passes(&g, r->E, 1, r->grouped_s[1]);
+        be->set_expert_gemm(1);
+        time_passes(&g, r->E, 0, r->grouped_gemm_s);
+        be->set_expert_gemm(0);
         time_passes(&g, 1, 0, r->dense_s);
         r->flops_per_pass = 6.0 * (double)g.M * (double)r->C * (double)r->F;
         gpu_experts_free(&g);

@@ -256,6 +256,10 @@ typedef struct Backend {
     // 0: plain fp32. The tape sets it before every op with products (the router's stay
     // fp32). NULL: the backend has fp32 products only.
     void (*set_gemm_bf16)(int bf16);
+    // grouped != 0: the experts op issues each of its products as one grouped GEMM over the
+    // experts; 0: one product per expert. The same numbers up to the order of fp32 sums.
+    // NULL: the backend has one way only.
+    void (*set_expert_gemm)(int grouped);
 
     // Waits until every op issued so far has finished (timing an asynchronous device);
     // NULL: ops finish before they return (the CPU).

@@ -183,7 +183,8 @@ def test_kept_activations_equal_the_second_forward(tmp_path):
 
 def test_device_errors_and_notes(tmp_path):
     """train.device: a bad name is a one-line error; commands other than train and finetune
-    run on the CPU and say so when the config names cuda; bf16 on the CPU is refused."""
+    run on the CPU and say so when the config names cuda; bf16 and grouped expert GEMMs on
+    the CPU are refused."""
     cfg = fixture_config(tmp_path, {"a": write_domain(tmp_path, "a", english(8000))})
     words = SMALL_MODEL + ["train.steps=2", "train.eval_every=0", f"train.out_dir={tmp_path}",
                            "train.name=dev"]
@@ -191,6 +192,8 @@ def test_device_errors_and_notes(tmp_path):
     assert bad.returncode != 0 and "train.device = 'gpu': expected one of cpu|cuda" in bad.stderr
     bf16 = run_moe(["train", str(cfg)] + words + ["train.precision=bf16"], check=False)
     assert bf16.returncode != 0 and "CPU backend computes in fp32 only" in bf16.stderr
+    grouped = run_moe(["train", str(cfg)] + words + ["train.expert_gemm=grouped"], check=False)
+    assert grouped.returncode != 0 and "train.expert_gemm = grouped: the cpu backend" in grouped.stderr
     run = run_moe(["train", str(cfg)] + words)
     assert "device cpu, fp32" in run.stdout
     ev = run_moe(["eval", str(tmp_path / "dev"), "train.device=cuda"])

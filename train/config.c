@@ -21,6 +21,9 @@ static const ConfigKey train_keys[] = {
     {"precision", KEY_ENUM, TK(precision), "auto", 0, 0, "auto|fp32|bf16",
      "matrix products: bf16 operands with fp32 accumulation (cuda only), or fp32; auto: "
      "bf16 on cuda, fp32 on cpu"},
+    {"expert_gemm", KEY_ENUM, TK(expert_gemm), "loop", 0, 0, "loop|grouped",
+     "cuda: the experts' products as one cuBLAS call per expert (loop) or one grouped GEMM "
+     "per product over the experts (grouped); make bench-gpu times both"},
     {"keep_activations", KEY_BOOL, TK(keep_activations), "true", 0, 1, NULL,
      "grad_accum > 1 with router.aux_scope = batch: keep each micro-batch's activations "
      "for its backward (grad_accum - 1 more activation arenas) instead of a second "

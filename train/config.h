@@ -18,6 +18,7 @@
 typedef enum { TRAIN_DEVICE_CPU = 0, TRAIN_DEVICE_CUDA = 1 } TrainDevice;
 // auto: bf16 products on cuda, fp32 on cpu.
 typedef enum { PRECISION_AUTO = 0, PRECISION_FP32 = 1, PRECISION_BF16 = 2 } TrainPrecision;
+typedef enum { EXPERT_GEMM_LOOP = 0, EXPERT_GEMM_GROUPED = 1 } TrainExpertGemm;
 
 typedef struct {
     int batch_size;      // sequences per micro-batch B
@@ -28,6 +29,7 @@ typedef struct {
     int threads;         // OpenMP threads (0: all cores)
     int device;          // TrainDevice
     int precision;       // TrainPrecision
+    int expert_gemm;     // TrainExpertGemm
     int keep_activations;   // pooled aux statistics: one activation set per micro-batch
     int seed;            // weights, data order and router noise
     char name[KEY_STRING_MAX];      // run name (default: the config file's base name)

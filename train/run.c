@@ -115,6 +115,10 @@ void run_set_precision(Model *m, const TrainConfig *tc) {
     char err[512];
     if (model_set_precision(m, wants_bf16(m, tc), err, sizeof err) != 0)
         FAIL("train.precision: %s", err);
+    if (m->be->set_expert_gemm) m->be->set_expert_gemm(tc->expert_gemm == EXPERT_GEMM_GROUPED);
+    else if (tc->expert_gemm == EXPERT_GEMM_GROUPED)
+        FAIL("train.expert_gemm = grouped: the %s backend has one way to run the experts\nHINT: "
+             "it applies to train.device=cuda", m->be->name);
 }
 
 // Which attention the tape planned: a fused kernel keeps no (B, H, T, T) probabilities.

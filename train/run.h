@@ -27,7 +27,8 @@ void run_collect_routing(Model *m, DataLoader *dl, int batches, RoutingStats *rs
 // The backend train.device names; dies with the reason when it cannot be had (no CUDA in
 // this build, no GPU) or train.precision asks for what it lacks.
 const Backend *run_backend(const TrainConfig *tc);
-// Applies train.precision to m (after model_init); dies when the backend lacks it.
+// Applies train.precision and train.expert_gemm to m (after model_init); dies when the
+// backend lacks what they ask for.
 void run_set_precision(Model *m, const TrainConfig *tc);
 // One line for the start-up message: the device, its precision, and why not CUDA when
 // the run is on the CPU.

@@ -138,6 +138,7 @@ static Backend make_table(void) {
     b.adamw_update = cuda_adamw_update;
     b.sum_squares = cuda_sum_squares;
     b.set_gemm_bf16 = cuda_set_gemm_bf16;
+    b.set_expert_gemm = cuda_set_expert_gemm;
     b.synchronize = cuda_synchronize;
     return b;
 }

@@ -118,7 +118,8 @@ int cuda_cublas_load(char *err, size_t n);
 cublasHandle_t cuda_cublas(void);
 // Grow-only device scratch, one buffer per slot: an op takes what it needs for the length
 // of the call (everything runs on one stream, so the next op cannot overlap it).
-enum { SCRATCH_OP = 0, SCRATCH_SORT = 1, SCRATCH_BF16_A, SCRATCH_BF16_B, SCRATCH_SLOTS };
+enum { SCRATCH_OP = 0, SCRATCH_SORT = 1, SCRATCH_BF16_A, SCRATCH_BF16_B, SCRATCH_PTRS,
+       SCRATCH_SLOTS };
 void *cuda_scratch(int slot, size_t bytes);
 // Carves 256-byte aligned pieces out of one scratch request: size first, then place.
 struct ScratchLayout {
@@ -136,11 +137,30 @@ void cuda_read_ints(int32_t *host, const int32_t *dev, size_t n);
 // cuda_set_gemm_bf16(1) cublasGemmEx on bf16 copies of a and b with fp32 accumulation
 // and an fp32 c.
 void cuda_set_gemm_bf16(int bf16);
+void cuda_set_expert_gemm(int grouped);   // the experts op: grouped GEMMs or a loop
 int cuda_gemm_bf16(void);   // the mode set last
 void cuda_synchronize(void);
 void cuda_gemm(int trans_a, int trans_b, size_t m, size_t n, size_t k, float alpha,
                const float *a, size_t lda, const float *b, size_t ldb, float beta, float *c,
                size_t ldc);
+
+// Independent products sharing transposes, leading dimensions, alpha and beta, each
+// row-major as cuda_gemm: c[c_at] (m, n) = alpha op(a[a_at]) op(b[b_at]) + beta c[c_at],
+// offsets in elements into the group's three buffers. Under bf16 products the first
+// a_numel values of a and b_numel of b are rounded to bf16 once for the whole group.
+struct GemmGroup {
+    int trans_a, trans_b;
+    const float *a, *b;
+    float *c;
+    size_t a_numel, b_numel, lda, ldb, ldc;
+    float alpha, beta;
+};
+struct GemmProblem {
+    size_t m, n, k, a_at, b_at, c_at;
+};
+// One cublasGemmGroupedBatchedEx call for the whole group (empty problems skipped);
+// 0 when this cuBLAS has none or refuses the types (said once): the caller loops.
+int cuda_gemm_grouped(const GemmGroup *grp, const GemmProblem *p, size_t count);
 
 // Stable sorts of n (key, value) pairs with CUB's radix sort (stable, -0.0 == +0.0).
 // Ascending int keys in [0, 2^bits): bits = 32 sorts any int32 (negative first).

@@ -282,9 +282,15 @@ void cuda_swiglu_backward(Tensor dh13, Tensor dout, Tensor h13, size_t N, size_t
 }
 
 // ---- grouped experts --------------------------------------------------------------------
-// First version: the offsets (E+1) are read back to the host once per call (one
-// synchronisation), then each non-empty expert runs its own cuBLAS calls in expert order.
-// A grouped GEMM (cublasGemmGroupedBatchedEx) without the read-back is the next step.
+// The offsets (E+1) are read back to the host once per call (one synchronisation: cuBLAS
+// takes problem sizes from host memory). Then either each non-empty expert runs its own
+// cuBLAS calls in expert order (the loop), or each of the op's products is one
+// cublasGemmGroupedBatchedEx call over the experts, with SwiGLU over all routed rows at
+// once (grouped). cuda_set_expert_gemm chooses; make bench --gpu times both.
+
+static int g_expert_gemm_grouped;
+
+void cuda_set_expert_gemm(int grouped) { g_expert_gemm_grouped = grouped; }
 
 // Downloads and validates offsets (E+1) into a host array the caller frees; *M = offsets[E].
 static int32_t *expert_offsets(Tensor offsets, size_t E, size_t *M) {
@@ -305,6 +311,55 @@ static void check_fits(Tensor t, size_t need, const char *name) {
                  t.numel, need);
 }
 
+// One problem per expert with rows (and, when `only` is given, only[e] != 0): m, n, k
+// from the expert's row count r as (m_r ? r : m), and so on, offsets r0 * *_row + e * *_exp.
+struct ExpertProblem {
+    size_t m, n, k;   // 0: the expert's row count
+    size_t a_row, a_exp, b_row, b_exp, c_row, c_exp;
+};
+
+static size_t expert_problems(GemmProblem *p, const int32_t *off, size_t E, const uint8_t *only,
+                              ExpertProblem s) {
+    size_t count = 0;
+    for (size_t e = 0; e < E; e++) {
+        size_t r0 = (size_t)off[e], rows = (size_t)off[e + 1] - r0;
+        if (rows == 0 || (only && !only[e])) continue;
+        p[count++] = {s.m ? s.m : rows, s.n ? s.n : rows, s.k ? s.k : rows,
+                      r0 * s.a_row + e * s.a_exp, r0 * s.b_row + e * s.b_exp,
+                      r0 * s.c_row + e * s.c_exp};
+    }
+    return count;
+}
+
+// Once cuBLAS took an op's first grouped product, it takes the rest (the same types): a
+// refusal now would leave a product undone.
+static void grouped_after_first(const GemmGroup *grp, const GemmProblem *p, size_t n) {
+    CUDA_REQUIRE(cuda_gemm_grouped(grp, p, n),
+                 "internal: cuBLAS took one grouped gemm of the experts but not the next");
+}
+
+// The forward as two grouped products and one SwiGLU; 0 when cuBLAS refuses (loop then).
+static int experts_forward_grouped(Tensor yp, Tensor h13, Tensor act, Tensor xp, Tensor w,
+                                   const int32_t *off, size_t M, size_t E, size_t C, size_t F) {
+    GemmProblem *p = (GemmProblem *)malloc((E ? E : 1) * sizeof *p);
+    CUDA_REQUIRE(p, "out of host memory for %zu expert problems", E);
+    size_t W = 3 * F * C;   // one expert's weights
+    // h13 (rows, 2F) = x (rows, C) w13 (2F, C)^T
+    GemmGroup up = {0, 1, DEV_R(xp), DEV_R(w), DEV_R(h13), M * C, E * W, C, C, 2 * F, 1.0f, 0.0f};
+    size_t n = expert_problems(p, off, E, NULL, {0, 2 * F, C, C, 0, 0, W, 2 * F, 0});
+    int ok = cuda_gemm_grouped(&up, p, n);
+    if (ok) {
+        swiglu_rows(DEV_R(act), DEV_R(h13), M, F);
+        // yp (rows, C) = act (rows, F) w2 (C, F)^T
+        GemmGroup down = {0,  1, DEV_R(act), DEV_R(w) + 2 * F * C, DEV_R(yp), M * F,
+                          E * W - 2 * F * C, F, F, C, 1.0f, 0.0f};
+        n = expert_problems(p, off, E, NULL, {0, C, F, F, 0, 0, W, C, 0});
+        grouped_after_first(&down, p, n);
+    }
+    free(p);
+    return ok;
+}
+
 void cuda_experts_forward(Tensor yp, Tensor h13, Tensor act, Tensor xp, Tensor w,
                           Tensor offsets, size_t E, size_t C, size_t F) {
     size_t M;
@@ -314,6 +369,10 @@ void cuda_experts_forward(Tensor yp, Tensor h13, Tensor act, Tensor xp, Tensor w
     check_fits(h13, M * 2 * F, "h13");
     check_fits(act, M * F, "act");
     check_fits(yp, M * C, "yp");
+    if (g_expert_gemm_grouped && experts_forward_grouped(yp, h13, act, xp, w, off, M, E, C, F)) {
+        free(off);
+        return;
+    }
     for (size_t e = 0; e < E; e++) {
         size_t r0 = (size_t)off[e], rows = (size_t)off[e + 1] - r0;
         if (rows == 0) continue;
@@ -329,6 +388,58 @@ void cuda_experts_forward(Tensor yp, Tensor h13, Tensor act, Tensor xp, Tensor w
     free(off);
 }
 
+// Experts whose weight gradient is wanted: train[e] (all when train is NULL), none
+// without dw. Returns how many.
+static size_t experts_wanting_dw(uint8_t *want, Tensor dw, const uint8_t *train, size_t E) {
+    size_t n = 0;
+    for (size_t e = 0; e < E; e++) {
+        want[e] = dw.data && (!train || train[e]);
+        n += want[e];
+    }
+    return n;
+}
+
+// The backward as grouped products (SwiGLU's backward over every routed row); 0 when
+// cuBLAS refuses (loop then, before anything was written).
+static int experts_backward_grouped(Tensor dxp, Tensor dw, const uint8_t *train, Tensor dyp,
+                                    Tensor dh13, Tensor dact, Tensor h13, Tensor act,
+                                    Tensor xp, Tensor w, const int32_t *off, size_t M,
+                                    size_t E, size_t C, size_t F) {
+    GemmProblem *p = (GemmProblem *)malloc((E ? E : 1) * sizeof *p);
+    uint8_t *want = (uint8_t *)malloc(E ? E : 1);
+    CUDA_REQUIRE(p && want, "out of host memory for %zu expert problems", E);
+    size_t W = 3 * F * C, n_dw = experts_wanting_dw(want, dw, train, E), n;
+    const float *w2 = DEV_R(w) + 2 * F * C;
+    float *dw2 = dw.data ? DEV_R(dw) + 2 * F * C : NULL;
+    // dact (rows, F) = dy (rows, C) w2 (C, F), for every expert with rows (dact is scratch)
+    GemmGroup g_da = {0, 0, DEV_R(dyp), w2, DEV_R(dact), M * C, E * W - 2 * F * C, C, F, F,
+                      1.0f, 0.0f};
+    n = expert_problems(p, off, E, NULL, {0, F, C, C, 0, 0, W, F, 0});
+    int ok = (n_dw || dxp.data) && cuda_gemm_grouped(&g_da, p, n);
+    if (ok) {
+        // dw2 (C, F) += dy (rows, C)^T act (rows, F)
+        GemmGroup g_dw2 = {1, 0, DEV_R(dyp), DEV_R(act), dw2, M * C, M * F, C, F, F, 1.0f, 1.0f};
+        n = expert_problems(p, off, E, want, {C, F, 0, C, 0, F, 0, 0, W});
+        if (n_dw) grouped_after_first(&g_dw2, p, n);
+        // dh13 is scratch: clear it so the accumulating SwiGLU backward assigns.
+        cudaCheck(cudaMemset(DEV_R(dh13), 0, M * 2 * F * sizeof(float)));
+        swiglu_backward_rows(DEV_R(dh13), DEV_R(dact), DEV_R(h13), M, F);
+        // dxp (rows, C) += dh13 (rows, 2F) w13 (2F, C)
+        GemmGroup g_dx = {0, 0, DEV_R(dh13), DEV_R(w), DEV_R(dxp), M * 2 * F, E * W, 2 * F, C, C,
+                          1.0f, 1.0f};
+        n = expert_problems(p, off, E, NULL, {0, C, 2 * F, 2 * F, 0, 0, W, C, 0});
+        if (dxp.data) grouped_after_first(&g_dx, p, n);
+        // dw13 (2F, C) += dh13 (rows, 2F)^T x (rows, C)
+        GemmGroup g_dw13 = {1, 0, DEV_R(dh13), DEV_R(xp), DEV_R(dw), M * 2 * F, M * C, 2 * F, C, C,
+                            1.0f, 1.0f};
+        n = expert_problems(p, off, E, want, {2 * F, C, 0, 2 * F, 0, C, 0, 0, W});
+        if (n_dw) grouped_after_first(&g_dw13, p, n);
+    }
+    free(p);
+    free(want);
+    return ok || (!n_dw && !dxp.data);
+}
+
 void cuda_experts_backward(Tensor dxp, Tensor dw, const uint8_t *train, Tensor dyp,
                            Tensor dh13, Tensor dact, Tensor h13, Tensor act, Tensor xp,
                            Tensor w, Tensor offsets, size_t E, size_t C, size_t F) {
@@ -339,6 +450,11 @@ void cuda_experts_backward(Tensor dxp, Tensor dw, const uint8_t *train, Tensor d
     check_fits(dyp, M * C, "dyp");
     check_fits(dh13, M * 2 * F, "dh13");
     check_fits(dact, M * F, "dact");
+    if (g_expert_gemm_grouped && experts_backward_grouped(dxp, dw, train, dyp, dh13, dact, h13,
+                                                          act, xp, w, off, M, E, C, F)) {
+        free(off);
+        return;
+    }
     for (size_t e = 0; e < E; e++) {
         size_t r0 = (size_t)off[e], rows = (size_t)off[e + 1] - r0;
         int want_dw = dw.data && (!train || train[e]);

@@ -29,6 +29,7 @@ static struct {
     decltype(&cublasSgemm_v2) sgemm;
     GemmExFn gemm_ex;
     decltype(&cublasGetStatusString) status_string;
+    decltype(&cublasGemmGroupedBatchedEx) gemm_grouped;   // NULL before cuBLAS 12.5
 } blas;
 
 #define CUBLAS_SONAME_(major) "libcublas.so." #major
@@ -47,6 +48,7 @@ int cuda_cublas_load(char *err, size_t n) {
     blas.sgemm = (decltype(blas.sgemm))dlsym(lib, "cublasSgemm_v2");
     blas.status_string = (decltype(blas.status_string))dlsym(lib, "cublasGetStatusString");
     blas.gemm_ex = (GemmExFn)dlsym(lib, "cublasGemmEx");
+    blas.gemm_grouped = (decltype(blas.gemm_grouped))dlsym(lib, "cublasGemmGroupedBatchedEx");
     if (!blas.create || !blas.set_math_mode || !blas.sgemm || !blas.status_string ||
         !blas.gemm_ex) {
         snprintf(err, n, "CUDA backend built, but %s lacks a function it needs",
@@ -238,6 +240,110 @@ void cuda_gemm(int trans_a, int trans_b, size_t m, size_t n, size_t k, float alp
     cublasCheck(blas.sgemm(h, trans_b ? CUBLAS_OP_T : CUBLAS_OP_N,
                             trans_a ? CUBLAS_OP_T : CUBLAS_OP_N, (int)n, (int)m, (int)k, &alpha,
                             b, (int)ldb, a, (int)lda, &beta, c, (int)ldc));
+}
+
+// ---- grouped gemm -----------------------------------------------------------------------
+
+static const __nv_bfloat16 *bf16_dense(int slot, const float *src, size_t n) {
+    return bf16_copy(slot, src, 1, n, n);
+}
+
+// Host and device arrays of one grouped call: every problem its own group of one.
+struct GroupedArgs {
+    cublasOperation_t *ta, *tb;
+    int *m, *n, *k, *lda, *ldb, *ldc, *size;
+    float *alpha, *beta;
+    const void **a, **b;
+    void **c;
+};
+
+static void grouped_args_free(GroupedArgs *g) {
+    free(g->ta), free(g->tb), free(g->m), free(g->n), free(g->k), free(g->lda), free(g->ldb);
+    free(g->ldc), free(g->size), free(g->alpha), free(g->beta), free(g->a), free(g->b);
+    free(g->c);
+}
+
+// Fills the arguments in cuBLAS's column-major terms (operands swapped, as cuda_gemm).
+// Returns the problems kept (empty ones dropped).
+static int grouped_args(GroupedArgs *g, const GemmGroup *grp, const GemmProblem *p,
+                        size_t count, const void *a, const void *b, size_t elem) {
+    size_t n = count ? count : 1;
+    g->ta = (cublasOperation_t *)malloc(n * sizeof *g->ta);
+    g->tb = (cublasOperation_t *)malloc(n * sizeof *g->tb);
+    int **ints[] = {&g->m, &g->n, &g->k, &g->lda, &g->ldb, &g->ldc, &g->size};
+    for (int **q : ints) *q = (int *)malloc(n * sizeof(int));
+    g->alpha = (float *)malloc(n * sizeof(float));
+    g->beta = (float *)malloc(n * sizeof(float));
+    g->a = (const void **)malloc(n * sizeof(void *));
+    g->b = (const void **)malloc(n * sizeof(void *));
+    g->c = (void **)malloc(n * sizeof(void *));
+    CUDA_REQUIRE(g->c && g->b && g->a && g->beta && g->alpha && g->size && g->ta && g->tb,
+                 "out of host memory for a grouped gemm of %zu problems", count);
+    int kept = 0;
+    for (size_t i = 0; i < count; i++) {
+        if (p[i].m == 0 || p[i].n == 0 || p[i].k == 0) continue;
+        CUDA_REQUIRE(p[i].m <= INT_MAX && p[i].n <= INT_MAX && p[i].k <= INT_MAX,
+                     "grouped gemm problem of (%zu x %zu x %zu) exceeds cuBLAS's int sizes",
+                     p[i].m, p[i].n, p[i].k);
+        g->ta[kept] = grp->trans_b ? CUBLAS_OP_T : CUBLAS_OP_N;
+        g->tb[kept] = grp->trans_a ? CUBLAS_OP_T : CUBLAS_OP_N;
+        g->m[kept] = (int)p[i].n;
+        g->n[kept] = (int)p[i].m;
+        g->k[kept] = (int)p[i].k;
+        g->lda[kept] = (int)grp->ldb;
+        g->ldb[kept] = (int)grp->lda;
+        g->ldc[kept] = (int)grp->ldc;
+        g->size[kept] = 1;
+        g->alpha[kept] = grp->alpha;
+        g->beta[kept] = grp->beta;
+        g->a[kept] = (const char *)b + p[i].b_at * elem;
+        g->b[kept] = (const char *)a + p[i].a_at * elem;
+        g->c[kept] = grp->c + p[i].c_at;
+        kept++;
+    }
+    return kept;
+}
+
+static int g_grouped_refused;
+
+int cuda_gemm_grouped(const GemmGroup *grp, const GemmProblem *p, size_t count) {
+    if (!blas.gemm_grouped || g_grouped_refused) return 0;
+    CUDA_REQUIRE(grp->lda <= INT_MAX && grp->ldb <= INT_MAX && grp->ldc <= INT_MAX,
+                 "grouped gemm leading dimensions exceed cuBLAS's int sizes");
+    cublasHandle_t h = cuda_cublas();
+    const void *a = grp->a, *b = grp->b;
+    cudaDataType ab = CUDA_R_32F;
+    size_t elem = sizeof(float);
+    if (g_gemm_bf16) {
+        a = bf16_dense(SCRATCH_BF16_A, grp->a, grp->a_numel);
+        b = bf16_dense(SCRATCH_BF16_B, grp->b, grp->b_numel);
+        ab = CUDA_R_16BF;
+        elem = sizeof(__nv_bfloat16);
+    }
+    GroupedArgs g;
+    int kept = grouped_args(&g, grp, p, count, a, b, elem);
+    cublasStatus_t st = CUBLAS_STATUS_SUCCESS;
+    if (kept > 0) {
+        // The pointer arrays live on the device: one upload of the three.
+        void **dev = (void **)cuda_scratch(SCRATCH_PTRS, 3 * (size_t)kept * sizeof(void *));
+        cudaCheck(cudaMemcpy(dev, g.a, kept * sizeof(void *), cudaMemcpyHostToDevice));
+        cudaCheck(cudaMemcpy(dev + kept, g.b, kept * sizeof(void *), cudaMemcpyHostToDevice));
+        cudaCheck(cudaMemcpy(dev + 2 * kept, g.c, kept * sizeof(void *), cudaMemcpyHostToDevice));
+        st = blas.gemm_grouped(h, g.ta, g.tb, g.m, g.n, g.k, g.alpha, (const void *const *)dev,
+                               ab, g.lda, (const void *const *)(dev + kept), ab, g.ldb, g.beta,
+                               dev + 2 * kept, CUDA_R_32F, g.ldc, kept, g.size,
+                               CUBLAS_COMPUTE_32F);
+    }
+    grouped_args_free(&g);
+    if (st == CUBLAS_STATUS_NOT_SUPPORTED || st == CUBLAS_STATUS_INVALID_VALUE) {
+        fprintf(stderr, "moe: note: cublasGemmGroupedBatchedEx refused the experts' %s products "
+                        "(%s): they run one cuBLAS call per expert\n",
+                g_gemm_bf16 ? "bf16" : "fp32", blas.status_string(st));
+        g_grouped_refused = 1;
+        return 0;
+    }
+    cublasCheck(st);
+    return 1;
 }
 
 // ---- sorting ----------------------------------------------------------------------------

@@ -531,6 +531,15 @@ static void case_experts_bf16(void) {
     gpu->set_gemm_bf16(0);
 }
 
+// The same two cases with each product of the op one grouped GEMM over the experts
+// (train.expert_gemm = grouped): the same tolerances, the products differ in sum order only.
+static void case_experts_grouped(void) {
+    gpu->set_expert_gemm(1);
+    case_experts();
+    case_experts_bf16();
+    gpu->set_expert_gemm(0);
+}
+
 static void case_crossentropy(void) {
     size_t N = 19, V = 301;
     Pair lg = reals(N * V, 3), tg = rand_ints(N, (int32_t)V), loss = zeros(1, DTYPE_F32),
@@ -896,6 +905,7 @@ static const Case cases[] = {
     {"swiglu", case_swiglu},
     {"experts", case_experts},
     {"experts_bf16", case_experts_bf16},
+    {"experts_grouped", case_experts_grouped},
     {"crossentropy", case_crossentropy},
     {"router_scores", case_router_scores},
     {"noisy_logits", case_noisy_logits},
