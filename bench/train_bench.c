@@ -60,7 +60,7 @@ Phase bench_op_phase(const Tape *t, size_t i) {
     case OP_MUL: // Switch jitter, the router's input only
     case OP_SCORES:
     case OP_NOISY:
-    case OP_TOPK:
+    case OP_ROUTE:
     case OP_GATES:
     case OP_CAPACITY:
     case OP_NORMALIZE:
@@ -68,7 +68,6 @@ Phase bench_op_phase(const Tape *t, size_t i) {
     case OP_Z_LOSS:
     case OP_IMPORTANCE_LOSS:
     case OP_LOAD_LOSS:
-    case OP_ADD_BIAS:
     case OP_HASH_ROUTE:
     case OP_EXPERT_CHOICE: return PHASE_ROUTER;
     case OP_DISPATCH:

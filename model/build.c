@@ -219,27 +219,23 @@ static Buf op_gates(Builder *b, Buf scores, Tensor idx, size_t slots, int renorm
     return g->gates.gates;
 }
 
-// Top-k on the scores, or on scores + expert bias (DeepSeek-V3: the bias picks, the
-// scores weigh).
-static void op_topk(Builder *b, Buf scores, MoeLayerState *st) {
+// Scores, top-k on the scores or on scores + expert bias (DeepSeek-V3: the bias picks,
+// the scores weigh), and gates: one op (Backend.route_topk_forward).
+static void op_route(Builder *b, RouterBufs *r, MoeLayerState *st) {
     const ModelConfig *c = &b->m->cfg;
-    size_t E = (size_t)c->experts, N = b->N;
-    Tensor vals = scores.v;
-    if (c->bias_gamma > 0) {
-        TapeOp *ab = tape_push(&b->m->tape, OP_ADD_BIAS);
-        vals = ab->add_bias.out = take(b, N * E, DTYPE_REAL);   // (N, E)
-        ab->add_bias.s = scores.v;
-        ab->add_bias.b = st->bias;
-        ab->add_bias.N = N;
-        ab->add_bias.E = E;
-    }
-    TapeOp *tk = tape_push(&b->m->tape, OP_TOPK);
-    st->idx = take(b, N * (size_t)c->top_k, DTYPE_I32);   // (N, k)
-    tk->topk.idx = st->idx;
-    tk->topk.vals = vals;
-    tk->topk.N = N;
-    tk->topk.E = E;
-    tk->topk.k = (size_t)c->top_k;
+    size_t E = (size_t)c->experts, N = b->N, k = (size_t)c->top_k;
+    TapeOp *op = tape_push(&b->m->tape, OP_ROUTE);
+    r->scores = op->route.scores = take_buf(b, N * E);   // (N, E)
+    r->gates = op->route.gates = take_buf(b, N * k);     // (N, k)
+    st->idx = op->route.idx = take(b, N * k, DTYPE_I32); // (N, k)
+    st->gates = r->gates.v;
+    op->route.logits = r->logits;
+    op->route.bias = c->bias_gamma > 0 ? st->bias : tensor_none();
+    op->route.N = N;
+    op->route.E = E;
+    op->route.k = k;
+    op->route.func = (ScoreFunc)c->score;
+    op->route.renorm = c->renorm;
 }
 
 // Hash routing: fixed experts from the token id, equal gates 1/k, no learned router.
@@ -301,14 +297,12 @@ static RouterBufs build_router(Builder *b, Buf xr, int l, MoeLayerState *st) {
         op->noisy.n = N * E;
         r.logits = op->noisy.h;
     }
-    r.scores = op_scores(b, r.logits);
     if (c->select == SELECT_EXPERT_CHOICE) {
+        r.scores = op_scores(b, r.logits);
         build_expert_choice_slots(b, &r, st);
         return r;
     }
-    op_topk(b, r.scores, st);
-    r.gates = op_gates(b, r.scores, st->idx, (size_t)c->top_k, c->renorm);
-    st->gates = r.gates.v;
+    op_route(b, &r, st);
     return r;
 }
 

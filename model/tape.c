@@ -75,9 +75,10 @@ static void op_forward(const TapeOp *op, const Backend *be) {
         const __typeof__(op->noisy) *a = &op->noisy;
         be->noisy_logits_forward(a->h.v, a->clean.v, a->raw.v, a->eps, a->n);
     } break;
-    case OP_TOPK: {
-        const __typeof__(op->topk) *a = &op->topk;
-        be->topk_forward(a->idx, a->vals, a->N, a->E, a->k);
+    case OP_ROUTE: {
+        const __typeof__(op->route) *a = &op->route;
+        be->route_topk_forward(a->scores.v, a->idx, a->gates.v, a->logits.v, a->bias, a->N, a->E,
+                               a->k, a->func, a->renorm);
     } break;
     case OP_GATES: {
         const __typeof__(op->gates) *a = &op->gates;
@@ -121,10 +122,6 @@ static void op_forward(const TapeOp *op, const Backend *be) {
         const __typeof__(op->load) *a = &op->load;
         be->load_loss_forward(a->loss, a->load, a->clean.v, a->h.v, a->raw.v, a->idx, a->N,
                               a->E, a->k);
-    } break;
-    case OP_ADD_BIAS: {
-        const __typeof__(op->add_bias) *a = &op->add_bias;
-        be->add_bias_forward(a->out, a->s, a->b, a->N, a->E);
     } break;
     case OP_HASH_ROUTE: {
         const __typeof__(op->hash) *a = &op->hash;
@@ -179,10 +176,14 @@ static void op_backward(const TapeOp *op, const Backend *be) {
         const __typeof__(op->noisy) *a = &op->noisy;
         be->noisy_logits_backward(a->clean.g, a->raw.g, a->h.g, a->raw.v, a->eps, a->n);
     } break;
-    case OP_TOPK:
+    case OP_ROUTE: {
+        const __typeof__(op->route) *a = &op->route;
+        be->gates_backward(a->scores.g, a->gates.g, a->scores.v, a->idx, a->N, a->E, a->k,
+                           a->renorm);
+        be->router_scores_backward(a->logits.g, a->scores.g, a->scores.v, a->N, a->E, a->func);
+    } break;
     case OP_CAPACITY:
     case OP_DISPATCH:
-    case OP_ADD_BIAS:
     case OP_HASH_ROUTE:
     case OP_EXPERT_CHOICE: break;   // selection is constant in backward
     case OP_GATES: {

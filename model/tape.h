@@ -40,7 +40,7 @@ typedef enum {
     OP_EXPERTS,
     OP_SCORES,
     OP_NOISY,
-    OP_TOPK,
+    OP_ROUTE,
     OP_GATES,
     OP_CAPACITY,
     OP_DISPATCH,
@@ -52,7 +52,6 @@ typedef enum {
     OP_IMPORTANCE_LOSS,
     OP_LOAD_LOSS,
     OP_CROSSENTROPY,
-    OP_ADD_BIAS,
     OP_HASH_ROUTE,
     OP_EXPERT_CHOICE,
 } OpKind;
@@ -76,7 +75,14 @@ typedef struct {
         } experts;
         struct { Buf scores, logits; size_t N, E; ScoreFunc func; } scores;
         struct { Buf h, clean, raw; Tensor eps; size_t n; } noisy;
-        struct { Tensor idx, vals; size_t N, E, k; } topk;
+        // Scores, top-k (on scores + bias when bias.data) and gates in one op.
+        struct {
+            Buf scores, gates, logits;
+            Tensor idx, bias;
+            size_t N, E, k;
+            ScoreFunc func;
+            int renorm;
+        } route;
         struct { Buf gates, scores; Tensor idx; size_t N, E, k; int renorm; } gates;
         struct {
             Tensor keep, idx, gates;
@@ -111,7 +117,6 @@ typedef struct {
             double coef, coef_used;
         } load;
         struct { Tensor loss, lse, targets; Buf logits; size_t N, V; double coef; } ce;
-        struct { Tensor out, s, b; size_t N, E; } add_bias;
         struct { Tensor idx, tokens; size_t N, E, k; } hash;
         struct { Tensor keep, scores; size_t N, E, capacity; } expert_choice;
     };

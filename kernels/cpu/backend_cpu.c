@@ -35,6 +35,7 @@ static const Backend cpu_backend = {
     .noisy_logits_backward = cpu_noisy_logits_backward,
     .topk_forward = cpu_topk_forward,
     .gates_forward = cpu_gates_forward,
+    .route_topk_forward = cpu_route_topk_forward,
     .gates_backward = cpu_gates_backward,
     .capacity_forward = cpu_capacity_forward,
     .dispatch_plan = cpu_dispatch_plan,

@@ -172,6 +172,21 @@ void cpu_gates_forward(Tensor gates, Tensor scores, Tensor idx, size_t N, size_t
     }
 }
 
+// The separate ops in turn: the CPU gains nothing from fusing rows it already streams.
+void cpu_route_topk_forward(Tensor scores, Tensor idx, Tensor gates, Tensor logits, Tensor bias,
+                            size_t N, size_t E, size_t k, ScoreFunc func, int renorm) {
+    cpu_router_scores_forward(scores, logits, N, E, func);
+    Tensor vals = scores;
+    size_t n = N * E;
+    if (bias.data) {
+        vals.data = CALLOC(n ? n : 1, sizeof(real));   // (N, E) scores + bias
+        cpu_add_bias_forward(vals, scores, bias, N, E);
+    }
+    cpu_topk_forward(idx, vals, N, E, k);
+    if (bias.data) free(vals.data);
+    cpu_gates_forward(gates, scores, idx, N, E, k, renorm);
+}
+
 void cpu_gates_backward(Tensor dscores, Tensor dgates, Tensor scores, Tensor idx, size_t N,
                         size_t E, size_t k, int renorm) {
     if (!dscores.data) return;

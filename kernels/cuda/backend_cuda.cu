@@ -115,6 +115,7 @@ static Backend make_table(void) {
     b.noisy_logits_backward = cuda_noisy_logits_backward;
     b.topk_forward = cuda_topk_forward;
     b.gates_forward = cuda_gates_forward;
+    b.route_topk_forward = cuda_route_topk_forward;
     b.gates_backward = cuda_gates_backward;
     b.capacity_forward = cuda_capacity_forward;
     b.add_bias_forward = cuda_add_bias_forward;

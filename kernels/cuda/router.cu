@@ -51,19 +51,21 @@ static void check_score_func(ScoreFunc func) {
 
 // ---- scores -----------------------------------------------------------------------------
 
-__global__ void softmax_rows_kernel(float *s, const float *x, size_t N, size_t E) {
-    GRID_STRIDE(n, N) {
-        const float *xr = x + n * E;
-        float *out = s + n * E;
-        double mx = xr[0];
-        for (size_t e = 1; e < E; e++) mx = fmax(mx, (double)xr[e]);
-        double sum = 0.0;
-        for (size_t e = 0; e < E; e++) {
-            out[e] = (float)exp((double)xr[e] - mx);
-            sum += out[e];
-        }
-        for (size_t e = 0; e < E; e++) out[e] = (float)(out[e] / sum);
+// Per-row steps shared by the separate kernels and the fused routing kernel, so the fused
+// op gives the separate ops' bits.
+__device__ __forceinline__ void softmax_row(float *out, const float *xr, size_t E) {
+    double mx = xr[0];
+    for (size_t e = 1; e < E; e++) mx = fmax(mx, (double)xr[e]);
+    double sum = 0.0;
+    for (size_t e = 0; e < E; e++) {
+        out[e] = (float)exp((double)xr[e] - mx);
+        sum += out[e];
     }
+    for (size_t e = 0; e < E; e++) out[e] = (float)(out[e] / sum);
+}
+
+__global__ void softmax_rows_kernel(float *s, const float *x, size_t N, size_t E) {
+    GRID_STRIDE(n, N) softmax_row(s + n * E, x + n * E, E);
 }
 
 __global__ void sigmoid_kernel(float *s, const float *x, size_t n) {
@@ -141,25 +143,29 @@ void cuda_noisy_logits_backward(Tensor dclean, Tensor draw, Tensor dh, Tensor ra
 // ---- selection --------------------------------------------------------------------------
 
 // Insertion into a list kept sorted, largest first: strict > leaves an equal value behind
-// the lower expert index seen earlier. One thread per row, the list in registers.
-__global__ void topk_kernel(int32_t *top, const float *vals, size_t N, size_t E, size_t k) {
-    GRID_STRIDE(n, N) {
-        const float *v = vals + n * E;
-        float best[TOPK_MAX];
-        int32_t who[TOPK_MAX];
-        size_t len = 0;
-        for (size_t e = 0; e < E; e++) {
-            if (len == k && !(v[e] > best[k - 1])) continue;
-            size_t pos = len < k ? len++ : k - 1;
-            for (; pos > 0 && v[e] > best[pos - 1]; pos--) {
-                best[pos] = best[pos - 1];
-                who[pos] = who[pos - 1];
-            }
-            best[pos] = v[e];
-            who[pos] = (int32_t)e;
+// the lower expert index seen earlier. One thread per row, the list in registers. The
+// values are v[e] + bias[e] (bias NULL: v), summed in float as add_bias_forward does.
+__device__ __forceinline__ void topk_row(int32_t *top, const float *v, const float *bias,
+                                         size_t E, size_t k) {
+    float best[TOPK_MAX];
+    int32_t who[TOPK_MAX];
+    size_t len = 0;
+    for (size_t e = 0; e < E; e++) {
+        float x = bias ? v[e] + bias[e] : v[e];
+        if (len == k && !(x > best[k - 1])) continue;
+        size_t pos = len < k ? len++ : k - 1;
+        for (; pos > 0 && x > best[pos - 1]; pos--) {
+            best[pos] = best[pos - 1];
+            who[pos] = who[pos - 1];
         }
-        for (size_t j = 0; j < k; j++) top[n * k + j] = who[j];
+        best[pos] = x;
+        who[pos] = (int32_t)e;
     }
+    for (size_t j = 0; j < k; j++) top[j] = who[j];
+}
+
+__global__ void topk_kernel(int32_t *top, const float *vals, size_t N, size_t E, size_t k) {
+    GRID_STRIDE(n, N) topk_row(top + n * k, vals + n * E, NULL, E, k);
 }
 
 void cuda_topk_forward(Tensor idx, Tensor vals, size_t N, size_t E, size_t k) {
@@ -176,14 +182,15 @@ __device__ __forceinline__ double selected_sum(const float *s, const int32_t *to
     return sum;
 }
 
+__device__ __forceinline__ void gates_row(float *g, const float *sr, const int32_t *tr, size_t k,
+                                          int renorm) {
+    double scale = renorm ? 1.0 / selected_sum(sr, tr, k) : 1.0;
+    for (size_t j = 0; j < k; j++) g[j] = (float)(sr[tr[j]] * scale);
+}
+
 __global__ void gates_kernel(float *g, const float *s, const int32_t *top, size_t N, size_t E,
                              size_t k, int renorm) {
-    GRID_STRIDE(n, N) {
-        const float *sr = s + n * E;
-        const int32_t *tr = top + n * k;
-        double scale = renorm ? 1.0 / selected_sum(sr, tr, k) : 1.0;
-        for (size_t j = 0; j < k; j++) g[n * k + j] = (float)(sr[tr[j]] * scale);
-    }
+    GRID_STRIDE(n, N) gates_row(g + n * k, s + n * E, top + n * k, k, renorm);
 }
 
 void cuda_gates_forward(Tensor gates, Tensor scores, Tensor idx, size_t N, size_t E, size_t k,
@@ -218,6 +225,39 @@ void cuda_gates_backward(Tensor dscores, Tensor dgates, Tensor scores, Tensor id
     if (!dscores.data || N * k == 0) return;
     gates_backward_kernel<<<cuda_blocks(N), CUDA_THREADS>>>(
         DEV_R(dscores), DEV_R(dgates), DEV_R(scores), DEV_I(idx), N, E, k, renorm);
+    cudaCheckLaunch();
+}
+
+// ---- fused top-k routing ------------------------------------------------------------------
+
+// One thread per row: scores, top-k on scores (+ bias), gates, the row never leaving
+// the thread between steps (the separate ops take three launches and two round trips of
+// the (N, E) scores through memory).
+__global__ void route_topk_kernel(float *s, int32_t *top, float *g, const float *x,
+                                  const float *bias, size_t N, size_t E, size_t k, int sigmoid,
+                                  int renorm) {
+    GRID_STRIDE(n, N) {
+        float *sr = s + n * E;
+        const float *xr = x + n * E;
+        if (sigmoid)
+            for (size_t e = 0; e < E; e++) sr[e] = (float)r_sigmoid(xr[e]);
+        else
+            softmax_row(sr, xr, E);
+        topk_row(top + n * k, sr, bias, E, k);
+        gates_row(g + n * k, sr, top + n * k, k, renorm);
+    }
+}
+
+void cuda_route_topk_forward(Tensor scores, Tensor idx, Tensor gates, Tensor logits,
+                             Tensor bias, size_t N, size_t E, size_t k, ScoreFunc func,
+                             int renorm) {
+    check_score_func(func);
+    CUDA_REQUIRE(k >= 1 && k <= E && k <= TOPK_MAX,
+                 "topk: need 1 <= k <= min(E, %d), got k=%zu E=%zu", TOPK_MAX, k, E);
+    if (N == 0) return;
+    route_topk_kernel<<<cuda_blocks(N), CUDA_THREADS>>>(
+        DEV_R(scores), DEV_I(idx), DEV_R(gates), DEV_R(logits), DEV_R(bias), N, E, k,
+        func == SCORE_SIGMOID, renorm);
     cudaCheckLaunch();
 }
 
