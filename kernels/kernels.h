@@ -264,6 +264,12 @@ typedef struct Backend {
     // 0: plain fp32. The tape sets it before every op with products (the router's stay
     // fp32). NULL: the backend has fp32 products only.
     void (*set_gemm_bf16)(int bf16);
+    // on != 0: keep a bf16 copy of w (the model's parameters: fp32 master weights) that bf16
+    // products read instead of rounding w in every call; adamw_update writes it alongside
+    // the fp32 values, other writes into w make the backend round it anew before its next
+    // use, so products see exactly the rounding of the current w. One buffer at a time
+    // (on replaces the last); on = 0 releases w's copy. NULL: none (the CPU).
+    void (*set_bf16_weights)(Tensor w, int on);
     // grouped != 0: the experts op issues each of its products as one grouped GEMM over the
     // experts; 0: one product per expert. The same numbers up to the order of fp32 sums.
     // NULL: the backend has one way only.

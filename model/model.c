@@ -76,6 +76,7 @@ static void unplan_tape(Model *m, int owns_dacts) {
 }
 
 void model_free(Model *m) {
+    if (m->be->set_bf16_weights) m->be->set_bf16_weights(m->params, 0);
     m->be->release(m->params.data);
     m->be->release(m->grads.data);
     m->be->release(m->expert_bias.data);
@@ -261,5 +262,6 @@ int model_set_precision(Model *m, int bf16, char *err, size_t n) {
         unplan_tape(m, 1);
         plan_tape(m, NULL, bf16);
     }
+    if (m->be->set_bf16_weights) m->be->set_bf16_weights(m->params, bf16);
     return 0;
 }

@@ -432,6 +432,12 @@ static struct {
 
 static void fused_set_gemm_bf16(int bf16) { g_fused_bf16 = bf16; }
 
+static const void *g_weights_copied;   // the buffer given a bf16 copy, NULL: none
+static void fused_set_bf16_weights(Tensor w, int on) {
+    if (on) g_weights_copied = w.data;
+    else if (g_weights_copied == w.data) g_weights_copied = NULL;
+}
+
 static void fused_plan(size_t *att, size_t *datt, size_t B, size_t T, size_t H, size_t KV,
                        size_t D, int bf16) {
     (void)KV, (void)D;
@@ -488,6 +494,7 @@ static const Backend *fused_backend(void) {
     g_fused.attention_plan = fused_plan;
     g_fused.attention_forward = fused_forward;
     g_fused.attention_backward = fused_backward;
+    g_fused.set_bf16_weights = fused_set_bf16_weights;
     return &g_fused;
 }
 
@@ -499,7 +506,8 @@ static size_t attention_state(const Model *m) {
 }
 
 // Switching to bf16 plans the activations again (less attention state, a smaller arena),
-// keeps frozen tensors frozen, and a replica follows its model; the losses and gradients
+// gives the weights a bf16 copy, keeps frozen tensors frozen, and a replica follows its
+// model; the losses and gradients
 // are the CPU backend's bit for bit (the stand-in computes in fp32 whatever the mode).
 static void test_attention_state_follows_precision(void **state) {
     (void)state;
@@ -520,6 +528,7 @@ static void test_attention_state_follows_precision(void **state) {
     assert_int_equal(attention_state(&m), L * B * H * T * T);
     char err[256];
     assert_int_equal(model_set_precision(&m, 1, err, sizeof err), 0);
+    assert_ptr_equal(g_weights_copied, m.params.data);   // the weights get a bf16 copy
     assert_int_equal(attention_state(&m), L * B * H * T);
     assert_true(m.acts.size < fp32_acts);
     Model r;
@@ -542,6 +551,7 @@ static void test_attention_state_follows_precision(void **state) {
     assert_memory_equal(TENSOR_R(m.grads), TENSOR_R(ref.grads), n * sizeof(real));
 
     assert_int_equal(model_set_precision(&m, 0, err, sizeof err), 0);
+    assert_null(g_weights_copied);   // fp32 products need no copy
     assert_int_equal(attention_state(&m), L * B * H * T * T);
     assert_int_equal(m.acts.size, fp32_acts);
     for (int i = 0; i < FUSED_LAYERS; i++) free(g_fused_probs[i].probs);

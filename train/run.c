@@ -134,7 +134,8 @@ static const char *attention_kind(const Model *m) {
 void run_describe_device(const Model *m, char *buf, size_t n) {
     char dev[384];
     backend_describe(m->be, dev, sizeof dev);
-    const char *prec = m->tape.bf16 ? "bf16 products, fp32 router, weights and optimizer"
+    const char *prec = m->tape.bf16 ? "bf16 products and weight copy, fp32 router, master "
+                                      "weights and optimizer"
                                     : "fp32";
     if (m->be->device == DEVICE_CUDA)
         snprintf(buf, n, "device %s, %s, %s", dev, prec, attention_kind(m));

@@ -140,6 +140,7 @@ static Backend make_table(void) {
     b.sum_squares = cuda_sum_squares;
     b.set_gemm_bf16 = cuda_set_gemm_bf16;
     b.set_expert_gemm = cuda_set_expert_gemm;
+    b.set_bf16_weights = cuda_set_bf16_weights;
     b.synchronize = cuda_synchronize;
     return b;
 }

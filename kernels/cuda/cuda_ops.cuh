@@ -19,6 +19,7 @@
 #define MOE_CUDA_OPS_CUH
 
 #include <cublas_v2.h>
+#include <cuda_bf16.h>
 #include <cuda_runtime.h>
 #include <math.h>
 #include <stddef.h>
@@ -138,6 +139,12 @@ void cuda_read_ints(int32_t *host, const int32_t *dev, size_t n);
 // and an fp32 c.
 void cuda_set_gemm_bf16(int bf16);
 void cuda_set_expert_gemm(int grouped);   // the experts op: grouped GEMMs or a loop
+void cuda_set_bf16_weights(Tensor w, int on);
+// The bf16 copy of [p, p + n) when p lies in the weights with a current copy (AdamW
+// writes it alongside the fp32 values), else NULL. A write to the weights by any other
+// op calls cuda_weights_written (the copy goes stale, to be rounded anew on next use).
+__nv_bfloat16 *cuda_bf16_weights_at(const float *p, size_t n);
+void cuda_weights_written(const void *p, size_t n);
 int cuda_gemm_bf16(void);   // the mode set last
 void cuda_synchronize(void);
 void cuda_gemm(int trans_a, int trans_b, size_t m, size_t n, size_t k, float alpha,

@@ -2,10 +2,13 @@
 // gradient norm. Semantics are in kernels.h; kernels/cpu/optim.c is the reference.
 #include "cuda_ops.cuh"
 
+#include <cuda_bf16.h>
+
 // Arithmetic in double, rounded to float where torch (and the CPU op) keep a value
-// between operations: the decayed parameter, m and v.
-__global__ void adamw_kernel(float *p, const float *g, float *m, float *v, size_t n,
-                             double decay, double beta1, double beta2, double eps,
+// between operations: the decayed parameter, m and v. p16 (NULL: none) receives the new
+// parameter rounded to bf16: the copy bf16 products read (fp32 master weights).
+__global__ void adamw_kernel(float *p, __nv_bfloat16 *p16, const float *g, float *m, float *v,
+                             size_t n, double decay, double beta1, double beta2, double eps,
                              double step_size, double bc2_sqrt, double grad_scale) {
     GRID_STRIDE(i, n) {
         double gi = (double)g[i] * grad_scale;
@@ -14,6 +17,7 @@ __global__ void adamw_kernel(float *p, const float *g, float *m, float *v, size_
         float vi = (float)(beta2 * v[i] + (1.0 - beta2) * gi * gi);
         double denom = sqrt((double)vi) / bc2_sqrt + eps;
         p[i] = (float)(decayed - step_size * (double)mi / denom);
+        if (p16) p16[i] = __float2bfloat16_rn(p[i]);
         m[i] = mi;
         v[i] = vi;
     }
@@ -23,9 +27,9 @@ void cuda_adamw_update(Tensor p, Tensor g, Tensor m, Tensor v, size_t n, double 
                        double beta1, double beta2, double eps, double weight_decay,
                        double bias_c1, double bias_c2, double grad_scale) {
     if (n == 0) return;
-    adamw_kernel<<<cuda_blocks(n), CUDA_THREADS>>>(DEV_R(p), DEV_R(g), DEV_R(m), DEV_R(v), n,
-                                                   1.0 - lr * weight_decay, beta1, beta2, eps,
-                                                   lr / bias_c1, sqrt(bias_c2), grad_scale);
+    adamw_kernel<<<cuda_blocks(n), CUDA_THREADS>>>(
+        DEV_R(p), cuda_bf16_weights_at(DEV_R(p), n), DEV_R(g), DEV_R(m), DEV_R(v), n,
+        1.0 - lr * weight_decay, beta1, beta2, eps, lr / bias_c1, sqrt(bias_c2), grad_scale);
     cudaCheckLaunch();
 }
 

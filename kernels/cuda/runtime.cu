@@ -169,19 +169,97 @@ static const __nv_bfloat16 *bf16_copy(int slot, const float *src, size_t rows, s
     return dst;
 }
 
-// The bf16 product: a and b as dense bf16 copies (their leading dimensions become their
-// widths), fp32 accumulate (CUBLAS_COMPUTE_32F) into the fp32 c.
+// ---- the bf16 copy of the weights (fp32 master weights) ----------------------------------
+// One fp32 buffer (the model's parameters) may have a bf16 copy, the values products read
+// under bf16 instead of rounding the weights in every call. AdamW writes it as it updates
+// the fp32 master values; any other write into the buffer (upload, zero) marks it stale,
+// and the next product that reads it rounds the whole buffer once.
+
+static struct {
+    const float *base;   // NULL: no copy
+    size_t n;
+    __nv_bfloat16 *copy; // (n)
+    int stale;
+} g_weights;
+
+// One buffer at a time: on replaces any other; off releases the copy of w only.
+void cuda_set_bf16_weights(Tensor w, int on) {
+    if (!on && g_weights.base != DEV_R(w)) return;
+    if (g_weights.copy) cuda_release(g_weights.copy);
+    memset(&g_weights, 0, sizeof g_weights);
+    if (!on || !w.data || w.numel == 0) return;
+    g_weights.copy = (__nv_bfloat16 *)cuda_alloc(w.numel * sizeof(__nv_bfloat16));
+    CUDA_REQUIRE(g_weights.copy, "out of GPU memory for the bf16 copy of %zu weights", w.numel);
+    g_weights.base = DEV_R(w);
+    g_weights.n = w.numel;
+    g_weights.stale = 1;
+}
+
+// Offset of [p, p + n) in the weights with a bf16 copy, or -1 when it is not inside.
+static ptrdiff_t weights_offset(const void *p, size_t n) {
+    const float *f = (const float *)p;
+    if (!g_weights.base || f < g_weights.base || f + n > g_weights.base + g_weights.n) return -1;
+    return f - g_weights.base;
+}
+
+void cuda_weights_written(const void *p, size_t n) {
+    const float *f = (const float *)p;
+    if (g_weights.base && f < g_weights.base + g_weights.n && f + n > g_weights.base)
+        g_weights.stale = 1;
+}
+
+__nv_bfloat16 *cuda_bf16_weights_at(const float *p, size_t n) {
+    ptrdiff_t at = weights_offset(p, n);
+    return at < 0 || g_weights.stale ? NULL : g_weights.copy + at;
+}
+
+__global__ void to_bf16_dense_kernel(__nv_bfloat16 *dst, const float *src, size_t n) {
+    GRID_STRIDE(i, n) dst[i] = __float2bfloat16_rn(src[i]);
+}
+
+// The bf16 values of the operand spanning [p, p + n), read in place, when it lies in the
+// weights with a copy (refreshed first if stale); NULL otherwise.
+static const __nv_bfloat16 *weights_bf16(const float *p, size_t n) {
+    ptrdiff_t at = weights_offset(p, n);
+    if (at < 0) return NULL;
+    if (g_weights.stale) {
+        to_bf16_dense_kernel<<<cuda_blocks(g_weights.n), CUDA_THREADS>>>(
+            g_weights.copy, g_weights.base, g_weights.n);
+        cudaCheckLaunch();
+        g_weights.stale = 0;
+    }
+    return g_weights.copy + at;
+}
+
+// Elements a row-major operand of rows x cols with leading dimension ld spans.
+static size_t span(size_t rows, size_t cols, size_t ld) {
+    return rows == 0 ? 0 : (rows - 1) * ld + cols;
+}
+
+// An operand in bf16 for a product: the weights' copy in place (same leading dimension),
+// or a dense rounded copy in scratch (leading dimension = its width).
+static const __nv_bfloat16 *bf16_operand(int slot, const float *src, size_t rows, size_t cols,
+                                         size_t *ld) {
+    const __nv_bfloat16 *w = weights_bf16(src, span(rows, cols, *ld));
+    if (w) return w;
+    const __nv_bfloat16 *copy = bf16_copy(slot, src, rows, cols, *ld);
+    *ld = cols;
+    return copy;
+}
+
+// The bf16 product: a and b in bf16 (bf16_operand), fp32 accumulate (CUBLAS_COMPUTE_32F)
+// into the fp32 c.
 static void gemm_bf16(cublasHandle_t h, int trans_a, int trans_b, int m, int n, int k,
                       float alpha, const float *a, size_t lda, const float *b, size_t ldb,
                       float beta, float *c, int ldc) {
-    int a_cols = trans_a ? m : k, b_cols = trans_b ? k : n;
+    size_t a_cols = (size_t)(trans_a ? m : k), b_cols = (size_t)(trans_b ? k : n);
     const __nv_bfloat16 *a16 =
-        bf16_copy(SCRATCH_BF16_A, a, (size_t)(trans_a ? k : m), (size_t)a_cols, lda);
+        bf16_operand(SCRATCH_BF16_A, a, (size_t)(trans_a ? k : m), a_cols, &lda);
     const __nv_bfloat16 *b16 =
-        bf16_copy(SCRATCH_BF16_B, b, (size_t)(trans_b ? n : k), (size_t)b_cols, ldb);
+        bf16_operand(SCRATCH_BF16_B, b, (size_t)(trans_b ? n : k), b_cols, &ldb);
     cublasCheck(blas.gemm_ex(h, trans_b ? CUBLAS_OP_T : CUBLAS_OP_N,
                               trans_a ? CUBLAS_OP_T : CUBLAS_OP_N, n, m, k, &alpha, b16,
-                              CUDA_R_16BF, b_cols, a16, CUDA_R_16BF, a_cols, &beta, c,
+                              CUDA_R_16BF, (int)ldb, a16, CUDA_R_16BF, (int)lda, &beta, c,
                               CUDA_R_32F, ldc, CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT));
 }
 
@@ -245,7 +323,8 @@ void cuda_gemm(int trans_a, int trans_b, size_t m, size_t n, size_t k, float alp
 // ---- grouped gemm -----------------------------------------------------------------------
 
 static const __nv_bfloat16 *bf16_dense(int slot, const float *src, size_t n) {
-    return bf16_copy(slot, src, 1, n, n);
+    const __nv_bfloat16 *w = weights_bf16(src, n);
+    return w ? w : bf16_copy(slot, src, 1, n, n);
 }
 
 // Host and device arrays of one grouped call: every problem its own group of one.
@@ -426,11 +505,15 @@ void cuda_release(void *p) {
 }
 
 void cuda_zero(Tensor t, size_t numel) {
-    if (t.data && numel) cudaCheck(cudaMemset(t.data, 0, numel * dtype_size(t.dtype)));
+    if (!t.data || !numel) return;
+    cudaCheck(cudaMemset(t.data, 0, numel * dtype_size(t.dtype)));
+    cuda_weights_written(t.data, numel * dtype_size(t.dtype) / sizeof(float));
 }
 
 void cuda_upload(Tensor dst, const void *src, size_t bytes) {
-    if (bytes) cudaCheck(cudaMemcpy(dst.data, src, bytes, cudaMemcpyHostToDevice));
+    if (!bytes) return;
+    cudaCheck(cudaMemcpy(dst.data, src, bytes, cudaMemcpyHostToDevice));
+    cuda_weights_written(dst.data, bytes / sizeof(float));
 }
 
 void cuda_download(void *dst, Tensor src, size_t bytes) {

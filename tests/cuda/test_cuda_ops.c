@@ -907,6 +907,73 @@ static void case_adamw(void) {
     close_all("adamw v", v, RTOL);
 }
 
+// bf16 products of a weight slice of the buffer with a bf16 copy, with the same product
+// of a plain fp32 buffer holding the same values (rounded per call): both forms of the
+// matmul and the experts op, bit for bit.
+static void same_products(const char *what, Tensor w, Tensor plain, size_t off, Pair x,
+                          size_t N, size_t K, size_t M) {
+    Pair a = zeros(N * M, DTYPE_F32), b = zeros(N * M, DTYPE_F32);
+    gpu->matmul_forward(a.g, x.g, tensor_slice(w, off, M * K), N, K, M);
+    gpu->matmul_forward(b.g, x.g, tensor_slice(plain, off, M * K), N, K, M);
+    Pair dxa = zeros(N * K, DTYPE_F32), dxb = zeros(N * K, DTYPE_F32);
+    gpu->matmul_backward(dxa.g, tensor_none(), b.g, x.g, tensor_slice(w, off, M * K), N, K, M);
+    gpu->matmul_backward(dxb.g, tensor_none(), b.g, x.g, tensor_slice(plain, off, M * K), N, K, M);
+    float *fa = gpu_copy(a, a.n), *fb = gpu_copy(b, b.n), *da = gpu_copy(dxa, dxa.n),
+          *db = gpu_copy(dxb, dxb.n);
+    char line[128];
+    snprintf(line, sizeof line, "%s: matmul out", what);
+    same_bits(line, fa, fb, a.n);
+    snprintf(line, sizeof line, "%s: matmul dx", what);
+    same_bits(line, da, db, dxa.n);
+    free(fa), free(fb), free(da), free(db);
+}
+
+static void copy_gpu(Pair dst, Pair src) {
+    float *h = gpu_copy(src, src.n);
+    gpu->upload(dst.g, h, src.n * 4);
+    free(h);
+}
+
+// The bf16 copy of the weights (fp32 master weights): fresh, after AdamW wrote it, after
+// an upload made it stale; and the experts op reading it, looped and grouped.
+static void case_bf16_weights(void) {
+    size_t N = 37, K = 64, M = 48, n = 3 * M * K + 5, off = M * K + 5;
+    Pair w = reals(n, 0.3), plain = zeros(n, DTYPE_F32), x = reals(N * K, 1);
+    copy_gpu(plain, w);
+    gpu->set_gemm_bf16(1);
+    gpu->set_bf16_weights(w.g, 1);
+    same_products("fresh copy", w.g, plain.g, off, x, N, K, M);
+    Pair g = reals(n, 0.1), m = zeros(n, DTYPE_F32), v = zeros(n, DTYPE_F32);
+    gpu->adamw_update(tensor_slice(w.g, 7, n - 7), tensor_slice(g.g, 7, n - 7),
+                      tensor_slice(m.g, 7, n - 7), tensor_slice(v.g, 7, n - 7), n - 7, 1e-2, 0.9,
+                      0.95, 1e-8, 0.1, 0.1, 0.05, 1.0);
+    copy_gpu(plain, w);
+    same_products("after AdamW", w.g, plain.g, off, x, N, K, M);
+    Pair fresh = reals(n, 0.3);
+    copy_gpu(w, fresh);
+    copy_gpu(plain, fresh);
+    same_products("after an upload", w.g, plain.g, off, x, N, K, M);
+    size_t E = 2, C = 16, F = 8, rows = 12;
+    int32_t offs[] = {0, 5, 12};
+    Pair o = ints(offs, E + 1), xp = reals(rows * C, 1);
+    for (int grouped = 0; grouped < 2; grouped++) {
+        gpu->set_expert_gemm(grouped);
+        Pair ya = zeros(rows * C, DTYPE_F32), yb = zeros(rows * C, DTYPE_F32),
+             h = zeros(rows * 2 * F, DTYPE_F32), act = zeros(rows * F, DTYPE_F32);
+        gpu->experts_forward(ya.g, h.g, act.g, xp.g, tensor_slice(w.g, off, E * 3 * F * C), o.g,
+                             E, C, F);
+        gpu->experts_forward(yb.g, h.g, act.g, xp.g, tensor_slice(plain.g, off, E * 3 * F * C),
+                             o.g, E, C, F);
+        float *fa = gpu_copy(ya, ya.n), *fb = gpu_copy(yb, yb.n);
+        same_bits(grouped ? "experts yp, grouped, bf16 copy" : "experts yp, bf16 copy", fa, fb,
+                  ya.n);
+        free(fa), free(fb);
+    }
+    gpu->set_expert_gemm(0);
+    gpu->set_bf16_weights(w.g, 0);
+    gpu->set_gemm_bf16(0);
+}
+
 static void case_sum_squares(void) {
     size_t sizes[] = {1, 255, 4097, 1000003};
     for (size_t i = 0; i < 4; i++) {
@@ -956,6 +1023,7 @@ static const Case cases[] = {
     {"load_loss", case_load_loss},
     {"router_variants", case_router_variants},
     {"adamw", case_adamw},
+    {"bf16_weights", case_bf16_weights},
     {"sum_squares", case_sum_squares},
 };
 #define N_CASES (sizeof cases / sizeof cases[0])
