@@ -213,9 +213,12 @@ static void print_memory_plan(const Run *r) {
     int sets = step_runner_sets(&r->step);
     printf("memory (%s, allocated once): parameters %.1f MB, gradients %.1f MB, optimizer "
            "state %.1f MB (trainable tensors only), activations %d x %.1f MB, their "
-           "gradients %.1f MB\n",
+           "gradients %.1f MB",
            m->be->name, param / mb, param / mb, (double)adamw_state_bytes(&r->opt) / mb, sets,
            (double)m->acts.size / mb, (double)m->dacts.size / mb);
+    if (m->tape.bf16 && m->be->set_bf16_weights)
+        printf(", bf16 weight copy %.1f MB", param / 2 / mb);
+    printf("\n");
 }
 
 static void print_startup(const Run *r) {

@@ -103,16 +103,43 @@ def relative(a, b):
     return max(abs(x - y) / abs(y) for x, y in zip(a, b))
 
 
-@pytest.mark.parametrize("precision,rtol", [("fp32", 1e-4), ("bf16", 2e-2)])
-def test_loss_sequence_matches_cpu(gpu, config, tmp_path, precision, rtol):
+@pytest.mark.parametrize("precision,rtol,expert_gemm", [
+    ("fp32", 1e-4, "loop"), ("bf16", 2e-2, "loop"), ("fp32", 1e-4, "grouped"),
+    ("bf16", 2e-2, "grouped")])
+def test_loss_sequence_matches_cpu(gpu, config, tmp_path, precision, rtol, expert_gemm):
     steps = "train.steps=20"
     cpu = losses(train(config, tmp_path, "cpu", steps))
     dev = losses(train(config, tmp_path, "gpu", steps, "train.device=cuda",
-                       f"train.precision={precision}"))
+                       f"train.precision={precision}", f"train.expert_gemm={expert_gemm}"))
     assert len(cpu) == len(dev) == 20
     err = relative(dev, cpu)
-    print(f"{precision}: max relative loss difference over 20 steps {err:.2e}")
+    print(f"{precision}, {expert_gemm}: max relative loss difference over 20 steps {err:.2e}")
     assert err <= rtol, (cpu, dev)
+
+
+def memory_line(run):
+    return next(l for l in run.stdout.splitlines() if l.startswith("memory ("))
+
+
+def test_fused_attention_keeps_no_probabilities(gpu, config, tmp_path):
+    """bf16 runs cuDNN's fused attention: the activations lose the (B, H, T, T)
+    probabilities the fp32 run keeps (2 layers x 8 x 4 x 128 x 128 floats, 4.2 MB, at
+    seq_len 128), and the start-up line says which attention runs."""
+    runs = {}
+    for precision in ("fp32", "bf16"):
+        runs[precision] = run_moe(["train", config, f"train.out_dir={tmp_path}",
+                                   f"train.name={precision}", "train.steps=1",
+                                   "model.seq_len=128", "train.device=cuda",
+                                   f"train.precision={precision}"])
+    assert "plain attention kernels (fp32)" in runs["fp32"].stdout
+    if "fused attention (cuDNN)" not in runs["bf16"].stdout:
+        pytest.skip("cuDNN's fused attention is unavailable here: " + runs["bf16"].stderr.strip())
+    acts = {p: float(memory_line(r).split("activations 1 x ")[1].split(" MB")[0])
+            for p, r in runs.items()}
+    probs = 2 * 8 * 4 * 128 * 128 * 4 / 1e6
+    assert acts["fp32"] - acts["bf16"] >= 0.9 * probs, (memory_line(runs["fp32"]),
+                                                        memory_line(runs["bf16"]))
+    assert "bf16 weight copy" in memory_line(runs["bf16"])
 
 
 def test_resume_on_gpu_is_bit_identical(gpu, config, tmp_path):
