@@ -163,14 +163,16 @@ typedef struct Backend {
                           size_t k, int renorm);
     void (*gates_backward)(Tensor dscores, Tensor dgates, Tensor scores, Tensor idx, size_t N,
                            size_t E, size_t k, int renorm);
-    // Top-k routing as one op: scores (N, E) = router_scores(logits); idx (N, k) = the
-    // top-k of scores + bias (bias (E); data NULL: the scores alone); gates (N, k) as
-    // gates_forward(scores, idx, renorm). The results of router_scores_forward,
-    // add_bias_forward, topk_forward and gates_forward in turn, bit for bit; the CUDA
-    // backend runs them as one kernel. Backward: gates_backward, then router_scores_backward.
-    void (*route_topk_forward)(Tensor scores, Tensor idx, Tensor gates, Tensor logits,
-                               Tensor bias, size_t N, size_t E, size_t k, ScoreFunc func,
-                               int renorm);
+    // Top-k routing as one op. With Shazeer noise (raw.data not NULL) first h (N, E) =
+    // noisy logits of (logits, raw, eps) and the scores are of h; without, of logits.
+    // scores (N, E) = router_scores; idx (N, k) = the top-k of scores + bias (bias (E);
+    // data NULL: the scores alone); gates (N, k) as gates_forward(scores, idx, renorm).
+    // The results of noisy_logits_forward, router_scores_forward, add_bias_forward,
+    // topk_forward and gates_forward in turn, bit for bit; the CUDA backend runs them as
+    // one kernel. Backward: gates_backward, router_scores_backward, noisy_logits_backward.
+    void (*route_topk_forward)(Tensor scores, Tensor idx, Tensor gates, Tensor h, Tensor logits,
+                               Tensor raw, Tensor eps, Tensor bias, size_t N, size_t E,
+                               size_t k, ScoreFunc func, int renorm);
     // keep (N, k) int32: 1 if assignment (n, j) fits in expert idx[n,j]'s capacity
     // (capacity 0: dropless, all kept). Policy DROP_POSITION: assignments ranked by choice
     // j first, then token n (all first choices before any second choice). DROP_PROBS:

@@ -219,8 +219,9 @@ static Buf op_gates(Builder *b, Buf scores, Tensor idx, size_t slots, int renorm
     return g->gates.gates;
 }
 
-// Scores, top-k on the scores or on scores + expert bias (DeepSeek-V3: the bias picks,
-// the scores weigh), and gates: one op (Backend.route_topk_forward).
+// Scores (of the noisy logits under Shazeer noise), top-k on the scores or on scores +
+// expert bias (DeepSeek-V3: the bias picks, the scores weigh), and gates: one op
+// (Backend.route_topk_forward).
 static void op_route(Builder *b, RouterBufs *r, MoeLayerState *st) {
     const ModelConfig *c = &b->m->cfg;
     size_t E = (size_t)c->experts, N = b->N, k = (size_t)c->top_k;
@@ -229,7 +230,12 @@ static void op_route(Builder *b, RouterBufs *r, MoeLayerState *st) {
     r->gates = op->route.gates = take_buf(b, N * k);     // (N, k)
     st->idx = op->route.idx = take(b, N * k, DTYPE_I32); // (N, k)
     st->gates = r->gates.v;
-    op->route.logits = r->logits;
+    Buf none = {tensor_none(), tensor_none()};
+    int noisy = c->noise == NOISE_SHAZEER;
+    op->route.logits = noisy ? r->clean : r->logits;
+    op->route.h = noisy ? r->logits : none;
+    op->route.raw = noisy ? r->raw : none;
+    op->route.eps = noisy ? st->eps : tensor_none();
     op->route.bias = c->bias_gamma > 0 ? st->bias : tensor_none();
     op->route.N = N;
     op->route.E = E;
@@ -276,6 +282,16 @@ static void build_expert_choice_slots(Builder *b, RouterBufs *r, MoeLayerState *
     st->probs = r->scores.v;   // router health: entropy of the scores
 }
 
+// Shazeer's noisy logits as their own op (top-k routing computes them in its fused op).
+static void op_noisy(Builder *b, const RouterBufs *r, const MoeLayerState *st) {
+    TapeOp *op = tape_push(&b->m->tape, OP_NOISY);
+    op->noisy.h = r->logits;
+    op->noisy.clean = r->clean;
+    op->noisy.raw = r->raw;
+    op->noisy.eps = st->eps;
+    op->noisy.n = b->N * (size_t)b->m->cfg.experts;
+}
+
 // Router logits, optional Shazeer noise, scores, selection and gates.
 static RouterBufs build_router(Builder *b, Buf xr, int l, MoeLayerState *st) {
     const ModelConfig *c = &b->m->cfg;
@@ -288,16 +304,11 @@ static RouterBufs build_router(Builder *b, Buf xr, int l, MoeLayerState *st) {
     if (c->noise == NOISE_SHAZEER) {
         Buf wn = param_buf(b, E * b->C, "model.layers.%d.block_sparse_moe.noise.weight", l, 0);
         r.raw = op_matmul_fp32(b, xr, wn, N, b->C, E);
-        TapeOp *op = tape_push(&b->m->tape, OP_NOISY);
         st->eps = take(b, N * E, DTYPE_REAL);   // (N, E)
-        op->noisy.h = take_buf(b, N * E);
-        op->noisy.clean = r.clean;
-        op->noisy.raw = r.raw;
-        op->noisy.eps = st->eps;
-        op->noisy.n = N * E;
-        r.logits = op->noisy.h;
+        r.logits = take_buf(b, N * E);          // (N, E) h = clean + eps * softplus(raw)
     }
     if (c->select == SELECT_EXPERT_CHOICE) {
+        if (c->noise == NOISE_SHAZEER) op_noisy(b, &r, st);
         r.scores = op_scores(b, r.logits);
         build_expert_choice_slots(b, &r, st);
         return r;

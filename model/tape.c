@@ -77,8 +77,8 @@ static void op_forward(const TapeOp *op, const Backend *be) {
     } break;
     case OP_ROUTE: {
         const __typeof__(op->route) *a = &op->route;
-        be->route_topk_forward(a->scores.v, a->idx, a->gates.v, a->logits.v, a->bias, a->N, a->E,
-                               a->k, a->func, a->renorm);
+        be->route_topk_forward(a->scores.v, a->idx, a->gates.v, a->h.v, a->logits.v, a->raw.v,
+                               a->eps, a->bias, a->N, a->E, a->k, a->func, a->renorm);
     } break;
     case OP_GATES: {
         const __typeof__(op->gates) *a = &op->gates;
@@ -178,9 +178,14 @@ static void op_backward(const TapeOp *op, const Backend *be) {
     } break;
     case OP_ROUTE: {
         const __typeof__(op->route) *a = &op->route;
+        int noisy = a->raw.v.data != NULL;
         be->gates_backward(a->scores.g, a->gates.g, a->scores.v, a->idx, a->N, a->E, a->k,
                            a->renorm);
-        be->router_scores_backward(a->logits.g, a->scores.g, a->scores.v, a->N, a->E, a->func);
+        be->router_scores_backward(noisy ? a->h.g : a->logits.g, a->scores.g, a->scores.v, a->N,
+                                   a->E, a->func);
+        if (noisy)
+            be->noisy_logits_backward(a->logits.g, a->raw.g, a->h.g, a->raw.v, a->eps,
+                                      a->N * a->E);
     } break;
     case OP_CAPACITY:
     case OP_DISPATCH:

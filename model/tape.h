@@ -75,10 +75,11 @@ typedef struct {
         } experts;
         struct { Buf scores, logits; size_t N, E; ScoreFunc func; } scores;
         struct { Buf h, clean, raw; Tensor eps; size_t n; } noisy;
-        // Scores, top-k (on scores + bias when bias.data) and gates in one op.
+        // Noisy logits h (when raw.v.data: Shazeer), scores, top-k (on scores + bias when
+        // bias.data) and gates in one op.
         struct {
-            Buf scores, gates, logits;
-            Tensor idx, bias;
+            Buf scores, gates, h, logits, raw;
+            Tensor idx, eps, bias;
             size_t N, E, k;
             ScoreFunc func;
             int renorm;

@@ -64,8 +64,9 @@ void cpu_noisy_logits_backward(Tensor dclean, Tensor draw, Tensor dh, Tensor raw
 void cpu_topk_forward(Tensor idx, Tensor vals, size_t N, size_t E, size_t k);
 void cpu_gates_forward(Tensor gates, Tensor scores, Tensor idx, size_t N, size_t E, size_t k,
                        int renorm);
-void cpu_route_topk_forward(Tensor scores, Tensor idx, Tensor gates, Tensor logits, Tensor bias,
-                            size_t N, size_t E, size_t k, ScoreFunc func, int renorm);
+void cpu_route_topk_forward(Tensor scores, Tensor idx, Tensor gates, Tensor h, Tensor logits,
+                            Tensor raw, Tensor eps, Tensor bias, size_t N, size_t E, size_t k,
+                            ScoreFunc func, int renorm);
 void cpu_gates_backward(Tensor dscores, Tensor dgates, Tensor scores, Tensor idx, size_t N,
                         size_t E, size_t k, int renorm);
 void cpu_capacity_forward(Tensor keep, Tensor idx, Tensor gates, size_t N, size_t E, size_t k,

@@ -173,8 +173,13 @@ void cpu_gates_forward(Tensor gates, Tensor scores, Tensor idx, size_t N, size_t
 }
 
 // The separate ops in turn: the CPU gains nothing from fusing rows it already streams.
-void cpu_route_topk_forward(Tensor scores, Tensor idx, Tensor gates, Tensor logits, Tensor bias,
-                            size_t N, size_t E, size_t k, ScoreFunc func, int renorm) {
+void cpu_route_topk_forward(Tensor scores, Tensor idx, Tensor gates, Tensor h, Tensor logits,
+                            Tensor raw, Tensor eps, Tensor bias, size_t N, size_t E, size_t k,
+                            ScoreFunc func, int renorm) {
+    if (raw.data) {
+        cpu_noisy_logits_forward(h, logits, raw, eps, N * E);
+        logits = h;
+    }
     cpu_router_scores_forward(scores, logits, N, E, func);
     Tensor vals = scores;
     size_t n = N * E;

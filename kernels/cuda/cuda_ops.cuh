@@ -288,9 +288,9 @@ void cuda_noisy_logits_forward(Tensor h, Tensor clean, Tensor raw, Tensor eps, s
 void cuda_noisy_logits_backward(Tensor dclean, Tensor draw, Tensor dh, Tensor raw, Tensor eps,
                                 size_t n);
 void cuda_topk_forward(Tensor idx, Tensor vals, size_t N, size_t E, size_t k);
-void cuda_route_topk_forward(Tensor scores, Tensor idx, Tensor gates, Tensor logits,
-                             Tensor bias, size_t N, size_t E, size_t k, ScoreFunc func,
-                             int renorm);
+void cuda_route_topk_forward(Tensor scores, Tensor idx, Tensor gates, Tensor h, Tensor logits,
+                             Tensor raw, Tensor eps, Tensor bias, size_t N, size_t E, size_t k,
+                             ScoreFunc func, int renorm);
 void cuda_gates_forward(Tensor gates, Tensor scores, Tensor idx, size_t N, size_t E, size_t k,
                         int renorm);
 void cuda_gates_backward(Tensor dscores, Tensor dgates, Tensor scores, Tensor idx, size_t N,

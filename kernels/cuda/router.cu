@@ -111,9 +111,13 @@ void cuda_router_scores_backward(Tensor dlogits, Tensor dscores, Tensor scores, 
 
 // ---- Shazeer noise ----------------------------------------------------------------------
 
+__device__ __forceinline__ float noisy_value(float c, float r, float ev) {
+    return (float)(c + (double)ev * r_softplus(r));
+}
+
 __global__ void noisy_kernel(float *h, const float *c, const float *r, const float *ev,
                              size_t n) {
-    GRID_STRIDE(i, n) h[i] = (float)(c[i] + (double)ev[i] * r_softplus(r[i]));
+    GRID_STRIDE(i, n) h[i] = noisy_value(c[i], r[i], ev[i]);
 }
 
 void cuda_noisy_logits_forward(Tensor h, Tensor clean, Tensor raw, Tensor eps, size_t n) {
@@ -230,15 +234,20 @@ void cuda_gates_backward(Tensor dscores, Tensor dgates, Tensor scores, Tensor id
 
 // ---- fused top-k routing ------------------------------------------------------------------
 
-// One thread per row: scores, top-k on scores (+ bias), gates, the row never leaving
-// the thread between steps (the separate ops take three launches and two round trips of
-// the (N, E) scores through memory).
-__global__ void route_topk_kernel(float *s, int32_t *top, float *g, const float *x,
-                                  const float *bias, size_t N, size_t E, size_t k, int sigmoid,
-                                  int renorm) {
+// One thread per row: noisy logits (raw not NULL), scores, top-k on scores (+ bias),
+// gates, the row never leaving the thread between steps (the separate ops take up to
+// five launches and round trips of the (N, E) rows through memory).
+__global__ void route_topk_kernel(float *s, int32_t *top, float *g, float *h, const float *x,
+                                  const float *raw, const float *ev, const float *bias,
+                                  size_t N, size_t E, size_t k, int sigmoid, int renorm) {
     GRID_STRIDE(n, N) {
         float *sr = s + n * E;
         const float *xr = x + n * E;
+        if (raw) {
+            float *hr = h + n * E;
+            for (size_t e = 0; e < E; e++) hr[e] = noisy_value(xr[e], raw[n * E + e], ev[n * E + e]);
+            xr = hr;
+        }
         if (sigmoid)
             for (size_t e = 0; e < E; e++) sr[e] = (float)r_sigmoid(xr[e]);
         else
@@ -248,16 +257,16 @@ __global__ void route_topk_kernel(float *s, int32_t *top, float *g, const float 
     }
 }
 
-void cuda_route_topk_forward(Tensor scores, Tensor idx, Tensor gates, Tensor logits,
-                             Tensor bias, size_t N, size_t E, size_t k, ScoreFunc func,
-                             int renorm) {
+void cuda_route_topk_forward(Tensor scores, Tensor idx, Tensor gates, Tensor h, Tensor logits,
+                             Tensor raw, Tensor eps, Tensor bias, size_t N, size_t E, size_t k,
+                             ScoreFunc func, int renorm) {
     check_score_func(func);
     CUDA_REQUIRE(k >= 1 && k <= E && k <= TOPK_MAX,
                  "topk: need 1 <= k <= min(E, %d), got k=%zu E=%zu", TOPK_MAX, k, E);
     if (N == 0) return;
     route_topk_kernel<<<cuda_blocks(N), CUDA_THREADS>>>(
-        DEV_R(scores), DEV_I(idx), DEV_R(gates), DEV_R(logits), DEV_R(bias), N, E, k,
-        func == SCORE_SIGMOID, renorm);
+        DEV_R(scores), DEV_I(idx), DEV_R(gates), DEV_R(h), DEV_R(logits), DEV_R(raw),
+        DEV_R(eps), DEV_R(bias), N, E, k, func == SCORE_SIGMOID, renorm);
     cudaCheckLaunch();
 }
 

@@ -633,26 +633,34 @@ static void case_gates(void) {
 
 // The fused routing op against the CPU's (the separate CPU ops in turn), and on the GPU
 // bit for bit against the GPU's separate ops, for both score functions, with and without
-// expert bias and renormalisation. Logits with ties check the lower-index rule.
+// expert bias, renormalisation and Shazeer noise. Logits with ties check the lower-index
+// rule.
 static void case_route_topk(void) {
     size_t N = 83, E = 10, k = 3;
-    for (int variant = 0; variant < 8; variant++) {
+    for (int variant = 0; variant < 16; variant++) {
         ScoreFunc func = variant & 1 ? SCORE_SIGMOID : SCORE_SOFTMAX;
-        int renorm = (variant >> 1) & 1, with_bias = variant >> 2;
+        int renorm = (variant >> 1) & 1, with_bias = (variant >> 2) & 1, noisy = variant >> 3;
         char what[96];
-        snprintf(what, sizeof what, "route_topk (%s%s%s)", func ? "sigmoid" : "softmax",
-                 renorm ? ", renorm" : "", with_bias ? ", bias" : "");
+        snprintf(what, sizeof what, "route_topk (%s%s%s%s)", func ? "sigmoid" : "softmax",
+                 renorm ? ", renorm" : "", with_bias ? ", bias" : "", noisy ? ", noise" : "");
         Pair lg = variant == 6 ? ties(N * E, 4, 1.0) : reals(N * E, 2);
         Pair bias = with_bias ? reals(E, 0.3) : none();
+        Pair raw = noisy ? reals(N * E, 1) : none(), eps = noisy ? reals(N * E, 1) : none();
+        Pair h = noisy ? zeros(N * E, DTYPE_F32) : none();
         Pair s = zeros(N * E, DTYPE_F32), idx = zeros(N * k, DTYPE_I32), g = zeros(N * k, DTYPE_F32);
-        cpu->route_topk_forward(s.c, idx.c, g.c, lg.c, bias.c, N, E, k, func, renorm);
-        gpu->route_topk_forward(s.g, idx.g, g.g, lg.g, bias.g, N, E, k, func, renorm);
+        cpu->route_topk_forward(s.c, idx.c, g.c, h.c, lg.c, raw.c, eps.c, bias.c, N, E, k, func,
+                                renorm);
+        gpu->route_topk_forward(s.g, idx.g, g.g, h.g, lg.g, raw.g, eps.g, bias.g, N, E, k, func,
+                                renorm);
+        if (noisy) close_all(what, h, RTOL);
         close_all(what, s, RTOL);
         same_ints(what, idx);
         close_all(what, g, RTOL);
         Pair s2 = zeros(N * E, DTYPE_F32), v = zeros(N * E, DTYPE_F32),
-             idx2 = zeros(N * k, DTYPE_I32), g2 = zeros(N * k, DTYPE_F32);
-        gpu->router_scores_forward(s2.g, lg.g, N, E, func);
+             idx2 = zeros(N * k, DTYPE_I32), g2 = zeros(N * k, DTYPE_F32),
+             h2 = zeros(N * E, DTYPE_F32);
+        if (noisy) gpu->noisy_logits_forward(h2.g, lg.g, raw.g, eps.g, N * E);
+        gpu->router_scores_forward(s2.g, noisy ? h2.g : lg.g, N, E, func);
         if (with_bias) gpu->add_bias_forward(v.g, s2.g, bias.g, N, E);
         gpu->topk_forward(idx2.g, with_bias ? v.g : s2.g, N, E, k);
         gpu->gates_forward(g2.g, s2.g, idx2.g, N, E, k, renorm);
@@ -662,6 +670,11 @@ static void case_route_topk(void) {
         same_bits("route_topk idx vs the separate GPU ops", f[0][1], f[1][1], idx.n);
         same_bits("route_topk gates vs the separate GPU ops", f[0][2], f[1][2], g.n);
         for (int i = 0; i < 6; i++) free(f[i / 3][i % 3]);
+        if (noisy) {
+            float *ha = gpu_copy(h, h.n), *hb = gpu_copy(h2, h2.n);
+            same_bits("route_topk noisy logits vs the separate GPU op", ha, hb, h.n);
+            free(ha), free(hb);
+        }
     }
 }
 
