@@ -1,7 +1,7 @@
 // attention.cu: RoPE and causal grouped-query attention: which path runs, and the plain
 // CUDA kernels.
 //
-// Under bf16 products the ops run cuDNN's fused attention (attention_cudnn.cu) wherever
+// Under bf16 products the ops run cuDNN's fused attention (sdpa_cudnn.cpp) wherever
 // cuDNN builds a plan for the shape: att then holds the softmax statistics (B*H*T) and
 // datt nothing. fp32 mode, and any shape or machine cuDNN refuses, runs the plain kernels
 // below in fp32; they keep the probabilities att (B, H, T, T) exactly as the CPU op does.

@@ -3,11 +3,13 @@
 // Each cuda_* function implements the Backend entry of the same name; semantics, shapes
 // and the accumulate-in-backward rule are in kernels.h, and the CPU op of the same name
 // (kernels/cpu/) is the reference every one is tested against (tests/cuda/).
-// runtime.cu: errors, cuBLAS, scratch, sorting, memory ops; dense.cu: elementwise,
-// embedding, RMSNorm, matmul, SwiGLU, experts, cross-entropy; attention.cu: RoPE and
-// attention; router.cu: scores, noise, top-k, gates, capacity, dispatch, gather/combine,
-// aux losses; router_variants.cu: expert bias, hash routing, expert choice; optim.cu:
-// AdamW and the sum of squares; backend_cuda.cu: the table and the device probe.
+// runtime.cu: errors, cuBLAS (plain, grouped), the bf16 weight copy, scratch, sorting,
+// memory ops; dense.cu: elementwise, embedding, RMSNorm, matmul, SwiGLU, experts,
+// cross-entropy; attention.cu: RoPE and attention (cuDNN's fused kernel through
+// sdpa_cudnn.cpp, host C++); router.cu: scores, noise, top-k, gates, fused routing,
+// capacity, dispatch, gather/combine, aux losses; router_variants.cu: expert bias, hash
+// routing, expert choice; optim.cu: AdamW and the sum of squares; backend_cuda.cu: the
+// table and the device probe.
 //
 // Everything runs in order on the legacy default stream, so an op's kernels see every
 // earlier op's results, host arrays passed in (e.g. experts' `train`) are read during the

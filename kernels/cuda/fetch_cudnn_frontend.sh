@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Fetches the headers of cuDNN's C++ frontend (header-only; attention_cudnn.cu reaches
+# Fetches the headers of cuDNN's C++ frontend (header-only; sdpa_cudnn.cpp reaches
 # cuDNN's fused attention through it) into DIR/include, from PyPI's nvidia-cudnn-frontend
 # wheel (Debian does not package it). Usage: fetch_cudnn_frontend.sh DIR VERSION PYTHON.
 # Never fails the build: without network it says so, and the CUDA backend is built with
