@@ -415,6 +415,20 @@ static void print_gpu(const GpuResult *g, FILE *csv) {
     }
 }
 
+static void print_gpu_attention(const GpuAttentionResult *a, FILE *csv) {
+    printf("\nattention B%zu T%zu H%zu KV%zu D%zu (causal), TFLOP/s:\n", a->B, a->T, a->H, a->KV,
+           a->D);
+    const char *name[2] = {"plain kernels, fp32", a->fused ? "cuDNN fused, bf16"
+                                                            : "bf16 (cuDNN unavailable: plain)"};
+    for (int p = 0; p < 2; p++)
+        printf("  %-34s forward %7.1f  backward %7.1f\n", name[p],
+               a->flops[0] / a->s[p][0] / 1e12, a->flops[1] / a->s[p][1] / 1e12);
+    double speedup = (a->s[0][0] + a->s[0][1]) / (a->s[1][0] + a->s[1][1]);
+    printf("  %-34s %.2fx\n", "bf16 over plain (forward + backward)", speedup);
+    csv_row(csv, "gpu", "attention", a->fused ? "fused_over_plain" : "bf16_plain_over_plain",
+            speedup);
+}
+
 static void print_gpu_train(const TrainResult *t, const GpuResult *g, FILE *csv) {
     double tok_s = (double)t->tokens_per_step / t->step_s;
     double gflops = tok_s * t->flops_per_token / 1e9;
@@ -443,6 +457,7 @@ static int bench_gpu_all(const Options *o) {
     if (!g.ok) return 1;
     FILE *csv = csv_open(o->csv);
     print_gpu(&g.r.gpu, csv);
+    print_gpu_attention(&g.r.gpu.attention, csv);
     const char *config = o->n_configs ? o->configs[0] : "configs/gpu-medium.ini";
     Outcome t = run_job(JOB_TRAIN, config, o);
     if (t.ok) print_gpu_train(&t.r.train, &g.r.gpu, csv);

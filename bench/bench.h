@@ -125,12 +125,23 @@ typedef struct {
     double flops_per_pass; // 6 * N*k * C * F, each of forward, dgrad and wgrad
 } GpuLayoutResult;
 
+// Causal attention of B sequences of T, H query heads of D sharing KV heads: seconds of
+// the attention op's forward and backward, [0] the plain fp32 kernels, [1] under bf16
+// products (cuDNN's fused kernel where `fused`, else the plain kernels again).
+typedef struct {
+    size_t B, T, H, KV, D;
+    int fused;
+    double s[2][2];
+    double flops[2];   // forward 2 B H T^2 D (causal half of QK^T and PV), backward 2.5x
+} GpuAttentionResult;
+
 typedef struct {
     char why_not[512]; // non-empty: no GPU measurement, and why
     char device[256];
     double peak_gflops; // dense bf16 GEMM, fp32 accumulate, peak_n^3
     size_t peak_n;
     GpuLayoutResult layout[BENCH_GPU_LAYOUTS];
+    GpuAttentionResult attention;
 } GpuResult;
 
 void bench_gpu(GpuResult *out);

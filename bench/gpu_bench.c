@@ -1,5 +1,6 @@
 // gpu_bench.c: the GPU part of `make bench` (bench --gpu): the device's dense bf16 GEMM
-// rate, and the grouped experts op against a dense product of equal FLOPs.
+// rate, the grouped experts op against a dense product of equal FLOPs (one cuBLAS call
+// per expert, and grouped GEMMs), and attention: plain kernels against cuDNN's fused one.
 //
 // The experts op is the one the trainer runs (Backend.experts_forward / _backward under
 // bf16 products): per layout and routing, forward (h13 and the down projection, with the
@@ -127,6 +128,53 @@ static void time_passes(GpuExperts *g, size_t E, int skewed, double out[3]) {
     out[2] = time_pass(g, E, PASS_BACKWARD) - out[1];
 }
 
+// gpu-medium's attention shape (configs/gpu-medium.ini), batch 8.
+static const GpuAttentionResult attention_shape = {8, 1024, 16, 8, 64, 0, {{0}}, {0}};
+
+// The best of GPU_REPEATS forward and backward passes of the attention op in the
+// backend's current precision, state sized by its plan.
+static void time_attention(const Backend *be, GpuAttentionResult *a, int bf16, double s[2]) {
+    size_t N = a->B * a->T, W = (a->H + 2 * a->KV) * a->D, att_n, datt_n;
+    be->attention_plan(&att_n, &datt_n, a->B, a->T, a->H, a->KV, a->D, bf16);
+    Rng rng;
+    rng_init(&rng, 11);
+    Tensor qkv = device_buffer(be, N * W, DTYPE_F32), dqkv = device_buffer(be, N * W, DTYPE_F32);
+    Tensor out = device_buffer(be, N * a->H * a->D, DTYPE_F32);
+    Tensor dout = device_buffer(be, N * a->H * a->D, DTYPE_F32);
+    Tensor att = device_buffer(be, att_n, DTYPE_F32), datt = device_buffer(be, datt_n, DTYPE_F32);
+    upload_random(be, qkv, &rng, 1.0);
+    upload_random(be, dout, &rng, 1.0);
+    be->set_gemm_bf16(bf16);
+    s[0] = s[1] = 0.0;
+    for (int r = 0; r <= GPU_REPEATS; r++) {   // r = 0 warms up (and builds cuDNN's plans)
+        for (int pass = 0; pass < 2; pass++) {
+            be->synchronize();
+            double t0 = omp_get_wtime();
+            if (pass == 0) be->attention_forward(out, att, qkv, a->B, a->T, a->H, a->KV, a->D);
+            else
+                be->attention_backward(dqkv, datt, dout, out, qkv, att, a->B, a->T, a->H, a->KV,
+                                       a->D);
+            be->synchronize();
+            double t = omp_get_wtime() - t0;
+            if (r > 0 && (s[pass] == 0.0 || t < s[pass])) s[pass] = t;
+        }
+    }
+    be->set_gemm_bf16(0);
+    Tensor all[] = {qkv, dqkv, out, dout, att, datt};
+    for (size_t i = 0; i < sizeof all / sizeof all[0]; i++) be->release(all[i].data);
+}
+
+static void bench_attention(const Backend *be, GpuAttentionResult *a) {
+    *a = attention_shape;
+    size_t att_n, datt_n;
+    be->attention_plan(&att_n, &datt_n, a->B, a->T, a->H, a->KV, a->D, 1);
+    a->fused = att_n < a->B * a->H * a->T * a->T;
+    a->flops[0] = 2.0 * a->B * a->H * (double)a->T * a->T * a->D;
+    a->flops[1] = 2.5 * a->flops[0];
+    time_attention(be, a, 0, a->s[0]);
+    time_attention(be, a, 1, a->s[1]);
+}
+
 void bench_gpu(GpuResult *out) {
     char err[512];
     memset(out, 0, sizeof *out);
@@ -156,4 +204,5 @@ void bench_gpu(GpuResult *out) {
         gpu_experts_free(&g);
     }
     be->set_gemm_bf16(0);
+    bench_attention(be, &out->attention);
 }
