@@ -11,9 +11,11 @@
 
 #ifdef MOE_CUDNN_FE
 
+#include <cuda_runtime_api.h>
 #include <cudnn_frontend.h>
 #include <dlfcn.h>
 #include <math.h>
+#include <stdlib.h>
 
 #include <memory>
 #include <string>
@@ -49,6 +51,11 @@ std::string g_message;        // the last execution error
 bool cudnn_open() {
     if (g_opened) return g_open_error.empty();
     g_opened = true;
+    // The frontend opens libcudart itself, trying .12 before .13: name the runtime this
+    // binary links, so both reach the same one.
+    char cudart[32];
+    snprintf(cudart, sizeof cudart, "libcudart.so.%d", CUDART_VERSION / 1000);
+    setenv("CUDNN_FRONTEND_CUDART_LIB_NAME", cudart, 0);
     fe::cudnn_dlhandle = dlopen("libcudnn.so.9", RTLD_NOW | RTLD_LOCAL);
     if (!fe::cudnn_dlhandle) {
         const char *e = dlerror();
