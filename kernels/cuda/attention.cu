@@ -175,7 +175,8 @@ static void sdpa_forward(float *out, float *stats, const float *qkv, const SdpaD
     SdpaScratch sc = sdpa_scratch(s, 0);
     to_bf16(sc.qkv, qkv, N * W);
     const char *e = sdpa_cudnn_forward(&s, sc.qkv, sc.o, stats, sc.ws);
-    CUDA_REQUIRE(!e, "cuDNN fused attention forward: %s", e);
+    CUDA_REQUIRE(!e, "cuDNN fused attention forward: %s; train.precision=fp32 runs the plain "
+                     "attention kernels", e);
     from_bf16(out, sc.o, N * s.H * s.D, 0);
 }
 
@@ -188,7 +189,8 @@ static void sdpa_backward(float *dqkv, const float *dout, const float *out, cons
     to_bf16(sc.o, out, N * HD);
     to_bf16(sc.dout, dout, N * HD);
     const char *e = sdpa_cudnn_backward(&s, sc.qkv, sc.o, sc.dout, stats, sc.dqkv, sc.ws);
-    CUDA_REQUIRE(!e, "cuDNN fused attention backward: %s", e);
+    CUDA_REQUIRE(!e, "cuDNN fused attention backward: %s; train.precision=fp32 runs the plain "
+                     "attention kernels", e);
     from_bf16(dqkv, sc.dqkv, N * W, 1);
 }
 
