@@ -79,9 +79,10 @@ static void gpu_experts_init(GpuExperts *g, const Backend *be, size_t E, size_t 
     g->dxp = device_buffer(be, M * C, DTYPE_F32);
     g->yp = device_buffer(be, M * C, DTYPE_F32);
     g->dyp = device_buffer(be, M * C, DTYPE_F32);
-    g->h13 = device_buffer(be, M * 2 * F, DTYPE_F32);
+    DType state = be->experts_state_dtype(1);   // what a bf16 training run keeps
+    g->h13 = device_buffer(be, M * 2 * F, state);
     g->dh13 = device_buffer(be, M * 2 * F, DTYPE_F32);
-    g->act = device_buffer(be, M * F, DTYPE_F32);
+    g->act = device_buffer(be, M * F, state);
     g->dact = device_buffer(be, M * F, DTYPE_F32);
     g->offsets = device_buffer(be, E + 1, DTYPE_I32);
     upload_random(be, g->w, &rng, 1.0 / sqrt((double)C));

@@ -133,9 +133,15 @@ typedef struct Backend {
                             Tensor offsets, size_t E, size_t C, size_t F);
     // dxp (M, C) +=; dw (E * 3FC) += for experts whose train[e] != 0 (train NULL: all;
     // dw.data NULL: none). dh13 (M, 2F) and dact (M, F) are scratch.
+    // h13 and act are the op's own state between forward and backward: real, or the dtype
+    // experts_state_dtype names (bf16 under bf16 products on CUDA: the up projection's
+    // output rounded to bf16, as autocast stores a matmul's output).
     void (*experts_backward)(Tensor dxp, Tensor dw, const uint8_t *train, Tensor dyp,
                              Tensor dh13, Tensor dact, Tensor h13, Tensor act, Tensor xp,
                              Tensor w, Tensor offsets, size_t E, size_t C, size_t F);
+    // The dtype of the experts' h13 and act under bf16 products (bf16 != 0) or fp32.
+    // NULL: real.
+    DType (*experts_state_dtype)(int bf16);
 
     // ---- cross-entropy ------------------------------------------------------------
     // lse (N) = logsumexp(logits (N, V)); loss (1) = mean_n (lse[n] - logits[n, targets[n]]).

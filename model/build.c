@@ -123,9 +123,11 @@ static Buf op_add(Builder *b, Buf x, Buf y, size_t n) {
 static Buf op_experts(Builder *b, Buf xp, Buf w, Tensor offsets, size_t rows, size_t E,
                       size_t F) {
     TapeOp *op = tape_push(&b->m->tape, OP_EXPERTS);
-    op->experts.yp = take_buf(b, rows * b->C);          // (rows, C)
-    op->experts.h13 = take(b, rows * 2 * F, DTYPE_REAL);  // (rows, 2F)
-    op->experts.act = take(b, rows * F, DTYPE_REAL);      // (rows, F)
+    const Backend *be = b->m->be;
+    DType state = be->experts_state_dtype ? be->experts_state_dtype(b->m->tape.bf16) : DTYPE_REAL;
+    op->experts.yp = take_buf(b, rows * b->C);      // (rows, C)
+    op->experts.h13 = take(b, rows * 2 * F, state);   // (rows, 2F)
+    op->experts.act = take(b, rows * F, state);       // (rows, F)
     op->experts.dh13 = arena_take(&b->m->dacts, rows * 2 * F, DTYPE_REAL);
     op->experts.dact = arena_take(&b->m->dacts, rows * F, DTYPE_REAL);
     op->experts.xp = xp;

@@ -560,6 +560,45 @@ static void test_attention_state_follows_precision(void **state) {
     model_free(&ref);
 }
 
+// The experts' h13 and act take the dtype the backend names for the precision: the tape
+// plans them (and only them) in bf16 under bf16 products, and back in fp32 after.
+static DType bf16_state(int bf16) { return bf16 ? DTYPE_BF16 : DTYPE_REAL; }
+
+static size_t experts_state_bytes(const Model *m, DType *dtype) {
+    size_t bytes = 0;
+    for (size_t i = 0; i < m->tape.n; i++) {
+        const TapeOp *op = &m->tape.ops[i];
+        if (op->kind != OP_EXPERTS) continue;
+        assert_int_equal(op->experts.h13.dtype, op->experts.act.dtype);
+        *dtype = op->experts.h13.dtype;
+        bytes += (op->experts.h13.numel + op->experts.act.numel) * dtype_size(*dtype);
+    }
+    return bytes;
+}
+
+static void test_experts_state_follows_precision(void **state) {
+    (void)state;
+    ModelConfig c = tiny_config();
+    Backend be = *backend_cpu();
+    be.set_gemm_bf16 = fused_set_gemm_bf16;
+    be.experts_state_dtype = bf16_state;
+    Model m;
+    model_init(&m, &c, &be, 2, 5);
+    DType dt;
+    size_t fp32_acts = m.acts.size, fp32_state = experts_state_bytes(&m, &dt);
+    assert_int_equal(dt, DTYPE_REAL);
+    char err[256];
+    assert_int_equal(model_set_precision(&m, 1, err, sizeof err), 0);
+    size_t bf16_bytes = experts_state_bytes(&m, &dt);
+    assert_int_equal(dt, DTYPE_BF16);
+    assert_int_equal(bf16_bytes * sizeof(real), fp32_state * 2);
+    assert_true(m.acts.size < fp32_acts);
+    assert_int_equal(model_set_precision(&m, 0, err, sizeof err), 0);
+    assert_int_equal(experts_state_bytes(&m, &dt), fp32_state);
+    assert_int_equal(m.acts.size, fp32_acts);
+    model_free(&m);
+}
+
 static void test_grad_accum_pooled_aux_losses(void **state) {
     (void)state;
     check_grad_accum_pooled(LB_BATCH);
@@ -573,6 +612,7 @@ static void test_grad_accum_pooled_sequence_lb(void **state) {
 static const struct CMUnitTest tests[] = {
     cmocka_unit_test(test_bf16_products_spare_the_router),
     cmocka_unit_test(test_attention_state_follows_precision),
+    cmocka_unit_test(test_experts_state_follows_precision),
     cmocka_unit_test(test_grad_accum_pooled_aux_losses),
     cmocka_unit_test(test_grad_accum_pooled_sequence_lb),
     cmocka_unit_test(test_frozen_tensors_get_no_gradient),

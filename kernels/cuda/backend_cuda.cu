@@ -107,6 +107,7 @@ static Backend make_table(void) {
     b.swiglu_backward = cuda_swiglu_backward;
     b.experts_forward = cuda_experts_forward;
     b.experts_backward = cuda_experts_backward;
+    b.experts_state_dtype = cuda_experts_state_dtype;
     b.crossentropy_forward = cuda_crossentropy_forward;
     b.crossentropy_backward = cuda_crossentropy_backward;
     b.router_scores_forward = cuda_router_scores_forward;

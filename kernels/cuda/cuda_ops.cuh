@@ -141,6 +141,7 @@ void cuda_read_ints(int32_t *host, const int32_t *dev, size_t n);
 // and an fp32 c.
 void cuda_set_gemm_bf16(int bf16);
 void cuda_set_expert_gemm(int grouped);   // the experts op: grouped GEMMs or a loop
+DType cuda_experts_state_dtype(int bf16);
 void cuda_set_bf16_weights(Tensor w, int on);
 // The bf16 copy of [p, p + n) when p lies in the weights with a current copy (AdamW
 // writes it alongside the fp32 values), else NULL. A write to the weights by any other
@@ -152,15 +153,25 @@ void cuda_synchronize(void);
 void cuda_gemm(int trans_a, int trans_b, size_t m, size_t n, size_t k, float alpha,
                const float *a, size_t lda, const float *b, size_t ldb, float beta, float *c,
                size_t ldc);
+// A matrix of a product: fp32, or (under bf16 products only) bf16, read or written as it
+// stands.
+struct GemmArg {
+    const void *p;
+    int bf16;
+};
+// cuda_gemm with each of a, b and c fp32 or bf16.
+void cuda_gemm_typed(int trans_a, int trans_b, size_t m, size_t n, size_t k, float alpha,
+                     GemmArg a, size_t lda, GemmArg b, size_t ldb, float beta, GemmArg c,
+                     size_t ldc);
 
 // Independent products sharing transposes, leading dimensions, alpha and beta, each
 // row-major as cuda_gemm: c[c_at] (m, n) = alpha op(a[a_at]) op(b[b_at]) + beta c[c_at],
 // offsets in elements into the group's three buffers. Under bf16 products the first
-// a_numel values of a and b_numel of b are rounded to bf16 once for the whole group.
+// a_numel values of an fp32 a and b_numel of an fp32 b are rounded to bf16 once for the
+// whole group.
 struct GemmGroup {
     int trans_a, trans_b;
-    const float *a, *b;
-    float *c;
+    GemmArg a, b, c;
     size_t a_numel, b_numel, lda, ldb, ldc;
     float alpha, beta;
 };

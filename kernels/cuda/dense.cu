@@ -239,46 +239,49 @@ void cuda_matmul_backward(Tensor dx, Tensor dw, Tensor dout, Tensor x, Tensor w,
 
 __device__ __forceinline__ double swiglu_sigmoid(double z) { return 1.0 / (1.0 + exp(-z)); }
 
-// out (N, F) = silu(h1) * h3 with h13 (N, 2F) rows [h1 | h3].
-__global__ void swiglu_kernel(float *out, const float *h13, size_t N, size_t F) {
+__device__ __forceinline__ double to_double(float x) { return x; }
+__device__ __forceinline__ double to_double(__nv_bfloat16 x) { return __bfloat162float(x); }
+template <class T> __device__ T from_double(double v);
+template <> __device__ __forceinline__ float from_double<float>(double v) { return (float)v; }
+template <> __device__ __forceinline__ __nv_bfloat16 from_double<__nv_bfloat16>(double v) {
+    return __float2bfloat16_rn((float)v);
+}
+
+// out (N, F) = silu(h1) * h3 with h13 (N, 2F) rows [h1 | h3]; T: float, or bf16 for the
+// experts' bf16 state.
+template <class T>
+__global__ void swiglu_kernel(T *out, const T *h13, size_t N, size_t F) {
     GRID_STRIDE(i, N * F) {
         size_t n = i / F, f = i % F;
-        double h1 = h13[n * 2 * F + f], h3 = h13[n * 2 * F + F + f];
-        out[i] = (float)(h1 * swiglu_sigmoid(h1) * h3);
+        double h1 = to_double(h13[n * 2 * F + f]), h3 = to_double(h13[n * 2 * F + F + f]);
+        out[i] = from_double<T>(h1 * swiglu_sigmoid(h1) * h3);
     }
 }
 
 // dh13 += d/dh13 of silu(h1) * h3; silu'(z) = s (1 + z (1 - s)), s = sigmoid(z).
-__global__ void swiglu_backward_kernel(float *dh13, const float *dout, const float *h13,
-                                       size_t N, size_t F) {
+template <class T>
+__global__ void swiglu_backward_kernel(float *dh13, const float *dout, const T *h13, size_t N,
+                                       size_t F) {
     GRID_STRIDE(i, N * F) {
         size_t n = i / F, f = i % F;
-        double z = h13[n * 2 * F + f], h3 = h13[n * 2 * F + F + f];
+        double z = to_double(h13[n * 2 * F + f]), h3 = to_double(h13[n * 2 * F + F + f]);
         double s = swiglu_sigmoid(z), g = dout[i];
         dh13[n * 2 * F + f] += (float)(g * h3 * s * (1.0 + z * (1.0 - s)));
         dh13[n * 2 * F + F + f] += (float)(g * z * s);
     }
 }
 
-static void swiglu_rows(float *out, const float *h13, size_t N, size_t F) {
-    if (N * F == 0) return;
-    swiglu_kernel<<<cuda_blocks(N * F), CUDA_THREADS>>>(out, h13, N, F);
-    cudaCheckLaunch();
-}
-
-static void swiglu_backward_rows(float *dh13, const float *dout, const float *h13, size_t N,
-                                 size_t F) {
-    if (N * F == 0) return;
-    swiglu_backward_kernel<<<cuda_blocks(N * F), CUDA_THREADS>>>(dh13, dout, h13, N, F);
-    cudaCheckLaunch();
-}
-
 void cuda_swiglu_forward(Tensor out, Tensor h13, size_t N, size_t F) {
-    swiglu_rows(DEV_R(out), DEV_R(h13), N, F);
+    if (N * F == 0) return;
+    swiglu_kernel<<<cuda_blocks(N * F), CUDA_THREADS>>>(DEV_R(out), DEV_R(h13), N, F);
+    cudaCheckLaunch();
 }
 
 void cuda_swiglu_backward(Tensor dh13, Tensor dout, Tensor h13, size_t N, size_t F) {
-    if (dh13.data) swiglu_backward_rows(DEV_R(dh13), DEV_R(dout), DEV_R(h13), N, F);
+    if (!dh13.data || N * F == 0) return;
+    swiglu_backward_kernel<<<cuda_blocks(N * F), CUDA_THREADS>>>(DEV_R(dh13), DEV_R(dout),
+                                                                 DEV_R(h13), N, F);
+    cudaCheckLaunch();
 }
 
 // ---- grouped experts --------------------------------------------------------------------
@@ -287,10 +290,52 @@ void cuda_swiglu_backward(Tensor dh13, Tensor dout, Tensor h13, size_t N, size_t
 // cuBLAS calls in expert order (the loop), or each of the op's products is one
 // cublasGemmGroupedBatchedEx call over the experts, with SwiGLU over all routed rows at
 // once (grouped). cuda_set_expert_gemm chooses; make bench --gpu times both.
+//
+// h13 and act are fp32, or bf16 under bf16 products (cuda_experts_state_dtype): the up
+// projection then writes bf16, SwiGLU reads and writes bf16, and act is the bf16
+// operand of the down projection and of dw2 as it stands.
 
 static int g_expert_gemm_grouped;
 
 void cuda_set_expert_gemm(int grouped) { g_expert_gemm_grouped = grouped; }
+
+DType cuda_experts_state_dtype(int bf16) { return bf16 ? DTYPE_BF16 : DTYPE_F32; }
+
+// A view `at` elements into an fp32 or bf16 state buffer.
+static GemmArg state_at(Tensor t, size_t at) {
+    int half = t.dtype == DTYPE_BF16;
+    return {(const char *)t.data + at * (half ? sizeof(__nv_bfloat16) : sizeof(float)), half};
+}
+
+static GemmArg f32_at(Tensor t, size_t at) { return {DEV_R(t) + at, 0}; }
+
+// act rows [r0, r0 + rows) = SwiGLU of h13's, in the state's dtype.
+static void swiglu_state(Tensor act, Tensor h13, size_t r0, size_t rows, size_t F) {
+    if (rows * F == 0) return;
+    if (h13.dtype == DTYPE_BF16)
+        swiglu_kernel<<<cuda_blocks(rows * F), CUDA_THREADS>>>(
+            (__nv_bfloat16 *)state_at(act, r0 * F).p, (const __nv_bfloat16 *)state_at(h13, r0 * 2 * F).p,
+            rows, F);
+    else
+        swiglu_kernel<<<cuda_blocks(rows * F), CUDA_THREADS>>>(
+            DEV_R(act) + r0 * F, DEV_R(h13) + r0 * 2 * F, rows, F);
+    cudaCheckLaunch();
+}
+
+// dh13 rows [r0, r0 + rows) += SwiGLU's backward (dh13 is cleared first: it is scratch).
+static void swiglu_state_backward(Tensor dh13, Tensor dact, Tensor h13, size_t r0, size_t rows,
+                                  size_t F) {
+    if (rows * F == 0) return;
+    float *dh = DEV_R(dh13) + r0 * 2 * F;
+    cudaCheck(cudaMemset(dh, 0, rows * 2 * F * sizeof(float)));
+    if (h13.dtype == DTYPE_BF16)
+        swiglu_backward_kernel<<<cuda_blocks(rows * F), CUDA_THREADS>>>(
+            dh, DEV_R(dact) + r0 * F, (const __nv_bfloat16 *)state_at(h13, r0 * 2 * F).p, rows, F);
+    else
+        swiglu_backward_kernel<<<cuda_blocks(rows * F), CUDA_THREADS>>>(
+            dh, DEV_R(dact) + r0 * F, DEV_R(h13) + r0 * 2 * F, rows, F);
+    cudaCheckLaunch();
+}
 
 // Downloads and validates offsets (E+1) into a host array the caller frees; *M = offsets[E].
 static int32_t *expert_offsets(Tensor offsets, size_t E, size_t *M) {
@@ -309,6 +354,14 @@ static int32_t *expert_offsets(Tensor offsets, size_t E, size_t *M) {
 static void check_fits(Tensor t, size_t need, const char *name) {
     CUDA_REQUIRE(!t.data || t.numel >= need, "experts: %s holds %zu elements, needs %zu", name,
                  t.numel, need);
+}
+
+// h13 and act share a dtype, bf16 only under bf16 products.
+static void check_state(Tensor h13, Tensor act) {
+    CUDA_REQUIRE(h13.dtype == act.dtype && (h13.dtype == DTYPE_F32 || h13.dtype == DTYPE_BF16),
+                 "experts: h13 and act must both be fp32 or both bf16");
+    CUDA_REQUIRE(h13.dtype == DTYPE_F32 || cuda_gemm_bf16(),
+                 "internal: the experts' bf16 state planned for bf16 products, run in fp32");
 }
 
 // One problem per expert with rows (and, when `only` is given, only[e] != 0): m, n, k
@@ -345,13 +398,14 @@ static int experts_forward_grouped(Tensor yp, Tensor h13, Tensor act, Tensor xp,
     CUDA_REQUIRE(p, "out of host memory for %zu expert problems", E);
     size_t W = 3 * F * C;   // one expert's weights
     // h13 (rows, 2F) = x (rows, C) w13 (2F, C)^T
-    GemmGroup up = {0, 1, DEV_R(xp), DEV_R(w), DEV_R(h13), M * C, E * W, C, C, 2 * F, 1.0f, 0.0f};
+    GemmGroup up = {0, 1, f32_at(xp, 0), f32_at(w, 0), state_at(h13, 0), M * C, E * W, C, C,
+                    2 * F, 1.0f, 0.0f};
     size_t n = expert_problems(p, off, E, NULL, {0, 2 * F, C, C, 0, 0, W, 2 * F, 0});
     int ok = cuda_gemm_grouped(&up, p, n);
     if (ok) {
-        swiglu_rows(DEV_R(act), DEV_R(h13), M, F);
+        swiglu_state(act, h13, 0, M, F);
         // yp (rows, C) = act (rows, F) w2 (C, F)^T
-        GemmGroup down = {0,  1, DEV_R(act), DEV_R(w) + 2 * F * C, DEV_R(yp), M * F,
+        GemmGroup down = {0,  1, state_at(act, 0), f32_at(w, 2 * F * C), f32_at(yp, 0), M * F,
                           E * W - 2 * F * C, F, F, C, 1.0f, 0.0f};
         n = expert_problems(p, off, E, NULL, {0, C, F, F, 0, 0, W, C, 0});
         grouped_after_first(&down, p, n);
@@ -360,31 +414,32 @@ static int experts_forward_grouped(Tensor yp, Tensor h13, Tensor act, Tensor xp,
     return ok;
 }
 
+static void experts_forward_loop(Tensor yp, Tensor h13, Tensor act, Tensor xp, Tensor w,
+                                 const int32_t *off, size_t E, size_t C, size_t F) {
+    for (size_t e = 0; e < E; e++) {
+        size_t r0 = (size_t)off[e], rows = (size_t)off[e + 1] - r0, at = e * 3 * F * C;
+        if (rows == 0) continue;
+        // h13 (rows, 2F) = x (rows, C) w13 (2F, C)^T;  yp (rows, C) = act (rows, F) w2 (C, F)^T
+        cuda_gemm_typed(0, 1, rows, 2 * F, C, 1.0f, f32_at(xp, r0 * C), C, f32_at(w, at), C,
+                        0.0f, state_at(h13, r0 * 2 * F), 2 * F);
+        swiglu_state(act, h13, r0, rows, F);
+        cuda_gemm_typed(0, 1, rows, C, F, 1.0f, state_at(act, r0 * F), F,
+                        f32_at(w, at + 2 * F * C), F, 0.0f, f32_at(yp, r0 * C), C);
+    }
+}
+
 void cuda_experts_forward(Tensor yp, Tensor h13, Tensor act, Tensor xp, Tensor w,
                           Tensor offsets, size_t E, size_t C, size_t F) {
     size_t M;
+    check_state(h13, act);
     int32_t *off = expert_offsets(offsets, E, &M);
     check_fits(w, E * 3 * F * C, "w");
     check_fits(xp, M * C, "xp");
     check_fits(h13, M * 2 * F, "h13");
     check_fits(act, M * F, "act");
     check_fits(yp, M * C, "yp");
-    if (g_expert_gemm_grouped && experts_forward_grouped(yp, h13, act, xp, w, off, M, E, C, F)) {
-        free(off);
-        return;
-    }
-    for (size_t e = 0; e < E; e++) {
-        size_t r0 = (size_t)off[e], rows = (size_t)off[e + 1] - r0;
-        if (rows == 0) continue;
-        const float *w13 = DEV_R(w) + e * 3 * F * C; // (2F, C)
-        const float *w2 = w13 + 2 * F * C;           // (C, F)
-        const float *x = DEV_R(xp) + r0 * C;         // (rows, C)
-        float *h = DEV_R(h13) + r0 * 2 * F;          // (rows, 2F)
-        float *a = DEV_R(act) + r0 * F;              // (rows, F)
-        cuda_gemm(0, 1, rows, 2 * F, C, 1.0f, x, C, w13, C, 0.0f, h, 2 * F);
-        swiglu_rows(a, h, rows, F);
-        cuda_gemm(0, 1, rows, C, F, 1.0f, a, F, w2, F, 0.0f, DEV_R(yp) + r0 * C, C);
-    }
+    if (!g_expert_gemm_grouped || !experts_forward_grouped(yp, h13, act, xp, w, off, M, E, C, F))
+        experts_forward_loop(yp, h13, act, xp, w, off, E, C, F);
     free(off);
 }
 
@@ -399,86 +454,90 @@ static size_t experts_wanting_dw(uint8_t *want, Tensor dw, const uint8_t *train,
     return n;
 }
 
+// The backward's buffers, as the op receives them.
+struct ExpertGrads {
+    Tensor dxp, dw, dyp, dh13, dact, h13, act, xp, w;
+    const uint8_t *want;   // (E) weight gradient wanted
+    size_t n_dw;           // experts wanting it
+};
+
 // The backward as grouped products (SwiGLU's backward over every routed row); 0 when
 // cuBLAS refuses (loop then, before anything was written).
-static int experts_backward_grouped(Tensor dxp, Tensor dw, const uint8_t *train, Tensor dyp,
-                                    Tensor dh13, Tensor dact, Tensor h13, Tensor act,
-                                    Tensor xp, Tensor w, const int32_t *off, size_t M,
+static int experts_backward_grouped(const ExpertGrads *g, const int32_t *off, size_t M,
                                     size_t E, size_t C, size_t F) {
     GemmProblem *p = (GemmProblem *)malloc((E ? E : 1) * sizeof *p);
-    uint8_t *want = (uint8_t *)malloc(E ? E : 1);
-    CUDA_REQUIRE(p && want, "out of host memory for %zu expert problems", E);
-    size_t W = 3 * F * C, n_dw = experts_wanting_dw(want, dw, train, E), n;
-    const float *w2 = DEV_R(w) + 2 * F * C;
-    float *dw2 = dw.data ? DEV_R(dw) + 2 * F * C : NULL;
+    CUDA_REQUIRE(p, "out of host memory for %zu expert problems", E);
+    size_t W = 3 * F * C, n;
     // dact (rows, F) = dy (rows, C) w2 (C, F), for every expert with rows (dact is scratch)
-    GemmGroup g_da = {0, 0, DEV_R(dyp), w2, DEV_R(dact), M * C, E * W - 2 * F * C, C, F, F,
-                      1.0f, 0.0f};
+    GemmGroup g_da = {0, 0, f32_at(g->dyp, 0), f32_at(g->w, 2 * F * C), f32_at(g->dact, 0),
+                      M * C, E * W - 2 * F * C, C, F, F, 1.0f, 0.0f};
     n = expert_problems(p, off, E, NULL, {0, F, C, C, 0, 0, W, F, 0});
-    int ok = (n_dw || dxp.data) && cuda_gemm_grouped(&g_da, p, n);
+    int ok = cuda_gemm_grouped(&g_da, p, n);
     if (ok) {
         // dw2 (C, F) += dy (rows, C)^T act (rows, F)
-        GemmGroup g_dw2 = {1, 0, DEV_R(dyp), DEV_R(act), dw2, M * C, M * F, C, F, F, 1.0f, 1.0f};
-        n = expert_problems(p, off, E, want, {C, F, 0, C, 0, F, 0, 0, W});
-        if (n_dw) grouped_after_first(&g_dw2, p, n);
-        // dh13 is scratch: clear it so the accumulating SwiGLU backward assigns.
-        cudaCheck(cudaMemset(DEV_R(dh13), 0, M * 2 * F * sizeof(float)));
-        swiglu_backward_rows(DEV_R(dh13), DEV_R(dact), DEV_R(h13), M, F);
+        GemmGroup g_dw2 = {1, 0, f32_at(g->dyp, 0), state_at(g->act, 0), f32_at(g->dw, 2 * F * C),
+                           M * C, M * F, C, F, F, 1.0f, 1.0f};
+        n = expert_problems(p, off, E, g->want, {C, F, 0, C, 0, F, 0, 0, W});
+        if (g->n_dw) grouped_after_first(&g_dw2, p, n);
+        swiglu_state_backward(g->dh13, g->dact, g->h13, 0, M, F);
         // dxp (rows, C) += dh13 (rows, 2F) w13 (2F, C)
-        GemmGroup g_dx = {0, 0, DEV_R(dh13), DEV_R(w), DEV_R(dxp), M * 2 * F, E * W, 2 * F, C, C,
-                          1.0f, 1.0f};
+        GemmGroup g_dx = {0, 0, f32_at(g->dh13, 0), f32_at(g->w, 0), f32_at(g->dxp, 0),
+                          M * 2 * F, E * W, 2 * F, C, C, 1.0f, 1.0f};
         n = expert_problems(p, off, E, NULL, {0, C, 2 * F, 2 * F, 0, 0, W, C, 0});
-        if (dxp.data) grouped_after_first(&g_dx, p, n);
+        if (g->dxp.data) grouped_after_first(&g_dx, p, n);
         // dw13 (2F, C) += dh13 (rows, 2F)^T x (rows, C)
-        GemmGroup g_dw13 = {1, 0, DEV_R(dh13), DEV_R(xp), DEV_R(dw), M * 2 * F, M * C, 2 * F, C, C,
-                            1.0f, 1.0f};
-        n = expert_problems(p, off, E, want, {2 * F, C, 0, 2 * F, 0, C, 0, 0, W});
-        if (n_dw) grouped_after_first(&g_dw13, p, n);
+        GemmGroup g_dw13 = {1, 0, f32_at(g->dh13, 0), f32_at(g->xp, 0), f32_at(g->dw, 0),
+                            M * 2 * F, M * C, 2 * F, C, C, 1.0f, 1.0f};
+        n = expert_problems(p, off, E, g->want, {2 * F, C, 0, 2 * F, 0, C, 0, 0, W});
+        if (g->n_dw) grouped_after_first(&g_dw13, p, n);
     }
     free(p);
-    free(want);
-    return ok || (!n_dw && !dxp.data);
+    return ok;
+}
+
+static void experts_backward_loop(const ExpertGrads *g, const int32_t *off, size_t E, size_t C,
+                                  size_t F) {
+    for (size_t e = 0; e < E; e++) {
+        size_t r0 = (size_t)off[e], rows = (size_t)off[e + 1] - r0, at = e * 3 * F * C;
+        int want_dw = g->want[e];
+        if (rows == 0 || (!want_dw && !g->dxp.data)) continue;
+        // dact (rows, F) = dy (rows, C) w2 (C, F);  dw2 (C, F) += dy^T act
+        cuda_gemm_typed(0, 0, rows, F, C, 1.0f, f32_at(g->dyp, r0 * C), C,
+                        f32_at(g->w, at + 2 * F * C), F, 0.0f, f32_at(g->dact, r0 * F), F);
+        if (want_dw)
+            cuda_gemm_typed(1, 0, C, F, rows, 1.0f, f32_at(g->dyp, r0 * C), C,
+                            state_at(g->act, r0 * F), F, 1.0f, f32_at(g->dw, at + 2 * F * C), F);
+        swiglu_state_backward(g->dh13, g->dact, g->h13, r0, rows, F);
+        // dxp (rows, C) += dh13 (rows, 2F) w13 (2F, C);  dw13 (2F, C) += dh13^T x
+        if (g->dxp.data)
+            cuda_gemm_typed(0, 0, rows, C, 2 * F, 1.0f, f32_at(g->dh13, r0 * 2 * F), 2 * F,
+                            f32_at(g->w, at), C, 1.0f, f32_at(g->dxp, r0 * C), C);
+        if (want_dw)
+            cuda_gemm_typed(1, 0, 2 * F, C, rows, 1.0f, f32_at(g->dh13, r0 * 2 * F), 2 * F,
+                            f32_at(g->xp, r0 * C), C, 1.0f, f32_at(g->dw, at), C);
+    }
 }
 
 void cuda_experts_backward(Tensor dxp, Tensor dw, const uint8_t *train, Tensor dyp,
                            Tensor dh13, Tensor dact, Tensor h13, Tensor act, Tensor xp,
                            Tensor w, Tensor offsets, size_t E, size_t C, size_t F) {
     size_t M;
+    check_state(h13, act);
     int32_t *off = expert_offsets(offsets, E, &M);
     check_fits(dw, E * 3 * F * C, "dw");
     check_fits(dxp, M * C, "dxp");
     check_fits(dyp, M * C, "dyp");
     check_fits(dh13, M * 2 * F, "dh13");
     check_fits(dact, M * F, "dact");
-    if (g_expert_gemm_grouped && experts_backward_grouped(dxp, dw, train, dyp, dh13, dact, h13,
-                                                          act, xp, w, off, M, E, C, F)) {
-        free(off);
-        return;
+    uint8_t *want = (uint8_t *)malloc(E ? E : 1);
+    CUDA_REQUIRE(want, "out of host memory for %zu expert flags", E);
+    ExpertGrads g = {dxp, dw, dyp, dh13, dact, h13, act, xp, w, want, 0};
+    g.n_dw = experts_wanting_dw(want, dw, train, E);
+    if (g.n_dw || dxp.data) {
+        if (!g_expert_gemm_grouped || !experts_backward_grouped(&g, off, M, E, C, F))
+            experts_backward_loop(&g, off, E, C, F);
     }
-    for (size_t e = 0; e < E; e++) {
-        size_t r0 = (size_t)off[e], rows = (size_t)off[e + 1] - r0;
-        int want_dw = dw.data && (!train || train[e]);
-        if (rows == 0 || (!want_dw && !dxp.data)) continue;
-        const float *w13 = DEV_R(w) + e * 3 * F * C;                // (2F, C)
-        const float *w2 = w13 + 2 * F * C;                          // (C, F)
-        const float *x = DEV_R(xp) + r0 * C;                        // (rows, C)
-        const float *h = DEV_R(h13) + r0 * 2 * F;                   // (rows, 2F)
-        const float *a = DEV_R(act) + r0 * F;                       // (rows, F)
-        const float *dy = DEV_R(dyp) + r0 * C;                      // (rows, C)
-        float *dh = DEV_R(dh13) + r0 * 2 * F;                       // (rows, 2F)
-        float *da = DEV_R(dact) + r0 * F;                           // (rows, F)
-        float *dw13 = want_dw ? DEV_R(dw) + e * 3 * F * C : NULL;   // (2F, C)
-        float *dw2 = want_dw ? dw13 + 2 * F * C : NULL;             // (C, F)
-
-        cuda_gemm(0, 0, rows, F, C, 1.0f, dy, C, w2, F, 0.0f, da, F);
-        if (want_dw) cuda_gemm(1, 0, C, F, rows, 1.0f, dy, C, a, F, 1.0f, dw2, F);
-        // dh13 is scratch: clear it so the accumulating SwiGLU backward assigns.
-        cudaCheck(cudaMemset(dh, 0, rows * 2 * F * sizeof(float)));
-        swiglu_backward_rows(dh, da, h, rows, F);
-        if (dxp.data)
-            cuda_gemm(0, 0, rows, C, 2 * F, 1.0f, dh, 2 * F, w13, C, 1.0f, DEV_R(dxp) + r0 * C, C);
-        if (want_dw) cuda_gemm(1, 0, 2 * F, C, rows, 1.0f, dh, 2 * F, x, C, 1.0f, dw13, C);
-    }
+    free(want);
     free(off);
 }
 

@@ -247,20 +247,25 @@ static const __nv_bfloat16 *bf16_operand(int slot, const float *src, size_t rows
     return copy;
 }
 
-// The bf16 product: a and b in bf16 (bf16_operand), fp32 accumulate (CUBLAS_COMPUTE_32F)
-// into the fp32 c.
+// An operand in bf16 as it stands, or rounded (bf16_operand).
+static const __nv_bfloat16 *bf16_of(int slot, GemmArg x, size_t rows, size_t cols, size_t *ld) {
+    if (x.bf16) return (const __nv_bfloat16 *)x.p;
+    return bf16_operand(slot, (const float *)x.p, rows, cols, ld);
+}
+
+// The bf16 product: a and b in bf16, fp32 accumulate (CUBLAS_COMPUTE_32F) into c, fp32 or
+// bf16.
 static void gemm_bf16(cublasHandle_t h, int trans_a, int trans_b, int m, int n, int k,
-                      float alpha, const float *a, size_t lda, const float *b, size_t ldb,
-                      float beta, float *c, int ldc) {
+                      float alpha, GemmArg a, size_t lda, GemmArg b, size_t ldb, float beta,
+                      GemmArg c, int ldc) {
     size_t a_cols = (size_t)(trans_a ? m : k), b_cols = (size_t)(trans_b ? k : n);
-    const __nv_bfloat16 *a16 =
-        bf16_operand(SCRATCH_BF16_A, a, (size_t)(trans_a ? k : m), a_cols, &lda);
-    const __nv_bfloat16 *b16 =
-        bf16_operand(SCRATCH_BF16_B, b, (size_t)(trans_b ? n : k), b_cols, &ldb);
+    const __nv_bfloat16 *a16 = bf16_of(SCRATCH_BF16_A, a, (size_t)(trans_a ? k : m), a_cols, &lda);
+    const __nv_bfloat16 *b16 = bf16_of(SCRATCH_BF16_B, b, (size_t)(trans_b ? n : k), b_cols, &ldb);
     cublasCheck(blas.gemm_ex(h, trans_b ? CUBLAS_OP_T : CUBLAS_OP_N,
                               trans_a ? CUBLAS_OP_T : CUBLAS_OP_N, n, m, k, &alpha, b16,
-                              CUDA_R_16BF, (int)ldb, a16, CUDA_R_16BF, (int)lda, &beta, c,
-                              CUDA_R_32F, ldc, CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT));
+                              CUDA_R_16BF, (int)ldb, a16, CUDA_R_16BF, (int)lda, &beta,
+                              (void *)c.p, c.bf16 ? CUDA_R_16BF : CUDA_R_32F, ldc,
+                              CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT));
 }
 
 extern "C" double backend_cuda_gemm_peak(size_t n, int repeats) {
@@ -298,10 +303,20 @@ extern "C" double backend_cuda_gemm_peak(size_t n, int repeats) {
 void cuda_gemm(int trans_a, int trans_b, size_t m, size_t n, size_t k, float alpha,
                const float *a, size_t lda, const float *b, size_t ldb, float beta, float *c,
                size_t ldc) {
+    cuda_gemm_typed(trans_a, trans_b, m, n, k, alpha, {a, 0}, lda, {b, 0}, ldb, beta, {c, 0},
+                    ldc);
+}
+
+void cuda_gemm_typed(int trans_a, int trans_b, size_t m, size_t n, size_t k, float alpha,
+                     GemmArg a, size_t lda, GemmArg b, size_t ldb, float beta, GemmArg c,
+                     size_t ldc) {
     if (m == 0 || n == 0) return;
+    CUDA_REQUIRE(g_gemm_bf16 || !(a.bf16 || b.bf16 || c.bf16),
+                 "internal: a bf16 matrix in an fp32 product");
     if (k == 0) {   // an empty sum, as cpu_gemm
+        CUDA_REQUIRE(!c.bf16, "internal: an empty product into a bf16 matrix");
         if (beta == 0.0f) {
-            zero_rows_kernel<<<cuda_blocks(m * n), CUDA_THREADS>>>(c, m, n, ldc);
+            zero_rows_kernel<<<cuda_blocks(m * n), CUDA_THREADS>>>((float *)c.p, m, n, ldc);
             cudaCheckLaunch();
         }
         return;
@@ -317,7 +332,8 @@ void cuda_gemm(int trans_a, int trans_b, size_t m, size_t n, size_t k, float alp
     }
     cublasCheck(blas.sgemm(h, trans_b ? CUBLAS_OP_T : CUBLAS_OP_N,
                             trans_a ? CUBLAS_OP_T : CUBLAS_OP_N, (int)n, (int)m, (int)k, &alpha,
-                            b, (int)ldb, a, (int)lda, &beta, c, (int)ldc));
+                            (const float *)b.p, (int)ldb, (const float *)a.p, (int)lda, &beta,
+                            (float *)c.p, (int)ldc));
 }
 
 // ---- grouped gemm -----------------------------------------------------------------------
@@ -345,7 +361,8 @@ static void grouped_args_free(GroupedArgs *g) {
 // Fills the arguments in cuBLAS's column-major terms (operands swapped, as cuda_gemm).
 // Returns the problems kept (empty ones dropped).
 static int grouped_args(GroupedArgs *g, const GemmGroup *grp, const GemmProblem *p,
-                        size_t count, const void *a, const void *b, size_t elem) {
+                        size_t count, const void *a, const void *b, size_t elem,
+                        size_t c_elem) {
     size_t n = count ? count : 1;
     g->ta = (cublasOperation_t *)malloc(n * sizeof *g->ta);
     g->tb = (cublasOperation_t *)malloc(n * sizeof *g->tb);
@@ -377,7 +394,7 @@ static int grouped_args(GroupedArgs *g, const GemmGroup *grp, const GemmProblem 
         g->beta[kept] = grp->beta;
         g->a[kept] = (const char *)b + p[i].b_at * elem;
         g->b[kept] = (const char *)a + p[i].a_at * elem;
-        g->c[kept] = grp->c + p[i].c_at;
+        g->c[kept] = (char *)grp->c.p + p[i].c_at * c_elem;
         kept++;
     }
     return kept;
@@ -390,17 +407,19 @@ int cuda_gemm_grouped(const GemmGroup *grp, const GemmProblem *p, size_t count) 
     CUDA_REQUIRE(grp->lda <= INT_MAX && grp->ldb <= INT_MAX && grp->ldc <= INT_MAX,
                  "grouped gemm leading dimensions exceed cuBLAS's int sizes");
     cublasHandle_t h = cuda_cublas();
-    const void *a = grp->a, *b = grp->b;
+    CUDA_REQUIRE(g_gemm_bf16 || !(grp->a.bf16 || grp->b.bf16 || grp->c.bf16),
+                 "internal: a bf16 matrix in an fp32 grouped product");
+    const void *a = grp->a.p, *b = grp->b.p;
     cudaDataType ab = CUDA_R_32F;
-    size_t elem = sizeof(float);
+    size_t elem = sizeof(float), c_elem = grp->c.bf16 ? sizeof(__nv_bfloat16) : sizeof(float);
     if (g_gemm_bf16) {
-        a = bf16_dense(SCRATCH_BF16_A, grp->a, grp->a_numel);
-        b = bf16_dense(SCRATCH_BF16_B, grp->b, grp->b_numel);
+        if (!grp->a.bf16) a = bf16_dense(SCRATCH_BF16_A, (const float *)a, grp->a_numel);
+        if (!grp->b.bf16) b = bf16_dense(SCRATCH_BF16_B, (const float *)b, grp->b_numel);
         ab = CUDA_R_16BF;
         elem = sizeof(__nv_bfloat16);
     }
     GroupedArgs g;
-    int kept = grouped_args(&g, grp, p, count, a, b, elem);
+    int kept = grouped_args(&g, grp, p, count, a, b, elem, c_elem);
     cublasStatus_t st = CUBLAS_STATUS_SUCCESS;
     if (kept > 0) {
         // The pointer arrays live on the device: one upload of the three.
@@ -410,8 +429,8 @@ int cuda_gemm_grouped(const GemmGroup *grp, const GemmProblem *p, size_t count) 
         cudaCheck(cudaMemcpy(dev + 2 * kept, g.c, kept * sizeof(void *), cudaMemcpyHostToDevice));
         st = blas.gemm_grouped(h, g.ta, g.tb, g.m, g.n, g.k, g.alpha, (const void *const *)dev,
                                ab, g.lda, (const void *const *)(dev + kept), ab, g.ldb, g.beta,
-                               dev + 2 * kept, CUDA_R_32F, g.ldc, kept, g.size,
-                               CUBLAS_COMPUTE_32F);
+                               dev + 2 * kept, grp->c.bf16 ? CUDA_R_16BF : CUDA_R_32F, g.ldc,
+                               kept, g.size, CUBLAS_COMPUTE_32F);
     }
     grouped_args_free(&g);
     if (st == CUBLAS_STATUS_NOT_SUPPORTED || st == CUBLAS_STATUS_INVALID_VALUE) {

@@ -531,6 +531,42 @@ static void case_experts_bf16(void) {
     gpu->set_gemm_bf16(0);
 }
 
+// The experts op keeping h13 and act in bf16 (its state under bf16 products): the up
+// projection's output is rounded to bf16 before SwiGLU (2^-9 relative) and SwiGLU's
+// output again; the down projection rounded act anyway, so yp stays within 1e-2 as in
+// case_experts_bf16; the backward's SwiGLU derivative reads the rounded h13 too, one
+// more rounding in dxp and dw: 2e-2. Looped and grouped.
+static void case_experts_bf16_state(void) {
+    size_t E = 3, C = 64, F = 48, M = 90;
+    int32_t off[] = {0, 40, 40, 90};
+    if (gpu->experts_state_dtype(1) != DTYPE_BF16) fail("bf16 products keep an fp32 state");
+    gpu->set_gemm_bf16(1);
+    Pair offsets = ints(off, E + 1), w = reals_bf16(E * 3 * F * C, 0.2), xp = reals_bf16(M * C, 1);
+    Pair h13 = zeros(M * 2 * F, DTYPE_F32), act = zeros(M * F, DTYPE_F32);
+    Tensor h16 = {gpu->alloc(M * 2 * F * 2), DTYPE_BF16, DEVICE_CUDA, M * 2 * F};
+    Tensor a16 = {gpu->alloc(M * F * 2), DTYPE_BF16, DEVICE_CUDA, M * F};
+    Pair dyp = reals_bf16(M * C, 1), dh13 = zeros(M * 2 * F, DTYPE_F32),
+         dact = zeros(M * F, DTYPE_F32);
+    for (int grouped = 0; grouped < 2; grouped++) {
+        gpu->set_expert_gemm(grouped);
+        Pair yp = zeros(M * C, DTYPE_F32), dxp = zeros(M * C, DTYPE_F32),
+             dw = zeros(E * 3 * F * C, DTYPE_F32);
+        cpu->experts_forward(yp.c, h13.c, act.c, xp.c, w.c, offsets.c, E, C, F);
+        gpu->experts_forward(yp.g, h16, a16, xp.g, w.g, offsets.g, E, C, F);
+        close_all(grouped ? "bf16-state experts yp (grouped)" : "bf16-state experts yp", yp, 1e-2);
+        cpu->experts_backward(dxp.c, dw.c, NULL, dyp.c, dh13.c, dact.c, h13.c, act.c, xp.c, w.c,
+                              offsets.c, E, C, F);
+        gpu->experts_backward(dxp.g, dw.g, NULL, dyp.g, dh13.g, dact.g, h16, a16, xp.g, w.g,
+                              offsets.g, E, C, F);
+        close_all(grouped ? "bf16-state experts dxp (grouped)" : "bf16-state experts dxp", dxp, 2e-2);
+        close_all(grouped ? "bf16-state experts dw (grouped)" : "bf16-state experts dw", dw, 2e-2);
+    }
+    gpu->set_expert_gemm(0);
+    gpu->set_gemm_bf16(0);
+    gpu->release(h16.data);
+    gpu->release(a16.data);
+}
+
 // The same two cases with each product of the op one grouped GEMM over the experts
 // (train.expert_gemm = grouped): the same tolerances, the products differ in sum order only.
 static void case_experts_grouped(void) {
@@ -1020,6 +1056,7 @@ static const Case cases[] = {
     {"experts", case_experts},
     {"experts_bf16", case_experts_bf16},
     {"experts_grouped", case_experts_grouped},
+    {"experts_bf16_state", case_experts_bf16_state},
     {"crossentropy", case_crossentropy},
     {"router_scores", case_router_scores},
     {"noisy_logits", case_noisy_logits},
