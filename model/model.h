@@ -97,12 +97,13 @@ void model_randomize_weights(Model *m, uint64_t seed);
 void model_set_trainable(Model *m, const uint8_t *trainable);
 
 // bf16 != 0: matrix products (but the router's) round their operands to bfloat16 and
-// accumulate in fp32 (Backend.set_gemm_bf16), attention may run a fused bf16 kernel
-// (Backend.attention_plan), and the backend may keep a bf16 copy of the weights for its
-// products (Backend.set_bf16_weights: the fp32 weights become master weights); weights,
-// gradients, optimizer state and activations stay fp32. A change plans the activations again: call it before model_init_replica and
-// before holding views into them. Returns -1 with a reason when the backend has no bf16
-// products.
+// accumulate in fp32 (Backend.set_gemm_bf16); the backend may then run a fused bf16
+// attention (Backend.attention_plan), keep the experts' intermediates in bf16
+// (Backend.experts_state_dtype) and keep a bf16 copy of the weights for its products
+// (Backend.set_bf16_weights: the fp32 weights become master weights). Weights,
+// gradients, optimizer state and the other activations stay fp32. A change plans the
+// activations again: call it before model_init_replica and before holding views into
+// them. Returns -1 with a reason when the backend has no bf16 products.
 int model_set_precision(Model *m, int bf16, char *err, size_t n);
 
 // The view of one parameter tensor and of its gradient.

@@ -314,8 +314,8 @@ static void swiglu_state(Tensor act, Tensor h13, size_t r0, size_t rows, size_t 
     if (rows * F == 0) return;
     if (h13.dtype == DTYPE_BF16)
         swiglu_kernel<<<cuda_blocks(rows * F), CUDA_THREADS>>>(
-            (__nv_bfloat16 *)state_at(act, r0 * F).p, (const __nv_bfloat16 *)state_at(h13, r0 * 2 * F).p,
-            rows, F);
+            (__nv_bfloat16 *)state_at(act, r0 * F).p,
+            (const __nv_bfloat16 *)state_at(h13, r0 * 2 * F).p, rows, F);
     else
         swiglu_kernel<<<cuda_blocks(rows * F), CUDA_THREADS>>>(
             DEV_R(act) + r0 * F, DEV_R(h13) + r0 * 2 * F, rows, F);
@@ -330,7 +330,8 @@ static void swiglu_state_backward(Tensor dh13, Tensor dact, Tensor h13, size_t r
     cudaCheck(cudaMemset(dh, 0, rows * 2 * F * sizeof(float)));
     if (h13.dtype == DTYPE_BF16)
         swiglu_backward_kernel<<<cuda_blocks(rows * F), CUDA_THREADS>>>(
-            dh, DEV_R(dact) + r0 * F, (const __nv_bfloat16 *)state_at(h13, r0 * 2 * F).p, rows, F);
+            dh, DEV_R(dact) + r0 * F, (const __nv_bfloat16 *)state_at(h13, r0 * 2 * F).p, rows,
+            F);
     else
         swiglu_backward_kernel<<<cuda_blocks(rows * F), CUDA_THREADS>>>(
             dh, DEV_R(dact) + r0 * F, DEV_R(h13) + r0 * 2 * F, rows, F);

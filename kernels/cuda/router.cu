@@ -245,7 +245,8 @@ __global__ void route_topk_kernel(float *s, int32_t *top, float *g, float *h, co
         const float *xr = x + n * E;
         if (raw) {
             float *hr = h + n * E;
-            for (size_t e = 0; e < E; e++) hr[e] = noisy_value(xr[e], raw[n * E + e], ev[n * E + e]);
+            for (size_t e = 0; e < E; e++)
+                hr[e] = noisy_value(xr[e], raw[n * E + e], ev[n * E + e]);
             xr = hr;
         }
         if (sigmoid)

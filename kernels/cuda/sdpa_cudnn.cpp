@@ -37,16 +37,16 @@ typedef std::shared_ptr<fe::graph::Tensor_attributes> TensorAttr;
 
 struct Plans {
     SdpaDims dims;
-    std::string why;   // empty: supported
+    std::string why; // empty: supported
     std::shared_ptr<fe::graph::Graph> fwd, bwd;
-    int64_t fwd_ws = 0, bwd_ws = 0;   // workspace bytes
+    int64_t fwd_ws = 0, bwd_ws = 0; // workspace bytes
 };
 
 cudnnHandle_t g_handle;
-std::string g_open_error;   // non-empty: cuDNN cannot be used at all
+std::string g_open_error; // non-empty: cuDNN cannot be used at all
 bool g_opened;
-std::vector<Plans> g_plans;   // one per shape seen (a run has one, sampling adds another)
-std::string g_message;        // the last execution error
+std::vector<Plans> g_plans; // one per shape seen (a run has one, sampling adds another)
+std::string g_message;      // the last execution error
 
 bool cudnn_open() {
     if (g_opened) return g_open_error.empty();
@@ -72,7 +72,7 @@ bool cudnn_open() {
 }
 
 struct View {
-    int64_t heads, width;   // heads in this view, values per row of its buffer
+    int64_t heads, width; // heads in this view, values per row of its buffer
 };
 
 void shape_view(fe::graph::Tensor_attributes &t, const SdpaDims &s, View v) {
@@ -80,7 +80,8 @@ void shape_view(fe::graph::Tensor_attributes &t, const SdpaDims &s, View v) {
     t.set_dim({(int64_t)s.B, v.heads, T, D}).set_stride({T * v.width, D, v.width, 1});
 }
 
-TensorAttr input(fe::graph::Graph &g, const char *name, int64_t uid, const SdpaDims &s, View v) {
+TensorAttr input(fe::graph::Graph &g, const char *name, int64_t uid, const SdpaDims &s,
+                 View v) {
     fe::graph::Tensor_attributes t;
     t.set_name(name).set_uid(uid);
     shape_view(t, s, v);
@@ -117,7 +118,8 @@ struct Qkv {
 
 Qkv qkv_inputs(fe::graph::Graph &g, const SdpaDims &s) {
     int64_t W = (int64_t)((s.H + 2 * s.KV) * s.D);
-    return {input(g, "Q", UID_Q, s, {(int64_t)s.H, W}), input(g, "K", UID_K, s, {(int64_t)s.KV, W}),
+    return {input(g, "Q", UID_Q, s, {(int64_t)s.H, W}),
+            input(g, "K", UID_K, s, {(int64_t)s.KV, W}),
             input(g, "V", UID_V, s, {(int64_t)s.KV, W})};
 }
 
@@ -148,7 +150,7 @@ std::shared_ptr<fe::graph::Graph> backward_graph(const SdpaDims &s) {
     auto stats = g->tensor(st);
     auto opts = fe::graph::SDPA_backward_attributes()
                     .set_name("sdpa_backward")
-                    .set_deterministic_algorithm(true)   // resume must be bit-identical
+                    .set_deterministic_algorithm(true) // resume must be bit-identical
                     .set_causal_mask(true)
                     .set_attn_scale(attn_scale(s));
     auto [dq, dk, dv] = g->sdpa_backward(in.q, in.k, in.v, o, dout, stats, opts);
@@ -199,8 +201,8 @@ const Plans &plans_for(const SdpaDims &s) {
     return g_plans.back();
 }
 
-const char *run(const std::shared_ptr<fe::graph::Graph> &g, std::unordered_map<int64_t, void *> &ptrs,
-                void *workspace) {
+const char *run(const std::shared_ptr<fe::graph::Graph> &g,
+                std::unordered_map<int64_t, void *> &ptrs, void *workspace) {
     try {
         fe::error_t st = g->execute(g_handle, ptrs, workspace);
         if (st.is_good()) return nullptr;
@@ -211,7 +213,7 @@ const char *run(const std::shared_ptr<fe::graph::Graph> &g, std::unordered_map<i
     return g_message.c_str();
 }
 
-}  // namespace
+} // namespace
 
 int sdpa_cudnn_plan(const SdpaDims *s, size_t *fwd_ws, size_t *bwd_ws, char *err, size_t n) {
     const Plans &p = plans_for(*s);
@@ -228,7 +230,7 @@ const char *sdpa_cudnn_forward(const SdpaDims *s, const void *qkv16, void *o16, 
                                void *workspace) {
     const Plans &p = plans_for(*s);
     if (!p.why.empty()) return p.why.c_str();
-    const char *q = (const char *)qkv16;   // bf16: 2 bytes per value
+    const char *q = (const char *)qkv16; // bf16: 2 bytes per value
     size_t head = s->D * 2;
     std::unordered_map<int64_t, void *> ptrs = {{UID_Q, (void *)q},
                                                 {UID_K, (void *)(q + s->H * head)},
@@ -247,17 +249,18 @@ const char *sdpa_cudnn_backward(const SdpaDims *s, const void *qkv16, const void
     char *dq = (char *)dqkv16;
     size_t head = s->D * 2, k_at = s->H * head, v_at = (s->H + s->KV) * head;
     std::unordered_map<int64_t, void *> ptrs = {
-        {UID_Q, (void *)q},         {UID_K, (void *)(q + k_at)}, {UID_V, (void *)(q + v_at)},
-        {UID_O, (void *)o16},       {UID_DO, (void *)do16},      {UID_STATS, (void *)stats},
-        {UID_DQ, dq},               {UID_DK, dq + k_at},         {UID_DV, dq + v_at}};
+        {UID_Q, (void *)q},   {UID_K, (void *)(q + k_at)}, {UID_V, (void *)(q + v_at)},
+        {UID_O, (void *)o16}, {UID_DO, (void *)do16},      {UID_STATS, (void *)stats},
+        {UID_DQ, dq},         {UID_DK, dq + k_at},         {UID_DV, dq + v_at}};
     return run(p.bwd, ptrs, workspace);
 }
 
-#else   // built without the frontend's headers: attention keeps the plain kernels
+#else // built without the frontend's headers: attention keeps the plain kernels
 
 int sdpa_cudnn_plan(const SdpaDims *, size_t *, size_t *, char *err, size_t n) {
-    snprintf(err, n, "this build has no cuDNN frontend headers (the Makefile fetches them "
-                     "from PyPI: rebuild with network access)");
+    snprintf(err, n,
+             "this build has no cuDNN frontend headers (the Makefile fetches them "
+             "from PyPI: rebuild with network access)");
     return 0;
 }
 

@@ -438,7 +438,8 @@ static void fused_attention_case(size_t B, size_t T, size_t H, size_t KV, size_t
     close_all("fused attention out", out, 1e-2);
     attention_lse((float *)stats.c.data, (const float *)qkv.c.data, B, T, H, KV, D);
     close_all("fused attention statistics", stats, 1e-2);
-    Pair dqkv = reals(B * T * W, 1), datt = zeros(bhtt, DTYPE_F32), dout = reals_bf16(B * T * H * D, 1);
+    Pair dqkv = reals(B * T * W, 1), datt = zeros(bhtt, DTYPE_F32),
+         dout = reals_bf16(B * T * H * D, 1);
     float *before = gpu_copy(dqkv, dqkv.n);
     cpu->attention_backward(dqkv.c, datt.c, dout.c, out.c, qkv.c, probs.c, B, T, H, KV, D);
     gpu->attention_backward(dqkv.g, none().g, dout.g, out.g, qkv.g, stats.g, B, T, H, KV, D);
