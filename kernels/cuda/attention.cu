@@ -126,19 +126,10 @@ static int use_fused(int bf16, size_t B, size_t T, size_t H, size_t KV, size_t D
     return 0;
 }
 
-__global__ void bf16_from_float_kernel(__nv_bfloat16 *dst, const float *src, size_t n) {
-    GRID_STRIDE(i, n) dst[i] = __float2bfloat16_rn(src[i]);
-}
-
 // dst = src, or dst += src when accumulate (a backward op's contract).
 __global__ void float_from_bf16_kernel(float *dst, const __nv_bfloat16 *src, size_t n,
                                        int accumulate) {
     GRID_STRIDE(i, n) dst[i] = __bfloat162float(src[i]) + (accumulate ? dst[i] : 0.0f);
-}
-
-static void to_bf16(__nv_bfloat16 *dst, const float *src, size_t n) {
-    bf16_from_float_kernel<<<cuda_blocks(n), CUDA_THREADS>>>(dst, src, n);
-    cudaCheckLaunch();
 }
 
 static void from_bf16(float *dst, const __nv_bfloat16 *src, size_t n, int accumulate) {
@@ -173,7 +164,7 @@ static SdpaScratch sdpa_scratch(const SdpaDims &s, int backward) {
 static void sdpa_forward(float *out, float *stats, const float *qkv, const SdpaDims &s) {
     size_t N = s.B * s.T, W = (s.H + 2 * s.KV) * s.D;
     SdpaScratch sc = sdpa_scratch(s, 0);
-    to_bf16(sc.qkv, qkv, N * W);
+    cuda_to_bf16(sc.qkv, qkv, N * W);
     const char *e = sdpa_cudnn_forward(&s, sc.qkv, sc.o, stats, sc.ws);
     CUDA_REQUIRE(!e, "cuDNN fused attention forward: %s; train.precision=fp32 runs the plain "
                      "attention kernels", e);
@@ -185,9 +176,9 @@ static void sdpa_backward(float *dqkv, const float *dout, const float *out, cons
                           const float *stats, const SdpaDims &s) {
     size_t N = s.B * s.T, W = (s.H + 2 * s.KV) * s.D, HD = s.H * s.D;
     SdpaScratch sc = sdpa_scratch(s, 1);
-    to_bf16(sc.qkv, qkv, N * W);
-    to_bf16(sc.o, out, N * HD);
-    to_bf16(sc.dout, dout, N * HD);
+    cuda_to_bf16(sc.qkv, qkv, N * W);
+    cuda_to_bf16(sc.o, out, N * HD);
+    cuda_to_bf16(sc.dout, dout, N * HD);
     const char *e = sdpa_cudnn_backward(&s, sc.qkv, sc.o, sc.dout, stats, sc.dqkv, sc.ws);
     CUDA_REQUIRE(!e, "cuDNN fused attention backward: %s; train.precision=fp32 runs the plain "
                      "attention kernels", e);

@@ -133,6 +133,13 @@ struct ScratchLayout {
         return at;
     }
 };
+// Scratch of the sort-based ops, one op-scratch request: n (key, value) int32 pairs before
+// and after a sort, and `extra` (at most 2) more arrays of n 4-byte values (float keys).
+struct SortScratch {
+    int32_t *keys, *skeys, *vals, *svals;
+    void *extra[2];
+};
+SortScratch cuda_sort_scratch(size_t n, int extra);
 // Copies n int32 values of a device buffer to the host (a synchronising read).
 void cuda_read_ints(int32_t *host, const int32_t *dev, size_t n);
 
@@ -149,6 +156,8 @@ void cuda_set_bf16_weights(Tensor w, int on);
 __nv_bfloat16 *cuda_bf16_weights_at(const float *p, size_t n);
 void cuda_weights_written(const void *p, size_t n);
 int cuda_gemm_bf16(void);   // the mode set last
+// dst (n) = src (n) rounded to bf16, nearest even.
+void cuda_to_bf16(__nv_bfloat16 *dst, const float *src, size_t n);
 void cuda_synchronize(void);
 void cuda_gemm(int trans_a, int trans_b, size_t m, size_t n, size_t k, float alpha,
                const float *a, size_t lda, const float *b, size_t ldb, float beta, float *c,

@@ -129,12 +129,8 @@ __global__ void scatter_add_kernel(float *dst, const float *src, const int32_t *
 void cuda_scatter_add_rows(float *dst, size_t dst_rows, const float *src, const int32_t *index,
                            size_t n, const int32_t *count, size_t C, int bad) {
     if (n == 0 || C == 0) return;
-    ScratchLayout L;
-    size_t o_keys = L.add(n * 4), o_skeys = L.add(n * 4), o_vals = L.add(n * 4),
-           o_svals = L.add(n * 4);
-    char *s = (char *)cuda_scratch(SCRATCH_OP, L.used);
-    int32_t *keys = (int32_t *)(s + o_keys), *skeys = (int32_t *)(s + o_skeys);
-    int32_t *vals = (int32_t *)(s + o_vals), *svals = (int32_t *)(s + o_svals);
+    SortScratch sc = cuda_sort_scratch(n, 0);
+    int32_t *keys = sc.keys, *skeys = sc.skeys, *vals = sc.vals, *svals = sc.svals;
     scatter_keys_kernel<<<cuda_blocks(n), CUDA_THREADS>>>(keys, index, n, count, dst_rows,
                                                           cuda_error_flag(), bad);
     cudaCheckLaunch();

@@ -348,18 +348,14 @@ void cuda_capacity_forward(Tensor keep, Tensor idx, Tensor gates, size_t N, size
         cudaCheckLaunch();
         return;
     }
-    ScratchLayout L;
-    size_t o_keys = L.add(n * 4), o_skeys = L.add(n * 4), o_vals = L.add(n * 4),
-           o_svals = L.add(n * 4), o_gkeys = L.add(n * 4), o_sg = L.add(n * 4);
-    char *s = (char *)cuda_scratch(SCRATCH_OP, L.used);
-    int32_t *keys = (int32_t *)(s + o_keys), *skeys = (int32_t *)(s + o_skeys);
-    int32_t *vals = (int32_t *)(s + o_vals), *svals = (int32_t *)(s + o_svals);
+    SortScratch sc = cuda_sort_scratch(n, 2);
+    int32_t *keys = sc.keys, *skeys = sc.skeys, *vals = sc.vals, *svals = sc.svals;
     int bits = cuda_key_bits(E);
     if (policy == DROP_POSITION) {
         rank_expert_keys_kernel<<<grid, CUDA_THREADS>>>(keys, vals, DEV_I(idx), N, E, k, flag);
         cudaCheckLaunch();
     } else {
-        float *gkeys = (float *)(s + o_gkeys), *sg = (float *)(s + o_sg);
+        float *gkeys = (float *)sc.extra[0], *sg = (float *)sc.extra[1];
         int32_t *ranks = svals;   // free until the second sort
         rank_gate_keys_kernel<<<grid, CUDA_THREADS>>>(gkeys, ranks, DEV_R(gates), N, k);
         cudaCheckLaunch();
@@ -410,12 +406,8 @@ void cuda_dispatch_plan(Tensor offsets, Tensor rows, Tensor slot, Tensor idx, Te
         cudaCheck(cudaMemset(offsets.data, 0, (E + 1) * sizeof(int32_t)));
         return;
     }
-    ScratchLayout L;
-    size_t o_keys = L.add(n * 4), o_skeys = L.add(n * 4), o_vals = L.add(n * 4),
-           o_svals = L.add(n * 4);
-    char *s = (char *)cuda_scratch(SCRATCH_OP, L.used);
-    int32_t *keys = (int32_t *)(s + o_keys), *skeys = (int32_t *)(s + o_skeys);
-    int32_t *vals = (int32_t *)(s + o_vals), *svals = (int32_t *)(s + o_svals);
+    SortScratch sc = cuda_sort_scratch(n, 0);
+    int32_t *keys = sc.keys, *skeys = sc.skeys, *vals = sc.vals, *svals = sc.svals;
     unsigned grid = cuda_blocks(n);
     dispatch_keys_kernel<<<grid, CUDA_THREADS>>>(keys, DEV_I(slot), DEV_I(idx), DEV_I(keep), n, E,
                                                  cuda_error_flag());

@@ -57,13 +57,9 @@ void cuda_expert_choice_forward(Tensor keep, Tensor scores, size_t N, size_t E,
                                 size_t capacity) {
     size_t n = N * E;
     if (n == 0) return;
-    ScratchLayout L;
-    size_t o_fk = L.add(n * 4), o_sfk = L.add(n * 4), o_ik = L.add(n * 4), o_sik = L.add(n * 4),
-           o_v = L.add(n * 4), o_sv = L.add(n * 4);
-    char *s = (char *)cuda_scratch(SCRATCH_OP, L.used);
-    float *fk = (float *)(s + o_fk), *sfk = (float *)(s + o_sfk);
-    int32_t *ik = (int32_t *)(s + o_ik), *sik = (int32_t *)(s + o_sik);
-    int32_t *v = (int32_t *)(s + o_v), *sv = (int32_t *)(s + o_sv);
+    SortScratch sc = cuda_sort_scratch(n, 2);
+    float *fk = (float *)sc.extra[0], *sfk = (float *)sc.extra[1];
+    int32_t *ik = sc.keys, *sik = sc.skeys, *v = sc.vals, *sv = sc.svals;
     unsigned grid = cuda_blocks(n);
     score_keys_kernel<<<grid, CUDA_THREADS>>>(fk, DEV_R(scores), n);
     cudaCheckLaunch();

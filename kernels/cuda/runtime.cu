@@ -136,6 +136,18 @@ void *cuda_scratch(int slot, size_t bytes) {
     return g_scratch[slot];
 }
 
+SortScratch cuda_sort_scratch(size_t n, int extra) {
+    CUDA_REQUIRE(extra >= 0 && extra <= 2, "internal: %d extra sort arrays", extra);
+    ScratchLayout lay;
+    size_t at[6];
+    for (int i = 0; i < 4 + extra; i++) at[i] = lay.add(n * 4);
+    char *s = (char *)cuda_scratch(SCRATCH_OP, lay.used);
+    SortScratch sc = {(int32_t *)(s + at[0]), (int32_t *)(s + at[1]), (int32_t *)(s + at[2]),
+                      (int32_t *)(s + at[3]), {NULL, NULL}};
+    for (int i = 0; i < extra; i++) sc.extra[i] = s + at[4 + i];
+    return sc;
+}
+
 void cuda_read_ints(int32_t *host, const int32_t *dev, size_t n) {
     cudaCheck(cudaMemcpy(host, dev, n * sizeof(int32_t), cudaMemcpyDeviceToHost));
 }
@@ -160,12 +172,22 @@ __global__ void to_bf16_kernel(__nv_bfloat16 *dst, const float *src, size_t rows
     GRID_STRIDE(i, rows * cols) dst[i] = __float2bfloat16_rn(src[(i / cols) * ld + i % cols]);
 }
 
+static void to_bf16_rows(__nv_bfloat16 *dst, const float *src, size_t rows, size_t cols,
+                         size_t ld) {
+    if (rows * cols == 0) return;
+    to_bf16_kernel<<<cuda_blocks(rows * cols), CUDA_THREADS>>>(dst, src, rows, cols, ld);
+    cudaCheckLaunch();
+}
+
+void cuda_to_bf16(__nv_bfloat16 *dst, const float *src, size_t n) {
+    to_bf16_rows(dst, src, 1, n, n);
+}
+
 static const __nv_bfloat16 *bf16_copy(int slot, const float *src, size_t rows, size_t cols,
                                       size_t ld) {
     __nv_bfloat16 *dst =
         (__nv_bfloat16 *)cuda_scratch(slot, rows * cols * sizeof(__nv_bfloat16));
-    to_bf16_kernel<<<cuda_blocks(rows * cols), CUDA_THREADS>>>(dst, src, rows, cols, ld);
-    cudaCheckLaunch();
+    to_bf16_rows(dst, src, rows, cols, ld);
     return dst;
 }
 
@@ -213,19 +235,13 @@ __nv_bfloat16 *cuda_bf16_weights_at(const float *p, size_t n) {
     return at < 0 || g_weights.stale ? NULL : g_weights.copy + at;
 }
 
-__global__ void to_bf16_dense_kernel(__nv_bfloat16 *dst, const float *src, size_t n) {
-    GRID_STRIDE(i, n) dst[i] = __float2bfloat16_rn(src[i]);
-}
-
 // The bf16 values of the operand spanning [p, p + n), read in place, when it lies in the
 // weights with a copy (refreshed first if stale); NULL otherwise.
 static const __nv_bfloat16 *weights_bf16(const float *p, size_t n) {
     ptrdiff_t at = weights_offset(p, n);
     if (at < 0) return NULL;
     if (g_weights.stale) {
-        to_bf16_dense_kernel<<<cuda_blocks(g_weights.n), CUDA_THREADS>>>(
-            g_weights.copy, g_weights.base, g_weights.n);
-        cudaCheckLaunch();
+        cuda_to_bf16(g_weights.copy, g_weights.base, g_weights.n);
         g_weights.stale = 0;
     }
     return g_weights.copy + at;
