@@ -80,7 +80,10 @@ CUDA_ARCH ?= 90
 CUDA_SRC := $(if $(NVCC),$(wildcard kernels/cuda/*.cu))
 # Host-only C++ of the backend (kernels/cuda/*.cpp, no kernels): g++ compiles it.
 CUDA_CPP := $(if $(NVCC),$(wildcard kernels/cuda/*.cpp))
-CUDA_OBJ := $(patsubst %.cu,$(BUILD)/f32/%.o,$(CUDA_SRC)) $(patsubst %.cpp,$(BUILD)/f32/%.o,$(CUDA_CPP))
+# strip: with no CUDA sources the two empty lists still leave their separating space, and
+# `ifneq ($(CUDA_OBJ),)` below would take that for a CUDA build.
+CUDA_OBJ := $(strip $(patsubst %.cu,$(BUILD)/f32/%.o,$(CUDA_SRC)) \
+    $(patsubst %.cpp,$(BUILD)/f32/%.o,$(CUDA_CPP)))
 CUDA_LIBDIR := $(wildcard $(patsubst %/bin/nvcc,%,$(NVCC))/lib64)
 # cuBLAS is not linked: the backend opens it (dlopen, through this rpath) when asked for,
 # so CPU runs do not pay its load time.
