@@ -61,8 +61,8 @@ $(BUILD)/config.mk: Makefile
 CFLAGS = $(CFLAGS_BASE) $(PKG_CFLAGS) $(EXTRA_CFLAGS)
 LDLIBS = $(PKG_LIBS) $(LDLIBS_BASE)
 
-# Rooms, bottom up: kernels <- model, optim, data <- train.
-LIB_SRC := $(wildcard kernels/*.c kernels/cpu/*.c model/*.c optim/*.c data/*.c)
+# Rooms, bottom up: base <- kernels <- model, optim, data <- train.
+LIB_SRC := $(wildcard base/*.c kernels/*.c kernels/cpu/*.c model/*.c optim/*.c data/*.c)
 TRAIN_SRC := $(wildcard train/*.c)
 TEST_SUITES := $(patsubst tests/%.c,$(BUILD)/tests/%,$(wildcard tests/test_*.c))
 
@@ -156,14 +156,14 @@ $(BUILD)/f32/kernels/cuda/%.o: kernels/cuda/%.cpp | $(BUILD)/config.mk
 $(BUILD)/f32/kernels/backend.o: CFLAGS += -DMOE_CUDA
 moe $(BUILD)/bench $(BUILD)/tests/optim_ref_f32 $(BUILD)/tests/cuda_ops: LDLIBS += $(CUDA_LIBS)
 $(BUILD)/tests/cuda_ops: $(BUILD)/f32/tests/cuda/test_cuda_ops.o \
-    $(filter $(BUILD)/f32/kernels/%,$(F32_LIB))
+    $(filter $(BUILD)/f32/base/% $(BUILD)/f32/kernels/%,$(F32_LIB))
 	@mkdir -p $(dir $@)
 	$(CC) -o $@ $^ $(LDLIBS)
 test: $(BUILD)/tests/cuda_ops
 endif
 
-# Op suites link only the kernels, so they build while the model is being written.
-F64_KERNELS := $(filter $(BUILD)/f64/kernels/%,$(F64_LIB))
+# Op suites link only base and the kernels, so they build while the model is being written.
+F64_KERNELS := $(filter $(BUILD)/f64/base/% $(BUILD)/f64/kernels/%,$(F64_LIB))
 $(BUILD)/tests/test_ops_%: $(BUILD)/f64/tests/test_ops_%.o $(F64_TESTLIB) $(F64_KERNELS)
 	@mkdir -p $(dir $@)
 	$(CC) -o $@ $^ $(LDLIBS) -lcmocka
@@ -175,7 +175,8 @@ $(BUILD)/tests/%: $(BUILD)/f64/tests/%.o $(F64_TESTLIB) $(F64_LIB) $(F64_TRAIN)
 # tests/reference/test_adamw_torch.py drives AdamW through tests/optim_ref.c, once per
 # precision. It links only the rooms it uses (kernels, model, optim), like the op suites.
 OPTIM_REF := $(BUILD)/tests/optim_ref_f32 $(BUILD)/tests/optim_ref_f64
-optim_ref_objs = $(filter $(BUILD)/$(1)/kernels/% $(BUILD)/$(1)/model/% $(BUILD)/$(1)/optim/%,$(2))
+optim_ref_objs = $(filter $(BUILD)/$(1)/base/% $(BUILD)/$(1)/kernels/% $(BUILD)/$(1)/model/% \
+    $(BUILD)/$(1)/optim/%,$(2))
 $(BUILD)/tests/optim_ref_f32: $(BUILD)/f32/tests/optim_ref.o $(call optim_ref_objs,f32,$(F32_LIB))
 	@mkdir -p $(dir $@)
 	$(CC) -o $@ $^ $(LDLIBS)

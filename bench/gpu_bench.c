@@ -16,8 +16,8 @@
 #include <string.h>
 
 #include "../kernels/backend.h"
-#include "../kernels/rng.h"
-#include "../kernels/util.h"
+#include "../base/rng.h"
+#include "../base/util.h"
 
 #define GPU_PEAK_N 8192
 #define GPU_REPEATS 10

@@ -10,7 +10,7 @@
 #include <stdlib.h>
 
 #include "../kernels/cpu/blas.h"
-#include "../kernels/util.h"
+#include "../base/util.h"
 
 // Independent accumulators per thread: enough to cover FMA latency (4) times the FMA
 // ports (2), so the loop is bound by throughput alone.

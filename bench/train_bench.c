@@ -9,7 +9,7 @@
 #include <stdlib.h>
 #include <string.h>
 
-#include "../kernels/util.h"
+#include "../base/util.h"
 #include "../model/model.h"
 #include "../optim/adamw.h"
 #include "../train/run.h"

@@ -2,7 +2,7 @@
 
 #include <string.h>
 
-#include "../kernels/util.h"
+#include "../base/util.h"
 
 #define DK(field) offsetof(DataConfig, field)
 #define DOM(field) offsetof(DomainConfig, field)

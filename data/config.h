@@ -11,7 +11,7 @@
 #include <stddef.h>
 #include <stdio.h>
 
-#include "../kernels/keys.h"
+#include "../base/keys.h"
 
 #define DATA_MAX_DOMAINS 16
 #define DATA_NAME_MAX 64

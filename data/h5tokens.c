@@ -2,7 +2,7 @@
 #include <hdf5.h>
 #include <stdlib.h>
 
-#include "../kernels/util.h"
+#include "../base/util.h"
 #include "sources.h"
 
 #define H5_CHUNK ((hsize_t)1 << 20)   // ids converted per read, bounding the scratch buffer

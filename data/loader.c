@@ -3,8 +3,8 @@
 #include <stdlib.h>
 #include <string.h>
 
-#include "../kernels/rng.h"
-#include "../kernels/util.h"
+#include "../base/rng.h"
+#include "../base/util.h"
 #include "sources.h"
 
 typedef struct {

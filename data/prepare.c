@@ -11,7 +11,7 @@
 #include <unistd.h>
 #include <zlib.h>
 
-#include "../kernels/util.h"
+#include "../base/util.h"
 #include "sources.h"
 
 #define SOURCES_MAX 512

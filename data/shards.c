@@ -5,7 +5,7 @@
 #include <string.h>
 #include <sys/stat.h>
 
-#include "../kernels/util.h"
+#include "../base/util.h"
 #include "sources.h"
 
 #define SHARD_CHUNK (1 << 20)   // tokens decoded per read

@@ -8,7 +8,7 @@
 #include <string.h>
 #include <sys/stat.h>
 
-#include "../kernels/util.h"
+#include "../base/util.h"
 #include "tokenizer.h"
 
 // Deeper than any real corpus; stops a symlink loop from recursing forever.

@@ -1,6 +1,6 @@
 // tensor.c: the buffer descriptor's helpers (see kernels.h).
 #include "kernels.h"
-#include "util.h"
+#include "../base/util.h"
 
 size_t dtype_size(DType dt) {
     switch (dt) {

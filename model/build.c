@@ -5,7 +5,7 @@
 #include <stdlib.h>
 #include <stdio.h>
 
-#include "../kernels/util.h"
+#include "../base/util.h"
 
 typedef struct {
     Model *m;

@@ -8,7 +8,7 @@
 #include <stddef.h>
 
 #include "../kernels/kernels.h"
-#include "../kernels/keys.h"
+#include "../base/keys.h"
 
 typedef enum { NOISE_NONE = 0, NOISE_JITTER = 1, NOISE_SHAZEER = 2 } NoiseKind;
 

@@ -4,7 +4,7 @@
 #include <stdlib.h>
 #include <string.h>
 
-#include "../kernels/util.h"
+#include "../base/util.h"
 
 // Cumulative sums of normalised scores land a few ulps off the exact fraction.
 #define ESFT_SLACK 1e-12

@@ -19,7 +19,7 @@
 #include <stdint.h>
 
 #include "config.h"
-#include "routing.h"
+#include "routing_stats.h"
 
 typedef enum { ESFT_TOKEN = 0, ESFT_GATE = 1 } EsftScore;
 

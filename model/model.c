@@ -5,7 +5,7 @@
 #include <stdlib.h>
 #include <string.h>
 
-#include "../kernels/util.h"
+#include "../base/util.h"
 #include "build.h"
 
 static Tensor slab_alloc(const Backend *be, size_t numel, const char *what) {

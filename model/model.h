@@ -10,7 +10,7 @@
 #include <stdint.h>
 
 #include "../kernels/kernels.h"
-#include "../kernels/rng.h"
+#include "../base/rng.h"
 #include "config.h"
 #include "layout.h"
 #include "tape.h"

@@ -3,7 +3,7 @@
 #include <stdlib.h>
 #include <string.h>
 
-#include "../kernels/util.h"
+#include "../base/util.h"
 
 void routing_pool_init(RoutingPool *p, const Model *m) {
     memset(p, 0, sizeof *p);

@@ -4,7 +4,7 @@
 #include <stdlib.h>
 #include <string.h>
 
-#include "../kernels/util.h"
+#include "../base/util.h"
 
 Tensor arena_take(Arena *a, size_t numel, DType dtype) {
     size_t bytes = (numel * dtype_size(dtype) + 63) / 64 * 64;

@@ -3,7 +3,7 @@
 #include <math.h>
 #include <string.h>
 
-#include "../kernels/util.h"
+#include "../base/util.h"
 
 static int tensor_decays(const OptimConfig *c, const ParamInfo *p) {
     if (p->cols == 0) return c->decay_norms;

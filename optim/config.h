@@ -8,7 +8,7 @@
 
 #include <stddef.h>
 
-#include "../kernels/keys.h"
+#include "../base/keys.h"
 
 typedef struct {
     double lr;           // peak learning rate, reached at the end of warmup

@@ -5,7 +5,7 @@
 #include <stdlib.h>
 #include <string.h>
 
-#include "../kernels/util.h"
+#include "../base/util.h"
 #include "testlib.h"
 
 static const Backend *bk(void) { return backend_cpu(); }

@@ -8,7 +8,7 @@
 #include <stdlib.h>
 #include <string.h>
 
-#include "../kernels/util.h"
+#include "../base/util.h"
 #include "../model/layout.h"
 #include "../optim/adamw.h"
 #include "../optim/config.h"

@@ -9,8 +9,8 @@
 
 #include "../model/esft.h"
 #include "../model/layout.h"
-#include "../model/routing.h"
-#include "../optim/select.h"
+#include "../model/routing_stats.h"
+#include "../model/trainable.h"
 #include "testlib.h"
 
 // ---- models -----------------------------------------------------------------------------

@@ -14,7 +14,7 @@
 #include <cmocka.h>
 
 #include "../kernels/kernels.h"
-#include "../kernels/rng.h"
+#include "../base/rng.h"
 
 int testlib_main(int argc, char **argv, const struct CMUnitTest *tests, size_t n,
                  const char *group);

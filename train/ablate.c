@@ -25,7 +25,7 @@
 #include <time.h>
 #include <unistd.h>
 
-#include "../kernels/util.h"
+#include "../base/util.h"
 #include "run.h"
 
 #define ABLATE_NAME_MAX 200

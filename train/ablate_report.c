@@ -14,7 +14,7 @@
 #include <time.h>
 #include <unistd.h>
 
-#include "../kernels/util.h"
+#include "../base/util.h"
 #include "plot.h"
 
 // ---- CSV files, read by header name ---------------------------------------------------

@@ -26,7 +26,7 @@
 #include <stddef.h>
 #include <stdint.h>
 
-#include "../kernels/rng.h"
+#include "../base/rng.h"
 #include "../model/model.h"
 #include "../optim/adamw.h"
 #include "config.h"

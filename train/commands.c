@@ -5,7 +5,7 @@
 #include <stdlib.h>
 #include <string.h>
 
-#include "../kernels/util.h"
+#include "../base/util.h"
 #include "../model/esft.h"
 #include "checkpoint.h"
 #include "eval.h"

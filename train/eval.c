@@ -2,7 +2,7 @@
 
 #include <stdlib.h>
 
-#include "../kernels/util.h"
+#include "../base/util.h"
 
 void eval_result_init(EvalResult *r, const ModelConfig *cfg, int n_domains) {
     r->n_domains = n_domains;

@@ -4,7 +4,7 @@
 
 #include "../data/loader.h"
 #include "../model/model.h"
-#include "../model/routing.h"
+#include "../model/routing_stats.h"
 
 typedef struct {
     int n_domains;

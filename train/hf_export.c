@@ -9,7 +9,7 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
-#include "../kernels/util.h"
+#include "../base/util.h"
 #include "checkpoint.h"
 #include "hf.h"
 #include "run.h"

@@ -2,7 +2,7 @@
 
 #include <stdlib.h>
 
-#include "../kernels/util.h"
+#include "../base/util.h"
 #include "h5io.h"
 
 void logits_dump(const char *path, Model *m, const DataLoader *dl) {

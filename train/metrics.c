@@ -4,7 +4,7 @@
 #include <string.h>
 #include <unistd.h>
 
-#include "../kernels/util.h"
+#include "../base/util.h"
 #include "config.h"
 
 static FILE *open_in(const char *dir, const char *name, int append) {

@@ -10,7 +10,7 @@
 #include <stdio.h>
 
 #include "../model/model.h"
-#include "../model/routing.h"
+#include "../model/routing_stats.h"
 
 typedef struct {
     long step, steps;

@@ -11,7 +11,7 @@
 #include <string.h>
 #include <sys/stat.h>
 
-#include "../kernels/util.h"
+#include "../base/util.h"
 #include "plot.h"
 #include "run.h"
 

@@ -7,7 +7,7 @@
 #include <sys/stat.h>
 
 #include "../kernels/backend.h"
-#include "../kernels/util.h"
+#include "../base/util.h"
 #include "checkpoint.h"
 
 void run_apply_overrides(RunConfig *rc, int n_words, char **words) {

@@ -8,7 +8,7 @@
 
 #include "../data/loader.h"
 #include "../model/model.h"
-#include "../model/routing.h"
+#include "../model/routing_stats.h"
 #include "config.h"
 
 // defaults <- INI file <- override words; dies with a one-line error.

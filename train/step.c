@@ -4,7 +4,7 @@
 #include <stdlib.h>
 #include <string.h>
 
-#include "../kernels/util.h"
+#include "../base/util.h"
 
 void step_runner_init(StepRunner *s, Model *m, int accum, int aux_scope_batch,
                       int keep_activations) {

@@ -10,7 +10,7 @@
 #ifndef MOE_TRAIN_STEP_H
 #define MOE_TRAIN_STEP_H
 
-#include "../kernels/rng.h"
+#include "../base/rng.h"
 #include "../model/model.h"
 #include "../model/pool.h"
 

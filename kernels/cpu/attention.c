@@ -7,7 +7,7 @@
 // KV head): the query heads sharing a key/value head add their key and value gradients
 // in one thread, in a fixed order.
 #include "cpu_ops.h"
-#include "../util.h"
+#include "../../base/util.h"
 #include "vexp.h"
 
 #include <math.h>

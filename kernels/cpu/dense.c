@@ -5,7 +5,7 @@
 // are stored as `real`. Every parallel loop writes disjoint outputs, so results do not
 // depend on scheduling.
 #include "cpu_ops.h"
-#include "../util.h"
+#include "../../base/util.h"
 #include "vexp.h"
 
 #include <cblas.h>

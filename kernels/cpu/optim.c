@@ -5,7 +5,7 @@
 // parameter, m, v) are rounded to `real` at the same points, so the fp32 build follows
 // torch's fp32 AdamW to a few ulps rather than drifting by the rounding it skips.
 #include "cpu_ops.h"
-#include "../util.h"
+#include "../../base/util.h"
 
 #include <math.h>
 #include <omp.h>

@@ -6,7 +6,7 @@
 // summed across tokens is summed serially or in per-thread partials combined in thread
 // order, so a result depends only on the thread count. Sums accumulate in double.
 #include "cpu_ops.h"
-#include "../util.h"
+#include "../../base/util.h"
 
 #include <math.h>
 #include <omp.h>

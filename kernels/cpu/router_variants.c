@@ -4,7 +4,7 @@
 
 #include <stdlib.h>
 
-#include "../util.h"
+#include "../../base/util.h"
 
 void cpu_add_bias_forward(Tensor out, Tensor s, Tensor b, size_t N, size_t E) {
     real *o = TENSOR_R(out);        // (N, E)

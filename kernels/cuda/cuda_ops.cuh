@@ -33,7 +33,7 @@ extern "C" {
 
 static_assert(sizeof(real) == sizeof(float), "the CUDA backend is built for real = float only");
 
-// The project's one error printer (kernels/util.c): "moe: error: ... (file:line)", exits.
+// The project's one error printer (base/util.c): "moe: error: ... (file:line)", exits.
 extern "C" [[noreturn]] void util_die(const char *file, int line, const char *fmt, ...)
     __attribute__((format(printf, 3, 4)));
 

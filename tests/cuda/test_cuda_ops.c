@@ -20,7 +20,7 @@
 
 #include "../../kernels/backend.h"
 #include "../../kernels/cuda/backend_cuda.h"
-#include "../../kernels/rng.h"
+#include "../../base/rng.h"
 
 #define EXIT_SKIP 77
 #define RTOL 1e-5

@@ -1,11 +1,11 @@
-// routing.h: what the router did, accumulated over forward passes.
+// routing_stats.h: what the router did, accumulated over forward passes.
 //
 // Defines RoutingStats: per MoE layer and expert, assignments routed (before capacity),
 // assignments dropped by capacity and the sum of their gates, over however many forward
 // passes were accumulated (micro-batches of a step, or an evaluation). The logs, the
 // metrics files and the end-of-run usage table all read it.
-#ifndef MOE_ROUTING_H
-#define MOE_ROUTING_H
+#ifndef MOE_ROUTING_STATS_H
+#define MOE_ROUTING_STATS_H
 
 #include <stddef.h>
 #include <stdint.h>

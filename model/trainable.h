@@ -1,4 +1,4 @@
-// select.h: which tensors train (trainable masks from text, for freezing and fine-tuning).
+// trainable.h: which tensors train (trainable masks from text, for freezing and fine-tuning).
 //
 // An expression is a comma-separated list of items (spaces around items are ignored);
 // the tensors it matches are the union of what each item matches:
@@ -22,14 +22,14 @@
 // layer 0, `shared` without shared experts) is an error rather than a silent no-op, so a
 // typo never trains or freezes the wrong thing. ESFT's `auto` is not an item: the caller
 // expands it (model/esft.h, esft_to_expr) first.
-#ifndef MOE_OPTIM_SELECT_H
-#define MOE_OPTIM_SELECT_H
+#ifndef MOE_TRAINABLE_H
+#define MOE_TRAINABLE_H
 
 #include <stddef.h>
 #include <stdint.h>
 
-#include "../model/config.h"
-#include "../model/layout.h"
+#include "config.h"
+#include "layout.h"
 
 // Sets flags[i] = value (one flag per layout tensor) for every tensor matched by expr.
 // Returns the number of distinct tensors matched (0 for a blank expr), or -1 with a

@@ -1,4 +1,4 @@
-#include "select.h"
+#include "trainable.h"
 
 #include <errno.h>
 #include <limits.h>
@@ -7,7 +7,7 @@
 #include <stdlib.h>
 #include <string.h>
 
-#include "../kernels/util.h"
+#include "../base/util.h"
 
 #define WILDCARD (-1)  // `*` as a layer or expert index
 #define SCOPE_ALL (-2) // a bare word: tensors outside layers too (the final norm)

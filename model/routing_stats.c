@@ -1,11 +1,11 @@
-#include "routing.h"
+#include "routing_stats.h"
 
 #include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 
-#include "../kernels/util.h"
+#include "../base/util.h"
 
 void routing_stats_init(RoutingStats *rs, const ModelConfig *cfg) {
     memset(rs, 0, sizeof *rs);
