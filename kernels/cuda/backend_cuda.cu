@@ -1,4 +1,5 @@
-// backend_cuda.cu: the CUDA backend table and the device probe behind backend_select().
+// backend_cuda.cu: the CUDA backend table (every entry of the op list) and the device
+// probe behind backend_select().
 #include "cuda_ops.cuh"
 #include "backend_cuda.h"
 
@@ -83,66 +84,11 @@ static Backend make_table(void) {
     Backend b = {};
     b.name = "cuda";
     b.device = DEVICE_CUDA;
-    b.alloc = cuda_alloc;
-    b.release = cuda_release;
-    b.zero = cuda_zero;
-    b.upload = cuda_upload;
-    b.download = cuda_download;
-    b.add_forward = cuda_add_forward;
-    b.add_backward = cuda_add_backward;
-    b.mul_forward = cuda_mul_forward;
-    b.mul_backward = cuda_mul_backward;
-    b.embedding_forward = cuda_embedding_forward;
-    b.embedding_backward = cuda_embedding_backward;
-    b.rmsnorm_forward = cuda_rmsnorm_forward;
-    b.rmsnorm_backward = cuda_rmsnorm_backward;
-    b.matmul_forward = cuda_matmul_forward;
-    b.matmul_backward = cuda_matmul_backward;
-    b.rope_forward = cuda_rope_forward;
-    b.rope_backward = cuda_rope_backward;
-    b.attention_forward = cuda_attention_forward;
-    b.attention_backward = cuda_attention_backward;
-    b.attention_plan = cuda_attention_plan;
-    b.swiglu_forward = cuda_swiglu_forward;
-    b.swiglu_backward = cuda_swiglu_backward;
-    b.experts_forward = cuda_experts_forward;
-    b.experts_backward = cuda_experts_backward;
-    b.experts_state_dtype = cuda_experts_state_dtype;
-    b.crossentropy_forward = cuda_crossentropy_forward;
-    b.crossentropy_backward = cuda_crossentropy_backward;
-    b.router_scores_forward = cuda_router_scores_forward;
-    b.router_scores_backward = cuda_router_scores_backward;
-    b.noisy_logits_forward = cuda_noisy_logits_forward;
-    b.noisy_logits_backward = cuda_noisy_logits_backward;
-    b.topk_forward = cuda_topk_forward;
-    b.gates_forward = cuda_gates_forward;
-    b.route_topk_forward = cuda_route_topk_forward;
-    b.gates_backward = cuda_gates_backward;
-    b.capacity_forward = cuda_capacity_forward;
-    b.add_bias_forward = cuda_add_bias_forward;
-    b.hash_route_forward = cuda_hash_route_forward;
-    b.expert_choice_forward = cuda_expert_choice_forward;
-    b.dispatch_plan = cuda_dispatch_plan;
-    b.gather_rows_forward = cuda_gather_rows_forward;
-    b.gather_rows_backward = cuda_gather_rows_backward;
-    b.combine_forward = cuda_combine_forward;
-    b.combine_backward = cuda_combine_backward;
-    b.lb_loss_forward = cuda_lb_loss_forward;
-    b.lb_loss_backward = cuda_lb_loss_backward;
-    b.normalize_rows_forward = cuda_normalize_rows_forward;
-    b.normalize_rows_backward = cuda_normalize_rows_backward;
-    b.zloss_forward = cuda_zloss_forward;
-    b.zloss_backward = cuda_zloss_backward;
-    b.importance_loss_forward = cuda_importance_loss_forward;
-    b.importance_loss_backward = cuda_importance_loss_backward;
-    b.load_loss_forward = cuda_load_loss_forward;
-    b.load_loss_backward = cuda_load_loss_backward;
-    b.adamw_update = cuda_adamw_update;
-    b.sum_squares = cuda_sum_squares;
-    b.set_gemm_bf16 = cuda_set_gemm_bf16;
-    b.set_expert_gemm = cuda_set_expert_gemm;
-    b.set_bf16_weights = cuda_set_bf16_weights;
-    b.synchronize = cuda_synchronize;
+#define KERNEL(ret, fn, params) b.fn = cuda_##fn;
+#define KERNEL_HOOK KERNEL
+#include "../ops.def"
+#undef KERNEL
+#undef KERNEL_HOOK
     return b;
 }
 

@@ -1,7 +1,7 @@
 // cuda_ops.cuh: the CUDA backend's op implementations and the helpers they share.
 //
-// Each cuda_* function implements the Backend entry of the same name; semantics, shapes
-// and the accumulate-in-backward rule are in kernels.h, and the CPU op of the same name
+// Each cuda_<name> implements the op list's entry <name> (kernels/ops.def: semantics and
+// shapes; kernels.h: the accumulate-in-backward rule), and the CPU op of the same name
 // (kernels/cpu/) is the reference every one is tested against (tests/cuda/).
 // runtime.cu: errors, cuBLAS (plain, grouped), the bf16 weight copy, scratch, sorting,
 // memory ops; dense.cu: elementwise, embedding, RMSNorm, matmul, SwiGLU, experts,
@@ -146,10 +146,6 @@ void cuda_read_ints(int32_t *host, const int32_t *dev, size_t n);
 // c (m, n) = alpha op(a) op(b) + beta c, row-major, as cpu_gemm: cuBLAS sgemm, or under
 // cuda_set_gemm_bf16(1) cublasGemmEx on bf16 copies of a and b with fp32 accumulation
 // and an fp32 c.
-void cuda_set_gemm_bf16(int bf16);
-void cuda_set_expert_gemm(int grouped);   // the experts op: grouped GEMMs or a loop
-DType cuda_experts_state_dtype(int bf16);
-void cuda_set_bf16_weights(Tensor w, int on);
 // The bf16 copy of [p, p + n) when p lies in the weights with a current copy (AdamW
 // writes it alongside the fp32 values), else NULL. A write to the weights by any other
 // op calls cuda_weights_written (the copy goes stale, to be rounded anew on next use).
@@ -158,7 +154,6 @@ void cuda_weights_written(const void *p, size_t n);
 int cuda_gemm_bf16(void);   // the mode set last
 // dst (n) = src (n) rounded to bf16, nearest even.
 void cuda_to_bf16(__nv_bfloat16 *dst, const float *src, size_t n);
-void cuda_synchronize(void);
 void cuda_gemm(int trans_a, int trans_b, size_t m, size_t n, size_t k, float alpha,
                const float *a, size_t lda, const float *b, size_t ldb, float beta, float *c,
                size_t ldc);
@@ -262,99 +257,13 @@ void cuda_scatter_add_rows(float *dst, size_t dst_rows, const float *src, const 
                            size_t n, const int32_t *count, size_t C, int bad);
 
 // ---- ops ------------------------------------------------------------------------------
+// cuda_<name> for every entry of the op list, hooks included.
 extern "C" {
-void *cuda_alloc(size_t bytes);
-void cuda_release(void *p);
-void cuda_zero(Tensor t, size_t numel);
-void cuda_upload(Tensor dst, const void *src, size_t bytes);
-void cuda_download(void *dst, Tensor src, size_t bytes);
-void cuda_add_forward(Tensor out, Tensor a, Tensor b, size_t n);
-void cuda_add_backward(Tensor da, Tensor db, Tensor dout, size_t n);
-void cuda_mul_forward(Tensor out, Tensor x, Tensor u, size_t n);
-void cuda_mul_backward(Tensor dx, Tensor dout, Tensor u, size_t n);
-void cuda_embedding_forward(Tensor out, Tensor tokens, Tensor table, size_t N, size_t C);
-void cuda_embedding_backward(Tensor dtable, Tensor dout, Tensor tokens, size_t N, size_t C);
-void cuda_rmsnorm_forward(Tensor out, Tensor rstd, Tensor x, Tensor w, size_t N, size_t C,
-                          double eps);
-void cuda_rmsnorm_backward(Tensor dx, Tensor dw, Tensor dout, Tensor x, Tensor w, Tensor rstd,
-                           size_t N, size_t C);
-void cuda_matmul_forward(Tensor out, Tensor x, Tensor w, size_t N, size_t K, size_t M);
-void cuda_matmul_backward(Tensor dx, Tensor dw, Tensor dout, Tensor x, Tensor w, size_t N,
-                          size_t K, size_t M);
-void cuda_rope_forward(Tensor qkv, size_t B, size_t T, size_t H, size_t KV, size_t D,
-                       double theta);
-void cuda_rope_backward(Tensor dqkv, size_t B, size_t T, size_t H, size_t KV, size_t D,
-                        double theta);
-void cuda_attention_forward(Tensor out, Tensor att, Tensor qkv, size_t B, size_t T, size_t H,
-                            size_t KV, size_t D);
-void cuda_attention_plan(size_t *att_numel, size_t *datt_numel, size_t B, size_t T, size_t H,
-                         size_t KV, size_t D, int bf16);
-void cuda_attention_backward(Tensor dqkv, Tensor datt, Tensor dout, Tensor out, Tensor qkv,
-                             Tensor att, size_t B, size_t T, size_t H, size_t KV, size_t D);
-void cuda_swiglu_forward(Tensor out, Tensor h13, size_t N, size_t F);
-void cuda_swiglu_backward(Tensor dh13, Tensor dout, Tensor h13, size_t N, size_t F);
-void cuda_experts_forward(Tensor yp, Tensor h13, Tensor act, Tensor xp, Tensor w,
-                          Tensor offsets, size_t E, size_t C, size_t F);
-void cuda_experts_backward(Tensor dxp, Tensor dw, const uint8_t *train, Tensor dyp,
-                           Tensor dh13, Tensor dact, Tensor h13, Tensor act, Tensor xp,
-                           Tensor w, Tensor offsets, size_t E, size_t C, size_t F);
-void cuda_crossentropy_forward(Tensor loss, Tensor lse, Tensor logits, Tensor targets,
-                               size_t N, size_t V);
-void cuda_crossentropy_backward(Tensor dlogits, Tensor logits, Tensor lse, Tensor targets,
-                                double dloss, size_t N, size_t V);
-void cuda_router_scores_forward(Tensor scores, Tensor logits, size_t N, size_t E,
-                                ScoreFunc func);
-void cuda_router_scores_backward(Tensor dlogits, Tensor dscores, Tensor scores, size_t N,
-                                 size_t E, ScoreFunc func);
-void cuda_noisy_logits_forward(Tensor h, Tensor clean, Tensor raw, Tensor eps, size_t n);
-void cuda_noisy_logits_backward(Tensor dclean, Tensor draw, Tensor dh, Tensor raw, Tensor eps,
-                                size_t n);
-void cuda_topk_forward(Tensor idx, Tensor vals, size_t N, size_t E, size_t k);
-void cuda_route_topk_forward(Tensor scores, Tensor idx, Tensor gates, Tensor h, Tensor logits,
-                             Tensor raw, Tensor eps, Tensor bias, size_t N, size_t E, size_t k,
-                             ScoreFunc func, int renorm);
-void cuda_gates_forward(Tensor gates, Tensor scores, Tensor idx, size_t N, size_t E, size_t k,
-                        int renorm);
-void cuda_gates_backward(Tensor dscores, Tensor dgates, Tensor scores, Tensor idx, size_t N,
-                         size_t E, size_t k, int renorm);
-void cuda_capacity_forward(Tensor keep, Tensor idx, Tensor gates, size_t N, size_t E, size_t k,
-                           size_t capacity, DropPolicy policy);
-void cuda_dispatch_plan(Tensor offsets, Tensor rows, Tensor slot, Tensor idx, Tensor keep,
-                        size_t N, size_t E, size_t k);
-void cuda_gather_rows_forward(Tensor xp, Tensor x, Tensor rows, Tensor offsets, size_t E,
-                              size_t C);
-void cuda_gather_rows_backward(Tensor dx, Tensor dxp, Tensor rows, Tensor offsets, size_t E,
-                               size_t C);
-void cuda_combine_forward(Tensor y, Tensor yp, Tensor gates, Tensor slot, size_t N, size_t k,
-                          size_t C);
-void cuda_combine_backward(Tensor dyp, Tensor dgates, Tensor dy, Tensor yp, Tensor gates,
-                           Tensor slot, size_t N, size_t k, size_t C);
-void cuda_lb_loss_forward(Tensor loss, Tensor counts, Tensor pmean, Tensor probs, Tensor idx,
-                          size_t N, size_t E, size_t k, size_t G);
-void cuda_lb_loss_backward(Tensor dprobs, Tensor counts, double dloss, size_t N, size_t E,
-                           size_t k, size_t G);
-void cuda_normalize_rows_forward(Tensor p, Tensor s, size_t N, size_t E);
-void cuda_normalize_rows_backward(Tensor ds, Tensor dp, Tensor s, size_t N, size_t E);
-void cuda_zloss_forward(Tensor loss, Tensor lse, Tensor logits, size_t N, size_t E);
-void cuda_zloss_backward(Tensor dlogits, Tensor logits, Tensor lse, double dloss, size_t N,
-                         size_t E);
-void cuda_importance_loss_forward(Tensor loss, Tensor imp, Tensor gates, Tensor idx, size_t N,
-                                  size_t E, size_t k);
-void cuda_importance_loss_backward(Tensor dgates, Tensor imp, Tensor idx, double dloss,
-                                   size_t N, size_t E, size_t k);
-void cuda_load_loss_forward(Tensor loss, Tensor load, Tensor clean, Tensor h, Tensor raw,
-                            Tensor idx, size_t N, size_t E, size_t k);
-void cuda_load_loss_backward(Tensor dclean, Tensor dh, Tensor draw, Tensor load, Tensor clean,
-                             Tensor h, Tensor raw, Tensor idx, double dloss, size_t N, size_t E,
-                             size_t k);
-void cuda_add_bias_forward(Tensor out, Tensor s, Tensor b, size_t N, size_t E);
-void cuda_hash_route_forward(Tensor idx, Tensor tokens, size_t N, size_t E, size_t k);
-void cuda_expert_choice_forward(Tensor keep, Tensor scores, size_t N, size_t E,
-                                size_t capacity);
-void cuda_adamw_update(Tensor p, Tensor g, Tensor m, Tensor v, size_t n, double lr,
-                       double beta1, double beta2, double eps, double weight_decay,
-                       double bias_c1, double bias_c2, double grad_scale);
-double cuda_sum_squares(Tensor x, size_t n);
+#define KERNEL(ret, fn, params) ret cuda_##fn params;
+#define KERNEL_HOOK KERNEL
+#include "../ops.def"
+#undef KERNEL
+#undef KERNEL_HOOK
 }
 
 // Device pointers of a Tensor's data, typed.

@@ -1,0 +1,72 @@
+// build_dispatch.c: which assignments survive (capacity, or expert choice) and the
+// routed experts as tape ops: dispatch plan, gather, experts, weighted combine.
+#include "build_ops.h"
+
+// Which assignments survive: capacity (token choice) or each expert's top-C (expert choice).
+static void build_keep(Builder *b, const RouterBufs *r, MoeLayerState *st, size_t slots) {
+    const ModelConfig *c = &b->m->cfg;
+    size_t E = (size_t)c->experts, N = b->N;
+    st->keep = build_take(b, N * slots, DTYPE_I32); // (N, slots)
+    if (c->select == SELECT_EXPERT_CHOICE) {
+        TapeOp *ec = tape_push(&b->m->tape, OP_EXPERT_CHOICE);
+        ec->expert_choice.keep = st->keep;
+        ec->expert_choice.scores = r->scores.v;
+        ec->expert_choice.N = N;
+        ec->expert_choice.E = E;
+        ec->expert_choice.capacity = model_config_capacity(c, N);
+        return;
+    }
+    TapeOp *cap = tape_push(&b->m->tape, OP_CAPACITY);
+    cap->capacity.keep = st->keep;
+    cap->capacity.idx = st->idx;
+    cap->capacity.gates = r->gates.v;
+    cap->capacity.N = N;
+    cap->capacity.E = E;
+    cap->capacity.k = slots;
+    cap->capacity.capacity = model_config_capacity(c, N);
+    cap->capacity.policy = (DropPolicy)c->drop_policy;
+}
+
+// Keep, dispatch, experts, combine. Returns y (N, C) before shared experts.
+Buf build_routed_experts(Builder *b, Buf xn, const RouterBufs *r, int l, MoeLayerState *st) {
+    const ModelConfig *c = &b->m->cfg;
+    size_t E = (size_t)c->experts, N = b->N, slots = model_config_slots(c);
+    size_t F = (size_t)c->expert_ffn_dim;
+    size_t M = model_config_max_rows(c, N); // most rows the experts can receive
+    st->slots = slots;
+    build_keep(b, r, st, slots);
+
+    TapeOp *dp = tape_push(&b->m->tape, OP_DISPATCH);
+    st->offsets = dp->dispatch.offsets = build_take(b, E + 1, DTYPE_I32);
+    dp->dispatch.rows =
+        build_take(b, N * slots, DTYPE_I32); // (<= N*slots) permuted row -> token
+    dp->dispatch.slot = build_take(b, N * slots, DTYPE_I32); // (N, slots) -> permuted row or -1
+    dp->dispatch.idx = st->idx;
+    dp->dispatch.keep = st->keep;
+    dp->dispatch.N = N;
+    dp->dispatch.E = E;
+    dp->dispatch.k = slots;
+
+    TapeOp *ga = tape_push(&b->m->tape, OP_GATHER);
+    ga->gather.xp = build_take_buf(b, M * b->C); // (M, C)
+    ga->gather.x = xn;
+    ga->gather.rows = dp->dispatch.rows;
+    ga->gather.offsets = st->offsets;
+    ga->gather.E = E;
+    ga->gather.C = b->C;
+
+    Buf w = build_expert_weights(b, l, E * 3 * F * b->C, st);
+    Buf yp = build_experts(b, ga->gather.xp, w, st->offsets, M, E, F);
+    b->m->tape.ops[b->m->tape.n - 1].experts.train =
+        b->m->expert_train + (size_t)(st - b->m->moe) * E;
+
+    TapeOp *co = tape_push(&b->m->tape, OP_COMBINE);
+    co->combine.y = build_take_buf(b, N * b->C); // (N, C)
+    co->combine.yp = yp;
+    co->combine.gates = r->gates;
+    co->combine.slot = dp->dispatch.slot;
+    co->combine.N = N;
+    co->combine.k = slots;
+    co->combine.C = b->C;
+    return co->combine.y;
+}
