@@ -7,7 +7,7 @@
 #include <string.h>
 #include <unistd.h>
 
-#include "../base/util.h"
+#include "../../base/util.h"
 #include "checkpoint.h"
 #include "hf.h"
 #include "safetensors.h"

@@ -9,10 +9,10 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
-#include "../base/util.h"
+#include "../../base/util.h"
 #include "checkpoint.h"
 #include "hf.h"
-#include "run.h"
+#include "../run.h"
 #include "safetensors.h"
 
 #define HF_PATH_MAX 4096

@@ -5,13 +5,13 @@
 #include <stdlib.h>
 #include <string.h>
 
-#include "../base/util.h"
-#include "../model/esft.h"
-#include "checkpoint.h"
-#include "eval.h"
-#include "logits.h"
-#include "run.h"
-#include "sample.h"
+#include "../../base/util.h"
+#include "../../model/esft.h"
+#include "../formats/checkpoint.h"
+#include "../eval.h"
+#include "../logits.h"
+#include "../run.h"
+#include "../sample.h"
 
 // Words after the positional arguments: "section.key=value" overrides only.
 static int is_override(const char *w) { return strchr(w, '=') && strchr(w, '.'); }
