@@ -61,11 +61,11 @@ $(BUILD)/config.mk: Makefile
 CFLAGS = $(CFLAGS_BASE) $(PKG_CFLAGS) $(EXTRA_CFLAGS)
 LDLIBS = $(PKG_LIBS) $(LDLIBS_BASE)
 
-# Rooms, bottom up: base <- kernels <- model, optim, data <- train. train/ has three
-# floors: train/formats (checkpoints, HDF5, safetensors, Hugging Face) <- train (the
-# training loop and what the commands share) <- train/cli (main and the commands). Its
-# config (train/config.*, RunConfig: every room's section) is the floor under formats/,
-# since a checkpoint stores a whole RunConfig and an import produces one.
+# Rooms, bottom up: base <- kernels <- model, optim, data <- train; inside train:
+# train/config.* (RunConfig: every room's section) <- train/formats (checkpoints, HDF5,
+# safetensors, Hugging Face) <- train (the training loop and what the commands share)
+# <- train/cli (main and the commands). config sits under formats/ because a checkpoint
+# stores a whole RunConfig and an import makes one.
 LIB_SRC := $(wildcard base/*.c kernels/*.c kernels/cpu/*.c model/*.c optim/*.c data/*.c)
 TRAIN_SRC := $(wildcard train/*.c train/formats/*.c train/cli/*.c)
 TEST_SUITES := $(patsubst tests/%.c,$(BUILD)/tests/%,$(wildcard tests/test_*.c))

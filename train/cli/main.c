@@ -5,11 +5,11 @@
 #include "../../data/prepare.h"
 #include "../../kernels/cpu/blas.h"
 #include "../config.h"
-#include "../formats/hf.h"
 #include "../train.h"
 #include "ablate.h"
 #include "commands.h"
 #include "dump.h"
+#include "hf_commands.h"
 #include "route.h"
 
 static void print_usage(FILE *f) {
