@@ -61,9 +61,13 @@ $(BUILD)/config.mk: Makefile
 CFLAGS = $(CFLAGS_BASE) $(PKG_CFLAGS) $(EXTRA_CFLAGS)
 LDLIBS = $(PKG_LIBS) $(LDLIBS_BASE)
 
-# Rooms, bottom up: base <- kernels <- model, optim, data <- train.
+# Rooms, bottom up: base <- kernels <- model, optim, data <- train; inside train:
+# train/config.* (RunConfig: every room's section) <- train/formats (checkpoints, HDF5,
+# safetensors, Hugging Face) <- train (the training loop and what the commands share)
+# <- train/cli (main and the commands). config sits under formats/ because a checkpoint
+# stores a whole RunConfig and an import makes one.
 LIB_SRC := $(wildcard base/*.c kernels/*.c kernels/cpu/*.c model/*.c optim/*.c data/*.c)
-TRAIN_SRC := $(wildcard train/*.c)
+TRAIN_SRC := $(wildcard train/*.c train/formats/*.c train/cli/*.c)
 TEST_SUITES := $(patsubst tests/%.c,$(BUILD)/tests/%,$(wildcard tests/test_*.c))
 
 # CUDA backend (kernels/cuda/*.cu): compiled into the f32 build (./moe, the benchmark,
@@ -109,7 +113,7 @@ F32_LIB := $(patsubst %.c,$(BUILD)/f32/%.o,$(LIB_SRC)) $(CUDA_OBJ)
 F32_TRAIN := $(patsubst %.c,$(BUILD)/f32/%.o,$(TRAIN_SRC))
 F64_LIB := $(patsubst %.c,$(BUILD)/f64/%.o,$(LIB_SRC))
 # The C suites also link train/ (checkpoint, config, ...), all of it but the CLI's main.
-F64_TRAIN := $(patsubst %.c,$(BUILD)/f64/%.o,$(filter-out train/main.c,$(TRAIN_SRC)))
+F64_TRAIN := $(patsubst %.c,$(BUILD)/f64/%.o,$(filter-out train/cli/main.c,$(TRAIN_SRC)))
 F64_TESTLIB := $(BUILD)/f64/tests/testlib.o
 
 .PHONY: all test deps deps-test clean
@@ -212,7 +216,7 @@ clean:
 
 # The benchmark links what ./moe links but the CLI's main (bench/bench.c has its own).
 BENCH_OBJ := $(patsubst %.c,$(BUILD)/f32/%.o,$(wildcard bench/*.c)) $(F32_LIB) \
-    $(filter-out $(BUILD)/f32/train/main.o,$(F32_TRAIN))
+    $(filter-out $(BUILD)/f32/train/cli/main.o,$(F32_TRAIN))
 $(BUILD)/bench: $(BENCH_OBJ)
 	$(CC) -o $@ $^ $(LDLIBS)
 

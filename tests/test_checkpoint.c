@@ -1,6 +1,6 @@
-// test_checkpoint.c: HDF5 checkpoints (train/checkpoint.h): round trips of weights, AdamW
-// moments, train state and config; delta checkpoints; and every bad file or failed save
-// giving its own one-line error while the model, moments and state stay untouched.
+// test_checkpoint.c: HDF5 checkpoints (train/formats/checkpoint.h): round trips of weights,
+// AdamW moments, train state and config; delta checkpoints; and every bad file or failed
+// save giving its own one-line error while the model, moments and state stay untouched.
 //
 // The suite links the fp64 build but checkpoints hold float32, so every weight and
 // moment here is first rounded to float32: round trips must then be bit-exact.
@@ -15,8 +15,8 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
-#include "../train/checkpoint.h"
-#include "../train/h5io.h"
+#include "../train/formats/checkpoint.h"
+#include "../train/formats/h5io.h"
 #include "testlib.h"
 
 // Every kind of tensor: a dense layer 0 (mlp), an MoE layer 1 with Shazeer noise

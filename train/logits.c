@@ -3,7 +3,7 @@
 #include <stdlib.h>
 
 #include "../base/util.h"
-#include "h5io.h"
+#include "formats/h5io.h"
 
 void logits_dump(const char *path, Model *m, const DataLoader *dl) {
     if (data_loader_val_batches(dl, 0) == 0)

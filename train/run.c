@@ -8,7 +8,7 @@
 
 #include "../kernels/backend.h"
 #include "../base/util.h"
-#include "checkpoint.h"
+#include "formats/checkpoint.h"
 
 void run_apply_overrides(RunConfig *rc, int n_words, char **words) {
     char err[1024];

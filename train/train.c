@@ -26,7 +26,7 @@
 #include "../optim/adamw.h"
 #include "../optim/schedule.h"
 #include "../model/trainable.h"
-#include "checkpoint.h"
+#include "formats/checkpoint.h"
 #include "config.h"
 #include "eval.h"
 #include "metrics.h"

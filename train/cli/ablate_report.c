@@ -14,8 +14,8 @@
 #include <time.h>
 #include <unistd.h>
 
-#include "../base/util.h"
-#include "plot.h"
+#include "../../base/util.h"
+#include "../plot.h"
 
 // ---- CSV files, read by header name ---------------------------------------------------
 

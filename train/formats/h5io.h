@@ -8,7 +8,7 @@
 #include <hdf5.h>
 #include <stdint.h>
 
-#include "../kernels/kernels.h"
+#include "../../kernels/kernels.h"
 
 hid_t h5io_create(const char *path);   // truncates
 void h5io_close(hid_t file);

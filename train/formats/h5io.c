@@ -3,7 +3,7 @@
 #include <stdlib.h>
 #include <string.h>
 
-#include "../base/util.h"
+#include "../../base/util.h"
 
 #define H5IO_CHECK(expr, what, path)                                                    \
     do {                                                                             \

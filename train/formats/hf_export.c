@@ -1,48 +1,19 @@
-// hf_export.c: `moe export CKPT DIR`: a checkpoint as a transformers Mixtral directory.
+// hf_export.c: a model as a transformers Mixtral directory (config.json, safetensors).
 #include <cjson/cJSON.h>
 #include <errno.h>
 #include <fcntl.h>
-#include <inttypes.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/stat.h>
 #include <unistd.h>
 
-#include "../base/util.h"
-#include "checkpoint.h"
+#include "../../base/util.h"
 #include "hf.h"
-#include "run.h"
-#include "safetensors.h"
 
 #define HF_PATH_MAX 4096
 
-typedef struct {
-    const char *ckpt, *dir;
-    StDType dtype;
-    uint64_t shard_size;
-} ExportArgs;
-
-static void parse_export_args(ExportArgs *a, int argc, char **argv) {
-    *a = (ExportArgs){argv[1], argv[2], ST_F32, HF_SHARD_DEFAULT};
-    for (int i = 3; i < argc; i++) {
-        if (i + 1 >= argc) FAIL("%s needs a value (moe export --help)", argv[i]);
-        const char *f = argv[i], *v = argv[++i];
-        if (!strcmp(f, "--dtype") && !strcmp(v, "f32")) a->dtype = ST_F32;
-        else if (!strcmp(f, "--dtype") && !strcmp(v, "bf16")) a->dtype = ST_BF16;
-        else if (!strcmp(f, "--dtype")) FAIL("--dtype %s: expected f32 or bf16", v);
-        else if (!strcmp(f, "--shard-size")) {
-            char *end;
-            errno = 0;
-            a->shard_size = strtoull(v, &end, 10);
-            if (end == v || *end || errno || a->shard_size == 0 || v[0] == '-')
-                FAIL("--shard-size %s: expected a positive number of bytes", v);
-        } else FAIL("unknown option %s (moe export --help lists them)", f);
-    }
-}
-
-// The first feature of c that a Mixtral model cannot express; returns 0 when there is none.
-static int mixtral_unsupported(const ModelConfig *c, char *why, size_t n) {
+int hf_export_check(const ModelConfig *c, char *why, size_t n) {
     if (c->shared_experts > 0)
         snprintf(why, n, "model.shared_experts = %d: Mixtral has no shared (always-on) experts",
                  c->shared_experts);
@@ -216,56 +187,23 @@ static float *params_f32(const Model *m) {
     return out;
 }
 
-static void load_exportable(Model *m, RunConfig *rc, const char *ckpt) {
-    char err[1024], why[256];
-    uint64_t base;
-    if (ckpt_read_base_fingerprint(ckpt, &base, err, sizeof err) != 0) FAIL("%s", err);
-    if (base) FAIL("%s is a delta checkpoint: moe merge it onto its base, then export that", ckpt);
-    run_load_checkpoint_config(rc, ckpt, 0, NULL);
-    if (mixtral_unsupported(&rc->model, why, sizeof why))
-        FAIL("%s: cannot export as Mixtral: %s", ckpt, why);
-    if (rc->model.capacity_factor > 0)
-        fprintf(stderr, "moe: warning: router.capacity_factor = %g is not exported: Mixtral "
-                "routes every token (dropless)\n", rc->model.capacity_factor);
-    model_init(m, &rc->model, backend_cpu(), 1, 1);   // weights only: the smallest batch
-    if (ckpt_load(ckpt, m, NULL, NULL, err, sizeof err) != 0) FAIL("%s", err);
-}
-
-int export_main(int argc, char **argv) {
-    int help = argc > 1 && !strcmp(argv[1], "--help");
-    if (argc < 3 || help) {
-        printf("usage: moe export CHECKPOINT DIR [--dtype f32|bf16] [--shard-size BYTES]\n"
-               "  Writes DIR/config.json and DIR/model.safetensors (shards and\n"
-               "  model.safetensors.index.json past --shard-size, default 5000000000) for\n"
-               "  transformers' MixtralForCausalLM. bf16 rounds to nearest even.\n");
-        return help ? 0 : 2;
-    }
-    ExportArgs a;
-    parse_export_args(&a, argc, argv);
-    char ckpt[KEY_STRING_MAX];
-    run_resolve_checkpoint(a.ckpt, ckpt, sizeof ckpt);
-    RunConfig rc;
-    Model m;
-    load_exportable(&m, &rc, ckpt);
-    make_dir(a.dir);
-    float *host = params_f32(&m);
-    StOut *t = CALLOC(m.layout.n_params, sizeof *t);
-    uint64_t bytes = 0;
-    for (size_t i = 0; i < m.layout.n_params; i++) {
-        const ParamInfo *p = &m.layout.params[i];
+size_t hf_export_write(const char *dir, const Model *m, StDType dtype, uint64_t shard_size,
+                       uint64_t *bytes) {
+    make_dir(dir);
+    float *host = params_f32(m);
+    StOut *t = CALLOC(m->layout.n_params, sizeof *t);
+    *bytes = 0;
+    for (size_t i = 0; i < m->layout.n_params; i++) {
+        const ParamInfo *p = &m->layout.params[i];
         t[i] = (StOut){p->name, p->rows, p->cols, host + p->offset};
-        bytes += safetensors_out_bytes(&t[i], a.dtype);
+        *bytes += safetensors_out_bytes(&t[i], dtype);
     }
-    size_t files = write_weights(a.dir, t, m.layout.n_params, a.dtype, a.shard_size);
-    cJSON *config = mixtral_config(&rc.model, a.dtype);
-    write_json(a.dir, HF_CONFIG, config);
+    size_t files = write_weights(dir, t, m->layout.n_params, dtype, shard_size);
+    cJSON *config = mixtral_config(&m->cfg, dtype);
+    write_json(dir, HF_CONFIG, config);
     cJSON_Delete(config);
-    sync_dir(a.dir);
-    printf("exported %s -> %s: %zu tensors, %" PRIu64 " bytes of %s in %zu file%s\n", ckpt,
-           a.dir, m.layout.n_params, bytes, safetensors_dtype_name(a.dtype), files,
-           files == 1 ? "" : "s");
+    sync_dir(dir);
     free(t);
     free(host);
-    model_free(&m);
-    return 0;
+    return files;
 }

@@ -25,8 +25,8 @@
 #include <time.h>
 #include <unistd.h>
 
-#include "../base/util.h"
-#include "run.h"
+#include "../../base/util.h"
+#include "../run.h"
 
 #define ABLATE_NAME_MAX 200
 #define ABLATE_MAX_RUNS 1000

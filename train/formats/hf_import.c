@@ -1,4 +1,4 @@
-// hf_import.c: `moe import DIR OUT.h5`: a transformers Mixtral directory as a checkpoint.
+// hf_import.c: a transformers Mixtral directory (config.json, safetensors) as a model.
 #include <cjson/cJSON.h>
 #include <errno.h>
 #include <math.h>
@@ -7,10 +7,8 @@
 #include <string.h>
 #include <unistd.h>
 
-#include "../base/util.h"
-#include "checkpoint.h"
+#include "../../base/util.h"
 #include "hf.h"
-#include "safetensors.h"
 
 #define HF_PATH_MAX 4096
 
@@ -307,38 +305,11 @@ static void load_weights(Model *m, const HfWeights *w, const char *dir) {
     free(buf);
 }
 
-static long parse_seq_len(int argc, char **argv) {
-    if (argc == 3) return 0;
-    char *end = NULL;
-    long v = argc == 5 && !strcmp(argv[3], "--seq-len") ? strtol(argv[4], &end, 10) : 0;
-    if (v < 1 || *end) FAIL("import: expected HF_DIR OUT.h5 [--seq-len N] with N >= 1");
-    return v;
-}
-
-int import_main(int argc, char **argv) {
-    int help = argc > 1 && !strcmp(argv[1], "--help");
-    if (argc < 3 || help) {
-        printf("usage: moe import HF_DIR OUT.h5 [--seq-len N]\n"
-               "  Reads a transformers Mixtral directory (config.json, model.safetensors or\n"
-               "  its shards; F32, BF16 or F16) into a checkpoint for moe finetune.\n"
-               "  model.seq_len is max_position_embeddings unless --seq-len N is given.\n");
-        return help ? 0 : 2;
-    }
-    long seq_len = parse_seq_len(argc, argv);
-    RunConfig rc;
-    config_from_hf(&rc, argv[1], seq_len);
+void hf_import_read(const char *dir, long seq_len, RunConfig *rc, Model *m) {
+    config_from_hf(rc, dir, seq_len);
     HfWeights w;
-    open_weights(&w, argv[1]);
-    Model m;
-    model_init(&m, &rc.model, backend_cpu(), 1, 1);   // weights only: the smallest batch
-    load_weights(&m, &w, argv[1]);
+    open_weights(&w, dir);
+    model_init(m, &rc->model, backend_cpu(), 1, 1);   // weights only: the smallest batch
+    load_weights(m, &w, dir);
     close_weights(&w);
-    TrainState st = {0};
-    st.best_val = INFINITY;
-    char err[1024];
-    if (ckpt_save(argv[2], &rc, &m, NULL, &st, NULL, 0, err, sizeof err) != 0) FAIL("%s", err);
-    printf("imported %s -> %s: %zu tensors, %zu parameters, vocab %d, seq_len %d\n", argv[1],
-           argv[2], m.layout.n_params, m.layout.total, rc.model.vocab, rc.model.seq_len);
-    model_free(&m);
-    return 0;
 }

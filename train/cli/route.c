@@ -11,9 +11,9 @@
 #include <string.h>
 #include <sys/stat.h>
 
-#include "../base/util.h"
-#include "plot.h"
-#include "run.h"
+#include "../../base/util.h"
+#include "../plot.h"
+#include "../run.h"
 
 #define ROUTE_MAX_WORDS 64
 

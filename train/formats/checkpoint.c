@@ -10,7 +10,7 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
-#include "../base/util.h"
+#include "../../base/util.h"
 
 // A chunk (after the filter appends its checksum) must stay below 4 GiB; 1 GiB also
 // bounds the temporary buffer HDF5 allocates to run the filter over one chunk.

@@ -1,17 +1,18 @@
 #include "commands.h"
 
+#include <libgen.h>
 #include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 
-#include "../base/util.h"
-#include "../model/esft.h"
-#include "checkpoint.h"
-#include "eval.h"
-#include "logits.h"
-#include "run.h"
-#include "sample.h"
+#include "../../base/util.h"
+#include "../../model/esft.h"
+#include "../formats/checkpoint.h"
+#include "../eval.h"
+#include "../logits.h"
+#include "../run.h"
+#include "../sample.h"
 
 // Words after the positional arguments: "section.key=value" overrides only.
 static int is_override(const char *w) { return strchr(w, '=') && strchr(w, '.'); }
@@ -132,12 +133,17 @@ int experts_main(int argc, char **argv) {
                "  ESFT (Wang et al. 2024): per MoE layer, the token selection ratio and mean\n"
                "  gate of each expert on DATA (text file, directory or glob), normalised within\n"
                "  the layer; prints the fewest experts per layer whose score reaches p and\n"
-               "  writes every score to FILE (default esft.csv).\n");
+               "  writes every score to FILE (default: esft.csv beside the checkpoint).\n");
         return argc < 3 ? 2 : 0;
     }
     char ckpt[KEY_STRING_MAX];
     run_resolve_checkpoint(argv[1], ckpt, sizeof ckpt);
-    const char *csv = "esft.csv";
+    // Beside the checkpoint, as moe route's output, so that nothing lands in the working
+    // directory unasked.
+    char dir[KEY_STRING_MAX], beside[RUN_FILE_MAX];
+    snprintf(dir, sizeof dir, "%s", ckpt);
+    snprintf(beside, sizeof beside, "%s/esft.csv", dirname(dir));
+    const char *csv = beside;
     char *words[64];
     int n_words = 0;
     for (int i = 3; i < argc; i++) {

@@ -19,7 +19,7 @@
 #ifndef MOE_ABLATE_H
 #define MOE_ABLATE_H
 
-#include "config.h"
+#include "../config.h"
 
 typedef struct {
     char *name;

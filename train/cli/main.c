@@ -2,15 +2,15 @@
 #include <stdio.h>
 #include <string.h>
 
-#include "../data/prepare.h"
-#include "../kernels/cpu/blas.h"
+#include "../../data/prepare.h"
+#include "../../kernels/cpu/blas.h"
+#include "../config.h"
+#include "../train.h"
 #include "ablate.h"
 #include "commands.h"
-#include "config.h"
 #include "dump.h"
-#include "hf.h"
+#include "hf_commands.h"
 #include "route.h"
-#include "train.h"
 
 static void print_usage(FILE *f) {
     fprintf(f,

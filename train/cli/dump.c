@@ -3,10 +3,10 @@
 #include <stdlib.h>
 #include <string.h>
 
-#include "../base/util.h"
-#include "../model/model.h"
-#include "config.h"
-#include "h5io.h"
+#include "../../base/util.h"
+#include "../../model/model.h"
+#include "../config.h"
+#include "../formats/h5io.h"
 
 static void write_config(hid_t f, RunConfig *rc) {
     KeySection s[RUN_CONFIG_MAX_SECTIONS];

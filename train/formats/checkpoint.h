@@ -26,10 +26,10 @@
 #include <stddef.h>
 #include <stdint.h>
 
-#include "../base/rng.h"
-#include "../model/model.h"
-#include "../optim/adamw.h"
-#include "config.h"
+#include "../../base/rng.h"
+#include "../../model/model.h"
+#include "../../optim/adamw.h"
+#include "../config.h"
 
 #define CKPT_FORMAT "moe.c"
 #define CKPT_VERSION 1

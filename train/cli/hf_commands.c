@@ -1,0 +1,112 @@
+// hf_commands.c: `moe export` and `moe import` around formats/hf.h: their arguments, the
+// checkpoint read or written, and the summary line.
+#include "hf_commands.h"
+
+#include <errno.h>
+#include <inttypes.h>
+#include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "../../base/util.h"
+#include "../formats/checkpoint.h"
+#include "../formats/hf.h"
+#include "../run.h"
+
+typedef struct {
+    const char *ckpt, *dir;
+    StDType dtype;
+    uint64_t shard_size;
+} ExportArgs;
+
+static void parse_export_args(ExportArgs *a, int argc, char **argv) {
+    *a = (ExportArgs){argv[1], argv[2], ST_F32, HF_SHARD_DEFAULT};
+    for (int i = 3; i < argc; i++) {
+        if (i + 1 >= argc) FAIL("%s needs a value (moe export --help)", argv[i]);
+        const char *f = argv[i], *v = argv[++i];
+        if (!strcmp(f, "--dtype") && !strcmp(v, "f32")) a->dtype = ST_F32;
+        else if (!strcmp(f, "--dtype") && !strcmp(v, "bf16")) a->dtype = ST_BF16;
+        else if (!strcmp(f, "--dtype")) FAIL("--dtype %s: expected f32 or bf16", v);
+        else if (!strcmp(f, "--shard-size")) {
+            char *end;
+            errno = 0;
+            a->shard_size = strtoull(v, &end, 10);
+            if (end == v || *end || errno || a->shard_size == 0 || v[0] == '-')
+                FAIL("--shard-size %s: expected a positive number of bytes", v);
+        } else FAIL("unknown option %s (moe export --help lists them)", f);
+    }
+}
+
+static void load_exportable(Model *m, RunConfig *rc, const char *ckpt) {
+    char err[1024], why[256];
+    uint64_t base;
+    if (ckpt_read_base_fingerprint(ckpt, &base, err, sizeof err) != 0) FAIL("%s", err);
+    if (base) FAIL("%s is a delta checkpoint: moe merge it onto its base, then export that", ckpt);
+    run_load_checkpoint_config(rc, ckpt, 0, NULL);
+    if (hf_export_check(&rc->model, why, sizeof why))
+        FAIL("%s: cannot export as Mixtral: %s", ckpt, why);
+    if (rc->model.capacity_factor > 0)
+        fprintf(stderr, "moe: warning: router.capacity_factor = %g is not exported: Mixtral "
+                "routes every token (dropless)\n", rc->model.capacity_factor);
+    model_init(m, &rc->model, backend_cpu(), 1, 1);   // weights only: the smallest batch
+    if (ckpt_load(ckpt, m, NULL, NULL, err, sizeof err) != 0) FAIL("%s", err);
+}
+
+// `moe export CKPT DIR [--dtype f32|bf16] [--shard-size BYTES]`
+int export_main(int argc, char **argv) {
+    int help = argc > 1 && !strcmp(argv[1], "--help");
+    if (argc < 3 || help) {
+        printf("usage: moe export CHECKPOINT DIR [--dtype f32|bf16] [--shard-size BYTES]\n"
+               "  Writes DIR/config.json and DIR/model.safetensors (shards and\n"
+               "  model.safetensors.index.json past --shard-size, default 5000000000) for\n"
+               "  transformers' MixtralForCausalLM. bf16 rounds to nearest even.\n");
+        return help ? 0 : 2;
+    }
+    ExportArgs a;
+    parse_export_args(&a, argc, argv);
+    char ckpt[KEY_STRING_MAX];
+    run_resolve_checkpoint(a.ckpt, ckpt, sizeof ckpt);
+    RunConfig rc;
+    Model m;
+    load_exportable(&m, &rc, ckpt);
+    uint64_t bytes;
+    size_t files = hf_export_write(a.dir, &m, a.dtype, a.shard_size, &bytes);
+    printf("exported %s -> %s: %zu tensors, %" PRIu64 " bytes of %s in %zu file%s\n", ckpt,
+           a.dir, m.layout.n_params, bytes, safetensors_dtype_name(a.dtype), files,
+           files == 1 ? "" : "s");
+    model_free(&m);
+    return 0;
+}
+
+static long parse_seq_len(int argc, char **argv) {
+    if (argc == 3) return 0;
+    char *end = NULL;
+    long v = argc == 5 && !strcmp(argv[3], "--seq-len") ? strtol(argv[4], &end, 10) : 0;
+    if (v < 1 || *end) FAIL("import: expected HF_DIR OUT.h5 [--seq-len N] with N >= 1");
+    return v;
+}
+
+// `moe import HF_DIR OUT.h5 [--seq-len N]`
+int import_main(int argc, char **argv) {
+    int help = argc > 1 && !strcmp(argv[1], "--help");
+    if (argc < 3 || help) {
+        printf("usage: moe import HF_DIR OUT.h5 [--seq-len N]\n"
+               "  Reads a transformers Mixtral directory (config.json, model.safetensors or\n"
+               "  its shards; F32, BF16 or F16) into a checkpoint for moe finetune.\n"
+               "  model.seq_len is max_position_embeddings unless --seq-len N is given.\n");
+        return help ? 0 : 2;
+    }
+    long seq_len = parse_seq_len(argc, argv);
+    RunConfig rc;
+    Model m;
+    hf_import_read(argv[1], seq_len, &rc, &m);
+    TrainState st = {0};
+    st.best_val = INFINITY;
+    char err[1024];
+    if (ckpt_save(argv[2], &rc, &m, NULL, &st, NULL, 0, err, sizeof err) != 0) FAIL("%s", err);
+    printf("imported %s -> %s: %zu tensors, %zu parameters, vocab %d, seq_len %d\n", argv[1],
+           argv[2], m.layout.n_params, m.layout.total, rc.model.vocab, rc.model.seq_len);
+    model_free(&m);
+    return 0;
+}
