@@ -139,8 +139,12 @@ $(BUILD)/f64/tests/%.o: tests/%.c | $(BUILD)/config.mk $(BUILD)/deps-test.stamp
 	@mkdir -p $(dir $@)
 	$(CC) $(CFLAGS) -DMOE_REAL_F64 -c $< -o $@
 
-# Objects are intermediate files of chained pattern rules; keep them between runs.
-.SECONDARY:
+# The fp64 objects are prerequisites of pattern rules only, which makes them intermediate
+# files: keep them between runs. Only those: with every target secondary, a missing
+# object or stamp no longer forced a rebuild (a CPU-only build followed by `make` with
+# nvcc kept the CPU binary).
+.SECONDARY: $(patsubst tests/%.c,$(BUILD)/f64/tests/%.o,$(wildcard tests/test_*.c)) \
+    $(F64_TESTLIB) $(F64_LIB) $(F64_TRAIN)
 
 # CUDA: nvcc objects, the -DMOE_CUDA switch of backend.c, the CUDA libraries on every f32
 # link, and the CUDA op tests (tests/test_cuda.py runs them, or skips saying why). The

@@ -1,5 +1,5 @@
 // peak.c: what the machine can do: a large square sgemm through OpenBLAS, and the
-// register-only FMA peak (PERF-NOTES.md: MFU is reported against both; the FMA peak is
+// register-only FMA peak (docs/architecture.md, "CPU": MFU is reported against both; the FMA peak is
 // the physical limit, the sgemm peak what a BLAS kernel reaches on this machine).
 #include "bench.h"
 

@@ -1,4 +1,5 @@
-// prepare.h: builds the default corpus (DESIGN.md, "Default data") from Debian packages.
+// prepare.h: builds the default corpus (docs/file-formats.md, "Default corpus") from
+// Debian packages.
 //
 // Three domains, each written as <out>/<domain>/train.txt and val.txt:
 //   fortunes  the text files of the `fortunes` and `fortunes-min` packages

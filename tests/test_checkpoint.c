@@ -166,7 +166,7 @@ static void assert_read_config_fails(const char *path, const char *want) {
     if (strcmp(err, want)) fail_msg("error\n  '%s'\nexpected\n  '%s'", err, want);
 }
 
-// The paths DESIGN.md promises, written out for tiny_config (layout order).
+// The paths docs/file-formats.md ("Layout") promises, written out for tiny_config (layout order).
 static void test_param_paths(void **state) {
     (void)state;
     char want[64][64];

@@ -1,6 +1,6 @@
 // test_ops_router.c: the router ops of the CPU backend (reached through its Backend
 // table) against naive references written here, against central finite differences,
-// and against the properties the routing definitions promise (DESIGN.md, ROUTING.md).
+// and against the properties the routing definitions promise (docs/routing.md).
 //
 // The references are deliberately different algorithms from the kernels: top-k by a full
 // stable sort, capacity by sorting an explicit list of assignments, dispatch by brute

@@ -1,7 +1,7 @@
 // blas.h: choosing and checking OpenBLAS's compute kernel at start-up.
 //
 // OpenBLAS picks its kernel when the library loads, from CPUID or OPENBLAS_CORETYPE.
-// Debian's build often under-detects (PERF-NOTES.md: an AVX-512 machine gets its
+// Debian's build often under-detects (docs/architecture.md, "CPU": an AVX-512 machine gets its
 // Haswell or Prescott kernel, 2-5x below the right one), so the moe binary sets
 // OPENBLAS_CORETYPE from CPUID and re-executes itself before any work. A value the user
 // set is always respected.

@@ -1,4 +1,4 @@
-"""A moe.c checkpoint read with h5py alone, against DESIGN.md's layout ("Files").
+"""A moe.c checkpoint read with h5py alone, against the layout of docs/file-formats.md ("HDF5 checkpoint").
 
 `build/tests/test_checkpoint --only test_export_for_h5py` writes, into $MOE_CKPT_OUT,
 c.h5 (a full checkpoint of a tiny model: dense layer 0, MoE layer 1 with Shazeer noise,

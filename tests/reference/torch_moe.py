@@ -10,7 +10,7 @@ Router variants (router.select): token-choice top-k (optionally on score + a Dee
 expert bias from /state, router.bias_gamma > 0), expert choice (Zhou et al. 2022) and hash
 routing (Roller et al. 2021); load balancing over the batch or per sequence (router.lb_type).
 
-Written from the team's DESIGN.md and ROUTING.md (model and routing equations) and torch's
+Written from the model and routing equations (docs/architecture.md, docs/routing.md) and torch's
 own ops, never from the C sources: its point is to disagree with the C when the C is wrong.
 
 Usage:

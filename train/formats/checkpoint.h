@@ -1,4 +1,5 @@
-// checkpoint.h: HDF5 checkpoints (DESIGN.md, "Files"): save, validate, load.
+// checkpoint.h: HDF5 checkpoints (docs/file-formats.md, "HDF5 checkpoint"): save,
+// validate, load.
 //
 // One self-describing HDF5 file per checkpoint, readable with h5py and h5dump:
 //   /                  attrs format = "moe.c", version, step, tokens_seen, kind
