@@ -149,7 +149,7 @@ static void choose_trainable(Run *r) {
     }
     char err[1024];
     r->trainable = CALLOC(m->layout.n_params, 1);
-    if (select_trainable(&m->layout, &m->cfg, fc->train, fc->freeze, r->trainable, err,
+    if (trainable_select(&m->layout, &m->cfg, fc->train, fc->freeze, r->trainable, err,
                          sizeof err) != 0)
         FAIL("%s", err);
     model_set_trainable(m, r->trainable);
@@ -228,7 +228,7 @@ static void print_startup(const Run *r) {
     printf("moe %s: run %s -> %s", what[r->mode], rc->train.name, r->run_dir);
     if (r->mode != MODE_TRAIN) printf(" (from %s, step %ld)", r->ckpt, r->st.step);
     char sel[2048];
-    select_describe(&m->layout, r->trainable, sel, sizeof sel);
+    trainable_describe(&m->layout, r->trainable, sel, sizeof sel);
     printf("\nmodel: %d layers, d_model %d, %d experts top-%d, %.2fM params (%.2fM active per "
            "token)\ntraining: %s: %zu trainable params, optimizer state %.2f MB\n",
            rc->model.layers, rc->model.d_model, rc->model.experts, rc->model.top_k,
