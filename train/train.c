@@ -22,6 +22,7 @@
 #include "../base/util.h"
 #include "../model/esft.h"
 #include "../model/model.h"
+#include "../model/param_groups.h"
 #include "../model/routing_stats.h"
 #include "../optim/adamw.h"
 #include "../optim/schedule.h"
@@ -184,7 +185,11 @@ static void setup(Run *r) {
     rng_init(&r->st.noise_rng, (uint64_t)rc->train.seed ^ 0x6e6f697365ULL);
     r->st.best_val = INFINITY;
     choose_trainable(r);
-    adamw_init(&r->opt, &rc->optim, &r->model.layout, r->trainable, r->model.be);
+    ParamGroupRules rules = {rc->optim.decay_norms, rc->optim.decay_embeddings,
+                             rc->optim.decay_router, rc->optim.router_lr_mult};
+    ParamGroup *groups = param_groups_build(&r->model.layout, r->trainable, &rules);
+    adamw_init(&r->opt, &rc->optim, groups, r->model.layout.n_params, r->model.be);
+    free(groups);
     if (r->mode == MODE_RESUME) {
         char err[1024];
         if (ckpt_load(r->ckpt, &r->model, &r->opt, &r->st, err, sizeof err) != 0)
