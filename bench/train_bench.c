@@ -11,6 +11,7 @@
 
 #include "../base/util.h"
 #include "../model/model.h"
+#include "../model/param_groups.h"
 #include "../optim/adamw.h"
 #include "../train/run.h"
 #include "../train/step.h"
@@ -93,7 +94,12 @@ static void trainer_init(Trainer *tr, const BenchConfig *config) {
     model_init(&tr->m, &tr->rc.model, run_backend(&tr->rc.train), B, T);
     run_set_precision(&tr->m, &tr->rc.train);
     model_init_weights(&tr->m, (uint64_t)tr->rc.train.seed);
-    adamw_init(&tr->opt, &tr->rc.optim, &tr->m.layout, NULL, tr->m.be);
+    const OptimConfig *oc = &tr->rc.optim;
+    ParamGroupRules rules = {oc->decay_norms, oc->decay_embeddings, oc->decay_router,
+                             oc->router_lr_mult};
+    ParamGroup *groups = param_groups_build(&tr->m.layout, NULL, &rules);
+    adamw_init(&tr->opt, oc, groups, tr->m.layout.n_params, tr->m.be);
+    free(groups);
     rng_init(&tr->rng, (uint64_t)tr->rc.train.seed);
     size_t accum = (size_t)tr->rc.train.grad_accum;
     tr->tokens = CALLOC(accum * 2 * tr->m.N, sizeof *tr->tokens);

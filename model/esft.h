@@ -11,7 +11,7 @@
 // cumulative score reaches p (>= p - 1e-12, so 0.5 + 0.3 reaches 0.8 despite rounding).
 // Every layer keeps at least one expert; a layer with no score at all (no gate mass)
 // keeps every expert, since nothing says which to drop. The selected experts are then
-// the only ones to train (optim/select.h).
+// the only ones to train (model/trainable.h).
 #ifndef MOE_ESFT_H
 #define MOE_ESFT_H
 
@@ -36,7 +36,7 @@ typedef struct {
 void esft_select(EsftResult *out, const RoutingStats *rs, EsftScore kind, double p);
 void esft_free(EsftResult *r);
 
-// The selection as a select.h expression, "layers.<L>.experts.<J>, ...", in layer then
+// The selection as a trainable.h expression, "layers.<L>.experts.<J>, ...", in layer then
 // expert order, with L the model layer of each MoE layer (MoE layer m is model layer
 // (m + 1) * moe_every - 1). Dies rather than truncate when it does not fit in n bytes:
 // a cut expression would train the wrong experts. About 24 bytes per selected expert.

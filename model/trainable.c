@@ -276,8 +276,8 @@ static int is_blank(const char *s) {
     return *s == '\0';
 }
 
-int select_apply(const Layout *lay, const ModelConfig *cfg, const char *expr, uint8_t *flags,
-                 uint8_t value, char *err, size_t n) {
+int trainable_apply(const Layout *lay, const ModelConfig *cfg, const char *expr, uint8_t *flags,
+                    uint8_t value, char *err, size_t n) {
     if (is_blank(expr)) return 0;
     uint8_t *hit = CALLOC(lay->n_params, 1);
     int rc = 0;
@@ -299,17 +299,17 @@ int select_apply(const Layout *lay, const ModelConfig *cfg, const char *expr, ui
     return rc ? -1 : matched;
 }
 
-int select_trainable(const Layout *lay, const ModelConfig *cfg, const char *train_expr,
+int trainable_select(const Layout *lay, const ModelConfig *cfg, const char *train_expr,
                      const char *freeze_expr, uint8_t *trainable, char *err, size_t n) {
     char why[768];
     const char *train = train_expr ? train_expr : "all";
     const char *freeze = freeze_expr ? freeze_expr : "";
     memset(trainable, 0, lay->n_params);
-    if (select_apply(lay, cfg, train, trainable, 1, why, sizeof why) < 0) {
+    if (trainable_apply(lay, cfg, train, trainable, 1, why, sizeof why) < 0) {
         snprintf(err, n, "train: %s", why);
         return -1;
     }
-    if (select_apply(lay, cfg, freeze, trainable, 0, why, sizeof why) < 0) {
+    if (trainable_apply(lay, cfg, freeze, trainable, 0, why, sizeof why) < 0) {
         snprintf(err, n, "freeze: %s", why);
         return -1;
     }
@@ -393,7 +393,7 @@ static void describe_layer(const Layout *lay, const uint8_t *trainable, const in
     }
 }
 
-void select_describe(const Layout *lay, const uint8_t *trainable, char *out, size_t n) {
+void trainable_describe(const Layout *lay, const uint8_t *trainable, char *out, size_t n) {
     Text t = {out, n, 0};
     size_t total[N_KINDS] = {0}, on[N_KINDS] = {0}, n_on = 0;
     for (size_t i = 0; i < lay->n_params; i++) {

@@ -35,19 +35,19 @@
 // Returns the number of distinct tensors matched (0 for a blank expr), or -1 with a
 // one-line error in err naming the offending item and what is allowed; on error flags
 // is left untouched.
-int select_apply(const Layout *lay, const ModelConfig *cfg, const char *expr, uint8_t *flags,
-                 uint8_t value, char *err, size_t n);
+int trainable_apply(const Layout *lay, const ModelConfig *cfg, const char *expr, uint8_t *flags,
+                    uint8_t value, char *err, size_t n);
 
 // trainable = what train_expr matches minus what freeze_expr matches. A NULL train_expr
 // means "all", a NULL freeze_expr means nothing. Returns 0, or -1 with a one-line error
 // in err (prefixed "train: " or "freeze: ", or saying that nothing is left to train).
-int select_trainable(const Layout *lay, const ModelConfig *cfg, const char *train_expr,
+int trainable_select(const Layout *lay, const ModelConfig *cfg, const char *train_expr,
                      const char *freeze_expr, uint8_t *trainable, char *err, size_t n);
 
 // A compact summary of a trainable mask for logs, e.g. "all", "none", "experts, router"
 // or "layers.0.experts.{1,5}, layers.2.experts.{3}". Whole kinds are named by their
 // word, whole parts of a layer by layers.<L>.<part>, complete experts by index, and any
 // other trainable tensor by its name. Ends in "..." when it does not fit in n bytes.
-void select_describe(const Layout *lay, const uint8_t *trainable, char *out, size_t n);
+void trainable_describe(const Layout *lay, const uint8_t *trainable, char *out, size_t n);
 
 #endif

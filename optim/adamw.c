@@ -5,32 +5,21 @@
 
 #include "../base/util.h"
 
-static int tensor_decays(const OptimConfig *c, const ParamInfo *p) {
-    if (p->cols == 0) return c->decay_norms;
-    if (p->kind == PARAM_EMBED) return c->decay_embeddings;
-    if (p->kind == PARAM_ROUTER) return c->decay_router;
-    return 1;
-}
-
-static double tensor_lr_mult(const OptimConfig *c, const ParamInfo *p) {
-    return p->kind == PARAM_ROUTER ? c->router_lr_mult : 1.0;
-}
-
-// Extends the last span with tensor p when it continues it in the slab and in its
-// group; otherwise starts a new span. opt->spans has room for one span per tensor.
-static void span_add(AdamW *opt, const ParamInfo *p, size_t state_offset) {
-    double lr_mult = tensor_lr_mult(&opt->cfg, p);
-    int decay = tensor_decays(&opt->cfg, p);
+// Extends the last span with group g when it continues it in the slab and in its lr
+// multiplier and decay; otherwise starts a new span. opt->spans has room for one span per
+// group.
+static void span_add(AdamW *opt, const ParamGroup *g, size_t state_offset) {
     if (opt->n_spans > 0) {
         AdamWSpan *last = &opt->spans[opt->n_spans - 1];
-        if (last->offset + last->numel == p->offset &&
-            last->state_offset + last->numel == state_offset && last->lr_mult == lr_mult &&
-            last->decay == decay) {
-            last->numel += p->numel;
+        if (last->offset + last->numel == g->offset &&
+            last->state_offset + last->numel == state_offset && last->lr_mult == g->lr_mult &&
+            last->decay == g->decay) {
+            last->numel += g->numel;
             return;
         }
     }
-    opt->spans[opt->n_spans++] = (AdamWSpan){p->offset, state_offset, p->numel, lr_mult, decay};
+    opt->spans[opt->n_spans++] =
+        (AdamWSpan){g->offset, state_offset, g->numel, g->lr_mult, g->decay};
 }
 
 static Tensor state_alloc(const Backend *be, size_t n) {
@@ -41,26 +30,26 @@ static Tensor state_alloc(const Backend *be, size_t n) {
     return t;
 }
 
-void adamw_init(AdamW *opt, const OptimConfig *cfg, const Layout *lay, const uint8_t *trainable,
+void adamw_init(AdamW *opt, const OptimConfig *cfg, const ParamGroup *groups, size_t n_groups,
                 const Backend *be) {
     memset(opt, 0, sizeof *opt);
     opt->cfg = *cfg;
     opt->be = be;
-    opt->n_tensors = lay->n_params;
-    opt->state_offset = CALLOC(lay->n_params ? lay->n_params : 1, sizeof(size_t));
-    opt->numel = CALLOC(lay->n_params ? lay->n_params : 1, sizeof(size_t));
-    opt->spans = CALLOC(lay->n_params ? lay->n_params : 1, sizeof(AdamWSpan));
-    for (size_t i = 0; i < lay->n_params; i++) {
-        const ParamInfo *p = &lay->params[i];
-        opt->numel[i] = p->numel;
-        if (p->offset + p->numel > opt->slab_numel) opt->slab_numel = p->offset + p->numel;
-        if (trainable && !trainable[i]) {
+    opt->n_tensors = n_groups;
+    opt->state_offset = CALLOC(n_groups ? n_groups : 1, sizeof(size_t));
+    opt->numel = CALLOC(n_groups ? n_groups : 1, sizeof(size_t));
+    opt->spans = CALLOC(n_groups ? n_groups : 1, sizeof(AdamWSpan));
+    for (size_t i = 0; i < n_groups; i++) {
+        const ParamGroup *g = &groups[i];
+        opt->numel[i] = g->numel;
+        if (g->offset + g->numel > opt->slab_numel) opt->slab_numel = g->offset + g->numel;
+        if (!g->trainable) {
             opt->state_offset[i] = ADAMW_FROZEN;
             continue;
         }
         opt->state_offset[i] = opt->n_trainable;
-        span_add(opt, p, opt->n_trainable);
-        opt->n_trainable += p->numel;
+        span_add(opt, g, opt->n_trainable);
+        opt->n_trainable += g->numel;
     }
     opt->m = state_alloc(be, opt->n_trainable);
     opt->v = state_alloc(be, opt->n_trainable);
@@ -83,7 +72,7 @@ size_t adamw_trainable_params(const AdamW *opt) { return opt->n_trainable; }
 
 static void check_slab(const AdamW *opt, Tensor t, const char *what) {
     CHECK(t.data && t.numel >= opt->slab_numel,
-          "adamw: %s slab holds %zu elements, the layout needs %zu", what, t.numel,
+          "adamw: %s slab holds %zu elements, the groups need %zu", what, t.numel,
           opt->slab_numel);
 }
 
@@ -120,7 +109,7 @@ double adamw_step(AdamW *opt, Tensor params, Tensor grads, double lr_now, long s
 }
 
 static Tensor state_view(const AdamW *opt, Tensor state, size_t i) {
-    CHECK(i < opt->n_tensors, "adamw: tensor %zu outside a layout of %zu", i, opt->n_tensors);
+    CHECK(i < opt->n_tensors, "adamw: tensor %zu outside %zu groups", i, opt->n_tensors);
     if (opt->state_offset[i] == ADAMW_FROZEN) return tensor_none();
     return tensor_slice(state, opt->state_offset[i], opt->numel[i]);
 }

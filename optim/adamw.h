@@ -1,14 +1,13 @@
-// adamw.h: AdamW with global-norm clipping, per-group weight decay and learning rate,
+// adamw.h: AdamW with global-norm clipping, per-tensor weight decay and learning rate,
 // and no state for frozen tensors.
 //
-// The optimizer walks the model's parameter and gradient slabs (layout order) and updates
+// Defines the AdamW optimizer state and its steps. The optimizer sees tensors and flags,
+// not a model: one ParamGroup (kernels/param_group.h) per tensor says where it lies in
+// the parameter and gradient slabs, whether it trains, whether it decays and its lr
+// multiplier (the model derives them from its layout: model/param_groups.h). It updates
 // trainable tensors only, through the backend's adamw_update op, so it runs wherever the
-// slabs live. Groups, by ParamInfo:
-// - weight decay: 2-D tensors decay, except PARAM_EMBED (embed_tokens, and so a tied
-//   lm_head) unless decay_embeddings and PARAM_ROUTER (gate, noise) unless decay_router;
-//   1-D tensors (RMSNorm weights) decay only with decay_norms. An untied lm_head decays.
-// - learning rate: PARAM_ROUTER tensors train at lr * router_lr_mult, the rest at lr.
-// Consecutive trainable tensors of the same group are updated in one call (a span).
+// slabs live. Consecutive trainable tensors with the same decay and lr multiplier are
+// updated in one call (a span).
 #ifndef MOE_OPTIM_ADAMW_H
 #define MOE_OPTIM_ADAMW_H
 
@@ -16,7 +15,7 @@
 #include <stdint.h>
 
 #include "../kernels/kernels.h"
-#include "../model/layout.h"
+#include "../kernels/param_group.h"
 #include "config.h"
 
 // state_offset of a frozen tensor.
@@ -35,7 +34,7 @@ typedef struct {
 typedef struct {
     OptimConfig cfg;
     const Backend *be;
-    size_t n_tensors;     // layout tensors
+    size_t n_tensors;     // groups given to adamw_init, one per tensor
     size_t *state_offset; // (n_tensors) into m and v, or ADAMW_FROZEN
     size_t *numel;        // (n_tensors) elements of each tensor
     AdamWSpan *spans;
@@ -45,10 +44,10 @@ typedef struct {
     Tensor m, v;        // (n_trainable) moments, trainable tensors back to back
 } AdamW;
 
-// Allocates m and v (zeroed, on the backend) for the TRAINABLE tensors only: `trainable`
-// is one flag per layout tensor (NULL: all trainable). A frozen tensor holds no optimizer
-// state. Copies what it needs from cfg and lay.
-void adamw_init(AdamW *opt, const OptimConfig *cfg, const Layout *lay, const uint8_t *trainable,
+// Allocates m and v (zeroed, on the backend) for the trainable groups only, back to back
+// in group order: a frozen tensor holds no optimizer state. groups: (n_groups), one per
+// tensor. Copies what it needs from cfg and groups.
+void adamw_init(AdamW *opt, const OptimConfig *cfg, const ParamGroup *groups, size_t n_groups,
                 const Backend *be);
 void adamw_free(AdamW *opt);
 
@@ -58,21 +57,22 @@ size_t adamw_state_bytes(const AdamW *opt);
 size_t adamw_trainable_params(const AdamW *opt);
 
 // Global L2 norm of the gradients of the trainable tensors, times |grad_scale|. grads is
-// the gradient slab in layout order. The same for the same input and thread count.
+// the gradient slab the groups' offsets point into. The same for the same input and
+// thread count.
 double adamw_grad_norm(const AdamW *opt, Tensor grads, double grad_scale);
 
 // One step on the trainable tensors. grad_scale multiplies the gradients first (e.g.
 // 1 / accumulation steps); then, with grad_clip > 0 and the scaled global norm above it,
 // they are scaled by grad_clip / norm so that their norm is exactly grad_clip. Then
-// AdamW (kernels.h, adamw_update) with the group's lr and decay (see the top of this
-// file). `step` counts completed steps: bias correction uses t = step + 1. Returns the
-// pre-clip norm. A non-finite norm (overflow, NaN loss) updates nothing, params and
-// state alike, and is returned for the caller to report.
+// AdamW (kernels.h, adamw_update) at lr_now * the group's lr_mult, with weight_decay
+// where the group decays. `step` counts completed steps: bias correction uses
+// t = step + 1. Returns the pre-clip norm. A non-finite norm (overflow, NaN loss) updates
+// nothing, params and state alike, and is returned for the caller to report.
 double adamw_step(AdamW *opt, Tensor params, Tensor grads, double lr_now, long step,
                   double grad_scale);
 
-// The state of layout tensor param_index (its numel elements), for checkpoints; data is
-// NULL for a frozen tensor.
+// The state of the tensor of group param_index (its numel elements), for checkpoints;
+// data is NULL for a frozen tensor.
 Tensor adamw_state_m(const AdamW *opt, size_t param_index);
 Tensor adamw_state_v(const AdamW *opt, size_t param_index);
 

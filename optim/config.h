@@ -1,8 +1,10 @@
 // config.h: the optimizer's configuration (the [optim] INI section).
 //
 // Defines OptimConfig, its key table (defaults, ranges, meanings) and the checks that
-// span several keys. The learning rate schedule it drives is in schedule.h; which
-// tensors decay and which get router_lr_mult is in adamw.h.
+// span several keys. The learning rate schedule it drives is in schedule.h. Which tensors
+// decay and which get router_lr_mult is the model's rule (model/param_groups.h), which
+// the caller hands the decay_* keys and router_lr_mult; AdamW (adamw.h) applies its
+// answer per tensor.
 #ifndef MOE_OPTIM_CONFIG_H
 #define MOE_OPTIM_CONFIG_H
 
@@ -15,7 +17,7 @@ typedef struct {
     double min_lr_ratio; // final learning rate as a fraction of lr
     int warmup_steps;
     double beta1, beta2, eps;
-    double weight_decay;   // decoupled (AdamW), on the tensors adamw.h lists
+    double weight_decay;   // decoupled (AdamW), on the tensors whose group decays
     double grad_clip;      // global L2 norm bound; 0 = no clipping
     int decay_norms;       // also decay 1-D norm weights
     int decay_embeddings;  // also decay embed_tokens (and so a tied lm_head)

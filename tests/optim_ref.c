@@ -14,7 +14,8 @@
 //   params (steps, total) after each step; norm (steps) adamw_step's pre-clip norms;
 //   lr (steps) optim_lr_at of each step; m/<i>, v/<i> the final state of trainable tensor
 //   i (absent for frozen tensors); real_bytes, state_bytes, trainable_params scalars.
-// Step s trains at optim_lr_at(cfg, s, total_steps) with adamw_step(..., s, grad_scale).
+// The tensors are grouped by the trainer's rules (model/param_groups.h). Step s trains at
+// optim_lr_at(cfg, s, total_steps) with adamw_step(..., s, grad_scale).
 //
 // Built twice, so the test checks the fp32 build (the trainer's) and the fp64 build:
 // build/tests/optim_ref_f32 and build/tests/optim_ref_f64.
@@ -25,6 +26,7 @@
 
 #include "../base/util.h"
 #include "../model/layout.h"
+#include "../model/param_groups.h"
 #include "../optim/adamw.h"
 #include "../optim/config.h"
 #include "../optim/schedule.h"
@@ -147,8 +149,12 @@ int main(int argc, char **argv) {
     H5Fclose(in);
 
     const Backend *be = backend_cpu();
+    ParamGroupRules rules = {cfg.decay_norms, cfg.decay_embeddings, cfg.decay_router,
+                             cfg.router_lr_mult};
+    ParamGroup *groups = param_groups_build(&lay, trainable, &rules);
     AdamW opt;
-    adamw_init(&opt, &cfg, &lay, trainable, be);
+    adamw_init(&opt, &cfg, groups, lay.n_params, be);
+    free(groups);
     real *history = CALLOC(steps * total, sizeof(real)); // (steps, total)
     double *norms = CALLOC(steps, sizeof(double)), *lrs = CALLOC(steps, sizeof(double));
     Tensor p = {params, DTYPE_REAL, DEVICE_CPU, total};

@@ -15,6 +15,7 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
+#include "../model/param_groups.h"
 #include "../train/formats/checkpoint.h"
 #include "../train/formats/h5io.h"
 #include "testlib.h"
@@ -68,7 +69,12 @@ static Fix *fix_new(const ModelConfig *cfg, uint64_t seed, const uint8_t *traina
     model_init(&f->m, &f->rc.model, backend_cpu(), 1, 5);
     model_randomize_weights(&f->m, seed);
     round_to_f32(TENSOR_R(f->m.params), f->m.layout.total);
-    adamw_init(&f->opt, &f->rc.optim, &f->m.layout, trainable, backend_cpu());
+    const OptimConfig *oc = &f->rc.optim;
+    ParamGroupRules rules = {oc->decay_norms, oc->decay_embeddings, oc->decay_router,
+                             oc->router_lr_mult};
+    ParamGroup *groups = param_groups_build(&f->m.layout, trainable, &rules);
+    adamw_init(&f->opt, oc, groups, f->m.layout.n_params, backend_cpu());
+    free(groups);
     Rng r;
     rng_init(&r, seed + 1000);
     for (size_t i = 0; i < f->opt.n_trainable; i++) {

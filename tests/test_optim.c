@@ -1,8 +1,9 @@
 // test_optim.c: the optimizer room (fp64 build): the learning rate schedule against its
 // closed form, the backend's AdamW update and sum of squares against scalar loops
 // written here from the textbook equations, and AdamW's bookkeeping: clipping, frozen
-// tensors, weight-decay groups and the router learning rate. The comparison with
-// torch.optim.AdamW itself is tests/reference/test_adamw_torch.py.
+// tensors, and the weight-decay groups and router learning rate that the model's param
+// groups (model/param_groups.h) hand it. The comparison with torch.optim.AdamW itself is
+// tests/reference/test_adamw_torch.py.
 #include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -10,6 +11,7 @@
 
 #include "../base/util.h"
 #include "../model/layout.h"
+#include "../model/param_groups.h"
 #include "../optim/adamw.h"
 #include "../optim/config.h"
 #include "../optim/schedule.h"
@@ -168,6 +170,17 @@ static Layout spec_layout(const TensorSpec *s, size_t n) {
     return lay;
 }
 
+// AdamW over the tensors of lay, grouped by the model's rules with c's settings, as the
+// trainer sets it up. train: one flag per tensor, NULL: all trainable.
+static void init_on_layout(AdamW *opt, const OptimConfig *c, const Layout *lay,
+                           const uint8_t *train) {
+    ParamGroupRules rules = {c->decay_norms, c->decay_embeddings, c->decay_router,
+                             c->router_lr_mult};
+    ParamGroup *groups = param_groups_build(lay, train, &rules);
+    adamw_init(opt, c, groups, lay->n_params, ops());
+    free(groups);
+}
+
 static OptimConfig plain_config(void) {
     OptimConfig c;
     optim_config_defaults(&c);
@@ -185,7 +198,7 @@ static double norm_of(const real *x, size_t n, double scale) {
 static real *step_and_recover_grad(const OptimConfig *c, const Layout *lay, real *grads,
                                    double grad_scale, double *norm) {
     AdamW opt;
-    adamw_init(&opt, c, lay, NULL, ops());
+    init_on_layout(&opt, c, lay, NULL);
     real *params = test_zeros(lay->total);
     *norm = adamw_step(&opt, test_tensor(params, lay->total), test_tensor(grads, lay->total),
                        1e-3, 0, grad_scale);
@@ -269,7 +282,7 @@ static void test_frozen_tensors_hold_no_state(void **state) {
     OptimConfig c;
     optim_config_defaults(&c);
     AdamW opt;
-    adamw_init(&opt, &c, &lay, train, ops());
+    init_on_layout(&opt, &c, &lay, train);
     assert_int_equal(adamw_trainable_params(&opt), n_train);
     assert_int_equal(adamw_state_bytes(&opt), 2 * sizeof(real) * n_train);
     for (size_t i = 0; i < lay.n_params; i++) {
@@ -312,7 +325,7 @@ static void check_decay(const OptimConfig *c, const int want_decay[N_MIXED]) {
     real *params = test_rand(&rng, lay.total, 1.0), *before = test_copy(params, lay.total);
     real *grads = test_zeros(lay.total);
     AdamW opt;
-    adamw_init(&opt, c, &lay, NULL, ops());
+    init_on_layout(&opt, c, &lay, NULL);
     const double lr = 0.01;
     adamw_step(&opt, test_tensor(params, lay.total), test_tensor(grads, lay.total), lr, 0, 1.0);
     for (size_t i = 0; i < N_MIXED; i++) {
@@ -359,7 +372,7 @@ static void test_router_lr_mult(void **state) {
     OptimConfig c = plain_config();
     c.router_lr_mult = 0.25;
     AdamW opt;
-    adamw_init(&opt, &c, &lay, NULL, ops());
+    init_on_layout(&opt, &c, &lay, NULL);
     for (long s = 0; s < 4; s++) {
         real *g = test_rand(&rng, n, 1.0), *grads = test_zeros(3 * n);
         for (int t = 0; t < 3; t++)
@@ -390,7 +403,7 @@ static void test_nonfinite_norm_skips_step(void **state) {
     OptimConfig c;
     optim_config_defaults(&c);
     AdamW opt;
-    adamw_init(&opt, &c, &lay, NULL, ops());
+    init_on_layout(&opt, &c, &lay, NULL);
     double norm = adamw_step(&opt, test_tensor(params, lay.total),
                              test_tensor(grads, lay.total), 1e-3, 0, 1.0);
     assert_true(isnan(norm));

@@ -44,7 +44,7 @@ typedef struct {
 // [finetune]: what trains, starting from which checkpoint.
 typedef struct {
     char init[KEY_STRING_MAX];    // checkpoint to start from (moe finetune)
-    char train[KEY_STRING_MAX];   // selector list (optim/select.h) or "auto" (ESFT)
+    char train[KEY_STRING_MAX];   // selector list (model/trainable.h) or "auto" (ESFT)
     char freeze[KEY_STRING_MAX];  // selector list subtracted from train
     int delta;                    // checkpoints hold only the trained tensors
     int select;                   // EsftScore for train = auto

@@ -22,6 +22,7 @@
 #include "../base/util.h"
 #include "../model/esft.h"
 #include "../model/model.h"
+#include "../model/param_groups.h"
 #include "../model/routing_stats.h"
 #include "../optim/adamw.h"
 #include "../optim/schedule.h"
@@ -149,7 +150,7 @@ static void choose_trainable(Run *r) {
     }
     char err[1024];
     r->trainable = CALLOC(m->layout.n_params, 1);
-    if (select_trainable(&m->layout, &m->cfg, fc->train, fc->freeze, r->trainable, err,
+    if (trainable_select(&m->layout, &m->cfg, fc->train, fc->freeze, r->trainable, err,
                          sizeof err) != 0)
         FAIL("%s", err);
     model_set_trainable(m, r->trainable);
@@ -184,7 +185,11 @@ static void setup(Run *r) {
     rng_init(&r->st.noise_rng, (uint64_t)rc->train.seed ^ 0x6e6f697365ULL);
     r->st.best_val = INFINITY;
     choose_trainable(r);
-    adamw_init(&r->opt, &rc->optim, &r->model.layout, r->trainable, r->model.be);
+    ParamGroupRules rules = {rc->optim.decay_norms, rc->optim.decay_embeddings,
+                             rc->optim.decay_router, rc->optim.router_lr_mult};
+    ParamGroup *groups = param_groups_build(&r->model.layout, r->trainable, &rules);
+    adamw_init(&r->opt, &rc->optim, groups, r->model.layout.n_params, r->model.be);
+    free(groups);
     if (r->mode == MODE_RESUME) {
         char err[1024];
         if (ckpt_load(r->ckpt, &r->model, &r->opt, &r->st, err, sizeof err) != 0)
@@ -228,7 +233,7 @@ static void print_startup(const Run *r) {
     printf("moe %s: run %s -> %s", what[r->mode], rc->train.name, r->run_dir);
     if (r->mode != MODE_TRAIN) printf(" (from %s, step %ld)", r->ckpt, r->st.step);
     char sel[2048];
-    select_describe(&m->layout, r->trainable, sel, sizeof sel);
+    trainable_describe(&m->layout, r->trainable, sel, sizeof sel);
     printf("\nmodel: %d layers, d_model %d, %d experts top-%d, %.2fM params (%.2fM active per "
            "token)\ntraining: %s: %zu trainable params, optimizer state %.2f MB\n",
            rc->model.layers, rc->model.d_model, rc->model.experts, rc->model.top_k,

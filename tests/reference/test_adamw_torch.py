@@ -4,10 +4,11 @@ Each case writes a parameter layout, initial parameters and ten steps of gradien
 HDF5 file, runs the C optimizer on it through build/tests/optim_ref_{f32,f64} (see
 tests/optim_ref.c), and replays the same steps with torch.optim.AdamW (foreach=False),
 whose param groups carry the weight decay and learning rate our documentation promises
-(optim/adamw.h), with the learning rate schedule of optim/schedule.h written out here and
-clipping by global norm done by hand (scale = min(1, clip / norm), as documented: torch's
-clip_grad_norm_ adds 1e-6 to the norm). The C run is a pure function of its input file,
-so cases are independent and order-free.
+(model/param_groups.h, the rules the trainer hands AdamW), with the learning rate
+schedule of optim/schedule.h written out here and clipping by global norm done by hand
+(scale = min(1, clip / norm), as documented: torch's clip_grad_norm_ adds 1e-6 to the
+norm). The C run is a pure function of its input file, so cases are independent and
+order-free.
 
 Asserts, per case: parameters after every step, final m and v of every trainable tensor,
 the pre-clip norms and learning rates within max relative error 1e-5 (fp32) or 1e-6 (fp64);
@@ -75,8 +76,8 @@ def lr_at(k, step, total):
 
 
 def decays(k, kind, cols):
-    """optim/adamw.h: matrices decay except embed / router unless enabled; vectors only
-    with decay_norms."""
+    """model/param_groups.h: matrices decay except embed / router unless enabled; vectors
+    only with decay_norms."""
     if cols == 0:
         return k["decay_norms"]
     if kind == "embed":

@@ -1,4 +1,4 @@
-// test_select.c: trainable masks from text (optim/select.h) and ESFT expert selection
+// test_trainable.c: trainable masks from text (model/trainable.h) and ESFT expert selection
 // (model/esft.h). Expected tensor sets are written out by name from the grammar and
 // Hugging Face's Mixtral naming, and expected ESFT selections are worked out by hand
 // from the definitions, never produced by the code under test.
@@ -91,13 +91,13 @@ static void assert_flagged(const Layout *lay, const uint8_t *flags, const char *
     }
 }
 
-// select_apply(expr) on a fresh mask must match exactly the names in want.
+// trainable_apply(expr) on a fresh mask must match exactly the names in want.
 static void check_selects(const ModelConfig *cfg, const char *expr, const char *const *want) {
     Layout lay;
     layout_init(&lay, cfg);
     uint8_t *flags = calloc(lay.n_params, 1);
     char err[1024] = "";
-    int got = select_apply(&lay, cfg, expr, flags, 1, err, sizeof err);
+    int got = trainable_apply(&lay, cfg, expr, flags, 1, err, sizeof err);
     if (got < 0) fail_msg("'%s': unexpected error: %s", expr, err);
     size_t n_want = 0;
     while (want[n_want])
@@ -114,14 +114,14 @@ static void check_selects(const ModelConfig *cfg, const char *expr, const char *
         check_selects(&(cfg), (expr), want_);                                                  \
     } while (0)
 
-// select_apply(expr) must fail with exactly the message want and leave flags alone.
+// trainable_apply(expr) must fail with exactly the message want and leave flags alone.
 static void check_error(const ModelConfig *cfg, const char *expr, const char *want) {
     Layout lay;
     layout_init(&lay, cfg);
     uint8_t *flags = malloc(lay.n_params);
     memset(flags, 7, lay.n_params);
     char err[1024] = "";
-    int got = select_apply(&lay, cfg, expr, flags, 1, err, sizeof err);
+    int got = trainable_apply(&lay, cfg, expr, flags, 1, err, sizeof err);
     if (got != -1) fail_msg("'%s': returned %d, want -1 (%s)", expr, got, want);
     if (strcmp(err, want)) fail_msg("'%s':\n got  '%s'\n want '%s'", expr, err, want);
     for (size_t i = 0; i < lay.n_params; i++)
@@ -230,7 +230,7 @@ static void test_apply_value_clears_only_matches(void **state) {
     uint8_t *flags = malloc(lay.n_params);
     memset(flags, 1, lay.n_params);
     char err[256];
-    assert_int_equal(select_apply(&lay, &m, "layers.1.attn", flags, 0, err, sizeof err), 4);
+    assert_int_equal(trainable_apply(&lay, &m, "layers.1.attn", flags, 0, err, sizeof err), 4);
     for (size_t i = 0; i < lay.n_params; i++) {
         int in_attn1 = lay.params[i].kind == PARAM_ATTN && lay.params[i].layer == 1;
         if (flags[i] != !in_attn1) fail_msg("%s: flag %d", lay.params[i].name, flags[i]);
@@ -246,7 +246,7 @@ static void check_trainable(const ModelConfig *cfg, const char *train, const cha
     uint8_t *t = malloc(lay.n_params);
     memset(t, 9, lay.n_params);
     char err[1024] = "";
-    if (select_trainable(&lay, cfg, train, freeze, t, err, sizeof err))
+    if (trainable_select(&lay, cfg, train, freeze, t, err, sizeof err))
         fail_msg("train '%s' freeze '%s': unexpected error: %s", train, freeze, err);
     for (size_t i = 0; i < lay.n_params; i++)
         if (t[i] > 1) fail_msg("flag %zu not written", i);
@@ -386,7 +386,7 @@ static void check_trainable_error(const ModelConfig *cfg, const char *train, con
     layout_init(&lay, cfg);
     uint8_t *t = calloc(lay.n_params, 1);
     char err[1024] = "";
-    assert_int_equal(select_trainable(&lay, cfg, train, freeze, t, err, sizeof err), -1);
+    assert_int_equal(trainable_select(&lay, cfg, train, freeze, t, err, sizeof err), -1);
     if (strcmp(err, want)) fail_msg("\n got  '%s'\n want '%s'", err, want);
     free(t);
     layout_free(&lay);
@@ -422,9 +422,9 @@ static void check_describe(const ModelConfig *cfg, const char *train, const char
     layout_init(&lay, cfg);
     uint8_t *t = calloc(lay.n_params, 1);
     char err[1024], got[512];
-    if (select_trainable(&lay, cfg, train, freeze, t, err, sizeof err))
+    if (trainable_select(&lay, cfg, train, freeze, t, err, sizeof err))
         fail_msg("train '%s': unexpected error: %s", train, err);
-    select_describe(&lay, t, got, sizeof got);
+    trainable_describe(&lay, t, got, sizeof got);
     if (strcmp(got, want))
         fail_msg("train '%s' freeze '%s':\n got  '%s'\n want '%s'", train, freeze ? freeze : "",
                  got, want);
@@ -474,13 +474,13 @@ static void test_describe_partial_tensors(void **state) {
     for (size_t i = 0; i < sizeof on / sizeof on[0]; i++)
         t[layout_find(&lay, on[i]) - lay.params] = 1;
     char got[512];
-    select_describe(&lay, t, got, sizeof got);
+    trainable_describe(&lay, t, got, sizeof got);
     assert_string_equal(
         got,
         LN(0, "self_attn.q_proj") ", layers.1.experts.{2}, " LN(
             1, "block_sparse_moe.experts.0.w1") ", " LN(1, "block_sparse_moe.experts.3.w2"));
     memset(t, 0, lay.n_params);
-    select_describe(&lay, t, got, sizeof got);
+    trainable_describe(&lay, t, got, sizeof got);
     assert_string_equal(got, "none");
     free(t);
     layout_free(&lay);
@@ -493,11 +493,11 @@ static void test_describe_truncates_visibly(void **state) {
     layout_init(&lay, &c);
     uint8_t *t = calloc(lay.n_params, 1);
     char err[256], got[16];
-    assert_int_equal(select_trainable(&lay, &c, "embed, layers.1.attn, layers.2.norm", NULL, t,
+    assert_int_equal(trainable_select(&lay, &c, "embed, layers.1.attn, layers.2.norm", NULL, t,
                                       err, sizeof err),
                      0);
     memset(got, 'x', sizeof got);
-    select_describe(&lay, t, got, sizeof got);
+    trainable_describe(&lay, t, got, sizeof got);
     assert_string_equal(got, "embed, layer...");
     free(t);
     layout_free(&lay);
@@ -675,7 +675,7 @@ static void test_esft_to_expr_uses_model_layers(void **state) {
     assert_string_equal(expr, "layers.1.experts.0, layers.3.experts.0, layers.3.experts.3");
     esft_to_expr(&r, &every1, expr, sizeof expr);
     assert_string_equal(expr, "layers.0.experts.0, layers.1.experts.0, layers.1.experts.3");
-    // The expression is what select.h reads back.
+    // The expression is what trainable.h reads back.
     esft_to_expr(&r, &every2, expr, sizeof expr);
     TRAINS(every2, expr, NULL, EXPERT(1, 0), EXPERT(3, 0), EXPERT(3, 3));
     check_describe(&every2, expr, NULL, "layers.1.experts.{0}, layers.3.experts.{0,3}");
