@@ -1,8 +1,7 @@
 // router.cu: the router's CUDA ops: scores, Shazeer noise, top-k, gates, capacity,
 // dispatch, gather/combine, and the auxiliary losses (load balancing, z-loss,
 // importance, load). Semantics and shapes are in kernels.h; kernels/cpu/router.c is the
-// reference, and the per-row arithmetic here follows it line by line (double where it
-// uses double).
+// reference, and the per-row arithmetic is its own: both include kernels/router_math.h.
 //
 // Per-token work is one thread per row (E and k are small). Everything that orders
 // assignments (capacity, dispatch) is a stable CUB radix sort of (key, assignment)
@@ -11,25 +10,7 @@
 // fixed chunks (cuda_colsum) or one-block reductions: no floating-point atomics. The
 // only atomics are integer: the per-group expert histogram of the load-balancing loss.
 #include "cuda_ops.cuh"
-
-#define TOPK_MAX 8
-#define INV_SQRT_2PI 0.39894228040143267794
-#define SQRT1_2 0.70710678118654752440
-
-// Branches on the sign so exp never sees a large positive argument.
-__device__ __forceinline__ double r_sigmoid(double x) {
-    if (x >= 0.0) return 1.0 / (1.0 + exp(-x));
-    double e = exp(x);
-    return e / (1.0 + e);
-}
-
-__device__ __forceinline__ double r_softplus(double x) {
-    return log1p(exp(-fabs(x))) + fmax(x, 0.0);
-}
-
-__device__ __forceinline__ double normal_cdf(double z) { return 0.5 * erfc(-z * SQRT1_2); }
-
-__device__ __forceinline__ double normal_pdf(double z) { return INV_SQRT_2PI * exp(-0.5 * z * z); }
+#include "../router_math.h"
 
 __device__ __forceinline__ bool expert_ok(int32_t e, size_t E) { return e >= 0 && (size_t)e < E; }
 
@@ -51,25 +32,14 @@ static void check_score_func(ScoreFunc func) {
 
 // ---- scores -----------------------------------------------------------------------------
 
-// Per-row steps shared by the separate kernels and the fused routing kernel, so the fused
-// op gives the separate ops' bits.
-__device__ __forceinline__ void softmax_row(float *out, const float *xr, size_t E) {
-    double mx = xr[0];
-    for (size_t e = 1; e < E; e++) mx = fmax(mx, (double)xr[e]);
-    double sum = 0.0;
-    for (size_t e = 0; e < E; e++) {
-        out[e] = (float)exp((double)xr[e] - mx);
-        sum += out[e];
-    }
-    for (size_t e = 0; e < E; e++) out[e] = (float)(out[e] / sum);
-}
-
+// The separate kernels and the fused routing kernel share the row steps of router_math.h,
+// so the fused op gives the separate ops' bits.
 __global__ void softmax_rows_kernel(float *s, const float *x, size_t N, size_t E) {
     GRID_STRIDE(n, N) softmax_row(s + n * E, x + n * E, E);
 }
 
 __global__ void sigmoid_kernel(float *s, const float *x, size_t n) {
-    GRID_STRIDE(i, n) s[i] = (float)r_sigmoid(x[i]);
+    GRID_STRIDE(i, n) s[i] = (float)stable_sigmoid(x[i]);
 }
 
 void cuda_router_scores_forward(Tensor scores, Tensor logits, size_t N, size_t E,
@@ -85,19 +55,7 @@ void cuda_router_scores_forward(Tensor scores, Tensor logits, size_t N, size_t E
 
 __global__ void scores_backward_kernel(float *dx, const float *ds, const float *s, size_t N,
                                        size_t E, int sigmoid) {
-    GRID_STRIDE(n, N) {
-        const float *sr = s + n * E, *dsr = ds + n * E;
-        float *dxr = dx + n * E;
-        if (sigmoid) {
-            for (size_t e = 0; e < E; e++)
-                dxr[e] += (float)((double)dsr[e] * sr[e] * (1.0 - sr[e]));
-            continue;
-        }
-        // Softmax Jacobian: ds/dx = diag(s) - s s^T.
-        double dot = 0.0;
-        for (size_t e = 0; e < E; e++) dot += (double)dsr[e] * sr[e];
-        for (size_t e = 0; e < E; e++) dxr[e] += (float)(sr[e] * ((double)dsr[e] - dot));
-    }
+    GRID_STRIDE(n, N) scores_backward_row(dx + n * E, ds + n * E, s + n * E, E, sigmoid);
 }
 
 void cuda_router_scores_backward(Tensor dlogits, Tensor dscores, Tensor scores, size_t N,
@@ -110,10 +68,6 @@ void cuda_router_scores_backward(Tensor dlogits, Tensor dscores, Tensor scores, 
 }
 
 // ---- Shazeer noise ----------------------------------------------------------------------
-
-__device__ __forceinline__ float noisy_value(float c, float r, float ev) {
-    return (float)(c + (double)ev * r_softplus(r));
-}
 
 __global__ void noisy_kernel(float *h, const float *c, const float *r, const float *ev,
                              size_t n) {
@@ -132,7 +86,7 @@ __global__ void noisy_backward_kernel(float *dc, float *dr, const float *dh, con
     GRID_STRIDE(i, n) {
         if (dc) dc[i] += dh[i];
         // softplus' = sigmoid.
-        if (dr) dr[i] += (float)((double)dh[i] * ev[i] * r_sigmoid(r[i]));
+        if (dr) dr[i] += (float)((double)dh[i] * ev[i] * stable_sigmoid(r[i]));
     }
 }
 
@@ -146,50 +100,17 @@ void cuda_noisy_logits_backward(Tensor dclean, Tensor draw, Tensor dh, Tensor ra
 
 // ---- selection --------------------------------------------------------------------------
 
-// Insertion into a list kept sorted, largest first: strict > leaves an equal value behind
-// the lower expert index seen earlier. One thread per row, the list in registers. The
-// values are v[e] + bias[e] (bias NULL: v), summed in float as add_bias_forward does.
-__device__ __forceinline__ void topk_row(int32_t *top, const float *v, const float *bias,
-                                         size_t E, size_t k) {
-    float best[TOPK_MAX];
-    int32_t who[TOPK_MAX];
-    size_t len = 0;
-    for (size_t e = 0; e < E; e++) {
-        float x = bias ? v[e] + bias[e] : v[e];
-        if (len == k && !(x > best[k - 1])) continue;
-        size_t pos = len < k ? len++ : k - 1;
-        for (; pos > 0 && x > best[pos - 1]; pos--) {
-            best[pos] = best[pos - 1];
-            who[pos] = who[pos - 1];
-        }
-        best[pos] = x;
-        who[pos] = (int32_t)e;
-    }
-    for (size_t j = 0; j < k; j++) top[j] = who[j];
-}
-
+// One thread per row, topk_row's list in registers.
 __global__ void topk_kernel(int32_t *top, const float *vals, size_t N, size_t E, size_t k) {
     GRID_STRIDE(n, N) topk_row(top + n * k, vals + n * E, NULL, E, k);
 }
 
 void cuda_topk_forward(Tensor idx, Tensor vals, size_t N, size_t E, size_t k) {
-    CUDA_REQUIRE(k >= 1 && k <= E && k <= TOPK_MAX,
-                 "topk: need 1 <= k <= min(E, %d), got k=%zu E=%zu", TOPK_MAX, k, E);
+    CUDA_REQUIRE(k >= 1 && k <= E && k <= MOE_TOPK_MAX,
+                 "topk: need 1 <= k <= min(E, %d), got k=%zu E=%zu", MOE_TOPK_MAX, k, E);
     if (N == 0) return;
     topk_kernel<<<cuda_blocks(N), CUDA_THREADS>>>(DEV_I(idx), DEV_R(vals), N, E, k);
     cudaCheckLaunch();
-}
-
-__device__ __forceinline__ double selected_sum(const float *s, const int32_t *top, size_t k) {
-    double sum = 0.0;
-    for (size_t j = 0; j < k; j++) sum += s[top[j]];
-    return sum;
-}
-
-__device__ __forceinline__ void gates_row(float *g, const float *sr, const int32_t *tr, size_t k,
-                                          int renorm) {
-    double scale = renorm ? 1.0 / selected_sum(sr, tr, k) : 1.0;
-    for (size_t j = 0; j < k; j++) g[j] = (float)(sr[tr[j]] * scale);
 }
 
 __global__ void gates_kernel(float *g, const float *s, const int32_t *top, size_t N, size_t E,
@@ -209,18 +130,7 @@ __global__ void gates_backward_kernel(float *ds, const float *dg, const float *s
                                       const int32_t *top, size_t N, size_t E, size_t k,
                                       int renorm) {
     GRID_STRIDE(n, N) {
-        const float *sr = s + n * E, *dgr = dg + n * k;
-        const int32_t *tr = top + n * k;
-        float *dsr = ds + n * E;
-        if (!renorm) {
-            for (size_t j = 0; j < k; j++) dsr[tr[j]] += dgr[j];
-            continue;
-        }
-        // g_j = s_j / S: d/ds_m = (dg_m - sum_j dg_j g_j) / S.
-        double sum = selected_sum(sr, tr, k), dot = 0.0;
-        for (size_t j = 0; j < k; j++) dot += (double)dgr[j] * sr[tr[j]];
-        dot /= sum;
-        for (size_t j = 0; j < k; j++) dsr[tr[j]] += (float)((dgr[j] - dot) / sum);
+        gates_backward_row(ds + n * E, dg + n * k, s + n * E, top + n * k, k, renorm);
     }
 }
 
@@ -250,7 +160,7 @@ __global__ void route_topk_kernel(float *s, int32_t *top, float *g, float *h, co
             xr = hr;
         }
         if (sigmoid)
-            for (size_t e = 0; e < E; e++) sr[e] = (float)r_sigmoid(xr[e]);
+            for (size_t e = 0; e < E; e++) sr[e] = (float)stable_sigmoid(xr[e]);
         else
             softmax_row(sr, xr, E);
         topk_row(top + n * k, sr, bias, E, k);
@@ -262,8 +172,8 @@ void cuda_route_topk_forward(Tensor scores, Tensor idx, Tensor gates, Tensor h, 
                              Tensor raw, Tensor eps, Tensor bias, size_t N, size_t E, size_t k,
                              ScoreFunc func, int renorm) {
     check_score_func(func);
-    CUDA_REQUIRE(k >= 1 && k <= E && k <= TOPK_MAX,
-                 "topk: need 1 <= k <= min(E, %d), got k=%zu E=%zu", TOPK_MAX, k, E);
+    CUDA_REQUIRE(k >= 1 && k <= E && k <= MOE_TOPK_MAX,
+                 "topk: need 1 <= k <= min(E, %d), got k=%zu E=%zu", MOE_TOPK_MAX, k, E);
     if (N == 0) return;
     route_topk_kernel<<<cuda_blocks(N), CUDA_THREADS>>>(
         DEV_R(scores), DEV_I(idx), DEV_R(gates), DEV_R(h), DEV_R(logits), DEV_R(raw),
@@ -527,18 +437,10 @@ struct ColumnOf {
     __device__ double operator()(size_t r, size_t c) const { return x[r * cols + c]; }
 };
 
-// One thread: loss = mean_g E / (k n) * sum_i count_gi * colsum_gi / n; pmean = colsum / n.
+// One thread: the loss and pmean from the counts and column sums.
 __global__ void lb_finish_kernel(float *loss, float *pm, const int32_t *cnt, const double *colsum,
                                  size_t n, size_t E, size_t k, size_t G) {
-    double sum = 0.0;
-    for (size_t g = 0; g < G; g++) {
-        double total = 0.0;
-        for (size_t i = 0; i < E; i++) total += (double)cnt[g * E + i] * colsum[g * E + i];
-        if (pm)
-            for (size_t i = 0; i < E; i++) pm[g * E + i] = (float)(colsum[g * E + i] / (double)n);
-        sum += (double)E / ((double)k * n) * total / (double)n;
-    }
-    loss[0] = (float)(sum / (double)G);
+    loss[0] = (float)lb_loss(pm, cnt, colsum, n, E, k, G);
 }
 
 void cuda_lb_loss_forward(Tensor loss, Tensor counts, Tensor pmean, Tensor probs, Tensor idx,
@@ -578,11 +480,7 @@ void cuda_lb_loss_backward(Tensor dprobs, Tensor counts, double dloss, size_t N,
 }
 
 __global__ void normalize_rows_kernel(float *out, const float *in, size_t N, size_t E) {
-    GRID_STRIDE(n, N) {
-        double sum = 0.0;
-        for (size_t e = 0; e < E; e++) sum += in[n * E + e];
-        for (size_t e = 0; e < E; e++) out[n * E + e] = (float)(in[n * E + e] / sum);
-    }
+    GRID_STRIDE(n, N) normalize_row(out + n * E, in + n * E, E);
 }
 
 void cuda_normalize_rows_forward(Tensor p, Tensor s, size_t N, size_t E) {
@@ -593,17 +491,7 @@ void cuda_normalize_rows_forward(Tensor p, Tensor s, size_t N, size_t E) {
 
 __global__ void normalize_rows_backward_kernel(float *d, const float *dpv, const float *in,
                                                size_t N, size_t E) {
-    GRID_STRIDE(n, N) {
-        const float *sr = in + n * E, *dpr = dpv + n * E;
-        // p_e = s_e / S: d/ds_e = (dp_e - sum_j dp_j p_j) / S.
-        double sum = 0.0, dot = 0.0;
-        for (size_t e = 0; e < E; e++) {
-            sum += sr[e];
-            dot += (double)dpr[e] * sr[e];
-        }
-        dot /= sum;
-        for (size_t e = 0; e < E; e++) d[n * E + e] += (float)((dpr[e] - dot) / sum);
-    }
+    GRID_STRIDE(n, N) normalize_row_backward(d + n * E, dpv + n * E, in + n * E, E);
 }
 
 void cuda_normalize_rows_backward(Tensor ds, Tensor dp, Tensor s, size_t N, size_t E) {
@@ -616,14 +504,7 @@ void cuda_normalize_rows_backward(Tensor ds, Tensor dp, Tensor s, size_t N, size
 // ---- z-loss -----------------------------------------------------------------------------
 
 __global__ void router_lse_kernel(float *l, const float *x, size_t N, size_t E) {
-    GRID_STRIDE(n, N) {
-        const float *xr = x + n * E;
-        double mx = xr[0];
-        for (size_t e = 1; e < E; e++) mx = fmax(mx, (double)xr[e]);
-        double sum = 0.0;
-        for (size_t e = 0; e < E; e++) sum += exp((double)xr[e] - mx);
-        l[n] = (float)(mx + log(sum));
-    }
+    GRID_STRIDE(n, N) l[n] = (float)logsumexp(x + n * E, E);
 }
 
 // loss = mean_n l[n]^2; one block, fixed order.
@@ -664,33 +545,15 @@ void cuda_zloss_backward(Tensor dlogits, Tensor logits, Tensor lse, double dloss
 // The per-expert vectors are E long: their spread and gradient run on one thread, in the
 // CPU's order.
 
-struct Spread {
-    double mean, var, denom;   // denom = mean^2 + 1e-10, which keeps an all-zero vector finite
-};
-
-__device__ Spread spread_of(const float *v, size_t E) {
-    Spread s = {0.0, 0.0, 0.0};
-    for (size_t i = 0; i < E; i++) s.mean += v[i];
-    s.mean /= (double)E;
-    for (size_t i = 0; i < E; i++) s.var += ((double)v[i] - s.mean) * ((double)v[i] - s.mean);
-    s.var /= (double)E;
-    s.denom = s.mean * s.mean + 1e-10;
-    return s;
-}
-
 // v (E) = (float) sums; loss = CV^2(v).
 __global__ void cv2_finish_kernel(float *loss, float *v, const double *sums, size_t E) {
     for (size_t i = 0; i < E; i++) v[i] = (float)sums[i];
-    Spread s = spread_of(v, E);
-    loss[0] = (float)(s.var / s.denom);
+    loss[0] = (float)cv2(v, E);
 }
 
-// grad (E) = dloss * dCV^2/dv_i = dloss 2/(E D) ((v_i - mean) - var mean / D).
+// grad (E) = dloss * dCV^2/dv.
 __global__ void cv2_grad_kernel(double *grad, const float *v, size_t E, double dloss) {
-    Spread s = spread_of(v, E);
-    double scale = dloss * 2.0 / ((double)E * s.denom);
-    for (size_t i = 0; i < E; i++)
-        grad[i] = scale * (((double)v[i] - s.mean) - s.var * s.mean / s.denom);
+    cv2_grad(grad, v, E, dloss);
 }
 
 // Row n's gates into expert e.
@@ -748,12 +611,6 @@ void cuda_importance_loss_backward(Tensor dgates, Tensor imp, Tensor idx, double
 
 // ---- load loss --------------------------------------------------------------------------
 
-__device__ bool is_selected(const int32_t *top, size_t k, size_t i) {
-    for (size_t j = 0; j < k; j++)
-        if ((size_t)top[j] == i) return true;
-    return false;
-}
-
 // The highest h outside the top k (lowest index among equals); E when a top-k index is
 // invalid (the row is then skipped, and flagged).
 __global__ void best_unselected_kernel(int32_t *best_out, const float *hv, const int32_t *top,
@@ -764,28 +621,10 @@ __global__ void best_unselected_kernel(int32_t *best_out, const float *hv, const
         bool ok = true;
         for (size_t j = 0; j < k; j++) ok = ok && expert_ok(tr[j], E);
         size_t best = E;
-        if (ok) {
-            for (size_t e = 0; e < E; e++)
-                if (!is_selected(tr, k, e) && (best == E || h[e] > h[best])) best = e;
-        } else {
-            cuda_flag(flag, CUDA_BAD_EXPERT);
-        }
+        if (ok) best = best_unselected(h, tr, E, k);
+        else cuda_flag(flag, CUDA_BAD_EXPERT);
         best_out[n] = (int32_t)best;
     }
-}
-
-struct LoadTerm {
-    double z, std;
-    size_t thr_index;
-};
-
-__device__ LoadTerm load_term(const float *clean, const float *h, const float *raw,
-                              const int32_t *top, size_t k, size_t best_out, size_t i) {
-    LoadTerm t;
-    t.thr_index = is_selected(top, k, i) ? best_out : (size_t)top[k - 1];
-    t.std = r_softplus(raw[i]);
-    t.z = ((double)clean[i] - h[t.thr_index]) / t.std;
-    return t;
 }
 
 // Row n's term of expert i's load: Phi(z).
@@ -835,15 +674,7 @@ __global__ void load_backward_kernel(float *dc, float *dhv, float *dr, const flo
     GRID_STRIDE(n, N) {
         size_t best = (size_t)best_out[n];
         if (best >= E) continue;
-        const int32_t *tr = top + n * k;
-        for (size_t i = 0; i < E; i++) {
-            LoadTerm t = load_term(c + n * E, hv + n * E, r + n * E, tr, k, best, i);
-            double dz = grad[i] * normal_pdf(t.z);   // dloss/dz for this term
-            if (dc) dc[n * E + i] += (float)(dz / t.std);
-            if (dhv) dhv[n * E + t.thr_index] -= (float)(dz / t.std);
-            // dz/draw = -z/std * softplus'(raw) = -z/std * sigmoid(raw).
-            if (dr) dr[n * E + i] += (float)(dz * -t.z / t.std * r_sigmoid(r[n * E + i]));
-        }
+        load_backward_row(dc, dhv, dr, c, hv, r, top, grad, n, E, k, best);
     }
 }
 
