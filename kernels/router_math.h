@@ -77,33 +77,40 @@ static inline MOE_HD uint64_t mix64(uint64_t z) {
 // normalised by their double sum.
 static inline MOE_HD void softmax_row(real *out, const real *x, size_t E) {
     double mx = x[0];
-    for (size_t e = 1; e < E; e++) mx = fmax(mx, (double)x[e]);
+    for (size_t e = 1; e < E; e++)
+        mx = fmax(mx, (double)x[e]);
     double sum = 0.0;
     for (size_t e = 0; e < E; e++) {
         out[e] = (real)exp((double)x[e] - mx);
         sum += out[e];
     }
-    for (size_t e = 0; e < E; e++) out[e] = (real)(out[e] / sum);
+    for (size_t e = 0; e < E; e++)
+        out[e] = (real)(out[e] / sum);
 }
 
 // dx (E) += ds (E) through the scores s (E) of one row.
 static inline MOE_HD void scores_backward_row(real *dx, const real *ds, const real *s, size_t E,
                                               int sigmoid) {
     if (sigmoid) {
-        for (size_t e = 0; e < E; e++) dx[e] += (real)((double)ds[e] * s[e] * (1.0 - s[e]));
+        for (size_t e = 0; e < E; e++)
+            dx[e] += (real)((double)ds[e] * s[e] * (1.0 - s[e]));
         return;
     }
     // Softmax Jacobian: ds/dx = diag(s) - s s^T.
     double dot = 0.0;
-    for (size_t e = 0; e < E; e++) dot += (double)ds[e] * s[e];
-    for (size_t e = 0; e < E; e++) dx[e] += (real)(s[e] * ((double)ds[e] - dot));
+    for (size_t e = 0; e < E; e++)
+        dot += (double)ds[e] * s[e];
+    for (size_t e = 0; e < E; e++)
+        dx[e] += (real)(s[e] * ((double)ds[e] - dot));
 }
 
 static inline MOE_HD double logsumexp(const real *x, size_t E) {
     double mx = x[0];
-    for (size_t e = 1; e < E; e++) mx = fmax(mx, (double)x[e]);
+    for (size_t e = 1; e < E; e++)
+        mx = fmax(mx, (double)x[e]);
     double sum = 0.0;
-    for (size_t e = 0; e < E; e++) sum += exp((double)x[e] - mx);
+    for (size_t e = 0; e < E; e++)
+        sum += exp((double)x[e] - mx);
     return mx + log(sum);
 }
 
@@ -128,12 +135,14 @@ static inline MOE_HD void topk_row(int32_t *top, const real *v, const real *bias
         best[pos] = x;
         who[pos] = (int32_t)e;
     }
-    for (size_t j = 0; j < k; j++) top[j] = who[j];
+    for (size_t j = 0; j < k; j++)
+        top[j] = who[j];
 }
 
 static inline MOE_HD double selected_sum(const real *s, const int32_t *top, size_t k) {
     double sum = 0.0;
-    for (size_t j = 0; j < k; j++) sum += s[top[j]];
+    for (size_t j = 0; j < k; j++)
+        sum += s[top[j]];
     return sum;
 }
 
@@ -141,21 +150,25 @@ static inline MOE_HD double selected_sum(const real *s, const int32_t *top, size
 static inline MOE_HD void gates_row(real *g, const real *s, const int32_t *top, size_t k,
                                     int renorm) {
     double scale = renorm ? 1.0 / selected_sum(s, top, k) : 1.0;
-    for (size_t j = 0; j < k; j++) g[j] = (real)(s[top[j]] * scale);
+    for (size_t j = 0; j < k; j++)
+        g[j] = (real)(s[top[j]] * scale);
 }
 
 // ds (E) += dg (k) through gates_row.
 static inline MOE_HD void gates_backward_row(real *ds, const real *dg, const real *s,
                                              const int32_t *top, size_t k, int renorm) {
     if (!renorm) {
-        for (size_t j = 0; j < k; j++) ds[top[j]] += dg[j];
+        for (size_t j = 0; j < k; j++)
+            ds[top[j]] += dg[j];
         return;
     }
     // g_j = s_j / S: d/ds_m = (dg_m - sum_j dg_j g_j) / S.
     double sum = selected_sum(s, top, k), dot = 0.0;
-    for (size_t j = 0; j < k; j++) dot += (double)dg[j] * s[top[j]];
+    for (size_t j = 0; j < k; j++)
+        dot += (double)dg[j] * s[top[j]];
     dot /= sum;
-    for (size_t j = 0; j < k; j++) ds[top[j]] += (real)((dg[j] - dot) / sum);
+    for (size_t j = 0; j < k; j++)
+        ds[top[j]] += (real)((dg[j] - dot) / sum);
 }
 
 // ---- row normalisation and the load-balancing loss --------------------------------------
@@ -163,8 +176,10 @@ static inline MOE_HD void gates_backward_row(real *ds, const real *dg, const rea
 // p (E) = s (E) / sum(s).
 static inline MOE_HD void normalize_row(real *p, const real *s, size_t E) {
     double sum = 0.0;
-    for (size_t e = 0; e < E; e++) sum += s[e];
-    for (size_t e = 0; e < E; e++) p[e] = (real)(s[e] / sum);
+    for (size_t e = 0; e < E; e++)
+        sum += s[e];
+    for (size_t e = 0; e < E; e++)
+        p[e] = (real)(s[e] / sum);
 }
 
 // ds (E) += dp (E) through normalize_row.
@@ -177,7 +192,8 @@ static inline MOE_HD void normalize_row_backward(real *ds, const real *dp, const
         dot += (double)dp[e] * s[e];
     }
     dot /= sum;
-    for (size_t e = 0; e < E; e++) ds[e] += (real)((dp[e] - dot) / sum);
+    for (size_t e = 0; e < E; e++)
+        ds[e] += (real)((dp[e] - dot) / sum);
 }
 
 // The load-balancing loss from G groups of n rows each, their expert counts cnt (G, E)
@@ -188,7 +204,8 @@ static inline MOE_HD double lb_loss(real *pm, const int32_t *cnt, const double *
     double sum = 0.0;
     for (size_t g = 0; g < G; g++) {
         double total = 0.0;
-        for (size_t i = 0; i < E; i++) total += (double)cnt[g * E + i] * colsum[g * E + i];
+        for (size_t i = 0; i < E; i++)
+            total += (double)cnt[g * E + i] * colsum[g * E + i];
         if (pm)
             for (size_t i = 0; i < E; i++)
                 pm[g * E + i] = (real)(colsum[g * E + i] / (double)n);
@@ -205,9 +222,11 @@ typedef struct {
 
 static inline MOE_HD Spread spread_of(const real *v, size_t E) {
     Spread s = {0.0, 0.0, 0.0};
-    for (size_t i = 0; i < E; i++) s.mean += v[i];
+    for (size_t i = 0; i < E; i++)
+        s.mean += v[i];
     s.mean /= (double)E;
-    for (size_t i = 0; i < E; i++) s.var += ((double)v[i] - s.mean) * ((double)v[i] - s.mean);
+    for (size_t i = 0; i < E; i++)
+        s.var += ((double)v[i] - s.mean) * ((double)v[i] - s.mean);
     s.var /= (double)E;
     s.denom = s.mean * s.mean + 1e-10;
     return s;
