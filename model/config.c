@@ -3,6 +3,8 @@
 #include <math.h>
 #include <stdio.h>
 
+#include "../kernels/router_math.h"
+
 #define MK(field) offsetof(ModelConfig, field)
 
 static const ConfigKey model_keys[] = {
@@ -33,7 +35,7 @@ static const ConfigKey model_keys[] = {
 };
 
 static const ConfigKey router_keys[] = {
-    {"top_k", KEY_INT, MK(top_k), "2", 1, 8, NULL, "experts per token k"},
+    {"top_k", KEY_INT, MK(top_k), "2", 1, MOE_TOPK_MAX, NULL, "experts per token k"},
     {"score", KEY_ENUM, MK(score), "softmax", 0, 0, "softmax|sigmoid",
      "router score function"},
     {"renorm", KEY_BOOL, MK(renorm), "true", 0, 1, NULL,

@@ -5,8 +5,12 @@
 //
 // memory.c: alloc/zero; elementwise.c: add, mul; dense.c: embedding,
 // RMSNorm, matmul, SwiGLU, experts, cross-entropy; attention.c: RoPE and
-// attention; router.c: scores, noise, top-k, gates, capacity, dispatch,
-// combine, aux losses; optim.c: the AdamW update and the sum of squares.
+// attention; router.c: scores, noise, top-k, gates, the fused top-k route;
+// capacity.c: capacity; dispatch.c: dispatch plan, gather, combine;
+// aux_losses.c: load-balancing, z, importance and load losses, row
+// normalisation; router_variants.c: expert bias, hash routing, expert choice;
+// optim.c: the AdamW update and the sum of squares. The router files share
+// their per-row arithmetic with the CUDA backend through ../router_math.h.
 #ifndef MOE_CPU_OPS_H
 #define MOE_CPU_OPS_H
 
@@ -17,6 +21,9 @@
 // OpenMP build of OpenBLAS runs it on the calling thread alone.
 void cpu_gemm(int trans_a, int trans_b, size_t m, size_t n, size_t k, real alpha, const real *a,
               size_t lda, const real *b, size_t ldb, real beta, real *c, size_t ldc);
+// Dies naming `op` when one of the n expert indices idx lies outside [0, E) (router.c;
+// the capacity, dispatch and aux-loss ops check their inputs with it).
+void cpu_check_experts(const int32_t *idx, size_t n, size_t E, const char *op);
 
 // cpu_<name> for every KERNEL of the op list; the CPU leaves every KERNEL_HOOK NULL.
 #define KERNEL(ret, fn, params) ret cpu_##fn params;

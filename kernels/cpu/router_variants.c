@@ -4,6 +4,7 @@
 
 #include <stdlib.h>
 
+#include "../router_math.h"
 #include "../../base/util.h"
 
 void cpu_add_bias_forward(Tensor out, Tensor s, Tensor b, size_t N, size_t E) {
@@ -13,13 +14,6 @@ void cpu_add_bias_forward(Tensor out, Tensor s, Tensor b, size_t N, size_t E) {
 #pragma omp parallel for
     for (size_t n = 0; n < N; n++)
         for (size_t e = 0; e < E; e++) o[n * E + e] = in[n * E + e] + bias[e];
-}
-
-static uint64_t mix64(uint64_t z) {
-    z += 0x9e3779b97f4a7c15ULL;
-    z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ULL;
-    z = (z ^ (z >> 27)) * 0x94d049bb133111ebULL;
-    return z ^ (z >> 31);
 }
 
 void cpu_hash_route_forward(Tensor idx, Tensor tokens, size_t N, size_t E, size_t k) {

@@ -6,10 +6,12 @@
 // runtime.cu: errors, cuBLAS (plain, grouped), the bf16 weight copy, scratch, sorting,
 // memory ops; dense.cu: elementwise, embedding, RMSNorm, matmul, SwiGLU, experts,
 // cross-entropy; attention.cu: RoPE and attention (cuDNN's fused kernel through
-// sdpa_cudnn.cpp, host C++); router.cu: scores, noise, top-k, gates, fused routing,
-// capacity, dispatch, gather/combine, aux losses; router_variants.cu: expert bias, hash
-// routing, expert choice; optim.cu: AdamW and the sum of squares; backend_cuda.cu: the
-// table and the device probe.
+// sdpa_cudnn.cpp, host C++); router.cu: scores, noise, top-k, gates, fused routing;
+// capacity.cu: capacity; dispatch.cu: dispatch plan, gather/combine; aux_losses.cu:
+// load-balancing, z, importance and load losses, row normalisation; router_variants.cu:
+// expert bias, hash routing, expert choice (the router files' per-row arithmetic is
+// ../router_math.h, shared with the CPU ops); optim.cu: AdamW and the sum of squares;
+// backend_cuda.cu: the table and the device probe.
 //
 // Everything runs in order on the legacy default stream, so an op's kernels see every
 // earlier op's results, host arrays passed in (e.g. experts' `train`) are read during the
@@ -113,6 +115,10 @@ enum {
 int *cuda_error_flag(void);   // device int, 0 while all is well
 __device__ __forceinline__ void cuda_flag(int *flag, int code) { atomicCAS(flag, 0, code); }
 void cuda_error_check(void);  // dies if a kernel raised the flag
+// An expert index inside [0, E); the router kernels flag CUDA_BAD_EXPERT otherwise.
+__device__ __forceinline__ bool expert_ok(int32_t e, size_t E) {
+    return e >= 0 && (size_t)e < E;
+}
 
 // ---- shared resources -----------------------------------------------------------------
 // Opens cuBLAS (dlopen); 0 with a one-line reason when it cannot.
@@ -197,6 +203,19 @@ void cuda_sort_pairs_float_desc(const float *keys_in, float *keys_out, const int
 void cuda_iota(int32_t *v, size_t n);
 // Bits needed for keys 0..max_key.
 int cuda_key_bits(size_t max_key);
+// First position in sorted keys (n) holding a key >= e: where key e's run starts (the
+// router's capacity and dispatch ops, on experts sorted by cuda_sort_pairs_int).
+__device__ __forceinline__ size_t lower_bound(const int32_t *keys, size_t n, int32_t e) {
+    size_t lo = 0, hi = n;
+    while (lo < hi) {
+        size_t mid = (lo + hi) / 2;
+        if (keys[mid] < e)
+            lo = mid + 1;
+        else
+            hi = mid;
+    }
+    return lo;
+}
 
 // ---- column sums ------------------------------------------------------------------------
 // out (cols) = sum over rows r of f(r, c), in double: partial sums over fixed chunks of

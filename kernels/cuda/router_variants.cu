@@ -1,6 +1,7 @@
 // router_variants.cu: routing beyond token-choice top-k (CUDA): DeepSeek-V3 expert bias,
 // hash routing, expert choice. kernels/cpu/router_variants.c is the reference.
 #include "cuda_ops.cuh"
+#include "../router_math.h"
 
 __global__ void add_bias_kernel(float *o, const float *in, const float *bias, size_t N,
                                 size_t E) {
@@ -11,13 +12,6 @@ void cuda_add_bias_forward(Tensor out, Tensor s, Tensor b, size_t N, size_t E) {
     if (N * E == 0) return;
     add_bias_kernel<<<cuda_blocks(N * E), CUDA_THREADS>>>(DEV_R(out), DEV_R(s), DEV_R(b), N, E);
     cudaCheckLaunch();
-}
-
-__device__ __forceinline__ uint64_t mix64(uint64_t z) {
-    z += 0x9e3779b97f4a7c15ULL;
-    z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ULL;
-    z = (z ^ (z >> 27)) * 0x94d049bb133111ebULL;
-    return z ^ (z >> 31);
 }
 
 __global__ void hash_route_kernel(int32_t *top, const int32_t *tok, size_t N, size_t E,
