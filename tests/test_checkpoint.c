@@ -5,7 +5,6 @@
 // The suite links the fp64 build but checkpoints hold float32, so every weight and
 // moment here is first rounded to float32: round trips must then be bit-exact.
 #include <fcntl.h>
-#include <ftw.h>
 #include <hdf5.h>
 #include <signal.h>
 #include <stdio.h>
@@ -22,23 +21,12 @@
 
 // Every kind of tensor: a dense layer 0 (mlp), an MoE layer 1 with Shazeer noise
 // (router/noise), four experts and a shared expert, and an untied lm_head.
-static ModelConfig tiny_config(void) {
-    ModelConfig c;
-    model_config_defaults(&c);
-    c.layers = 2;
-    c.d_model = 8;
-    c.heads = 2;
-    c.kv_heads = 1;
-    c.vocab = 11;
-    c.seq_len = 5;
-    c.ffn_dim = 10;
+static ModelConfig every_kind_config(void) {
+    ModelConfig c = tiny_config();
     c.moe_every = 2;
-    c.experts = 4;
-    c.expert_ffn_dim = 6;
     c.shared_experts = 1;
     c.shared_ffn_dim = 4;
     c.noise = NOISE_SHAZEER;
-    c.tie_embeddings = 0;
     return c;
 }
 
@@ -90,15 +78,8 @@ static Fix *fix_new(const ModelConfig *cfg, uint64_t seed, const uint8_t *traina
     return f;
 }
 
-static int remove_entry(const char *path, const struct stat *sb, int flag, struct FTW *ftw) {
-    (void)sb;
-    (void)flag;
-    (void)ftw;
-    return remove(path);
-}
-
 static void fix_free(Fix *f) {
-    nftw(f->dir, remove_entry, 16, FTW_DEPTH | FTW_PHYS);
+    test_remove_tree(f->dir);
     adamw_free(&f->opt);
     model_free(&f->m);
     free(f);
@@ -202,7 +183,7 @@ static void test_param_paths(void **state) {
     }
     snprintf(want[n++], 64, "/model/norm");
     snprintf(want[n++], 64, "/model/lm_head");
-    ModelConfig cfg = tiny_config();
+    ModelConfig cfg = every_kind_config();
     Layout lay;
     layout_init(&lay, &cfg);
     assert_int_equal(lay.n_params, n);
@@ -223,7 +204,7 @@ static int h5_exists(hid_t file, const char *path) {
 // saved, then loaded into a model that differed everywhere: all bit-identical.
 static void test_round_trip(void **state) {
     (void)state;
-    ModelConfig cfg = tiny_config();
+    ModelConfig cfg = every_kind_config();
     Layout lay;
     layout_init(&lay, &cfg);
     uint8_t *trainable = calloc(lay.n_params, 1);
@@ -270,7 +251,7 @@ static char *ini_text(RunConfig *rc) {
 // by name), values holding '=' and '.' intact.
 static void test_config_round_trip(void **state) {
     (void)state;
-    ModelConfig cfg = tiny_config();
+    ModelConfig cfg = every_kind_config();
     Fix *a = fix_new(&cfg, 7, NULL);
     const char *words[] = {"train.steps=77",
                            "optim.lr=0.00123",
@@ -317,7 +298,7 @@ static size_t datasets_under(const char *path, const char *group) {
 // their moments; loading it over any model replaces those tensors and nothing else.
 static void test_delta(void **state) {
     (void)state;
-    ModelConfig cfg = tiny_config();
+    ModelConfig cfg = every_kind_config();
     Fix *base = fix_new(&cfg, 7, NULL), *tuned = fix_new(&cfg, 7, NULL);
     Fix *other = fix_new(&cfg, 99, NULL);
     const Layout *lay = &tuned->m.layout;
@@ -368,7 +349,7 @@ static void test_delta(void **state) {
 
 static void test_missing_file(void **state) {
     (void)state;
-    ModelConfig cfg = tiny_config();
+    ModelConfig cfg = every_kind_config();
     Fix *a = fix_new(&cfg, 7, NULL);
     char path[160], want[256];
     snprintf(path, sizeof path, "%s/none.h5", a->dir);
@@ -395,7 +376,7 @@ static long file_size(const char *path) {
 
 static void test_truncated_file(void **state) {
     (void)state;
-    ModelConfig cfg = tiny_config();
+    ModelConfig cfg = every_kind_config();
     Fix *a = fix_new(&cfg, 7, NULL), *b = fix_new(&cfg, 99, NULL);
     save_ok(a, a->path, NULL, 0);
     char half[160], want[256];
@@ -431,7 +412,7 @@ static void corrupt_dataset(const char *path, const char *dpath) {
 
 static void test_corrupt_dataset(void **state) {
     (void)state;
-    ModelConfig cfg = tiny_config();
+    ModelConfig cfg = every_kind_config();
     Fix *a = fix_new(&cfg, 7, NULL), *b = fix_new(&cfg, 99, NULL);
     save_ok(a, a->path, NULL, 0);
     corrupt_dataset(a->path, "/model/layers/1/experts/2/w3");
@@ -466,7 +447,7 @@ static void rewrite_root_attr(const char *path, const char *name, hid_t type,
 
 static void test_wrong_version(void **state) {
     (void)state;
-    ModelConfig cfg = tiny_config();
+    ModelConfig cfg = every_kind_config();
     Fix *a = fix_new(&cfg, 7, NULL), *b = fix_new(&cfg, 99, NULL);
     save_ok(a, a->path, NULL, 0);
     int version = 7;
@@ -481,7 +462,7 @@ static void test_wrong_version(void **state) {
 
 static void test_wrong_format(void **state) {
     (void)state;
-    ModelConfig cfg = tiny_config();
+    ModelConfig cfg = every_kind_config();
     Fix *a = fix_new(&cfg, 7, NULL), *b = fix_new(&cfg, 99, NULL);
     save_ok(a, a->path, NULL, 0);
     hid_t str = H5Tcopy(H5T_C_S1);
@@ -499,7 +480,7 @@ static void test_wrong_format(void **state) {
 
 static void test_config_mismatch(void **state) {
     (void)state;
-    ModelConfig small = tiny_config(), wide = tiny_config();
+    ModelConfig small = every_kind_config(), wide = every_kind_config();
     wide.d_model = 16;
     Fix *a = fix_new(&small, 7, NULL), *b = fix_new(&wide, 99, NULL);
     save_ok(a, a->path, NULL, 0);
@@ -523,7 +504,7 @@ static void test_config_mismatch(void **state) {
 // Replaces a dataset by a (3) float32 one, as a careless edit with h5py might.
 static void test_shape_mismatch(void **state) {
     (void)state;
-    ModelConfig cfg = tiny_config();
+    ModelConfig cfg = every_kind_config();
     Fix *a = fix_new(&cfg, 7, NULL), *b = fix_new(&cfg, 99, NULL);
     save_ok(a, a->path, NULL, 0);
     hid_t file = H5Fopen(a->path, H5F_ACC_RDWR, H5P_DEFAULT);
@@ -545,7 +526,7 @@ static void test_shape_mismatch(void **state) {
 // that needs them.
 static void test_incomplete_checkpoint(void **state) {
     (void)state;
-    ModelConfig cfg = tiny_config();
+    ModelConfig cfg = every_kind_config();
     Fix *a = fix_new(&cfg, 7, NULL), *b = fix_new(&cfg, 99, NULL);
     char err[512], want[256];
     save_ok(a, a->path, NULL, 0);
@@ -596,7 +577,7 @@ static void assert_previous_intact(Fix *a) {
 
 static void test_failed_save_keeps_previous(void **state) {
     (void)state;
-    ModelConfig cfg = tiny_config();
+    ModelConfig cfg = every_kind_config();
     Fix *a = fix_new(&cfg, 7, NULL), *b = fix_new(&cfg, 99, NULL);
     save_ok(a, a->path, NULL, 0);
     char tmp[256];
@@ -630,13 +611,13 @@ static void test_failed_save_keeps_previous(void **state) {
 }
 
 // For tests/reference/test_checkpoint_h5py.py: writes <dir>/c.h5, a full checkpoint of
-// tiny_config's model (model_randomize_weights seed 7, rounded to float32) with moments
-// m = w / 2 and v = w * w and state step 42, and <dir>/slab.h5 whose /slab is the
+// every_kind_config's model (model_randomize_weights seed 7, rounded to float32) with
+// moments m = w / 2 and v = w * w and state step 42, and <dir>/slab.h5 whose /slab is the
 // parameter slab as one flat float32 array: the one thing Python cannot derive. <dir> is
 // $MOE_CKPT_OUT when set, else a temporary directory removed afterwards.
 static void test_export_for_h5py(void **state) {
     (void)state;
-    ModelConfig cfg = tiny_config();
+    ModelConfig cfg = every_kind_config();
     Fix *a = fix_new(&cfg, 7, NULL);
     const real *w = TENSOR_R(a->m.params);
     for (size_t i = 0; i < a->m.layout.n_params; i++) {

@@ -1,7 +1,6 @@
 // test_data.c: the data room: config keys, sources (text, llm.c shards, HDF5, CSV), the
 // loader's sampling, determinism and validation windows, and the default-corpus manifest.
 // Every test writes its fixtures into its own mkdtemp directory, removed by teardown.
-#include <ftw.h>
 #include <hdf5.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -26,13 +25,8 @@ static int fixture_setup(void **state) {
     return 0;
 }
 
-static int remove_entry(const char *path, const struct stat *st, int flag, struct FTW *ftw) {
-    (void)st, (void)flag, (void)ftw;
-    return remove(path);
-}
-
 static int fixture_teardown(void **state) {
-    int rc = nftw(*state, remove_entry, 16, FTW_DEPTH | FTW_PHYS);
+    int rc = test_remove_tree(*state);
     free(*state);
     return rc;
 }

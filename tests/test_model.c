@@ -9,23 +9,6 @@
 #include "../model/pool.h"
 #include "testlib.h"
 
-// A tiny model: B=2, T=5, C=8, 2 heads over 1 KV head, E=4, F=6, V=11.
-static ModelConfig tiny_config(void) {
-    ModelConfig c;
-    model_config_defaults(&c);
-    c.layers = 2;
-    c.d_model = 8;
-    c.heads = 2;
-    c.kv_heads = 1;
-    c.vocab = 11;
-    c.seq_len = 5;
-    c.ffn_dim = 10;
-    c.experts = 4;
-    c.expert_ffn_dim = 6;
-    c.tie_embeddings = 0;
-    return c;
-}
-
 static double total_loss(void *ctx) { return model_forward((Model *)ctx).total; }
 
 static size_t count_dropped(const Model *m) {
@@ -45,7 +28,7 @@ static size_t check_model_gradients(const ModelConfig *cfg) {
     Rng rng;
     rng_init(&rng, 11);
     int32_t tok[20];
-    for (size_t i = 0; i < 2 * m.N; i++) tok[i] = (int32_t)(rng_next(&rng) % 11);
+    test_rand_ints(&rng, tok, 2 * m.N, 11);
     model_set_batch(&m, tok, tok + m.N);
     model_draw_noise(&m, &rng);
     ModelLosses l = model_forward(&m);
@@ -196,6 +179,19 @@ static void test_lb_loss_is_one_when_balanced(void **state) {
     model_free(&m);
 }
 
+// The two sides of a gradient accumulation check, with the same weights: `full` takes a
+// batch of 4 rows of T=5, `micro` takes it 2 rows at a time. tok gets the batch's inputs
+// (20) then its targets (20), drawn from rng, which the pooled check draws on from there.
+static void init_accum_models(const ModelConfig *c, Model *full, Model *micro, Rng *rng,
+                              int32_t tok[40]) {
+    model_init(full, c, backend_cpu(), 4, 5);
+    model_init(micro, c, backend_cpu(), 2, 5);
+    model_randomize_weights(full, 5);
+    model_randomize_weights(micro, 5);
+    rng_init(rng, 9);
+    test_rand_ints(rng, tok, 40, 11);
+}
+
 // Gradient accumulation: two micro-batches of 2 rows, gradients summed and halved, equal
 // one batch of 4 rows. Cross-entropy and z-loss are means over tokens, so they split
 // exactly; the load-balancing loss uses each micro-batch's own routing counts (the local
@@ -205,14 +201,9 @@ static void test_grad_accum_matches_full_batch(void **state) {
     ModelConfig c = tiny_config();
     c.aux_coef = 0;
     Model full, micro;
-    model_init(&full, &c, backend_cpu(), 4, 5);
-    model_init(&micro, &c, backend_cpu(), 2, 5);
-    model_randomize_weights(&full, 5);
-    model_randomize_weights(&micro, 5);
     Rng rng;
-    rng_init(&rng, 9);
     int32_t tok[40];
-    for (size_t i = 0; i < 40; i++) tok[i] = (int32_t)(rng_next(&rng) % 11);
+    init_accum_models(&c, &full, &micro, &rng, tok);
     model_set_batch(&full, tok, tok + 20);
     double loss_full = model_forward(&full).total;
     model_zero_grad(&full);
@@ -291,14 +282,9 @@ static void check_grad_accum_pooled(LbType lb_type) {
     c.noise = NOISE_SHAZEER;
     c.noise_coef = 0.5;
     Model full, micro;
-    model_init(&full, &c, backend_cpu(), 4, 5);
-    model_init(&micro, &c, backend_cpu(), 2, 5);
-    model_randomize_weights(&full, 5);
-    model_randomize_weights(&micro, 5);
     Rng rng;
-    rng_init(&rng, 9);
     int32_t tok[40];
-    for (size_t i = 0; i < 40; i++) tok[i] = (int32_t)(rng_next(&rng) % 11);
+    init_accum_models(&c, &full, &micro, &rng, tok);
     size_t per_layer = 20 * 4;   // (N, E) noise rows of the full batch
     real *eps = test_rand(&rng, 2 * per_layer, 1.5);
     for (int l = 0; l < 2; l++) memcpy(TENSOR_R(full.moe[l].eps), eps + l * per_layer, per_layer * sizeof(real));

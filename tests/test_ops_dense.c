@@ -52,13 +52,6 @@ static void assert_equal(const real *a, const real *b, size_t n, const char *wha
     test_assert_close(a, b, n, 0.0, 0.0, what);
 }
 
-// test_assert_close counts an infinity as close to anything (its tolerance scales with
-// the larger magnitude), so overflow needs its own check.
-static void assert_finite(const real *a, size_t n, const char *what) {
-    for (size_t i = 0; i < n; i++)
-        if (!isfinite((double)a[i])) fail_msg("%s: element %zu is %g", what, i, (double)a[i]);
-}
-
 static double silu(double z) { return z / (1.0 + exp(-z)); }
 
 // ---- add, mul -------------------------------------------------------------------------
@@ -186,8 +179,7 @@ static void check_embedding_backward(size_t N, size_t V, size_t C, uint64_t seed
     Rng r;
     rng_init(&r, seed);
     int32_t *tok = malloc(N * sizeof(int32_t));
-    for (size_t n = 0; n < N; n++)
-        tok[n] = (int32_t)(rng_next(&r) % (V - 1));
+    test_rand_ints(&r, tok, N, V - 1);
     real *table = test_rand(&r, V * C, 1.0), *out = test_zeros(N * C);
     real *R = test_rand(&r, N * C, 1.0), *dtab = test_rand(&r, V * C, 1.0);
     real *dtab0 = test_copy(dtab, V * C);
@@ -674,8 +666,8 @@ static void test_crossentropy_forward_large_logits(void **state) {
     ce_run(&c);
     for (size_t n = 0; n < CE_N; n++)
         lse[n] += 1000.0;
-    assert_finite(&c.loss, 1, "crossentropy loss of shifted logits");
-    assert_finite(c.lse, CE_N, "crossentropy lse of shifted logits");
+    test_assert_finite(&c.loss, 1, "crossentropy loss of shifted logits");
+    test_assert_finite(c.lse, CE_N, "crossentropy lse of shifted logits");
     test_assert_close(&c.loss, &loss, 1, 1e-10, 1e-12, "crossentropy loss of shifted logits");
     test_assert_close(c.lse, lse, CE_N, 1e-12, 0.0, "crossentropy lse of shifted logits");
     free(logits), free(c.lse), free(lse);
@@ -873,8 +865,8 @@ static void test_attention_forward_large_scores(void **state) {
     real *out = test_zeros(att_out_numel(&c)), *att = test_zeros(att_att_numel(&c));
     attention_reference(&c, out, att);
     attention_run(&c);
-    assert_finite(c.att, att_att_numel(&c), "attention att at large scores");
-    assert_finite(c.out, att_out_numel(&c), "attention out at large scores");
+    test_assert_finite(c.att, att_att_numel(&c), "attention att at large scores");
+    test_assert_finite(c.out, att_out_numel(&c), "attention out at large scores");
     test_assert_close(c.att, att, att_att_numel(&c), 1e-9, REF_ATOL, "attention att");
     test_assert_close(c.out, out, att_out_numel(&c), 1e-9, REF_ATOL, "attention out");
     free(out), free(att);

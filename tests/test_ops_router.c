@@ -37,13 +37,6 @@ static void assert_ints_equal(const int32_t *a, const int32_t *b, size_t n, cons
         if (a[i] != b[i]) fail_msg("%s: element %zu: %d vs expected %d", what, i, a[i], b[i]);
 }
 
-// test_assert_close accepts inf against a finite value (its tolerance scales with the
-// larger magnitude), so the overflow tests assert finiteness separately.
-static void assert_all_finite(const real *x, size_t n, const char *what) {
-    for (size_t i = 0; i < n; i++)
-        if (!isfinite((double)x[i])) fail_msg("%s: element %zu is %g", what, i, (double)x[i]);
-}
-
 // k distinct random experts per token (a partial Fisher-Yates shuffle per row).
 static void rand_choices(Rng *r, int32_t *idx, size_t N, size_t E, size_t k) {
     int32_t *perm = izeros(E); // (E)
@@ -248,12 +241,12 @@ static void test_scores_extreme_logits_stay_finite(void **state) {
     bk()->router_scores_forward(T(got, 4), T(x, 4), 1, 4, SCORE_SOFTMAX);
     double e1 = exp(-1.0);
     real want_soft[4] = {1.0 / (1.0 + e1), e1 / (1.0 + e1), 0.0, exp(-1000.0)};
-    assert_all_finite(got, 4, "softmax of huge logits");
+    test_assert_finite(got, 4, "softmax of huge logits");
     test_assert_close(got, want_soft, 4, EXACT, 0.0, "softmax of huge logits");
     real y[4] = {1000, -1000, 40, -40};
     bk()->router_scores_forward(T(got, 4), T(y, 4), 1, 4, SCORE_SIGMOID);
     real want_sig[4] = {1.0, 0.0, 1.0 / (1.0 + exp(-40.0)), exp(-40.0) / (1.0 + exp(-40.0))};
-    assert_all_finite(got, 4, "sigmoid of huge logits");
+    test_assert_finite(got, 4, "sigmoid of huge logits");
     test_assert_close(got, want_sig, 4, EXACT, 0.0, "sigmoid of huge logits");
 }
 
@@ -272,7 +265,7 @@ static void test_noisy_logits_forward(void **state) {
     real big_raw[3] = {1000, -1000, -50}, zero[3] = {0, 0, 0}, one[3] = {1, 1, 1}, h[3];
     bk()->noisy_logits_forward(T(h, 3), T(zero, 3), T(big_raw, 3), T(one, 3), 3);
     real want_big[3] = {1000.0, 0.0, exp(-50.0)};
-    assert_all_finite(h, 3, "softplus extremes");
+    test_assert_finite(h, 3, "softplus extremes");
     test_assert_close(h, want_big, 3, EXACT, 0.0, "softplus extremes");
     free(clean);
     free(raw);
@@ -653,7 +646,7 @@ static void test_zloss_forward(void **state) {
     real big[2] = {1000, 1000}, lse_big, loss_big;
     bk()->zloss_forward(T(&loss_big, 1), T(&lse_big, 1), T(big, 2), 1, 2);
     real want_big = 1000.0 + log(2.0);
-    assert_all_finite(&lse_big, 1, "z-loss huge logits");
+    test_assert_finite(&lse_big, 1, "z-loss huge logits");
     test_assert_close(&lse_big, &want_big, 1, EXACT, 0.0, "z-loss huge logits");
     free(x);
     free(lse);

@@ -107,7 +107,7 @@ static void test_grouped_lb_loss(void **state) {
     for (size_t i = 0; i < c.N * c.E; i++) c.probs[i] = fabs(c.probs[i]);
     c.idx = calloc(c.N * c.k, sizeof *c.idx);
     c.counts = calloc(c.G * c.E, sizeof *c.counts);
-    for (size_t i = 0; i < c.N * c.k; i++) c.idx[i] = (int32_t)(rng_next(&r) % c.E);
+    test_rand_ints(&r, c.idx, c.N * c.k, c.E);
     double got = lb_value(&c), want = 0.0;
     size_t n = c.N / c.G;
     for (size_t g = 0; g < c.G; g++) {

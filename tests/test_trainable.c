@@ -16,19 +16,11 @@
 // ---- models -----------------------------------------------------------------------------
 
 static ModelConfig base_config(void) {
-    ModelConfig c;
-    model_config_defaults(&c);
+    ModelConfig c = tiny_config();
     c.layers = 3;
-    c.d_model = 8;
-    c.heads = 2;
-    c.kv_heads = 1;
-    c.vocab = 11;
-    c.ffn_dim = 10;
     c.experts = 2;
-    c.expert_ffn_dim = 6;
     c.shared_experts = 1;
     c.shared_ffn_dim = 4;
-    c.tie_embeddings = 0;
     c.top_k = 1;
     return c;
 }

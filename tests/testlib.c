@@ -1,5 +1,6 @@
 #include "testlib.h"
 
+#include <ftw.h>
 #include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -39,6 +40,11 @@ Tensor test_itensor(int32_t *data, size_t n) {
     return t;
 }
 
+void test_rand_ints(Rng *r, int32_t *x, size_t n, uint64_t below) {
+    for (size_t i = 0; i < n; i++)
+        x[i] = (int32_t)(rng_next(r) % below);
+}
+
 // Non-finite values are never close (an overflow must not pass as "within rtol * inf").
 static int close_enough(double a, double b, double rtol, double atol) {
     if (!isfinite(a) || !isfinite(b)) return 0;
@@ -53,6 +59,11 @@ void test_assert_close(const real *a, const real *b, size_t n, double rtol, doub
             fail_msg("%s: element %zu differs: %.12g vs %.12g (rtol %g, atol %g)", what, i,
                      (double)a[i], (double)b[i], rtol, atol);
     }
+}
+
+void test_assert_finite(const real *x, size_t n, const char *what) {
+    for (size_t i = 0; i < n; i++)
+        if (!isfinite((double)x[i])) fail_msg("%s: element %zu is %g", what, i, (double)x[i]);
 }
 
 void test_fd_check(real *x, size_t n, const real *analytic, test_loss_fn f, void *ctx,
@@ -78,4 +89,13 @@ double test_dot(const real *a, const real *b, size_t n) {
     double s = 0.0;
     for (size_t i = 0; i < n; i++) s += (double)a[i] * (double)b[i];
     return s;
+}
+
+static int remove_entry(const char *path, const struct stat *sb, int flag, struct FTW *ftw) {
+    (void)sb, (void)flag, (void)ftw;
+    return remove(path);
+}
+
+int test_remove_tree(const char *dir) {
+    return nftw(dir, remove_entry, 16, FTW_DEPTH | FTW_PHYS);
 }

@@ -15,6 +15,7 @@
 
 #include "../kernels/kernels.h"
 #include "../base/rng.h"
+#include "../model/config.h"
 
 int testlib_main(int argc, char **argv, const struct CMUnitTest *tests, size_t n,
                  const char *group);
@@ -30,10 +31,17 @@ real *test_copy(const real *x, size_t n);
 Tensor test_tensor(void *data, size_t n);          // a real tensor over data
 Tensor test_itensor(int32_t *data, size_t n);      // an int32 tensor over data
 
+// Fills x (n) with integers uniform in [0, below): token ids, expert choices.
+void test_rand_ints(Rng *r, int32_t *x, size_t n, uint64_t below);
+
 // Fails the current test when |a - b| > atol + rtol * max(|a|, |b|) for some element,
 // naming `what`, the index and both values.
 void test_assert_close(const real *a, const real *b, size_t n, double rtol, double atol,
                        const char *what);
+
+// Fails the current test naming `what`, the index and the value of the first inf or NaN:
+// an overflow check then says so, where test_assert_close would report a mismatch.
+void test_assert_finite(const real *x, size_t n, const char *what);
 
 // Central finite differences: for each of `n` entries of `x` (all when n_check == 0,
 // else n_check entries picked by `r`), compares (f(x+h) - f(x-h)) / 2h with analytic[i].
@@ -44,5 +52,31 @@ void test_fd_check(real *x, size_t n, const real *analytic, test_loss_fn f, void
 
 // sum_i a[i] * b[i] in double: the scalar a test differentiates (out . random weights).
 double test_dot(const real *a, const real *b, size_t n);
+
+// Removes dir and everything below it (a test's mkdtemp directory). Returns nftw's result:
+// 0, or -1 when something could not be removed.
+int test_remove_tree(const char *dir);
+
+// The model-level suites' tiny model: 2 layers, C=8, 2 heads over 1 KV head, T=5, V=11,
+// every layer MoE with E=4 experts of width 6 under the default router (softmax top-2),
+// dense width 10 for suites that interleave dense layers, untied head. Small enough for
+// finite differences over every weight; a suite assigns the fields it varies on top.
+// static inline: the op suites link only base/ and kernels/ (Makefile), and an unused
+// static inline function leaves them no reference to model/.
+static inline ModelConfig tiny_config(void) {
+    ModelConfig c;
+    model_config_defaults(&c);
+    c.layers = 2;
+    c.d_model = 8;
+    c.heads = 2;
+    c.kv_heads = 1;
+    c.vocab = 11;
+    c.seq_len = 5;
+    c.ffn_dim = 10;
+    c.experts = 4;
+    c.expert_ffn_dim = 6;
+    c.tie_embeddings = 0;
+    return c;
+}
 
 #endif
