@@ -153,7 +153,8 @@ static void assert_read_config_fails(const char *path, const char *want) {
     if (strcmp(err, want)) fail_msg("error\n  '%s'\nexpected\n  '%s'", err, want);
 }
 
-// The paths docs/file-formats.md ("Layout") promises, written out for tiny_config (layout order).
+// The paths docs/file-formats.md ("Layout") promises, written out for every_kind_config
+// (layout order).
 static void test_param_paths(void **state) {
     (void)state;
     char want[64][64];

@@ -500,13 +500,13 @@ static void test_describe_truncates_visibly(void **state) {
 static RoutingStats make_stats(int n_layers, int experts, int top_k, uint64_t tokens,
                                const uint64_t *routed, const double *gate_sum) {
     size_t n = (size_t)n_layers * (size_t)experts;
-    RoutingStats rs = {n_layers,
-                       experts,
-                       top_k,
-                       tokens,
-                       calloc(n, sizeof(uint64_t)),
-                       calloc(n, sizeof(uint64_t)),
-                       calloc(n, sizeof(double))};
+    RoutingStats rs = {.n_layers = n_layers,
+                       .experts = experts,
+                       .top_k = top_k,
+                       .tokens = tokens,
+                       .routed = calloc(n, sizeof(uint64_t)),
+                       .dropped = calloc(n, sizeof(uint64_t)),
+                       .gate_sum = calloc(n, sizeof(double))};
     memcpy(rs.routed, routed, n * sizeof *routed);
     if (gate_sum) memcpy(rs.gate_sum, gate_sum, n * sizeof *gate_sum);
     return rs;
