@@ -1,7 +1,5 @@
 #include "keys.h"
 
-#include <errno.h>
-#include <math.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -63,15 +61,6 @@ static void key_names(const KeySection *s, char *out, size_t len) {
     }
 }
 
-static int parse_number(const ConfigKey *k, const char *value, double *out) {
-    char *end = NULL;
-    errno = 0;
-    double v = (k->type == KEY_INT) ? (double)strtoll(value, &end, 10) : strtod(value, &end);
-    if (errno || end == value || *end != '\0' || !isfinite(v)) return -1;
-    *out = v;
-    return 0;
-}
-
 int keys_parse(const KeySection *s, const char *name, const char *value, char *err,
                size_t err_len) {
     const ConfigKey *k = key_find(s, name);
@@ -87,9 +76,9 @@ int keys_parse(const KeySection *s, const char *name, const char *value, char *e
     case KEY_INT:
     case KEY_DOUBLE: {
         double v;
-        if (parse_number(k, value, &v) != 0) {
+        if (util_parse_number(value, k->type == KEY_INT, &v) != 0) {
             snprintf(err, err_len, "%s.%s = '%s': expected %s", s->section, name, value,
-                     k->type == KEY_INT ? "an integer" : "a number");
+                     k->type == KEY_INT ? "an integer" : "a finite number");
             return -1;
         }
         if (v < k->min || v > k->max) {

@@ -1,5 +1,7 @@
 #include "util.h"
 
+#include <errno.h>
+#include <math.h>
 #include <stdarg.h>
 
 static void print_error(const char *fmt, va_list ap) {
@@ -33,3 +35,21 @@ void *util_calloc(size_t n, size_t size, const char *file, int line) {
 }
 
 size_t util_ceil_div(size_t a, size_t b) { return (a + b - 1) / b; }
+
+int util_parse_number(const char *text, int integer, double *out) {
+    char *end = NULL;
+    errno = 0;
+    double v = integer ? (double)strtoll(text, &end, 10) : strtod(text, &end);
+    if (errno || end == text || *end != '\0' || !isfinite(v)) return -1;
+    *out = v;
+    return 0;
+}
+
+double util_arg_number(const char *flag, const char *value, double lo, double hi,
+                       int integer) {
+    double v;
+    if (util_parse_number(value, integer, &v) != 0 || v < lo || v > hi)
+        FAIL("%s %s: expected %s from %.10g to %.10g", flag, value,
+             integer ? "an integer" : "a number", lo, hi);
+    return v;
+}

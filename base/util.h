@@ -27,4 +27,12 @@ void *util_calloc(size_t n, size_t size, const char *file, int line);
 
 size_t util_ceil_div(size_t a, size_t b);
 
+// All of `text` as a finite number, an integer (base 10) when `integer`. Returns 0, or -1
+// for empty text, trailing characters, nan, inf or a value out of double's or long long's
+// range; strtod alone accepts "nan" and "inf", which pass every range comparison.
+int util_parse_number(const char *text, int integer, double *out);
+// A command-line flag's number in [lo, hi]; dies with one line naming the flag and value.
+double util_arg_number(const char *flag, const char *value, double lo, double hi,
+                       int integer);
+
 #endif

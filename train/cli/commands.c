@@ -64,24 +64,16 @@ typedef struct {
     unsigned long long seed;
 } SampleArgs;
 
-static double number_arg(const char *flag, const char *v, double lo, double hi) {
-    char *end;
-    double x = strtod(v, &end);
-    if (end == v || *end || x < lo || x > hi)
-        FAIL("%s %s: expected a number from %g to %g", flag, v, lo, hi);
-    return x;
-}
-
 static void parse_sample_args(SampleArgs *a, int argc, char **argv) {
     *a = (SampleArgs){"The ", 240, 0.8, 0.95, 1337};
     for (int i = 2; i < argc; i++) {
         if (i + 1 >= argc) FAIL("%s needs a value", argv[i]);
         const char *f = argv[i], *v = argv[++i];
         if (!strcmp(f, "--prompt")) a->prompt = v;
-        else if (!strcmp(f, "--tokens")) a->tokens = (int)number_arg(f, v, 0, 1 << 20);
-        else if (!strcmp(f, "--temperature")) a->temperature = number_arg(f, v, 0, 100);
-        else if (!strcmp(f, "--top-p")) a->top_p = number_arg(f, v, 1e-9, 1);
-        else if (!strcmp(f, "--seed")) a->seed = (unsigned long long)number_arg(f, v, 0, 1e18);
+        else if (!strcmp(f, "--tokens")) a->tokens = (int)util_arg_number(f, v, 0, 1 << 20, 1);
+        else if (!strcmp(f, "--temperature")) a->temperature = util_arg_number(f, v, 0, 100, 0);
+        else if (!strcmp(f, "--top-p")) a->top_p = util_arg_number(f, v, 1e-9, 1, 0);
+        else if (!strcmp(f, "--seed")) a->seed = (unsigned long long)util_arg_number(f, v, 0, 1e18, 1);
         else FAIL("unknown option %s (moe sample --help lists them)", f);
     }
 }
@@ -94,10 +86,10 @@ int sample_main(int argc, char **argv) {
                "  Continues TEXT byte by byte (temperature 0: greedy; nucleus sampling).\n");
         return argc < 2 ? 2 : 0;
     }
-    char ckpt[KEY_STRING_MAX];
-    run_resolve_checkpoint(argv[1], ckpt, sizeof ckpt);
     SampleArgs a;
     parse_sample_args(&a, argc, argv);
+    char ckpt[KEY_STRING_MAX];
+    run_resolve_checkpoint(argv[1], ckpt, sizeof ckpt);
     RunConfig rc;
     run_load_checkpoint_config(&rc, ckpt, 0, NULL);
     if (rc.model.vocab != 256) FAIL("%s: vocab %d is not byte-level: moe sample prints bytes", ckpt, rc.model.vocab);

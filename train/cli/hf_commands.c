@@ -81,10 +81,9 @@ int export_main(int argc, char **argv) {
 
 static long parse_seq_len(int argc, char **argv) {
     if (argc == 3) return 0;
-    char *end = NULL;
-    long v = argc == 5 && !strcmp(argv[3], "--seq-len") ? strtol(argv[4], &end, 10) : 0;
-    if (v < 1 || *end) FAIL("import: expected HF_DIR OUT.h5 [--seq-len N] with N >= 1");
-    return v;
+    if (argc != 5 || strcmp(argv[3], "--seq-len"))
+        FAIL("import: expected HF_DIR OUT.h5 [--seq-len N]");
+    return (long)util_arg_number(argv[3], argv[4], 1, 1 << 20, 1);
 }
 
 // `moe import HF_DIR OUT.h5 [--seq-len N]`

@@ -16,6 +16,8 @@
 #include "../run.h"
 
 #define ROUTE_MAX_WORDS 64
+// --tokens past the data's length dumps every token; the bound only keeps it a count.
+#define ROUTE_MAX_TOKENS 1e12
 
 typedef struct {
     const char *ckpt, *compare, *out;
@@ -401,13 +403,6 @@ static void use_data_args(RunConfig *rc, const RouteArgs *a) {
 
 static int is_override(const char *w) { return strchr(w, '=') && strchr(w, '.'); }
 
-static long count_arg(const char *flag, const char *v) {
-    char *end;
-    long x = strtol(v, &end, 10);
-    if (end == v || *end || x < 0) FAIL("%s %s: expected a count (0 or more)", flag, v);
-    return x;
-}
-
 static void parse_route_args(RouteArgs *a, int argc, char **argv) {
     memset(a, 0, sizeof *a);
     a->ckpt = argv[1];
@@ -422,7 +417,7 @@ static void parse_route_args(RouteArgs *a, int argc, char **argv) {
             else if (!strcmp(w, "--compare"))
                 a->compare = v;
             else if (!strcmp(w, "--tokens"))
-                a->tokens = count_arg(w, v);
+                a->tokens = (long)util_arg_number(w, v, 0, ROUTE_MAX_TOKENS, 1);
             else
                 FAIL("unknown option %s (moe route --help lists them)", w);
         } else if (is_override(w)) {

@@ -1,0 +1,88 @@
+"""Bad inputs `moe` once let through: each is refused (or warned about) with one line
+naming the file, flag or key and the value."""
+import os
+import subprocess
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+MOE = os.path.join(ROOT, "moe")
+
+MODEL = """[model]
+layers = 1
+d_model = 16
+heads = 2
+kv_heads = 1
+seq_len = 16
+experts = 2
+expert_ffn_dim = 16
+[router]
+top_k = 1
+[train]
+batch_size = 2
+threads = 1
+steps = 2
+eval_every = 0
+sample_tokens = 0
+[data]
+val_tokens = 256
+"""
+
+
+def run_moe(args, check=True):
+    run = subprocess.run([MOE] + [str(a) for a in args], cwd=ROOT, capture_output=True,
+                         text=True, timeout=300)
+    if check:
+        assert run.returncode == 0, run.stdout + run.stderr
+    return run
+
+
+def one_line_error(run, *expect):
+    assert run.returncode != 0, run.stdout + run.stderr
+    lines = run.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("moe: error: "), run.stderr
+    for e in expect:
+        assert e in lines[0], run.stderr
+    return lines[0]
+
+
+def write_config(path, extra=""):
+    text = "the quick brown fox jumps over the lazy dog; " * 40
+    data = path.parent / "corpus.txt"
+    data.write_text(text)
+    path.write_text(MODEL + extra +
+                    f"\n[domain text]\nkind = text\ntrain = {data}\nval = {data}\n")
+    return path
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory):
+    """A two-step run: its directory holds ckpt_000002.h5."""
+    tmp = tmp_path_factory.mktemp("inputs")
+    cfg = write_config(tmp / "tiny.ini")
+    run_moe(["train", cfg, f"train.out_dir={tmp}", "train.name=base"])
+    return tmp / "base"
+
+
+@pytest.mark.parametrize("flag,value", [
+    ("--temperature", "nan"), ("--top-p", "nan"), ("--seed", "nan"), ("--tokens", "nan"),
+    ("--temperature", "inf"), ("--tokens", "12x"), ("--seed", "-inf"),
+])
+def test_sample_flags_reject_non_finite(run_dir, flag, value):
+    one_line_error(run_moe(["sample", run_dir, flag, value], check=False), f"{flag} {value}")
+
+
+@pytest.mark.parametrize("args", [
+    ["route", "RUN", "--tokens", "nan"],
+    ["import", "RUN", "out.h5", "--seq-len", "inf"],
+])
+def test_count_flags_reject_non_finite(run_dir, args):
+    args = [str(run_dir) if a == "RUN" else a for a in args]
+    one_line_error(run_moe(args, check=False), f"{args[-2]} {args[-1]}")
+
+
+@pytest.mark.parametrize("word", ["optim.lr=nan", "optim.lr=inf", "train.seed=nan",
+                                  "train.threads=2x", "router.jitter_eps=-nan"])
+def test_config_values_reject_non_finite(tmp_path, word):
+    cfg = write_config(tmp_path / "c.ini")
+    one_line_error(run_moe(["train", cfg, word], check=False), word.replace("=", " = '"))
