@@ -61,6 +61,88 @@ static void key_names(const KeySection *s, char *out, size_t len) {
     }
 }
 
+// String values are written with backslash escapes where INI text would lose or change
+// them: control characters (a newline would end the line), the backslash itself, ';'
+// (libinih's inline comment) and leading or trailing blanks (which libinih strips).
+static int needs_escape(const char *text, size_t i, size_t len) {
+    unsigned char c = (unsigned char)text[i];
+    int edge = i == 0 || i + 1 == len;
+    return c < 0x20 || c == 0x7f || c == '\\' || c == ';' || (edge && c == ' ');
+}
+
+// The escaped form of text into out (at most len bytes with the NUL); returns the full
+// escaped length, as snprintf does.
+static size_t escape_string(const char *text, char *out, size_t len) {
+    size_t n = strlen(text), used = 0;
+    for (size_t i = 0; i < n; i++) {
+        unsigned char c = (unsigned char)text[i];
+        char e[8] = {(char)c, '\0'};
+        if (needs_escape(text, i, n)) {
+            const char *named = c == '\n' ? "\\n" : c == '\t' ? "\\t" : c == '\r' ? "\\r"
+                                : c == '\\' ? "\\\\" : NULL;
+            if (named) snprintf(e, sizeof e, "%s", named);
+            else snprintf(e, sizeof e, "\\x%02x", c);
+        }
+        for (const char *q = e; *q; q++, used++)
+            if (used + 1 < len) out[used] = *q;
+    }
+    if (len) out[used < len ? used : len - 1] = '\0';
+    return used;
+}
+
+static int hex_digit(char c) {
+    if (c >= '0' && c <= '9') return c - '0';
+    if (c >= 'a' && c <= 'f') return c - 'a' + 10;
+    if (c >= 'A' && c <= 'F') return c - 'A' + 10;
+    return -1;
+}
+
+// Undoes escape_string (out holds at least strlen(text) + 1 bytes). Returns the offset
+// of a bad escape, or -1 when the text is well formed.
+static long unescape_string(const char *text, char *out) {
+    size_t o = 0;
+    for (size_t i = 0; text[i]; i++) {
+        if (text[i] != '\\') {
+            out[o++] = text[i];
+            continue;
+        }
+        char c = text[i + 1];
+        int hi = c == 'x' ? hex_digit(text[i + 2]) : -1;
+        int lo = hi >= 0 ? hex_digit(text[i + 3]) : -1;
+        if (c == 'n' || c == 't' || c == 'r' || c == '\\')
+            out[o++] = c == 'n' ? '\n' : c == 't' ? '\t' : c == 'r' ? '\r' : '\\';
+        else if (lo >= 0 && (hi || lo))   // \x00 would end the string
+            out[o++] = (char)(16 * hi + lo), i += 2;
+        else
+            return (long)i;
+        i++;
+    }
+    out[o] = '\0';
+    return -1;
+}
+
+// Unescapes value into the key's buffer; its escaped form (what config.ini and the
+// checkpoint hold) must fit KEY_STRING_MAX as well.
+static int parse_string(const KeySection *s, const ConfigKey *k, const char *value, char *p,
+                        char *err, size_t err_len) {
+    char *text = CALLOC(strlen(value) + 1, 1);
+    long bad = unescape_string(value, text);
+    int r = 0;
+    if (bad >= 0) {
+        snprintf(err, err_len, "%s.%s = '%s': bad escape at character %ld (string values "
+                 "take \\\\, \\n, \\t, \\r and \\xHH)", s->section, k->name, value, bad + 1);
+        r = -1;
+    } else if (escape_string(text, NULL, 0) >= KEY_STRING_MAX) {
+        snprintf(err, err_len, "%s.%s: value longer than %d characters (escapes included)",
+                 s->section, k->name, KEY_STRING_MAX - 1);
+        r = -1;
+    } else {
+        strcpy(p, text);
+    }
+    free(text);
+    return r;
+}
+
 int keys_parse(const KeySection *s, const char *name, const char *value, char *err,
                size_t err_len) {
     const ConfigKey *k = key_find(s, name);
@@ -72,18 +154,20 @@ int keys_parse(const KeySection *s, const char *name, const char *value, char *e
         return -1;
     }
     void *p = key_ptr(s, k);
+    char shown[256];   // the value in a one-line message: a newline shows as \n
+    escape_string(value, shown, sizeof shown);
     switch (k->type) {
     case KEY_INT:
     case KEY_DOUBLE: {
         double v;
         if (util_parse_number(value, k->type == KEY_INT, &v) != 0) {
-            snprintf(err, err_len, "%s.%s = '%s': expected %s", s->section, name, value,
+            snprintf(err, err_len, "%s.%s = '%s': expected %s", s->section, name, shown,
                      k->type == KEY_INT ? "an integer" : "a finite number");
             return -1;
         }
         if (v < k->min || v > k->max) {
             snprintf(err, err_len, "%s.%s = %s: out of range, allowed %.*f to %.*f", s->section,
-                     name, value, k->type == KEY_INT ? 0 : 6, k->min, k->type == KEY_INT ? 0 : 6,
+                     name, shown, k->type == KEY_INT ? 0 : 6, k->min, k->type == KEY_INT ? 0 : 6,
                      k->max);
             return -1;
         }
@@ -94,14 +178,14 @@ int keys_parse(const KeySection *s, const char *name, const char *value, char *e
     case KEY_BOOL:
         if (parse_bool(value, (int *)p) != 0) {
             snprintf(err, err_len, "%s.%s = '%s': expected true or false", s->section, name,
-                     value);
+                     shown);
             return -1;
         }
         return 0;
     case KEY_ENUM: {
         int idx = choice_index(k->choices, value);
         if (idx < 0) {
-            snprintf(err, err_len, "%s.%s = '%s': expected one of %s", s->section, name, value,
+            snprintf(err, err_len, "%s.%s = '%s': expected one of %s", s->section, name, shown,
                      k->choices);
             return -1;
         }
@@ -109,13 +193,7 @@ int keys_parse(const KeySection *s, const char *name, const char *value, char *e
         return 0;
     }
     case KEY_STRING:
-        if (strlen(value) >= KEY_STRING_MAX) {
-            snprintf(err, err_len, "%s.%s: value longer than %d characters", s->section, name,
-                     KEY_STRING_MAX - 1);
-            return -1;
-        }
-        strcpy((char *)p, value);
-        return 0;
+        return parse_string(s, k, value, (char *)p, err, err_len);
     }
     snprintf(err, err_len, "%s.%s: unknown key type", s->section, name);
     return -1;
@@ -135,7 +213,7 @@ void keys_format(const KeySection *s, const ConfigKey *k, char *out, size_t len)
     case KEY_DOUBLE: snprintf(out, len, "%.17g", *(const double *)p); break;
     case KEY_BOOL: snprintf(out, len, "%s", *(const int *)p ? "true" : "false"); break;
     case KEY_ENUM: choice_name(k->choices, *(const int *)p, out, len); break;
-    case KEY_STRING: snprintf(out, len, "%s", (const char *)p); break;
+    case KEY_STRING: escape_string((const char *)p, out, len); break;
     }
 }
 

@@ -34,10 +34,12 @@ typedef struct {
 // Fills every key of the section with its default.
 void keys_set_defaults(const KeySection *s);
 // Parses `value` into key `name`. Returns 0, or -1 with a one-line reason in err naming
-// "section.key", the value and what is allowed (unknown keys list the valid ones).
+// "section.key", the value and what is allowed (unknown keys list the valid ones). String
+// values take the backslash escapes keys_format writes.
 int keys_parse(const KeySection *s, const char *name, const char *value, char *err,
                size_t err_len);
-// The key's current value as INI text.
+// The key's current value as INI text, which keys_parse reads back: strings with
+// backslash escapes for control characters, '\\', ';' and leading or trailing blanks.
 void keys_format(const KeySection *s, const ConfigKey *k, char *out, size_t len);
 // "[section]" then one "key = value" line per key.
 void keys_write_ini(FILE *f, const KeySection *s);

@@ -86,3 +86,54 @@ def test_count_flags_reject_non_finite(run_dir, args):
 def test_config_values_reject_non_finite(tmp_path, word):
     cfg = write_config(tmp_path / "c.ini")
     one_line_error(run_moe(["train", cfg, word], check=False), word.replace("=", " = '"))
+
+
+@pytest.mark.parametrize("command", ["train", "finetune", "ablate"])
+def test_directory_as_config_is_refused(tmp_path, command):
+    one_line_error(run_moe([command, tmp_path], check=False), f"{tmp_path}: is a directory")
+
+
+def test_run_directory_still_resumes(run_dir, tmp_path):
+    run = run_moe(["train", "--resume", run_dir, "train.steps=3", f"train.out_dir={tmp_path}"])
+    assert "step" in run.stdout
+
+
+def test_duplicate_key_warns_with_both_lines(tmp_path):
+    cfg = write_config(tmp_path / "dup.ini", "[train]\nseed = 3\nseed = 4\n")
+    run = run_moe(["train", cfg, "train.steps=0"], check=False)
+    warn = [l for l in run.stderr.splitlines() if "warning" in l]
+    first = MODEL.count("\n") + 2
+    assert warn == [f"moe: warning: {cfg}:{first + 1}: train.seed is set again (first at "
+                    f"{cfg}:{first}); this later value is used"], run.stderr
+
+
+def test_indented_continuation_is_refused(tmp_path):
+    cfg = write_config(tmp_path / "cont.ini", "[train]\nname = a\n  b\n")
+    one_line_error(run_moe(["train", cfg], check=False), "cont.ini:",
+                   "an indented line continues train.name")
+
+
+def test_sample_prompt_round_trips_config_ini_and_checkpoint(tmp_path):
+    import h5py
+    prompt = " two\nlines;\ttab \\\\ end "  # the override escapes its backslash
+    cfg = write_config(tmp_path / "p.ini")
+    run_moe(["train", cfg, "train.steps=1", f"train.out_dir={tmp_path}", "train.name=a",
+             f"train.sample_prompt={prompt}"])
+    ini = (tmp_path / "a" / "config.ini").read_text()
+    assert "sample_prompt = \\x20two\\nlines\\x3b\\ttab \\\\ end\\x20\n" in ini
+    run_moe(["train", tmp_path / "a" / "config.ini", f"train.out_dir={tmp_path}",
+             "train.name=b"])
+    run_moe(["train", "--resume", tmp_path / "b", "train.steps=2"])
+    for run in ("a/ckpt_000001.h5", "b/ckpt_000002.h5"):
+        with h5py.File(tmp_path / run) as f:
+            stored = f["config"].attrs["train.sample_prompt"]
+            stored = stored.decode() if isinstance(stored, bytes) else stored
+            assert stored == "\\x20two\\nlines\\x3b\\ttab \\\\ end\\x20", run
+    one_line_error(run_moe(["train", cfg, "train.sample_prompt=a\\q"], check=False),
+                   "train.sample_prompt = 'a\\q': bad escape at character 2")
+
+
+def test_value_errors_stay_on_one_line(tmp_path):
+    cfg = write_config(tmp_path / "c.ini")
+    one_line_error(run_moe(["train", cfg, "train.steps=1\n2"], check=False),
+                   "train.steps = '1\\n2': expected an integer")

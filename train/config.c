@@ -1,7 +1,12 @@
 #include "config.h"
 
+#include <errno.h>
 #include <ini.h>
+#include <stdlib.h>
 #include <string.h>
+#include <sys/stat.h>
+
+#include "../base/util.h"
 
 #define TK(field) offsetof(TrainConfig, field)
 
@@ -107,27 +112,111 @@ static int set_key(RunConfig *rc, const char *section, const char *key, const ch
     return -1;
 }
 
+// The reader libinih calls once per line: it counts lines (libinih's handler does not
+// get them) and notes what the handler needs to tell a continuation line from a key.
+typedef struct {
+    char name[192];   // "section.key"
+    int line;
+} SeenKey;
+
 typedef struct {
     RunConfig *rc;
+    const char *path;
+    FILE *f;
+    int line;           // the line libinih is parsing
+    int indented;       // it starts with a blank
+    int long_line;      // the first line longer than libinih's buffer, or 0
+    int err_line;       // the line whose key failed, or 0
+    char last[192];     // the key of the previous line in this section
+    SeenKey *seen;
+    size_t n_seen;
     char *err;
     size_t err_len;
 } IniCtx;
 
+static char *ini_read_line(char *str, int num, void *stream) {
+    IniCtx *ctx = stream;
+    if (!fgets(str, num, ctx->f)) return NULL;
+    ctx->line++;
+    size_t n = strlen(str);
+    if (n && str[n - 1] != '\n') {
+        int c = getc(ctx->f);
+        if (c != EOF && c != '\n') {
+            ctx->long_line = ctx->line;
+            return NULL;   // ends the parse; libinih would read the rest as a new line
+        }
+    }
+    const char *start = str + strspn(str, " \t");
+    ctx->indented = start > str;
+    if (*start == '[') ctx->last[0] = '\0';
+    return str;
+}
+
+// The line `name` was first set on, after noting this one; 0 the first time.
+static int ini_seen_before(IniCtx *ctx, const char *name) {
+    for (size_t i = 0; i < ctx->n_seen; i++)
+        if (!strcmp(ctx->seen[i].name, name)) return ctx->seen[i].line;
+    SeenKey *grown = realloc(ctx->seen, (ctx->n_seen + 1) * sizeof *grown);
+    if (!grown) DIE("out of memory");
+    ctx->seen = grown;
+    snprintf(ctx->seen[ctx->n_seen].name, sizeof ctx->seen->name, "%s", name);
+    ctx->seen[ctx->n_seen++].line = ctx->line;
+    return 0;
+}
+
 static int config_ini_key(void *user, const char *section, const char *name,
                           const char *value) {
     IniCtx *ctx = user;
-    return set_key(ctx->rc, section, name, value, ctx->err, ctx->err_len) == 0;
+    if (ctx->err_line) return 1;   // report the first error, not the last
+    char full[192];
+    snprintf(full, sizeof full, "%s.%s", section, name);
+    // libinih reads an indented line after a key as more of that key's value, and hands
+    // only the new line over: the first part would be lost.
+    if (ctx->indented && !strcmp(full, ctx->last)) {
+        snprintf(ctx->err, ctx->err_len, "an indented line continues %s (values are one "
+                 "line); remove the indentation", full);
+        ctx->err_line = ctx->line;
+        return 0;
+    }
+    snprintf(ctx->last, sizeof ctx->last, "%s", full);
+    int first = ini_seen_before(ctx, full);
+    if (first)
+        fprintf(stderr, "moe: warning: %s:%d: %s is set again (first at %s:%d); this later "
+                "value is used\n", ctx->path, ctx->line, full, ctx->path, first);
+    if (set_key(ctx->rc, section, name, value, ctx->err, ctx->err_len) == 0) return 1;
+    ctx->err_line = ctx->line;
+    return 0;
+}
+
+static FILE *ini_open(const char *path, char *err, size_t err_len) {
+    FILE *f = fopen(path, "r");
+    struct stat sb;
+    if (!f) snprintf(err, err_len, "%s: cannot open config file: %s", path, strerror(errno));
+    else if (fstat(fileno(f), &sb) == 0 && S_ISDIR(sb.st_mode)) {
+        snprintf(err, err_len, "%s: is a directory, not an INI config file", path);
+        fclose(f);
+        f = NULL;
+    }
+    return f;
 }
 
 int run_config_load_ini(RunConfig *rc, const char *path, char *err, size_t err_len) {
     char inner[768] = "";
-    IniCtx ctx = {rc, inner, sizeof inner};
-    int line = ini_parse(path, config_ini_key, &ctx);
-    if (line == -1) return snprintf(err, err_len, "%s: cannot open config file", path), -1;
+    IniCtx ctx = {.rc = rc, .path = path, .err = inner, .err_len = sizeof inner};
+    ctx.f = ini_open(path, err, err_len);
+    if (!ctx.f) return -1;
+    int line = ini_parse_stream(ini_read_line, &ctx, config_ini_key, &ctx);
+    int read_failed = ferror(ctx.f);
+    fclose(ctx.f);
+    free(ctx.seen);
+    if (read_failed) return snprintf(err, err_len, "%s: cannot read config file", path), -1;
     if (line > 0) {
-        if (!inner[0]) snprintf(inner, sizeof inner, "syntax error");
+        if (line != ctx.err_line) snprintf(inner, sizeof inner, "syntax error");
         return snprintf(err, err_len, "%s:%d: %s", path, line, inner), -1;
     }
+    if (ctx.long_line)
+        return snprintf(err, err_len, "%s:%d: line longer than %d characters", path,
+                        ctx.long_line, INI_MAX_LINE - 1), -1;
     return 0;
 }
 

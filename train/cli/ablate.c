@@ -108,7 +108,10 @@ static int key_is_fixed(const char *key) {
 // [variant NAME] without keys is a run of the base config itself.
 static void grid_scan_sections(GridFile *g) {
     FILE *f = fopen(g->path, "r");
+    struct stat sb;
     if (!f) FAIL("%s: cannot open the grid file", g->path);
+    if (fstat(fileno(f), &sb) == 0 && S_ISDIR(sb.st_mode))
+        FAIL("%s: is a directory, not a grid file", g->path);
     char line[4096];
     for (int no = 1; fgets(line, sizeof line, f); no++) {
         char *s = line + strspn(line, " \t"), *end = strchr(s, ']');
