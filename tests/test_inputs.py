@@ -137,3 +137,20 @@ def test_value_errors_stay_on_one_line(tmp_path):
     cfg = write_config(tmp_path / "c.ini")
     one_line_error(run_moe(["train", cfg, "train.steps=1\n2"], check=False),
                    "train.steps = '1\\n2': expected an integer")
+
+
+def test_threads_beyond_what_starts_is_one_line(tmp_path):
+    import resource
+
+    def limit_memory():   # 4096 threads' stacks do not fit 3 GB of address space
+        resource.setrlimit(resource.RLIMIT_AS, (3 << 30, 3 << 30))
+
+    cfg = write_config(tmp_path / "t.ini")
+    args = [MOE, "train", str(cfg), f"train.out_dir={tmp_path}", "train.steps=1"]
+    base = subprocess.run(args + ["train.threads=1"], capture_output=True, text=True,
+                          preexec_fn=limit_memory, timeout=300)
+    if base.returncode != 0:
+        pytest.skip("moe does not run under a 3 GB address-space limit (sanitizer build?)")
+    run = subprocess.run(args + ["train.threads=4096"], capture_output=True, text=True,
+                         preexec_fn=limit_memory, timeout=300)
+    one_line_error(run, "train.threads = 4096: this machine starts only ")

@@ -1,6 +1,8 @@
 #include "run.h"
 
 #include <dirent.h>
+#include <omp.h>
+#include <pthread.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -160,4 +162,47 @@ DataLoader *run_open_data(const RunConfig *rc, const Model *m, uint64_t seed) {
     if (data_loader_open(&dl, &rc->data, rc->model.vocab, m->B, m->T, seed, err, sizeof err) != 0)
         FAIL("%s", err);
     return dl;
+}
+
+typedef struct {
+    pthread_mutex_t mu;
+    pthread_cond_t go;
+    int released;
+} ThreadGate;
+
+static void *gate_wait(void *arg) {
+    ThreadGate *g = arg;
+    pthread_mutex_lock(&g->mu);
+    while (!g->released) pthread_cond_wait(&g->go, &g->mu);
+    pthread_mutex_unlock(&g->mu);
+    return NULL;
+}
+
+// How many threads of a team of n can run at once (the caller is one): started, held
+// until all are up, then joined.
+static int threads_startable(int n) {
+    ThreadGate g = {PTHREAD_MUTEX_INITIALIZER, PTHREAD_COND_INITIALIZER, 0};
+    pthread_t *t = CALLOC((size_t)n, sizeof *t);
+    int started = 0;
+    while (started < n - 1 && pthread_create(&t[started], NULL, gate_wait, &g) == 0)
+        started++;
+    pthread_mutex_lock(&g.mu);
+    g.released = 1;
+    pthread_cond_broadcast(&g.go);
+    pthread_mutex_unlock(&g.mu);
+    for (int i = 0; i < started; i++) pthread_join(t[i], NULL);
+    free(t);
+    return started + 1;
+}
+
+// libgomp dies with a line of its own ("Thread creation failed") when it cannot start a
+// team, so the count is tried first. More threads than processors is allowed: the same
+// count gives the same bits on any machine.
+void run_set_threads(const TrainConfig *tc) {
+    if (tc->threads == 0) return;
+    int can = threads_startable(tc->threads);
+    if (can < tc->threads)
+        FAIL("train.threads = %d: this machine starts only %d threads now (ulimit -u, ulimit "
+             "-v, kernel.threads-max; %d processors)", tc->threads, can, omp_get_num_procs());
+    omp_set_num_threads(tc->threads);
 }

@@ -27,6 +27,9 @@ void run_collect_routing(Model *m, DataLoader *dl, int batches, RoutingStats *rs
 // The backend train.device names; dies with the reason when it cannot be had (no CUDA in
 // this build, no GPU) or train.precision asks for what it lacks.
 const Backend *run_backend(const TrainConfig *tc);
+// Sets the OpenMP thread count train.threads asks for (0: leaves the default); dies when
+// the machine cannot start that many threads.
+void run_set_threads(const TrainConfig *tc);
 // Applies train.precision and train.expert_gemm to m (after model_init); dies when the
 // backend lacks what they ask for.
 void run_set_precision(Model *m, const TrainConfig *tc);

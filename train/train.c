@@ -170,7 +170,7 @@ static void load_weights(Run *r) {
 
 static void setup(Run *r) {
     RunConfig *rc = &r->rc;
-    if (rc->train.threads > 0) omp_set_num_threads(rc->train.threads);
+    run_set_threads(&rc->train);
     if (cpu_blas_self_check() != 0)
         FAIL("OpenBLAS kernel %s computes a wrong product\nHINT: set OPENBLAS_CORETYPE to a "
              "kernel your CPU supports (e.g. Haswell) and run again", cpu_blas_kernel_name());
