@@ -154,3 +154,14 @@ def test_threads_beyond_what_starts_is_one_line(tmp_path):
     run = subprocess.run(args + ["train.threads=4096"], capture_output=True, text=True,
                          preexec_fn=limit_memory, timeout=300)
     one_line_error(run, "train.threads = 4096: this machine starts only ")
+
+
+def test_merge_takes_run_directories(run_dir, tmp_path):
+    cfg = write_config(tmp_path / "ft.ini")
+    run_moe(["finetune", cfg, f"finetune.init={run_dir}", "finetune.delta=true",
+             "finetune.train=router", "train.steps=1", f"train.out_dir={tmp_path}",
+             "train.name=delta"])
+    out = tmp_path / "merged.h5"
+    run = run_moe(["merge", run_dir, tmp_path / "delta", out])
+    assert f"merged {tmp_path}/delta/ckpt_000001.h5 onto {run_dir}/ckpt_000002.h5" in run.stdout
+    assert out.is_file()

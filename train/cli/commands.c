@@ -180,29 +180,32 @@ int merge_main(int argc, char **argv) {
     if (argc != 4) {
         printf("usage: moe merge BASE DELTA OUT\n"
                "  Applies a delta checkpoint (finetune.delta = true) to the base it was\n"
-               "  trained from and writes the full model to OUT.\n");
+               "  trained from and writes the full model to OUT. BASE and DELTA may be run\n"
+               "  directories (their latest checkpoints).\n");
         return argc == 2 && !strcmp(argv[1], "--help") ? 0 : 2;
     }
-    char err[1024];
+    char err[1024], base[KEY_STRING_MAX], delta[KEY_STRING_MAX];
+    run_resolve_checkpoint(argv[1], base, sizeof base);
+    run_resolve_checkpoint(argv[2], delta, sizeof delta);
     RunConfig rc;
-    run_load_checkpoint_config(&rc, argv[1], 0, NULL);
+    run_load_checkpoint_config(&rc, base, 0, NULL);
     Model m;
-    run_model_from_checkpoint(&m, &rc, argv[1], 1);
+    run_model_from_checkpoint(&m, &rc, base, 1);
     uint64_t expected, actual = ckpt_fingerprint(&m);
-    if (ckpt_read_base_fingerprint(argv[2], &expected, err, sizeof err) != 0) FAIL("%s", err);
-    if (expected == 0) FAIL("%s is not a delta checkpoint (finetune.delta = true)", argv[2]);
+    if (ckpt_read_base_fingerprint(delta, &expected, err, sizeof err) != 0) FAIL("%s", err);
+    if (expected == 0) FAIL("%s is not a delta checkpoint (finetune.delta = true)", delta);
     if (expected != actual)
-        FAIL("%s was not trained from %s (base fingerprint %016llx, this base %016llx)", argv[2],
-             argv[1], (unsigned long long)expected, (unsigned long long)actual);
-    if (ckpt_load(argv[2], &m, NULL, NULL, err, sizeof err) != 0) FAIL("%s", err);
+        FAIL("%s was not trained from %s (base fingerprint %016llx, this base %016llx)", delta,
+             base, (unsigned long long)expected, (unsigned long long)actual);
+    if (ckpt_load(delta, &m, NULL, NULL, err, sizeof err) != 0) FAIL("%s", err);
     RunConfig delta_rc;
-    run_load_checkpoint_config(&delta_rc, argv[2], 0, NULL);
+    run_load_checkpoint_config(&delta_rc, delta, 0, NULL);
     delta_rc.finetune.delta = 0;
     TrainState st = {0};
     st.best_val = INFINITY;
     if (ckpt_save(argv[3], &delta_rc, &m, NULL, &st, NULL, 0, err, sizeof err) != 0)
         FAIL("%s", err);
-    printf("merged %s onto %s -> %s\n", argv[2], argv[1], argv[3]);
+    printf("merged %s onto %s -> %s\n", delta, base, argv[3]);
     model_free(&m);
     return 0;
 }
