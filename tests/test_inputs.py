@@ -165,3 +165,8 @@ def test_merge_takes_run_directories(run_dir, tmp_path):
     run = run_moe(["merge", run_dir, tmp_path / "delta", out])
     assert f"merged {tmp_path}/delta/ckpt_000001.h5 onto {run_dir}/ckpt_000002.h5" in run.stdout
     assert out.is_file()
+
+
+def test_dump_logits_into_a_directory_is_one_line(run_dir, tmp_path):
+    one_line_error(run_moe(["eval", run_dir, "--dump-logits", tmp_path], check=False),
+                   f"{tmp_path}: cannot create the HDF5 file: Is a directory")

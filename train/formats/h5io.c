@@ -1,5 +1,6 @@
 #include "h5io.h"
 
+#include <errno.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -10,9 +11,15 @@
         if ((expr) < 0) DIE("HDF5: cannot %s '%s'", (what), (path));                 \
     } while (0)
 
+// Every call here is checked and reported in one line of our own, so HDF5's printing of
+// its whole error stack (on by default) is turned off.
 hid_t h5io_create(const char *path) {
+    H5Eset_auto2(H5E_DEFAULT, NULL, NULL);
+    errno = 0;
     hid_t f = H5Fcreate(path, H5F_ACC_TRUNC, H5P_DEFAULT, H5P_DEFAULT);
-    H5IO_CHECK(f, "create file", path);
+    if (f < 0)
+        FAIL("%s: cannot create the HDF5 file: %s", path,
+             errno ? strerror(errno) : "HDF5 refused it");
     return f;
 }
 
