@@ -183,7 +183,7 @@ def test_sharded_export_round_trips_and_indexes_every_tensor(base, tmp_path):
     out = tmp_path / "sharded"
     out.mkdir()
     (out / "model.safetensors").write_bytes(b"stale")   # an earlier single-file export
-    run_moe(["export", base["ckpt"], out, "--shard-size", "20000"])
+    run_moe(["export", base["ckpt"], out, "--shard-size", "20000", "--force"])
     assert not (out / "model.safetensors").exists()
     index = json.loads((out / "model.safetensors.index.json").read_text())
     files = sorted(set(index["weight_map"].values()))
@@ -203,8 +203,8 @@ def test_sharded_export_round_trips_and_indexes_every_tensor(base, tmp_path):
     run_moe(["import", out, tmp_path / "back.h5"])
     assert_bit_identical(base["ckpt"], tmp_path / "back.h5")
     # And back to one file: the index goes, so transformers cannot read a stale one.
-    run_moe(["export", base["ckpt"], out])
-    assert not (out / "model.safetensors.index.json").exists()
+    run_moe(["export", base["ckpt"], out, "--force"])
+    assert sorted(p.name for p in out.iterdir()) == ["config.json", "model.safetensors"]
 
 
 # ---- bf16 and f16 -------------------------------------------------------------------------

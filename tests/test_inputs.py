@@ -170,3 +170,27 @@ def test_merge_takes_run_directories(run_dir, tmp_path):
 def test_dump_logits_into_a_directory_is_one_line(run_dir, tmp_path):
     one_line_error(run_moe(["eval", run_dir, "--dump-logits", tmp_path], check=False),
                    f"{tmp_path}: cannot create the HDF5 file: Is a directory")
+
+
+def test_export_refuses_a_non_empty_directory(run_dir, tmp_path):
+    out = tmp_path / "hf"
+    out.mkdir()
+    (out / "notes.txt").write_text("mine")
+    one_line_error(run_moe(["export", run_dir, out], check=False),
+                   f"{out}: the directory is not empty (it holds notes.txt)")
+    assert sorted(p.name for p in out.iterdir()) == ["notes.txt"]
+
+
+def test_export_force_replaces_only_an_earlier_export(run_dir, tmp_path):
+    out = tmp_path / "hf"
+    out.mkdir()
+    for name in ("notes.txt", "tokenizer.json", "model-00001-of-00009.safetensors",
+                 "model.safetensors.index.json", "model.safetensors"):
+        (out / name).write_text("another model")
+    run_moe(["export", run_dir, out, "--shard-size", "4000", "--force"])
+    shards = sorted(p.name for p in out.glob("model-*"))
+    n = len(shards)
+    assert n > 1 and shards == [f"model-{i:05d}-of-{n:05d}.safetensors" for i in range(1, n + 1)]
+    assert sorted(p.name for p in out.iterdir()) == sorted(
+        shards + ["config.json", "model.safetensors.index.json", "notes.txt", "tokenizer.json"])
+    assert (out / "notes.txt").read_text() == "another model"

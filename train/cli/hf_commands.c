@@ -18,11 +18,16 @@ typedef struct {
     const char *ckpt, *dir;
     StDType dtype;
     uint64_t shard_size;
+    int force;   // replace an earlier export in a non-empty DIR
 } ExportArgs;
 
 static void parse_export_args(ExportArgs *a, int argc, char **argv) {
-    *a = (ExportArgs){argv[1], argv[2], ST_F32, HF_SHARD_DEFAULT};
+    *a = (ExportArgs){argv[1], argv[2], ST_F32, HF_SHARD_DEFAULT, 0};
     for (int i = 3; i < argc; i++) {
+        if (!strcmp(argv[i], "--force")) {
+            a->force = 1;
+            continue;
+        }
         if (i + 1 >= argc) FAIL("%s needs a value (moe export --help)", argv[i]);
         const char *f = argv[i], *v = argv[++i];
         if (!strcmp(f, "--dtype") && !strcmp(v, "f32")) a->dtype = ST_F32;
@@ -57,10 +62,13 @@ static void load_exportable(Model *m, RunConfig *rc, const char *ckpt) {
 int export_main(int argc, char **argv) {
     int help = argc > 1 && !strcmp(argv[1], "--help");
     if (argc < 3 || help) {
-        printf("usage: moe export CHECKPOINT DIR [--dtype f32|bf16] [--shard-size BYTES]\n"
+        printf("usage: moe export CHECKPOINT DIR [--dtype f32|bf16] [--shard-size BYTES] "
+               "[--force]\n"
                "  Writes DIR/config.json and DIR/model.safetensors (shards and\n"
                "  model.safetensors.index.json past --shard-size, default 5000000000) for\n"
-               "  transformers' MixtralForCausalLM. bf16 rounds to nearest even.\n");
+               "  transformers' MixtralForCausalLM. bf16 rounds to nearest even. DIR must\n"
+               "  be empty or new; --force replaces an earlier export in it (its\n"
+               "  config.json, model*.safetensors and index) and keeps other files.\n");
         return help ? 0 : 2;
     }
     ExportArgs a;
@@ -71,7 +79,7 @@ int export_main(int argc, char **argv) {
     Model m;
     load_exportable(&m, &rc, ckpt);
     uint64_t bytes;
-    size_t files = hf_export_write(a.dir, &m, a.dtype, a.shard_size, &bytes);
+    size_t files = hf_export_write(a.dir, &m, a.dtype, a.shard_size, a.force, &bytes);
     printf("exported %s -> %s: %zu tensors, %" PRIu64 " bytes of %s in %zu file%s\n", ckpt,
            a.dir, m.layout.n_params, bytes, safetensors_dtype_name(a.dtype), files,
            files == 1 ? "" : "s");

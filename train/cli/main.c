@@ -30,7 +30,7 @@ static void print_usage(FILE *f) {
             "  route CHECKPOINT [DATA ...] [--out DIR] [--compare CKPT] [--tokens N]\n"
             "                                        expert activation maps, co-activation,\n"
             "                                        router saturation\n"
-            "  export CHECKPOINT DIR [--dtype f32|bf16] [--shard-size BYTES]\n"
+            "  export CHECKPOINT DIR [--dtype f32|bf16] [--shard-size BYTES] [--force]\n"
             "                                        a Hugging Face Mixtral directory\n"
             "                                        (config.json, safetensors)\n"
             "  import HF_DIR OUT.h5 [--seq-len N]    a Hugging Face Mixtral directory as a\n"

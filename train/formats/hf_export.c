@@ -1,7 +1,9 @@
 // hf_export.c: a model as a transformers Mixtral directory (config.json, safetensors).
 #include <cjson/cJSON.h>
+#include <dirent.h>
 #include <errno.h>
 #include <fcntl.h>
+#include <fnmatch.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -113,12 +115,61 @@ static void sync_dir(const char *dir) {
     close(fd);
 }
 
-// A file of the other layout (single vs sharded) left by an earlier export would
-// contradict this one: transformers prefers model.safetensors over the index.
-static void remove_stale(const char *dir, const char *name) {
+// The files an export writes or an earlier one may have left; the directory's other
+// files are not ours to touch.
+static int is_export_file(const char *name) {
+    return !strcmp(name, HF_CONFIG) || !strcmp(name, HF_INDEX) ||
+           fnmatch("model*.safetensors", name, 0) == 0;
+}
+
+static void shard_name(char *out, size_t n, size_t k, size_t n_shards) {
+    snprintf(out, n, "model-%05zu-of-%05zu.safetensors", k + 1, n_shards);
+}
+
+// Whether this export (n_shards weight files) wrote `name`.
+static int is_written(const char *name, size_t n_shards) {
+    if (!strcmp(name, HF_CONFIG)) return 1;
+    if (n_shards == 1) return !strcmp(name, HF_WEIGHTS);
+    if (!strcmp(name, HF_INDEX)) return 1;
+    char shard[64];
+    for (size_t k = 0; k < n_shards; k++) {
+        shard_name(shard, sizeof shard, k, n_shards);
+        if (!strcmp(name, shard)) return 1;
+    }
+    return 0;
+}
+
+// Files another model left would mix with this one (transformers prefers
+// model.safetensors over an index; shards of another count stay listed nowhere).
+static void check_target(const char *dir, int force) {
+    DIR *d = opendir(dir);
+    if (!d) return;   // missing: make_dir creates it or says why not
+    struct dirent *e;
+    while ((e = readdir(d)))
+        if (strcmp(e->d_name, ".") && strcmp(e->d_name, "..") && !force) {
+            char name[256];
+            snprintf(name, sizeof name, "%s", e->d_name);
+            closedir(d);
+            FAIL("%s: the directory is not empty (it holds %s); moe export --force replaces "
+                 "an earlier export there (config.json, model*.safetensors, "
+                 "model.safetensors.index.json) and keeps other files", dir, name);
+        }
+    closedir(d);
+}
+
+// Once the new files are in place: the export files this export did not write.
+static void remove_stale(const char *dir, size_t n_shards) {
+    DIR *d = opendir(dir);
+    if (!d) FAIL("%s: cannot list the export directory: %s", dir, strerror(errno));
+    struct dirent *e;
     char path[HF_PATH_MAX];
-    join_path(path, dir, name);
-    if (unlink(path) != 0 && errno != ENOENT) FAIL("%s: cannot remove: %s", path, strerror(errno));
+    while ((e = readdir(d))) {
+        if (!is_export_file(e->d_name) || is_written(e->d_name, n_shards)) continue;
+        join_path(path, dir, e->d_name);
+        if (unlink(path) != 0 && errno != ENOENT)
+            FAIL("%s: cannot remove: %s", path, strerror(errno));
+    }
+    closedir(d);
 }
 
 typedef struct {
@@ -153,7 +204,6 @@ static size_t write_weights(const char *dir, const StOut *t, size_t n, StDType d
     size_t n_shards = plan_shards(t, n, dtype, limit, s);
     if (n_shards == 1) {
         write_tensors(dir, HF_WEIGHTS, t, n, dtype);
-        remove_stale(dir, HF_INDEX);
         free(s);
         return 1;
     }
@@ -163,7 +213,7 @@ static size_t write_weights(const char *dir, const StOut *t, size_t n, StDType d
     uint64_t total = 0;
     for (size_t k = 0; k < n_shards; k++) {
         char name[64];
-        snprintf(name, sizeof name, "model-%05zu-of-%05zu.safetensors", k + 1, n_shards);
+        shard_name(name, sizeof name, k, n_shards);
         write_tensors(dir, name, t + s[k].first, s[k].count, dtype);
         for (size_t i = s[k].first; i < s[k].first + s[k].count; i++)
             cJSON_AddStringToObject(map, t[i].name, name);
@@ -172,7 +222,6 @@ static size_t write_weights(const char *dir, const StOut *t, size_t n, StDType d
     cJSON_AddNumberToObject(meta, "total_size", (double)total);
     write_json(dir, HF_INDEX, index);
     cJSON_Delete(index);
-    remove_stale(dir, HF_WEIGHTS);
     free(s);
     return n_shards;
 }
@@ -188,7 +237,8 @@ static float *params_f32(const Model *m) {
 }
 
 size_t hf_export_write(const char *dir, const Model *m, StDType dtype, uint64_t shard_size,
-                       uint64_t *bytes) {
+                       int force, uint64_t *bytes) {
+    check_target(dir, force);
     make_dir(dir);
     float *host = params_f32(m);
     StOut *t = CALLOC(m->layout.n_params, sizeof *t);
@@ -202,6 +252,7 @@ size_t hf_export_write(const char *dir, const Model *m, StDType dtype, uint64_t 
     cJSON *config = mixtral_config(&m->cfg, dtype);
     write_json(dir, HF_CONFIG, config);
     cJSON_Delete(config);
+    remove_stale(dir, files);
     sync_dir(dir);
     free(t);
     free(host);
