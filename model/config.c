@@ -110,7 +110,23 @@ int model_config_validate(const ModelConfig *c, char *err, size_t n) {
     if (c->moe_every > c->layers)
         return snprintf(err, n, "model.moe_every = %d exceeds model.layers = %d: no MoE layer",
                         c->moe_every, c->layers), -1;
+    double params = model_config_params(c);
+    if (params > MODEL_MAX_PARAMS)
+        return snprintf(err, n, MODEL_SIZE_KEYS ": %.3g parameters, more than %.0e",
+                        MODEL_SIZE_VALUES(c), params, MODEL_MAX_PARAMS), -1;
     return 0;
+}
+
+double model_config_params(const ModelConfig *c) {
+    double C = c->d_model, V = c->vocab, E = c->experts, D = C / c->heads;
+    double attn = 2 * C * C + 2 * c->kv_heads * D * C + 2 * C;   // q, o, k, v, two norms
+    double router = (c->select != SELECT_HASH) + (c->noise == NOISE_SHAZEER);
+    double moe = router * E * C + E * 3.0 * c->expert_ffn_dim * C +
+                 c->shared_experts * 3.0 * c->shared_ffn_dim * C;
+    double dense = 3.0 * c->ffn_dim * C;
+    int n_moe = model_config_moe_layers(c);
+    return V * C * (c->tie_embeddings ? 1 : 2) + C + c->layers * attn + n_moe * moe +
+           (c->layers - n_moe) * dense;
 }
 
 int model_config_is_moe_layer(const ModelConfig *cfg, int layer) {

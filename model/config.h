@@ -62,6 +62,17 @@ int model_config_validate(const ModelConfig *cfg, char *err, size_t err_len);
 
 int model_config_is_moe_layer(const ModelConfig *cfg, int layer);
 int model_config_moe_layers(const ModelConfig *cfg);
+// Parameters the layout will hold (a double: every key at its maximum overflows nothing).
+double model_config_params(const ModelConfig *cfg);
+// More parameters than this is refused before anything is allocated (Mixtral 8x22B has
+// 1.4e11); the memory a smaller model needs is checked against the machine by model_init.
+#define MODEL_MAX_PARAMS 1e12
+// The keys that set a model's size, for messages: printf(MODEL_SIZE_KEYS,
+// MODEL_SIZE_VALUES(cfg)).
+#define MODEL_SIZE_KEYS                                                                     \
+    "model.layers = %d, model.d_model = %d, model.experts = %d, model.expert_ffn_dim = %d, " \
+    "model.vocab = %d"
+#define MODEL_SIZE_VALUES(c) (c)->layers, (c)->d_model, (c)->experts, (c)->expert_ffn_dim, (c)->vocab
 // Per-expert capacity for N tokens: ceil(k N cf / E); 0 means dropless. Expert choice:
 // each expert's C = ceil(N cf / E), cf = capacity_factor, or top_k when that is <= 0.
 size_t model_config_capacity(const ModelConfig *cfg, size_t n_tokens);

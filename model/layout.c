@@ -1,6 +1,7 @@
 #include "layout.h"
 
 #include <stdarg.h>
+#include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -87,6 +88,26 @@ static void add_block(Builder *b, const ModelConfig *cfg, int l) {
     }
 }
 
+// FNV-1a over the name's bytes.
+static size_t name_hash(const char *name) {
+    uint64_t h = 1469598103934665603ull;
+    for (const unsigned char *p = (const unsigned char *)name; *p; p++)
+        h = (h ^ *p) * 1099511628211ull;
+    return (size_t)h;
+}
+
+static void build_index(Layout *lay) {
+    size_t cap = 16;
+    while (cap < 2 * lay->n_params) cap *= 2;
+    lay->index = CALLOC(cap, sizeof *lay->index);
+    lay->index_cap = cap;
+    for (size_t i = 0; i < lay->n_params; i++) {
+        size_t slot = name_hash(lay->params[i].name) & (cap - 1);
+        while (lay->index[slot]) slot = (slot + 1) & (cap - 1);
+        lay->index[slot] = i + 1;
+    }
+}
+
 void layout_init(Layout *lay, const ModelConfig *cfg) {
     memset(lay, 0, sizeof *lay);
     Builder b = {lay, 0};
@@ -95,15 +116,21 @@ void layout_init(Layout *lay, const ModelConfig *cfg) {
     for (int l = 0; l < cfg->layers; l++) add_block(&b, cfg, l);
     add_param(&b, PARAM_NORM, -1, -1, C, 0, "model.norm.weight");
     if (!cfg->tie_embeddings) add_param(&b, PARAM_HEAD, -1, -1, V, C, "lm_head.weight");
+    build_index(lay);
 }
 
 void layout_free(Layout *lay) {
     free(lay->params);
+    free(lay->index);
     memset(lay, 0, sizeof *lay);
 }
 
 const ParamInfo *layout_find(const Layout *lay, const char *name) {
-    for (size_t i = 0; i < lay->n_params; i++)
-        if (!strcmp(lay->params[i].name, name)) return &lay->params[i];
+    if (!lay->index_cap) return NULL;
+    size_t mask = lay->index_cap - 1;
+    for (size_t slot = name_hash(name) & mask; lay->index[slot]; slot = (slot + 1) & mask) {
+        const ParamInfo *p = &lay->params[lay->index[slot] - 1];
+        if (!strcmp(p->name, name)) return p;
+    }
     return NULL;
 }

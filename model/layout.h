@@ -40,11 +40,13 @@ typedef struct {
     ParamInfo *params;
     size_t n_params;     // tensors
     size_t total;        // elements in the slab
+    size_t *index;       // open-addressing hash of the names: param index + 1, 0 empty
+    size_t index_cap;    // a power of two, at least twice n_params
 } Layout;
 
 void layout_init(Layout *lay, const ModelConfig *cfg);
 void layout_free(Layout *lay);
-// The tensor named `name`, or NULL.
+// The tensor named `name`, or NULL (a hash lookup: a model may have millions of tensors).
 const ParamInfo *layout_find(const Layout *lay, const char *name);
 
 #endif

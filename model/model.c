@@ -4,6 +4,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <unistd.h>
 
 #include "../base/util.h"
 #include "build.h"
@@ -45,6 +46,18 @@ static void plan_tape(Model *m, const Arena *shared_dacts, int bf16) {
     model_clear_noise(m);
 }
 
+// Parameters and gradients must fit the machine's memory: allocations succeed lazily
+// (overcommit), and a model far too large would swap or be killed, not fail.
+static void check_memory(const ModelConfig *cfg, const Backend *be) {
+    if (be->device != DEVICE_CPU) return;   // the device's allocator says so itself
+    double need = 2.0 * model_config_params(cfg) * sizeof(real);
+    double have = (double)sysconf(_SC_PHYS_PAGES) * (double)sysconf(_SC_PAGESIZE);
+    if (have > 0 && need > have)
+        FAIL(MODEL_SIZE_KEYS ": %.3g parameters need %.1f GB for weights and gradients, more "
+             "than this machine's %.1f GB", MODEL_SIZE_VALUES(cfg), model_config_params(cfg),
+             need / 1e9, have / 1e9);
+}
+
 void model_init(Model *m, const ModelConfig *cfg, const Backend *be, size_t B, size_t T) {
     char err[512];
     CHECK(model_config_validate(cfg, err, sizeof err) == 0, "%s", err);
@@ -56,6 +69,7 @@ void model_init(Model *m, const ModelConfig *cfg, const Backend *be, size_t B, s
     m->B = B;
     m->T = T;
     m->N = B * T;
+    check_memory(cfg, be);
     layout_init(&m->layout, cfg);
     m->params = slab_alloc(be, m->layout.total, "parameters");
     m->grads = slab_alloc(be, m->layout.total, "gradients");

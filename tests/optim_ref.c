@@ -80,7 +80,7 @@ static Layout read_layout(hid_t f, uint8_t **trainable) {
     read_all(f, "rows", H5T_NATIVE_INT32, rows, n);
     read_all(f, "cols", H5T_NATIVE_INT32, cols, n);
     read_all(f, "trainable", H5T_NATIVE_INT32, train, n);
-    Layout lay = {CALLOC(n, sizeof(ParamInfo)), n, 0};
+    Layout lay = {.params = CALLOC(n, sizeof(ParamInfo)), .n_params = n};
     *trainable = CALLOC(n, 1);
     for (size_t i = 0; i < n; i++) {
         CHECK(kind[i] >= PARAM_EMBED && kind[i] <= PARAM_HEAD && rows[i] > 0 && cols[i] >= 0,

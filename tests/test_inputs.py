@@ -194,3 +194,15 @@ def test_export_force_replaces_only_an_earlier_export(run_dir, tmp_path):
     assert sorted(p.name for p in out.iterdir()) == sorted(
         shards + ["config.json", "model.safetensors.index.json", "notes.txt", "tokenizer.json"])
     assert (out / "notes.txt").read_text() == "another model"
+
+
+@pytest.mark.parametrize("words,expect", [
+    (["model.d_model=256", "model.expert_ffn_dim=256"], "2.06e+11 parameters need 1651.8 GB"),
+    (["model.d_model=4096", "model.heads=32", "model.expert_ffn_dim=14336"],
+     "1.85e+14 parameters, more than 1e+12"),
+])
+def test_model_too_large_is_refused_before_allocating(tmp_path, words, expect):
+    cfg = write_config(tmp_path / "big.ini")
+    run = subprocess.run([MOE, "train", str(cfg), "model.layers=256", "model.experts=4096"]
+                         + words, capture_output=True, text=True, timeout=60)
+    one_line_error(run, "model.layers = 256, model.d_model = ", "model.experts = 4096", expect)

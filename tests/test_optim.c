@@ -155,7 +155,7 @@ typedef struct {
 
 // A layout of the given tensors back to back (freed with layout_free).
 static Layout spec_layout(const TensorSpec *s, size_t n) {
-    Layout lay = {CALLOC(n, sizeof(ParamInfo)), n, 0};
+    Layout lay = {.params = CALLOC(n, sizeof(ParamInfo)), .n_params = n};
     for (size_t i = 0; i < n; i++) {
         ParamInfo *p = &lay.params[i];
         snprintf(p->name, sizeof p->name, "tensor.%zu", i);

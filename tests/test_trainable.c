@@ -6,6 +6,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <time.h>
 
 #include "../model/esft.h"
 #include "../model/layout.h"
@@ -675,7 +676,54 @@ static void test_esft_to_expr_uses_model_layers(void **state) {
     routing_stats_free(&rs);
 }
 
+// ---- layout -----------------------------------------------------------------------------
+
+static double now_s(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (double)ts.tv_sec + 1e-9 * (double)ts.tv_nsec;
+}
+
+// 64 layers of 1024 experts: 197 059 tensors. A linear search over the names takes
+// minutes for all of them (the builders look up every tensor); a hash takes milliseconds.
+static void test_layout_find_many_tensors(void **state) {
+    (void)state;
+    ModelConfig c = tiny_config();
+    c.layers = 64, c.experts = 1024, c.d_model = 2, c.heads = 1, c.kv_heads = 1;
+    c.expert_ffn_dim = 1;
+    Layout lay;
+    layout_init(&lay, &c);
+    assert_int_equal(lay.n_params, 3 + 64 * (6 + 1 + 3 * 1024));   // embed, norm, head
+    double t0 = now_s();
+    for (size_t i = 0; i < lay.n_params; i++)
+        if (layout_find(&lay, lay.params[i].name) != &lay.params[i])
+            fail_msg("layout_find(%s) is not tensor %zu", lay.params[i].name, i);
+    double seconds = now_s() - t0;
+    if (seconds > 10) fail_msg("%zu lookups took %.1f s", lay.n_params, seconds);
+    assert_null(layout_find(&lay, "model.layers.64.input_layernorm.weight"));
+    assert_null(layout_find(&lay, ""));
+    assert_true(model_config_params(&c) == (double)lay.total);
+    layout_free(&lay);
+}
+
+// model_config_params counts what layout_init lays out, for every kind of layer.
+static void test_config_params_match_layout(void **state) {
+    (void)state;
+    ModelConfig c = tiny_config();
+    c.moe_every = 2, c.layers = 4, c.shared_experts = 2, c.noise = NOISE_SHAZEER;
+    Layout lay;
+    layout_init(&lay, &c);
+    assert_true(model_config_params(&c) == (double)lay.total);
+    layout_free(&lay);
+    c.tie_embeddings = 1, c.noise = NOISE_NONE, c.select = SELECT_HASH;
+    layout_init(&lay, &c);
+    assert_true(model_config_params(&c) == (double)lay.total);
+    layout_free(&lay);
+}
+
 static const struct CMUnitTest tests[] = {
+    cmocka_unit_test(test_layout_find_many_tensors),
+    cmocka_unit_test(test_config_params_match_layout),
     cmocka_unit_test(test_words_every_layer_moe),
     cmocka_unit_test(test_words_with_dense_layers),
     cmocka_unit_test(test_tied_head_is_embed),
