@@ -72,7 +72,8 @@ double model_config_params(const ModelConfig *cfg);
 #define MODEL_SIZE_KEYS                                                                     \
     "model.layers = %d, model.d_model = %d, model.experts = %d, model.expert_ffn_dim = %d, " \
     "model.vocab = %d"
-#define MODEL_SIZE_VALUES(c) (c)->layers, (c)->d_model, (c)->experts, (c)->expert_ffn_dim, (c)->vocab
+#define MODEL_SIZE_VALUES(c) \
+    (c)->layers, (c)->d_model, (c)->experts, (c)->expert_ffn_dim, (c)->vocab
 // Per-expert capacity for N tokens: ceil(k N cf / E); 0 means dropless. Expert choice:
 // each expert's C = ceil(N cf / E), cf = capacity_factor, or top_k when that is <= 0.
 size_t model_config_capacity(const ModelConfig *cfg, size_t n_tokens);

@@ -73,7 +73,8 @@ static void parse_sample_args(SampleArgs *a, int argc, char **argv) {
         else if (!strcmp(f, "--tokens")) a->tokens = (int)util_arg_number(f, v, 0, 1 << 20, 1);
         else if (!strcmp(f, "--temperature")) a->temperature = util_arg_number(f, v, 0, 100, 0);
         else if (!strcmp(f, "--top-p")) a->top_p = util_arg_number(f, v, 1e-9, 1, 0);
-        else if (!strcmp(f, "--seed")) a->seed = (unsigned long long)util_arg_number(f, v, 0, 1e18, 1);
+        else if (!strcmp(f, "--seed"))
+            a->seed = (unsigned long long)util_arg_number(f, v, 0, 1e18, 1);
         else FAIL("unknown option %s (moe sample --help lists them)", f);
     }
 }
