@@ -481,7 +481,6 @@ static void train_loop(Run *r) {
         eval_s = omp_get_wtime() - t0;
         n_evals++;
     }
-    interrupt_install();
     while (r->st.step < tc->steps) {
         long step = r->st.step;
         StepReport rep = {.step = step, .steps = tc->steps};
@@ -580,6 +579,7 @@ static void finish(Run *r) {
 }
 
 static void run_all(Run *r) {
+    interrupt_install();   // a signal during setup stops the run after its first step
     setup(r);
     print_startup(r);
     if (r->st.step >= r->rc.train.steps)
