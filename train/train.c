@@ -326,9 +326,31 @@ static void print_eval(Run *r, long step) {
     printf(" | mean %.4f\n", r->eval.loss[r->eval.n_domains]);
 }
 
+// The first tensor of slab (layout order; trainable ones only if asked) holding a NaN or
+// an infinity: 1 and "NAME (value)" in out, else 0.
+static int find_nonfinite(const Run *r, Tensor slab, int trainable_only, char *out, size_t n) {
+    const Model *m = &r->model;
+    real *host = CALLOC(m->layout.total, sizeof *host);
+    m->be->download(host, slab, m->layout.total * sizeof *host);
+    int found = 0;
+    for (size_t i = 0; i < m->layout.n_params && !found; i++) {
+        const ParamInfo *p = &m->layout.params[i];
+        if (trainable_only && !r->trainable[i]) continue;
+        for (size_t j = 0; j < p->numel && !found; j++)
+            if ((found = !isfinite(host[p->offset + j])))
+                snprintf(out, n, "%s (%g)", p->name, (double)host[p->offset + j]);
+    }
+    free(host);
+    return found;
+}
+
+// A checkpoint with a NaN or an infinity would poison every run resumed from it and
+// push good ones out of train.keep: such weights are never saved.
 static void save_checkpoint(Run *r, const char *file) {
-    char path[RUN_FILE_MAX], err[1024];
+    char path[RUN_FILE_MAX], err[1024], bad[384];
     snprintf(path, sizeof path, "%s/%s", r->run_dir, file);
+    if (find_nonfinite(r, r->model.params, 0, bad, sizeof bad))
+        FAIL("%s: not saved: the weight %s is not finite", path, bad);
     r->st.data_cursor = data_loader_cursor(r->data);
     const uint8_t *include = r->rc.finetune.delta ? r->trainable : NULL;
     if (ckpt_save(path, &r->rc, &r->model, &r->opt, &r->st, include, r->base_fingerprint, err,
@@ -337,7 +359,7 @@ static void save_checkpoint(Run *r, const char *file) {
 }
 
 // Keeps the newest train.keep ckpt_<step>.h5 files up to the one just saved, which is
-// finite (ckpt_save refuses non-finite weights) and never removed; newer files, left
+// finite (save_checkpoint refuses non-finite weights) and never removed; newer files, left
 // by a run resumed from an older checkpoint, are not this pruning's to judge.
 static void prune_checkpoints(const Run *r) {
     size_t n, kept = 0;
@@ -384,24 +406,6 @@ static void stop_if_interrupted(Run *r) {
                     "--resume %s continues)\n",
             interrupt_name(sig), r->st.step, r->run_dir, r->st.step, r->run_dir);
     exit(0);
-}
-
-// The first trainable tensor whose gradient holds a NaN or an infinity, by name.
-static void name_nonfinite_gradient(const Run *r, double norm, char *out, size_t n) {
-    const Model *m = &r->model;
-    real *host = CALLOC(m->layout.total, sizeof *host);
-    m->be->download(host, m->grads, m->layout.total * sizeof *host);
-    snprintf(out, n, "gradient norm (%g; every gradient is finite, their sum of squares is "
-                     "not)", norm);
-    for (size_t i = 0; i < m->layout.n_params; i++) {
-        const ParamInfo *p = &m->layout.params[i];
-        size_t j = 0;
-        while (r->trainable[i] && j < p->numel && isfinite(host[p->offset + j])) j++;
-        if (!r->trainable[i] || j == p->numel) continue;
-        snprintf(out, n, "gradient of %s (%g)", p->name, (double)host[p->offset + j]);
-        break;
-    }
-    free(host);
 }
 
 // Back to the run's newest checkpoint (weights, moments, expert bias, data cursor, CSV
@@ -461,7 +465,11 @@ static int update_weights(Run *r, StepReport *rep) {
     rep->grad_norm = adamw_step(&r->opt, r->model.params, r->model.grads, rep->lr, rep->step,
                                 1.0 / tc->grad_accum);
     if (!isfinite(rep->grad_norm)) {
-        name_nonfinite_gradient(r, rep->grad_norm, what, sizeof what);
+        char name[384];
+        if (find_nonfinite(r, r->model.grads, 1, name, sizeof name))
+            snprintf(what, sizeof what, "gradient of %s", name);
+        else   // finite gradients whose sum of squares overflowed
+            snprintf(what, sizeof what, "gradient norm (%g)", rep->grad_norm);
         return handle_nonfinite(r, rep, what);
     }
     if (r->rc.model.bias_gamma > 0)

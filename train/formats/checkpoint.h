@@ -53,9 +53,8 @@ void ckpt_param_path(const ParamInfo *p, char *out, size_t len);
 
 // Writes a checkpoint. opt NULL: no optimizer state. include: one flag per layout tensor
 // (NULL: all), for delta checkpoints that hold only trained tensors (then kind = "delta"
-// and base_fingerprint identifies the base weights). Refuses weights holding a
-// non-finite value, naming the tensor. Returns 0, or -1 with err set; on failure the
-// previous file at `path` is untouched.
+// and base_fingerprint identifies the base weights). Returns 0, or -1 with err set; on
+// failure the previous file at `path` is untouched.
 int ckpt_save(const char *path, RunConfig *rc, const Model *m, const AdamW *opt,
               const TrainState *st, const uint8_t *include, uint64_t base_fingerprint,
               char *err, size_t n);
