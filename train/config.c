@@ -49,6 +49,15 @@ static const ConfigKey train_keys[] = {
      "sampling temperature (0: greedy)"},
     {"sample_prompt", KEY_STRING, TK(sample_prompt), "The ", 0, 0, NULL,
      "text the sample starts from"},
+    {"on_nonfinite", KEY_ENUM, TK(on_nonfinite), "abort", 0, 0, "abort|skip|rollback",
+     "a step with a non-finite loss or gradient: stop with an error naming it, skip the "
+     "update (weights, moments and expert bias untouched), or reload the last checkpoint "
+     "at a lower learning rate"},
+    {"rollback_lr_factor", KEY_DOUBLE, TK(rollback_lr_factor), "0.5", 1e-9, 1, NULL,
+     "on_nonfinite = rollback: each rollback multiplies the learning rate by this (0, 1]"},
+    {"max_rollbacks", KEY_INT, TK(max_rollbacks), "3", 1, 1000, NULL,
+     "on_nonfinite = rollback: rollbacks to the same checkpoint before the run stops with "
+     "an error"},
 };
 
 #define FK(field) offsetof(FinetuneConfig, field)

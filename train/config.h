@@ -19,6 +19,8 @@ typedef enum { TRAIN_DEVICE_CPU = 0, TRAIN_DEVICE_CUDA = 1 } TrainDevice;
 // auto: bf16 products on cuda, fp32 on cpu.
 typedef enum { PRECISION_AUTO = 0, PRECISION_FP32 = 1, PRECISION_BF16 = 2 } TrainPrecision;
 typedef enum { EXPERT_GEMM_LOOP = 0, EXPERT_GEMM_GROUPED = 1 } TrainExpertGemm;
+// What a step with a non-finite loss or gradient does.
+typedef enum { NONFINITE_ABORT = 0, NONFINITE_SKIP = 1, NONFINITE_ROLLBACK = 2 } TrainNonfinite;
 
 typedef struct {
     int batch_size;      // sequences per micro-batch B
@@ -39,6 +41,9 @@ typedef struct {
     int sample_tokens;   // bytes sampled at the end (0: none)
     double sample_temperature;
     char sample_prompt[KEY_STRING_MAX];
+    int on_nonfinite;           // TrainNonfinite
+    double rollback_lr_factor;  // rollback: the learning rate is multiplied by this
+    int max_rollbacks;          // rollbacks to one checkpoint before the run gives up
 } TrainConfig;
 
 // [finetune]: what trains, starting from which checkpoint.

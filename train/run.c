@@ -1,12 +1,18 @@
 #include "run.h"
 
 #include <dirent.h>
+#include <errno.h>
+#include <inttypes.h>
+#include <libgen.h>
 #include <omp.h>
 #include <pthread.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/random.h>
 #include <sys/stat.h>
+#include <time.h>
+#include <unistd.h>
 
 #include "../kernels/backend.h"
 #include "../base/util.h"
@@ -40,34 +46,173 @@ void run_load_checkpoint_config(RunConfig *rc, const char *ckpt, int n_words, ch
     finish_config(rc);
 }
 
-// Highest-step ckpt_<step>.h5 in dir, or "" when none.
-static void latest_in_dir(const char *dir, char *out, size_t len) {
+// "ckpt_<digits>.h5" -> 1 and its step; anything else -> 0.
+static int parse_ckpt_name(const char *name, long *step) {
+    int end = 0;
+    if (sscanf(name, "ckpt_%ld.h5%n", step, &end) != 1 || name[end] || *step < 0) return 0;
+    return strspn(name + 5, "0123456789") == strlen(name) - 8;
+}
+
+static int cmp_long(const void *a, const void *b) {
+    long x = *(const long *)a, y = *(const long *)b;
+    return (x > y) - (x < y);
+}
+
+long *run_list_checkpoints(const char *dir, size_t *n) {
     DIR *d = opendir(dir);
-    if (!d) FAIL("%s: cannot open the run directory", dir);
-    long best = -1;
+    if (!d) FAIL("%s: cannot open the run directory: %s", dir, strerror(errno));
+    size_t cap = 16;
+    long *steps = CALLOC(cap, sizeof *steps);
+    *n = 0;
     struct dirent *e;
-    out[0] = '\0';
+    long step;
     while ((e = readdir(d))) {
-        long step;
-        char tail[8];
-        if (sscanf(e->d_name, "ckpt_%ld.%7s", &step, tail) == 2 && !strcmp(tail, "h5") &&
-            step > best) {
-            best = step;
-            snprintf(out, len, "%s/%s", dir, e->d_name);
+        if (!parse_ckpt_name(e->d_name, &step)) continue;
+        if (*n == cap) {
+            long *grown = CALLOC(cap * 2, sizeof *steps);
+            memcpy(grown, steps, cap * sizeof *steps);
+            free(steps);
+            steps = grown;
+            cap *= 2;
         }
+        steps[(*n)++] = step;
     }
     closedir(d);
+    qsort(steps, *n, sizeof *steps, cmp_long);
+    return steps;
+}
+
+int run_latest_checkpoint(const char *dir, char *out, size_t len) {
+    size_t n;
+    long *steps = run_list_checkpoints(dir, &n);
+    if (n) snprintf(out, len, "%s/ckpt_%06ld.h5", dir, steps[n - 1]);
+    free(steps);
+    return n ? 0 : -1;
 }
 
 void run_resolve_checkpoint(const char *path, char *out, size_t len) {
     struct stat sb;
     if (stat(path, &sb) != 0) FAIL("%s: no such checkpoint or run directory", path);
-    if (!S_ISDIR(sb.st_mode)) {
-        snprintf(out, len, "%s", path);
-        return;
+    if (!S_ISDIR(sb.st_mode)) snprintf(out, len, "%s", path);
+    else if (run_latest_checkpoint(path, out, len) != 0)
+        FAIL("%s: the run directory holds no ckpt_<step>.h5 checkpoint\nHINT: a run stopped "
+             "before its first checkpoint starts again under another train.name (or after "
+             "removing the directory)", path);
+    run_check_checkpoint(out);
+}
+
+uint64_t run_new_id(void) {
+    uint64_t id = 0;
+    if (getrandom(&id, sizeof id, 0) != (ssize_t)sizeof id)
+        id = (uint64_t)time(NULL) * 6364136223846793005ull ^ (uint64_t)getpid();
+    return id ? id : 1;   // 0 means "no run"
+}
+
+static void id_path(const char *dir, char *out, size_t len) {
+    snprintf(out, len, "%s/run_id", dir);
+}
+
+int run_read_id(const char *dir, uint64_t *id) {
+    char path[RUN_FILE_MAX];
+    id_path(dir, path, sizeof path);
+    FILE *f = fopen(path, "r");
+    if (!f) return -1;
+    int ok = fscanf(f, "%16" SCNx64, id) == 1;
+    fclose(f);
+    if (!ok) FAIL("%s: not a run id (16 hex digits)", path);
+    return 0;
+}
+
+FILE *run_create_file(const char *path, char *tmp, size_t len) {
+    snprintf(tmp, len, "%s.tmp", path);
+    FILE *f = fopen(tmp, "w");
+    if (!f) FAIL("%s: cannot create: %s", tmp, strerror(errno));
+    return f;
+}
+
+void run_commit_file(FILE *f, const char *tmp, const char *path) {
+    if (ferror(f) || fflush(f) != 0 || fsync(fileno(f)) != 0) {
+        int e = errno;
+        fclose(f);
+        remove(tmp);
+        FAIL("%s: cannot write: %s", path, strerror(e));
     }
-    latest_in_dir(path, out, len);
-    if (!out[0]) FAIL("%s: the run directory holds no ckpt_<step>.h5 checkpoint", path);
+    if (fclose(f) != 0 || rename(tmp, path) != 0) {
+        int e = errno;
+        remove(tmp);
+        FAIL("%s: cannot write: %s", path, strerror(e));
+    }
+}
+
+void run_write_id(const char *dir, uint64_t id) {
+    char path[RUN_FILE_MAX], tmp[RUN_FILE_MAX + 8];
+    id_path(dir, path, sizeof path);
+    FILE *f = run_create_file(path, tmp, sizeof tmp);
+    fprintf(f, "%016" PRIx64 "\n", id);
+    run_commit_file(f, tmp, path);
+}
+
+void run_check_checkpoint(const char *path) {
+    char err[1024], copy[RUN_FILE_MAX];
+    long step, named;
+    uint64_t id, dir_id;
+    if (ckpt_read_identity(path, &step, &id, err, sizeof err) != 0) FAIL("%s", err);
+    snprintf(copy, sizeof copy, "%s", path);
+    if (parse_ckpt_name(basename(copy), &named) && named != step)
+        FAIL("%s: holds step %ld, not the step its name says (%ld)", path, step, named);
+    snprintf(copy, sizeof copy, "%s", path);
+    const char *dir = dirname(copy);
+    if (run_read_id(dir, &dir_id) == 0 && id != dir_id)
+        FAIL("%s: written by another run (run id %016" PRIx64 ", %s/run_id says %016" PRIx64
+             ")\nHINT: move it out of this run directory, or resume from its own", path, id,
+             dir, dir_id);
+}
+
+// What a run writes into its directory.
+static int is_run_file(const char *name) {
+    static const char *files[] = {"run_id", "config.ini", "metrics.csv", "layers.csv",
+                                  "experts.csv", "best.h5"};
+    long step;
+    for (size_t i = 0; i < sizeof files / sizeof *files; i++)
+        if (!strcmp(name, files[i])) return 1;
+    return parse_ckpt_name(name, &step);
+}
+
+int run_dir_find_run_file(const char *dir, char *name, size_t len) {
+    DIR *d = opendir(dir);
+    if (!d) return 0;
+    struct dirent *e;
+    int found = 0;
+    while (!found && (e = readdir(d)))
+        if ((found = is_run_file(e->d_name))) snprintf(name, len, "%s", e->d_name);
+    closedir(d);
+    return found;
+}
+
+static void remove_matching(const char *dir, int (*match)(const char *name)) {
+    DIR *d = opendir(dir);
+    if (!d) return;
+    struct dirent *e;
+    char path[RUN_FILE_MAX];
+    while ((e = readdir(d))) {
+        if (!match(e->d_name)) continue;
+        snprintf(path, sizeof path, "%s/%s", dir, e->d_name);
+        if (remove(path) != 0 && errno != ENOENT)
+            FAIL("%s: cannot remove: %s", path, strerror(errno));
+    }
+    closedir(d);
+}
+
+static int is_tmp_file(const char *name) {
+    size_t n = strlen(name);
+    return n > 4 && !strcmp(name + n - 4, ".tmp");
+}
+
+void run_remove_tmp(const char *dir) { remove_matching(dir, is_tmp_file); }
+
+void run_dir_clear(const char *dir) {
+    remove_matching(dir, is_run_file);
+    run_remove_tmp(dir);
 }
 
 void run_use_text_domain(RunConfig *rc, const char *name, const char *path) {

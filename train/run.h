@@ -15,8 +15,36 @@
 void run_load_config(RunConfig *rc, const char *ini, int n_words, char **words);
 // defaults <- the config stored in checkpoint <- override words; dies on error.
 void run_load_checkpoint_config(RunConfig *rc, const char *ckpt, int n_words, char **words);
-// A checkpoint file, or a run directory's latest ckpt_*.h5; dies when there is none.
+// A checkpoint file, or a run directory's latest ckpt_*.h5; dies when there is none or
+// when run_check_checkpoint refuses it.
 void run_resolve_checkpoint(const char *path, char *out, size_t len);
+// Dies unless the checkpoint's stored step equals the one in its name (ckpt_<step>.h5)
+// and, when its directory has a run_id, its run id equals that.
+void run_check_checkpoint(const char *path);
+// The steps of dir's ckpt_<step>.h5 files, ascending, in a malloc'ed array of *n.
+long *run_list_checkpoints(const char *dir, size_t *n);
+// dir's highest-step ckpt_<step>.h5 into out; -1 when there is none.
+int run_latest_checkpoint(const char *dir, char *out, size_t len);
+
+// A run directory's identity: a random nonzero 64-bit id in <dir>/run_id (16 hex
+// digits), stamped into every checkpoint the run writes.
+uint64_t run_new_id(void);
+// 0 with *id, or -1 when dir has no run_id (runs from before identities); dies on a
+// malformed one.
+int run_read_id(const char *dir, uint64_t *id);
+void run_write_id(const char *dir, uint64_t id);
+// A file that replaces path only once complete: written to tmp (<path>.tmp, len bytes)
+// by the caller, then run_commit_file flushes, syncs and renames it over path. Both die
+// with a one-line error naming the file on any failure (a full disk included).
+FILE *run_create_file(const char *path, char *tmp, size_t len);
+void run_commit_file(FILE *f, const char *tmp, const char *path);
+// 1 and the first file a run writes (run_id, config.ini, a CSV, a checkpoint) found in
+// dir, or 0 when there is none (or no dir).
+int run_dir_find_run_file(const char *dir, char *name, size_t len);
+// Removes dir's *.tmp files (left by a save that was killed).
+void run_remove_tmp(const char *dir);
+// Removes every file a run writes from dir, and *.tmp, so that a run can start afresh.
+void run_dir_clear(const char *dir);
 // Applies "section.key=value" words; dies on the first bad one.
 void run_apply_overrides(RunConfig *rc, int n_words, char **words);
 // A single text domain named `name` reading `path` for both training and validation

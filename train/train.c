@@ -30,6 +30,7 @@
 #include "formats/checkpoint.h"
 #include "config.h"
 #include "eval.h"
+#include "interrupt.h"
 #include "metrics.h"
 #include "run.h"
 #include "sample.h"
@@ -55,6 +56,11 @@ typedef struct {
     int32_t *batch;           // (grad_accum, 2, N) tokens then targets per micro-batch
     StepRunner step;          // the step's micro-batches forward and backward
     long first_step;          // the step this invocation started from
+    long steps_run;           // optimizer steps this invocation ran (rolled back ones too)
+    long skipped;             // steps this invocation skipped as non-finite
+    long saved_step;          // the step of the last ckpt_<step>.h5 written, or -1
+    long rollback_step;       // the checkpoint step the last rollback returned to, or -1
+    int rollbacks;            // rollbacks in a row to rollback_step
     double train_s, total_s;  // wall time of training steps, and of the whole loop
 } Run;
 
@@ -76,6 +82,14 @@ static void default_run_name(RunConfig *rc, const char *config_path) {
     snprintf(rc->train.name, sizeof rc->train.name, "%s", base);
 }
 
+// A run name is one directory inside train.out_dir: a name that climbs out of it or
+// names it would mix this run's files with another's.
+static void check_run_name(const char *name) {
+    if (!name[0] || strchr(name, '/') || !strcmp(name, ".") || !strcmp(name, ".."))
+        FAIL("train.name = '%s': a run name is one directory name inside train.out_dir (no "
+             "'/', not '.' or '..')", name);
+}
+
 static void make_dirs(const char *path) {
     char tmp[RUN_PATH_MAX];
     snprintf(tmp, sizeof tmp, "%s", path);
@@ -89,14 +103,46 @@ static void make_dirs(const char *path) {
 }
 
 static void write_resolved_config(Run *r) {
-    char path[RUN_FILE_MAX];
+    char path[RUN_FILE_MAX], tmp[RUN_FILE_MAX + 8];
     snprintf(path, sizeof path, "%s/config.ini", r->run_dir);
-    FILE *f = fopen(path, "w");
-    if (!f) FAIL("%s: cannot write the resolved config", path);
+    FILE *f = run_create_file(path, tmp, sizeof tmp);
     fprintf(f, "; resolved configuration of run %s (every key, defaults included)\n\n",
             r->rc.train.name);
     run_config_write_ini(f, &r->rc);
-    fclose(f);
+    run_commit_file(f, tmp, path);
+}
+
+// A new run takes an empty directory (files of other programs, such as moe ablate's
+// train.log, may be there): another run's config.ini, CSVs and checkpoints would mix
+// with this one's, and eval or --resume would pick the other run's newest checkpoint.
+static void check_run_dir_free(const Run *r) {
+    char file[256];
+    if (run_dir_find_run_file(r->run_dir, file, sizeof file))
+        FAIL("%s: holds another run (%s)\nHINT: moe train --resume %s continues it; "
+             "train.name=OTHER starts a new run beside it",
+             r->run_dir, file, r->run_dir);
+}
+
+// The directory's run id: a new run's, or on resume the directory's own (a directory
+// from before run ids adopts its checkpoint's). Stale *.tmp of a killed save go.
+static void claim_run_dir(Run *r) {
+    make_dirs(r->run_dir);
+    if (r->mode == MODE_RESUME) {
+        run_remove_tmp(r->run_dir);
+        uint64_t id;
+        if (run_read_id(r->run_dir, &id) == 0) return;
+        if (!r->st.run_id) r->st.run_id = run_new_id();
+    } else {
+        r->st.run_id = run_new_id();
+    }
+    run_write_id(r->run_dir, r->st.run_id);
+}
+
+static void open_metrics(Run *r, long from_step) {
+    int nd = data_loader_domains(r->data);
+    const char *names[DATA_MAX_DOMAINS];
+    for (int d = 0; d < nd; d++) names[d] = data_loader_domain_name(r->data, d);
+    metrics_open(&r->metrics, r->run_dir, names, nd, r->rc.train.log_every, from_step);
 }
 
 // Parameters one token computes with: all but the experts it is not routed to (the
@@ -174,8 +220,10 @@ static void setup(Run *r) {
     if (cpu_blas_self_check() != 0)
         FAIL("OpenBLAS kernel %s computes a wrong product\nHINT: set OPENBLAS_CORETYPE to a "
              "kernel your CPU supports (e.g. Haswell) and run again", cpu_blas_kernel_name());
-    if (r->mode != MODE_RESUME)
+    if (r->mode != MODE_RESUME) {
         snprintf(r->run_dir, sizeof r->run_dir, "%s/%s", rc->train.out_dir, rc->train.name);
+        check_run_dir_free(r);
+    }
     size_t B = (size_t)rc->train.batch_size, T = (size_t)rc->model.seq_len;
     model_init(&r->model, &rc->model, run_backend(&rc->train), B, T);
     run_set_precision(&r->model, &rc->train);
@@ -184,6 +232,8 @@ static void setup(Run *r) {
     load_weights(r);
     rng_init(&r->st.noise_rng, (uint64_t)rc->train.seed ^ 0x6e6f697365ULL);
     r->st.best_val = INFINITY;
+    r->st.lr_scale = 1.0;
+    r->saved_step = r->rollback_step = -1;
     choose_trainable(r);
     ParamGroupRules rules = {rc->optim.decay_norms, rc->optim.decay_embeddings,
                              rc->optim.decay_router, rc->optim.router_lr_mult};
@@ -196,16 +246,12 @@ static void setup(Run *r) {
             FAIL("%s", err);
         data_loader_seek(r->data, r->st.data_cursor);
     }
-    make_dirs(r->run_dir);
+    claim_run_dir(r);
     write_resolved_config(r);
     routing_stats_init(&r->step_stats, &rc->model);
     routing_stats_init(&r->window, &rc->model);
-    int nd = data_loader_domains(r->data);
-    eval_result_init(&r->eval, &rc->model, nd);
-    const char *names[DATA_MAX_DOMAINS];
-    for (int d = 0; d < nd; d++) names[d] = data_loader_domain_name(r->data, d);
-    metrics_open(&r->metrics, r->run_dir, names, nd, rc->train.log_every,
-                 r->mode == MODE_RESUME);
+    eval_result_init(&r->eval, &rc->model, data_loader_domains(r->data));
+    open_metrics(r, r->st.step);
     r->batch = CALLOC(2 * r->model.N * (size_t)rc->train.grad_accum, sizeof *r->batch);
     step_runner_init(&r->step, &r->model, rc->train.grad_accum,
                      rc->model.aux_scope == AUX_SCOPE_BATCH, rc->train.keep_activations);
@@ -280,9 +326,31 @@ static void print_eval(Run *r, long step) {
     printf(" | mean %.4f\n", r->eval.loss[r->eval.n_domains]);
 }
 
+// The first tensor of slab (layout order; trainable ones only if asked) holding a NaN or
+// an infinity: 1 and "NAME (value)" in out, else 0.
+static int find_nonfinite(const Run *r, Tensor slab, int trainable_only, char *out, size_t n) {
+    const Model *m = &r->model;
+    real *host = CALLOC(m->layout.total, sizeof *host);
+    m->be->download(host, slab, m->layout.total * sizeof *host);
+    int found = 0;
+    for (size_t i = 0; i < m->layout.n_params && !found; i++) {
+        const ParamInfo *p = &m->layout.params[i];
+        if (trainable_only && !r->trainable[i]) continue;
+        for (size_t j = 0; j < p->numel && !found; j++)
+            if ((found = !isfinite(host[p->offset + j])))
+                snprintf(out, n, "%s (%g)", p->name, (double)host[p->offset + j]);
+    }
+    free(host);
+    return found;
+}
+
+// A checkpoint with a NaN or an infinity would poison every run resumed from it and
+// push good ones out of train.keep: such weights are never saved.
 static void save_checkpoint(Run *r, const char *file) {
-    char path[RUN_FILE_MAX], err[1024];
+    char path[RUN_FILE_MAX], err[1024], bad[384];
     snprintf(path, sizeof path, "%s/%s", r->run_dir, file);
+    if (find_nonfinite(r, r->model.params, 0, bad, sizeof bad))
+        FAIL("%s: not saved: the weight %s is not finite", path, bad);
     r->st.data_cursor = data_loader_cursor(r->data);
     const uint8_t *include = r->rc.finetune.delta ? r->trainable : NULL;
     if (ckpt_save(path, &r->rc, &r->model, &r->opt, &r->st, include, r->base_fingerprint, err,
@@ -290,14 +358,29 @@ static void save_checkpoint(Run *r, const char *file) {
         FAIL("%s", err);
 }
 
-// Keeps the newest train.keep ckpt_<step>.h5 files.
+// Keeps the newest train.keep ckpt_<step>.h5 files up to the one just saved, which is
+// finite (save_checkpoint refuses non-finite weights) and never removed; newer files, left
+// by a run resumed from an older checkpoint, are not this pruning's to judge.
 static void prune_checkpoints(const Run *r) {
-    long oldest = r->st.step - (long)r->rc.train.keep * r->rc.train.ckpt_every;
-    for (long s = oldest; s > 0 && r->rc.train.ckpt_every > 0; s -= r->rc.train.ckpt_every) {
+    size_t n, kept = 0;
+    long *steps = run_list_checkpoints(r->run_dir, &n);
+    for (size_t i = n; i-- > 0;) {
+        if (steps[i] > r->saved_step || ++kept <= (size_t)r->rc.train.keep) continue;
         char path[RUN_FILE_MAX];
-        snprintf(path, sizeof path, "%s/ckpt_%06ld.h5", r->run_dir, s);
-        if (remove(path) != 0) break;
+        snprintf(path, sizeof path, "%s/ckpt_%06ld.h5", r->run_dir, steps[i]);
+        if (remove(path) != 0)
+            fprintf(stderr, "moe: warning: %s: cannot remove an old checkpoint: %s\n", path,
+                    strerror(errno));
     }
+    free(steps);
+}
+
+static void save_step_checkpoint(Run *r) {
+    char file[64];
+    snprintf(file, sizeof file, "ckpt_%06ld.h5", r->st.step);
+    save_checkpoint(r, file);
+    r->saved_step = r->st.step;
+    prune_checkpoints(r);
 }
 
 static void after_step(Run *r, int evaluated) {
@@ -307,12 +390,91 @@ static void after_step(Run *r, int evaluated) {
         r->st.best_val = r->eval.loss[r->eval.n_domains];
         save_checkpoint(r, "best.h5");
     }
-    if (done == tc->steps || (tc->ckpt_every > 0 && done % tc->ckpt_every == 0)) {
-        char file[64];
-        snprintf(file, sizeof file, "ckpt_%06ld.h5", done);
-        save_checkpoint(r, file);
-        prune_checkpoints(r);
+    if (done == tc->steps || (tc->ckpt_every > 0 && done % tc->ckpt_every == 0))
+        save_step_checkpoint(r);
+}
+
+// SIGINT or SIGTERM arrived: the step is complete, so it is saved and the run ends.
+static void stop_if_interrupted(Run *r) {
+    int sig = interrupt_pending();
+    if (!sig) return;
+    if (r->saved_step != r->st.step) save_step_checkpoint(r);
+    run_remove_tmp(r->run_dir);
+    metrics_close(&r->metrics);
+    fflush(stdout);
+    fprintf(stderr, "moe: %s: stopped after step %ld; checkpoint %s/ckpt_%06ld.h5 (moe train "
+                    "--resume %s continues)\n",
+            interrupt_name(sig), r->st.step, r->run_dir, r->st.step, r->run_dir);
+    exit(0);
+}
+
+// Back to the run's newest checkpoint (weights, moments, expert bias, data cursor, CSV
+// rows) at a lower learning rate; repeated rollbacks to one checkpoint are bounded.
+static void roll_back(Run *r, long step, const char *what) {
+    const TrainConfig *tc = &r->rc.train;
+    char ckpt[RUN_FILE_MAX], err[1024];
+    if (run_latest_checkpoint(r->run_dir, ckpt, sizeof ckpt) != 0)
+        FAIL("step %ld: non-finite %s; train.on_nonfinite = rollback, but the run has no "
+             "checkpoint yet", step + 1, what);
+    if (ckpt_load(ckpt, &r->model, &r->opt, &r->st, err, sizeof err) != 0) FAIL("%s", err);
+    r->rollbacks = r->st.step == r->rollback_step ? r->rollbacks + 1 : 1;
+    r->rollback_step = r->st.step;
+    if (r->rollbacks > tc->max_rollbacks)
+        FAIL("step %ld: non-finite %s after %d rollbacks to %s; stopped\nHINT: lower optim.lr "
+             "or raise train.max_rollbacks", step + 1, what, tc->max_rollbacks, ckpt);
+    r->st.lr_scale *= pow(tc->rollback_lr_factor, r->rollbacks);
+    data_loader_seek(r->data, r->st.data_cursor);
+    metrics_close(&r->metrics);
+    open_metrics(r, r->st.step);
+    routing_stats_reset(&r->window);
+    fprintf(stderr, "moe: warning: step %ld: non-finite %s; rolled back to %s (step %ld), "
+                    "learning rate x%g (rollback %d of at most %d)\n",
+            step + 1, what, ckpt, r->st.step, r->st.lr_scale, r->rollbacks, tc->max_rollbacks);
+}
+
+// What train.on_nonfinite says to do about a step whose `what` is not finite. Returns 1
+// when the step goes on (skipped), 0 when the run rolled back.
+static int handle_nonfinite(Run *r, StepReport *rep, const char *what) {
+    metrics_break_line(&r->metrics);
+    switch (r->rc.train.on_nonfinite) {
+    case NONFINITE_SKIP:
+        fprintf(stderr, "moe: warning: step %ld: non-finite %s; update skipped "
+                        "(train.on_nonfinite = skip)\n", rep->step + 1, what);
+        rep->skipped = 1;
+        r->skipped++;
+        return 1;
+    case NONFINITE_ROLLBACK:
+        roll_back(r, rep->step, what);
+        return 0;
+    default:
+        FAIL("step %ld: non-finite %s; stopped (train.on_nonfinite = abort)\nHINT: "
+             "train.on_nonfinite=skip or rollback ride over such steps", rep->step + 1, what);
     }
+}
+
+// The optimizer step and the expert-bias update, unless the loss or a gradient is not
+// finite (AdamW then changes nothing). Returns 0 when the run rolled back.
+static int update_weights(Run *r, StepReport *rep) {
+    const TrainConfig *tc = &r->rc.train;
+    char what[512];
+    rep->grad_norm = NAN;
+    if (!isfinite(rep->losses.total)) {
+        snprintf(what, sizeof what, "loss (%g)", rep->losses.total);
+        return handle_nonfinite(r, rep, what);
+    }
+    rep->grad_norm = adamw_step(&r->opt, r->model.params, r->model.grads, rep->lr, rep->step,
+                                1.0 / tc->grad_accum);
+    if (!isfinite(rep->grad_norm)) {
+        char name[384];
+        if (find_nonfinite(r, r->model.grads, 1, name, sizeof name))
+            snprintf(what, sizeof what, "gradient of %s", name);
+        else   // finite gradients whose sum of squares overflowed
+            snprintf(what, sizeof what, "gradient norm (%g)", rep->grad_norm);
+        return handle_nonfinite(r, rep, what);
+    }
+    if (r->rc.model.bias_gamma > 0)
+        routing_update_expert_bias(&r->model, &r->step_stats, r->rc.model.bias_gamma);
+    return 1;
 }
 
 static void train_loop(Run *r) {
@@ -327,18 +489,16 @@ static void train_loop(Run *r) {
         eval_s = omp_get_wtime() - t0;
         n_evals++;
     }
-    for (long step = first; step < tc->steps; step++) {
+    while (r->st.step < tc->steps) {
+        long step = r->st.step;
         StepReport rep = {.step = step, .steps = tc->steps};
         rep.losses = accumulate_gradients(r);
-        rep.lr = optim_lr_at(&r->rc.optim, step, tc->steps);
-        rep.grad_norm = adamw_step(&r->opt, r->model.params, r->model.grads, rep.lr, step,
-                                   1.0 / tc->grad_accum);
-        if (r->rc.model.bias_gamma > 0)
-            routing_update_expert_bias(&r->model, &r->step_stats, r->rc.model.bias_gamma);
+        rep.lr = optim_lr_at(&r->rc.optim, step, tc->steps) * r->st.lr_scale;
+        if (!update_weights(r, &rep)) continue;
         r->st.step = step + 1;
         r->st.tokens_seen += tokens_per_step;
         rep.elapsed_s = omp_get_wtime() - t0;
-        double done = (double)(step + 1 - first), left = (double)(tc->steps - step - 1);
+        double done = (double)++r->steps_run, left = (double)(tc->steps - step - 1);
         rep.tok_per_s = (double)tokens_per_step * done / (rep.elapsed_s - eval_s);
         double evals_left = tc->eval_every > 0 ? floor(left / tc->eval_every) + 1 : 1;
         rep.eta_s = (rep.elapsed_s - eval_s) / done * left +
@@ -364,6 +524,7 @@ static void train_loop(Run *r) {
         if (eval) routing_stats_reset(&r->window);
         metrics_write_experts(&r->metrics, step, &r->step_stats, &r->model);
         after_step(r, eval);
+        stop_if_interrupted(r);
     }
     r->train_s = omp_get_wtime() - t0 - eval_s;
     r->total_s = omp_get_wtime() - t0;
@@ -403,12 +564,15 @@ static void finish(Run *r) {
         printf("\nsample (temperature %.2f):\n%s\n", tc->sample_temperature, text);
         free(text);
     }
-    size_t tokens = r->model.N * (size_t)tc->grad_accum * (size_t)(r->st.step - r->first_step);
+    size_t tokens = r->model.N * (size_t)tc->grad_accum * (size_t)r->steps_run;
     if (r->train_s > 0)
         printf("\ndone: step %ld, %.2fM tokens this run in %.1f s (%.0f tok/s training; %.1f s "
                "with evaluation); final val loss %.4f mean\n",
                r->st.step, (double)tokens / 1e6, r->train_s, (double)tokens / r->train_s,
                r->total_s, r->eval.loss[r->eval.n_domains]);
+    if (r->skipped)
+        printf("%ld of %ld steps skipped as non-finite (train.on_nonfinite = skip)\n",
+               r->skipped, r->steps_run);
     printf("run written to %s (config.ini, metrics.csv, experts.csv, checkpoints)\n",
            r->run_dir);
     free(r->batch);
@@ -423,6 +587,7 @@ static void finish(Run *r) {
 }
 
 static void run_all(Run *r) {
+    interrupt_install();   // a signal during setup stops the run after its first step
     setup(r);
     print_startup(r);
     if (r->st.step >= r->rc.train.steps)
@@ -457,6 +622,7 @@ int train_main(int argc, char **argv) {
         run.mode = MODE_TRAIN;
         run_load_config(&run.rc, argv[1], argc - 2, argv + 2);
         default_run_name(&run.rc, argv[1]);
+        check_run_name(run.rc.train.name);
     }
     run_all(&run);
     return 0;
@@ -490,6 +656,7 @@ int finetune_main(int argc, char **argv) {
     data_config_use_default(&run.rc.data);
     snprintf(run.rc.finetune.init, sizeof run.rc.finetune.init, "%s", run.ckpt);
     default_run_name(&run.rc, argv[1]);
+    check_run_name(run.rc.train.name);
     run_all(&run);
     return 0;
 }

@@ -405,6 +405,7 @@ static void start_job(Job *j, const char *out, const char *base_ini, int threads
         words_push(&argv, &n, text_dup(j->run_dir));
     } else {
         make_dirs(j->run_dir);
+        run_dir_clear(j->run_dir);   // a start that never reached a checkpoint
         words_push(&argv, &n, text_dup(base_ini));
         for (int i = 0; i < j->v->n_words; i++)
             words_push(&argv, &n, text_dup(j->v->words[i]));

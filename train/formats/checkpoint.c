@@ -3,6 +3,7 @@
 #include <errno.h>
 #include <fcntl.h>
 #include <hdf5.h>
+#include <math.h>
 #include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -155,14 +156,15 @@ static int write_str_attr(Ckpt *c, hid_t obj, const char *name, const char *valu
 static int write_root(Ckpt *c, const TrainState *st, const char *kind, uint64_t base) {
     int32_t version = CKPT_VERSION;
     int64_t step = st ? st->step : 0;
-    uint64_t tokens = st ? st->tokens_seen : 0;
+    uint64_t tokens = st ? st->tokens_seen : 0, run_id = st ? st->run_id : 0;
     hid_t root = c->file;
     if (write_str_attr(c, root, "format", CKPT_FORMAT) ||
         write_attr(c, root, "version", H5T_STD_I32LE, H5T_NATIVE_INT32, &version) ||
         write_attr(c, root, "step", H5T_STD_I64LE, H5T_NATIVE_INT64, &step) ||
         write_attr(c, root, "tokens_seen", H5T_STD_U64LE, H5T_NATIVE_UINT64, &tokens) ||
         write_str_attr(c, root, "kind", kind) ||
-        write_attr(c, root, "base_fingerprint", H5T_STD_U64LE, H5T_NATIVE_UINT64, &base))
+        write_attr(c, root, "base_fingerprint", H5T_STD_U64LE, H5T_NATIVE_UINT64, &base) ||
+        write_attr(c, root, "run_id", H5T_STD_U64LE, H5T_NATIVE_UINT64, &run_id))
         return -1;
     return 0;
 }
@@ -188,6 +190,26 @@ static int write_config(Ckpt *c, RunConfig *rc) {
     }
     H5Gclose(g);
     return r;
+}
+
+static double value_at(const void *data, DType dt, size_t i) {
+    return dt == DTYPE_F64 ? ((const double *)data)[i] : ((const float *)data)[i];
+}
+
+// Index of the first non-finite value of a host array of dt, or n when all are finite.
+static size_t first_nonfinite(const void *data, DType dt, size_t n) {
+    for (size_t i = 0; i < n; i++)
+        if (!isfinite(value_at(data, dt, i))) return i;
+    return n;
+}
+
+// A NaN or infinity in a checkpoint poisons every run that starts from it.
+static int check_finite(Ckpt *c, const char *what, const char *dpath, const void *data,
+                        DType dt, size_t n) {
+    size_t i = first_nonfinite(data, dt, n);
+    if (i == n) return 0;
+    return ckpt_fail(c, "%s %s holds a non-finite value (%g at index %zu)", what, dpath,
+                     value_at(data, dt, i), i);
 }
 
 static int write_tensor(Ckpt *c, const char *dpath, const ParamInfo *p, hid_t mtype,
@@ -274,6 +296,7 @@ static int write_optim(Ckpt *c, const Model *m, const AdamW *opt, const uint8_t 
 static int write_state(Ckpt *c, const TrainState *st) {
     hsize_t four = 4, one = 1;
     int64_t step = st->step;
+    double lr_scale = st->lr_scale > 0 ? st->lr_scale : 1.0;
     if (write_array(c, "/state/rng", H5T_STD_U64LE, H5T_NATIVE_UINT64, st->noise_rng.s, 1,
                     &four) ||
         write_array(c, "/state/step", H5T_STD_I64LE, H5T_NATIVE_INT64, &step, 1, &one) ||
@@ -282,7 +305,8 @@ static int write_state(Ckpt *c, const TrainState *st) {
         write_array(c, "/state/data_cursor", H5T_STD_U64LE, H5T_NATIVE_UINT64, &st->data_cursor,
                     1, &one) ||
         write_array(c, "/state/best_val", H5T_IEEE_F64LE, H5T_NATIVE_DOUBLE, &st->best_val, 1,
-                    &one))
+                    &one) ||
+        write_array(c, "/state/lr_scale", H5T_IEEE_F64LE, H5T_NATIVE_DOUBLE, &lr_scale, 1, &one))
         return -1;
     return 0;
 }
@@ -656,7 +680,9 @@ static int read_model(Ckpt *c, const Model *m, char *host) {
             if (delta) continue;
             return ckpt_fail(c, "%s is missing (a full checkpoint holds every tensor)", dpath);
         }
-        if (read_tensor(c, dpath, p, mem_type(m->params.dtype), host + p->offset * esize))
+        char *data = host + p->offset * esize;
+        if (read_tensor(c, dpath, p, mem_type(m->params.dtype), data) ||
+            check_finite(c, "tensor", dpath, data, m->params.dtype, p->numel))
             return -1;
     }
     return 0;
@@ -675,8 +701,9 @@ static int read_bias(Ckpt *c, const Model *m, char *host) {
             if (is_delta(c)) continue;
             return ckpt_fail(c, "%s is missing (router.bias_gamma > 0)", dpath);
         }
-        if (read_array(c, dpath, mem_type(m->expert_bias.dtype), host + (size_t)l * E * esize,
-                       1, dims))
+        char *data = host + (size_t)l * E * esize;
+        if (read_array(c, dpath, mem_type(m->expert_bias.dtype), data, 1, dims) ||
+            check_finite(c, "expert bias", dpath, data, m->expert_bias.dtype, E))
             return -1;
     }
     return 0;
@@ -697,9 +724,20 @@ static int read_optim(Ckpt *c, const Model *m, const AdamW *opt, char *host_m, c
         if (!path_exists(c->file, dm) || !path_exists(c->file, dv))
             return ckpt_fail(c, "no optimizer state for %s, which this run trains", p->name);
         if (read_tensor(c, dm, p, mem_type(opt->m.dtype), host_m + at) ||
-            read_tensor(c, dv, p, mem_type(opt->v.dtype), host_v + at))
+            read_tensor(c, dv, p, mem_type(opt->v.dtype), host_v + at) ||
+            check_finite(c, "moment", dm, host_m + at, opt->m.dtype, p->numel) ||
+            check_finite(c, "moment", dv, host_v + at, opt->v.dtype, p->numel))
             return -1;
     }
+    return 0;
+}
+
+// Files written before run identities existed have none: 0.
+static int read_run_id(Ckpt *c, uint64_t *out) {
+    *out = 0;
+    if (H5Aexists(c->file, "run_id") > 0 &&
+        read_num_attr(c->file, "run_id", H5T_NATIVE_UINT64, out) != 0)
+        return ckpt_fail(c, "no readable run_id attribute");
     return 0;
 }
 
@@ -714,7 +752,14 @@ static int read_state(Ckpt *c, TrainState *st) {
         read_array(c, "/state/best_val", H5T_NATIVE_DOUBLE, &st->best_val, 1, &one))
         return -1;
     st->step = (long)step;
-    return 0;
+    // Files written before rollbacks existed have no scale.
+    st->lr_scale = 1.0;
+    if (path_exists(c->file, "/state/lr_scale") &&
+        read_array(c, "/state/lr_scale", H5T_NATIVE_DOUBLE, &st->lr_scale, 1, &one))
+        return -1;
+    if (!(st->lr_scale > 0 && st->lr_scale <= 1))
+        return ckpt_fail(c, "/state/lr_scale is %g, outside (0, 1]", st->lr_scale);
+    return read_run_id(c, &st->run_id);
 }
 
 // Host copies of everything a load replaces; uploaded only once the whole file read.
@@ -785,6 +830,24 @@ uint64_t ckpt_fingerprint(const Model *m) {
     }
     free(host);
     return h;
+}
+
+static int read_identity(Ckpt *c, long *step, uint64_t *run_id) {
+    if (open_checked(c) != 0) return -1;
+    int64_t s;
+    if (read_num_attr(c->file, "step", H5T_NATIVE_INT64, &s) != 0)
+        return ckpt_fail(c, "no readable step attribute");
+    *step = (long)s;
+    return read_run_id(c, run_id);
+}
+
+int ckpt_read_identity(const char *path, long *step, uint64_t *run_id, char *err, size_t n) {
+    Ckpt c = {-1, path, err, n};
+    Quiet q = hdf5_quiet();
+    int r = read_identity(&c, step, run_id);
+    close_file(&c);
+    hdf5_restore(q);
+    return r;
 }
 
 static int read_base_fingerprint(Ckpt *c, uint64_t *out) {

@@ -3,7 +3,8 @@
 //
 // One self-describing HDF5 file per checkpoint, readable with h5py and h5dump:
 //   /                  attrs format = "moe.c", version, step, tokens_seen, kind
-//                      ("full" or "delta"), base_fingerprint (0 in a full checkpoint)
+//                      ("full" or "delta"), base_fingerprint (0 in a full checkpoint),
+//                      run_id (the run that wrote it; 0: none)
 //   /config            one string attr per resolved key, "section.key" = value
 //   /model/...         one dataset per parameter tensor (float32, HF Mixtral shapes):
 //                      /model/embed_tokens, /model/layers/<i>/input_layernorm,
@@ -16,7 +17,8 @@
 //                      /model/norm, /model/lm_head
 //   /optim/m/..., /optim/v/...   AdamW moments of the trainable tensors, at the path
 //                      below /model (/optim/m/layers/0/experts/3/w1)
-//   /state/rng (4 uint64), /state/{step, tokens_seen, data_cursor, best_val} (1 each)
+//   /state/rng (4 uint64), /state/{step, tokens_seen, data_cursor, best_val, lr_scale}
+//                      (1 each)
 // Every dataset is chunked and carries the fletcher32 checksum filter (so the state's
 // scalars are 1-element arrays). A save builds the file in memory (about twice its size
 // in host memory), writes it to <path>.tmp, fsyncs it, renames it over <path> and fsyncs
@@ -42,6 +44,8 @@ typedef struct {
     uint64_t data_cursor;   // batches drawn (data_loader_cursor)
     Rng noise_rng;          // router-noise generator
     double best_val;        // best mean validation loss so far (INFINITY if none)
+    uint64_t run_id;        // the run directory's identity (0: none)
+    double lr_scale;        // learning-rate factor left by rollbacks (0 is taken as 1)
 } TrainState;
 
 // The checkpoint path of a parameter ("/model/layers/0/experts/3/w1").
@@ -65,8 +69,14 @@ int ckpt_read_config(const char *path, RunConfig *rc, char *err, size_t n);
 // be present), and the train state when st is non-NULL. Checks every dataset's shape and
 // its fletcher32 checksum, and that the stored [model] and [router] config equals m's,
 // training settings aside (init_std, capacity, drop policy, aux coefficients, jitter)
-// (a mismatch names the first differing key and both values). Returns 0 or -1 with err.
+// (a mismatch names the first differing key and both values), and that every weight,
+// expert bias and moment is finite (naming the first tensor that is not). Returns 0 or
+// -1 with err.
 int ckpt_load(const char *path, Model *m, AdamW *opt, TrainState *st, char *err, size_t n);
+
+// The root attributes step and run_id (0 when the file has none), to check a
+// checkpoint against its file name and its run directory. Returns 0 or -1 with err.
+int ckpt_read_identity(const char *path, long *step, uint64_t *run_id, char *err, size_t n);
 
 // A 64-bit fingerprint (FNV-1a) of m's weights, to tie a delta to its base.
 uint64_t ckpt_fingerprint(const Model *m);
