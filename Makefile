@@ -8,6 +8,9 @@
 #   make deps       install the Debian packages the build needs (apt-get; root or sudo)
 #   make deps-test  install the packages the tests need (PyTorch, h5py, pytest, cmocka,
 #                   gnuplot for the figures of moe ablate / moe route)
+#   make fuzz       run every fuzz target (tests/fuzz/) for FUZZ_SECONDS (60) each;
+#                   make fuzz-smoke: 20 s each (CI). Builds under build/fuzz with clang.
+#   make SANITIZE=1 test   the tests on an ASan + UBSan build (build/asan, CPU only)
 #   make clean
 #
 # Two builds of the same sources: build/f32 (the `moe` binary, real = float) and
@@ -16,6 +19,23 @@
 CC ?= gcc
 PYTHON_REF := /usr/bin/python3
 BUILD := build
+# The binary the tests run (tests/*.py read MOE_BIN and MOE_BUILD, defaulting to these).
+MOE_BIN := moe
+
+# SANITIZE=1: AddressSanitizer and UndefinedBehaviorSanitizer on every object, in a build
+# directory of its own so the two builds never mix; CPU only (nvcc's objects are not
+# instrumented). The binary is build/asan/moe; `make SANITIZE=1 test` points the tests at
+# it. LSan's suppressions name third-party leaks only (tests/sanitizers/lsan.supp).
+ifeq ($(SANITIZE),1)
+BUILD := build/asan
+MOE_BIN := $(BUILD)/moe
+NVCC :=
+SAN_FLAGS := -fsanitize=address,undefined -fno-sanitize-recover=undefined \
+    -fno-omit-frame-pointer
+export ASAN_OPTIONS := detect_leaks=1:abort_on_error=0:exitcode=86
+export LSAN_OPTIONS := suppressions=$(abspath tests/sanitizers/lsan.supp):print_suppressions=0
+export UBSAN_OPTIONS := print_stacktrace=1:halt_on_error=1
+endif
 .DEFAULT_GOAL := all
 
 BUILD_PKGS := gcc make pkg-config libhdf5-dev libcsv-dev libopenblas-openmp-dev libinih-dev zlib1g-dev \
@@ -58,8 +78,8 @@ $(BUILD)/config.mk: Makefile
 	  -Wl,-rpath,$$(PKG_CONFIG_PATH=$(OPENBLAS_PC) pkg-config --variable=libdir openblas)" >> $@.tmp
 	@mv $@.tmp $@
 
-CFLAGS = $(CFLAGS_BASE) $(PKG_CFLAGS) $(EXTRA_CFLAGS)
-LDLIBS = $(PKG_LIBS) $(LDLIBS_BASE)
+CFLAGS = $(CFLAGS_BASE) $(SAN_FLAGS) $(PKG_CFLAGS) $(EXTRA_CFLAGS)
+LDLIBS = $(PKG_LIBS) $(LDLIBS_BASE) $(SAN_FLAGS)
 
 # Rooms, bottom up: base <- kernels <- model, optim, data <- train; inside train:
 # train/config.* (RunConfig: every room's section) <- train/formats (checkpoints, HDF5,
@@ -117,9 +137,9 @@ F64_TRAIN := $(patsubst %.c,$(BUILD)/f64/%.o,$(filter-out train/cli/main.c,$(TRA
 F64_TESTLIB := $(BUILD)/f64/tests/testlib.o
 
 .PHONY: all test deps deps-test clean
-all: moe
+all: $(MOE_BIN)
 
-moe: $(F32_LIB) $(F32_TRAIN)
+$(MOE_BIN): $(F32_LIB) $(F32_TRAIN)
 	$(CC) -o $@ $^ $(LDLIBS)
 
 $(BUILD)/f32/%.o: %.c | $(BUILD)/config.mk
@@ -162,7 +182,7 @@ $(BUILD)/f32/kernels/cuda/%.o: kernels/cuda/%.cpp | $(BUILD)/config.mk
 	@mkdir -p $(dir $@)
 	$(CXX) $(CUDA_CXXFLAGS) -c $< -o $@
 $(BUILD)/f32/kernels/backend.o: CFLAGS += -DMOE_CUDA
-moe $(BUILD)/bench $(BUILD)/tests/optim_ref_f32 $(BUILD)/tests/cuda_ops: LDLIBS += $(CUDA_LIBS)
+$(MOE_BIN) $(BUILD)/bench $(BUILD)/tests/optim_ref_f32 $(BUILD)/tests/cuda_ops: LDLIBS += $(CUDA_LIBS)
 $(BUILD)/tests/cuda_ops: $(BUILD)/f32/tests/cuda/test_cuda_ops.o \
     $(filter $(BUILD)/f32/base/% $(BUILD)/f32/kernels/%,$(F32_LIB))
 	@mkdir -p $(dir $@)
@@ -192,8 +212,8 @@ $(BUILD)/tests/optim_ref_f64: $(BUILD)/f64/tests/optim_ref.o $(call optim_ref_ob
 	@mkdir -p $(dir $@)
 	$(CC) -o $@ $^ $(LDLIBS)
 
-test: deps-test moe $(TEST_SUITES) $(OPTIM_REF)
-	$(PYTHON_REF) -m pytest -q -rs -p no:cacheprovider tests
+test: deps-test $(MOE_BIN) $(TEST_SUITES) $(OPTIM_REF)
+	MOE_BIN=$(abspath $(MOE_BIN)) MOE_BUILD=$(abspath $(BUILD)) $(PYTHON_REF) -m pytest -q -rs -p no:cacheprovider tests
 
 deps:
 	@m="$(call missing_pkgs,$(BUILD_PKGS))"; $(call apt_install,$$m)
@@ -216,7 +236,7 @@ apt_install = if [ -n "$(1)" ]; then \
     fi
 
 clean:
-	rm -rf $(BUILD) moe
+	rm -rf $(BUILD) $(MOE_BIN)
 
 # The benchmark links what ./moe links but the CLI's main (bench/bench.c has its own).
 BENCH_OBJ := $(patsubst %.c,$(BUILD)/f32/%.o,$(wildcard bench/*.c)) $(F32_LIB) \
@@ -253,3 +273,42 @@ gpu-bundle: moe $(BUILD)/bench $(if $(CUDA_OBJ),$(BUILD)/tests/cuda_ops)
 demo: moe
 	./moe prepare
 	./moe train configs/tiny.ini
+
+# ---- fuzzing (README, "Fuzzing and sanitizers") ----------------------------------------
+# One libFuzzer target per reader of outside input: tests/fuzz/<target>.c, seed corpus
+# tests/fuzz/<target>/. clang builds them (libFuzzer is clang's) with ASan and UBSan, from
+# the f32 sources, under build/fuzz; OpenMP comes from LLVM's runtime there (-O1 leaves
+# GCC's omp simd loops scalar: -Wno-pass-failed). Each run
+# ends with one line per target (runs, execs/s, findings) and fails on a finding; the
+# input that found it is kept in build/fuzz/findings/.
+FUZZ_CC := clang
+FUZZ_BUILD := build/fuzz
+FUZZ_SECONDS ?= 60
+FUZZ_PKGS := clang libclang-rt-dev libomp-dev
+FUZZ_TARGETS := $(filter-out fuzzlib,$(basename $(notdir $(wildcard tests/fuzz/*.c))))
+FUZZ_SAN := -fsanitize=address,undefined -fno-sanitize-recover=undefined
+FUZZ_CFLAGS = -std=c11 -O1 -g -fno-omit-frame-pointer -Wall -Wextra -Wno-pass-failed -fopenmp \
+    -D_GNU_SOURCE -MMD -MP $(FUZZ_SAN) -fsanitize=fuzzer-no-link $(PKG_CFLAGS)
+FUZZ_LIB := $(patsubst %.c,$(FUZZ_BUILD)/obj/%.o,$(LIB_SRC) \
+    $(filter-out train/cli/main.c,$(TRAIN_SRC)) tests/fuzz/fuzzlib.c)
+
+.PHONY: fuzz fuzz-smoke fuzz-build deps-fuzz
+deps-fuzz: deps
+	@m="$(call missing_pkgs,$(FUZZ_PKGS))"; $(call apt_install,$$m)
+$(FUZZ_BUILD)/deps.stamp: Makefile | $(BUILD)/config.mk
+	@$(MAKE) --no-print-directory deps-fuzz
+	@mkdir -p $(dir $@) && touch $@
+
+$(FUZZ_BUILD)/obj/%.o: %.c | $(BUILD)/config.mk $(FUZZ_BUILD)/deps.stamp
+	@mkdir -p $(dir $@)
+	$(FUZZ_CC) $(FUZZ_CFLAGS) -c $< -o $@
+$(FUZZ_BUILD)/bin/%: $(FUZZ_BUILD)/obj/tests/fuzz/%.o $(FUZZ_LIB)
+	@mkdir -p $(dir $@)
+	$(FUZZ_CC) -fsanitize=fuzzer $(FUZZ_SAN) -fopenmp -o $@ $^ $(PKG_LIBS) -lcsv -lz -lm
+.SECONDARY: $(FUZZ_LIB) $(patsubst %,$(FUZZ_BUILD)/obj/tests/fuzz/%.o,$(FUZZ_TARGETS))
+
+fuzz-build: $(patsubst %,$(FUZZ_BUILD)/bin/%,$(FUZZ_TARGETS))
+fuzz: fuzz-build
+	bash tests/fuzz/run.sh $(FUZZ_BUILD) $(FUZZ_SECONDS) $(FUZZ_TARGETS)
+fuzz-smoke: fuzz-build
+	bash tests/fuzz/run.sh $(FUZZ_BUILD) 20 $(FUZZ_TARGETS)

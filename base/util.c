@@ -3,11 +3,24 @@
 #include <errno.h>
 #include <math.h>
 #include <stdarg.h>
+#include <string.h>
+
+void util_print_message(FILE *f, const char *msg) {
+    for (const unsigned char *c = (const unsigned char *)msg; *c; c++) {
+        if (*c == '\n' && !strncmp((const char *)c + 1, "HINT: ", 6)) fputc('\n', f);
+        else if (*c == '\n') fputs("\\n", f);
+        else if (*c == '\r') fputs("\\r", f);
+        else if ((*c < 0x20 && *c != '\t') || *c == 0x7f) fprintf(f, "\\x%02x", *c);
+        else fputc(*c, f);
+    }
+}
 
 static void print_error(const char *fmt, va_list ap) {
+    char msg[4096];
+    vsnprintf(msg, sizeof msg, fmt, ap);
     fflush(stdout);
     fprintf(stderr, "moe: error: ");
-    vfprintf(stderr, fmt, ap);
+    util_print_message(stderr, msg);
 }
 
 _Noreturn void util_die(const char *file, int line, const char *fmt, ...) {
@@ -19,9 +32,20 @@ _Noreturn void util_die(const char *file, int line, const char *fmt, ...) {
     exit(EXIT_FAILURE);
 }
 
+static util_fail_hook fail_hook;
+
+void util_set_fail_hook(util_fail_hook hook) { fail_hook = hook; }
+
 _Noreturn void util_fail(const char *fmt, ...) {
     va_list ap;
     va_start(ap, fmt);
+    if (fail_hook) {
+        char message[4096];
+        vsnprintf(message, sizeof message, fmt, ap);
+        va_end(ap);
+        fail_hook(message);
+        abort();   // a hook that returns has broken its contract
+    }
     print_error(fmt, ap);
     va_end(ap);
     fputc('\n', stderr);

@@ -25,6 +25,9 @@ void token_stream_reserve(TokenStream *s, size_t extra) {
 }
 
 void token_stream_append_bytes(TokenStream *s, const void *bytes, size_t n) {
+    // An empty CSV field comes as (NULL, 0), and an empty stream has no ids yet: the
+    // pointer arithmetic below would be on NULL (undefined, even with offset 0).
+    if (n == 0) return;
     token_stream_reserve(s, n);
     tokenizer_encode(bytes, n, s->ids + s->n);
     s->n += n;

@@ -9,7 +9,7 @@ import subprocess
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-MOE = os.path.join(ROOT, "moe")
+MOE = os.environ.get("MOE_BIN", os.path.join(ROOT, "moe"))
 
 BASE = """
 [model]

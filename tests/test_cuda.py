@@ -7,7 +7,9 @@ import subprocess
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-BINARY = os.path.join(ROOT, "build", "tests", "cuda_ops")
+# make SANITIZE=1 test builds elsewhere (Makefile) and says where.
+BUILD = os.environ.get("MOE_BUILD", os.path.join(ROOT, "build"))
+BINARY = os.path.join(BUILD, "tests", "cuda_ops")
 EXIT_SKIP = 77   # the binary's "no CUDA device" status
 
 

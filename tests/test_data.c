@@ -256,6 +256,15 @@ static void test_csv_edge_cases(void **state) {
     assert_contains(err, "'id', 'text', 'other'");
     token_stream_free(&s);
 
+    // An empty first field reaches an empty stream as (NULL, 0) (tests/fuzz/csv/
+    // crash-empty-first-field.csv: pointer arithmetic on NULL under UBSan).
+    write_text(state, "empty_first.csv", "text,label\n,b\nc,d\n");
+    assert_int_equal(load_one(DATA_CSV, fixture_path(state, "empty_first.csv"), "text", &s,
+                              err, sizeof err),
+                     0);
+    assert_stream_text(&s, "\nc\n");
+    token_stream_free(&s);
+
     write_text(state, "short.csv", "id,text\n1,ok\n2\n");
     assert_int_equal(load_one(DATA_CSV, fixture_path(state, "short.csv"), "text", &s, err,
                               sizeof err),

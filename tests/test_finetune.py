@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-MOE = os.path.join(ROOT, "moe")
+MOE = os.environ.get("MOE_BIN", os.path.join(ROOT, "moe"))
 DEFAULT = os.path.join(ROOT, "data", "default")
 
 MODEL = """

@@ -21,7 +21,7 @@ from safetensors import safe_open
 from safetensors.numpy import load_file, save_file
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-MOE = os.path.join(ROOT, "moe")
+MOE = os.environ.get("MOE_BIN", os.path.join(ROOT, "moe"))
 
 MODEL = ["model.layers=2", "model.d_model=32", "model.heads=4", "model.kv_heads=2",
          "model.seq_len=32", "model.experts=4", "model.expert_ffn_dim=48",

@@ -7,7 +7,7 @@ import subprocess
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-MOE = os.path.join(ROOT, "moe")
+MOE = os.environ.get("MOE_BIN", os.path.join(ROOT, "moe"))
 BASE = [
     "model.layers=2", "model.d_model=32", "model.heads=2", "model.kv_heads=2",
     "model.seq_len=32", "model.experts=8", "model.expert_ffn_dim=32", "router.top_k=2",

@@ -9,7 +9,9 @@ import subprocess
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SUITES = sorted(glob.glob(os.path.join(ROOT, "build", "tests", "test_*")))
+# make SANITIZE=1 test builds elsewhere (Makefile) and says where.
+BUILD = os.environ.get("MOE_BUILD", os.path.join(ROOT, "build"))
+SUITES = sorted(glob.glob(os.path.join(BUILD, "tests", "test_*")))
 
 
 def _cases():

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-MOE = os.path.join(ROOT, "moe")
+MOE = os.environ.get("MOE_BIN", os.path.join(ROOT, "moe"))
 
 SMALL_MODEL = [
     "model.layers=2", "model.d_model=32", "model.heads=2", "model.kv_heads=1",
@@ -71,6 +71,8 @@ def code(n):
     (["model.heads=3"], "model.heads = 3 must divide model.d_model"),
     (["model.experts=2", "router.top_k=3"], "router.top_k = 3 exceeds model.experts = 2"),
     (["train.steps=ten"], "train.steps = 'ten': expected an integer"),
+    # A value's newline prints escaped (base/util.c): the error stays one line.
+    (["train.steps=1\n0"], "train.steps = '1\\n0': expected an integer"),
 ])
 def test_config_errors_are_one_line(tmp_path, override, expect):
     cfg = fixture_config(tmp_path, {"a": write_domain(tmp_path, "a", english(4000))})

@@ -22,8 +22,10 @@ import numpy as np
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-MOE = os.path.join(ROOT, "moe")
-CUDA_OPS = os.path.join(ROOT, "build", "tests", "cuda_ops")
+# make SANITIZE=1 test builds elsewhere (Makefile) and says where.
+BUILD = os.environ.get("MOE_BUILD", os.path.join(ROOT, "build"))
+MOE = os.environ.get("MOE_BIN", os.path.join(ROOT, "moe"))
+CUDA_OPS = os.path.join(BUILD, "tests", "cuda_ops")
 EXIT_SKIP = 77
 
 MODEL = """

@@ -26,6 +26,8 @@ import pytest
 import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+# make SANITIZE=1 test builds elsewhere (Makefile) and says where.
+BUILD = os.environ.get("MOE_BUILD", os.path.join(ROOT, "build"))
 BUILDS = {  # precision: (helper binary, numpy dtype, torch dtype, tolerance)
     "f32": ("optim_ref_f32", np.float32, torch.float32, 1e-5),
     "f64": ("optim_ref_f64", np.float64, torch.float64, 1e-6),
@@ -108,7 +110,7 @@ def make_inputs(dtype, seed=0):
 
 
 def run_c(tmp_path, binary, params, grads, case):
-    path = os.path.join(ROOT, "build", "tests", binary)
+    path = os.path.join(BUILD, "tests", binary)
     if not os.access(path, os.X_OK):
         pytest.fail(f"{path} is missing: build it first (`make build/tests/{binary}` in "
                     f"{ROOT})", pytrace=False)

@@ -19,7 +19,9 @@ import numpy as np
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-SUITE = os.path.join(ROOT, "build", "tests", "test_checkpoint")
+# make SANITIZE=1 test builds elsewhere (Makefile) and says where.
+BUILD = os.environ.get("MOE_BUILD", os.path.join(ROOT, "build"))
+SUITE = os.path.join(BUILD, "tests", "test_checkpoint")
 
 
 @pytest.fixture(scope="module")

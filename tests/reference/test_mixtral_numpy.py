@@ -11,7 +11,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from mixtral_numpy import compare  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-MOE = os.path.join(ROOT, "moe")
+MOE = os.environ.get("MOE_BIN", os.path.join(ROOT, "moe"))
 TOLERANCE = 1e-4
 
 # Both exportable shapes: grouped-query attention with an untied head and top-2 routing,

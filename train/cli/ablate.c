@@ -147,6 +147,12 @@ static int check_override(GridFile *g, const char *key, const char *value) {
     return bad == 0;
 }
 
+static void axis_free(GridAxis *a) {
+    for (int i = 0; i < a->n_values; i++) free(a->values[i]);
+    free(a->values);
+    free(a->key);
+}
+
 static int grid_add_axis(GridFile *g, const char *key, const char *list) {
     for (int i = 0; i < g->n_axes; i++)
         if (!strcmp(g->axes[i].key, key)) {
@@ -164,6 +170,7 @@ static int grid_add_axis(GridFile *g, const char *key, const char *list) {
                 snprintf(g->err, sizeof g->err, "%s = %s: an empty value in the list", key,
                          list);
             free(copy);
+            axis_free(&a);
             return 0;
         }
         words_push(&a.values, &a.n_values, text_dup(v));
@@ -213,6 +220,23 @@ static void grid_load(GridFile *g, const char *path, int n_words, char **words) 
     run_apply_overrides(g->base, n_words, words);
     if (run_config_validate(g->base, g->err, sizeof g->err) != 0) FAIL("%s: %s", path, g->err);
     data_config_use_default(&g->base->data);
+}
+
+static void variants_free(AblateVariant *v, int n) {
+    for (int i = 0; i < n; i++) {
+        for (int w = 0; w < v[i].n_words; w++) free(v[i].words[w]);
+        free(v[i].words);
+        free(v[i].name);
+    }
+    free(v);
+}
+
+static void grid_free(GridFile *g) {
+    variants_free(g->sections, g->n_sections);
+    for (int a = 0; a < g->n_axes; a++) axis_free(&g->axes[a]);
+    free(g->axes);
+    free(g->base);
+    free(g->scratch);
 }
 
 // One run: a [variant] section (or the base alone) plus one value of every [grid] list.
@@ -612,5 +636,8 @@ int ablate_main(int argc, char **argv) {
              now_s() - t0);
     ablate_report(out, a.grid, g.base, v, n, note);
     free(job);
+    variants_free(v, n);
+    grid_free(&g);
+    free(a.words);   // the words themselves are argv's
     return failed ? 1 : 0;
 }

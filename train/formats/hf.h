@@ -39,5 +39,7 @@ size_t hf_export_write(const char *dir, const Model *m, StDType dtype, uint64_t 
 // seq_len > 0 replaces max_position_embeddings) and its weights (F32, BF16 or F16) into m,
 // which it initialises on the CPU for one sequence.
 void hf_import_read(const char *dir, long seq_len, RunConfig *rc, Model *m);
+// Its first half: dir's config.json into rc, as above, without the weights.
+void hf_import_config(const char *dir, long seq_len, RunConfig *rc);
 
 #endif

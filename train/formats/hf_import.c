@@ -149,7 +149,7 @@ static void check_window(const cJSON *j, const RunConfig *rc, const char *path) 
              rc->model.seq_len, w->valuedouble);
 }
 
-static void config_from_hf(RunConfig *rc, const char *dir, long seq_len) {
+void hf_import_config(const char *dir, long seq_len, RunConfig *rc) {
     char path[HF_PATH_MAX], value[64], err[1024];
     join_path(path, dir, HF_CONFIG);
     cJSON *j = read_json(path);
@@ -306,7 +306,7 @@ static void load_weights(Model *m, const HfWeights *w, const char *dir) {
 }
 
 void hf_import_read(const char *dir, long seq_len, RunConfig *rc, Model *m) {
-    config_from_hf(rc, dir, seq_len);
+    hf_import_config(dir, seq_len, rc);
     HfWeights w;
     open_weights(&w, dir);
     model_init(m, &rc->model, backend_cpu(), 1, 1);   // weights only: the smallest batch
