@@ -22,7 +22,9 @@ static inline real vexp(real x) { return exp(x); }
 static inline real vexp(real x) {
     const float magic = 12582912.0f; // 1.5 * 2^23: adding it rounds to an integer
     float lo = x < -87.0f ? -87.0f : x;
-    float c = lo > 88.0f ? 88.0f : lo;
+    // A NaN passes both clamps; it becomes 0 here so that the integer exponent below is
+    // defined (NaN to int and a negative left shift are undefined), and x == x returns it.
+    float c = lo > 88.0f ? 88.0f : (lo == lo ? lo : 0.0f);
     float n = (c * 1.44269504088896341f + magic) - magic; // round(c / ln 2)
     float r = c - n * 0.693359375f;                       // ln 2 in two parts, Cephes
     r = r - n * -2.12194440e-4f;
