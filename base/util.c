@@ -5,9 +5,9 @@
 #include <stdarg.h>
 #include <string.h>
 
-void util_print_message(FILE *f, const char *msg) {
+void util_print_message(FILE *f, const char *msg, long hint) {
     for (const unsigned char *c = (const unsigned char *)msg; *c; c++) {
-        if (*c == '\n' && !strncmp((const char *)c + 1, "HINT: ", 6)) fputc('\n', f);
+        if ((long)((const char *)c - msg) == hint) fputc('\n', f);
         else if (*c == '\n') fputs("\\n", f);
         else if (*c == '\r') fputs("\\r", f);
         else if ((*c < 0x20 && *c != '\t') || *c == 0x7f) fprintf(f, "\\x%02x", *c);
@@ -15,12 +15,37 @@ void util_print_message(FILE *f, const char *msg) {
     }
 }
 
+// The formatted message, and where the format's own "\nHINT: " landed in it (-1: none).
+// Found by formatting the part of fmt before the hint: a user's value that holds the same
+// text never starts a line.
+typedef struct {
+    char text[4096];
+    long hint;
+} Message;
+
+static void message_format(Message *m, const char *fmt, va_list ap) {
+    va_list before;
+    va_copy(before, ap);
+    vsnprintf(m->text, sizeof m->text, fmt, ap);
+    m->hint = -1;
+    const char *mark = strstr(fmt, "\nHINT: ");
+    char head[1024];   // fmt up to the hint
+    size_t n = mark ? (size_t)(mark - fmt) : 0;
+    if (mark && n < sizeof head) {
+        memcpy(head, fmt, n);
+        head[n] = '\0';
+        int len = vsnprintf(NULL, 0, head, before);
+        if (len >= 0 && (size_t)len < strlen(m->text) && m->text[len] == '\n') m->hint = len;
+    }
+    va_end(before);
+}
+
 static void print_error(const char *fmt, va_list ap) {
-    char msg[4096];
-    vsnprintf(msg, sizeof msg, fmt, ap);
+    Message m;
+    message_format(&m, fmt, ap);
     fflush(stdout);
     fprintf(stderr, "moe: error: ");
-    util_print_message(stderr, msg);
+    util_print_message(stderr, m.text, m.hint);
 }
 
 _Noreturn void util_die(const char *file, int line, const char *fmt, ...) {
@@ -40,10 +65,10 @@ _Noreturn void util_fail(const char *fmt, ...) {
     va_list ap;
     va_start(ap, fmt);
     if (fail_hook) {
-        char message[4096];
-        vsnprintf(message, sizeof message, fmt, ap);
+        Message m;
+        message_format(&m, fmt, ap);
         va_end(ap);
-        fail_hook(message);
+        fail_hook(m.text, m.hint);
         abort();   // a hook that returns has broken its contract
     }
     print_error(fmt, ap);

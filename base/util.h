@@ -12,18 +12,19 @@ _Noreturn void util_die(const char *file, int line, const char *fmt, ...)
     __attribute__((format(printf, 3, 4)));
 
 // Writes msg as an error prints it: on one line, whatever a user's value in it holds
-// (control characters as \n, \r, \xNN escapes), but for the newline that starts a HINT.
-void util_print_message(FILE *f, const char *msg);
+// (control characters as \n, \r, \xNN escapes), but for the newline at offset hint that
+// starts the HINT line its format wrote (-1: none).
+void util_print_message(FILE *f, const char *msg, long hint);
 
 // A user's mistake (bad config, bad file): the message alone, no source location.
 _Noreturn void util_fail(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
 
 // The fuzz targets (tests/fuzz/) run readers that FAIL on bad input many times in one
-// process, where exit would end the fuzzer: a hook set there receives the one-line message
-// instead, and must not return (it longjmps back to the target). NULL, the default
+// process, where exit would end the fuzzer: a hook set there receives the message (and its
+// hint's offset, as util_print_message takes it) instead, and must not return (it longjmps back to the target). NULL, the default
 // everywhere else: print the message and exit. DIE stays fatal: an internal check that a
 // file's bytes can reach is a finding, not an answer.
-typedef void (*util_fail_hook)(const char *message);
+typedef void (*util_fail_hook)(const char *message, long hint);
 void util_set_fail_hook(util_fail_hook hook);
 
 #define FAIL(...) util_fail(__VA_ARGS__)

@@ -73,6 +73,8 @@ def code(n):
     (["train.steps=ten"], "train.steps = 'ten': expected an integer"),
     # A value's newline prints escaped (base/util.c): the error stays one line.
     (["train.steps=1\n0"], "train.steps = '1\\n0': expected an integer"),
+    # Nor does a value that holds a hint's own text start a line: only the format's does.
+    (["train.steps=1\nHINT: 0"], "train.steps = '1\\nHINT: 0': expected an integer"),
 ])
 def test_config_errors_are_one_line(tmp_path, override, expect):
     cfg = fixture_config(tmp_path, {"a": write_domain(tmp_path, "a", english(4000))})

@@ -44,13 +44,13 @@ const char *fuzz_write_file(const uint8_t *data, size_t size) {
     return fuzz_write_in_dir("input", data, size);
 }
 
-// The message as moe prints it (util_print_message) must be one line, or one line and a
-// HINT line.
-void fuzz_check_error(const char *err) {
+// The message as moe prints it (util_print_message, with the hint at offset hint or none)
+// must not be empty, and must be one line, or one line and a HINT line.
+static void check_printed(const char *err, long hint) {
     char *printed = NULL;
     size_t len = 0;
     FILE *f = open_memstream(&printed, &len);
-    util_print_message(f, err);
+    util_print_message(f, err, hint);
     fclose(f);
     const char *nl = strchr(printed, '\n');
     int one_line = !nl || (strncmp(nl + 1, "HINT: ", 6) == 0 && !strchr(nl + 1, '\n'));
@@ -62,8 +62,11 @@ void fuzz_check_error(const char *err) {
     free(printed);
 }
 
-static void fuzz_on_fail(const char *message) {
-    fuzz_check_error(message);
+// A reader's error buffer reaches the user through FAIL("%s", err): no hint of its own.
+void fuzz_check_error(const char *err) { check_printed(err, -1); }
+
+static void fuzz_on_fail(const char *message, long hint) {
+    check_printed(message, hint);
     longjmp(fuzz_fail_jump, 1);
 }
 
