@@ -158,6 +158,15 @@ def test_delta_merge_equals_full_finetune(tmp_path, corpus):
     bad = run_moe(["merge", other, delta, tmp_path / "bad.h5"], check=False)
     assert bad.returncode != 0 and "was not trained from" in bad.stderr
     assert not (tmp_path / "bad.h5").exists()
+    # The full fine-tune is a full checkpoint: no base fingerprint, so merge refuses it as a
+    # delta and export takes it.
+    full = tmp_path / "full" / "ckpt_000005.h5"
+    with h5py.File(full) as f:
+        assert f.attrs["kind"] in (b"full", "full") and f.attrs["base_fingerprint"] == 0
+    bad = run_moe(["merge", base, full, tmp_path / "bad.h5"], check=False)
+    assert bad.returncode != 0 and "is not a delta checkpoint" in bad.stderr
+    run_moe(["export", full, tmp_path / "hf"])
+    assert (tmp_path / "hf" / "config.json").exists()
 
 
 def test_selector_errors_are_one_line(tmp_path, corpus):

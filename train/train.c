@@ -352,9 +352,11 @@ static void save_checkpoint(Run *r, const char *file) {
     if (find_nonfinite(r, r->model.params, 0, bad, sizeof bad))
         FAIL("%s: not saved: the weight %s is not finite", path, bad);
     r->st.data_cursor = data_loader_cursor(r->data);
-    const uint8_t *include = r->rc.finetune.delta ? r->trainable : NULL;
-    if (ckpt_save(path, &r->rc, &r->model, &r->opt, &r->st, include, r->base_fingerprint, err,
-                  sizeof err) != 0)
+    // Only a delta names its base: a full checkpoint's fingerprint is 0 (export takes it,
+    // merge refuses it), whatever weights the run started from.
+    const int delta = r->rc.finetune.delta;
+    if (ckpt_save(path, &r->rc, &r->model, &r->opt, &r->st, delta ? r->trainable : NULL,
+                  delta ? r->base_fingerprint : 0, err, sizeof err) != 0)
         FAIL("%s", err);
 }
 
