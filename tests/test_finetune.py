@@ -191,3 +191,17 @@ def test_finetune_refuses_other_architecture(tmp_path, corpus):
     run_moe(["finetune", pre_cfg, f"finetune.init={base}", "router.aux_coef=0.05",
              "router.capacity_factor=1.0", f"train.out_dir={tmp_path}", "train.name=ok",
              "train.steps=1"])
+
+
+def test_finetune_keeps_the_expert_biases_it_was_trained_with(tmp_path, corpus):
+    cfg = write(tmp_path, "pre.ini", MODEL + domain("bible"))
+    run_moe(["train", cfg, f"train.out_dir={tmp_path}", "train.name=pre", "train.steps=2",
+             "router.score=sigmoid", "router.bias_gamma=0.01"])
+    base = tmp_path / "pre" / "ckpt_000002.h5"
+    ft = ["finetune", cfg, f"finetune.init={base}", f"train.out_dir={tmp_path}", "train.steps=1",
+          "router.score=sigmoid"]
+    bad = run_moe(ft + ["train.name=nobias", "router.bias_gamma=0"], check=False)
+    err = bad.stderr.strip().splitlines()
+    assert bad.returncode != 0 and len(err) == 1, bad.stderr
+    assert "trained with router.bias_gamma = 0.01" in err[0] and str(base) in err[0]
+    run_moe(ft + ["train.name=slow", "router.bias_gamma=0.0001"])

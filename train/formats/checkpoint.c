@@ -574,6 +574,24 @@ static int is_training_setting(const char *name) {
     return 0;
 }
 
+// router.bias_gamma may change between runs (it is the bias's update rate), but not to 0
+// when the checkpoint was trained with biases: at 0 routing leaves the biases out, so the
+// model would route otherwise than it was trained, silently. Refused instead.
+static int check_bias_kept(Ckpt *c, hid_t config, const ModelConfig *cfg) {
+    const char *name = "router.bias_gamma";
+    char text[ATTR_MAX];
+    double stored = 0;
+    if (cfg->bias_gamma > 0 || H5Aexists(config, name) <= 0) return 0;
+    if (read_str_attr(config, name, text, sizeof text) != 0 ||
+        util_parse_number(text, 0, &stored) != 0)
+        return ckpt_fail(c, "/config attribute '%s' is not a number", name);
+    if (stored > 0)
+        return ckpt_fail(c, "trained with router.bias_gamma = %s (expert biases steer its "
+                         "routing): router.bias_gamma = 0 would route without them; keep it > 0 "
+                         "(a small value barely moves the biases)", text);
+    return 0;
+}
+
 // The stored [model] and [router] keys, parsed, against cfg: keys the file lacks are
 // taken to agree (a later version may add keys); training settings may differ.
 static int check_model_config(Ckpt *c, const ModelConfig *cfg) {
@@ -602,6 +620,7 @@ static int check_model_config(Ckpt *c, const ModelConfig *cfg) {
                               name, got, want);
         }
     }
+    if (!r) r = check_bias_kept(c, g, cfg);
     H5Gclose(g);
     return r;
 }
