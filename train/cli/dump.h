@@ -2,8 +2,8 @@
 //
 // Builds a model from the config, fills it with test weights, a random batch and router
 // noise, runs one forward and backward pass and writes weights, batch, noise, logits,
-// losses, routing decisions and every gradient to HDF5 (layout in README, "Reference
-// tests"). tests/reference/ recomputes all of it in PyTorch from the same file.
+// losses, routing decisions and every gradient to HDF5 (layout in docs/file-formats.md,
+// "moe dump"). tests/reference/ recomputes all of it in PyTorch from the same file.
 #ifndef MOE_DUMP_H
 #define MOE_DUMP_H
 
