@@ -645,6 +645,19 @@ static herr_t note_filter_error(unsigned n, const H5E_error2_t *e, void *data) {
     return 0;
 }
 
+// moe.c writes every dataset chunked with a fletcher32 checksum, in one of four
+// little-endian types. Anything else is refused before reading: HDF5 1.10.8 reads past its
+// own buffers when it converts from a corrupt stored type.
+static int is_as_written(hid_t ds) {
+    hid_t dcpl = H5Dget_create_plist(ds), type = H5Dget_type(ds);
+    int ok = dcpl >= 0 && type >= 0 && H5Pget_layout(dcpl) == H5D_CHUNKED &&
+             (H5Tequal(type, H5T_IEEE_F32LE) > 0 || H5Tequal(type, H5T_IEEE_F64LE) > 0 ||
+              H5Tequal(type, H5T_STD_U64LE) > 0 || H5Tequal(type, H5T_STD_I64LE) > 0);
+    if (dcpl >= 0) H5Pclose(dcpl);
+    if (type >= 0) H5Tclose(type);
+    return ok;
+}
+
 // Reads the dataset at dpath, which must have exactly the given shape (rank 1 or 2).
 static int read_array(Ckpt *c, const char *dpath, hid_t mtype, void *out, int rank,
                       const hsize_t *dims) {
@@ -669,6 +682,12 @@ static int read_array(Ckpt *c, const char *dpath, hid_t mtype, void *out, int ra
         else
             snprintf(need, sizeof need, "%llu", (unsigned long long)dims[0]);
         return ckpt_fail(c, "%s has shape [%s], this model needs [%s]", dpath, have, need);
+    }
+    if (!is_as_written(ds)) {
+        H5Dclose(ds);
+        return ckpt_fail(c, "%s is not stored as moe.c writes it (chunked, with checksums, "
+                         "a 64- or 32-bit type): the file is corrupt or not a moe.c checkpoint",
+                         dpath);
     }
     herr_t rr = H5Dread(ds, mtype, H5S_ALL, H5S_ALL, H5P_DEFAULT, out);
     int filter_failed = 0;
