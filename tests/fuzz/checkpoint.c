@@ -20,15 +20,9 @@ typedef struct {
 static void tiny_init(Tiny *t) {
     run_config_defaults(&t->rc);
     ModelConfig *c = &t->rc.model;
-    c->layers = 1;
-    c->d_model = 4;
-    c->heads = 1;
-    c->kv_heads = 1;
+    fuzz_tiny_model(c);
     c->vocab = 4;
     c->seq_len = 2;
-    c->experts = 2;
-    c->top_k = 1;
-    c->expert_ffn_dim = 2;
     c->bias_gamma = 0.001;
     model_init(&t->m, c, backend_cpu(), 1, 2);
     model_init_weights(&t->m, 1);

@@ -71,3 +71,13 @@ static void fuzz_on_fail(const char *message, long hint) {
 }
 
 void fuzz_catch_fail(void) { util_set_fail_hook(fuzz_on_fail); }
+
+void fuzz_tiny_model(ModelConfig *c) {
+    c->layers = 1;
+    c->d_model = 4;
+    c->heads = 1;
+    c->kv_heads = 1;
+    c->experts = 2;
+    c->top_k = 1;
+    c->expert_ffn_dim = 2;
+}

@@ -12,6 +12,8 @@
 #include <stddef.h>
 #include <stdint.h>
 
+#include "../../model/config.h"
+
 // The input as a file the reader can open: one path per process, rewritten per input.
 const char *fuzz_write_file(const uint8_t *data, size_t size);
 // A directory of its own (removed at exit) holding the input under `name`.
@@ -25,6 +27,10 @@ void fuzz_check_error(const char *err);
 // run with leak detection off (Makefile, FUZZ_NO_LEAKS).
 extern jmp_buf fuzz_fail_jump;
 void fuzz_catch_fail(void);
+
+// As small as a model gets: one layer of width 4, one head, two experts of width 2, top-1.
+// The other keys keep their defaults; a target sets what it needs on top.
+void fuzz_tiny_model(ModelConfig *c);
 #define FUZZ_CATCH(body) \
     do {                 \
         fuzz_catch_fail(); \

@@ -17,14 +17,8 @@ int LLVMFuzzerInitialize(int *argc, char ***argv) {
     (void)argc, (void)argv;
     run_config_defaults(&rc);
     ModelConfig *c = &rc.model;
-    c->layers = 1;
-    c->d_model = 4;
-    c->heads = 1;
-    c->kv_heads = 1;
+    fuzz_tiny_model(c);
     c->seq_len = 4;
-    c->experts = 2;
-    c->top_k = 1;
-    c->expert_ffn_dim = 2;
     model_init(&model, c, backend_cpu(), 1, 4);
     model_init_weights(&model, 1);
     return 0;
