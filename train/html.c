@@ -31,14 +31,18 @@ void html_begin(FILE *f, const char *title, const char *css) {
 void html_end(FILE *f) { fputs("</body>\n</html>\n", f); }
 
 size_t html_utf8_len(const unsigned char *s, size_t avail) {
-    size_t len = s[0] < 0x80 ? 1 : (s[0] & 0xe0) == 0xc0 ? 2 : (s[0] & 0xf0) == 0xe0 ? 3
-               : (s[0] & 0xf8) == 0xf0 ? 4 : 0;
+    size_t len = s[0] < 0x80             ? 1
+                 : (s[0] & 0xe0) == 0xc0 ? 2
+                 : (s[0] & 0xf0) == 0xe0 ? 3
+                 : (s[0] & 0xf8) == 0xf0 ? 4
+                                         : 0;
     if (len == 0 || len > avail) return 0;
     for (size_t i = 1; i < len; i++)
         if ((s[i] & 0xc0) != 0x80) return 0;
     // Overlong forms, surrogates and code points past U+10FFFF are not valid UTF-8.
     unsigned cp = len == 1 ? s[0] : s[0] & (0x7f >> len);
-    for (size_t i = 1; i < len; i++) cp = cp << 6 | (s[i] & 0x3f);
+    for (size_t i = 1; i < len; i++)
+        cp = cp << 6 | (s[i] & 0x3f);
     static const unsigned min[] = {0, 0, 0x80, 0x800, 0x10000};
     if (cp < min[len] || (cp >= 0xd800 && cp <= 0xdfff) || cp > 0x10ffff) return 0;
     return len;
@@ -49,14 +53,22 @@ void html_text(FILE *f, const char *text) {
     size_t left = strlen(text);
     while (left > 0) {
         size_t len = html_utf8_len(s, left);
-        if (len == 0) fprintf(f, "\\x%02x", s[0]), len = 1;
-        else if (*s == '&') fputs("&amp;", f);
-        else if (*s == '<') fputs("&lt;", f);
-        else if (*s == '>') fputs("&gt;", f);
-        else if (*s == '"') fputs("&quot;", f);
-        else if (*s == '\'') fputs("&#39;", f);
-        else if (*s < 0x20 && *s != '\n' && *s != '\t') fprintf(f, "\\x%02x", *s);
-        else fwrite(s, 1, len, f);
+        if (len == 0)
+            fprintf(f, "\\x%02x", s[0]), len = 1;
+        else if (*s == '&')
+            fputs("&amp;", f);
+        else if (*s == '<')
+            fputs("&lt;", f);
+        else if (*s == '>')
+            fputs("&gt;", f);
+        else if (*s == '"')
+            fputs("&quot;", f);
+        else if (*s == '\'')
+            fputs("&#39;", f);
+        else if (*s < 0x20 && *s != '\n' && *s != '\t')
+            fprintf(f, "\\x%02x", *s);
+        else
+            fwrite(s, 1, len, f);
         s += len;
         left -= len;
     }

@@ -57,6 +57,11 @@ void plot_begin_figure(FILE *f, const char *name, int width, int height) {
             width, height, name, width, height, name);
 }
 
+const char *plot_heatmap(int nx, int ny) {
+    if (nx >= 2 && ny >= 2) return "using 1:2:3 with image";
+    return "using 1:2:(0.5):(0.5):3 with boxxyerror fillstyle solid noborder lc palette";
+}
+
 void plot_quote(FILE *f, const char *text) {
     fputc('\'', f);
     for (const char *p = text; *p; p++) {

@@ -25,6 +25,9 @@ void plot_warn_missing(const char *what);
 // The terminal lines of one figure: NAME.png (pngcairo), or NAME.svg when the script
 // runs with term='svg'; width x height pixels either way.
 void plot_begin_figure(FILE *f, const char *name, int width, int height);
+// The `using ... with ...` clause of a heatmap of "x y value" rows on an nx x ny grid:
+// gnuplot's image where the grid is at least 2 x 2 (its minimum), else a box per cell.
+const char *plot_heatmap(int nx, int ny);
 // text as a gnuplot single-quoted string (quotes doubled).
 void plot_quote(FILE *f, const char *text);
 // Renders SCRIPT in dir twice, PNGs then SVGs, gnuplot's messages captured. Returns 0,

@@ -19,11 +19,11 @@
 
 // A CSV file of numbers under a header row: empty cells are NAN.
 typedef struct {
-    char **header;   // (cols)
-    double *v;       // (rows, cols)
+    char **header; // (cols)
+    double *v;     // (rows, cols)
     size_t rows, cols, cap;
-    size_t col;      // the cell being read in the current record
-    long line;       // 1-based record number, for errors
+    size_t col; // the cell being read in the current record
+    long line;  // 1-based record number, for errors
     char path[RUN_FILE_MAX];
     char *err;
     size_t err_n;
@@ -41,8 +41,10 @@ static void table_cell(void *s, size_t len, void *data) {
         return;
     }
     if (t->col >= t->cols) {
-        t->failed = snprintf(t->err, t->err_n, "%s line %ld: more cells than the %zu of the "
-                             "header", t->path, t->line, t->cols) > 0;
+        t->failed = snprintf(t->err, t->err_n,
+                             "%s line %ld: more cells than the %zu of the "
+                             "header",
+                             t->path, t->line, t->cols) > 0;
         return;
     }
     if (t->rows == t->cap) {
@@ -52,8 +54,10 @@ static void table_cell(void *s, size_t len, void *data) {
     double *cell = &t->v[t->rows * t->cols + t->col++];
     *cell = NAN;
     if (len && util_parse_number(text, 0, cell) != 0)
-        t->failed = snprintf(t->err, t->err_n, "%s line %ld, column %s: '%s' is not a "
-                             "number", t->path, t->line, t->header[t->col - 1], text) > 0;
+        t->failed = snprintf(t->err, t->err_n,
+                             "%s line %ld, column %s: '%s' is not a "
+                             "number",
+                             t->path, t->line, t->header[t->col - 1], text) > 0;
 }
 
 static void table_row(int c, void *data) {
@@ -62,15 +66,18 @@ static void table_row(int c, void *data) {
     if (t->failed) return;
     if (t->line++ > 1) {
         if (t->col != t->cols)
-            t->failed = snprintf(t->err, t->err_n, "%s line %ld: %zu cells, the header has "
-                                 "%zu", t->path, t->line - 1, t->col, t->cols) > 0;
+            t->failed = snprintf(t->err, t->err_n,
+                                 "%s line %ld: %zu cells, the header has "
+                                 "%zu",
+                                 t->path, t->line - 1, t->col, t->cols) > 0;
         t->rows++;
     }
     t->col = 0;
 }
 
 static void table_free(Table *t) {
-    for (size_t c = 0; c < t->cols; c++) free(t->header[c]);
+    for (size_t c = 0; c < t->cols; c++)
+        free(t->header[c]);
     free(t->header);
     free(t->v);
     memset(t, 0, sizeof *t);
@@ -117,21 +124,21 @@ static double table_at(const Table *t, size_t row, int col) {
 typedef struct {
     const char *dir;
     Table metrics, experts;
-    int *val_cols;      // metrics columns val_<domain> and val_mean, (n_val)
+    int *val_cols; // metrics columns val_<domain> and val_mean, (n_val)
     int n_val;
-    int layers, experts_n;   // MoE layers and experts in experts.csv
-    int *layer_ids;     // (layers) the model layer of each load.dat block
-    long load_steps;    // step columns of load.dat (0: no heatmap)
-    double load_max;    // the largest share in load.dat: one colour scale for all layers
-    char load_why[256]; // why there is no heatmap
+    int layers, experts_n; // MoE layers and experts in experts.csv
+    int *layer_ids;        // (layers) the model layer of each load.dat block
+    long load_steps;       // step columns of load.dat (0: no heatmap)
+    double load_max;       // the largest share in load.dat: one colour scale for all layers
+    char load_why[256];    // why there is no heatmap
 } Report;
 
 static void plot_metric(FILE *f, const Report *r, const char *col, const char *title,
                         const char *style, int first) {
     int c = table_col(&r->metrics, col);
     if (c < 0) return;
-    fprintf(f, "%s'metrics.csv' using ($1+1):%d with %s title ", first ? "plot " : ", ",
-            c + 1, style);
+    fprintf(f, "%s'metrics.csv' using ($1+1):%d with %s title ", first ? "plot " : ", ", c + 1,
+            style);
     plot_quote(f, title);
 }
 
@@ -181,8 +188,11 @@ static int write_load_data(Report *r, char *err, size_t n) {
     int cs = table_col(t, "step"), cl = table_col(t, "layer"), ce = table_col(t, "expert"),
         cf = table_col(t, "fraction");
     if (cs < 0 || cl < 0 || ce < 0 || cf < 0)
-        return snprintf(err, n, "%s/experts.csv: needs the columns step, layer, expert, "
-                        "fraction", r->dir), -1;
+        return snprintf(err, n,
+                        "%s/experts.csv: needs the columns step, layer, expert, "
+                        "fraction",
+                        r->dir),
+               -1;
     double max_step = 0;
     int max_layer = -1, max_expert = -1;
     for (size_t i = 0; i < t->rows; i++) {
@@ -192,16 +202,18 @@ static int write_load_data(Report *r, char *err, size_t n) {
     }
     long steps = t->rows ? (long)max_step + 1 : 0;
     if (steps < 2 || max_expert < 1) {
-        snprintf(r->load_why, sizeof r->load_why, "the heatmap needs at least 2 steps and 2 "
-                 "experts (experts.csv has %ld steps)", steps);
+        snprintf(r->load_why, sizeof r->load_why,
+                 "the heatmap needs at least 2 steps and 2 "
+                 "experts (experts.csv has %ld steps)",
+                 steps);
         return 0;
     }
     long bin = (long)util_ceil_div((size_t)steps, REPORT_LOAD_COLUMNS);
     long cols = (steps + bin - 1) / bin;
     int L = max_layer + 1, E = max_expert + 1;
-    double *sum = CALLOC((size_t)L * cols * E, sizeof *sum);   // (L, cols, E)
+    double *sum = CALLOC((size_t)L * cols * E, sizeof *sum); // (L, cols, E)
     int *seen = CALLOC((size_t)L, sizeof *seen);   // (L) 1: a MoE layer; then block -> layer
-    long *cnt = CALLOC((size_t)cols, sizeof *cnt);             // steps per bin
+    long *cnt = CALLOC((size_t)cols, sizeof *cnt); // steps per bin
     for (size_t i = 0; i < t->rows; i++) {
         long s = (long)table_at(t, i, cs);
         int l = (int)table_at(t, i, cl), e = (int)table_at(t, i, ce);
@@ -214,8 +226,11 @@ static int write_load_data(Report *r, char *err, size_t n) {
     snprintf(path, sizeof path, "%s/load.dat", r->dir);
     FILE *f = fopen(path, "w");
     if (!f) return snprintf(err, n, "%s: cannot write: %s", path, strerror(errno)), -1;
-    fprintf(f, "# expert load: step (1-based, first of its bin of %ld) expert fraction; one block per "
-            "MoE layer\n", bin);
+    fprintf(
+        f,
+        "# expert load: step (1-based, first of its bin of %ld) expert fraction; one block per "
+        "MoE layer\n",
+        bin);
     r->layers = 0;
     for (int l = 0; l < L; l++) {
         if (!seen[l]) continue;
@@ -229,7 +244,7 @@ static int write_load_data(Report *r, char *err, size_t n) {
             fputc('\n', f);
         }
         fputc('\n', f);
-        seen[r->layers++] = l;   // block index -> layer
+        seen[r->layers++] = l; // block index -> layer
     }
     int ok = fclose(f) == 0;
     r->experts_n = E;
@@ -276,9 +291,11 @@ static void draw_figures(Report *r, char *why, size_t n) {
         snprintf(why, n, "%s: cannot write: %s", path, strerror(errno));
         return;
     }
-    fprintf(f, "# moe report: the figures of report.html. Render again with: cd %s && "
+    fprintf(f,
+            "# moe report: the figures of report.html. Render again with: cd %s && "
             "gnuplot report.gp\nset datafile separator comma\nset xlabel 'step'\n"
-            "set grid\nset key top right\n%s", r->dir, okabe_ito);
+            "set grid\nset key top right\n%s",
+            r->dir, okabe_ito);
     write_loss_figures(f, r);
     fputs("set datafile separator whitespace\nunset grid\n", f);
     write_load_figure(f, r);
@@ -294,8 +311,10 @@ static void draw_figures(Report *r, char *why, size_t n) {
 // ---- the page ---------------------------------------------------------------------------
 
 static void write_number(FILE *f, double x) {
-    if (isnan(x)) fputs("<td>-</td>", f);
-    else fprintf(f, "<td>%.6g</td>", x);
+    if (isnan(x))
+        fputs("<td>-</td>", f);
+    else
+        fprintf(f, "<td>%.6g</td>", x);
 }
 
 // The last metrics row, and the last row with validation losses.
@@ -316,8 +335,9 @@ static void write_summary(FILE *f, const Report *r) {
     }
     fprintf(f, "<table>\n<tr><th>after step</th><td>%.0f</td></tr>\n",
             table_at(t, (size_t)last, 0) + 1);
-    static const char *cols[] = {"loss", "ce", "lb", "z", "lr", "grad_norm", "dropped",
-                                 "maxvio", "entropy", "tok_per_s", "elapsed_s"};
+    static const char *cols[] = {"loss",    "ce",        "lb",       "z",
+                                 "lr",      "grad_norm", "dropped",  "maxvio",
+                                 "entropy", "tok_per_s", "elapsed_s"};
     for (size_t i = 0; i < sizeof cols / sizeof *cols; i++) {
         if (table_col(t, cols[i]) < 0) continue;
         fprintf(f, "<tr><th>%s</th>", cols[i]);
@@ -329,7 +349,8 @@ static void write_summary(FILE *f, const Report *r) {
         fputs("<p>No evaluation yet.</p>\n</section>\n", f);
         return;
     }
-    fprintf(f, "<table>\n<tr><th>validation loss</th><th>after step %.0f</th>"
+    fprintf(f,
+            "<table>\n<tr><th>validation loss</th><th>after step %.0f</th>"
             "<th>best (after step %.0f)</th></tr>\n",
             table_at(t, (size_t)eval, 0) + 1, table_at(t, (size_t)best, 0) + 1);
     for (int i = 0; i < r->n_val; i++) {
@@ -355,7 +376,8 @@ static void write_text_file(FILE *f, const char *dir, const char *name, const ch
         return;
     }
     fputs("<pre>", f);
-    while (fgets(line, sizeof line, in)) html_text(f, line);
+    while (fgets(line, sizeof line, in))
+        html_text(f, line);
     fputs("</pre>\n", f);
     fclose(in);
 }
@@ -374,22 +396,32 @@ static void write_page(FILE *f, const Report *r, const char *why) {
     html_begin(f, title, "");
     write_summary(f, r);
     fputs("<section id=\"startup\">\n<h2>Start-up: model, trainable tensors, memory "
-          "plan</h2>\n", f);
-    write_text_file(f, r->dir, "startup.txt", "not found (written by moe train since the run "
+          "plan</h2>\n",
+          f);
+    write_text_file(f, r->dir, "startup.txt",
+                    "not found (written by moe train since the run "
                     "report exists)");
     fputs("</section>\n", f);
-    write_section(f, r, "loss", "Loss", "training loss per step; validation loss per domain "
-                  "and their mean on evaluation steps", why);
+    write_section(f, r, "loss", "Loss",
+                  "training loss per step; validation loss per domain "
+                  "and their mean on evaluation steps",
+                  why);
     write_section(f, r, "lr", "Learning rate", "learning rate per step", why);
-    write_section(f, r, "aux", "Aux losses", "auxiliary losses per step, means over MoE "
-                  "layers, before their coefficients", why);
-    write_section(f, r, "routing", "Routing", "dropped fraction, MaxVio and router entropy "
-                  "per step (means over MoE layers); dead experts on evaluation steps", why);
-    write_section(f, r, "load", "Expert load per layer", "share of each layer's assignments "
+    write_section(f, r, "aux", "Aux losses",
+                  "auxiliary losses per step, means over MoE "
+                  "layers, before their coefficients",
+                  why);
+    write_section(f, r, "routing", "Routing",
+                  "dropped fraction, MaxVio and router entropy "
+                  "per step (means over MoE layers); dead experts on evaluation steps",
+                  why);
+    write_section(f, r, "load", "Expert load per layer",
+                  "share of each layer's assignments "
                   "per expert (experts.csv fraction), step x expert",
                   why[0] ? why : r->load_why);
     fputs("<section id=\"config\">\n<h2>Configuration</h2>\n<details><summary>config.ini "
-          "(every key)</summary>\n", f);
+          "(every key)</summary>\n",
+          f);
     write_text_file(f, r->dir, "config.ini", "not found");
     fputs("</details>\n</section>\n", f);
     html_end(f);
@@ -424,8 +456,10 @@ int report_write_run(const char *run_dir, char *msg, size_t n) {
     if (table_read(&r.metrics, run_dir, "metrics.csv", msg, n) != 0) return -1;
     int rc = -1;
     if (!find_val_cols(&r))
-        snprintf(msg, n, "%s/metrics.csv: not moe's metrics (its header starts step, lr, "
-                 "loss)", run_dir);
+        snprintf(msg, n,
+                 "%s/metrics.csv: not moe's metrics (its header starts step, lr, "
+                 "loss)",
+                 run_dir);
     else if (table_read(&r.experts, run_dir, "experts.csv", msg, n) == 0 &&
              write_load_data(&r, msg, n) == 0) {
         draw_figures(&r, why, sizeof why);
