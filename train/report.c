@@ -104,8 +104,9 @@ static int table_read(Table *t, const char *dir, const char *name, char *err, si
     csv_free(&p);
     fclose(f);
     if (!t->failed && t->cols == 0) t->failed = snprintf(err, n, "%s: empty file", path) > 0;
-    if (t->failed) table_free(t);
-    return t->failed ? -1 : 0;
+    int failed = t->failed;
+    if (failed) table_free(t);
+    return failed ? -1 : 0;
 }
 
 // The 0-based column named name, or -1.

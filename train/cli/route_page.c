@@ -120,9 +120,11 @@ void route_page_token(RoutePage *p, int32_t tok, size_t offset) {
         fputc(' ', p->text);
     else if (tok == '\n')
         fputc('\n', p->text);
-    rewind(p->title);
-    fflush(p->title);
-    p->title_buf[0] = '\0';
+    // A fresh stream: a memory stream rewound keeps the longer text of the last token.
+    fclose(p->title);
+    free(p->title_buf);
+    p->title = open_memstream(&p->title_buf, &p->title_len);
+    if (!p->title) DIE("cannot open a memory stream");
     for (int l = 0; l < p->n_layers; l++)
         p->tok_first[l] = -1;
     p->shown++;
