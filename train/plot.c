@@ -102,7 +102,10 @@ static int run_gnuplot(const char *dir, const char *script, int svg, char *out, 
     char chunk[512];
     while ((got = read(fd[0], chunk, sizeof chunk)) > 0) {
         // Keep the tail: the last error line is what tells the user.
-        if (len + (size_t)got >= n) len = 0;
+        if (len + (size_t)got >= n) {
+            memmove(out, out + len / 2, len - len / 2);
+            len -= len / 2;
+        }
         memcpy(out + len, chunk, (size_t)got);
         len += (size_t)got;
         out[len] = '\0';

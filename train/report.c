@@ -134,13 +134,22 @@ typedef struct {
     char load_why[256];    // why there is no heatmap
 } Report;
 
-static void plot_metric(FILE *f, const Report *r, const char *col, const char *title,
-                        const char *style, int first) {
+// 1 when column c holds a number: gnuplot stops a script at a plot with no valid point.
+static int has_values(const Table *t, int c) {
+    for (size_t i = 0; c >= 0 && i < t->rows; i++)
+        if (!isnan(table_at(t, i, c))) return 1;
+    return 0;
+}
+
+// One curve of metrics.csv; returns 1 when plotted (the column has values).
+static int plot_metric(FILE *f, const Report *r, const char *col, const char *title,
+                       const char *style, int first) {
     int c = table_col(&r->metrics, col);
-    if (c < 0) return;
+    if (!has_values(&r->metrics, c)) return 0;
     fprintf(f, "%s'metrics.csv' using ($1+1):%d with %s title ", first ? "plot " : ", ", c + 1,
             style);
     plot_quote(f, title);
+    return 1;
 }
 
 static void plot_panel(FILE *f, const Report *r, const char *col, const char *title,
@@ -157,11 +166,11 @@ static void write_loss_figures(FILE *f, const Report *r) {
     fputs("set title 'training loss (per step) and validation loss (per domain, on evaluation "
           "steps)'\nset ylabel 'nats per token'\n",
           f);
-    plot_metric(f, r, "loss", "training loss (total)", "lines lw 1.5", 1);
-    plot_metric(f, r, "ce", "training cross-entropy", "lines", 0);
+    int n = plot_metric(f, r, "loss", "training loss (total)", "lines lw 1.5", 1);
+    n += plot_metric(f, r, "ce", "training cross-entropy", "lines", !n);
     for (int i = 0; i < r->n_val; i++)
-        plot_metric(f, r, r->metrics.header[r->val_cols[i]], r->metrics.header[r->val_cols[i]],
-                    "linespoints pt 7 ps 0.6 lw 1.5", 0);
+        n += plot_metric(f, r, r->metrics.header[r->val_cols[i]],
+                         r->metrics.header[r->val_cols[i]], "linespoints pt 7 ps 0.6 lw 1.5", !n);
     fputs("\nset ylabel ''\n", f);
     plot_begin_figure(f, "lr", 900, 300);
     plot_panel(f, r, "lr", "learning rate", "lines lw 1.5");
@@ -463,7 +472,8 @@ int report_write_run(const char *run_dir, char *msg, size_t n) {
                  run_dir);
     else if (table_read(&r.experts, run_dir, "experts.csv", msg, n) == 0 &&
              write_load_data(&r, msg, n) == 0) {
-        draw_figures(&r, why, sizeof why);
+        if (r.metrics.rows == 0) snprintf(why, sizeof why, "metrics.csv has no steps yet");
+        else draw_figures(&r, why, sizeof why);
         rc = write_html(&r, why, msg, n);
     }
     if (rc == 0)

@@ -338,19 +338,22 @@ static void write_heatmap(const RouteRun *rr, const char *dir) {
     fprintf(f, "# moe route: expert usage per domain. Render again with: cd %s && gnuplot "
                "usage.gp\n", dir);
     plot_begin_figure(f, "usage", 80 + 360 * D, 160 + 32 * L);
+    fprintf(f, "set multiplot layout 1,%d title 'share of each MoE layer''s assignments per "
+               "expert: '.", D);
+    plot_quote(f, rr->args->ckpt);
     fprintf(f,
-            "set multiplot layout 1,%d title 'share of each MoE layer''s assignments per "
-            "expert: %s'\n"
-            "set palette defined (0 '#ffffff', 0.5 '#6baed6', 1 '#08306b')\n"
+            "\nset palette defined (0 '#ffffff', 0.5 '#6baed6', 1 '#08306b')\n"
             "set cbrange [0:%g]\nset xrange [-0.5:%d.5]\nset yrange [%d.5:-0.5]\n"
             "set xlabel 'expert'\nset ylabel 'layer'\nset xtics 1\nset ytics (",
-            D, rr->args->ckpt, max > 0 ? max : 1.0, E - 1, L - 1);
+            max > 0 ? max : 1.0, E - 1, L - 1);
     for (int l = 0; l < L; l++)
         fprintf(f, "%s'%d' %d", l ? ", " : "", rr->m.moe[l].layer, l);
     fputs(")\n", f);
-    for (int d = 0; d < D; d++)
-        fprintf(f, "set title '%s'\nplot 'usage.dat' index %d %s notitle\n",
-                data_loader_domain_name(rr->dl, d), d, plot_heatmap(E, L));
+    for (int d = 0; d < D; d++) {
+        fputs("set title ", f);
+        plot_quote(f, data_loader_domain_name(rr->dl, d));
+        fprintf(f, "\nplot 'usage.dat' index %d %s notitle\n", d, plot_heatmap(E, L));
+    }
     fputs("unset multiplot\n", f);
     close_out(f, dir, "usage.gp");
 }
