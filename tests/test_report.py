@@ -393,3 +393,40 @@ def test_route_refuses_a_bad_esft_file(runs, tmp_path):
     run = run_moe(["route", tmp / "run", "--esft", bad, "--out", tmp_path / "out"],
                   check=False)
     assert f"{bad} line 1: column 3 is 'score', expected 'token_score'" in run.stderr
+
+
+@needs_browser
+def test_route_page_with_more_experts_than_colours(runs, tmp_path):
+    """10 experts: the 8 most frequent first choices of a layer (ties to the lower expert)
+    take Tol's colours in that order, the others pale grey."""
+    tmp, _ = runs
+    run_moe(["train", tmp / "tiny.ini", f"train.out_dir={tmp_path}", "train.name=wide",
+             "model.experts=10", "train.steps=2", "train.eval_every=0"])
+    out = tmp_path / "route"
+    run_moe(["route", tmp_path / "wide", tmp / "prose" / "val.txt", "--tokens", 200,
+             "--out", out])
+    tokens = first_choices(read_csv(out / "tokens.csv"))
+    measured = probe(tmp_path, out / "route.html")
+    for layer, colours in enumerate(measured["colours"]):
+        firsts = [tokens[k][layer] for k in tokens]
+        ranked = sorted(set(firsts), key=lambda e: (-firsts.count(e), e))
+        colour = {e: TOL_LIGHT[i] for i, e in enumerate(ranked[:8])}
+        want = ["rgb(%d, %d, %d)" % rgb(colour.get(e, "#DDDDDD")) for e in firsts]
+        assert colours == want, layer
+    assert "grey: experts beyond the 8 colours" in (out / "route.html").read_text()
+
+
+def test_report_of_a_run_cut_short(runs, tmp_path):
+    """Two steps and no evaluation yet (a run stopped early): every figure is still drawn,
+    without the columns that have no value."""
+    tmp, _ = runs
+    for name in ("metrics.csv", "experts.csv"):
+        lines = (tmp / "run" / name).read_text().splitlines(keepends=True)
+        keep = [l for l in lines[1:] if int(l.split(",")[0]) < 2]
+        (tmp_path / name).write_text(lines[0] + "".join(keep))
+    run = run_moe(["report", tmp_path])
+    assert "figures not drawn" not in run.stdout
+    page = (tmp_path / "report.html").read_text()
+    assert page.count("<svg") == len(REPORT_FIGURES)
+    assert "No evaluation yet." in page
+    assert "startup.txt: not found" in page
