@@ -2,7 +2,6 @@
 
 #include <csv.h>
 #include <errno.h>
-#include <math.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -86,24 +85,19 @@ static void token_text(FILE *f, int32_t tok, int vocab) {
         fprintf(f, "<span class=\"esc\">\\x%02x</span>", (unsigned)tok & 0xff);
 }
 
-static void token_describe(FILE *f, int32_t tok, int vocab, size_t offset) {
+static void token_describe(char *out, size_t n, int32_t tok, int vocab, size_t offset) {
     if (vocab != 256)
-        fprintf(f, "token %d", tok);
+        snprintf(out, n, "token %d, offset %zu", tok, offset);
     else if (tok >= 0x21 && tok < 0x7f)
-        fprintf(f, "'%c' (byte %d)", (char)tok, tok);
+        snprintf(out, n, "'%c' (byte %d), offset %zu", (char)tok, tok, offset);
     else
-        fprintf(f, "byte %d", tok);
-    fprintf(f, ", offset %zu", offset);
+        snprintf(out, n, "byte %d, offset %zu", tok, offset);
 }
 
 void route_page_token(RoutePage *p, int32_t tok, size_t offset) {
     fflush(p->title);
     char head[128];
-    FILE *h = fmemopen(head, sizeof head, "w");
-    if (!h) DIE("cannot open a memory stream");
-    token_describe(h, tok, p->vocab, offset);
-    fputc('\0', h);
-    fclose(h);
+    token_describe(head, sizeof head, tok, p->vocab, offset);
     fputs("<span class=\"t", p->text);
     for (int l = 0; l < p->n_layers; l++)
         if (p->tok_first[l] < 0)
