@@ -192,8 +192,8 @@ static void write_text_section(FILE *f, RoutePage *p, const RoutePageInfo *info)
     close_domain(p);
     fflush(p->text);
     fprintf(f,
-            "<section id=\"text\">\n<h2>Tokens by first-choice expert</h2>\n<p>The first "
-            "%ld tokens of each domain (tokens.csv), each coloured by the expert with the "
+            "<section id=\"text\">\n<h2>Tokens by first-choice expert</h2>\n<p>At most "
+            "the first %ld tokens of each domain (tokens.csv, --tokens), each coloured by the expert with the "
             "largest gate in the selected layer; hover a token for every layer's experts, "
             "gates and dropped choices. A newline shows as \xe2\x86\xb5, a byte that is "
             "not printable ASCII as \\xNN.</p>\n",
