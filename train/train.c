@@ -69,7 +69,7 @@ static void print_train_help(void) {
     printf("usage: moe train CONFIG.ini [section.key=value ...]\n"
            "  Trains the model CONFIG describes; overrides follow the config file.\n"
            "  Output: <train.out_dir>/<train.name>/ with config.ini, metrics.csv,\n"
-           "  experts.csv. Keys:\n");
+           "  experts.csv, report.html (moe report RUN_DIR writes it again). Keys:\n");
     run_config_print_help(stdout);
 }
 
