@@ -7,7 +7,8 @@
 #   make gpu-bundle pack binaries and libraries for tests/cuda/gpu_check.sh on a GPU machine
 #   make deps       install the Debian packages the build needs (apt-get; root or sudo)
 #   make deps-test  install the packages the tests need (PyTorch, h5py, pytest, cmocka,
-#                   gnuplot for the figures of moe ablate / moe route)
+#                   gnuplot for the figures of moe ablate / moe route / report.html,
+#                   headless Chromium and Pillow for tests/test_report.py)
 #   make fuzz       run every fuzz target (tests/fuzz/) for FUZZ_SECONDS (60) each;
 #                   make fuzz-smoke: 20 s each (CI). Builds under build/fuzz with clang.
 #   make SANITIZE=1 test   the tests on an ASan + UBSan build (build/asan, CPU only)
@@ -41,7 +42,7 @@ endif
 BUILD_PKGS := gcc make pkg-config libhdf5-dev libcsv-dev libopenblas-openmp-dev libinih-dev zlib1g-dev \
     libcjson-dev
 TEST_PKGS := libcmocka-dev python3-torch python3-h5py python3-numpy python3-pytest gnuplot-nox \
-    python3-pip
+    python3-pip chromium python3-pil
 # Python's own safetensors package reads our export in tests/test_hf.py. Debian 12 does not
 # package it: it comes from PyPI (a prebuilt wheel) into Debian's interpreter.
 TEST_PIP := safetensors==0.4.5

@@ -32,6 +32,7 @@
 #include "eval.h"
 #include "interrupt.h"
 #include "metrics.h"
+#include "report.h"
 #include "run.h"
 #include "sample.h"
 #include "step.h"
@@ -68,7 +69,7 @@ static void print_train_help(void) {
     printf("usage: moe train CONFIG.ini [section.key=value ...]\n"
            "  Trains the model CONFIG describes; overrides follow the config file.\n"
            "  Output: <train.out_dir>/<train.name>/ with config.ini, metrics.csv,\n"
-           "  experts.csv. Keys:\n");
+           "  experts.csv, report.html (moe report RUN_DIR writes it again). Keys:\n");
     run_config_print_help(stdout);
 }
 
@@ -258,45 +259,57 @@ static void setup(Run *r) {
 }
 
 // Everything the run allocated once, on the device it computes on.
-static void print_memory_plan(const Run *r) {
+static void print_memory_plan(const Run *r, FILE *f) {
     const Model *m = &r->model;
     double mb = 1e6, param = (double)m->layout.total * sizeof(real);
     int sets = step_runner_sets(&r->step);
-    printf("memory (%s, allocated once): parameters %.1f MB, gradients %.1f MB, optimizer "
-           "state %.1f MB (trainable tensors only), activations %d x %.1f MB, their "
-           "gradients %.1f MB",
-           m->be->name, param / mb, param / mb, (double)adamw_state_bytes(&r->opt) / mb, sets,
-           (double)m->acts.size / mb, (double)m->dacts.size / mb);
+    fprintf(f,
+            "memory (%s, allocated once): parameters %.1f MB, gradients %.1f MB, optimizer "
+            "state %.1f MB (trainable tensors only), activations %d x %.1f MB, their "
+            "gradients %.1f MB",
+            m->be->name, param / mb, param / mb, (double)adamw_state_bytes(&r->opt) / mb, sets,
+            (double)m->acts.size / mb, (double)m->dacts.size / mb);
     if (m->tape.bf16 && m->be->set_bf16_weights)
-        printf(", bf16 weight copy %.1f MB", param / 2 / mb);
-    printf("\n");
+        fprintf(f, ", bf16 weight copy %.1f MB", param / 2 / mb);
+    fprintf(f, "\n");
 }
 
-static void print_startup(const Run *r) {
+static void print_startup(const Run *r, FILE *f) {
     const Model *m = &r->model;
     const RunConfig *rc = &r->rc;
     const char *what[] = {"train", "resume", "finetune"};
-    printf("moe %s: run %s -> %s", what[r->mode], rc->train.name, r->run_dir);
-    if (r->mode != MODE_TRAIN) printf(" (from %s, step %ld)", r->ckpt, r->st.step);
+    fprintf(f, "moe %s: run %s -> %s", what[r->mode], rc->train.name, r->run_dir);
+    if (r->mode != MODE_TRAIN) fprintf(f, " (from %s, step %ld)", r->ckpt, r->st.step);
     char sel[2048];
     trainable_describe(&m->layout, r->trainable, sel, sizeof sel);
-    printf("\nmodel: %d layers, d_model %d, %d experts top-%d, %.2fM params (%.2fM active per "
-           "token)\ntraining: %s: %zu trainable params, optimizer state %.2f MB\n",
-           rc->model.layers, rc->model.d_model, rc->model.experts, rc->model.top_k,
-           (double)m->layout.total / 1e6, (double)active_params(m) / 1e6, sel,
-           adamw_trainable_params(&r->opt), (double)adamw_state_bytes(&r->opt) / 1e6);
-    printf("data:");
+    fprintf(f,
+            "\nmodel: %d layers, d_model %d, %d experts top-%d, %.2fM params (%.2fM active per "
+            "token)\ntraining: %s: %zu trainable params, optimizer state %.2f MB\n",
+            rc->model.layers, rc->model.d_model, rc->model.experts, rc->model.top_k,
+            (double)m->layout.total / 1e6, (double)active_params(m) / 1e6, sel,
+            adamw_trainable_params(&r->opt), (double)adamw_state_bytes(&r->opt) / 1e6);
+    fprintf(f, "data:");
     for (int d = 0; d < data_loader_domains(r->data); d++)
-        printf(" %s (%.2fM train tokens)", data_loader_domain_name(r->data, d),
-               (double)data_loader_train_tokens(r->data, d) / 1e6);
+        fprintf(f, " %s (%.2fM train tokens)", data_loader_domain_name(r->data, d),
+                (double)data_loader_train_tokens(r->data, d) / 1e6);
     char dev[512];
     run_describe_device(m, dev, sizeof dev);
-    printf("\nbatch: %d x %d tokens x %d accum = %zu tokens/step, %d steps | cpu: %d threads, "
-           "OpenBLAS %s kernel (%s)\n%s\n",
-           rc->train.batch_size, rc->model.seq_len, rc->train.grad_accum,
-           m->N * (size_t)rc->train.grad_accum, rc->train.steps, omp_get_max_threads(),
-           cpu_blas_kernel_name(), cpu_blas_kernel_origin(), dev);
-    print_memory_plan(r);
+    fprintf(f,
+            "\nbatch: %d x %d tokens x %d accum = %zu tokens/step, %d steps | cpu: %d threads, "
+            "OpenBLAS %s kernel (%s)\n%s\n",
+            rc->train.batch_size, rc->model.seq_len, rc->train.grad_accum,
+            m->N * (size_t)rc->train.grad_accum, rc->train.steps, omp_get_max_threads(),
+            cpu_blas_kernel_name(), cpu_blas_kernel_origin(), dev);
+    print_memory_plan(r, f);
+}
+
+// The start-up lines again in startup.txt, for the run report (report.h).
+static void write_startup(const Run *r) {
+    char path[RUN_FILE_MAX], tmp[RUN_FILE_MAX + 8];
+    snprintf(path, sizeof path, "%s/startup.txt", r->run_dir);
+    FILE *f = run_create_file(path, tmp, sizeof tmp);
+    print_startup(r, f);
+    run_commit_file(f, tmp, path);
 }
 
 // The step's micro-batches, drawn up front so a pooling pass can see them all.
@@ -577,6 +590,7 @@ static void finish(Run *r) {
                r->skipped, r->steps_run);
     printf("run written to %s (config.ini, metrics.csv, experts.csv, checkpoints)\n",
            r->run_dir);
+    report_after_run(r->run_dir);
     free(r->batch);
     step_runner_free(&r->step);
     free(r->trainable);
@@ -591,7 +605,8 @@ static void finish(Run *r) {
 static void run_all(Run *r) {
     interrupt_install();   // a signal during setup stops the run after its first step
     setup(r);
-    print_startup(r);
+    print_startup(r, stdout);
+    write_startup(r);
     if (r->st.step >= r->rc.train.steps)
         FAIL("%s is at step %ld, train.steps = %d: nothing to do\nHINT: raise train.steps "
              "(e.g. train.steps=%ld) to train further",

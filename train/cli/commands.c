@@ -11,6 +11,7 @@
 #include "../formats/checkpoint.h"
 #include "../eval.h"
 #include "../logits.h"
+#include "../report.h"
 #include "../run.h"
 #include "../sample.h"
 
@@ -208,5 +209,19 @@ int merge_main(int argc, char **argv) {
         FAIL("%s", err);
     printf("merged %s onto %s -> %s\n", delta, base, argv[3]);
     model_free(&m);
+    return 0;
+}
+
+// `moe report RUN_DIR`: report.html from the run's files, as the end of a run writes it.
+int report_main(int argc, char **argv) {
+    if (argc != 2 || !strcmp(argv[1], "--help")) {
+        printf("usage: moe report RUN_DIR\n"
+               "  Writes RUN_DIR/report.html (figures beside it, through gnuplot) from the\n"
+               "  run's metrics.csv, experts.csv, startup.txt and config.ini.\n");
+        return argc == 2 ? 0 : 2;
+    }
+    char msg[3 * RUN_FILE_MAX];
+    if (report_write_run(argv[1], msg, sizeof msg) != 0) FAIL("%s", msg);
+    printf("%s\n", msg);
     return 0;
 }

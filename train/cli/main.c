@@ -23,13 +23,14 @@ static void print_usage(FILE *f) {
             "  finetune CONFIG.ini finetune.init=CKPT  train selected tensors of a model\n"
             "  experts CHECKPOINT DATA               which experts serve DATA (ESFT)\n"
             "  merge BASE DELTA OUT                  apply a delta fine-tune to its base\n"
+            "  report RUN_DIR                        the run's report.html (figures, numbers)\n"
             "  eval CHECKPOINT [DATA]                loss and perplexity per domain\n"
             "                [--dump-logits FILE]    (and one batch's logits to HDF5)\n"
             "  sample CHECKPOINT [--prompt TEXT]     generate text\n"
             "  ablate GRID.ini [--jobs N] [--out DIR]  train router variants side by side\n"
             "  route CHECKPOINT [DATA ...] [--out DIR] [--compare CKPT] [--tokens N]\n"
-            "                                        expert activation maps, co-activation,\n"
-            "                                        router saturation\n"
+            "        [--esft CSV]                    expert activation maps, co-activation,\n"
+            "                                        router saturation, route.html\n"
             "  export CHECKPOINT DIR [--dtype f32|bf16] [--shard-size BYTES] [--force]\n"
             "                                        a Hugging Face Mixtral directory\n"
             "                                        (config.json, safetensors)\n"
@@ -78,6 +79,7 @@ int main(int argc, char **argv) {
     if (!strcmp(cmd, "finetune")) return finetune_main(argc - 1, argv + 1);
     if (!strcmp(cmd, "experts")) return experts_main(argc - 1, argv + 1);
     if (!strcmp(cmd, "merge")) return merge_main(argc - 1, argv + 1);
+    if (!strcmp(cmd, "report")) return report_main(argc - 1, argv + 1);
     if (!strcmp(cmd, "eval")) return eval_main(argc - 1, argv + 1);
     if (!strcmp(cmd, "sample")) return sample_main(argc - 1, argv + 1);
     if (!strcmp(cmd, "ablate")) return ablate_main(argc - 1, argv + 1);

@@ -14,13 +14,14 @@
 #include "../../base/util.h"
 #include "../plot.h"
 #include "../run.h"
+#include "route_page.h"
 
 #define ROUTE_MAX_WORDS 64
 // --tokens past the data's length dumps every token; the bound only keeps it a count.
 #define ROUTE_MAX_TOKENS 1e12
 
 typedef struct {
-    const char *ckpt, *compare, *out;
+    const char *ckpt, *compare, *out, *esft;
     long tokens; // token-dump rows per domain (times layers)
     const char *data[DATA_MAX_DOMAINS];
     int n_data;
@@ -156,6 +157,9 @@ typedef struct {
     Routes ra, rb;
     RouteCounts c;
     FILE *dump;
+    RoutePage page;
+    int *layer_ids;   // (n_moe) the model layer of each MoE layer
+    double *sat;      // (D + 1, L + 1) saturation: domains then all, layers then all
 } RouteRun;
 
 // Usage and co-activation of one token in one layer from ra; saturation against rb.
@@ -197,6 +201,7 @@ static void route_domain(RouteRun *rr, int d) {
     size_t *sa = CALLOC(slots, sizeof *sa), *sb = CALLOC(slots, sizeof *sb);
     const char *name = data_loader_domain_name(rr->dl, d);
     size_t batches = data_loader_val_batches(rr->dl, d);
+    route_page_domain(&rr->page, name);
     for (size_t i = 0; i < batches; i++) {
         // A short last batch: the rows past it are zero tokens, routed but not counted.
         memset(tok, 0, 2 * m->N * sizeof *tok);
@@ -209,7 +214,9 @@ static void route_domain(RouteRun *rr, int d) {
                 if ((long)offset >= rr->args->tokens) continue;
                 dump_row(rr->dump, name, offset, t % T, tok[t], m->cfg.vocab, m->moe[l].layer,
                          &rr->ra, sa, n);
+                route_page_layer(&rr->page, l, rr->ra.idx, rr->ra.gates, rr->ra.keep, sa, n);
             }
+            if ((long)offset < rr->args->tokens) route_page_token(&rr->page, tok[t], offset);
         }
         rr->c.tokens[d] += rows * T;
     }
@@ -277,7 +284,7 @@ static void write_coactivation(const RouteRun *rr, const char *dir) {
 static double ratio(uint64_t a, uint64_t b) { return b ? (double)a / (double)b : 0.0; }
 
 // Rows per domain and layer, then per domain over layers, then over all domains.
-static void write_saturation(const RouteRun *rr, const char *dir) {
+static void write_saturation(RouteRun *rr, const char *dir) {
     const RouteCounts *c = &rr->c;
     int D = c->n_domains, L = c->n_layers;
     FILE *f = open_out(dir, "saturation.csv");
@@ -296,12 +303,14 @@ static void write_saturation(const RouteRun *rr, const char *dir) {
             }
             csv_cell(f, name, 1);
             fprintf(f, ",%d,%.6f\n", rr->m.moe[l].layer, ratio(h, t));
+            rr->sat[(size_t)d * (L + 1) + l] = ratio(h, t);
             printf(" L%d %.3f", rr->m.moe[l].layer, ratio(h, t));
             hit += h;
             tot += t;
         }
         csv_cell(f, name, 1);
         fprintf(f, ",all,%.6f\n", ratio(hit, tot));
+        rr->sat[(size_t)d * (L + 1) + L] = ratio(hit, tot);
         printf(" | all %.3f\n", ratio(hit, tot));
     }
     close_out(f, dir, "saturation.csv");
@@ -326,30 +335,80 @@ static void write_heatmap(const RouteRun *rr, const char *dir) {
     }
     close_out(f, dir, "usage.dat");
     f = open_out(dir, "usage.gp");
+    fprintf(f, "# moe route: expert usage per domain. Render again with: cd %s && gnuplot "
+               "usage.gp\n", dir);
+    plot_begin_figure(f, "usage", 80 + 360 * D, 160 + 32 * L);
+    fprintf(f, "set multiplot layout 1,%d title 'share of each MoE layer''s assignments per "
+               "expert: '.", D);
+    plot_quote(f, rr->args->ckpt);
     fprintf(f,
-            "# moe route: expert usage per domain. Render again with: cd %s && gnuplot "
-            "usage.gp\n"
-            "set terminal pngcairo size %d,%d noenhanced font ',10'\n"
-            "set output 'usage.png'\n"
-            "set multiplot layout 1,%d title 'share of each MoE layer''s assignments per "
-            "expert: %s'\n"
-            "set palette defined (0 '#ffffff', 0.5 '#6baed6', 1 '#08306b')\n"
+            "\nset palette defined (0 '#ffffff', 0.5 '#6baed6', 1 '#08306b')\n"
             "set cbrange [0:%g]\nset xrange [-0.5:%d.5]\nset yrange [%d.5:-0.5]\n"
             "set xlabel 'expert'\nset ylabel 'layer'\nset xtics 1\nset ytics (",
-            dir, 80 + 360 * D, 160 + 32 * L, D, rr->args->ckpt, max > 0 ? max : 1.0, E - 1,
-            L - 1);
+            max > 0 ? max : 1.0, E - 1, L - 1);
     for (int l = 0; l < L; l++)
         fprintf(f, "%s'%d' %d", l ? ", " : "", rr->m.moe[l].layer, l);
     fputs(")\n", f);
-    for (int d = 0; d < D; d++)
-        fprintf(f, "set title '%s'\nplot 'usage.dat' index %d using 1:2:3 with image notitle\n",
-                data_loader_domain_name(rr->dl, d), d);
+    for (int d = 0; d < D; d++) {
+        fputs("set title ", f);
+        plot_quote(f, data_loader_domain_name(rr->dl, d));
+        fprintf(f, "\nplot 'usage.dat' index %d %s notitle\n", d, plot_heatmap(E, L));
+    }
     fputs("unset multiplot\n", f);
     close_out(f, dir, "usage.gp");
+}
+
+// Per layer an expert x expert panel of the share of routed tokens choosing both.
+static void write_coactivation_figure(const RouteRun *rr, const char *dir) {
+    const RouteCounts *c = &rr->c;
+    int L = c->n_layers, E = c->experts, cols = L < 4 ? L : 4;
+    uint64_t tokens = 0;
+    for (int d = 0; d < c->n_domains; d++) tokens += c->tokens[d];
+    double max = 0.0;
+    FILE *f = open_out(dir, "coactivation.dat");
+    for (int l = 0; l < L; l++) {
+        for (int b = 0; b < E; b++) {
+            for (int a = 0; a < E; a++) {
+                double x = ratio(c->coact[((size_t)l * E + a) * E + b], tokens);
+                max = x > max ? x : max;
+                fprintf(f, "%d %d %.6f\n", a, b, x);
+            }
+            fputc('\n', f);
+        }
+        fputc('\n', f);
+    }
+    close_out(f, dir, "coactivation.dat");
+    f = open_out(dir, "coactivation.gp");
+    fprintf(f, "# moe route: expert co-activation per layer. Render again with: cd %s && "
+               "gnuplot coactivation.gp\n", dir);
+    plot_begin_figure(f, "coactivation", 40 + 260 * cols, 60 + 250 * ((L + cols - 1) / cols));
+    fprintf(f,
+            "set multiplot layout %d,%d title 'share of routed tokens whose choices include "
+            "both experts'\nset palette defined (0 '#ffffff', 0.5 '#6baed6', 1 '#08306b')\n"
+            "set cbrange [0:%g]\nset xrange [-0.5:%d.5]\nset yrange [%d.5:-0.5]\n"
+            "set size ratio -1\nset xlabel 'expert'\nset ylabel 'expert'\n%s",
+            (L + cols - 1) / cols, cols, max > 0 ? max : 1.0, E - 1, E - 1,
+            E <= 16 ? "set xtics 1\nset ytics 1\n" : "");
+    for (int l = 0; l < L; l++)
+        fprintf(f, "set title 'layer %d'\nplot 'coactivation.dat' index %d %s notitle\n",
+                rr->m.moe[l].layer, l, plot_heatmap(E, E));
+    fputs("unset multiplot\n", f);
+    close_out(f, dir, "coactivation.gp");
+}
+
+// Renders the page's figures (PNG and SVG); returns why they are missing, or "".
+static void render_figures(RouteRun *rr, const char *dir, char *why, size_t n) {
+    write_heatmap(rr, dir);
+    write_coactivation_figure(rr, dir);
+    const char *scripts[3] = {"usage.gp", "coactivation.gp",
+                              rr->args->esft ? route_page_esft_figure(&rr->page, dir) : NULL};
+    why[0] = '\0';
+    for (int i = 0; i < 3 && scripts[i] && !why[0]; i++)
+        plot_render_figures(dir, scripts[i], why, n);
     if (!plot_available())
-        plot_warn_missing("usage.png");
-    else
-        plot_render(dir, "usage.gp");
+        plot_warn_missing("usage.png, coactivation.png and the figures of route.html");
+    else if (why[0])
+        fprintf(stderr, "moe: warning: %s; the CSV files are written\n", why);
 }
 
 // The usage table on stdout: percent of each domain's assignments per expert.
@@ -416,6 +475,8 @@ static void parse_route_args(RouteArgs *a, int argc, char **argv) {
                 a->out = v;
             else if (!strcmp(w, "--compare"))
                 a->compare = v;
+            else if (!strcmp(w, "--esft"))
+                a->esft = v;
             else if (!strcmp(w, "--tokens"))
                 a->tokens = (long)util_arg_number(w, v, 0, ROUTE_MAX_TOKENS, 1);
             else
@@ -457,16 +518,34 @@ static void open_other(RouteRun *rr, const char *path) {
     free(orc);
 }
 
+static void write_page(RouteRun *rr, const char *dir, const char *why) {
+    int D = rr->c.n_domains;
+    const char *names[DATA_MAX_DOMAINS];
+    for (int d = 0; d < D; d++) names[d] = data_loader_domain_name(rr->dl, d);
+    RoutePageInfo info = {.ckpt = rr->args->ckpt,
+                          .compare = rr->compare ? rr->args->compare : NULL,
+                          .esft = rr->args->esft,
+                          .n_domains = D,
+                          .domains = names,
+                          .routed = rr->c.tokens,
+                          .tokens = rr->args->tokens,
+                          .saturation = rr->compare ? rr->sat : NULL,
+                          .plot_why = why};
+    route_page_write(&rr->page, dir, &info);
+}
+
 static void print_route_help(void) {
     printf(
         "usage: moe route CHECKPOINT [DATA ...] [--out DIR] [--compare OTHER] [--tokens 256]\n"
-        "                 [section.key=value ...]\n"
+        "                 [--esft ESFT.csv] [section.key=value ...]\n"
         "  Expert usage per domain and layer (usage.csv, usage.png heatmap), the routing of\n"
         "  the first N tokens of each domain (tokens.csv), co-activation of experts\n"
         "  (coactivation.csv) and, with --compare, router saturation against OTHER\n"
         "  (saturation.csv). DATA: text files or directories, one domain each (default: the\n"
         "  checkpoint's domains); their validation windows are routed. DIR defaults to\n"
-        "  <checkpoint's directory>/route.\n");
+        "  <checkpoint's directory>/route. route.html shows it all: the tokens coloured by\n"
+        "  expert, the figures (coactivation.png too) and, with --esft, the scores moe\n"
+        "  experts wrote to ESFT.csv.\n");
 }
 
 int route_main(int argc, char **argv) {
@@ -495,8 +574,13 @@ int route_main(int argc, char **argv) {
     else
         snprintf(out, sizeof out, "%s/route", dirname(dir));
     make_dir(out);
-    int D = data_loader_domains(rr.dl);
-    counts_init(&rr.c, D, rr.m.n_moe, rr.rc->model.experts);
+    int D = data_loader_domains(rr.dl), L = rr.m.n_moe;
+    counts_init(&rr.c, D, L, rr.rc->model.experts);
+    rr.layer_ids = CALLOC((size_t)L, sizeof *rr.layer_ids);
+    for (int l = 0; l < L; l++) rr.layer_ids[l] = rr.m.moe[l].layer;
+    route_page_init(&rr.page, L, rr.rc->model.experts, rr.layer_ids, rr.rc->model.vocab);
+    if (a.esft) route_page_read_esft(&rr.page, a.esft);
+    rr.sat = CALLOC((size_t)(D + 1) * (L + 1), sizeof *rr.sat);
     rr.dump = open_out(out, "tokens.csv");
     fputs("domain,offset,position,token,char,layer,experts,gates,kept\n", rr.dump);
     printf("route: %s on", ckpt);
@@ -511,9 +595,14 @@ int route_main(int argc, char **argv) {
     write_usage(&rr, out);
     write_coactivation(&rr, out);
     if (rr.compare) write_saturation(&rr, out);
-    write_heatmap(&rr, out);
-    printf("route: wrote %s/usage.csv, tokens.csv, coactivation.csv%s, usage.gp\n", out,
-           rr.compare ? ", saturation.csv" : "");
+    char why[RUN_FILE_MAX + 512];
+    render_figures(&rr, out, why, sizeof why);
+    write_page(&rr, out, why);
+    printf("route: wrote %s/route.html, usage.csv, tokens.csv, coactivation.csv%s, usage.gp\n",
+           out, rr.compare ? ", saturation.csv" : "");
+    route_page_free(&rr.page);
+    free(rr.layer_ids);
+    free(rr.sat);
     counts_free(&rr.c);
     routes_free(&rr.ra);
     if (rr.compare) {

@@ -1,5 +1,5 @@
 // route.h: `moe route CHECKPOINT [DATA ...] [--out DIR] [--compare OTHER] [--tokens N]
-// [section.key=value ...]`: where a trained model sends its tokens.
+// [--esft FILE] [section.key=value ...]`: where a trained model sends its tokens.
 //
 // Routes each domain's validation windows (consecutive windows of model.seq_len tokens
 // from the start, at most data.val_tokens tokens per domain, train.batch_size windows per
@@ -22,6 +22,10 @@
 //                     (token, layer, expert) choices that CHECKPOINT makes too (OLMoE's
 //                     router saturation when OTHER is the final checkpoint), per layer
 //                     and overall ("all")
+//   coactivation.png  the co-activation matrices as heatmaps (coactivation.gp, .dat)
+//   esft.png          with --esft FILE (moe experts' CSV): its scores, layer x expert
+//   route.html        all of it on one page (route_page.h): the shown tokens coloured
+//                     by first-choice expert per layer, the figures inlined as SVG
 // Choices are the router's selection before capacity (under expert choice, the
 // (token, expert) pairs the experts picked), so results do not depend on capacity.
 #ifndef MOE_ROUTE_H
