@@ -45,10 +45,11 @@ TEST_PKGS := libcmocka-dev python3-torch python3-h5py python3-numpy python3-pyte
 # Python's own safetensors package reads our export in tests/test_hf.py. Debian 12 does not
 # package it: it comes from PyPI (a prebuilt wheel) into Debian's interpreter.
 TEST_PIP := safetensors==0.4.5
-# The tokenizer references (tests/test_tokenizer.py): PyPI's tokenizers and sentencepiece
-# in a venv of their own, so that Debian's interpreter keeps its packages.
+# The tokenizer references (tests/test_tokenizer.py): PyPI's tokenizers and sentencepiece,
+# and transformers' AutoTokenizer (protobuf: its SentencePiece conversion) for exports, in
+# a venv of their own, so that Debian's interpreter keeps its packages.
 TOK_VENV := $(BUILD)/venv-tok
-TOK_PIP := tokenizers==0.20.3 sentencepiece==0.2.0
+TOK_PIP := tokenizers==0.20.3 sentencepiece==0.2.0 transformers==4.46.3 protobuf==4.25.5
 
 missing_pkgs = $(shell for p in $(1); do \
     dpkg-query -W -f='$${Status}\n' $$p 2>/dev/null | grep -q 'ok installed' || echo $$p; done)
@@ -239,7 +240,7 @@ deps-test: deps
 	    echo "moe: installing $(TEST_PIP) from PyPI for $(PYTHON_REF)"; \
 	    $(PYTHON_REF) -m pip install -q --break-system-packages \
 	        --root-user-action=ignore --disable-pip-version-check $(TEST_PIP); }
-	@$(TOK_VENV)/bin/python -c 'import tokenizers, sentencepiece' 2>/dev/null || { \
+	@$(TOK_VENV)/bin/python -c 'import tokenizers, sentencepiece, transformers, google.protobuf' 2>/dev/null || { \
 	    echo "moe: installing $(TOK_PIP) from PyPI into $(TOK_VENV)"; \
 	    $(PYTHON_REF) -m venv $(TOK_VENV) && $(TOK_VENV)/bin/pip install -q \
 	        --disable-pip-version-check $(TOK_PIP); }

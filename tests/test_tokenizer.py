@@ -237,3 +237,40 @@ def test_bytes_vocab_text_too_short_to_hold_out(tmp_path):
                               f"train.out_dir={tmp_path}", f"domain.s.text={text}"],
                              check=False))
     assert "domain s: 100 tokens are too few to hold out data.val_fraction = 0.1" in err, err
+
+
+AUTO_IDS = ("import sys, array\nfrom transformers import AutoTokenizer\n"
+            "t = AutoTokenizer.from_pretrained(sys.argv[1])\n"
+            "text = open(sys.argv[2], encoding='utf-8', newline='').read()\n"
+            "ids = t(text, add_special_tokens=False)['input_ids']\n"
+            "array.array('i', ids).tofile(open(sys.argv[3], 'wb'))\n"
+            "print(type(t).__name__)\n")
+
+
+@pytest.mark.parametrize("kind,name", [("hf-bpe", "llama3.json"), ("sentencepiece", "spm.model")])
+def test_export_and_import_carry_the_tokenizer(work, tmp_path, kind, name):
+    """moe export writes what AutoTokenizer loads (its ids equal moe's on the mixed text);
+    moe import takes the tokenizer back beside the checkpoint, and moe sample uses it."""
+    text = tmp_path / "t.txt"
+    text.write_text("Καλημέρα κόσμε. " * 400, encoding="utf-8")
+    run([MOE, "train", "configs/tiny.ini", *TINY, "model.vocab=3000",
+         "model.tie_embeddings=false", "train.sample_tokens=0", f"train.out_dir={tmp_path}",
+         "train.name=r", f"data.tokenizer={kind}", f"data.tokenizer_file={work / name}",
+         f"domain.t.text={text}"])
+    hf = tmp_path / "hf"
+    run([MOE, "export", tmp_path / "r", hf])
+    copy = "tokenizer.json" if kind == "hf-bpe" else "tokenizer.model"
+    assert (hf / copy).read_bytes() == (work / name).read_bytes()
+    ids = tmp_path / "auto.i32"
+    cls = run([VENV_PY, "-c", AUTO_IDS, hf, work / "mixed.txt", ids]).stdout.decode()
+    print(f"AutoTokenizer -> {cls.strip()}")
+    ref = np.fromfile(ids, dtype="<i4")
+    got, _ = moe_ids(work, hf / copy, ".h5")
+    assert len(ref) == len(got) and int(np.sum(ref != got)) == 0
+    (tmp_path / "imp").mkdir()
+    out = run([MOE, "import", hf, tmp_path / "imp" / "m.h5"]).stdout.decode()
+    assert f"tokenizer: {tmp_path / 'imp' / copy} (data.tokenizer = {kind})" in out, out
+    assert (tmp_path / "imp" / copy).read_bytes() == (work / name).read_bytes()
+    s = run([MOE, "sample", tmp_path / "imp" / "m.h5", "--prompt", "Καλημέρα", "--tokens", 4,
+             "--temperature", 0]).stdout.decode(errors="replace")
+    assert s.startswith("Καλημέρα"), s
