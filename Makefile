@@ -64,7 +64,9 @@ CFLAGS_BASE := -std=c11 -O3 -g -Wall -Wextra -Wshadow -fopenmp -fno-trapping-mat
 # libsentencepiece, whose C++ API data/spm.cpp wraps (hence libstdc++).
 TOKENIZER_LIBS := -lpcre2-8 -lunistring -lsentencepiece -lsentencepiece_train -lstdc++
 LDLIBS_BASE := -lcsv -lz -lm -fopenmp $(TOKENIZER_LIBS)
-CXXFLAGS_LIB = -std=c++17 -O2 -g -Wall -Wextra -MMD -MP $(SAN_FLAGS)
+# UBSan's vptr check needs the C++ runtime of UBSan, which the C driver does not link.
+CXXFLAGS_LIB = -std=c++17 -O2 -g -Wall -Wextra -MMD -MP $(SAN_FLAGS) \
+    $(if $(SAN_FLAGS),-fno-sanitize=vptr)
 
 # OpenBLAS's OpenMP build shares our OpenMP thread pool; Debian's default pthread build
 # spins its own threads against ours (30x slower on small ops, 2 cores). Linked by path
@@ -326,7 +328,7 @@ $(FUZZ_BUILD)/obj/%.o: %.c | $(BUILD)/config.mk $(FUZZ_BUILD)/deps.stamp
 $(FUZZ_BUILD)/obj/%.o: %.cpp | $(BUILD)/config.mk $(FUZZ_BUILD)/deps.stamp
 	@mkdir -p $(dir $@)
 	$(FUZZ_CC)++ -std=c++17 -O1 -g -fno-omit-frame-pointer -MMD -MP $(FUZZ_SAN) \
-	    -fsanitize=fuzzer-no-link -c $< -o $@
+	    -fno-sanitize=vptr -fsanitize=fuzzer-no-link -c $< -o $@
 $(FUZZ_BUILD)/bin/%: $(FUZZ_BUILD)/obj/tests/fuzz/%.o $(FUZZ_LIB)
 	@mkdir -p $(dir $@)
 	$(FUZZ_CC) -fsanitize=fuzzer $(FUZZ_SAN) -fopenmp -o $@ $^ $(PKG_LIBS) -lcsv -lz -lm $(TOKENIZER_LIBS)

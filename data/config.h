@@ -40,7 +40,7 @@ typedef struct {
     double val_fraction;               // held out of train when a domain has no val
     int tokenizer;                     // TokenizerKind (tokenizer.h)
     char tokenizer_file[KEY_STRING_MAX];    // tokenizer.json or .model; none for bytes
-    char tokenizer_crc32[16];          // the run's copy of it (8 hex digits), set by runs
+    char tokenizer_crc32[KEY_STRING_MAX];   // the run's copy of it (8 hex digits), set by runs
 } DataConfig;
 
 // Defaults of [data]; no domains.
