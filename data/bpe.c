@@ -13,7 +13,8 @@
 #include "../base/util.h"
 
 #define BPE_MAX_REGEX 4
-// Pieces longer than this are not cached (long whitespace or digit runs are rare).
+// Pieces longer than this are not cached (long whitespace or digit runs are rare), and
+// merge through a heap: the scan for the lowest pair is quadratic in a piece's length.
 #define BPE_CACHE_PIECE 64
 #define BPE_CACHE_ENTRIES (1u << 18)
 // What ByteLevel's pre-tokenizer splits with when use_regex is true (GPT-2's pattern).
@@ -487,14 +488,79 @@ static size_t merge_symbols(const Bpe *b, int32_t *sym, int32_t *rank, size_t n)
     return n;
 }
 
+// A candidate merge of the symbol at pos with the next one, ordered by rank, then pos.
+typedef struct {
+    int32_t rank;
+    uint32_t pos;
+} HeapItem;
+
+static int heap_less(HeapItem a, HeapItem b) {
+    return a.rank < b.rank || (a.rank == b.rank && a.pos < b.pos);
+}
+
+static void heap_push(HeapItem *h, size_t *n, HeapItem it) {
+    size_t i = (*n)++;
+    for (; i > 0 && heap_less(it, h[(i - 1) / 2]); i = (i - 1) / 2) h[i] = h[(i - 1) / 2];
+    h[i] = it;
+}
+
+static HeapItem heap_pop(HeapItem *h, size_t *n) {
+    HeapItem top = h[0], last = h[--*n];
+    size_t i = 0;
+    for (size_t c; (c = 2 * i + 1) < *n; i = c) {
+        if (c + 1 < *n && heap_less(h[c + 1], h[c])) c++;
+        if (!heap_less(h[c], last)) break;
+        h[i] = h[c];
+    }
+    h[i] = last;
+    return top;
+}
+
+// merge_symbols for long pieces, in O(n log n): the same order (lowest rank, leftmost),
+// over a linked list of symbols with a heap of candidate merges; stale candidates (a
+// side already merged away, or the pair changed) are skipped when they come up.
+static size_t merge_symbols_heap(const Bpe *b, int32_t *sym, size_t n) {
+    int32_t *next = CALLOC(n, sizeof *next), *prev = CALLOC(n, sizeof *prev);
+    unsigned char *dead = CALLOC(n, 1);
+    HeapItem *heap = CALLOC(3 * n + 1, sizeof *heap);   // n - 1 pairs, then 2 per merge
+    size_t hn = 0;
+    for (size_t i = 0; i < n; i++) {
+        next[i] = i + 1 < n ? (int32_t)i + 1 : -1;
+        prev[i] = (int32_t)i - 1;
+        int32_t r = i + 1 < n ? pair_rank(b, sym[i], sym[i + 1]) : INT32_MAX;
+        if (r != INT32_MAX) heap_push(heap, &hn, (HeapItem){r, (uint32_t)i});
+    }
+    while (hn) {
+        HeapItem it = heap_pop(heap, &hn);
+        int32_t p = (int32_t)it.pos, q = next[p];
+        if (dead[p] || q < 0 || pair_rank(b, sym[p], sym[q]) != it.rank) continue;
+        sym[p] = b->merged[it.rank];
+        dead[q] = 1;
+        next[p] = next[q];
+        if (next[q] >= 0) prev[next[q]] = p;
+        int32_t r;
+        if (prev[p] >= 0 && (r = pair_rank(b, sym[prev[p]], sym[p])) != INT32_MAX)
+            heap_push(heap, &hn, (HeapItem){r, (uint32_t)prev[p]});
+        if (next[p] >= 0 && (r = pair_rank(b, sym[p], sym[next[p]])) != INT32_MAX)
+            heap_push(heap, &hn, (HeapItem){r, (uint32_t)p});
+    }
+    size_t k = 0;
+    for (int32_t i = 0; i >= 0; i = next[i]) sym[k++] = sym[i];
+    free(heap);
+    free(dead);
+    free(prev);
+    free(next);
+    return k;
+}
+
 // The whole piece as one token (model.ignore_merges), or -1.
 static int32_t whole_piece(const Bpe *b, const unsigned char *s, size_t len) {
-    char buf[2 * BPE_CACHE_PIECE + 1];
-    if (len > BPE_CACHE_PIECE) return -1;
+    char *buf = CALLOC(2 * len + 1, 1);
     size_t o = 0;
     for (size_t i = 0; i < len; i++)
         for (const char *p = b->byte_sym[s[i]]; *p; p++) buf[o++] = *p;
     const int32_t *id = map_get(&b->vocab, buf, o);
+    free(buf);
     return id ? *id : -1;
 }
 
@@ -533,7 +599,8 @@ static void encode_piece(Bpe *b, const char *s, size_t len, IdOut *o) {
         b->rank = CALLOC(b->sym_cap, sizeof *b->rank);
     }
     for (size_t i = 0; i < len; i++) b->sym[i] = b->byte_id[u[i]];
-    size_t k = merge_symbols(b, b->sym, b->rank, len);
+    size_t k = len > BPE_CACHE_PIECE ? merge_symbols_heap(b, b->sym, len)
+                                     : merge_symbols(b, b->sym, b->rank, len);
     out_push(o, b->sym, k);
     cache_store(b, s, len, b->sym, k);
 }

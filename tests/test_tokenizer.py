@@ -31,7 +31,11 @@ EXTRA = ["Καλημέρα κόσμε, ἀρχὴ ἥμισυ παντός.", "�
          "🙂🚀👩\u200d👩\u200d👧\u200d👦 🇩🇪 ❤️\u200d🔥", "x\u00a0y\u2003z", "   \t\t  \n\n\n    ",
          "\r\n\r\n", "12345678901234567890", "I'll we've they're DON'T", "\u200b\ufeff",
          "<|endoftext|>", "<|im_start|>user\nhi<|im_end|>", "<|endoftext|><|endoftext|>",
-         "a<|im_end|>b", "  <|endoftext|>  "]
+         "a<|im_end|>b", "  <|endoftext|>  ",
+         # Pieces past 64 bytes merge through a heap (data/bpe.c): a long word, digit run
+         # and whitespace run.
+         "".join(random.Random(5).choice("abcdefghijklmnopqrstuvwxyz") for _ in range(900)),
+         "7" * 300, " " * 200 + "x", "ab" * 150]
 
 
 def run(args, check=True, cwd=ROOT):
@@ -274,3 +278,32 @@ def test_export_and_import_carry_the_tokenizer(work, tmp_path, kind, name):
     s = run([MOE, "sample", tmp_path / "imp" / "m.h5", "--prompt", "Καλημέρα", "--tokens", 4,
              "--temperature", 0]).stdout.decode(errors="replace")
     assert s.startswith("Καλημέρα"), s
+
+
+def test_resume_and_finetune_use_the_run_tokenizer(work, tmp_path):
+    text = tmp_path / "t.txt"
+    text.write_text("Καλημέρα κόσμε. " * 400, encoding="utf-8")
+    base = [MOE, "train", "configs/tiny.ini", *TINY, "model.vocab=3000", "train.sample_tokens=0",
+            f"train.out_dir={tmp_path}", "data.tokenizer=sentencepiece",
+            f"data.tokenizer_file={work / 'spm.model'}", f"domain.t.text={text}"]
+    run(base + ["train.name=a"])
+    out = run([MOE, "train", "--resume", tmp_path / "a", "train.steps=3"]).stdout.decode()
+    assert "done: step 3," in out, out
+    ft = [MOE, "finetune", "configs/tiny.ini", *TINY, "model.vocab=3000", "train.sample_tokens=0",
+          f"train.out_dir={tmp_path}", "train.name=f", f"finetune.init={tmp_path / 'a'}",
+          f"domain.t.text={text}"]
+    run(ft)
+    assert (tmp_path / "f" / "tokenizer.model").read_bytes() == (work / "spm.model").read_bytes()
+    assert "tokenizer = sentencepiece" in (tmp_path / "f" / "config.ini").read_text()
+    err = one_line_error(run(ft[:-1] + ["train.name=g", f"domain.t.text={text}",
+                                        "data.tokenizer=hf-bpe",
+                                        f"data.tokenizer_file={work / 'llama3.json'}"],
+                             check=False))
+    assert "llama3.json: not the tokenizer" in err, err
+
+
+def test_text_and_train_together_are_refused(tmp_path):
+    err = one_line_error(run([MOE, "train", "configs/tiny.ini", *TINY,
+                              f"train.out_dir={tmp_path}", "domain.x.text=a.txt",
+                              "domain.x.train=b.txt"], check=False))
+    assert "[domain x]: set train or text, not both" in err, err
