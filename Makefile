@@ -164,7 +164,11 @@ $(BUILD)/f64/%.o: %.c | $(BUILD)/config.mk
 	@mkdir -p $(dir $@)
 	$(CC) $(CFLAGS) -DMOE_REAL_F64 -c $< -o $@
 
-$(BUILD)/f32/data/%.o $(BUILD)/f64/data/%.o: data/%.cpp | $(BUILD)/config.mk
+# Two rules: one pattern rule with both targets would be one recipe making both.
+$(BUILD)/f32/data/%.o: data/%.cpp | $(BUILD)/config.mk
+	@mkdir -p $(dir $@)
+	$(CXX) $(CXXFLAGS_LIB) -c $< -o $@
+$(BUILD)/f64/data/%.o: data/%.cpp | $(BUILD)/config.mk
 	@mkdir -p $(dir $@)
 	$(CXX) $(CXXFLAGS_LIB) -c $< -o $@
 
