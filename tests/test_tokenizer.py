@@ -2,9 +2,10 @@
 
 PyPI's `tokenizers` and `sentencepiece` (a venv made by `make deps-test`, driven through
 tests/reference/tokenizer_ref.py) train three tokenizers on the default corpus: a
-byte-level BPE tokenizer.json with Llama-3's Split regex and ignore_merges, one in GPT-2's
-style (NFC normaliser, ByteLevel pre-tokenizer with its regex and a prefix space), and a
-SentencePiece BPE .model; each with special tokens. On over 1 MB of mixed text (the
+byte-level BPE tokenizer.json with Llama-3's Split regex and ignore_merges, one in Qwen2's
+style (NFC, its Split regex), one in GPT-2's style (NFC normaliser, ByteLevel
+pre-tokenizer with its regex and a prefix space), and a SentencePiece BPE .model; each
+with special tokens. On over 1 MB of mixed text (the
 default corpus, Greek, Cyrillic, CJK, Arabic, combining marks, emoji with ZWJ sequences,
 whitespace runs, CR LF, special tokens inside the text) `moe tokenize` must give every id
 the library gives, and `moe tokenizer decode` the library's text (the input itself where
@@ -75,6 +76,7 @@ def work(tmp_path_factory):
     assert len(mixed.encode()) >= 1 << 20
     run([VENV_PY, REF, "train-bpe", d / "corpus.txt", d / "llama3.json", "llama3"])
     run([VENV_PY, REF, "train-bpe", d / "corpus.txt", d / "gpt2.json", "gpt2"])
+    run([VENV_PY, REF, "train-bpe", d / "corpus.txt", d / "qwen2.json", "qwen2"])
     run([VENV_PY, REF, "train-spm", d / "corpus.txt", d / "spm"])
     return d
 
@@ -112,7 +114,7 @@ def compare(work, tok, suffix=".h5"):
 
 
 @pytest.mark.parametrize("name,suffix", [("llama3.json", ".h5"), ("gpt2.json", ".bin"),
-                                          ("spm.model", ".h5")])
+                                          ("qwen2.json", ".h5"), ("spm.model", ".h5")])
 def test_ids_equal_reference(work, name, suffix):
     compare(work, work / name, suffix)
 

@@ -2,6 +2,7 @@
 (build/venv-tok: PyPI `tokenizers` and `sentencepiece`, installed by `make deps-test`).
 
   tokenizer_ref.py train-bpe CORPUS OUT.json STYLE   STYLE: llama3 (Sequence[Split,
+                                                     ByteLevel]), qwen2 (NFC, Sequence[Split,
                                                      ByteLevel]) or gpt2 (NFC, ByteLevel)
   tokenizer_ref.py train-spm CORPUS PREFIX
   tokenizer_ref.py encode TOKENIZER TEXT OUT         ids of TEXT as little-endian int32
@@ -13,15 +14,20 @@ SPECIAL = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 # Llama-3's pre-tokenizer pattern (its tokenizer.json's Split regex).
 LLAMA3 = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}|"
           r" ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
+# Qwen2's: single digits.
+QWEN2 = LLAMA3.replace(r"\p{N}{1,3}", r"\p{N}")
 
 
 def train_bpe(corpus, out, style):
     from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers
     from tokenizers import trainers
     tok = Tokenizer(models.BPE(ignore_merges=style == "llama3"))
-    if style == "llama3":
+    if style in ("llama3", "qwen2"):
+        if style == "qwen2":
+            tok.normalizer = normalizers.NFC()
         tok.pre_tokenizer = pre_tokenizers.Sequence([
-            pre_tokenizers.Split(Regex(LLAMA3), behavior="isolated", invert=False),
+            pre_tokenizers.Split(Regex(LLAMA3 if style == "llama3" else QWEN2),
+                                 behavior="isolated", invert=False),
             pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
     else:
         tok.normalizer = normalizers.NFC()
