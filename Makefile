@@ -40,12 +40,17 @@ endif
 .DEFAULT_GOAL := all
 
 BUILD_PKGS := gcc make pkg-config libhdf5-dev libcsv-dev libopenblas-openmp-dev libinih-dev zlib1g-dev \
-    libcjson-dev
+    libcjson-dev g++ libpcre2-dev libsentencepiece-dev libunistring-dev
 TEST_PKGS := libcmocka-dev python3-torch python3-h5py python3-numpy python3-pytest gnuplot-nox \
-    python3-pip chromium python3-pil
+    python3-pip python3-venv chromium python3-pil
 # Python's own safetensors package reads our export in tests/test_hf.py. Debian 12 does not
 # package it: it comes from PyPI (a prebuilt wheel) into Debian's interpreter.
 TEST_PIP := safetensors==0.4.5
+# The tokenizer references (tests/test_tokenizer.py): PyPI's tokenizers and sentencepiece,
+# and transformers' AutoTokenizer (protobuf: its SentencePiece conversion) for exports, in
+# a venv of their own, so that Debian's interpreter keeps its packages.
+TOK_VENV := $(BUILD)/venv-tok
+TOK_PIP := tokenizers==0.20.3 sentencepiece==0.2.0 transformers==4.46.3 protobuf==4.25.5
 
 missing_pkgs = $(shell for p in $(1); do \
     dpkg-query -W -f='$${Status}\n' $$p 2>/dev/null | grep -q 'ok installed' || echo $$p; done)
@@ -56,7 +61,13 @@ missing_pkgs = $(shell for p in $(1); do \
 # with clamps and selects (kernels/cpu/vexp.h); it changes no result either.
 CFLAGS_BASE := -std=c11 -O3 -g -Wall -Wextra -Wshadow -fopenmp -fno-trapping-math \
     -D_GNU_SOURCE -MMD -MP
-LDLIBS_BASE := -lcsv -lz -lm -fopenmp
+# Tokenizers (data/): PCRE2 for the pre-tokenizer regexes, libunistring for NFC, and
+# libsentencepiece, whose C++ API data/spm.cpp wraps (hence libstdc++).
+TOKENIZER_LIBS := -lpcre2-8 -lunistring -lsentencepiece -lsentencepiece_train -lstdc++
+LDLIBS_BASE := -lcsv -lz -lm -fopenmp $(TOKENIZER_LIBS)
+# UBSan's vptr check needs the C++ runtime of UBSan, which the C driver does not link.
+CXXFLAGS_LIB = -std=c++17 -O2 -g -Wall -Wextra -MMD -MP $(SAN_FLAGS) \
+    $(if $(SAN_FLAGS),-fno-sanitize=vptr)
 
 # OpenBLAS's OpenMP build shares our OpenMP thread pool; Debian's default pthread build
 # spins its own threads against ours (30x slower on small ops, 2 cores). Linked by path
@@ -89,6 +100,8 @@ LDLIBS = $(PKG_LIBS) $(LDLIBS_BASE) $(SAN_FLAGS)
 # stores a whole RunConfig and an import makes one.
 LIB_SRC := $(wildcard base/*.c kernels/*.c kernels/cpu/*.c model/*.c optim/*.c data/*.c)
 TRAIN_SRC := $(wildcard train/*.c train/formats/*.c train/cli/*.c)
+# C++ in the library rooms (data/spm.cpp: SentencePiece's C++ API behind C functions).
+LIB_CPP := $(wildcard data/*.cpp)
 TEST_SUITES := $(patsubst tests/%.c,$(BUILD)/tests/%,$(wildcard tests/test_*.c))
 
 # CUDA backend (kernels/cuda/*.cu): compiled into the f32 build (./moe, the benchmark,
@@ -130,9 +143,10 @@ CUDA_CXXFLAGS := -std=c++17 -O1 -Wall -Wextra -MMD -MP \
     $(if $(CUDNN_FE_INC),-isystem $(CUDNN_FE_INC) -DMOE_CUDNN_FE \
         -DNV_CUDNN_FRONTEND_USE_DYNAMIC_LOADING -DCUDNN_FRONTEND_SKIP_JSON_LIB)
 
-F32_LIB := $(patsubst %.c,$(BUILD)/f32/%.o,$(LIB_SRC)) $(CUDA_OBJ)
+F32_LIB := $(patsubst %.c,$(BUILD)/f32/%.o,$(LIB_SRC)) \
+    $(patsubst %.cpp,$(BUILD)/f32/%.o,$(LIB_CPP)) $(CUDA_OBJ)
 F32_TRAIN := $(patsubst %.c,$(BUILD)/f32/%.o,$(TRAIN_SRC))
-F64_LIB := $(patsubst %.c,$(BUILD)/f64/%.o,$(LIB_SRC))
+F64_LIB := $(patsubst %.c,$(BUILD)/f64/%.o,$(LIB_SRC)) $(patsubst %.cpp,$(BUILD)/f64/%.o,$(LIB_CPP))
 # The C suites also link train/ (checkpoint, config, ...), all of it but the CLI's main.
 F64_TRAIN := $(patsubst %.c,$(BUILD)/f64/%.o,$(filter-out train/cli/main.c,$(TRAIN_SRC)))
 F64_TESTLIB := $(BUILD)/f64/tests/testlib.o
@@ -150,6 +164,14 @@ $(BUILD)/f32/%.o: %.c | $(BUILD)/config.mk
 $(BUILD)/f64/%.o: %.c | $(BUILD)/config.mk
 	@mkdir -p $(dir $@)
 	$(CC) $(CFLAGS) -DMOE_REAL_F64 -c $< -o $@
+
+# Two rules: one pattern rule with both targets would be one recipe making both.
+$(BUILD)/f32/data/%.o: data/%.cpp | $(BUILD)/config.mk
+	@mkdir -p $(dir $@)
+	$(CXX) $(CXXFLAGS_LIB) -c $< -o $@
+$(BUILD)/f64/data/%.o: data/%.cpp | $(BUILD)/config.mk
+	@mkdir -p $(dir $@)
+	$(CXX) $(CXXFLAGS_LIB) -c $< -o $@
 
 # Test sources include cmocka's header: under `make -j test` they must wait for deps-test
 # (a stamp, so the package check runs once). The shorter stem makes make prefer this rule.
@@ -225,6 +247,10 @@ deps-test: deps
 	    echo "moe: installing $(TEST_PIP) from PyPI for $(PYTHON_REF)"; \
 	    $(PYTHON_REF) -m pip install -q --break-system-packages \
 	        --root-user-action=ignore --disable-pip-version-check $(TEST_PIP); }
+	@$(TOK_VENV)/bin/python -c 'import tokenizers, sentencepiece, transformers, google.protobuf' 2>/dev/null || { \
+	    echo "moe: installing $(TOK_PIP) from PyPI into $(TOK_VENV)"; \
+	    $(PYTHON_REF) -m venv $(TOK_VENV) && $(TOK_VENV)/bin/pip install -q \
+	        --disable-pip-version-check $(TOK_PIP); }
 
 # Installs the packages named in $(1) (a shell word list), as root or through sudo.
 apt_install = if [ -n "$(1)" ]; then \
@@ -291,7 +317,8 @@ FUZZ_SAN := -fsanitize=address,undefined -fno-sanitize-recover=undefined
 FUZZ_CFLAGS = -std=c11 -O1 -g -fno-omit-frame-pointer -Wall -Wextra -Wno-pass-failed -fopenmp \
     -D_GNU_SOURCE -MMD -MP $(FUZZ_SAN) -fsanitize=fuzzer-no-link $(PKG_CFLAGS)
 FUZZ_LIB := $(patsubst %.c,$(FUZZ_BUILD)/obj/%.o,$(LIB_SRC) \
-    $(filter-out train/cli/main.c,$(TRAIN_SRC)) tests/fuzz/fuzzlib.c)
+    $(filter-out train/cli/main.c,$(TRAIN_SRC)) tests/fuzz/fuzzlib.c) \
+    $(patsubst %.cpp,$(FUZZ_BUILD)/obj/%.o,$(LIB_CPP))
 
 .PHONY: fuzz fuzz-smoke fuzz-build deps-fuzz
 deps-fuzz: deps
@@ -303,9 +330,13 @@ $(FUZZ_BUILD)/deps.stamp: Makefile | $(BUILD)/config.mk
 $(FUZZ_BUILD)/obj/%.o: %.c | $(BUILD)/config.mk $(FUZZ_BUILD)/deps.stamp
 	@mkdir -p $(dir $@)
 	$(FUZZ_CC) $(FUZZ_CFLAGS) -c $< -o $@
+$(FUZZ_BUILD)/obj/%.o: %.cpp | $(BUILD)/config.mk $(FUZZ_BUILD)/deps.stamp
+	@mkdir -p $(dir $@)
+	$(FUZZ_CC)++ -std=c++17 -O1 -g -fno-omit-frame-pointer -MMD -MP $(FUZZ_SAN) \
+	    -fno-sanitize=vptr -fsanitize=fuzzer-no-link -c $< -o $@
 $(FUZZ_BUILD)/bin/%: $(FUZZ_BUILD)/obj/tests/fuzz/%.o $(FUZZ_LIB)
 	@mkdir -p $(dir $@)
-	$(FUZZ_CC) -fsanitize=fuzzer $(FUZZ_SAN) -fopenmp -o $@ $^ $(PKG_LIBS) -lcsv -lz -lm
+	$(FUZZ_CC) -fsanitize=fuzzer $(FUZZ_SAN) -fopenmp -o $@ $^ $(PKG_LIBS) -lcsv -lz -lm $(TOKENIZER_LIBS)
 .SECONDARY: $(FUZZ_LIB) $(patsubst %,$(FUZZ_BUILD)/obj/tests/fuzz/%.o,$(FUZZ_TARGETS))
 
 fuzz-build: $(patsubst %,$(FUZZ_BUILD)/bin/%,$(FUZZ_TARGETS))

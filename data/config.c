@@ -3,6 +3,7 @@
 #include <string.h>
 
 #include "../base/util.h"
+#include "tokenizer.h"
 
 #define DK(field) offsetof(DataConfig, field)
 #define DOM(field) offsetof(DomainConfig, field)
@@ -12,6 +13,16 @@ static const ConfigKey data_keys[] = {
      "validation tokens per domain (at most; windows from the start of val)"},
     {"default_dir", KEY_STRING, DK(default_dir), "data/default", 0, 0, NULL,
      "default corpus (make data), used when no [domain ...] section is given"},
+    {"val_fraction", KEY_DOUBLE, DK(val_fraction), "0.1", 0.001, 0.5, NULL,
+     "a domain with no val source: this last fraction of its train tokens is held out "
+     "for validation"},
+    {"tokenizer", KEY_ENUM, DK(tokenizer), "bytes", 0, 0, TOKENIZER_KIND_NAMES,
+     "text and CSV sources: bytes (ids 0-255), hf-bpe (a Hugging Face tokenizer.json) or "
+     "sentencepiece (a .model); copied into the run directory"},
+    {"tokenizer_file", KEY_STRING, DK(tokenizer_file), "", 0, 0, NULL,
+     "the tokenizer.json or .model file (runs, checkpoints: the copy beside them)"},
+    {"tokenizer_crc32", KEY_STRING, DK(tokenizer_crc32), "", 0, 0, NULL,
+     "set by runs: the CRC-32 of the tokenizer file; a copy that differs is refused"},
 };
 
 static const ConfigKey domain_keys[] = {
@@ -19,7 +30,11 @@ static const ConfigKey domain_keys[] = {
      "source format: raw bytes, llm.c uint16 shards, HDF5 token dataset, CSV column"},
     {"train", KEY_STRING, DOM(train), "", 0, 0, NULL,
      "training source: a file, a directory (all files, sorted) or a glob"},
-    {"val", KEY_STRING, DOM(val), "", 0, 0, NULL, "validation source, as train"},
+    {"val", KEY_STRING, DOM(val), "", 0, 0, NULL,
+     "validation source, as train (empty: the last data.val_fraction of train)"},
+    {"text", KEY_STRING, DOM(text), "", 0, 0, NULL,
+     "shorthand for kind = text, train = this file (directory, glob), no val: the last "
+     "data.val_fraction is held out"},
     {"weight", KEY_DOUBLE, DOM(weight), "1", 0, 1e6, NULL,
      "sampling weight: rows come from this domain with probability weight / sum "
      "(0: validation only)"},
@@ -100,12 +115,26 @@ void data_config_use_default(DataConfig *cfg) {
 int data_config_validate(const DataConfig *cfg, char *err, size_t n) {
     for (int i = 0; i < cfg->n_domains; i++) {
         const DomainConfig *d = &cfg->domains[i];
-        if (!d->train[0] || !d->val[0])
-            return snprintf(err, n, "[%s]: both train and val must name a file, directory "
-                                    "or glob",
+        if (!d->train[0] && !d->text[0])
+            return snprintf(err, n, "[%s]: train (or text) must name a file, directory or "
+                                    "glob",
                             d->section),
                    -1;
+        if (d->train[0] && d->text[0])
+            return snprintf(err, n, "[%s]: set train or text, not both (text = '%s' is "
+                                    "train = it with kind = text)",
+                            d->section, d->text),
+                   -1;
+        if (d->text[0] && d->kind != DATA_TEXT)
+            return snprintf(err, n, "[%s]: text = '%s' reads text; kind must be text",
+                            d->section, d->text),
+                   -1;
     }
+    if (cfg->tokenizer != TOKENIZER_BYTES && !cfg->tokenizer_file[0])
+        return snprintf(err, n, "data.tokenizer = %s needs data.tokenizer_file (its "
+                                "tokenizer.json or .model)",
+                        cfg->tokenizer == TOKENIZER_HF_BPE ? "hf-bpe" : "sentencepiece"),
+               -1;
     return 0;
 }
 

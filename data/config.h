@@ -29,6 +29,7 @@ typedef struct {
     // KEY_STRING values are copied up to KEY_STRING_MAX bytes, so these are that size too.
     char dataset[KEY_STRING_MAX];      // DATA_HDF5: dataset path inside each file
     char column[KEY_STRING_MAX];       // DATA_CSV: header name of the text column
+    char text[KEY_STRING_MAX];         // shorthand: kind text, train = this, val held out
 } DomainConfig;
 
 typedef struct {
@@ -36,6 +37,10 @@ typedef struct {
     int n_domains;
     int val_tokens;                    // at most this many val tokens per domain
     char default_dir[KEY_STRING_MAX];  // default corpus, used when no domain is given
+    double val_fraction;               // held out of train when a domain has no val
+    int tokenizer;                     // TokenizerKind (tokenizer.h)
+    char tokenizer_file[KEY_STRING_MAX];    // tokenizer.json or .model; none for bytes
+    char tokenizer_crc32[KEY_STRING_MAX];   // the run's copy of it (8 hex digits), set by runs
 } DataConfig;
 
 // Defaults of [data]; no domains.
@@ -52,7 +57,8 @@ KeySection data_domain_section(DomainConfig *d);
 // With no domain configured, adds fortunes, bible and python reading
 // <default_dir>/<name>/{train,val}.txt as text.
 void data_config_use_default(DataConfig *cfg);
-// Checks what single keys cannot: every domain names its train and val sources.
+// Checks what single keys cannot: every domain names its train source (train or text,
+// not both), and a tokenizer other than bytes names its file.
 int data_config_validate(const DataConfig *cfg, char *err, size_t n);
 // [data] then every [domain <name>] section, as INI.
 void data_config_write_ini(FILE *f, DataConfig *cfg);

@@ -1,5 +1,7 @@
 #include "loader.h"
 
+#include <math.h>
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -26,11 +28,11 @@ struct DataLoader {
 static const char *const split_names[] = {"train", "val"};
 
 // Loads one split of a domain and checks it holds a window of T+1 tokens.
-static int load_split(const DomainConfig *c, int split, int vocab, size_t T, TokenStream *out,
-                      char *err, size_t n) {
+static int load_split(const DomainConfig *c, int split, int vocab, Tokenizer *tok, size_t T,
+                      TokenStream *out, char *err, size_t n) {
     char inner[1024];
-    const char *spec = split == DATA_SPLIT_TRAIN ? c->train : c->val;
-    if (source_load(c, spec, vocab, out, inner, sizeof inner) != 0)
+    const char *spec = split == DATA_SPLIT_VAL ? c->val : c->text[0] ? c->text : c->train;
+    if (source_load(c, spec, vocab, tok, out, inner, sizeof inner) != 0)
         return snprintf(err, n, "domain %s (%s): %s", c->name, split_names[split], inner), -1;
     if (out->n < T + 1)
         return snprintf(err, n,
@@ -41,11 +43,32 @@ static int load_split(const DomainConfig *c, int split, int vocab, size_t T, Tok
     return 0;
 }
 
+// No val source: the last val_fraction of the train stream (rounded up) becomes val.
+static int hold_out(Domain *d, const DomainConfig *c, const DataConfig *cfg, size_t T,
+                    char *err, size_t n) {
+    size_t total = d->train.n, held = (size_t)ceil(cfg->val_fraction * (double)total);
+    if (held < T + 1 || total - held < T + 1)
+        return snprintf(err, n,
+                        "domain %s: %zu tokens are too few to hold out data.val_fraction = "
+                        "%g for validation (each part needs seq_len + 1 = %zu)",
+                        c->name, total, cfg->val_fraction, T + 1),
+               -1;
+    token_stream_reserve(&d->val, held);
+    memcpy(d->val.ids, d->train.ids + total - held, held * sizeof *d->val.ids);
+    d->val.n = held;
+    d->train.n = total - held;
+    printf("domain %s: no val source: its last %zu of %zu tokens (data.val_fraction = %g) "
+           "are held out for validation\n",
+           c->name, held, total, cfg->val_fraction);
+    return 0;
+}
+
 static int open_domain(Domain *d, const DomainConfig *c, const DataConfig *cfg, int vocab,
-                       size_t T, char *err, size_t n) {
+                       Tokenizer *tok, size_t T, char *err, size_t n) {
     strcpy(d->name, c->name);
-    if (load_split(c, DATA_SPLIT_TRAIN, vocab, T, &d->train, err, n) != 0 ||
-        load_split(c, DATA_SPLIT_VAL, vocab, T, &d->val, err, n) != 0)
+    if (load_split(c, DATA_SPLIT_TRAIN, vocab, tok, T, &d->train, err, n) != 0) return -1;
+    if (c->val[0] ? load_split(c, DATA_SPLIT_VAL, vocab, tok, T, &d->val, err, n) != 0
+                  : hold_out(d, c, cfg, T, err, n) != 0)
         return -1;
     // Validation reads at most val_tokens of it.
     if (d->val.n > (size_t)cfg->val_tokens) d->val.n = (size_t)cfg->val_tokens;
@@ -58,8 +81,8 @@ static int open_domain(Domain *d, const DomainConfig *c, const DataConfig *cfg, 
     return 0;
 }
 
-int data_loader_open(DataLoader **out, const DataConfig *cfg, int vocab, size_t B, size_t T,
-                     uint64_t seed, char *err, size_t n) {
+int data_loader_open(DataLoader **out, const DataConfig *cfg, int vocab, Tokenizer *tok,
+                     size_t B, size_t T, uint64_t seed, char *err, size_t n) {
     *out = NULL;
     CHECK(B > 0 && T > 0, "data loader needs B > 0 and T > 0 (got B = %zu, T = %zu)", B, T);
     if (cfg->n_domains == 0) return snprintf(err, n, "no data domain is configured"), -1;
@@ -78,7 +101,7 @@ int data_loader_open(DataLoader **out, const DataConfig *cfg, int vocab, size_t 
     }
     for (int i = 0; i < cfg->n_domains; i++) {
         dl->n_domains++;
-        if (open_domain(&dl->domains[i], &cfg->domains[i], cfg, vocab, T, err, n) != 0) {
+        if (open_domain(&dl->domains[i], &cfg->domains[i], cfg, vocab, tok, T, err, n) != 0) {
             data_loader_close(dl);
             return -1;
         }

@@ -16,14 +16,17 @@
 #include <stdint.h>
 
 #include "config.h"
+#include "tokenizer.h"
 
 typedef struct DataLoader DataLoader;
 
-// Loads every domain of cfg (all of its files, into memory) and checks that each token
-// id is below vocab and each stream holds at least T+1 tokens. Returns 0, or -1 with a
-// one-line error naming the domain and the file.
-int data_loader_open(DataLoader **out, const DataConfig *cfg, int vocab, size_t B, size_t T,
-                     uint64_t seed, char *err, size_t n);
+// Loads every domain of cfg (all of its files, into memory; text and CSV through tok,
+// NULL: bytes) and checks that each token id is below vocab and each stream holds at
+// least T+1 tokens. A domain with no val source holds out the last data.val_fraction of
+// its train tokens (and prints how many). Returns 0, or -1 with a one-line error naming
+// the domain and the file.
+int data_loader_open(DataLoader **out, const DataConfig *cfg, int vocab, Tokenizer *tok,
+                     size_t B, size_t T, uint64_t seed, char *err, size_t n);
 void data_loader_close(DataLoader *dl);
 
 // The next training batch: tokens (B, T), targets (B, T), row_domain (B) or NULL.

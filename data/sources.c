@@ -29,7 +29,7 @@ void token_stream_append_bytes(TokenStream *s, const void *bytes, size_t n) {
     // pointer arithmetic below would be on NULL (undefined, even with offset 0).
     if (n == 0) return;
     token_stream_reserve(s, n);
-    tokenizer_encode(bytes, n, s->ids + s->n);
+    tokenizer_encode_bytes(bytes, n, s->ids + s->n);
     s->n += n;
 }
 
@@ -151,14 +151,37 @@ static int check_vocab(const char *path, const int32_t *ids, size_t count, int v
     return 0;
 }
 
-int source_load(const DomainConfig *d, const char *spec, int vocab, TokenStream *out,
-                char *err, size_t n) {
+// Text and CSV through a tokenizer: the file's bytes (as the byte-level reader gives
+// them), then the tokenizer over them in one piece, so no word is cut at a read boundary.
+static int read_tokenized(const DomainConfig *d, const char *path, Tokenizer *tok,
+                          TokenStream *out, char *err, size_t n) {
+    TokenStream raw = {0};
+    if (read_file(d, path, &raw, err, n) != 0) {
+        token_stream_free(&raw);
+        return -1;
+    }
+    char *text = CALLOC(raw.n + 1, 1);
+    tokenizer_decode_bytes(raw.ids, raw.n, text);
+    char inner[512];
+    int rc = tokenizer_encode(tok, text, raw.n, &out->ids, &out->n, &out->cap, inner,
+                              sizeof inner);
+    if (rc != 0) snprintf(err, n, "%s: %s", path, inner);
+    free(text);
+    token_stream_free(&raw);
+    return rc;
+}
+
+int source_load(const DomainConfig *d, const char *spec, int vocab, Tokenizer *tok,
+                TokenStream *out, char *err, size_t n) {
     PathList files;
     if (source_expand(spec, &files, err, n) != 0) return -1;
+    int through = tok && tokenizer_kind(tok) != TOKENIZER_BYTES &&
+                  (d->kind == DATA_TEXT || d->kind == DATA_CSV);
     int rc = 0;
     for (size_t i = 0; rc == 0 && i < files.n; i++) {
         size_t start = out->n;
-        rc = read_file(d, files.paths[i], out, err, n);
+        rc = through ? read_tokenized(d, files.paths[i], tok, out, err, n)
+                     : read_file(d, files.paths[i], out, err, n);
         if (rc == 0)
             rc = check_vocab(files.paths[i], out->ids + start, out->n - start, vocab, err, n);
     }

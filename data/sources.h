@@ -4,12 +4,12 @@
 // start with '.', sorted by path) or a glob(3) pattern (matches sorted; a matched
 // directory is walked as above). Files are read in that order and concatenated as one
 // stream of int32 token ids:
-//   text    bytes, byte-level tokenizer (tokenizer.h)
+//   text    bytes, through the run's tokenizer (tokenizer.h; bytes by default)
 //   shards  llm.c token shards: 1024-byte header of 256 little-endian int32 (magic
 //           20240520, version 1, token count), then count little-endian uint16 tokens
 //   hdf5    a 1-D integer dataset (any integer type) in each file
 //   csv     one column of a CSV file with a header row (libcsv); each record's text
-//           as bytes followed by '\n'
+//           followed by '\n', through the tokenizer as text is
 // Errors are about the user's files: one line naming the file and what is wrong,
 // returned through (err, n) with -1.
 #ifndef MOE_DATA_SOURCES_H
@@ -19,6 +19,7 @@
 #include <stdint.h>
 
 #include "config.h"
+#include "tokenizer.h"
 
 #define SHARD_MAGIC 20240520
 #define SHARD_VERSION 1
@@ -46,9 +47,10 @@ void path_list_free(PathList *l);
 int source_expand(const char *spec, PathList *out, char *err, size_t n);
 
 // Appends every file of `spec` read as d->kind to out, checking that each id is below
-// vocab. Errors name the file (the caller adds the domain).
-int source_load(const DomainConfig *d, const char *spec, int vocab, TokenStream *out,
-                char *err, size_t n);
+// vocab. Text and CSV go through tok (each file encoded whole) unless tok is NULL or
+// bytes. Errors name the file (the caller adds the domain).
+int source_load(const DomainConfig *d, const char *spec, int vocab, Tokenizer *tok,
+                TokenStream *out, char *err, size_t n);
 
 // One file of each kind, appended to out.
 int source_read_text(const char *path, TokenStream *out, char *err, size_t n);

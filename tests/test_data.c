@@ -105,13 +105,13 @@ static int load_one(int kind, const char *path, const char *key, TokenStream *s,
     if (kind == DATA_HDF5) snprintf(d->dataset, sizeof d->dataset, "%s", key);
     if (kind == DATA_CSV) snprintf(d->column, sizeof d->column, "%s", key);
     *s = (TokenStream){0};
-    return source_load(d, path, 1 << 20, s, err, n);
+    return source_load(d, path, 1 << 20, NULL, s, err, n);
 }
 
 static void assert_stream_text(const TokenStream *s, const char *expected) {
     size_t n = strlen(expected);
     char *got = calloc(s->n + 1, 1);
-    tokenizer_decode(s->ids, s->n, got);
+    tokenizer_decode_bytes(s->ids, s->n, got);
     if (s->n != n || memcmp(got, expected, n))
         fail_msg("stream is '%s' (%zu tokens), expected '%s'", got, s->n, expected);
     free(got);
@@ -183,12 +183,12 @@ static void test_tokenizer_round_trip(void **state) {
     const unsigned char text[] = {'h', 'i', 0, 200, 255, '\n'};
     int32_t ids[6];
     char back[7];
-    tokenizer_encode(text, 6, ids);
+    tokenizer_encode_bytes(text, 6, ids);
     assert_int_equal(ids[3], 200);
-    tokenizer_decode(ids, 6, back);
+    tokenizer_decode_bytes(ids, 6, back);
     assert_memory_equal(back, text, 6);
     int32_t odd[3] = {300, -1, 'x'};
-    tokenizer_decode(odd, 3, back);
+    tokenizer_decode_bytes(odd, 3, back);
     assert_memory_equal(back, "??x", 3);
 }
 
@@ -380,7 +380,7 @@ static void test_token_beyond_vocab(void **state) {
     snprintf(train, sizeof train, "%s", fixture_path(state, "train.txt"));
     add_domain(&cfg, "web", DATA_TEXT, train, fixture_path(state, "val.txt"), 1);
     DataLoader *dl;
-    assert_int_equal(data_loader_open(&dl, &cfg, 128, 2, 8, 1, err, sizeof err), -1);
+    assert_int_equal(data_loader_open(&dl, &cfg, 128, NULL, 2, 8, 1, err, sizeof err), -1);
     assert_null(dl);
     assert_contains(err, "domain web (val)");
     assert_contains(err, "val.txt: token id 200 at position 26 is outside the vocabulary "
@@ -390,7 +390,7 @@ static void test_token_beyond_vocab(void **state) {
     write_shard(fixture_path(state, "s.bin"), SHARD_MAGIC, 1, 2, tokens, 2, 0);
     TokenStream s = {0};
     cfg.domains[0].kind = DATA_SHARDS;
-    assert_int_equal(source_load(&cfg.domains[0], fixture_path(state, "s.bin"), 256, &s, err,
+    assert_int_equal(source_load(&cfg.domains[0], fixture_path(state, "s.bin"), 256, NULL, &s, err,
                                  sizeof err),
                      -1);
     assert_contains(err, "token id 256 at position 1");
@@ -417,7 +417,7 @@ static DataLoader *open_two_domains(void **state, double w_low, double w_high, u
     add_domain(&cfg, "low", DATA_TEXT, low, val, w_low);
     add_domain(&cfg, "high", DATA_TEXT, high, val, w_high);
     DataLoader *dl;
-    if (data_loader_open(&dl, &cfg, 256, B, T, seed, err, sizeof err) != 0)
+    if (data_loader_open(&dl, &cfg, 256, NULL, B, T, seed, err, sizeof err) != 0)
         fail_msg("data_loader_open: %s", err);
     return dl;
 }
@@ -526,7 +526,7 @@ static void test_val_batches(void **state) {
     data_config_defaults(&cfg);
     cfg.val_tokens = 500;   // (500 - 1) / 16 = 31 windows: 3 full batches and one of 7
     add_domain(&cfg, "low", DATA_TEXT, fixture_path(state, "low.txt"), val, 1);
-    assert_int_equal(data_loader_open(&dl, &cfg, 256, B, T, 1, err, sizeof err), 0);
+    assert_int_equal(data_loader_open(&dl, &cfg, 256, NULL, B, T, 1, err, sizeof err), 0);
     size_t batches = data_loader_val_batches(dl, 0), total = 0;
     assert_int_equal(batches, 4);
     Batch b;
@@ -547,7 +547,7 @@ static void test_val_batches(void **state) {
     data_loader_close(dl);
 
     cfg.val_tokens = T;   // less than one window
-    assert_int_equal(data_loader_open(&dl, &cfg, 256, B, T, 1, err, sizeof err), -1);
+    assert_int_equal(data_loader_open(&dl, &cfg, 256, NULL, B, T, 1, err, sizeof err), -1);
     assert_contains(err, "data.val_tokens = 16");
 }
 
@@ -560,7 +560,7 @@ static void test_short_stream_is_an_error(void **state) {
     data_config_defaults(&cfg);
     add_domain(&cfg, "tiny", DATA_TEXT, fixture_path(state, "tiny.txt"), val, 1);
     DataLoader *dl;
-    assert_int_equal(data_loader_open(&dl, &cfg, 256, B, T, 1, err, sizeof err), -1);
+    assert_int_equal(data_loader_open(&dl, &cfg, 256, NULL, B, T, 1, err, sizeof err), -1);
     assert_contains(err, "domain tiny: train stream");
     assert_contains(err, "holds 10 tokens, fewer than one window of seq_len + 1 = 17");
 }

@@ -250,7 +250,9 @@ int run_config_override(RunConfig *rc, const char *word, char *err, size_t err_l
 }
 
 int run_config_validate(const RunConfig *rc, char *err, size_t err_len) {
-    if (model_config_validate(&rc->model, err, err_len) != 0) return -1;
+    if (model_config_validate(&rc->model, err, err_len) != 0 ||
+        data_config_validate(&rc->data, err, err_len) != 0)
+        return -1;
     return optim_config_validate(&rc->optim, err, err_len);
 }
 

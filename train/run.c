@@ -13,6 +13,7 @@
 #include <sys/stat.h>
 #include <time.h>
 #include <unistd.h>
+#include <zlib.h>
 
 #include "../kernels/backend.h"
 #include "../base/util.h"
@@ -42,6 +43,7 @@ void run_load_checkpoint_config(RunConfig *rc, const char *ckpt, int n_words, ch
     char err[1024];
     run_config_defaults(rc);
     if (ckpt_read_config(ckpt, rc, err, sizeof err) != 0) FAIL("%s", err);
+    run_find_tokenizer(rc, ckpt);
     run_apply_overrides(rc, n_words, words);
     finish_config(rc);
 }
@@ -304,9 +306,102 @@ void run_model_from_checkpoint(Model *m, RunConfig *rc, const char *ckpt, size_t
 DataLoader *run_open_data(const RunConfig *rc, const Model *m, uint64_t seed) {
     char err[1024];
     DataLoader *dl = NULL;
-    if (data_loader_open(&dl, &rc->data, rc->model.vocab, m->B, m->T, seed, err, sizeof err) != 0)
-        FAIL("%s", err);
+    Tokenizer *tok = run_open_tokenizer(rc);
+    int rc_open = data_loader_open(&dl, &rc->data, rc->model.vocab, tok, m->B, m->T, seed, err,
+                                   sizeof err);
+    tokenizer_free(tok);
+    if (rc_open != 0) FAIL("%s", err);
     return dl;
+}
+
+Tokenizer *run_open_tokenizer(const RunConfig *rc) {
+    char err[1024];
+    Tokenizer *tok = tokenizer_open(rc->data.tokenizer, rc->data.tokenizer_file, err, sizeof err);
+    if (!tok) FAIL("data.tokenizer_file = %s", err);
+    if (tokenizer_vocab(tok) > rc->model.vocab && rc->data.tokenizer != TOKENIZER_BYTES)
+        FAIL("%s: the tokenizer's ids reach %d, past model.vocab = %d\nHINT: set "
+             "model.vocab=%d (or more)", rc->data.tokenizer_file, tokenizer_vocab(tok) - 1,
+             rc->model.vocab, tokenizer_vocab(tok));
+    return tok;
+}
+
+const char *run_tokenizer_name(int kind) {
+    return kind == TOKENIZER_HF_BPE          ? "tokenizer.json"
+           : kind == TOKENIZER_SENTENCEPIECE ? "tokenizer.model"
+                                             : NULL;
+}
+
+int run_file_crc32(const char *path, char out[16]) {
+    FILE *f = fopen(path, "rb");
+    if (!f) return -1;
+    unsigned char buf[1 << 16];
+    uLong crc = crc32(0L, Z_NULL, 0);
+    size_t got;
+    while ((got = fread(buf, 1, sizeof buf, f)) > 0) crc = crc32(crc, buf, (uInt)got);
+    int failed = ferror(f);
+    fclose(f);
+    snprintf(out, 16, "%08lx", (unsigned long)crc);
+    return failed ? -1 : 0;
+}
+
+static void copy_file(const char *from, const char *to) {
+    FILE *in = fopen(from, "rb");
+    if (!in) FAIL("%s: cannot read: %s", from, strerror(errno));
+    char tmp[RUN_FILE_MAX + 8];
+    FILE *out = run_create_file(to, tmp, sizeof tmp);
+    unsigned char buf[1 << 16];
+    size_t got;
+    while ((got = fread(buf, 1, sizeof buf, in)) > 0) fwrite(buf, 1, got, out);
+    int failed = ferror(in);
+    fclose(in);
+    if (failed) FAIL("%s: read error", from);
+    run_commit_file(out, tmp, to);
+}
+
+static void set_tokenizer_file(DataConfig *d, const char *path) {
+    size_t len = strlen(path);
+    if (len >= sizeof d->tokenizer_file)
+        FAIL("%s: path longer than %zu bytes", path, sizeof d->tokenizer_file - 1);
+    memcpy(d->tokenizer_file, path, len + 1);
+}
+
+void run_save_tokenizer(RunConfig *rc, const char *dir) {
+    DataConfig *d = &rc->data;
+    const char *name = run_tokenizer_name(d->tokenizer);
+    if (!name) return;
+    char copy[RUN_FILE_MAX], crc[16], have[16];
+    snprintf(copy, sizeof copy, "%s/%s", dir, name);
+    if (run_file_crc32(d->tokenizer_file, crc) != 0)
+        FAIL("data.tokenizer_file = %s: cannot read: %s", d->tokenizer_file, strerror(errno));
+    char *a = realpath(d->tokenizer_file, NULL), *b = realpath(copy, NULL);
+    int same = a && b && !strcmp(a, b);
+    free(a);
+    free(b);
+    if (!same) {
+        if (run_file_crc32(copy, have) == 0 && strcmp(have, crc))
+            FAIL("%s: already holds another tokenizer than data.tokenizer_file = %s\nHINT: "
+                 "write to another directory", copy, d->tokenizer_file);
+        copy_file(d->tokenizer_file, copy);
+    }
+    set_tokenizer_file(d, copy);
+    snprintf(d->tokenizer_crc32, sizeof d->tokenizer_crc32, "%s", crc);
+}
+
+void run_find_tokenizer(RunConfig *rc, const char *ckpt) {
+    DataConfig *d = &rc->data;
+    const char *name = run_tokenizer_name(d->tokenizer);
+    if (!name) return;
+    char dir[RUN_FILE_MAX], path[RUN_FILE_MAX + 32], crc[16];
+    snprintf(dir, sizeof dir, "%s", ckpt);
+    snprintf(path, sizeof path, "%s/%s", dirname(dir), name);
+    if (run_file_crc32(path, crc) != 0)
+        FAIL("%s: missing: %s was trained with this tokenizer (data.tokenizer = %s) and "
+             "needs it beside it", path, ckpt,
+             d->tokenizer == TOKENIZER_HF_BPE ? "hf-bpe" : "sentencepiece");
+    if (strcmp(crc, d->tokenizer_crc32))
+        FAIL("%s: changed since %s was saved (CRC-32 %s, the checkpoint says %s)\nHINT: put "
+             "the run's own tokenizer file back", path, ckpt, crc, d->tokenizer_crc32);
+    set_tokenizer_file(d, path);
 }
 
 typedef struct {

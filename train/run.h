@@ -67,7 +67,23 @@ void run_describe_device(const Model *m, char *buf, size_t n);
 // Builds and loads a model from a checkpoint for B sequences (weights only), on the CPU
 // (saying so when train.device names another device).
 void run_model_from_checkpoint(Model *m, RunConfig *rc, const char *ckpt, size_t B);
-// Opens rc's data for m's shape; dies on error.
+// Opens rc's data for m's shape, text through rc's tokenizer; dies on error.
 DataLoader *run_open_data(const RunConfig *rc, const Model *m, uint64_t seed);
+
+// The tokenizer data.tokenizer and data.tokenizer_file name; dies naming the file when it
+// cannot be read or its ids reach past model.vocab.
+Tokenizer *run_open_tokenizer(const RunConfig *rc);
+// The name a run gives its copy of the tokenizer file: tokenizer.json (hf-bpe),
+// tokenizer.model (sentencepiece); NULL for bytes.
+const char *run_tokenizer_name(int kind);
+// Copies data.tokenizer_file into dir under run_tokenizer_name (unless it is that copy),
+// and points rc at the copy with its CRC-32 in data.tokenizer_crc32. Dies when dir
+// already holds a different file of that name. Nothing for bytes.
+void run_save_tokenizer(RunConfig *rc, const char *dir);
+// The file's CRC-32 (zlib) as 8 hex digits; -1 when it cannot be read.
+int run_file_crc32(const char *path, char out[16]);
+// A config read from checkpoint ckpt: points data.tokenizer_file at the copy beside it,
+// dying when that file is missing or its CRC-32 differs from data.tokenizer_crc32.
+void run_find_tokenizer(RunConfig *rc, const char *ckpt);
 
 #endif

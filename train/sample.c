@@ -44,36 +44,49 @@ static int pick_token(const real *logits, int V, double temperature, double top_
     return pick;
 }
 
-void sample_text(const Model *m, const char *prompt, int n_tokens, double temperature,
-                 double top_p, unsigned long long seed, char *out, size_t out_len) {
+char *sample_text(const Model *m, Tokenizer *tok, const char *prompt, int n_tokens,
+                  double temperature, double top_p, unsigned long long seed, char *err,
+                  size_t n) {
     size_t T = (size_t)m->cfg.seq_len, V = (size_t)m->cfg.vocab;
+    Tokenizer *bytes = tok ? NULL : tokenizer_open(TOKENIZER_BYTES, NULL, err, n);
+    if (!tok) tok = bytes;
+    int32_t *seq = NULL;
+    size_t len = 0, cap = 0;
+    // An empty prompt starts from a newline, as if a text began there.
+    const char *start = prompt[0] ? prompt : "\n";
+    if (tokenizer_encode(tok, start, strlen(start), &seq, &len, &cap, err, n) != 0) {
+        free(seq);
+        tokenizer_free(bytes);
+        return NULL;
+    }
     Model s;
     model_init(&s, &m->cfg, m->be, 1, T);
     real *w = CALLOC(m->layout.total, sizeof *w);
     m->be->download(w, m->params, m->layout.total * sizeof *w);
     s.be->upload(s.params, w, m->layout.total * sizeof *w);
     free(w);
-    size_t len = strlen(prompt), cap = len + (size_t)n_tokens;
-    int32_t *seq = CALLOC(cap + 1, sizeof *seq), *ctx = CALLOC(2 * T, sizeof *ctx);
-    for (size_t i = 0; i < len; i++) seq[i] = (unsigned char)prompt[i];
-    if (len == 0) seq[len++] = '\n';
+    int32_t *grown = realloc(seq, (len + (size_t)n_tokens + 1) * sizeof *seq);
+    CHECK(grown, "out of memory");
+    seq = grown;
+    int32_t *ctx = CALLOC(2 * T, sizeof *ctx);
     real *logits = CALLOC(V, sizeof *logits);
     Rng rng;
     rng_init(&rng, seed);
     for (int t = 0; t < n_tokens; t++) {
-        size_t start = len > T ? len - T : 0, n = len - start;
+        size_t from = len > T ? len - T : 0, k = len - from;
         memset(ctx, 0, 2 * T * sizeof *ctx);
-        memcpy(ctx, seq + start, n * sizeof *ctx);
+        memcpy(ctx, seq + from, k * sizeof *ctx);
         model_set_batch(&s, ctx, ctx + T);
         model_forward(&s);
-        s.be->download(logits, tensor_slice(s.logits.v, (n - 1) * V, V), V * sizeof *logits);
+        s.be->download(logits, tensor_slice(s.logits.v, (k - 1) * V, V), V * sizeof *logits);
         seq[len++] = pick_token(logits, (int)V, temperature, top_p, &rng);
     }
-    size_t o = 0;
-    for (size_t i = 0; i < len && o + 1 < out_len; i++) out[o++] = (char)seq[i];
-    out[o] = '\0';
+    size_t text_len;
+    char *text = tokenizer_decode(tok, seq, len, &text_len);
     free(logits);
     free(seq);
     free(ctx);
     model_free(&s);
+    tokenizer_free(bytes);
+    return text;
 }

@@ -248,6 +248,7 @@ static void setup(Run *r) {
         data_loader_seek(r->data, r->st.data_cursor);
     }
     claim_run_dir(r);
+    run_save_tokenizer(rc, r->run_dir);
     write_resolved_config(r);
     routing_stats_init(&r->step_stats, &rc->model);
     routing_stats_init(&r->window, &rc->model);
@@ -571,13 +572,17 @@ static void finish(Run *r) {
     metrics_close(&r->metrics);
     print_usage_table(r);
     const TrainConfig *tc = &r->rc.train;
-    if (tc->sample_tokens > 0 && r->rc.model.vocab == 256) {
-        size_t len = strlen(tc->sample_prompt) + (size_t)tc->sample_tokens + 1;
-        char *text = CALLOC(len, 1);
-        sample_text(&r->model, tc->sample_prompt, tc->sample_tokens, tc->sample_temperature,
-                    1.0, (unsigned long long)tc->seed, text, len);
+    int bytes = r->rc.data.tokenizer == TOKENIZER_BYTES;
+    if (tc->sample_tokens > 0 && (!bytes || r->rc.model.vocab == 256)) {
+        char err[512];
+        Tokenizer *tok = run_open_tokenizer(&r->rc);
+        char *text = sample_text(&r->model, tok, tc->sample_prompt, tc->sample_tokens,
+                                 tc->sample_temperature, 1.0, (unsigned long long)tc->seed,
+                                 err, sizeof err);
+        if (!text) FAIL("train.sample_prompt: %s", err);
         printf("\nsample (temperature %.2f):\n%s\n", tc->sample_temperature, text);
         free(text);
+        tokenizer_free(tok);
     }
     size_t tokens = r->model.N * (size_t)tc->grad_accum * (size_t)r->steps_run;
     if (r->train_s > 0)
@@ -645,6 +650,21 @@ int train_main(int argc, char **argv) {
     return 0;
 }
 
+// A fine-tune reads its text with the tokenizer its base was trained with (the copy
+// beside the base); a config that names another one is refused.
+static void use_base_tokenizer(DataConfig *d, const DataConfig *base, const char *ckpt) {
+    char crc[16] = "";
+    if (d->tokenizer != TOKENIZER_BYTES &&
+        (d->tokenizer != base->tokenizer || run_file_crc32(d->tokenizer_file, crc) != 0 ||
+         strcmp(crc, base->tokenizer_crc32)))
+        FAIL("data.tokenizer_file = %s: not the tokenizer %s was trained with (%s beside "
+             "it)\nHINT: moe finetune uses its base's tokenizer; leave data.tokenizer unset",
+             d->tokenizer_file, ckpt, base->tokenizer_file);
+    d->tokenizer = base->tokenizer;
+    snprintf(d->tokenizer_file, sizeof d->tokenizer_file, "%s", base->tokenizer_file);
+    snprintf(d->tokenizer_crc32, sizeof d->tokenizer_crc32, "%s", base->tokenizer_crc32);
+}
+
 // defaults <- the checkpoint's [model] [router] <- CONFIG <- overrides: the architecture
 // comes from the checkpoint, so a config only needs data, optim and finetune keys (one
 // that sets a model key to another value is refused by ckpt_load, naming the key).
@@ -671,6 +691,7 @@ int finetune_main(int argc, char **argv) {
     run_apply_overrides(&run.rc, argc - 2, argv + 2);
     if (run_config_validate(&run.rc, err, sizeof err) != 0) FAIL("%s", err);
     data_config_use_default(&run.rc.data);
+    use_base_tokenizer(&run.rc.data, &base.data, run.ckpt);
     snprintf(run.rc.finetune.init, sizeof run.rc.finetune.init, "%s", run.ckpt);
     default_run_name(&run.rc, argv[1]);
     check_run_name(run.rc.train.name);

@@ -85,7 +85,8 @@ int sample_main(int argc, char **argv) {
     if (argc < 2 || !strcmp(argv[1], "--help")) {
         printf("usage: moe sample CHECKPOINT [--prompt TEXT] [--tokens 240] "
                "[--temperature 0.8] [--top-p 0.95] [--seed 1337]\n"
-               "  Continues TEXT byte by byte (temperature 0: greedy; nucleus sampling).\n");
+               "  Continues TEXT token by token, encoded and decoded with the checkpoint's\n"
+               "  tokenizer (temperature 0: greedy; nucleus sampling).\n");
         return argc < 2 ? 2 : 0;
     }
     SampleArgs a;
@@ -94,14 +95,20 @@ int sample_main(int argc, char **argv) {
     run_resolve_checkpoint(argv[1], ckpt, sizeof ckpt);
     RunConfig rc;
     run_load_checkpoint_config(&rc, ckpt, 0, NULL);
-    if (rc.model.vocab != 256) FAIL("%s: vocab %d is not byte-level: moe sample prints bytes", ckpt, rc.model.vocab);
+    if (rc.data.tokenizer == TOKENIZER_BYTES && rc.model.vocab != 256)
+        FAIL("%s: vocab %d with the bytes tokenizer (data.tokenizer): its ids above 255 "
+             "have no text\nHINT: moe import picks up an HF directory's tokenizer", ckpt,
+             rc.model.vocab);
+    Tokenizer *tok = run_open_tokenizer(&rc);
     Model m;
     run_model_from_checkpoint(&m, &rc, ckpt, 1);
-    size_t len = strlen(a.prompt) + (size_t)a.tokens + 1;
-    char *text = CALLOC(len, 1);
-    sample_text(&m, a.prompt, a.tokens, a.temperature, a.top_p, a.seed, text, len);
+    char err[512];
+    char *text = sample_text(&m, tok, a.prompt, a.tokens, a.temperature, a.top_p, a.seed, err,
+                             sizeof err);
+    if (!text) FAIL("--prompt: %s", err);
     printf("%s\n", text);
     free(text);
+    tokenizer_free(tok);
     model_free(&m);
     return 0;
 }

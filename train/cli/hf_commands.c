@@ -4,6 +4,7 @@
 
 #include <errno.h>
 #include <inttypes.h>
+#include <libgen.h>
 #include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -58,6 +59,35 @@ static void load_exportable(Model *m, RunConfig *rc, const char *ckpt) {
     if (ckpt_load(ckpt, m, NULL, NULL, err, sizeof err) != 0) FAIL("%s", err);
 }
 
+// tokenizer_config.json for transformers' AutoTokenizer: the fast tokenizer straight from
+// tokenizer.json, or the SentencePiece LlamaTokenizer over tokenizer.model with nothing
+// added around the text (moe.c adds no BOS or EOS either); legacy = false, or its fast
+// conversion puts a word-start mark after every special token, which libsentencepiece
+// does not (tests/test_tokenizer.py compares the ids).
+static const char *const tokenizer_configs[] = {
+    [TOKENIZER_HF_BPE] = "{\n  \"tokenizer_class\": \"PreTrainedTokenizerFast\",\n"
+                         "  \"model_max_length\": %d\n}\n",
+    [TOKENIZER_SENTENCEPIECE] = "{\n  \"tokenizer_class\": \"LlamaTokenizer\",\n"
+                                "  \"add_bos_token\": false,\n  \"add_eos_token\": false,\n"
+                                "  \"legacy\": false,\n  \"model_max_length\": %d\n}\n",
+};
+
+// The checkpoint's tokenizer file and a tokenizer_config.json into dir (force: over an
+// earlier export's); nothing for bytes.
+static void export_tokenizer(RunConfig *rc, const char *dir, int force) {
+    int kind = rc->data.tokenizer;
+    if (kind == TOKENIZER_BYTES) return;
+    char path[RUN_FILE_MAX], tmp[RUN_FILE_MAX + 8];
+    snprintf(path, sizeof path, "%s/%s", dir, run_tokenizer_name(kind));
+    if (force && remove(path) != 0 && errno != ENOENT)
+        FAIL("%s: cannot replace: %s", path, strerror(errno));
+    run_save_tokenizer(rc, dir);
+    snprintf(path, sizeof path, "%s/tokenizer_config.json", dir);
+    FILE *f = run_create_file(path, tmp, sizeof tmp);
+    fprintf(f, tokenizer_configs[kind], rc->model.seq_len);
+    run_commit_file(f, tmp, path);
+}
+
 // `moe export CKPT DIR [--dtype f32|bf16] [--shard-size BYTES]`
 int export_main(int argc, char **argv) {
     int help = argc > 1 && !strcmp(argv[1], "--help");
@@ -68,7 +98,9 @@ int export_main(int argc, char **argv) {
                "  model.safetensors.index.json past --shard-size, default 5000000000) for\n"
                "  transformers' MixtralForCausalLM. bf16 rounds to nearest even. DIR must\n"
                "  be empty or new; --force replaces an earlier export in it (its\n"
-               "  config.json, model*.safetensors and index) and keeps other files.\n");
+               "  config.json, model*.safetensors and index) and keeps other files.\n"
+               "  A checkpoint with a tokenizer (data.tokenizer) adds its tokenizer.json or\n"
+               "  tokenizer.model and a tokenizer_config.json for AutoTokenizer.\n");
         return help ? 0 : 2;
     }
     ExportArgs a;
@@ -80,6 +112,7 @@ int export_main(int argc, char **argv) {
     load_exportable(&m, &rc, ckpt);
     uint64_t bytes;
     size_t files = hf_export_write(a.dir, &m, a.dtype, a.shard_size, a.force, &bytes);
+    export_tokenizer(&rc, a.dir, a.force);
     printf("exported %s -> %s: %zu tensors, %" PRIu64 " bytes of %s in %zu file%s\n", ckpt,
            a.dir, m.layout.n_params, bytes, safetensors_dtype_name(a.dtype), files,
            files == 1 ? "" : "s");
@@ -94,6 +127,29 @@ static long parse_seq_len(int argc, char **argv) {
     return (long)util_arg_number(argv[3], argv[4], 1, 1 << 20, 1);
 }
 
+// An HF directory's tokenizer into rc and beside the checkpoint out: tokenizer.model
+// (SentencePiece: Mixtral, Llama-2; their tokenizer.json is not byte-level) before
+// tokenizer.json (byte-level BPE: OLMoE, Qwen, Llama-3). Neither: bytes stay.
+static void import_tokenizer(RunConfig *rc, const char *hf_dir, const char *out) {
+    static const struct { const char *name; int kind; } files[] = {
+        {"tokenizer.model", TOKENIZER_SENTENCEPIECE}, {"tokenizer.json", TOKENIZER_HF_BPE}};
+    for (size_t i = 0; i < 2; i++) {
+        char path[RUN_FILE_MAX];
+        snprintf(path, sizeof path, "%s/%s", hf_dir, files[i].name);
+        FILE *f = fopen(path, "rb");
+        if (!f) continue;
+        fclose(f);
+        rc->data.tokenizer = files[i].kind;
+        snprintf(rc->data.tokenizer_file, sizeof rc->data.tokenizer_file, "%.*s",
+                 (int)sizeof rc->data.tokenizer_file - 1, path);
+        tokenizer_free(run_open_tokenizer(rc));
+        char dir[RUN_FILE_MAX];
+        snprintf(dir, sizeof dir, "%s", out);
+        run_save_tokenizer(rc, dirname(dir));
+        return;
+    }
+}
+
 // `moe import HF_DIR OUT.h5 [--seq-len N]`
 int import_main(int argc, char **argv) {
     int help = argc > 1 && !strcmp(argv[1], "--help");
@@ -101,19 +157,25 @@ int import_main(int argc, char **argv) {
         printf("usage: moe import HF_DIR OUT.h5 [--seq-len N]\n"
                "  Reads a transformers Mixtral directory (config.json, model.safetensors or\n"
                "  its shards; F32, BF16 or F16) into a checkpoint for moe finetune.\n"
-               "  model.seq_len is max_position_embeddings unless --seq-len N is given.\n");
+               "  model.seq_len is max_position_embeddings unless --seq-len N is given.\n"
+               "  Its tokenizer.model (SentencePiece) or else tokenizer.json (byte-level BPE)\n"
+               "  is copied beside OUT.h5 and becomes the checkpoint's data.tokenizer.\n");
         return help ? 0 : 2;
     }
     long seq_len = parse_seq_len(argc, argv);
     RunConfig rc;
     Model m;
     hf_import_read(argv[1], seq_len, &rc, &m);
+    import_tokenizer(&rc, argv[1], argv[2]);
     TrainState st = {0};
     st.best_val = INFINITY;
     char err[1024];
     if (ckpt_save(argv[2], &rc, &m, NULL, &st, NULL, 0, err, sizeof err) != 0) FAIL("%s", err);
     printf("imported %s -> %s: %zu tensors, %zu parameters, vocab %d, seq_len %d\n", argv[1],
            argv[2], m.layout.n_params, m.layout.total, rc.model.vocab, rc.model.seq_len);
+    if (rc.data.tokenizer != TOKENIZER_BYTES)
+        printf("tokenizer: %s (data.tokenizer = %s)\n", rc.data.tokenizer_file,
+               rc.data.tokenizer == TOKENIZER_HF_BPE ? "hf-bpe" : "sentencepiece");
     model_free(&m);
     return 0;
 }

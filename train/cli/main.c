@@ -11,6 +11,7 @@
 #include "dump.h"
 #include "hf_commands.h"
 #include "route.h"
+#include "tokenize.h"
 
 static void print_usage(FILE *f) {
     fprintf(f,
@@ -36,6 +37,10 @@ static void print_usage(FILE *f) {
             "                                        (config.json, safetensors)\n"
             "  import HF_DIR OUT.h5 [--seq-len N]    a Hugging Face Mixtral directory as a\n"
             "                                        checkpoint (for finetune)\n"
+            "  tokenize TOKENIZER INPUT... --out FILE text files to llm.c shards (.bin) or\n"
+            "                                        HDF5 tokens (.h5)\n"
+            "  tokenizer train INPUT... --vocab-size N --out PREFIX\n"
+            "                                        a SentencePiece BPE tokenizer\n"
             "  prepare [DIR]                         build the default three-domain corpus\n"
             "                                        (default data/default)\n"
             "  dump OUT.h5 [section.key=value ...]   forward/backward on test weights, all\n"
@@ -87,6 +92,8 @@ int main(int argc, char **argv) {
     if (!strcmp(cmd, "export")) return export_main(argc - 1, argv + 1);
     if (!strcmp(cmd, "import")) return import_main(argc - 1, argv + 1);
     if (!strcmp(cmd, "prepare")) return prepare_main(argc - 1, argv + 1);
+    if (!strcmp(cmd, "tokenize")) return tokenize_main(argc - 1, argv + 1);
+    if (!strcmp(cmd, "tokenizer")) return tokenizer_main(argc - 1, argv + 1);
     if (!strcmp(cmd, "dump")) return dump_main(argc - 1, argv + 1);
     fprintf(stderr, "moe: error: unknown command '%s'\nHINT: moe help lists the commands\n", cmd);
     return 2;
