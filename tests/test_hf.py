@@ -168,6 +168,22 @@ def test_python_safetensors_and_json_read_the_export(base):
         assert f.metadata() == {"format": "pt"}
 
 
+# MixtralConfig's float fields. transformers 5 validates types strictly and refuses an
+# integer such as `"router_jitter_noise": 0` where the class declares a float.
+FLOAT_FIELDS = ("rms_norm_eps", "rope_theta", "router_aux_loss_coef", "router_jitter_noise",
+                "initializer_range", "attention_dropout")
+
+
+def test_every_float_field_is_written_as_a_float(base):
+    text = (base["export"] / "config.json").read_text()
+    config = json.loads(text, parse_int=lambda s: ("integer", s))
+    for key in FLOAT_FIELDS:
+        assert isinstance(config[key], float), f"{key}: {config[key]}"
+    assert config["router_jitter_noise"] == 0.0 and config["attention_dropout"] == 0.0
+    assert config["rope_theta"] == 10000.0
+    assert config["num_hidden_layers"] == ("integer", "2")
+
+
 def test_tied_export_omits_lm_head(tmp_path):
     ckpt = train(tmp_path, "tied", ["model.tie_embeddings=true"], steps=2)
     run_moe(["export", ckpt, tmp_path / "hf"])
@@ -430,7 +446,7 @@ def test_export_warns_that_capacity_is_dropped(tmp_path):
 
 
 IMPORT_REFUSED = {
-    "model-type": (lambda c: c.update(model_type="qwen2_moe"), "model_type 'qwen2_moe' is not mixtral"),
+    "model-type": (lambda c: c.update(model_type="llama"), "model_type 'llama' is not"),
     "missing-key": (lambda c: c.pop("hidden_size"), "no hidden_size"),
     "top-k": (lambda c: c.update(num_experts_per_tok=9), "num_experts_per_tok = 9: router.top_k = 9"),
     "window": (lambda c: c.update(sliding_window=16), "sliding_window = 16 is shorter than the context (32 tokens)"),

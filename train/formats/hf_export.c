@@ -39,6 +39,19 @@ int hf_export_check(const ModelConfig *c, char *why, size_t n) {
     return -1;
 }
 
+// A float field as JSON text that reads back as a float: the shortest digits that
+// round-trip, with ".0" where printf leaves an integer. transformers 5 validates config
+// fields by type and refuses `0` where its config class declares a float.
+static void add_float(cJSON *j, const char *key, double v) {
+    char text[40];
+    for (int digits = 15; digits <= 17; digits++) {
+        snprintf(text, sizeof text, "%.*g", digits, v);
+        if (strtod(text, NULL) == v) break;
+    }
+    if (!strpbrk(text, ".eEn")) strcat(text, ".0");
+    CHECK(cJSON_AddRawToObject(j, key, text), "out of memory writing %s", key);
+}
+
 static cJSON *mixtral_config(const ModelConfig *c, StDType dtype) {
     cJSON *j = cJSON_CreateObject();
     cJSON_AddItemToArray(cJSON_AddArrayToObject(j, "architectures"),
@@ -54,16 +67,15 @@ static cJSON *mixtral_config(const ModelConfig *c, StDType dtype) {
     cJSON_AddNumberToObject(j, "num_local_experts", c->experts);
     cJSON_AddNumberToObject(j, "num_experts_per_tok", c->top_k);
     cJSON_AddNumberToObject(j, "max_position_embeddings", c->seq_len);
-    cJSON_AddNumberToObject(j, "rms_norm_eps", c->norm_eps);
-    cJSON_AddNumberToObject(j, "rope_theta", c->rope_theta);
+    add_float(j, "rms_norm_eps", c->norm_eps);
+    add_float(j, "rope_theta", c->rope_theta);
     cJSON_AddBoolToObject(j, "tie_word_embeddings", c->tie_embeddings);
     cJSON_AddStringToObject(j, "hidden_act", "silu");
-    cJSON_AddNumberToObject(j, "router_aux_loss_coef", c->aux_coef);
-    cJSON_AddNumberToObject(j, "router_jitter_noise",
-                            c->noise == NOISE_JITTER ? c->jitter_eps : 0.0);
+    add_float(j, "router_aux_loss_coef", c->aux_coef);
+    add_float(j, "router_jitter_noise", c->noise == NOISE_JITTER ? c->jitter_eps : 0.0);
     cJSON_AddBoolToObject(j, "output_router_logits", 0);
-    cJSON_AddNumberToObject(j, "initializer_range", c->init_std);
-    cJSON_AddNumberToObject(j, "attention_dropout", 0.0);
+    add_float(j, "initializer_range", c->init_std);
+    add_float(j, "attention_dropout", 0.0);
     cJSON_AddNullToObject(j, "sliding_window");
     // Byte-level models have no special tokens; MixtralConfig's defaults (1, 2) would make
     // generate() stop at byte 0x02.
