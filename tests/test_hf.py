@@ -418,24 +418,38 @@ def test_inconsistent_index_is_refused(base, tmp_path):
 
 # ---- what Mixtral cannot express ------------------------------------------------------------
 
+# A config's features pick the family it exports as (QK-norm per head: Qwen3-MoE, over
+# the whole projections: OLMoE, biases or shared experts: Qwen2-MoE, else Mixtral).
 REFUSED = {
-    "shared": (["model.shared_experts=1"], "model.shared_experts = 1: Mixtral has no shared"),
-    "sigmoid": (["router.score=sigmoid"], "router.score = sigmoid: Mixtral scores experts with a softmax"),
-    "shazeer": (["router.noise=shazeer"], "router.noise = shazeer: Mixtral has no learned noise"),
-    "dense": (["model.moe_every=2"], "model.moe_every = 2: Mixtral has no dense layers"),
-    "no-renorm": (["router.renorm=false"], "router.renorm = false: Mixtral always renormalises"),
-    "no-renorm-top1": (["router.renorm=false", "router.top_k=1"], "with top_k = 1 its gate is 1.0"),
-    "hash": (["router.select=hash"], "router.select = hash: Mixtral routes by token-choice top-k"),
-    "expert-bias": (["router.bias_gamma=0.001"], "router.bias_gamma = 0.001: Mixtral has no expert-selection bias"),
+    "shared": (["model.shared_experts=1"], "Qwen2-MoE",
+               "model.shared_gate = false: Qwen2-MoE gates its shared expert"),
+    "two-shared": (["model.shared_experts=2", "model.shared_gate=true", "model.qkv_bias=true"],
+                   "Qwen2-MoE", "model.shared_experts = 2: Qwen2-MoE has exactly one"),
+    "qwen2-no-bias": (["model.shared_experts=1", "model.shared_gate=true"], "Qwen2-MoE",
+                      "model.qkv_bias = false: Qwen2-MoE's q, k and v projections have biases"),
+    "qwen2-qk-norm": (["model.shared_experts=1", "model.shared_gate=true", "model.qkv_bias=true",
+                       "model.qk_norm=head"], "Qwen2-MoE",
+                      "model.qk_norm = head: Qwen2-MoE has no QK-norm"),
+    "olmoe-dense": (["model.qk_norm=full", "model.moe_every=2"], "OLMoE",
+                    "model.moe_every = 2: OLMoE has no dense layers"),
+    "qwen3-sigmoid": (["model.qk_norm=head", "router.score=sigmoid"], "Qwen3-MoE",
+                      "router.score = sigmoid: Qwen3-MoE scores experts with a softmax"),
+    "sigmoid": (["router.score=sigmoid"], "Mixtral", "router.score = sigmoid: Mixtral scores experts with a softmax"),
+    "shazeer": (["router.noise=shazeer"], "Mixtral", "router.noise = shazeer: Mixtral has no learned noise"),
+    "dense": (["model.moe_every=2"], "Mixtral", "model.moe_every = 2: Mixtral has no dense layers"),
+    "no-renorm": (["router.renorm=false"], "Mixtral", "router.renorm = false: Mixtral always renormalises"),
+    "no-renorm-top1": (["router.renorm=false", "router.top_k=1"], "Mixtral", "with top_k = 1 its gate is 1.0"),
+    "hash": (["router.select=hash"], "Mixtral", "router.select = hash: Mixtral routes by token-choice top-k"),
+    "expert-bias": (["router.bias_gamma=0.001"], "Mixtral", "router.bias_gamma = 0.001: Mixtral has no expert-selection bias"),
 }
 
 
 @pytest.mark.parametrize("case", sorted(REFUSED))
-def test_export_refuses_what_mixtral_cannot_express(tmp_path, case):
-    extra, message = REFUSED[case]
+def test_export_refuses_what_its_family_cannot_express(tmp_path, case):
+    extra, family, message = REFUSED[case]
     ckpt = train(tmp_path, case, extra, steps=1)
     err = one_line_error(run_moe(["export", ckpt, tmp_path / "hf"], check=False))
-    assert "cannot export as Mixtral" in err and message in err and str(ckpt) in err, err
+    assert f"cannot export as {family}" in err and message in err and str(ckpt) in err, err
     assert not (tmp_path / "hf").exists()
 
 
