@@ -64,7 +64,7 @@ int hf_name_import(HfFamily f, const char *hf, char *out, size_t n) {
     const char *mlp = strstr(hf, ".mlp.");
     if (f == HF_MIXTRAL || !mlp) {
         snprintf(out, n, "%s", hf);
-        return 0;
+        return f == HF_MIXTRAL || !strstr(hf, MOE_BLOCK) ? 0 : -1;
     }
     int layer_len = (int)(mlp - hf) + 1, e;
     const char *rest = mlp + strlen(".mlp.");

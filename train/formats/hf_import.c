@@ -109,7 +109,7 @@ static void key_text(const cJSON *j, const HfKey *k, HfFamily f, const char *pat
                      size_t n) {
     const cJSON *v = cJSON_GetObjectItemCaseSensitive(j, k->hf);
     if (!v && !k->fallback)
-        FAIL("%s: no %s (a %s config.json has it)", path, k->hf, hf_family_name(f));
+        FAIL("%s: no %s (every %s config.json has it)", path, k->hf, hf_family_name(f));
     if (!v) snprintf(out, n, "%s", k->fallback);
     else if (k->kind == HF_BOOL && cJSON_IsBool(v))
         snprintf(out, n, "%s", cJSON_IsTrue(v) ? "true" : "false");
