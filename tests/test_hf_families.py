@@ -126,11 +126,14 @@ IMPORT_REFUSED = {
         (lambda c: c.update(use_sliding_window=True), "use_sliding_window is true"),
         (lambda c: c.update(mlp_only_layers=[1]), "mlp_only_layers is not empty"),
         (lambda c: c.update(head_dim=16), "head_dim = 16 differs"),
+        (lambda c: c.update(layer_types=["full_attention", "sliding_attention", "full_attention"]),
+         "layer_types has sliding_attention"),
     ],
     "qwen2_moe": [
         (lambda c: c.update(shared_expert_intermediate_size=0),
          "shared_expert_intermediate_size = 0: model.shared_ffn_dim"),
         (lambda c: c.update(decoder_sparse_step=0), "decoder_sparse_step = 0: model.moe_every"),
+        (lambda c: c.update(qkv_bias=False), "qkv_bias is false"),
     ],
 }
 
@@ -144,6 +147,20 @@ def test_import_refuses_what_moe_cannot_run(family, tmp_path):
         (out / "config.json").write_text(json.dumps(config))
         err = one_line_error(run_moe(["import", out, tmp_path / "x.h5"], check=False))
         assert message in err and str(out / "config.json") in err, err
+
+
+def test_import_reads_transformers_5_key_names(family, tmp_path):
+    """transformers 5 writes rope_parameters for rope_theta, and Qwen3-MoE's expert count
+    as num_local_experts."""
+    out = tmp_path / "hf"
+    shutil.copytree(family["export"], out)
+    config = json.loads((out / "config.json").read_text())
+    config["rope_parameters"] = {"rope_theta": config.pop("rope_theta"), "rope_type": "default"}
+    config["num_local_experts"] = config.pop("num_experts")
+    config["layer_types"] = ["full_attention"] * config["num_hidden_layers"]
+    (out / "config.json").write_text(json.dumps(config))
+    run_moe(["import", out, tmp_path / "x.h5"])
+    assert_bit_identical(family["ckpt"], tmp_path / "x.h5")
 
 
 def test_import_refuses_another_familys_tensor_names(family, tmp_path):

@@ -79,7 +79,9 @@ static QkCase qk_case(Rng *r, size_t N, size_t H, size_t KV, size_t D, int per_h
     return c;
 }
 
-static void qk_free(QkCase *c) { free(c->out), free(c->qkv), free(c->rstd), free(c->wq), free(c->wk); }
+static void qk_free(QkCase *c) {
+    free(c->out), free(c->qkv), free(c->rstd), free(c->wq), free(c->wk);
+}
 
 static void check_qk_forward(int per_head) {
     Rng r;

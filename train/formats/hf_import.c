@@ -50,6 +50,10 @@ typedef struct {
     unsigned families;      // FAM bits of the families that have the key
 } HfKey;
 
+// Keys another transformers version writes under another name: transformers 5 writes
+// Qwen3-MoE's expert count as num_local_experts.
+static const char *const HF_ALIASES[][2] = {{"num_experts", "num_local_experts"}};
+
 // Keys that shape the weights are required (transformers writes every key it has).
 static const HfKey HF_KEYS[] = {
     {"vocab_size", "model.vocab", HF_INT, NULL, ALL_FAMILIES},
@@ -108,6 +112,9 @@ static void set_key(RunConfig *rc, const char *path, const char *hf, const char 
 static void key_text(const cJSON *j, const HfKey *k, HfFamily f, const char *path, char *out,
                      size_t n) {
     const cJSON *v = cJSON_GetObjectItemCaseSensitive(j, k->hf);
+    for (size_t i = 0; !v && i < sizeof HF_ALIASES / sizeof *HF_ALIASES; i++)
+        if (!strcmp(k->hf, HF_ALIASES[i][0]))
+            v = cJSON_GetObjectItemCaseSensitive(j, HF_ALIASES[i][1]);
     if (!v && !k->fallback)
         FAIL("%s: no %s (every %s config.json has it)", path, k->hf, hf_family_name(f));
     if (!v) snprintf(out, n, "%s", k->fallback);
@@ -142,6 +149,19 @@ static HfFamily family_of(const cJSON *j, const char *path) {
     return (HfFamily)f;
 }
 
+// transformers 5's per-layer attention kinds: any but full attention masks keys moe.c
+// attends to.
+static void check_layer_types(const cJSON *j, const char *path) {
+    const cJSON *types = cJSON_GetObjectItemCaseSensitive(j, "layer_types"), *t;
+    if (!types || cJSON_IsNull(types)) return;
+    if (!cJSON_IsArray(types)) FAIL("%s: layer_types is not a list", path);
+    cJSON_ArrayForEach(t, types) {
+        if (!cJSON_IsString(t) || strcmp(t->valuestring, "full_attention"))
+            FAIL("%s: layer_types has %s: moe.c's layers all attend to the whole context",
+                 path, cJSON_IsString(t) ? t->valuestring : "a value that is not a string");
+    }
+}
+
 // Refuses what moe.c would compute differently, naming the key.
 static void check_family(const cJSON *j, HfFamily f, const char *path) {
     const char *name = hf_family_name(f);
@@ -166,6 +186,11 @@ static void check_family(const cJSON *j, HfFamily f, const char *path) {
         FAIL("%s: clip_qkv is set: moe.c does not clamp queries, keys and values", path);
     if ((f == HF_QWEN2_MOE || f == HF_QWEN3_MOE) && is_true(j, "use_sliding_window"))
         FAIL("%s: use_sliding_window is true: moe.c attends to the whole context", path);
+    const cJSON *qkv_bias = cJSON_GetObjectItemCaseSensitive(j, "qkv_bias");
+    if (f == HF_QWEN2_MOE && cJSON_IsFalse(qkv_bias))
+        FAIL("%s: qkv_bias is false: moe.c's Qwen2-MoE has q, k and v biases (as every "
+             "transformers before 5 does)", path);
+    check_layer_types(j, path);
     const cJSON *only = cJSON_GetObjectItemCaseSensitive(j, "mlp_only_layers");
     if ((f == HF_QWEN2_MOE || f == HF_QWEN3_MOE) && only && !cJSON_IsNull(only) &&
         (!cJSON_IsArray(only) || cJSON_GetArraySize(only) > 0))
