@@ -41,10 +41,15 @@ endif
 BUILD_PKGS := gcc make pkg-config libhdf5-dev libcsv-dev libopenblas-openmp-dev libinih-dev zlib1g-dev \
     libcjson-dev
 TEST_PKGS := libcmocka-dev python3-torch python3-h5py python3-numpy python3-pytest gnuplot-nox \
-    python3-pip
+    python3-pip python3-venv
 # Python's own safetensors package reads our export in tests/test_hf.py. Debian 12 does not
 # package it: it comes from PyPI (a prebuilt wheel) into Debian's interpreter.
 TEST_PIP := safetensors==0.4.5
+# transformers' own Mixtral, OLMoE and Qwen2-MoE classes check import and export
+# (tests/reference/test_families_transformers.py): 4.45.2 runs on Debian's torch 1.13, in a
+# venv that sees Debian's packages. Qwen3-MoE needs torch 2 (by hand: families_transformers.py).
+HF_VENV := $(BUILD)/venv-hf
+HF_PIP := transformers==4.45.2
 
 missing_pkgs = $(shell for p in $(1); do \
     dpkg-query -W -f='$${Status}\n' $$p 2>/dev/null | grep -q 'ok installed' || echo $$p; done)
@@ -224,6 +229,10 @@ deps-test: deps
 	    echo "moe: installing $(TEST_PIP) from PyPI for $(PYTHON_REF)"; \
 	    $(PYTHON_REF) -m pip install -q --break-system-packages \
 	        --root-user-action=ignore --disable-pip-version-check $(TEST_PIP); }
+	@$(HF_VENV)/bin/python -c 'import transformers' 2>/dev/null || { \
+	    echo "moe: installing $(HF_PIP) from PyPI into $(HF_VENV)"; \
+	    $(PYTHON_REF) -m venv --system-site-packages $(HF_VENV) && \
+	    $(HF_VENV)/bin/pip install -q --disable-pip-version-check $(HF_PIP); }
 
 # Installs the packages named in $(1) (a shell word list), as root or through sudo.
 apt_install = if [ -n "$(1)" ]; then \
