@@ -5,7 +5,7 @@ Debian's torch 1.13 runs transformers 4.45 (Mixtral, OLMoE, Qwen2-MoE) but Qwen3
 transformers >= 4.51 and torch 2. Run it by hand in a venv, for example
 
     python3 -m venv /tmp/tf && /tmp/tf/bin/pip install torch==2.6.0 transformers==4.51.3 h5py
-    /tmp/tf/bin/python tests/reference/families_transformers.py random FAMILY... 
+    /tmp/tf/bin/python tests/reference/families_transformers.py random FAMILY...
     /tmp/tf/bin/python tests/reference/families_transformers.py export HF_DIR LOGITS.h5
 
 `random`: for each FAMILY (mixtral, olmoe, qwen2_moe, qwen3_moe) transformers makes a
