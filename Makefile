@@ -51,6 +51,11 @@ TEST_PIP := safetensors==0.4.5
 # a venv of their own, so that Debian's interpreter keeps its packages.
 TOK_VENV := $(BUILD)/venv-tok
 TOK_PIP := tokenizers==0.20.3 sentencepiece==0.2.0 transformers==4.46.3 protobuf==4.25.5
+# transformers' own Mixtral, OLMoE and Qwen2-MoE classes check import and export
+# (tests/reference/test_families_transformers.py): 4.45.2 runs on Debian's torch 1.13, in a
+# venv that sees Debian's packages. Qwen3-MoE needs torch 2 (by hand: families_transformers.py).
+HF_VENV := $(BUILD)/venv-hf
+HF_PIP := transformers==4.45.2
 
 missing_pkgs = $(shell for p in $(1); do \
     dpkg-query -W -f='$${Status}\n' $$p 2>/dev/null | grep -q 'ok installed' || echo $$p; done)
@@ -251,6 +256,10 @@ deps-test: deps
 	    echo "moe: installing $(TOK_PIP) from PyPI into $(TOK_VENV)"; \
 	    $(PYTHON_REF) -m venv $(TOK_VENV) && $(TOK_VENV)/bin/pip install -q \
 	        --disable-pip-version-check $(TOK_PIP); }
+	@$(HF_VENV)/bin/python -c 'import transformers' 2>/dev/null || { \
+	    echo "moe: installing $(HF_PIP) from PyPI into $(HF_VENV)"; \
+	    $(PYTHON_REF) -m venv --system-site-packages $(HF_VENV) && \
+	    $(HF_VENV)/bin/pip install -q --disable-pip-version-check $(HF_PIP); }
 
 # Installs the packages named in $(1) (a shell word list), as root or through sudo.
 apt_install = if [ -n "$(1)" ]; then \

@@ -44,10 +44,13 @@ static size_t active_params(const Model *m) {
     return active;
 }
 
-// The tape's matmuls are the attention projections (q|k|v feeds RoPE, o_proj reads the
-// attention output), the router's gate and noise, and the lm_head before cross-entropy.
+// The tape's matmuls are the attention projections (q|k|v feeds RoPE, its bias or
+// QK-norm; o_proj reads the attention output), the router's gate and noise, the shared
+// experts' gate, and the lm_head before cross-entropy.
 static Phase matmul_phase(const Tape *t, size_t i) {
-    if (i + 1 < t->n && t->ops[i + 1].kind == OP_ROPE) return PHASE_ATTENTION;
+    OpKind next = i + 1 < t->n ? t->ops[i + 1].kind : OP_CROSSENTROPY;
+    if (next == OP_ROPE || next == OP_QK_NORM || next == OP_BIAS_ADD) return PHASE_ATTENTION;
+    if (next == OP_GATED_ADD) return PHASE_EXPERTS;
     if (i > 0 && t->ops[i - 1].kind == OP_ATTENTION) return PHASE_ATTENTION;
     if (i + 1 < t->n && t->ops[i + 1].kind == OP_CROSSENTROPY) return PHASE_OTHER;
     return PHASE_ROUTER;
@@ -56,7 +59,10 @@ static Phase matmul_phase(const Tape *t, size_t i) {
 Phase bench_op_phase(const Tape *t, size_t i) {
     switch (t->ops[i].kind) {
     case OP_ROPE:
+    case OP_QK_NORM:
+    case OP_BIAS_ADD:
     case OP_ATTENTION: return PHASE_ATTENTION;
+    case OP_GATED_ADD: return PHASE_EXPERTS;
     case OP_MATMUL: return matmul_phase(t, i);
     case OP_MUL: // Switch jitter, the router's input only
     case OP_SCORES:

@@ -5,6 +5,38 @@
 
 #include "build_ops.h"
 
+// qkv (N, QKV) + the q|k|v biases (QKV), one contiguous run in the slab.
+static Buf build_qkv_bias(Builder *b, Buf qkv, int l, size_t QKV) {
+    TapeOp *op = tape_push(&b->m->tape, OP_BIAS_ADD);
+    op->bias_add.out = build_take_buf(b, b->N * QKV); // (N, QKV)
+    op->bias_add.x = qkv;
+    op->bias_add.b = build_param(b, QKV, "model.layers.%d.self_attn.q_proj.bias", l, 0);
+    op->bias_add.N = b->N;
+    op->bias_add.M = QKV;
+    return op->bias_add.out;
+}
+
+// QK-norm of qkv (N, (H+2KV)D): per head, or over each whole projection.
+static Buf build_qk_norm(Builder *b, Buf qkv, int l, size_t H, size_t KV, size_t D) {
+    const ModelConfig *c = &b->m->cfg;
+    int head = c->qk_norm == QK_NORM_HEAD;
+    TapeOp *op = tape_push(&b->m->tape, OP_QK_NORM);
+    op->qk_norm.out = build_take_buf(b, b->N * (H + 2 * KV) * D);          // (N, (H+2KV)D)
+    op->qk_norm.rstd = build_take(b, b->N * (head ? H + KV : 2), DTYPE_REAL); // (N, G)
+    op->qk_norm.qkv = qkv;
+    op->qk_norm.wq = build_param(b, head ? D : H * D, "model.layers.%d.self_attn.q_norm.weight",
+                                 l, 0);
+    op->qk_norm.wk = build_param(b, head ? D : KV * D,
+                                 "model.layers.%d.self_attn.k_norm.weight", l, 0);
+    op->qk_norm.N = b->N;
+    op->qk_norm.H = H;
+    op->qk_norm.KV = KV;
+    op->qk_norm.D = D;
+    op->qk_norm.per_head = head;
+    op->qk_norm.eps = c->norm_eps;
+    return op->qk_norm.out;
+}
+
 static Buf build_attention(Builder *b, Buf xn, int l) {
     const ModelConfig *c = &b->m->cfg;
     size_t H = (size_t)c->heads, KV = (size_t)c->kv_heads, D = b->C / H;
@@ -12,6 +44,8 @@ static Buf build_attention(Builder *b, Buf xn, int l) {
     Buf wqkv = build_param(b, QKV * b->C, "model.layers.%d.self_attn.q_proj.weight", l, 0);
     Buf wo = build_param(b, b->C * H * D, "model.layers.%d.self_attn.o_proj.weight", l, 0);
     Buf qkv = build_matmul(b, xn, wqkv, b->N, b->C, QKV); // (N, (H+2KV)D)
+    if (c->qkv_bias) qkv = build_qkv_bias(b, qkv, l, QKV);
+    if (c->qk_norm != QK_NORM_NONE) qkv = build_qk_norm(b, qkv, l, H, KV, D);
 
     TapeOp *rope = tape_push(&b->m->tape, OP_ROPE);
     rope->rope.qkv = qkv;
@@ -38,6 +72,21 @@ static Buf build_attention(Builder *b, Buf xn, int l) {
     return build_matmul(b, op->attention.out, wo, b->N, H * D, b->C);
 }
 
+// y + sigmoid(xn w_g^T) * shared, one gate logit (N, 1) per token (Qwen2-MoE).
+static Buf build_gated_shared(Builder *b, Buf xn, Buf y, Buf shared, int l) {
+    Buf wg = build_param(b, b->C, "model.layers.%d.block_sparse_moe.shared_expert_gate.weight",
+                         l, 0);
+    Buf g = build_matmul(b, xn, wg, b->N, b->C, 1); // (N, 1)
+    TapeOp *op = tape_push(&b->m->tape, OP_GATED_ADD);
+    op->gated_add.out = build_take_buf(b, b->N * b->C); // (N, C)
+    op->gated_add.a = y;
+    op->gated_add.s = shared;
+    op->gated_add.g = g;
+    op->gated_add.N = b->N;
+    op->gated_add.C = b->C;
+    return op->gated_add.out;
+}
+
 static Buf build_moe(Builder *b, Buf xn, int l, MoeLayerState *st) {
     const ModelConfig *c = &b->m->cfg;
     size_t E = (size_t)c->experts;
@@ -48,13 +97,15 @@ static Buf build_moe(Builder *b, Buf xn, int l, MoeLayerState *st) {
     build_aux_losses(b, &r, st);
     Buf y = build_routed_experts(b, xn, &r, l, st);
     size_t Fs = (size_t)c->shared_ffn_dim;
+    Buf shared = y;   // ungated: the shared experts add to y one by one
     for (int s = 0; s < c->shared_experts; s++) {
         Buf w =
             build_param(b, 3 * Fs * b->C,
                         "model.layers.%d.block_sparse_moe.shared_experts.%d.w1.weight", l, s);
-        y = build_add(b, y, build_swiglu_all(b, xn, w, Fs), b->N * b->C);
+        Buf out = build_swiglu_all(b, xn, w, Fs);
+        shared = c->shared_gate && s == 0 ? out : build_add(b, shared, out, b->N * b->C);
     }
-    return y;
+    return c->shared_gate ? build_gated_shared(b, xn, y, shared, l) : shared;
 }
 
 static Buf build_block(Builder *b, Buf x, int l, int *moe_i) {

@@ -32,6 +32,13 @@ static const ConfigKey model_keys[] = {
     {"norm_eps", KEY_DOUBLE, MK(norm_eps), "1e-5", 0, 1, NULL, "RMSNorm epsilon"},
     {"init_std", KEY_DOUBLE, MK(init_std), "0.02", 0, 10, NULL,
      "std of the normal weight init (output projections scaled by 1/sqrt(2*layers))"},
+    {"qk_norm", KEY_ENUM, MK(qk_norm), "none", 0, 0, "none|head|full",
+     "RMSNorm on queries and keys before RoPE: per head (Qwen3-MoE) or over each whole "
+     "projection (OLMoE)"},
+    {"qkv_bias", KEY_BOOL, MK(qkv_bias), "false", 0, 1, NULL,
+     "biases on the q, k and v projections (Qwen2-MoE)"},
+    {"shared_gate", KEY_BOOL, MK(shared_gate), "false", 0, 1, NULL,
+     "scale the shared experts' sum by sigmoid(x . w) per token (Qwen2-MoE)"},
 };
 
 static const ConfigKey router_keys[] = {
@@ -107,6 +114,9 @@ int model_config_validate(const ModelConfig *c, char *err, size_t n) {
     if (c->select != SELECT_TOPK && c->bias_gamma > 0)
         return snprintf(err, n, "router.bias_gamma > 0 needs router.select = topk (the bias "
                                 "shifts top-k selection)"), -1;
+    if (c->shared_gate && c->shared_experts == 0)
+        return snprintf(err, n, "model.shared_gate = true needs model.shared_experts >= 1 (it "
+                                "gates their output)"), -1;
     if (c->moe_every > c->layers)
         return snprintf(err, n, "model.moe_every = %d exceeds model.layers = %d: no MoE layer",
                         c->moe_every, c->layers), -1;
@@ -120,9 +130,13 @@ int model_config_validate(const ModelConfig *c, char *err, size_t n) {
 double model_config_params(const ModelConfig *c) {
     double C = c->d_model, V = c->vocab, E = c->experts, D = C / c->heads;
     double attn = 2 * C * C + 2 * c->kv_heads * D * C + 2 * C;   // q, o, k, v, two norms
+    attn += c->qkv_bias * (C + 2 * c->kv_heads * D);
+    attn += c->qk_norm == QK_NORM_HEAD   ? 2 * D
+            : c->qk_norm == QK_NORM_FULL ? C + c->kv_heads * D
+                                         : 0;
     double router = (c->select != SELECT_HASH) + (c->noise == NOISE_SHAZEER);
     double moe = router * E * C + E * 3.0 * c->expert_ffn_dim * C +
-                 c->shared_experts * 3.0 * c->shared_ffn_dim * C;
+                 c->shared_experts * 3.0 * c->shared_ffn_dim * C + c->shared_gate * C;
     double dense = 3.0 * c->ffn_dim * C;
     int n_moe = model_config_moe_layers(c);
     return V * C * (c->tie_embeddings ? 1 : 2) + C + c->layers * attn + n_moe * moe +

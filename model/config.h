@@ -30,6 +30,9 @@ typedef struct {
     double rope_theta;
     double norm_eps;
     double init_std;
+    int qk_norm;          // QkNorm
+    int qkv_bias;
+    int shared_gate;      // sigmoid gate on the shared experts' sum
     // [router]
     int top_k;
     int score;            // ScoreFunc
@@ -47,6 +50,7 @@ typedef struct {
     int lb_type;          // LbType
 } ModelConfig;
 
+typedef enum { QK_NORM_NONE = 0, QK_NORM_HEAD = 1, QK_NORM_FULL = 2 } QkNorm;
 typedef enum { SELECT_TOPK = 0, SELECT_EXPERT_CHOICE = 1, SELECT_HASH = 2 } RouterSelect;
 typedef enum { LB_BATCH = 0, LB_SEQ = 1 } LbType;
 

@@ -61,6 +61,9 @@ static void add_moe(Builder *b, const ModelConfig *cfg, int l) {
         add_swiglu(b, PARAM_EXPERT, l, e, (size_t)cfg->expert_ffn_dim, C, prefix, "w1", "w3",
                    "w2");
     }
+    if (cfg->shared_gate)   // a one-output sigmoid router for the shared experts
+        add_param(b, PARAM_ROUTER, l, -1, 1, C,
+                  "model.layers.%d.block_sparse_moe.shared_expert_gate.weight", l);
     for (int s = 0; s < cfg->shared_experts; s++) {
         snprintf(prefix, sizeof prefix, "model.layers.%d.block_sparse_moe.shared_experts.%d", l,
                  s);
@@ -76,7 +79,19 @@ static void add_block(Builder *b, const ModelConfig *cfg, int l) {
     add_param(b, PARAM_ATTN, l, -1, HD, C, "model.layers.%d.self_attn.q_proj.weight", l);
     add_param(b, PARAM_ATTN, l, -1, KD, C, "model.layers.%d.self_attn.k_proj.weight", l);
     add_param(b, PARAM_ATTN, l, -1, KD, C, "model.layers.%d.self_attn.v_proj.weight", l);
+    if (cfg->qkv_bias) {   // contiguous like the weights: one bias of (H+2KV)D
+        add_param(b, PARAM_ATTN, l, -1, HD, 0, "model.layers.%d.self_attn.q_proj.bias", l);
+        add_param(b, PARAM_ATTN, l, -1, KD, 0, "model.layers.%d.self_attn.k_proj.bias", l);
+        add_param(b, PARAM_ATTN, l, -1, KD, 0, "model.layers.%d.self_attn.v_proj.bias", l);
+    }
     add_param(b, PARAM_ATTN, l, -1, C, HD, "model.layers.%d.self_attn.o_proj.weight", l);
+    if (cfg->qk_norm != QK_NORM_NONE) {
+        int head = cfg->qk_norm == QK_NORM_HEAD;
+        add_param(b, PARAM_NORM, l, -1, head ? D : HD, 0,
+                  "model.layers.%d.self_attn.q_norm.weight", l);
+        add_param(b, PARAM_NORM, l, -1, head ? D : KD, 0,
+                  "model.layers.%d.self_attn.k_norm.weight", l);
+    }
     add_param(b, PARAM_NORM, l, -1, C, 0, "model.layers.%d.post_attention_layernorm.weight", l);
     if (model_config_is_moe_layer(cfg, l)) {
         add_moe(b, cfg, l);

@@ -167,6 +167,7 @@ void model_init_weights(Model *m, uint64_t seed) {
             for (size_t j = 0; j < p->numel; j++) w[j] = 1;
             continue;
         }
+        if (p->cols == 0) continue;   // projection biases start at zero
         double std = param_init_std(&m->cfg, p);
         for (size_t j = 0; j < p->numel; j++) w[j] = (real)(std * rng_normal(&rng));
     }
@@ -183,7 +184,7 @@ void model_randomize_weights(Model *m, uint64_t seed) {
         real *w = host + p->offset;
         double std = p->cols ? 1.0 / sqrt((double)p->cols) : 0.1;
         for (size_t j = 0; j < p->numel; j++)
-            w[j] = (real)((p->cols ? 0.0 : 1.0) + std * rng_normal(&rng));
+            w[j] = (real)((p->kind == PARAM_NORM ? 1.0 : 0.0) + std * rng_normal(&rng));
     }
     m->be->upload(m->params, host, m->layout.total * sizeof(real));
     free(host);

@@ -168,6 +168,22 @@ def test_python_safetensors_and_json_read_the_export(base):
         assert f.metadata() == {"format": "pt"}
 
 
+# MixtralConfig's float fields. transformers 5 validates types strictly and refuses an
+# integer such as `"router_jitter_noise": 0` where the class declares a float.
+FLOAT_FIELDS = ("rms_norm_eps", "rope_theta", "router_aux_loss_coef", "router_jitter_noise",
+                "initializer_range", "attention_dropout")
+
+
+def test_every_float_field_is_written_as_a_float(base):
+    text = (base["export"] / "config.json").read_text()
+    config = json.loads(text, parse_int=lambda s: ("integer", s))
+    for key in FLOAT_FIELDS:
+        assert isinstance(config[key], float), f"{key}: {config[key]}"
+    assert config["router_jitter_noise"] == 0.0 and config["attention_dropout"] == 0.0
+    assert config["rope_theta"] == 10000.0
+    assert config["num_hidden_layers"] == ("integer", "2")
+
+
 def test_tied_export_omits_lm_head(tmp_path):
     ckpt = train(tmp_path, "tied", ["model.tie_embeddings=true"], steps=2)
     run_moe(["export", ckpt, tmp_path / "hf"])
@@ -402,24 +418,38 @@ def test_inconsistent_index_is_refused(base, tmp_path):
 
 # ---- what Mixtral cannot express ------------------------------------------------------------
 
+# A config's features pick the family it exports as (QK-norm per head: Qwen3-MoE, over
+# the whole projections: OLMoE, biases or shared experts: Qwen2-MoE, else Mixtral).
 REFUSED = {
-    "shared": (["model.shared_experts=1"], "model.shared_experts = 1: Mixtral has no shared"),
-    "sigmoid": (["router.score=sigmoid"], "router.score = sigmoid: Mixtral scores experts with a softmax"),
-    "shazeer": (["router.noise=shazeer"], "router.noise = shazeer: Mixtral has no learned noise"),
-    "dense": (["model.moe_every=2"], "model.moe_every = 2: Mixtral has no dense layers"),
-    "no-renorm": (["router.renorm=false"], "router.renorm = false: Mixtral always renormalises"),
-    "no-renorm-top1": (["router.renorm=false", "router.top_k=1"], "with top_k = 1 its gate is 1.0"),
-    "hash": (["router.select=hash"], "router.select = hash: Mixtral routes by token-choice top-k"),
-    "expert-bias": (["router.bias_gamma=0.001"], "router.bias_gamma = 0.001: Mixtral has no expert-selection bias"),
+    "shared": (["model.shared_experts=1"], "Qwen2-MoE",
+               "model.shared_gate = false: Qwen2-MoE gates its shared expert"),
+    "two-shared": (["model.shared_experts=2", "model.shared_gate=true", "model.qkv_bias=true"],
+                   "Qwen2-MoE", "model.shared_experts = 2: Qwen2-MoE has exactly one"),
+    "qwen2-no-bias": (["model.shared_experts=1", "model.shared_gate=true"], "Qwen2-MoE",
+                      "model.qkv_bias = false: Qwen2-MoE's q, k and v projections have biases"),
+    "qwen2-qk-norm": (["model.shared_experts=1", "model.shared_gate=true", "model.qkv_bias=true",
+                       "model.qk_norm=head"], "Qwen2-MoE",
+                      "model.qk_norm = head: Qwen2-MoE has no QK-norm"),
+    "olmoe-dense": (["model.qk_norm=full", "model.moe_every=2"], "OLMoE",
+                    "model.moe_every = 2: OLMoE has no dense layers"),
+    "qwen3-sigmoid": (["model.qk_norm=head", "router.score=sigmoid"], "Qwen3-MoE",
+                      "router.score = sigmoid: Qwen3-MoE scores experts with a softmax"),
+    "sigmoid": (["router.score=sigmoid"], "Mixtral", "router.score = sigmoid: Mixtral scores experts with a softmax"),
+    "shazeer": (["router.noise=shazeer"], "Mixtral", "router.noise = shazeer: Mixtral has no learned noise"),
+    "dense": (["model.moe_every=2"], "Mixtral", "model.moe_every = 2: Mixtral has no dense layers"),
+    "no-renorm": (["router.renorm=false"], "Mixtral", "router.renorm = false: Mixtral always renormalises"),
+    "no-renorm-top1": (["router.renorm=false", "router.top_k=1"], "Mixtral", "with top_k = 1 its gate is 1.0"),
+    "hash": (["router.select=hash"], "Mixtral", "router.select = hash: Mixtral routes by token-choice top-k"),
+    "expert-bias": (["router.bias_gamma=0.001"], "Mixtral", "router.bias_gamma = 0.001: Mixtral has no expert-selection bias"),
 }
 
 
 @pytest.mark.parametrize("case", sorted(REFUSED))
-def test_export_refuses_what_mixtral_cannot_express(tmp_path, case):
-    extra, message = REFUSED[case]
+def test_export_refuses_what_its_family_cannot_express(tmp_path, case):
+    extra, family, message = REFUSED[case]
     ckpt = train(tmp_path, case, extra, steps=1)
     err = one_line_error(run_moe(["export", ckpt, tmp_path / "hf"], check=False))
-    assert "cannot export as Mixtral" in err and message in err and str(ckpt) in err, err
+    assert f"cannot export as {family}" in err and message in err and str(ckpt) in err, err
     assert not (tmp_path / "hf").exists()
 
 
@@ -430,7 +460,7 @@ def test_export_warns_that_capacity_is_dropped(tmp_path):
 
 
 IMPORT_REFUSED = {
-    "model-type": (lambda c: c.update(model_type="qwen2_moe"), "model_type 'qwen2_moe' is not mixtral"),
+    "model-type": (lambda c: c.update(model_type="llama"), "model_type 'llama' is not"),
     "missing-key": (lambda c: c.pop("hidden_size"), "no hidden_size"),
     "top-k": (lambda c: c.update(num_experts_per_tok=9), "num_experts_per_tok = 9: router.top_k = 9"),
     "window": (lambda c: c.update(sliding_window=16), "sliding_window = 16 is shorter than the context (32 tokens)"),

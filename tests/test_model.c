@@ -115,6 +115,37 @@ static void test_shared_experts(void **state) {
     check_model_gradients(&c);
 }
 
+// Qwen3-MoE: RMSNorm on every query and key head.
+static void test_qk_norm_per_head(void **state) {
+    (void)state;
+    ModelConfig c = tiny_config();
+    c.qk_norm = QK_NORM_HEAD;
+    check_model_gradients(&c);
+}
+
+// OLMoE: RMSNorm over the whole query and key projections, top-k without renormalising.
+static void test_qk_norm_whole_projection(void **state) {
+    (void)state;
+    ModelConfig c = tiny_config();
+    c.qk_norm = QK_NORM_FULL;
+    c.renorm = 0;
+    check_model_gradients(&c);
+}
+
+// Qwen2-MoE: q/k/v biases and a shared expert behind a sigmoid gate, with a dense layer.
+static void test_qkv_bias_gated_shared_expert(void **state) {
+    (void)state;
+    ModelConfig c = tiny_config();
+    c.layers = 3;
+    c.moe_every = 2;
+    c.qkv_bias = 1;
+    c.shared_experts = 1;
+    c.shared_ffn_dim = 5;
+    c.shared_gate = 1;
+    c.renorm = 0;
+    check_model_gradients(&c);
+}
+
 static void test_dense_interleaved(void **state) {
     (void)state;
     ModelConfig c = tiny_config();
@@ -612,6 +643,9 @@ static const struct CMUnitTest tests[] = {
     cmocka_unit_test(test_capacity_probs_drops),
     cmocka_unit_test(test_dropless),
     cmocka_unit_test(test_shared_experts),
+    cmocka_unit_test(test_qk_norm_per_head),
+    cmocka_unit_test(test_qk_norm_whole_projection),
+    cmocka_unit_test(test_qkv_bias_gated_shared_expert),
     cmocka_unit_test(test_dense_interleaved),
     cmocka_unit_test(test_tied_embeddings_mha),
     cmocka_unit_test(test_lb_loss_is_one_when_balanced),

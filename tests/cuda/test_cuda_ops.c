@@ -286,6 +286,57 @@ static void case_rmsnorm(void) {
     close_all("rmsnorm dx (dw NULL)", dx, RTOL);
 }
 
+// Both QK-norm layouts (per head: Qwen3-MoE; whole projection: OLMoE).
+static void case_qk_norm(void) {
+    size_t N = 19, H = 6, KV = 2, D = 16, W = (H + 2 * KV) * D;
+    for (int per_head = 0; per_head < 2; per_head++) {
+        size_t G = per_head ? H + KV : 2, nq = per_head ? D : H * D, nk = per_head ? D : KV * D;
+        Pair x = reals(N * W, 2), wq = uniform(nq, 0.5, 1.5), wk = uniform(nk, 0.5, 1.5);
+        Pair out = zeros(N * W, DTYPE_F32), rstd = zeros(N * G, DTYPE_F32);
+        cpu->qk_norm_forward(out.c, rstd.c, x.c, wq.c, wk.c, N, H, KV, D, per_head, 1e-6);
+        gpu->qk_norm_forward(out.g, rstd.g, x.g, wq.g, wk.g, N, H, KV, D, per_head, 1e-6);
+        close_all("qk_norm out", out, RTOL);
+        close_all("qk_norm rstd", rstd, RTOL);
+        Pair dx = reals(N * W, 1), dwq = reals(nq, 1), dwk = reals(nk, 1);
+        Pair dout = reals(N * W, 1), nw = none();
+        cpu->qk_norm_backward(dx.c, dwq.c, dwk.c, dout.c, x.c, wq.c, wk.c, rstd.c, N, H, KV, D,
+                              per_head);
+        gpu->qk_norm_backward(dx.g, dwq.g, dwk.g, dout.g, x.g, wq.g, wk.g, rstd.g, N, H, KV, D,
+                              per_head);
+        close_all("qk_norm dqkv", dx, RTOL);
+        close_all("qk_norm dwq", dwq, RTOL);
+        close_all("qk_norm dwk", dwk, RTOL);
+        cpu->qk_norm_backward(dx.c, nw.c, nw.c, dout.c, x.c, wq.c, wk.c, rstd.c, N, H, KV, D,
+                              per_head);
+        gpu->qk_norm_backward(dx.g, nw.g, nw.g, dout.g, x.g, wq.g, wk.g, rstd.g, N, H, KV, D,
+                              per_head);
+        close_all("qk_norm dqkv (weights NULL)", dx, RTOL);
+    }
+}
+
+static void case_bias_gated_add(void) {
+    size_t N = 37, M = 53;
+    Pair x = reals(N * M, 1), b = reals(M, 1), out = zeros(N * M, DTYPE_F32);
+    cpu->bias_add_forward(out.c, x.c, b.c, N, M);
+    gpu->bias_add_forward(out.g, x.g, b.g, N, M);
+    close_all("bias_add out", out, RTOL);
+    Pair dx = reals(N * M, 1), db = reals(M, 1), dout = reals(N * M, 1);
+    cpu->bias_add_backward(dx.c, db.c, dout.c, N, M);
+    gpu->bias_add_backward(dx.g, db.g, dout.g, N, M);
+    close_all("bias_add dx", dx, RTOL);
+    close_all("bias_add db", db, RTOL);
+    Pair s = reals(N * M, 1), g = reals(N, 3), a = reals(N * M, 1);
+    cpu->gated_add_forward(out.c, a.c, s.c, g.c, N, M);
+    gpu->gated_add_forward(out.g, a.g, s.g, g.g, N, M);
+    close_all("gated_add out", out, RTOL);
+    Pair da = reals(N * M, 1), ds = reals(N * M, 1), dg = reals(N, 1);
+    cpu->gated_add_backward(da.c, ds.c, dg.c, dout.c, s.c, g.c, N, M);
+    gpu->gated_add_backward(da.g, ds.g, dg.g, dout.g, s.g, g.g, N, M);
+    close_all("gated_add da", da, RTOL);
+    close_all("gated_add ds", ds, RTOL);
+    close_all("gated_add dg", dg, RTOL);
+}
+
 static void case_matmul(void) {
     size_t N = 37, K = 29, M = 41;
     Pair x = reals(N * K, 1), w = reals(M * K, 0.2), out = zeros(N * M, DTYPE_F32);
@@ -1048,6 +1099,8 @@ static const Case cases[] = {
     {"add_mul", case_add_mul},
     {"embedding", case_embedding},
     {"rmsnorm", case_rmsnorm},
+    {"qk_norm", case_qk_norm},
+    {"bias_gated_add", case_bias_gated_add},
     {"matmul", case_matmul},
     {"matmul_bf16", case_matmul_bf16},
     {"rope", case_rope},

@@ -46,6 +46,13 @@ CASES = {
     "capacity_probs": ["router.capacity_factor=1.0", "router.drop_policy=probs"],
     "dropless": ["router.capacity_factor=0"],
     "shared_experts": ["model.shared_experts=2", "model.shared_ffn_dim=8"],
+    # Hugging Face families: QK-norm per head (Qwen3-MoE) and over the whole projections
+    # (OLMoE, not renormalised), q/k/v biases with a sigmoid-gated shared expert (Qwen2-MoE)
+    "qk_norm_head": ["model.qk_norm=head"],
+    "qk_norm_full": ["model.qk_norm=full", "router.renorm=false"],
+    "qkv_bias_gated_shared": ["model.qkv_bias=true", "model.shared_experts=1",
+                              "model.shared_ffn_dim=8", "model.shared_gate=true",
+                              "model.layers=3", "model.moe_every=2"],
     "dense_interleaved": ["model.layers=3", "model.moe_every=2"],
     "tied_embeddings": ["model.tie_embeddings=true"],
     "mha_no_gqa": ["model.kv_heads=4"],

@@ -87,6 +87,10 @@ class Config:
         self.moe_every = get("model.moe_every", int)
         self.experts = get("model.experts", int)
         self.shared_experts = get("model.shared_experts", int, 0)
+        # Hugging Face family features (defaults: what dumps before these keys meant)
+        self.qk_norm = get("model.qk_norm", str, "none")
+        self.qkv_bias = get("model.qkv_bias", bool, False)
+        self.shared_gate = get("model.shared_gate", bool, False)
         self.tie_embeddings = get("model.tie_embeddings", bool)
         self.rope_theta = get("model.rope_theta", float)
         self.norm_eps = get("model.norm_eps", float)
@@ -218,9 +222,21 @@ def attention(x, P, pre, cfg):
     """x: (B, T, C) normed input. Causal grouped-query attention with HF-style RoPE."""
     B, T, C = x.shape
     H, KV, D = cfg.heads, cfg.kv_heads, cfg.head_dim
-    q = F.linear(x, P[pre + "self_attn.q_proj.weight"]).view(B, T, H, D).transpose(1, 2)
-    k = F.linear(x, P[pre + "self_attn.k_proj.weight"]).view(B, T, KV, D).transpose(1, 2)
-    v = F.linear(x, P[pre + "self_attn.v_proj.weight"]).view(B, T, KV, D).transpose(1, 2)
+    a = pre + "self_attn."
+
+    def proj(name):   # Qwen2-MoE: q, k and v have biases
+        b = P[a + f"{name}_proj.bias"] if cfg.qkv_bias else None
+        return F.linear(x, P[a + f"{name}_proj.weight"], b)
+
+    q, k, v = proj("q"), proj("k"), proj("v")
+    if cfg.qk_norm == "full":   # OLMoE: RMSNorm over the whole projections
+        q = rmsnorm(q, P[a + "q_norm.weight"], cfg.norm_eps)
+        k = rmsnorm(k, P[a + "k_norm.weight"], cfg.norm_eps)
+    q, k, v = q.view(B, T, H, D), k.view(B, T, KV, D), v.view(B, T, KV, D)
+    if cfg.qk_norm == "head":   # Qwen3-MoE: RMSNorm over each head
+        q = rmsnorm(q, P[a + "q_norm.weight"], cfg.norm_eps)
+        k = rmsnorm(k, P[a + "k_norm.weight"], cfg.norm_eps)
+    q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
     cos, sin = rope_cos_sin(T, D, cfg.rope_theta)
     q = q * cos + rotate_half(q) * sin
     k = k * cos + rotate_half(k) * sin
@@ -369,10 +385,14 @@ def moe_layer(x, P, pre, cfg, noise, tokens=None, state=None):
             ex = f"{m}experts.{e}."
             out = swiglu(x, P[ex + "w1.weight"], P[ex + "w3.weight"], P[ex + "w2.weight"])
             y = y + combine[:, e:e + 1] * out
+        shared = torch.zeros_like(x)
         for j in range(cfg.shared_experts):
             sx = f"{m}shared_experts.{j}."
-            y = y + swiglu(x, P[sx + "w1.weight"], P[sx + "w3.weight"], P[sx + "w2.weight"])
-        return y
+            shared = shared + swiglu(x, P[sx + "w1.weight"], P[sx + "w3.weight"],
+                                     P[sx + "w2.weight"])
+        if cfg.shared_gate:   # Qwen2-MoE: sigmoid(x . w_g) per token scales the shared sum
+            shared = torch.sigmoid(F.linear(x, P[m + "shared_expert_gate.weight"])) * shared
+        return y + shared
 
     if cfg.select == "hash":
         # no router: fixed choices, constant gates 1/k, capacity as for top-k (ties of the
@@ -518,6 +538,10 @@ def expected_param_names(cfg):
         pre = f"model.layers.{i}."
         names += [pre + "input_layernorm.weight"]
         names += [pre + f"self_attn.{p}_proj.weight" for p in "qkvo"]
+        if cfg.qkv_bias:
+            names += [pre + f"self_attn.{p}_proj.bias" for p in "qkv"]
+        if cfg.qk_norm != "none":
+            names += [pre + f"self_attn.{p}_norm.weight" for p in "qk"]
         names += [pre + "post_attention_layernorm.weight"]
         if cfg.is_moe(i):
             m = pre + "block_sparse_moe."
@@ -529,6 +553,8 @@ def expected_param_names(cfg):
                 names += [f"{m}experts.{e}.{w}.weight" for w in ("w1", "w3", "w2")]
             for j in range(cfg.shared_experts):
                 names += [f"{m}shared_experts.{j}.{w}.weight" for w in ("w1", "w3", "w2")]
+            if cfg.shared_gate:
+                names += [m + "shared_expert_gate.weight"]
         else:
             names += [pre + f"mlp.{p}_proj.weight" for p in ("gate", "up", "down")]
     names += ["model.norm.weight"]

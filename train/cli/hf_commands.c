@@ -51,10 +51,12 @@ static void load_exportable(Model *m, RunConfig *rc, const char *ckpt) {
     if (base) FAIL("%s is a delta checkpoint: moe merge it onto its base, then export that", ckpt);
     run_load_checkpoint_config(rc, ckpt, 0, NULL);
     if (hf_export_check(&rc->model, why, sizeof why))
-        FAIL("%s: cannot export as Mixtral: %s", ckpt, why);
+        FAIL("%s: cannot export as %s: %s", ckpt, hf_family_name(hf_family_of(&rc->model)),
+             why);
     if (rc->model.capacity_factor > 0)
-        fprintf(stderr, "moe: warning: router.capacity_factor = %g is not exported: Mixtral "
-                "routes every token (dropless)\n", rc->model.capacity_factor);
+        fprintf(stderr, "moe: warning: router.capacity_factor = %g is not exported: %s "
+                "routes every token (dropless)\n", rc->model.capacity_factor,
+                hf_family_name(hf_family_of(&rc->model)));
     model_init(m, &rc->model, backend_cpu(), 1, 1);   // weights only: the smallest batch
     if (ckpt_load(ckpt, m, NULL, NULL, err, sizeof err) != 0) FAIL("%s", err);
 }
@@ -96,7 +98,9 @@ int export_main(int argc, char **argv) {
                "[--force]\n"
                "  Writes DIR/config.json and DIR/model.safetensors (shards and\n"
                "  model.safetensors.index.json past --shard-size, default 5000000000) for\n"
-               "  transformers' MixtralForCausalLM. bf16 rounds to nearest even. DIR must\n"
+               "  transformers' MixtralForCausalLM, or OlmoeForCausalLM (model.qk_norm =\n"
+               "  full), Qwen3MoeForCausalLM (qk_norm = head) or Qwen2MoeForCausalLM\n"
+               "  (qkv_bias, a gated shared expert). bf16 rounds to nearest even. DIR must\n"
                "  be empty or new; --force replaces an earlier export in it (its\n"
                "  config.json, model*.safetensors and index) and keeps other files.\n"
                "  A checkpoint with a tokenizer (data.tokenizer) adds its tokenizer.json or\n"
@@ -155,7 +159,8 @@ int import_main(int argc, char **argv) {
     int help = argc > 1 && !strcmp(argv[1], "--help");
     if (argc < 3 || help) {
         printf("usage: moe import HF_DIR OUT.h5 [--seq-len N]\n"
-               "  Reads a transformers Mixtral directory (config.json, model.safetensors or\n"
+               "  Reads a transformers Mixtral, OLMoE, Qwen2-MoE or Qwen3-MoE directory\n"
+               "  (config.json, model.safetensors or\n"
                "  its shards; F32, BF16 or F16) into a checkpoint for moe finetune.\n"
                "  model.seq_len is max_position_embeddings unless --seq-len N is given.\n"
                "  Its tokenizer.model (SentencePiece) or else tokenizer.json (byte-level BPE)\n"

@@ -66,12 +66,14 @@ static hid_t mem_type(DType dt) {
 }
 
 // HF name -> checkpoint path: drop ".weight" and "model.", name the router's tensors
-// router/*, let experts hang directly under the layer, and turn dots into groups.
+// router/*, let experts hang directly under the layer, and turn dots into groups; a
+// projection's ".bias" becomes "_bias" beside its weight (q_proj is a dataset).
 void ckpt_param_path(const ParamInfo *p, char *out, size_t len) {
     char name[sizeof p->name];
     snprintf(name, sizeof name, "%s", p->name);
     size_t n = strlen(name);
     if (n > 7 && !strcmp(name + n - 7, ".weight")) name[n - 7] = '\0';
+    if (n > 5 && !strcmp(name + n - 5, ".bias")) name[n - 5] = '_';
     const char *rest = strncmp(name, "model.", 6) ? name : name + 6;
     char mapped[sizeof p->name];
     const char *moe = strstr(rest, "block_sparse_moe.");

@@ -1,13 +1,16 @@
-// hf.h: the Hugging Face Mixtral model directory, as transformers writes it: config.json
-// to and from [model] and [router], and the weights in safetensors files. `moe export`
-// and `moe import` (cli/hf_commands.h) are its command lines.
+// hf.h: a Hugging Face MoE model directory, as transformers writes it, for four families
+// (Mixtral, OLMoE, Qwen2-MoE, Qwen3-MoE): config.json to and from [model] and [router],
+// and the weights in safetensors files. `moe export` and `moe import`
+// (cli/hf_commands.h) are its command lines.
 //
-// The directory: config.json (MixtralConfig keys) and model.safetensors, or, past the
-// shard size, model-0000i-of-0000N.safetensors plus model.safetensors.index.json
-// ({"metadata": {"total_size": bytes}, "weight_map": {tensor: file}}). Tensor names and
-// shapes are the layout's own (model/layout.h: HF Mixtral names, [out, in]), so weights
-// map one to one; the care goes into the config and the features Mixtral lacks.
-// Every failure dies naming the file and the problem.
+// The directory: config.json (the family's config class's keys) and model.safetensors,
+// or, past the shard size, model-0000i-of-0000N.safetensors plus
+// model.safetensors.index.json ({"metadata": {"total_size": bytes}, "weight_map":
+// {tensor: file}}). Tensor shapes are the layout's own ([out, in]); names are the
+// layout's (model/layout.h: HF Mixtral names) for Mixtral, and Llama-style MLP names
+// (mlp.gate, mlp.experts.<e>.gate_proj, ...) for the other families, mapped one to one
+// by hf_name_export and hf_name_import. Every failure dies naming the file and the
+// problem.
 #ifndef MOE_HF_H
 #define MOE_HF_H
 
@@ -24,8 +27,23 @@
 // transformers' default max_shard_size ("5GB").
 #define HF_SHARD_DEFAULT 5000000000ull
 
-// The first feature of c that a Mixtral model cannot express, described in why; returns 0
-// when there is none.
+typedef enum { HF_MIXTRAL, HF_OLMOE, HF_QWEN2_MOE, HF_QWEN3_MOE, HF_N_FAMILIES } HfFamily;
+
+// "Mixtral", "OLMoE", "Qwen2-MoE", "Qwen3-MoE"; the model_type; the architecture class.
+const char *hf_family_name(HfFamily f);
+const char *hf_family_type(HfFamily f);
+const char *hf_family_class(HfFamily f);
+// The family of a config.json model_type, or -1.
+int hf_family_from_type(const char *model_type);
+// The family an export of c writes: q/k/v biases or shared experts make it Qwen2-MoE,
+// QK-norm per head Qwen3-MoE, over the whole projections OLMoE; else Mixtral.
+HfFamily hf_family_of(const ModelConfig *c);
+// A layout name as family f names it, and back (-1: f has no tensor by that name).
+void hf_name_export(HfFamily f, const char *name, char *out, size_t n);
+int hf_name_import(HfFamily f, const char *hf, char *out, size_t n);
+
+// The first feature of c that its family (hf_family_of) cannot express, described in
+// why; returns 0 when there is none.
 int hf_export_check(const ModelConfig *c, char *why, size_t n);
 // Writes m's weights (as dtype) and config.json into dir, created when missing; a new
 // shard starts where the next tensor would pass shard_size bytes. A dir that holds
@@ -35,7 +53,7 @@ int hf_export_check(const ModelConfig *c, char *why, size_t n);
 // to the weights' size and returns the number of weight files.
 size_t hf_export_write(const char *dir, const Model *m, StDType dtype, uint64_t shard_size,
                        int force, uint64_t *bytes);
-// Reads the directory into rc (defaults, then what Mixtral fixes, then config.json's keys;
+// Reads the directory into rc (defaults, then what the family fixes, then config.json's keys;
 // seq_len > 0 replaces max_position_embeddings) and its weights (F32, BF16 or F16) into m,
 // which it initialises on the CPU for one sequence.
 void hf_import_read(const char *dir, long seq_len, RunConfig *rc, Model *m);

@@ -1,4 +1,5 @@
-// hf_export.c: a model as a transformers Mixtral directory (config.json, safetensors).
+// hf_export.c: a model as a transformers directory (config.json, safetensors) of the
+// family hf_family_of picks.
 #include <cjson/cJSON.h>
 #include <dirent.h>
 #include <errno.h>
@@ -15,58 +16,128 @@
 
 #define HF_PATH_MAX 4096
 
-int hf_export_check(const ModelConfig *c, char *why, size_t n) {
-    if (c->shared_experts > 0)
-        snprintf(why, n, "model.shared_experts = %d: Mixtral has no shared (always-on) experts",
-                 c->shared_experts);
-    else if (c->moe_every > 1)
-        snprintf(why, n, "model.moe_every = %d: Mixtral has no dense layers (every layer is MoE)",
-                 c->moe_every);
-    else if (c->score != SCORE_SOFTMAX)
-        snprintf(why, n, "router.score = sigmoid: Mixtral scores experts with a softmax");
-    else if (!c->renorm)
-        snprintf(why, n, "router.renorm = false: Mixtral always renormalises the top-k gates "
-                 "(with top_k = 1 its gate is 1.0)");
+// What no family expresses: moe.c's router variants.
+static int check_router(const ModelConfig *c, const char *fam, char *why, size_t n) {
+    if (c->score != SCORE_SOFTMAX)
+        snprintf(why, n, "router.score = sigmoid: %s scores experts with a softmax", fam);
     else if (c->noise == NOISE_SHAZEER)
-        snprintf(why, n, "router.noise = shazeer: Mixtral has no learned noise weights");
+        snprintf(why, n, "router.noise = shazeer: %s has no learned noise weights", fam);
     else if (c->select != SELECT_TOPK)
-        snprintf(why, n, "router.select = %s: Mixtral routes by token-choice top-k",
-                 c->select == SELECT_HASH ? "hash" : "expert_choice");
+        snprintf(why, n, "router.select = %s: %s routes by token-choice top-k",
+                 c->select == SELECT_HASH ? "hash" : "expert_choice", fam);
     else if (c->bias_gamma > 0)
-        snprintf(why, n, "router.bias_gamma = %g: Mixtral has no expert-selection bias "
-                 "(DeepSeek-V3)", c->bias_gamma);
+        snprintf(why, n, "router.bias_gamma = %g: %s has no expert-selection bias "
+                 "(DeepSeek-V3)", c->bias_gamma, fam);
     else return 0;
     return -1;
 }
 
-static cJSON *mixtral_config(const ModelConfig *c, StDType dtype) {
+// Qwen2-MoE: one shared expert behind its sigmoid gate, q/k/v biases, no QK-norm.
+static int check_qwen2(const ModelConfig *c, char *why, size_t n) {
+    if (c->shared_experts != 1)
+        snprintf(why, n, "model.shared_experts = %d: Qwen2-MoE has exactly one shared expert "
+                 "(and Mixtral none)", c->shared_experts);
+    else if (!c->shared_gate)
+        snprintf(why, n, "model.shared_gate = false: Qwen2-MoE gates its shared expert with a "
+                 "sigmoid (and Mixtral has no shared experts)");
+    else if (!c->qkv_bias)
+        snprintf(why, n, "model.qkv_bias = false: Qwen2-MoE's q, k and v projections have "
+                 "biases");
+    else if (c->qk_norm != QK_NORM_NONE)
+        snprintf(why, n, "model.qk_norm = %s: Qwen2-MoE has no QK-norm",
+                 c->qk_norm == QK_NORM_HEAD ? "head" : "full");
+    else return 0;
+    return -1;
+}
+
+int hf_export_check(const ModelConfig *c, char *why, size_t n) {
+    HfFamily f = hf_family_of(c);
+    if (check_router(c, hf_family_name(f), why, n)) return -1;
+    if (f == HF_QWEN2_MOE) return check_qwen2(c, why, n);
+    if (f == HF_QWEN3_MOE) return 0;   // dense layers: decoder_sparse_step
+    if (c->moe_every > 1)
+        snprintf(why, n, "model.moe_every = %d: %s has no dense layers (every layer is MoE)",
+                 c->moe_every, hf_family_name(f));
+    else if (f == HF_MIXTRAL && !c->renorm)
+        snprintf(why, n, "router.renorm = false: Mixtral always renormalises the top-k gates "
+                 "(with top_k = 1 its gate is 1.0)");
+    else return 0;
+    return -1;
+}
+
+// A float field as JSON text that reads back as a float: the shortest digits that
+// round-trip, with ".0" where printf leaves an integer. transformers 5 validates config
+// fields by type and refuses `0` where its config class declares a float.
+static void add_float(cJSON *j, const char *key, double v) {
+    char text[40];
+    for (int digits = 15; digits <= 17; digits++) {
+        snprintf(text, sizeof text, "%.*g", digits, v);
+        if (strtod(text, NULL) == v) break;
+    }
+    if (!strpbrk(text, ".eEn")) strcat(text, ".0");
+    CHECK(cJSON_AddRawToObject(j, key, text), "out of memory writing %s", key);
+}
+
+// The keys every family's config class has.
+static cJSON *common_config(const ModelConfig *c, HfFamily f) {
     cJSON *j = cJSON_CreateObject();
     cJSON_AddItemToArray(cJSON_AddArrayToObject(j, "architectures"),
-                         cJSON_CreateString("MixtralForCausalLM"));
-    cJSON_AddStringToObject(j, "model_type", "mixtral");
+                         cJSON_CreateString(hf_family_class(f)));
+    cJSON_AddStringToObject(j, "model_type", hf_family_type(f));
     cJSON_AddNumberToObject(j, "vocab_size", c->vocab);
     cJSON_AddNumberToObject(j, "hidden_size", c->d_model);
-    cJSON_AddNumberToObject(j, "intermediate_size", c->expert_ffn_dim);
     cJSON_AddNumberToObject(j, "num_hidden_layers", c->layers);
     cJSON_AddNumberToObject(j, "num_attention_heads", c->heads);
     cJSON_AddNumberToObject(j, "num_key_value_heads", c->kv_heads);
     cJSON_AddNumberToObject(j, "head_dim", c->d_model / c->heads);
-    cJSON_AddNumberToObject(j, "num_local_experts", c->experts);
     cJSON_AddNumberToObject(j, "num_experts_per_tok", c->top_k);
     cJSON_AddNumberToObject(j, "max_position_embeddings", c->seq_len);
-    cJSON_AddNumberToObject(j, "rms_norm_eps", c->norm_eps);
-    cJSON_AddNumberToObject(j, "rope_theta", c->rope_theta);
+    add_float(j, "rms_norm_eps", c->norm_eps);
+    add_float(j, "rope_theta", c->rope_theta);
     cJSON_AddBoolToObject(j, "tie_word_embeddings", c->tie_embeddings);
     cJSON_AddStringToObject(j, "hidden_act", "silu");
-    cJSON_AddNumberToObject(j, "router_aux_loss_coef", c->aux_coef);
-    cJSON_AddNumberToObject(j, "router_jitter_noise",
-                            c->noise == NOISE_JITTER ? c->jitter_eps : 0.0);
+    add_float(j, "router_aux_loss_coef", c->aux_coef);
     cJSON_AddBoolToObject(j, "output_router_logits", 0);
-    cJSON_AddNumberToObject(j, "initializer_range", c->init_std);
-    cJSON_AddNumberToObject(j, "attention_dropout", 0.0);
+    add_float(j, "initializer_range", c->init_std);
+    add_float(j, "attention_dropout", 0.0);
+    return j;
+}
+
+// The family's own keys: expert counts and widths, routing, attention features.
+static void family_config(cJSON *j, const ModelConfig *c, HfFamily f) {
+    if (f == HF_MIXTRAL || f == HF_OLMOE)
+        cJSON_AddNumberToObject(j, "intermediate_size", c->expert_ffn_dim);
+    if (f == HF_MIXTRAL) {
+        cJSON_AddNumberToObject(j, "num_local_experts", c->experts);
+        add_float(j, "router_jitter_noise", c->noise == NOISE_JITTER ? c->jitter_eps : 0.0);
+        cJSON_AddNullToObject(j, "sliding_window");
+        return;
+    }
+    cJSON_AddNumberToObject(j, "num_experts", c->experts);
+    cJSON_AddBoolToObject(j, "norm_topk_prob", c->renorm);
+    cJSON_AddBoolToObject(j, "attention_bias", 0);
+    if (f == HF_OLMOE) {
+        cJSON_AddNullToObject(j, "clip_qkv");
+        cJSON_AddNullToObject(j, "pad_token_id");
+        return;
+    }
+    cJSON_AddNumberToObject(j, "intermediate_size", c->ffn_dim);
+    cJSON_AddNumberToObject(j, "moe_intermediate_size", c->expert_ffn_dim);
+    if (f == HF_QWEN2_MOE)
+        cJSON_AddNumberToObject(j, "shared_expert_intermediate_size", c->shared_ffn_dim);
+    cJSON_AddNumberToObject(j, "decoder_sparse_step", c->moe_every);
+    cJSON_AddArrayToObject(j, "mlp_only_layers");
+    cJSON_AddBoolToObject(j, "use_sliding_window", 0);
     cJSON_AddNullToObject(j, "sliding_window");
-    // Byte-level models have no special tokens; MixtralConfig's defaults (1, 2) would make
-    // generate() stop at byte 0x02.
+    cJSON_AddNumberToObject(j, "max_window_layers", c->layers);
+}
+
+static cJSON *hf_config(const ModelConfig *c, StDType dtype) {
+    HfFamily f = hf_family_of(c);
+    cJSON *j = common_config(c, f);
+    family_config(j, c, f);
+    // Byte-level models have no special tokens; the config classes' defaults (Mixtral's
+    // 1 and 2, OLMoE's 50279) would make generate() stop at a byte.
     cJSON_AddNullToObject(j, "bos_token_id");
     cJSON_AddNullToObject(j, "eos_token_id");
     cJSON_AddBoolToObject(j, "use_cache", 1);
@@ -242,18 +313,21 @@ size_t hf_export_write(const char *dir, const Model *m, StDType dtype, uint64_t 
     make_dir(dir);
     float *host = params_f32(m);
     StOut *t = CALLOC(m->layout.n_params, sizeof *t);
+    char(*names)[160] = CALLOC(m->layout.n_params, sizeof *names);
     *bytes = 0;
     for (size_t i = 0; i < m->layout.n_params; i++) {
         const ParamInfo *p = &m->layout.params[i];
-        t[i] = (StOut){p->name, p->rows, p->cols, host + p->offset};
+        hf_name_export(hf_family_of(&m->cfg), p->name, names[i], sizeof names[i]);
+        t[i] = (StOut){names[i], p->rows, p->cols, host + p->offset};
         *bytes += safetensors_out_bytes(&t[i], dtype);
     }
     size_t files = write_weights(dir, t, m->layout.n_params, dtype, shard_size);
-    cJSON *config = mixtral_config(&m->cfg, dtype);
+    cJSON *config = hf_config(&m->cfg, dtype);
     write_json(dir, HF_CONFIG, config);
     cJSON_Delete(config);
     remove_stale(dir, files);
     sync_dir(dir);
+    free(names);
     free(t);
     free(host);
     return files;

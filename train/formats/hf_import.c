@@ -1,4 +1,5 @@
-// hf_import.c: a transformers Mixtral directory (config.json, safetensors) as a model.
+// hf_import.c: a transformers MoE directory (config.json, safetensors) of one of the
+// families of hf.h as a model.
 #include <cjson/cJSON.h>
 #include <errno.h>
 #include <math.h>
@@ -38,37 +39,66 @@ static cJSON *read_json(const char *path) {
 
 typedef enum { HF_INT, HF_REAL, HF_BOOL } HfKind;
 
+#define FAM(f) (1u << (f))
+#define ALL_FAMILIES (FAM(HF_N_FAMILIES) - 1)
+#define QWEN (FAM(HF_QWEN2_MOE) | FAM(HF_QWEN3_MOE))
+
 typedef struct {
     const char *hf, *moe;
     HfKind kind;
-    const char *fallback;   // MixtralConfig's default; NULL: the key is required
+    const char *fallback;   // the config class's default; NULL: the key is required
+    unsigned families;      // FAM bits of the families that have the key
 } HfKey;
+
+// Keys another transformers version writes under another name: transformers 5 writes
+// Qwen3-MoE's expert count as num_local_experts.
+static const char *const HF_ALIASES[][2] = {{"num_experts", "num_local_experts"}};
 
 // Keys that shape the weights are required (transformers writes every key it has).
 static const HfKey HF_KEYS[] = {
-    {"vocab_size", "model.vocab", HF_INT, NULL},
-    {"hidden_size", "model.d_model", HF_INT, NULL},
-    {"intermediate_size", "model.expert_ffn_dim", HF_INT, NULL},
-    {"num_hidden_layers", "model.layers", HF_INT, NULL},
-    {"num_attention_heads", "model.heads", HF_INT, NULL},
-    {"num_key_value_heads", "model.kv_heads", HF_INT, NULL},
-    {"num_local_experts", "model.experts", HF_INT, NULL},
-    {"num_experts_per_tok", "router.top_k", HF_INT, NULL},
-    {"max_position_embeddings", "model.seq_len", HF_INT, NULL},
-    {"tie_word_embeddings", "model.tie_embeddings", HF_BOOL, "false"},
-    {"rms_norm_eps", "model.norm_eps", HF_REAL, "1e-5"},
-    {"rope_theta", "model.rope_theta", HF_REAL, "1e6"},
-    {"router_aux_loss_coef", "router.aux_coef", HF_REAL, "0.001"},
-    {"initializer_range", "model.init_std", HF_REAL, "0.02"},
+    {"vocab_size", "model.vocab", HF_INT, NULL, ALL_FAMILIES},
+    {"hidden_size", "model.d_model", HF_INT, NULL, ALL_FAMILIES},
+    {"num_hidden_layers", "model.layers", HF_INT, NULL, ALL_FAMILIES},
+    {"num_attention_heads", "model.heads", HF_INT, NULL, ALL_FAMILIES},
+    {"num_key_value_heads", "model.kv_heads", HF_INT, NULL, ALL_FAMILIES},
+    {"num_experts_per_tok", "router.top_k", HF_INT, NULL, ALL_FAMILIES},
+    {"max_position_embeddings", "model.seq_len", HF_INT, NULL, ALL_FAMILIES},
+    {"tie_word_embeddings", "model.tie_embeddings", HF_BOOL, "false", ALL_FAMILIES},
+    {"initializer_range", "model.init_std", HF_REAL, "0.02", ALL_FAMILIES},
+    {"intermediate_size", "model.expert_ffn_dim", HF_INT, NULL,
+     FAM(HF_MIXTRAL) | FAM(HF_OLMOE)},
+    {"num_local_experts", "model.experts", HF_INT, NULL, FAM(HF_MIXTRAL)},
+    {"num_experts", "model.experts", HF_INT, NULL, FAM(HF_OLMOE) | QWEN},
+    {"norm_topk_prob", "router.renorm", HF_BOOL, "false", FAM(HF_OLMOE) | QWEN},
+    {"moe_intermediate_size", "model.expert_ffn_dim", HF_INT, NULL, QWEN},
+    {"intermediate_size", "model.ffn_dim", HF_INT, NULL, QWEN},
+    {"decoder_sparse_step", "model.moe_every", HF_INT, "1", QWEN},
+    {"shared_expert_intermediate_size", "model.shared_ffn_dim", HF_INT, NULL,
+     FAM(HF_QWEN2_MOE)},
+    {"rms_norm_eps", "model.norm_eps", HF_REAL, "1e-5", FAM(HF_MIXTRAL) | FAM(HF_OLMOE)},
+    {"rms_norm_eps", "model.norm_eps", HF_REAL, "1e-6", QWEN},
+    {"rope_theta", "model.rope_theta", HF_REAL, "1e6", FAM(HF_MIXTRAL)},
+    {"rope_theta", "model.rope_theta", HF_REAL, "10000", FAM(HF_OLMOE) | QWEN},
+    {"router_aux_loss_coef", "router.aux_coef", HF_REAL, "0.001", FAM(HF_MIXTRAL) | QWEN},
+    {"router_aux_loss_coef", "router.aux_coef", HF_REAL, "0.01", FAM(HF_OLMOE)},
 };
 
-// What Mixtral is, whatever moe.c's defaults: every layer MoE, softmax top-k renormalised,
-// no shared experts, no bias, and dropless routing as in transformers.
-static const char *MIXTRAL_FIXED[] = {
-    "model.shared_experts=0", "model.moe_every=1",   "router.score=softmax",
-    "router.renorm=true",     "router.select=topk",  "router.bias_gamma=0",
-    "router.noise=none",      "router.capacity_factor=0",
+// What every family is, whatever moe.c's defaults: softmax top-k, no expert bias, and
+// dropless routing as in transformers; then what each family fixes.
+static const char *COMMON_FIXED[] = {
+    "router.score=softmax", "router.select=topk",       "router.bias_gamma=0",
+    "router.noise=none",    "router.capacity_factor=0",
 };
+static const char *MIXTRAL_FIXED[] = {"model.shared_experts=0", "model.moe_every=1",
+                                      "router.renorm=true", NULL};
+static const char *OLMOE_FIXED[] = {"model.shared_experts=0", "model.moe_every=1",
+                                    "model.qk_norm=full", NULL};
+static const char *QWEN2_FIXED[] = {"model.shared_experts=1", "model.shared_gate=true",
+                                    "model.qkv_bias=true", NULL};
+static const char *QWEN3_FIXED[] = {"model.shared_experts=0", "model.qk_norm=head", NULL};
+static const char *const *FAMILY_FIXED[HF_N_FAMILIES] = {
+    [HF_MIXTRAL] = MIXTRAL_FIXED, [HF_OLMOE] = OLMOE_FIXED,
+    [HF_QWEN2_MOE] = QWEN2_FIXED, [HF_QWEN3_MOE] = QWEN3_FIXED};
 
 static void set_key(RunConfig *rc, const char *path, const char *hf, const char *moe,
                     const char *value) {
@@ -79,9 +109,14 @@ static void set_key(RunConfig *rc, const char *path, const char *hf, const char 
 }
 
 // The value of key k as config text; the fallback when the key is absent.
-static void key_text(const cJSON *j, const HfKey *k, const char *path, char *out, size_t n) {
+static void key_text(const cJSON *j, const HfKey *k, HfFamily f, const char *path, char *out,
+                     size_t n) {
     const cJSON *v = cJSON_GetObjectItemCaseSensitive(j, k->hf);
-    if (!v && !k->fallback) FAIL("%s: no %s (a Mixtral config.json has it)", path, k->hf);
+    for (size_t i = 0; !v && i < sizeof HF_ALIASES / sizeof *HF_ALIASES; i++)
+        if (!strcmp(k->hf, HF_ALIASES[i][0]))
+            v = cJSON_GetObjectItemCaseSensitive(j, HF_ALIASES[i][1]);
+    if (!v && !k->fallback)
+        FAIL("%s: no %s (every %s config.json has it)", path, k->hf, hf_family_name(f));
     if (!v) snprintf(out, n, "%s", k->fallback);
     else if (k->kind == HF_BOOL && cJSON_IsBool(v))
         snprintf(out, n, "%s", cJSON_IsTrue(v) ? "true" : "false");
@@ -98,14 +133,38 @@ static int is_set(const cJSON *j, const char *key) {
     return v && !cJSON_IsNull(v);
 }
 
-// Refuses what moe.c would compute differently.
-static void check_mixtral(const cJSON *j, const char *path) {
+static int is_true(const cJSON *j, const char *key) {
+    return cJSON_IsTrue(cJSON_GetObjectItemCaseSensitive(j, key));
+}
+
+static HfFamily family_of(const cJSON *j, const char *path) {
     const cJSON *type = cJSON_GetObjectItemCaseSensitive(j, "model_type");
     if (!cJSON_IsString(type))
-        FAIL("%s: no model_type string (moe import reads Mixtral models only)", path);
-    if (strcmp(type->valuestring, "mixtral"))
-        FAIL("%s: model_type '%s' is not mixtral (moe import reads Mixtral models only)", path,
-             type->valuestring);
+        FAIL("%s: no model_type string (moe import reads mixtral, olmoe, qwen2_moe and "
+             "qwen3_moe models)", path);
+    int f = hf_family_from_type(type->valuestring);
+    if (f < 0)
+        FAIL("%s: model_type '%s' is not one moe import reads (mixtral, olmoe, qwen2_moe, "
+             "qwen3_moe)", path, type->valuestring);
+    return (HfFamily)f;
+}
+
+// transformers 5's per-layer attention kinds: any but full attention masks keys moe.c
+// attends to.
+static void check_layer_types(const cJSON *j, const char *path) {
+    const cJSON *types = cJSON_GetObjectItemCaseSensitive(j, "layer_types"), *t;
+    if (!types || cJSON_IsNull(types)) return;
+    if (!cJSON_IsArray(types)) FAIL("%s: layer_types is not a list", path);
+    cJSON_ArrayForEach(t, types) {
+        if (!cJSON_IsString(t) || strcmp(t->valuestring, "full_attention"))
+            FAIL("%s: layer_types has %s: moe.c's layers all attend to the whole context",
+                 path, cJSON_IsString(t) ? t->valuestring : "a value that is not a string");
+    }
+}
+
+// Refuses what moe.c would compute differently, naming the key.
+static void check_family(const cJSON *j, HfFamily f, const char *path) {
+    const char *name = hf_family_name(f);
     const cJSON *act = cJSON_GetObjectItemCaseSensitive(j, "hidden_act");
     if (act && (!cJSON_IsString(act) || strcmp(act->valuestring, "silu")))
         FAIL("%s: hidden_act is not \"silu\": moe.c's experts are SwiGLU", path);
@@ -121,6 +180,22 @@ static void check_mixtral(const cJSON *j, const char *path) {
         FAIL("%s: head_dim = %g differs from hidden_size / num_attention_heads = %g: moe.c's "
              "heads split hidden_size", path, hd->valuedouble,
              floor(hs->valuedouble / nh->valuedouble));
+    if (f != HF_QWEN2_MOE && is_true(j, "attention_bias"))
+        FAIL("%s: attention_bias is true: moe.c's %s attention has no biases", path, name);
+    if (f == HF_OLMOE && is_set(j, "clip_qkv"))
+        FAIL("%s: clip_qkv is set: moe.c does not clamp queries, keys and values", path);
+    if ((f == HF_QWEN2_MOE || f == HF_QWEN3_MOE) && is_true(j, "use_sliding_window"))
+        FAIL("%s: use_sliding_window is true: moe.c attends to the whole context", path);
+    const cJSON *qkv_bias = cJSON_GetObjectItemCaseSensitive(j, "qkv_bias");
+    if (f == HF_QWEN2_MOE && cJSON_IsFalse(qkv_bias))
+        FAIL("%s: qkv_bias is false: moe.c's Qwen2-MoE has q, k and v biases (as every "
+             "transformers before 5 does)", path);
+    check_layer_types(j, path);
+    const cJSON *only = cJSON_GetObjectItemCaseSensitive(j, "mlp_only_layers");
+    if ((f == HF_QWEN2_MOE || f == HF_QWEN3_MOE) && only && !cJSON_IsNull(only) &&
+        (!cJSON_IsArray(only) || cJSON_GetArraySize(only) > 0))
+        FAIL("%s: mlp_only_layers is not empty: moe.c places dense layers by "
+             "decoder_sparse_step alone", path);
 }
 
 // transformers 5 moves rope_theta into rope_parameters {"rope_type": "default", ...}.
@@ -138,7 +213,8 @@ static void rope_from_parameters(RunConfig *rc, const cJSON *j, const char *path
     set_key(rc, path, "rope_parameters.rope_theta", "model.rope_theta", value);
 }
 
-// A window narrower than the context would mask keys moe.c attends to.
+// Mixtral's window applies to every layer: narrower than the context, it would mask keys
+// moe.c attends to.
 static void check_window(const cJSON *j, const RunConfig *rc, const char *path) {
     const cJSON *w = cJSON_GetObjectItemCaseSensitive(j, "sliding_window");
     if (!w || cJSON_IsNull(w)) return;
@@ -149,21 +225,30 @@ static void check_window(const cJSON *j, const RunConfig *rc, const char *path) 
              rc->model.seq_len, w->valuedouble);
 }
 
+static void set_fixed(RunConfig *rc, const char *const *words) {
+    char err[1024];
+    for (; *words; words++)
+        if (run_config_override(rc, *words, err, sizeof err) != 0) DIE("%s", err);
+}
+
 void hf_import_config(const char *dir, long seq_len, RunConfig *rc) {
     char path[HF_PATH_MAX], value[64], err[1024];
     join_path(path, dir, HF_CONFIG);
     cJSON *j = read_json(path);
-    check_mixtral(j, path);
+    HfFamily f = family_of(j, path);
+    check_family(j, f, path);
     run_config_defaults(rc);
-    for (size_t i = 0; i < sizeof MIXTRAL_FIXED / sizeof *MIXTRAL_FIXED; i++)
-        if (run_config_override(rc, MIXTRAL_FIXED[i], err, sizeof err) != 0) DIE("%s", err);
+    for (size_t i = 0; i < sizeof COMMON_FIXED / sizeof *COMMON_FIXED; i++)
+        if (run_config_override(rc, COMMON_FIXED[i], err, sizeof err) != 0) DIE("%s", err);
+    set_fixed(rc, FAMILY_FIXED[f]);
     for (size_t i = 0; i < sizeof HF_KEYS / sizeof *HF_KEYS; i++) {
-        key_text(j, &HF_KEYS[i], path, value, sizeof value);
+        if (!(HF_KEYS[i].families & FAM(f))) continue;
+        key_text(j, &HF_KEYS[i], f, path, value, sizeof value);
         set_key(rc, path, HF_KEYS[i].hf, HF_KEYS[i].moe, value);
     }
     rope_from_parameters(rc, j, path);
     const cJSON *jitter = cJSON_GetObjectItemCaseSensitive(j, "router_jitter_noise");
-    if (cJSON_IsNumber(jitter) && jitter->valuedouble > 0) {
+    if (f == HF_MIXTRAL && cJSON_IsNumber(jitter) && jitter->valuedouble > 0) {
         set_key(rc, path, "router_jitter_noise", "router.noise", "jitter");
         snprintf(value, sizeof value, "%.17g", jitter->valuedouble);
         set_key(rc, path, "router_jitter_noise", "router.jitter_eps", value);
@@ -172,7 +257,7 @@ void hf_import_config(const char *dir, long seq_len, RunConfig *rc) {
         snprintf(value, sizeof value, "%ld", seq_len);
         set_key(rc, path, "--seq-len", "model.seq_len", value);
     }
-    check_window(j, rc, path);
+    if (f == HF_MIXTRAL) check_window(j, rc, path);
     if (run_config_validate(rc, err, sizeof err) != 0) FAIL("%s: %s", path, err);
     cJSON_Delete(j);
 }
@@ -278,14 +363,17 @@ static void check_shape(const StFile *f, const StTensor *t, const ParamInfo *p) 
     FAIL("%s: tensor %s has shape %s, config.json implies %s", f->path, t->name, have, want);
 }
 
-// Reads every layout tensor into m; names the first unexpected, missing or misshapen one.
-static void load_weights(Model *m, const HfWeights *w, const char *dir) {
-    char err[HF_PATH_MAX + 256];
-    for (size_t f = 0; f < w->n_files; f++)
-        for (size_t i = 0; i < w->files[f].n_tensors; i++)
-            if (!layout_find(&m->layout, w->files[f].tensors[i].name))
-                FAIL("%s: unexpected tensor %s (a Mixtral model of this config.json has none by "
-                     "that name)", w->files[f].path, w->files[f].tensors[i].name);
+// Reads every layout tensor into m from family f's names; names the first unexpected,
+// missing or misshapen one.
+static void load_weights(Model *m, const HfWeights *w, const char *dir, HfFamily f) {
+    char err[HF_PATH_MAX + 256], name[160];
+    for (size_t k = 0; k < w->n_files; k++)
+        for (size_t i = 0; i < w->files[k].n_tensors; i++) {
+            const char *have = w->files[k].tensors[i].name;
+            if (hf_name_import(f, have, name, sizeof name) != 0 || !layout_find(&m->layout, name))
+                FAIL("%s: unexpected tensor %s (a %s model of this config.json has none by "
+                     "that name)", w->files[k].path, have, hf_family_name(f));
+        }
     size_t largest = 0;
     for (size_t i = 0; i < m->layout.n_params; i++)
         if (m->layout.params[i].numel > largest) largest = m->layout.params[i].numel;
@@ -293,11 +381,12 @@ static void load_weights(Model *m, const HfWeights *w, const char *dir) {
     real *host = CALLOC(m->layout.total, sizeof *host);
     for (size_t i = 0; i < m->layout.n_params; i++) {
         const ParamInfo *p = &m->layout.params[i];
-        const StFile *f = NULL;
-        const StTensor *t = locate(w, p->name, &f);
-        if (!t) FAIL("%s: tensor %s is missing (config.json implies it)", dir, p->name);
-        check_shape(f, t, p);
-        if (safetensors_read_f32(f, t, buf, err, sizeof err) != 0) FAIL("%s", err);
+        const StFile *file = NULL;
+        hf_name_export(f, p->name, name, sizeof name);
+        const StTensor *t = locate(w, name, &file);
+        if (!t) FAIL("%s: tensor %s is missing (config.json implies it)", dir, name);
+        check_shape(file, t, p);
+        if (safetensors_read_f32(file, t, buf, err, sizeof err) != 0) FAIL("%s", err);
         for (size_t j = 0; j < p->numel; j++) host[p->offset + j] = (real)buf[j];
     }
     m->be->upload(m->params, host, m->layout.total * sizeof *host);
@@ -310,6 +399,6 @@ void hf_import_read(const char *dir, long seq_len, RunConfig *rc, Model *m) {
     HfWeights w;
     open_weights(&w, dir);
     model_init(m, &rc->model, backend_cpu(), 1, 1);   // weights only: the smallest batch
-    load_weights(m, &w, dir);
+    load_weights(m, &w, dir, hf_family_of(&rc->model));
     close_weights(&w);
 }
