@@ -11,19 +11,33 @@ to combine them. AdamW, random tokens, no data files. Prints the fastest step's 
     torch_ref tokens/s: 1234
 
 Usage: /usr/bin/python3 bench/torch_ref.py CONFIG.ini [--steps N] [--threads N]
-Needs Debian's python3-torch (1.13, CPU), which lives in /usr/bin/python3.
+           [--wait-policy PASSIVE|ACTIVE] [--dropless]
+--dropless sets router.capacity_factor = 0 (equal work with moe.c's dropless run).
+Warm-up steps run until two in a row are within 5% of each other (at most 10), then
+--steps timed steps. Any python with torch runs it (Debian's python3-torch 1.13 lives in
+/usr/bin/python3).
 """
 import argparse
 import configparser
 import math
 import os
+import statistics
+import sys
 import time
 
-# Debian's torch runs its own ops on OpenMP threads and its matmuls on OpenBLAS's pthread
-# build; OpenMP threads spinning between ops starve OpenBLAS's threads on a 2-core machine
-# (a small step took 34 s instead of 5 s). Passive waiting is PyTorch at its best here. It
-# must be set before torch (and its libgomp) loads.
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+def early_option(name, default):
+    """An option that must take effect before torch (and its libgomp) loads."""
+    for i, a in enumerate(sys.argv[:-1]):
+        if a == name:
+            return sys.argv[i + 1]
+    return default
+
+
+# The OpenMP wait policy suits one torch and not another: spinning threads starve Debian
+# torch 1.13's OpenBLAS pthreads on 2 cores (a small step took 34 s instead of 5 s), while
+# a current torch is faster with ACTIVE. bench --peer runs both and keeps the faster.
+os.environ["OMP_WAIT_POLICY"] = early_option("--wait-policy", "PASSIVE")
 
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
@@ -197,34 +211,56 @@ def step_loss(model, batches):
     return ce + c.aux_coef * lb + c.z_coef * z
 
 
+def settle(run_step, limit=10, tolerance=0.05):
+    """Warm-up steps until two in a row take times within tolerance; returns how many ran."""
+    last = run_step()
+    for n in range(2, limit + 1):
+        now = run_step()
+        if abs(now - last) <= tolerance * min(now, last):
+            return n
+        last = now
+    return limit
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("config")
     ap.add_argument("--steps", type=int, default=3)
     ap.add_argument("--threads", type=int, default=os.cpu_count())
+    ap.add_argument("--wait-policy", choices=("PASSIVE", "ACTIVE"), default="PASSIVE")
+    ap.add_argument("--dropless", action="store_true")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     c = read_config(args.config)
+    if args.dropless:
+        c.capacity_factor = 0.0
     model = MoeModel(c)
     opt = torch.optim.AdamW(model.parameters(), lr=c.lr, weight_decay=c.weight_decay)
     tokens_per_step = c.batch_size * c.seq_len * c.grad_accum
-    best, kept = math.inf, 1.0
-    for step in range(args.steps + 1):  # step 0 warms up
+
+    def run_step():
         batches = [(torch.randint(c.vocab, (c.batch_size, c.seq_len)),
                     torch.randint(c.vocab, (c.batch_size, c.seq_len)))
                    for _ in range(c.grad_accum)]
+        model.kept = model.routed = 0
         t0 = time.perf_counter()
         opt.zero_grad(set_to_none=True)
         step_loss(model, batches).backward()
         opt.step()
-        if step > 0 and time.perf_counter() - t0 < best:
-            best = time.perf_counter() - t0
-            kept = model.kept / model.routed
-        model.kept = model.routed = 0
-    print(f"torch_ref: {args.config}, torch {torch.__version__}, {args.threads} threads, "
-          f"OMP_WAIT_POLICY={os.environ['OMP_WAIT_POLICY']}, fastest of {args.steps} steps: "
-          f"{best:.3f} s, {100 * kept:.1f}% of assignments kept by capacity")
+        return time.perf_counter() - t0
+
+    warm = settle(run_step)
+    times, kept = [], []
+    for _ in range(args.steps):
+        times.append(run_step())
+        kept.append(model.kept / model.routed)
+    best = min(times)
+    print(f"torch_ref: {args.config}{' (dropless)' if args.dropless else ''}, torch "
+          f"{torch.__version__}, {args.threads} threads, OMP_WAIT_POLICY="
+          f"{os.environ['OMP_WAIT_POLICY']}, {warm} warm-up steps, fastest of {args.steps} "
+          f"steps: {best:.3f} s (median {statistics.median(times):.3f} s), "
+          f"{100 * kept[times.index(best)]:.1f}% of assignments kept by capacity")
     print(f"torch_ref tokens/s: {tokens_per_step / best:.0f}")
 
 

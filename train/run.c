@@ -276,8 +276,9 @@ static const char *attention_kind(const Model *m) {
     size_t H = (size_t)c->heads, D = (size_t)c->d_model / H, att, datt;
     if (!m->be->attention_plan) return "attention keeps its probabilities";
     m->be->attention_plan(&att, &datt, m->B, m->T, H, (size_t)c->kv_heads, D, m->tape.bf16);
-    return att < m->B * H * m->T * m->T ? "fused attention (cuDNN)"
-                                        : "plain attention kernels (fp32)";
+    if (att == m->B * H * m->T * m->T) return "plain attention kernels (fp32)";
+    return m->be->device == DEVICE_CPU ? "fused attention (online softmax)"
+                                       : "fused attention (cuDNN)";
 }
 
 void run_describe_device(const Model *m, char *buf, size_t n) {

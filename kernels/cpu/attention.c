@@ -1,11 +1,14 @@
-// attention.c: RoPE and causal grouped-query attention (CPU).
+// attention.c: RoPE and fused causal grouped-query attention (CPU).
 //
-// Attention runs one (batch, head) per OpenMP task, as BLAS products over blocks of
-// ATTN_BLOCK query rows that stop at the diagonal, so the masked half of the scores is
-// never computed. Each gemm runs on its task's thread (OpenBLAS inside a parallel
-// region), so a result does not depend on the thread count. Backward goes over (batch,
-// KV head): the query heads sharing a key/value head add their key and value gradients
-// in one thread, in a fixed order.
+// Attention is fused: per (batch, head) it walks blocks of ATTN_BQ queries and, within
+// each, blocks of at most ATTN_BK keys that stop at the diagonal (the masked half of the
+// scores is never computed), with an online softmax (running maximum and sum per query).
+// No (B, H, T, T) probabilities are kept: att holds one logsumexp per query (B, H, T),
+// and the backward recomputes each block's probabilities from it. A task's scratch is
+// two (ATTN_BQ, ATTN_BK) blocks. Each gemm runs on its task's thread (OpenBLAS inside a
+// parallel region), so a result does not depend on the thread count. Backward goes over
+// (batch, KV head): the query heads sharing a key/value head add their key and value
+// gradients in one thread, in a fixed order.
 #include "cpu_ops.h"
 #include "../../base/util.h"
 #include "vexp.h"
@@ -61,131 +64,188 @@ void cpu_rope_backward(Tensor dqkv, size_t B, size_t T, size_t H, size_t KV, siz
 
 // ---- attention ------------------------------------------------------------------------
 
-// Query rows per block: a causal block of scores is (ATTN_BLOCK, t1), t1 <= T.
-#define ATTN_BLOCK 64
+// Queries per block, and keys per block: T <= ATTN_BK (small, tiny) is one key block, so
+// each block of scores is one wide product. Both multiples of 16 (AVX-512 fp32 lanes).
+#define ATTN_BQ 64
+#define ATTN_BK 256
 
 static void check_groups(size_t H, size_t KV) {
     CHECK(KV > 0 && H % KV == 0, "attention: %zu query heads cannot share %zu KV heads", H, KV);
 }
 
-static size_t block_end(size_t t0, size_t T) {
-    return t0 + ATTN_BLOCK < T ? t0 + ATTN_BLOCK : T;
+static size_t min_size(size_t a, size_t b) { return a < b ? a : b; }
+
+void cpu_attention_plan(size_t *att_numel, size_t *datt_numel, size_t B, size_t T, size_t H,
+                        size_t KV, size_t D, int bf16) {
+    (void)KV, (void)D, (void)bf16;
+    *att_numel = B * H * T; // one logsumexp per query
+    *datt_numel = 0;        // the backward's scratch is its own, per block
 }
 
-// Row t of p (T) holds its scores for u <= t; becomes the causal softmax, 0 above t.
-static void softmax_causal_row(real *pt, size_t t, size_t T) {
-    real mx = pt[0], sum = 0;
-#pragma omp simd reduction(max : mx)
-    for (size_t u = 1; u <= t; u++)
-        mx = pt[u] > mx ? pt[u] : mx;
+// One head's q, k, v (and their gradients) step `width` per position, out and dout
+// `out_width`; lse (T) is the head's logsumexp per query.
+typedef struct {
+    const real *q, *k, *v;
+    size_t T, D, width, out_width;
+    real scale;
+} HeadView;
+
+// Row r of s (rows, ldS), query t = t0 + r, keys u0 .. u0+cols-1: the keys u <= t keep
+// exp(s - ref[r]), the rest become 0. Returns the row's sum of kept values.
+static real exp_row(real *sr, size_t t, size_t u0, size_t cols, real ref) {
+    size_t n = t >= u0 ? min_size(t - u0 + 1, cols) : 0;
+    real sum = 0;
 #pragma omp simd reduction(+ : sum)
-    for (size_t u = 0; u <= t; u++) {
-        pt[u] = vexp(pt[u] - mx);
-        sum += pt[u];
+    for (size_t u = 0; u < n; u++) {
+        sr[u] = vexp(sr[u] - ref);
+        sum += sr[u];
     }
-    real inv = 1 / sum;
-#pragma omp simd
-    for (size_t u = 0; u <= t; u++)
-        pt[u] *= inv;
-    memset(pt + t + 1, 0, (T - t - 1) * sizeof(real));
+    memset(sr + n, 0, (cols - n) * sizeof(real));
+    return sum;
 }
 
-// One (batch, head): p (T, T) = causal softmax(q k^T / sqrt(D)), out (T, D) = p v.
-// q, k, v step `width` elements per position, out `out_width`.
-static void attend(real *out, real *p, const real *q, const real *k, const real *v, size_t T,
-                   size_t D, size_t width, size_t out_width) {
-    real scale = (real)(1.0 / sqrt((double)D));
-    for (size_t t0 = 0; t0 < T; t0 += ATTN_BLOCK) {
-        size_t t1 = block_end(t0, T);
-        real *pb = p + t0 * T; // (t1 - t0, T): keys 0 .. t1-1 reach this block
-        cpu_gemm(0, 1, t1 - t0, t1, D, scale, q + t0 * width, width, k, width, 0, pb, T);
-        for (size_t t = t0; t < t1; t++)
-            softmax_causal_row(p + t * T, t, T);
-        cpu_gemm(0, 0, t1 - t0, D, t1, 1, pb, T, v, width, 0, out + t0 * out_width, out_width);
+// Online softmax over one key block: folds row r's scores into its running maximum m and
+// sum l, rescaling the output row already accumulated (o, D wide) by exp(m_old - m_new).
+static void online_row(real *sr, real *o, real *m, real *l, size_t t, size_t u0, size_t cols,
+                       size_t D, int first) {
+    size_t n = t >= u0 ? min_size(t - u0 + 1, cols) : 0;
+    real mx = *m;
+#pragma omp simd reduction(max : mx)
+    for (size_t u = 0; u < n; u++)
+        mx = sr[u] > mx ? sr[u] : mx;
+    real sum = exp_row(sr, t, u0, cols, mx);
+    if (first) {
+        *l = sum;
+    } else {
+        real alpha = vexp(*m - mx);
+        *l = *l * alpha + sum;
+        for (size_t d = 0; d < D; d++)
+            o[d] *= alpha;
+    }
+    *m = mx;
+}
+
+// Queries t0 .. t1-1 of one head: out rows = softmax(q k^T scale) v, lse = m + log(l).
+static void attend_block(real *out, real *lse, real *s, real *m, real *l, const HeadView *h,
+                         size_t t0, size_t t1) {
+    size_t rows = t1 - t0;
+    for (size_t u0 = 0; u0 < t1; u0 += ATTN_BK) {
+        size_t cols = min_size(u0 + ATTN_BK, t1) - u0;
+        cpu_gemm(0, 1, rows, cols, h->D, h->scale, h->q + t0 * h->width, h->width,
+                 h->k + u0 * h->width, h->width, 0, s, ATTN_BK);
+        for (size_t r = 0; r < rows; r++) {
+            if (u0 == 0) m[r] = -INFINITY;
+            online_row(s + r * ATTN_BK, out + (t0 + r) * h->out_width, m + r, l + r, t0 + r,
+                       u0, cols, h->D, u0 == 0);
+        }
+        cpu_gemm(0, 0, rows, h->D, cols, 1, s, ATTN_BK, h->v + u0 * h->width, h->width,
+                 u0 == 0 ? 0 : 1, out + t0 * h->out_width, h->out_width);
+    }
+    for (size_t r = 0; r < rows; r++) {
+        real inv = 1 / l[r], *o = out + (t0 + r) * h->out_width;
+        for (size_t d = 0; d < h->D; d++)
+            o[d] *= inv;
+        lse[t0 + r] = m[r] + (real)log(l[r]);
     }
 }
 
 void cpu_attention_forward(Tensor out, Tensor att, Tensor qkv, size_t B, size_t T, size_t H,
                            size_t KV, size_t D) {
     check_groups(H, KV);
+    CHECK(att.numel >= B * H * T, "attention: att holds %zu values, the logsumexp needs %zu",
+          att.numel, B * H * T);
     size_t width = (H + 2 * KV) * D, group = H / KV;
     real *o = TENSOR_R(out);       // (B*T, H*D)
-    real *a = TENSOR_R(att);       // (B, H, T, T)
+    real *lse = TENSOR_R(att);     // (B, H, T)
     const real *x = TENSOR_R(qkv); // (B*T, (H + 2KV) * D)
-#pragma omp parallel for schedule(dynamic, 1)
-    for (size_t bh = 0; bh < B * H; bh++) {
-        size_t b = bh / H, h = bh % H, kvh = h / group;
-        const real *xb = x + b * T * width;
-        attend(o + b * T * H * D + h * D, a + bh * T * T, xb + h * D, xb + (H + kvh) * D,
-               xb + (H + KV + kvh) * D, T, D, width, H * D);
-    }
-}
-
-// One (batch, query head): ds (T, T) = p * (dp - rowsum(p dp)) with dp = dout v^T, the
-// gradient of the pre-softmax scores, 0 above the diagonal; then dq += scale * ds k.
-static void score_and_query_grads(real *ds, real *dq, const real *p, const real *dout,
-                                  const real *k, const real *v, real scale, size_t T, size_t D,
-                                  size_t width, size_t out_width) {
-    for (size_t t0 = 0; t0 < T; t0 += ATTN_BLOCK) {
-        size_t t1 = block_end(t0, T);
-        real *db = ds + t0 * T; // (t1 - t0, T)
-        cpu_gemm(0, 1, t1 - t0, t1, D, 1, dout + t0 * out_width, out_width, v, width, 0, db, T);
-        for (size_t t = t0; t < t1; t++) {
-            real *dst = ds + t * T;
-            const real *pt = p + t * T;
-            real rowsum = 0;
-#pragma omp simd reduction(+ : rowsum)
-            for (size_t u = 0; u <= t; u++)
-                rowsum += pt[u] * dst[u];
-#pragma omp simd
-            for (size_t u = 0; u <= t; u++)
-                dst[u] = pt[u] * (dst[u] - rowsum);
-            memset(dst + t + 1, 0, (t1 - t - 1) * sizeof(real));
+#pragma omp parallel
+    {
+        real *s = CALLOC(ATTN_BQ * ATTN_BK, sizeof(real)); // (ATTN_BQ, ATTN_BK)
+        real m[ATTN_BQ], l[ATTN_BQ];                         // running max and sum per query
+#pragma omp for schedule(dynamic, 1)
+        for (size_t bh = 0; bh < B * H; bh++) {
+            size_t b = bh / H, h = bh % H, kvh = h / group;
+            const real *xb = x + b * T * width;
+            HeadView view = {xb + h * D, xb + (H + kvh) * D, xb + (H + KV + kvh) * D, T, D,
+                             width, H * D, (real)(1.0 / sqrt((double)D))};
+            for (size_t t0 = 0; t0 < T; t0 += ATTN_BQ)
+                attend_block(o + b * T * H * D + h * D, lse + bh * T, s, m, l, &view, t0,
+                             min_size(t0 + ATTN_BQ, T));
         }
-        cpu_gemm(0, 0, t1 - t0, D, t1, scale, db, T, k, width, 1, dq + t0 * width, width);
+        free(s);
     }
 }
 
-// dk (T, D) += scale * ds^T q and dv (T, D) += p^T dout for one query head, by blocks of
-// keys: keys u0 .. u1-1 see the queries t >= u0 (ds and p are 0 above the diagonal).
-static void key_value_grads(real *dk, real *dv, const real *ds, const real *p, const real *q,
-                            const real *dout, real scale, size_t T, size_t D, size_t width,
-                            size_t out_width) {
-    for (size_t u0 = 0; u0 < T; u0 += ATTN_BLOCK) {
-        size_t u1 = block_end(u0, T), rows = T - u0;
-        cpu_gemm(1, 0, u1 - u0, D, rows, scale, ds + u0 * T + u0, T, q + u0 * width, width, 1,
-                 dk + u0 * width, width);
-        cpu_gemm(1, 0, u1 - u0, D, rows, 1, p + u0 * T + u0, T, dout + u0 * out_width,
-                 out_width, 1, dv + u0 * width, width);
+// One block of queries t0 .. t1-1 against keys u0 .. u0+cols-1 of one head: recomputes
+// p = exp(q k^T scale - lse), then dv += p^T dout, ds = p * (dout v^T - delta) with
+// delta = rowsum(dout * out), dq += scale ds k, dk += scale ds^T q.
+static void grad_block(real *dq, real *dk, real *dv, real *p, real *ds, const HeadView *h,
+                       const real *dout, const real *lse, const real *delta, size_t t0,
+                       size_t t1, size_t u0, size_t cols) {
+    size_t rows = t1 - t0, w = h->width, ow = h->out_width, D = h->D;
+    cpu_gemm(0, 1, rows, cols, D, h->scale, h->q + t0 * w, w, h->k + u0 * w, w, 0, p, ATTN_BK);
+    cpu_gemm(0, 1, rows, cols, D, 1, dout + t0 * ow, ow, h->v + u0 * w, w, 0, ds, ATTN_BK);
+    for (size_t r = 0; r < rows; r++) {
+        real *pr = p + r * ATTN_BK, *dr = ds + r * ATTN_BK, dl = delta[t0 + r];
+        exp_row(pr, t0 + r, u0, cols, lse[t0 + r]);
+#pragma omp simd
+        for (size_t u = 0; u < cols; u++)
+            dr[u] = pr[u] * (dr[u] - dl);
+    }
+    cpu_gemm(1, 0, cols, D, rows, 1, p, ATTN_BK, dout + t0 * ow, ow, 1, dv + u0 * w, w);
+    cpu_gemm(0, 0, rows, D, cols, h->scale, ds, ATTN_BK, h->k + u0 * w, w, 1, dq + t0 * w, w);
+    cpu_gemm(1, 0, cols, D, rows, h->scale, ds, ATTN_BK, h->q + t0 * w, w, 1, dk + u0 * w, w);
+}
+
+// delta (T) = rowsum(dout * out) for one head: equals rowsum(p * dp), the softmax
+// gradient's subtrahend, without the probabilities.
+static void head_delta(real *delta, const real *dout, const real *out, size_t T, size_t D,
+                       size_t ow) {
+    for (size_t t = 0; t < T; t++) {
+        real acc = 0;
+#pragma omp simd reduction(+ : acc)
+        for (size_t d = 0; d < D; d++)
+            acc += dout[t * ow + d] * out[t * ow + d];
+        delta[t] = acc;
     }
 }
 
-// The probabilities in att suffice: out is not needed here.
+// The forward's out and att (the logsumexp) suffice; datt is not used.
 void cpu_attention_backward(Tensor dqkv, Tensor datt, Tensor dout, Tensor out, Tensor qkv,
                             Tensor att, size_t B, size_t T, size_t H, size_t KV, size_t D) {
-    (void)out;
+    (void)datt;
     if (!dqkv.data) return;
     check_groups(H, KV);
     size_t width = (H + 2 * KV) * D, out_width = H * D, group = H / KV;
-    real scale = (real)(1.0 / sqrt((double)D));
     real *dx = TENSOR_R(dqkv);       // (B*T, (H + 2KV) * D)
-    real *ds = TENSOR_R(datt);       // (B, H, T, T)
     const real *dy = TENSOR_R(dout); // (B*T, H*D)
+    const real *y = TENSOR_R(out);   // (B*T, H*D)
     const real *x = TENSOR_R(qkv);   // (B*T, (H + 2KV) * D)
-    const real *p = TENSOR_R(att);   // (B, H, T, T)
-#pragma omp parallel for schedule(dynamic, 1)
-    for (size_t bk = 0; bk < B * KV; bk++) {
-        size_t b = bk / KV, kvh = bk % KV;
-        const real *xb = x + b * T * width, *dyb = dy + b * T * out_width;
-        real *dxb = dx + b * T * width;
-        const real *k = xb + (H + kvh) * D, *v = xb + (H + KV + kvh) * D;
-        real *dk = dxb + (H + kvh) * D, *dv = dxb + (H + KV + kvh) * D;
-        for (size_t h = kvh * group; h < (kvh + 1) * group; h++) {
-            size_t blk = (b * H + h) * T * T; // this head's (T, T) block
-            score_and_query_grads(ds + blk, dxb + h * D, p + blk, dyb + h * D, k, v, scale, T,
-                                  D, width, out_width);
-            key_value_grads(dk, dv, ds + blk, p + blk, xb + h * D, dyb + h * D, scale, T, D,
-                            width, out_width);
+    const real *lse = TENSOR_R(att); // (B, H, T)
+#pragma omp parallel
+    {
+        real *p = CALLOC(2 * ATTN_BQ * ATTN_BK, sizeof(real)); // 2 x (ATTN_BQ, ATTN_BK)
+        real *ds = p + ATTN_BQ * ATTN_BK, *delta = CALLOC(T, sizeof(real)); // delta (T)
+#pragma omp for schedule(dynamic, 1)
+        for (size_t bk = 0; bk < B * KV; bk++) {
+            size_t b = bk / KV, kvh = bk % KV;
+            const real *xb = x + b * T * width;
+            real *dxb = dx + b * T * width;
+            for (size_t h = kvh * group; h < (kvh + 1) * group; h++) {
+                HeadView view = {xb + h * D, xb + (H + kvh) * D, xb + (H + KV + kvh) * D, T, D,
+                                 width, out_width, (real)(1.0 / sqrt((double)D))};
+                const real *dyh = dy + b * T * out_width + h * D;
+                head_delta(delta, dyh, y + b * T * out_width + h * D, T, D, out_width);
+                for (size_t t0 = 0; t0 < T; t0 += ATTN_BQ) {
+                    size_t t1 = min_size(t0 + ATTN_BQ, T);
+                    for (size_t u0 = 0; u0 < t1; u0 += ATTN_BK)
+                        grad_block(dxb + h * D, dxb + (H + kvh) * D, dxb + (H + KV + kvh) * D,
+                                   p, ds, &view, dyh, lse + (b * H + h) * T, delta, t0, t1,
+                                   u0, min_size(u0 + ATTN_BK, t1) - u0);
+                }
+            }
         }
+        free(delta);
+        free(p);
     }
 }

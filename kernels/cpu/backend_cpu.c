@@ -9,6 +9,7 @@ static const Backend cpu_backend = {
 #include "../ops.def"
 #undef KERNEL
 #undef KERNEL_HOOK
+    .attention_plan = cpu_attention_plan,
 };
 
 const Backend *backend_cpu(void) { return &cpu_backend; }

@@ -25,11 +25,14 @@ void cpu_gemm(int trans_a, int trans_b, size_t m, size_t n, size_t k, real alpha
 // the capacity, dispatch and aux-loss ops check their inputs with it).
 void cpu_check_experts(const int32_t *idx, size_t n, size_t E, const char *op);
 
-// cpu_<name> for every KERNEL of the op list; the CPU leaves every KERNEL_HOOK NULL.
+// cpu_<name> for every KERNEL of the op list. Of the KERNEL_HOOKs the CPU sets one:
+// attention_plan (attention.c: fused attention keeps a logsumexp per query).
 #define KERNEL(ret, fn, params) ret cpu_##fn params;
 #define KERNEL_HOOK(ret, fn, params)
 #include "../ops.def"
 #undef KERNEL
 #undef KERNEL_HOOK
+void cpu_attention_plan(size_t *att_numel, size_t *datt_numel, size_t B, size_t T, size_t H,
+                        size_t KV, size_t D, int bf16);
 
 #endif

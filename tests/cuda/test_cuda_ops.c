@@ -410,8 +410,9 @@ static void attention_case(size_t B, size_t T, size_t H, size_t KV, size_t D) {
          att = zeros(B * H * T * T, DTYPE_F32);
     cpu->attention_forward(out.c, att.c, qkv.c, B, T, H, KV, D);
     gpu->attention_forward(out.g, att.g, qkv.g, B, T, H, KV, D);
+    // att is each side's own state (the GPU's plain kernels keep probabilities, the CPU a
+    // logsumexp per query): out and dqkv compare the two.
     close_all("attention out", out, RTOL);
-    close_all("attention att", att, RTOL);
     Pair dqkv = reals(B * T * W, 1), datt = zeros(B * H * T * T, DTYPE_F32),
          dout = reals(B * T * H * D, 1);
     float *before = gpu_copy(dqkv, dqkv.n);
