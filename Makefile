@@ -39,7 +39,7 @@ endif
 .DEFAULT_GOAL := all
 
 BUILD_PKGS := gcc make pkg-config libhdf5-dev libcsv-dev libopenblas-openmp-dev libinih-dev zlib1g-dev \
-    libcjson-dev
+    libcjson-dev libopenmpi-dev openmpi-bin
 TEST_PKGS := libcmocka-dev python3-torch python3-h5py python3-numpy python3-pytest gnuplot-nox \
     python3-pip
 # Python's own safetensors package reads our export in tests/test_hf.py. Debian 12 does not
@@ -73,20 +73,20 @@ $(BUILD)/config.mk: Makefile
 	@mkdir -p $(BUILD)
 	@$(if $(NVCC),bash kernels/cuda/fetch_cudnn_frontend.sh $(CUDNN_FE_DIR) $(CUDNN_FE_VERSION) $(PYTHON_REF))
 	@echo "CUDNN_FE_INC := $$(test -f $(CUDNN_FE_DIR)/include/cudnn_frontend.h && echo $(CUDNN_FE_DIR)/include)" > $@.tmp
-	@echo "PKG_CFLAGS := $$(PKG_CONFIG_PATH=$(OPENBLAS_PC) pkg-config --cflags hdf5 openblas inih libcjson)" >> $@.tmp
-	@echo "PKG_LIBS := $$(PKG_CONFIG_PATH=$(OPENBLAS_PC) pkg-config --libs hdf5 openblas inih libcjson) \
+	@echo "PKG_CFLAGS := $$(PKG_CONFIG_PATH=$(OPENBLAS_PC) pkg-config --cflags hdf5 openblas inih libcjson ompi-c)" >> $@.tmp
+	@echo "PKG_LIBS := $$(PKG_CONFIG_PATH=$(OPENBLAS_PC) pkg-config --libs hdf5 openblas inih libcjson ompi-c) \
 	  -Wl,-rpath,$$(PKG_CONFIG_PATH=$(OPENBLAS_PC) pkg-config --variable=libdir openblas)" >> $@.tmp
 	@mv $@.tmp $@
 
 CFLAGS = $(CFLAGS_BASE) $(SAN_FLAGS) $(PKG_CFLAGS) $(EXTRA_CFLAGS)
 LDLIBS = $(PKG_LIBS) $(LDLIBS_BASE) $(SAN_FLAGS)
 
-# Rooms, bottom up: base <- kernels <- model, optim, data <- train; inside train:
+# Rooms, bottom up: base <- kernels <- model, optim, data, dist <- train; inside train:
 # train/config.* (RunConfig: every room's section) <- train/formats (checkpoints, HDF5,
 # safetensors, Hugging Face) <- train (the training loop and what the commands share)
 # <- train/cli (main and the commands). config sits under formats/ because a checkpoint
 # stores a whole RunConfig and an import makes one.
-LIB_SRC := $(wildcard base/*.c kernels/*.c kernels/cpu/*.c model/*.c optim/*.c data/*.c)
+LIB_SRC := $(wildcard base/*.c kernels/*.c kernels/cpu/*.c model/*.c optim/*.c data/*.c dist/*.c)
 TRAIN_SRC := $(wildcard train/*.c train/formats/*.c train/cli/*.c)
 TEST_SUITES := $(patsubst tests/%.c,$(BUILD)/tests/%,$(wildcard tests/test_*.c))
 

@@ -18,6 +18,7 @@
 #include <sys/stat.h>
 
 #include "../data/loader.h"
+#include "../dist/dist.h"
 #include "../kernels/cpu/blas.h"
 #include "../base/util.h"
 #include "../model/esft.h"
@@ -139,6 +140,7 @@ static void claim_run_dir(Run *r) {
 }
 
 static void open_metrics(Run *r, long from_step) {
+    if (!dist_lead()) return;   // rank 0 alone writes the run's files
     int nd = data_loader_domains(r->data);
     const char *names[DATA_MAX_DOMAINS];
     for (int d = 0; d < nd; d++) names[d] = data_loader_domain_name(r->data, d);
@@ -220,9 +222,13 @@ static void setup(Run *r) {
     if (cpu_blas_self_check() != 0)
         FAIL("OpenBLAS kernel %s computes a wrong product\nHINT: set OPENBLAS_CORETYPE to a "
              "kernel your CPU supports (e.g. Haswell) and run again", cpu_blas_kernel_name());
+    if (rc->train.grad_accum % dist_size() != 0)
+        FAIL("train.grad_accum = %d: %d ranks split the step's micro-batches, so it must be "
+             "a multiple of %d\nHINT: train.grad_accum=%d runs the same batch size per rank",
+             rc->train.grad_accum, dist_size(), dist_size(), rc->train.grad_accum * dist_size());
     if (r->mode != MODE_RESUME) {
         snprintf(r->run_dir, sizeof r->run_dir, "%s/%s", rc->train.out_dir, rc->train.name);
-        check_run_dir_free(r);
+        if (dist_lead()) check_run_dir_free(r);
     }
     size_t B = (size_t)rc->train.batch_size, T = (size_t)rc->model.seq_len;
     model_init(&r->model, &rc->model, run_backend(&rc->train), B, T);
@@ -246,8 +252,10 @@ static void setup(Run *r) {
             FAIL("%s", err);
         data_loader_seek(r->data, r->st.data_cursor);
     }
-    claim_run_dir(r);
-    write_resolved_config(r);
+    if (dist_lead()) {
+        claim_run_dir(r);
+        write_resolved_config(r);
+    }
     routing_stats_init(&r->step_stats, &rc->model);
     routing_stats_init(&r->window, &rc->model);
     eval_result_init(&r->eval, &rc->model, data_loader_domains(r->data));
@@ -296,6 +304,9 @@ static void print_startup(const Run *r) {
            rc->train.batch_size, rc->model.seq_len, rc->train.grad_accum,
            m->N * (size_t)rc->train.grad_accum, rc->train.steps, omp_get_max_threads(),
            cpu_blas_kernel_name(), cpu_blas_kernel_origin(), dev);
+    if (dist_size() > 1)
+        printf("data parallel: %d ranks, %d micro-batch(es) of the step's %d each; gradients "
+               "summed over ranks every step\n", dist_size(), r->step.accum, r->step.total);
     print_memory_plan(r);
 }
 
@@ -311,11 +322,26 @@ static void add_routing(void *ctx, const Model *m) {
     routing_stats_add(&r->step_stats, m, m->B);
 }
 
-// Forward and backward over grad_accum micro-batches; returns the step's losses.
+// Every rank's routing of the step, so that the logs and the expert-bias update see the
+// whole step's.
+static void sum_routing(RoutingStats *rs) {
+    size_t n = (size_t)rs->n_layers * (size_t)rs->experts;
+    dist_sum_u64(&rs->tokens, 1);
+    dist_sum_u64(rs->routed, n);
+    dist_sum_u64(rs->dropped, n);
+    dist_sum_doubles(rs->gate_sum, n);
+    dist_sum_doubles(rs->entropy_sum, (size_t)rs->n_layers);
+    dist_sum_doubles(rs->lse_sum, (size_t)rs->n_layers);
+}
+
+// Forward and backward over grad_accum micro-batches (this rank's share of them); returns
+// the step's losses.
 static ModelLosses accumulate_gradients(Run *r) {
     draw_micro_batches(r);
     routing_stats_reset(&r->step_stats);
-    return step_runner_run(&r->step, r->batch, &r->st.noise_rng, add_routing, r);
+    ModelLosses l = step_runner_run(&r->step, r->batch, &r->st.noise_rng, add_routing, r);
+    if (dist_size() > 1) sum_routing(&r->step_stats);
+    return l;
 }
 
 static void print_eval(Run *r, long step) {
@@ -397,9 +423,14 @@ static void after_step(Run *r, int evaluated) {
 }
 
 // SIGINT or SIGTERM arrived: the step is complete, so it is saved and the run ends.
+// Every rank stops after the same step: a signal reaching any of them counts.
 static void stop_if_interrupted(Run *r) {
-    int sig = interrupt_pending();
+    int sig = dist_max_int(interrupt_pending());
     if (!sig) return;
+    if (!dist_lead()) {
+        dist_finalize();
+        exit(0);
+    }
     if (r->saved_step != r->st.step) save_step_checkpoint(r);
     run_remove_tmp(r->run_dir);
     metrics_close(&r->metrics);
@@ -407,6 +438,7 @@ static void stop_if_interrupted(Run *r) {
     fprintf(stderr, "moe: %s: stopped after step %ld; checkpoint %s/ckpt_%06ld.h5 (moe train "
                     "--resume %s continues)\n",
             interrupt_name(sig), r->st.step, r->run_dir, r->st.step, r->run_dir);
+    dist_finalize();
     exit(0);
 }
 
@@ -485,7 +517,8 @@ static void train_loop(Run *r) {
     size_t tokens_per_step = r->model.N * (size_t)tc->grad_accum;
     long first = r->first_step = r->st.step;
     int n_evals = 0;
-    if (tc->eval_every > 0 && r->mode != MODE_RESUME) {   // the starting point
+    const int lead = dist_lead();   // evaluates, logs and saves; the others only train
+    if (lead && tc->eval_every > 0 && r->mode != MODE_RESUME) {   // the starting point
         eval_run(&r->eval, &r->model, r->data);
         print_eval(r, first);
         eval_s = omp_get_wtime() - t0;
@@ -512,8 +545,8 @@ static void train_loop(Run *r) {
         rep.routing = &r->step_stats;
         routing_stats_merge(&r->window, &r->step_stats);
         int last = step + 1 == tc->steps;
-        int eval = last || (tc->eval_every > 0 && (step + 1) % tc->eval_every == 0);
-        metrics_print_step(&r->metrics, &rep);
+        int eval = lead && (last || (tc->eval_every > 0 && (step + 1) % tc->eval_every == 0));
+        if (lead) metrics_print_step(&r->metrics, &rep);
         if (eval) {
             double te = omp_get_wtime();
             eval_run(&r->eval, &r->model, r->data);
@@ -522,10 +555,12 @@ static void train_loop(Run *r) {
             print_eval(r, step + 1);
         }
         rep.window = eval ? &r->window : NULL;
-        metrics_write_step(&r->metrics, &rep, eval ? r->eval.loss : NULL, &r->model);
+        if (lead) {
+            metrics_write_step(&r->metrics, &rep, eval ? r->eval.loss : NULL, &r->model);
+            metrics_write_experts(&r->metrics, step, &r->step_stats, &r->model);
+            after_step(r, eval);
+        }
         if (eval) routing_stats_reset(&r->window);
-        metrics_write_experts(&r->metrics, step, &r->step_stats, &r->model);
-        after_step(r, eval);
         stop_if_interrupted(r);
     }
     r->train_s = omp_get_wtime() - t0 - eval_s;
@@ -556,9 +591,9 @@ static void print_usage_table(const Run *r) {
 
 static void finish(Run *r) {
     metrics_close(&r->metrics);
-    print_usage_table(r);
     const TrainConfig *tc = &r->rc.train;
-    if (tc->sample_tokens > 0 && r->rc.model.vocab == 256) {
+    if (dist_lead()) print_usage_table(r);
+    if (dist_lead() && tc->sample_tokens > 0 && r->rc.model.vocab == 256) {
         size_t len = strlen(tc->sample_prompt) + (size_t)tc->sample_tokens + 1;
         char *text = CALLOC(len, 1);
         sample_text(&r->model, tc->sample_prompt, tc->sample_tokens, tc->sample_temperature,
