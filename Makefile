@@ -4,6 +4,7 @@
 #   make bench      benchmark (not a test): peaks, training phases, one MoE layer; bench.csv
 #   make bench-peer moe.c's tokens/s over PyTorch's on configs/small.ini
 #   make bench-gpu  the GPU part of make bench alone; bench-gpu-peer: against PyTorch on the GPU
+#   make bench-dist configs/small.ini in one process and under mpirun -np 2 (DP, ZeRO-1)
 #   make gpu-bundle pack binaries and libraries for tests/cuda/gpu_check.sh on a GPU machine
 #   make deps       install the Debian packages the build needs (apt-get; root or sudo)
 #   make deps-test  install the packages the tests need (PyTorch, h5py, pytest, cmocka,
@@ -244,13 +245,18 @@ BENCH_OBJ := $(patsubst %.c,$(BUILD)/f32/%.o,$(wildcard bench/*.c)) $(F32_LIB) \
 $(BUILD)/bench: $(BENCH_OBJ)
 	$(CC) -o $@ $^ $(LDLIBS)
 
-.PHONY: bench bench-peer bench-gpu bench-gpu-peer
+.PHONY: bench bench-peer bench-gpu bench-gpu-peer bench-dist
 bench: $(BUILD)/bench
 	$(BUILD)/bench
 	$(BUILD)/bench --gpu --csv bench-gpu.csv
 
 bench-peer: $(BUILD)/bench
 	$(BUILD)/bench --peer --steps 5 configs/small.ini
+
+# configs/small.ini in one process and under mpirun -np 2 (DP, ZeRO-1): tokens/s, bytes
+# per step and the share of time in collectives (bench/dist_bench.sh).
+bench-dist: $(MOE_BIN)
+	bash bench/dist_bench.sh ./$(MOE_BIN)
 
 # The GPU part alone (make bench runs it too; without a GPU it says why and passes), and
 # moe.c against PyTorch on the GPU (bench/torch_gpu_ref.py: eager and torch.compile).

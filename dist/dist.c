@@ -108,6 +108,90 @@ void dist_sum_tensor(const Backend *be, Tensor t, size_t n) {
     free(host);
 }
 
+// MPI's int counts and displacements of the blocks.
+static void block_counts(const size_t *bounds, int *counts, int *displs) {
+    for (int r = 0; r < size; r++) {
+        CHECK(bounds[r + 1] >= bounds[r] && bounds[r + 1] - bounds[r] <= (size_t)INT_MAX &&
+              bounds[r] <= (size_t)INT_MAX, "dist: block %d [%zu, %zu) beyond MPI's int counts",
+              r, bounds[r], bounds[r + 1]);
+        counts[r] = (int)(bounds[r + 1] - bounds[r]);
+        displs[r] = (int)bounds[r];
+    }
+}
+
+// The host copy of t's first n values: t itself on the CPU, else a download.
+static real *host_view(const Backend *be, Tensor t, size_t n) {
+    if (t.device == DEVICE_CPU) return t.data;
+    real *host = CALLOC(n, sizeof *host);   // (n)
+    be->download(host, t, n * sizeof *host);
+    return host;
+}
+
+// Back to the device: values [lo, hi) of the host copy.
+static void host_done(const Backend *be, Tensor t, real *host, size_t lo, size_t hi) {
+    if (t.device == DEVICE_CPU) return;
+    if (hi > lo) be->upload(tensor_slice(t, lo, hi - lo), host + lo, (hi - lo) * sizeof *host);
+    free(host);
+}
+
+void dist_reduce_scatter_tensor(const Backend *be, Tensor t, const size_t *bounds) {
+    if (size == 1) return;
+    size_t lo = bounds[rank], hi = bounds[rank + 1], n = bounds[size];
+    CHECK(t.dtype == DTYPE_REAL && n <= t.numel, "dist: reduce-scatter of %zu values over a "
+          "tensor of %zu", n, t.numel);
+    int *counts = CALLOC((size_t)size, sizeof *counts), *displs = CALLOC((size_t)size, sizeof *displs);
+    block_counts(bounds, counts, displs);
+    double t0 = omp_get_wtime();
+    real *host = host_view(be, t, n), *mine = CALLOC(hi - lo, sizeof *mine);   // (hi - lo)
+    CHECK(MPI_Reduce_scatter(host, mine, counts, MPI_REAL_T, MPI_SUM, MPI_COMM_WORLD) ==
+          MPI_SUCCESS, "MPI_Reduce_scatter failed");
+    memcpy(host + lo, mine, (hi - lo) * sizeof *mine);
+    free(mine);
+    host_done(be, t, host, lo, hi);
+    bytes_sent += n * sizeof(real);
+    seconds += omp_get_wtime() - t0;
+    free(counts);
+    free(displs);
+}
+
+void dist_allgather_tensor(const Backend *be, Tensor t, const size_t *bounds) {
+    if (size == 1) return;
+    size_t n = bounds[size];
+    CHECK(t.dtype == DTYPE_REAL && n <= t.numel, "dist: all-gather of %zu values over a "
+          "tensor of %zu", n, t.numel);
+    int *counts = CALLOC((size_t)size, sizeof *counts), *displs = CALLOC((size_t)size, sizeof *displs);
+    block_counts(bounds, counts, displs);
+    double t0 = omp_get_wtime();
+    real *host = host_view(be, t, n);
+    CHECK(MPI_Allgatherv(MPI_IN_PLACE, 0, MPI_DATATYPE_NULL, host, counts, displs, MPI_REAL_T,
+                         MPI_COMM_WORLD) == MPI_SUCCESS, "MPI_Allgatherv failed");
+    host_done(be, t, host, 0, n);
+    bytes_sent += (bounds[rank + 1] - bounds[rank]) * sizeof(real);
+    seconds += omp_get_wtime() - t0;
+    free(counts);
+    free(displs);
+}
+
+void dist_gather_tensor(const Backend *be, Tensor src, Tensor dst, const size_t *bounds,
+                        int root) {
+    size_t mine = bounds[rank + 1] - bounds[rank], n = bounds[size];
+    CHECK(src.dtype == DTYPE_REAL && mine <= src.numel && (rank != root || n <= dst.numel),
+          "dist: gather of %zu values into %zu", mine, dst.numel);
+    CHECK(size > 1, "dist: gather in a run of one process");
+    int *counts = CALLOC((size_t)size, sizeof *counts), *displs = CALLOC((size_t)size, sizeof *displs);
+    block_counts(bounds, counts, displs);
+    double t0 = omp_get_wtime();
+    real *in = host_view(be, src, mine), *out = rank == root ? host_view(be, dst, n) : NULL;
+    CHECK(MPI_Gatherv(in, (int)mine, MPI_REAL_T, out, counts, displs, MPI_REAL_T, root,
+                      MPI_COMM_WORLD) == MPI_SUCCESS, "MPI_Gatherv failed");
+    if (src.device != DEVICE_CPU) free(in);
+    if (out) host_done(be, dst, out, 0, n);
+    bytes_sent += mine * sizeof(real);
+    seconds += omp_get_wtime() - t0;
+    free(counts);
+    free(displs);
+}
+
 void dist_broadcast(void *buf, size_t bytes, int root) {
     if (size == 1 || bytes == 0) return;
     CHECK(bytes <= (size_t)INT_MAX, "dist_broadcast: %zu bytes", bytes);

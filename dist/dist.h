@@ -37,6 +37,17 @@ int dist_max_int(int x);
 // n `real` values of t (on be's device) summed over every rank, in place. Device
 // tensors are staged through host memory.
 void dist_sum_tensor(const Backend *be, Tensor t, size_t n);
+// Blocks: rank r owns t's values [bounds[r], bounds[r+1]); bounds has dist_size() + 1
+// entries, bounds[0] = 0, and a block holds at most INT_MAX values.
+// t's bounds[P] values summed over every rank, of which this rank keeps its own block
+// (the other blocks of t keep this rank's own values).
+void dist_reduce_scatter_tensor(const Backend *be, Tensor t, const size_t *bounds);
+// Every rank's block of t copied to every rank.
+void dist_allgather_tensor(const Backend *be, Tensor t, const size_t *bounds);
+// src's bounds[r+1] - bounds[r] values of each rank r into dst's block r on rank root
+// (dst is not touched elsewhere).
+void dist_gather_tensor(const Backend *be, Tensor src, Tensor dst, const size_t *bounds,
+                        int root);
 // bytes of buf copied from rank root to every rank.
 void dist_broadcast(void *buf, size_t bytes, int root);
 void dist_barrier(void);

@@ -15,6 +15,7 @@ void step_runner_init(StepRunner *s, Model *m, int accum, int aux_scope_batch,
     s->total = accum;
     s->accum = accum / dist_size();
     s->first = s->accum * dist_rank();
+    s->sum_grads = 1;
     s->pooled = accum > 1 && aux_scope_batch;
     routing_pool_init(&s->pool, m);
     if (!s->pooled || !keep_activations) return;
@@ -75,7 +76,7 @@ static void skip_noise(StepRunner *s, Rng *noise) {
 // Every rank's gradient sum, and the noise generator where the last rank left it.
 static void finish_step(StepRunner *s, Rng *noise) {
     if (dist_size() == 1) return;
-    dist_sum_tensor(s->model->be, s->model->grads, s->model->layout.total);
+    if (s->sum_grads) dist_sum_tensor(s->model->be, s->model->grads, s->model->layout.total);
     dist_broadcast(noise, sizeof *noise, dist_size() - 1);
 }
 

@@ -26,6 +26,7 @@ typedef struct {
     int accum;       // micro-batches per step this rank runs
     int first;       // the step's micro-batch this rank starts at
     int total;       // micro-batches per step over every rank
+    int sum_grads;   // 1: the gradient slab is all-reduced (0: the caller reduces, ZeRO-1)
     int pooled;      // aux statistics pooled over the step's micro-batches
     RoutingPool pool;
     double pool_seconds; // the last step's pooling forward pass (0 when activations are kept)

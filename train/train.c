@@ -36,6 +36,7 @@
 #include "run.h"
 #include "sample.h"
 #include "step.h"
+#include "zero.h"
 
 typedef enum { MODE_TRAIN, MODE_RESUME, MODE_FINETUNE } RunMode;
 
@@ -45,7 +46,9 @@ typedef struct {
     char run_dir[RUN_PATH_MAX];
     char ckpt[KEY_STRING_MAX];   // resume: the checkpoint; finetune: the initial weights
     Model model;
-    AdamW opt;
+    AdamW opt;                // this rank's block of the state under ZeRO-1
+    Zero zero;
+    int zero_on;              // dist.zero = 1 over several ranks
     DataLoader *data;
     Metrics metrics;
     RoutingStats step_stats;
@@ -204,6 +207,18 @@ static void choose_trainable(Run *r) {
     model_set_trainable(m, r->trainable);
 }
 
+// A checkpoint's weights, state and AdamW moments (this rank's block of them under
+// ZeRO-1, sliced out of the whole state every rank reads).
+static void load_checkpoint(Run *r, const char *path) {
+    char err[1024];
+    AdamW full, *opt = &r->opt;
+    if (r->zero_on) zero_full_init(&r->zero, opt = &full);
+    if (ckpt_load(path, &r->model, opt, &r->st, err, sizeof err) != 0) FAIL("%s", err);
+    if (!r->zero_on) return;
+    zero_take(&r->zero, &r->opt, &full);
+    adamw_free(&full);
+}
+
 static void load_weights(Run *r) {
     char err[1024];
     Model *m = &r->model;
@@ -244,12 +259,14 @@ static void setup(Run *r) {
     ParamGroupRules rules = {rc->optim.decay_norms, rc->optim.decay_embeddings,
                              rc->optim.decay_router, rc->optim.router_lr_mult};
     ParamGroup *groups = param_groups_build(&r->model.layout, r->trainable, &rules);
-    adamw_init(&r->opt, &rc->optim, groups, r->model.layout.n_params, r->model.be);
+    r->zero_on = rc->dist.zero && dist_size() > 1;
+    if (r->zero_on)
+        zero_init(&r->zero, &r->opt, &rc->optim, groups, r->model.layout.n_params, r->model.be);
+    else
+        adamw_init(&r->opt, &rc->optim, groups, r->model.layout.n_params, r->model.be);
     free(groups);
     if (r->mode == MODE_RESUME) {
-        char err[1024];
-        if (ckpt_load(r->ckpt, &r->model, &r->opt, &r->st, err, sizeof err) != 0)
-            FAIL("%s", err);
+        load_checkpoint(r, r->ckpt);
         data_loader_seek(r->data, r->st.data_cursor);
     }
     if (dist_lead()) {
@@ -263,6 +280,23 @@ static void setup(Run *r) {
     r->batch = CALLOC(2 * r->model.N * (size_t)rc->train.grad_accum, sizeof *r->batch);
     step_runner_init(&r->step, &r->model, rc->train.grad_accum,
                      rc->model.aux_scope == AUX_SCOPE_BATCH, rc->train.keep_activations);
+    r->step.sum_grads = !r->zero_on;
+}
+
+// Under several ranks the plan above is each rank's; ZeRO-1's optimizer state differs
+// by rank: the largest block is what a rank must hold.
+static void print_rank_memory(const Run *r) {
+    if (!r->zero_on) {
+        printf("every rank holds the plan above (dist.zero=1 shards the optimizer state)\n");
+        return;
+    }
+    const size_t *sb = r->zero.state_bounds, bytes = 2 * sizeof(real);
+    size_t most = 0;
+    for (int k = 0; k < dist_size(); k++)
+        if (sb[k + 1] - sb[k] > most) most = sb[k + 1] - sb[k];
+    printf("ZeRO-1: optimizer state at most %.3f MB per rank (of %.3f MB over %d ranks; "
+           "frozen tensors hold none)\n",
+           (double)(most * bytes) / 1e6, (double)(sb[dist_size()] * bytes) / 1e6, dist_size());
 }
 
 // Everything the run allocated once, on the device it computes on.
@@ -278,6 +312,7 @@ static void print_memory_plan(const Run *r) {
     if (m->tape.bf16 && m->be->set_bf16_weights)
         printf(", bf16 weight copy %.1f MB", param / 2 / mb);
     printf("\n");
+    if (dist_size() > 1) print_rank_memory(r);
 }
 
 static void print_startup(const Run *r) {
@@ -305,8 +340,10 @@ static void print_startup(const Run *r) {
            m->N * (size_t)rc->train.grad_accum, rc->train.steps, omp_get_max_threads(),
            cpu_blas_kernel_name(), cpu_blas_kernel_origin(), dev);
     if (dist_size() > 1)
-        printf("data parallel: %d ranks, %d micro-batch(es) of the step's %d each; gradients "
-               "summed over ranks every step\n", dist_size(), r->step.accum, r->step.total);
+        printf("data parallel: %d ranks, %d micro-batch(es) of the step's %d each; %s\n",
+               dist_size(), r->step.accum, r->step.total,
+               r->zero_on ? "ZeRO-1: gradients reduce-scattered, AdamW state sharded, weights "
+                            "all-gathered" : "gradients all-reduced every step");
     print_memory_plan(r);
 }
 
@@ -372,7 +409,7 @@ static int find_nonfinite(const Run *r, Tensor slab, int trainable_only, char *o
 
 // A checkpoint with a NaN or an infinity would poison every run resumed from it and
 // push good ones out of train.keep: such weights are never saved.
-static void save_checkpoint(Run *r, const char *file) {
+static void write_checkpoint(Run *r, const char *file, AdamW *opt) {
     char path[RUN_FILE_MAX], err[1024], bad[384];
     snprintf(path, sizeof path, "%s/%s", r->run_dir, file);
     if (find_nonfinite(r, r->model.params, 0, bad, sizeof bad))
@@ -381,9 +418,17 @@ static void save_checkpoint(Run *r, const char *file) {
     // Only a delta names its base: a full checkpoint's fingerprint is 0 (export takes it,
     // merge refuses it), whatever weights the run started from.
     const int delta = r->rc.finetune.delta;
-    if (ckpt_save(path, &r->rc, &r->model, &r->opt, &r->st, delta ? r->trainable : NULL,
+    if (ckpt_save(path, &r->rc, &r->model, opt, &r->st, delta ? r->trainable : NULL,
                   delta ? r->base_fingerprint : 0, err, sizeof err) != 0)
         FAIL("%s", err);
+}
+
+// Every rank calls it (ZeRO-1 gathers the state to rank 0); rank 0 writes.
+static void save_checkpoint(Run *r, const char *file) {
+    AdamW full, *opt = &r->opt;
+    if (r->zero_on) zero_gather(&r->zero, &r->opt, opt = &full);
+    if (dist_lead()) write_checkpoint(r, file, opt);
+    if (r->zero_on) adamw_free(&full);
 }
 
 // Keeps the newest train.keep ckpt_<step>.h5 files up to the one just saved, which is
@@ -408,7 +453,7 @@ static void save_step_checkpoint(Run *r) {
     snprintf(file, sizeof file, "ckpt_%06ld.h5", r->st.step);
     save_checkpoint(r, file);
     r->saved_step = r->st.step;
-    prune_checkpoints(r);
+    if (dist_lead()) prune_checkpoints(r);
 }
 
 static void after_step(Run *r, int evaluated) {
@@ -427,11 +472,11 @@ static void after_step(Run *r, int evaluated) {
 static void stop_if_interrupted(Run *r) {
     int sig = dist_max_int(interrupt_pending());
     if (!sig) return;
+    if (r->saved_step != r->st.step) save_step_checkpoint(r);
     if (!dist_lead()) {
         dist_finalize();
         exit(0);
     }
-    if (r->saved_step != r->st.step) save_step_checkpoint(r);
     run_remove_tmp(r->run_dir);
     metrics_close(&r->metrics);
     fflush(stdout);
@@ -446,11 +491,11 @@ static void stop_if_interrupted(Run *r) {
 // rows) at a lower learning rate; repeated rollbacks to one checkpoint are bounded.
 static void roll_back(Run *r, long step, const char *what) {
     const TrainConfig *tc = &r->rc.train;
-    char ckpt[RUN_FILE_MAX], err[1024];
+    char ckpt[RUN_FILE_MAX];
     if (run_latest_checkpoint(r->run_dir, ckpt, sizeof ckpt) != 0)
         FAIL("step %ld: non-finite %s; train.on_nonfinite = rollback, but the run has no "
              "checkpoint yet", step + 1, what);
-    if (ckpt_load(ckpt, &r->model, &r->opt, &r->st, err, sizeof err) != 0) FAIL("%s", err);
+    load_checkpoint(r, ckpt);
     r->rollbacks = r->st.step == r->rollback_step ? r->rollbacks + 1 : 1;
     r->rollback_step = r->st.step;
     if (r->rollbacks > tc->max_rollbacks)
@@ -496,8 +541,10 @@ static int update_weights(Run *r, StepReport *rep) {
         snprintf(what, sizeof what, "loss (%g)", rep->losses.total);
         return handle_nonfinite(r, rep, what);
     }
-    rep->grad_norm = adamw_step(&r->opt, r->model.params, r->model.grads, rep->lr, rep->step,
-                                1.0 / tc->grad_accum);
+    rep->grad_norm = r->zero_on ? zero_step(&r->zero, &r->opt, r->model.params, r->model.grads,
+                                            rep->lr, rep->step, 1.0 / tc->grad_accum)
+                                : adamw_step(&r->opt, r->model.params, r->model.grads, rep->lr,
+                                             rep->step, 1.0 / tc->grad_accum);
     if (!isfinite(rep->grad_norm)) {
         char name[384];
         if (find_nonfinite(r, r->model.grads, 1, name, sizeof name))
@@ -545,22 +592,24 @@ static void train_loop(Run *r) {
         rep.routing = &r->step_stats;
         routing_stats_merge(&r->window, &r->step_stats);
         int last = step + 1 == tc->steps;
-        int eval = lead && (last || (tc->eval_every > 0 && (step + 1) % tc->eval_every == 0));
+        int eval = last || (tc->eval_every > 0 && (step + 1) % tc->eval_every == 0);
         if (lead) metrics_print_step(&r->metrics, &rep);
-        if (eval) {
+        if (eval) {   // on rank 0; the others learn its losses (best.h5 is saved by all)
             double te = omp_get_wtime();
-            eval_run(&r->eval, &r->model, r->data);
+            if (lead) eval_run(&r->eval, &r->model, r->data);
+            dist_broadcast(r->eval.loss, (size_t)(r->eval.n_domains + 1) * sizeof *r->eval.loss,
+                           0);
             eval_s += omp_get_wtime() - te;
             n_evals++;
-            print_eval(r, step + 1);
+            if (lead) print_eval(r, step + 1);
         }
         rep.window = eval ? &r->window : NULL;
         if (lead) {
             metrics_write_step(&r->metrics, &rep, eval ? r->eval.loss : NULL, &r->model);
             metrics_write_experts(&r->metrics, step, &r->step_stats, &r->model);
-            after_step(r, eval);
         }
         if (eval) routing_stats_reset(&r->window);
+        after_step(r, eval);
         stop_if_interrupted(r);
     }
     r->train_s = omp_get_wtime() - t0 - eval_s;
@@ -607,6 +656,11 @@ static void finish(Run *r) {
                "with evaluation); final val loss %.4f mean\n",
                r->st.step, (double)tokens / 1e6, r->train_s, (double)tokens / r->train_s,
                r->total_s, r->eval.loss[r->eval.n_domains]);
+    if (dist_size() > 1 && r->steps_run > 0 && r->train_s > 0)
+        printf("communication (rank 0): %.3f MB per step handed to MPI, %.1f%% of the "
+               "training time inside collectives (waiting for other ranks included)\n",
+               (double)dist_bytes_sent() / 1e6 / (double)r->steps_run,
+               100.0 * dist_seconds() / r->train_s);
     if (r->skipped)
         printf("%ld of %ld steps skipped as non-finite (train.on_nonfinite = skip)\n",
                r->skipped, r->steps_run);
@@ -619,6 +673,7 @@ static void finish(Run *r) {
     routing_stats_free(&r->step_stats);
     routing_stats_free(&r->window);
     adamw_free(&r->opt);
+    zero_free(&r->zero);
     model_free(&r->model);
     data_loader_close(r->data);
 }
