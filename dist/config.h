@@ -8,9 +8,11 @@
 #include "../base/keys.h"
 
 typedef struct {
-    int zero;   // 1: ZeRO-1, AdamW's state sharded over the ranks
+    int zero;              // 1: ZeRO-1, AdamW's state sharded over the ranks
+    int expert_parallel;   // EP: ranks the routed experts are spread over (1: none)
 } DistConfig;
 
 KeySection dist_config_section(DistConfig *cfg);
+void dist_config_defaults(DistConfig *cfg);
 
 #endif

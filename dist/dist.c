@@ -192,6 +192,42 @@ void dist_gather_tensor(const Backend *be, Tensor src, Tensor dst, const size_t 
     free(displs);
 }
 
+void dist_alltoall_i32(const int32_t *send, int32_t *recv, size_t n) {
+    CHECK(n <= (size_t)INT_MAX, "dist: all-to-all of %zu values per rank", n);
+    double t0 = omp_get_wtime();
+    CHECK(MPI_Alltoall(send, (int)n, MPI_INT32_T, recv, (int)n, MPI_INT32_T, MPI_COMM_WORLD) ==
+          MPI_SUCCESS, "MPI_Alltoall failed");
+    bytes_sent += (size_t)(size - 1) * n * sizeof *send;
+    seconds += omp_get_wtime() - t0;
+}
+
+// size_t counts and displacements as MPI's ints.
+static int *as_ints(const size_t *v) {
+    int *out = CALLOC((size_t)size, sizeof *out);
+    for (int q = 0; q < size; q++) {
+        CHECK(v[q] <= (size_t)INT_MAX, "dist: all-to-all count or offset %zu beyond MPI's "
+              "int", v[q]);
+        out[q] = (int)v[q];
+    }
+    return out;
+}
+
+void dist_alltoallv_reals(const real *send, const size_t *scount, const size_t *sdispl,
+                          real *recv, const size_t *rcount, const size_t *rdispl) {
+    int *sc = as_ints(scount), *sd = as_ints(sdispl), *rc = as_ints(rcount),
+        *rd = as_ints(rdispl);
+    double t0 = omp_get_wtime();
+    CHECK(MPI_Alltoallv(send, sc, sd, MPI_REAL_T, recv, rc, rd, MPI_REAL_T, MPI_COMM_WORLD) ==
+          MPI_SUCCESS, "MPI_Alltoallv failed");
+    for (int q = 0; q < size; q++)
+        if (q != rank) bytes_sent += scount[q] * sizeof(real);
+    seconds += omp_get_wtime() - t0;
+    free(sc);
+    free(sd);
+    free(rc);
+    free(rd);
+}
+
 void dist_broadcast(void *buf, size_t bytes, int root) {
     if (size == 1 || bytes == 0) return;
     CHECK(bytes <= (size_t)INT_MAX, "dist_broadcast: %zu bytes", bytes);

@@ -48,6 +48,14 @@ void dist_allgather_tensor(const Backend *be, Tensor t, const size_t *bounds);
 // (dst is not touched elsewhere).
 void dist_gather_tensor(const Backend *be, Tensor src, Tensor dst, const size_t *bounds,
                         int root);
+// Every rank sends n int32 values to every rank: send (P, n) in rank order, recv (P, n)
+// from each rank in order.
+void dist_alltoall_i32(const int32_t *send, int32_t *recv, size_t n);
+// Every rank sends scount[q] values starting at send + sdispl[q] to rank q and receives
+// rcount[q] values from rank q at recv + rdispl[q] (host buffers of `real`, counts in
+// values, each below INT_MAX).
+void dist_alltoallv_reals(const real *send, const size_t *scount, const size_t *sdispl,
+                          real *recv, const size_t *rcount, const size_t *rdispl);
 // bytes of buf copied from rank root to every rank.
 void dist_broadcast(void *buf, size_t bytes, int root);
 void dist_barrier(void);

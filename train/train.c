@@ -35,6 +35,7 @@
 #include "metrics.h"
 #include "run.h"
 #include "sample.h"
+#include "ep.h"
 #include "step.h"
 #include "zero.h"
 
@@ -48,6 +49,7 @@ typedef struct {
     Model model;
     AdamW opt;                // this rank's block of the state under ZeRO-1
     Zero zero;
+    Ep ep;                    // expert parallelism's exchanges (dist.expert_parallel > 1)
     int zero_on;              // dist.zero = 1 over several ranks
     DataLoader *data;
     Metrics metrics;
@@ -231,6 +233,19 @@ static void load_weights(Run *r) {
     if (init[0]) r->base_fingerprint = ckpt_fingerprint(m);
 }
 
+// The routed experts of every activation set exchange with the experts' owners.
+static void start_expert_parallel(Run *r) {
+    int ep = r->rc.dist.expert_parallel;
+    if (ep != dist_size())
+        FAIL("dist.expert_parallel = %d with %d rank(s): expert parallelism runs over every "
+             "rank (EP = the rank count under mpirun -np)", ep, dist_size());
+    Model *models[64];
+    int n = step_runner_sets(&r->step);
+    CHECK(n <= 64, "%d activation sets", n);
+    for (int a = 0; a < n; a++) models[a] = step_runner_model(&r->step, a);
+    ep_init(&r->ep, models, n);
+}
+
 static void setup(Run *r) {
     RunConfig *rc = &r->rc;
     run_set_threads(&rc->train);
@@ -281,6 +296,7 @@ static void setup(Run *r) {
     step_runner_init(&r->step, &r->model, rc->train.grad_accum,
                      rc->model.aux_scope == AUX_SCOPE_BATCH, rc->train.keep_activations);
     r->step.sum_grads = !r->zero_on;
+    if (rc->dist.expert_parallel > 1) start_expert_parallel(r);
 }
 
 // Under several ranks the plan above is each rank's; ZeRO-1's optimizer state differs
@@ -297,6 +313,13 @@ static void print_rank_memory(const Run *r) {
     printf("ZeRO-1: optimizer state at most %.3f MB per rank (of %.3f MB over %d ranks; "
            "frozen tensors hold none)\n",
            (double)(most * bytes) / 1e6, (double)(sb[dist_size()] * bytes) / 1e6, dist_size());
+}
+
+// Rank 0's evaluation alone: every expert runs locally (each rank holds every weight).
+static void evaluate(Run *r) {
+    ep_attach(&r->ep, 0);
+    eval_run(&r->eval, &r->model, r->data);
+    ep_attach(&r->ep, 1);
 }
 
 // Everything the run allocated once, on the device it computes on.
@@ -344,6 +367,10 @@ static void print_startup(const Run *r) {
                dist_size(), r->step.accum, r->step.total,
                r->zero_on ? "ZeRO-1: gradients reduce-scattered, AdamW state sharded, weights "
                             "all-gathered" : "gradients all-reduced every step");
+    if (r->rc.dist.expert_parallel > 1)
+        printf("expert parallel: %d ranks, each computing %d of the %d experts of every MoE "
+               "layer for every rank's tokens (rows exchanged with MPI_Alltoallv)\n",
+               dist_size(), r->rc.model.experts / dist_size(), r->rc.model.experts);
     print_memory_plan(r);
 }
 
@@ -566,7 +593,7 @@ static void train_loop(Run *r) {
     int n_evals = 0;
     const int lead = dist_lead();   // evaluates, logs and saves; the others only train
     if (lead && tc->eval_every > 0 && r->mode != MODE_RESUME) {   // the starting point
-        eval_run(&r->eval, &r->model, r->data);
+        evaluate(r);
         print_eval(r, first);
         eval_s = omp_get_wtime() - t0;
         n_evals++;
@@ -596,7 +623,7 @@ static void train_loop(Run *r) {
         if (lead) metrics_print_step(&r->metrics, &rep);
         if (eval) {   // on rank 0; the others learn its losses (best.h5 is saved by all)
             double te = omp_get_wtime();
-            if (lead) eval_run(&r->eval, &r->model, r->data);
+            if (lead) evaluate(r);
             dist_broadcast(r->eval.loss, (size_t)(r->eval.n_domains + 1) * sizeof *r->eval.loss,
                            0);
             eval_s += omp_get_wtime() - te;
@@ -640,6 +667,7 @@ static void print_usage_table(const Run *r) {
 
 static void finish(Run *r) {
     metrics_close(&r->metrics);
+    ep_attach(&r->ep, 0);
     const TrainConfig *tc = &r->rc.train;
     if (dist_lead()) print_usage_table(r);
     if (dist_lead() && tc->sample_tokens > 0 && r->rc.model.vocab == 256) {
@@ -674,6 +702,7 @@ static void finish(Run *r) {
     routing_stats_free(&r->window);
     adamw_free(&r->opt);
     zero_free(&r->zero);
+    ep_free(&r->ep);
     model_free(&r->model);
     data_loader_close(r->data);
 }
@@ -707,6 +736,9 @@ int train_main(int argc, char **argv) {
         run.mode = MODE_RESUME;
         run_resolve_checkpoint(argv[2], run.ckpt, sizeof run.ckpt);
         run_load_checkpoint_config(&run.rc, run.ckpt, argc - 3, argv + 3);
+        // [dist] describes this launch, not the run: the checkpoint's does not carry over.
+        dist_config_defaults(&run.rc.dist);
+        run_apply_overrides(&run.rc, argc - 3, argv + 3);
         char dir[KEY_STRING_MAX];
         snprintf(dir, sizeof dir, "%s", run.ckpt);
         snprintf(run.run_dir, sizeof run.run_dir, "%s", dirname(dir));
