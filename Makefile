@@ -4,7 +4,7 @@
 #   make bench      benchmark (not a test): peaks, training phases, one MoE layer; bench.csv
 #   make bench-peer moe.c's tokens/s over PyTorch's on configs/small.ini
 #   make bench-gpu  the GPU part of make bench alone; bench-gpu-peer: against PyTorch on the GPU
-#   make bench-dist configs/small.ini in one process and under mpirun -np 2 (DP, ZeRO-1)
+#   make bench-dist configs/small.ini in one process and under mpirun -np 2 (DP, ZeRO-1, EP)
 #   make gpu-bundle pack binaries and libraries for tests/cuda/gpu_check.sh on a GPU machine
 #   make deps       install the Debian packages the build needs (apt-get; root or sudo)
 #   make deps-test  install the packages the tests need (PyTorch, h5py, pytest, cmocka,
@@ -253,7 +253,7 @@ bench: $(BUILD)/bench
 bench-peer: $(BUILD)/bench
 	$(BUILD)/bench --peer --steps 5 configs/small.ini
 
-# configs/small.ini in one process and under mpirun -np 2 (DP, ZeRO-1): tokens/s, bytes
+# configs/small.ini in one process and under mpirun -np 2 (DP, ZeRO-1, EP): tokens/s, bytes
 # per step and the share of time in collectives (bench/dist_bench.sh).
 bench-dist: $(MOE_BIN)
 	bash bench/dist_bench.sh ./$(MOE_BIN)

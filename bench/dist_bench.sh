@@ -1,8 +1,8 @@
 #!/bin/bash
 # make bench-dist: configs/small.ini for a few steps in one process and under
-# `mpirun -np 2` (data parallel, and data parallel with ZeRO-1): training tokens/s, and for
-# the MPI runs the bytes rank 0 hands to MPI per step and the share of training time it
-# spends inside collectives (waiting for the other rank included). Every run gets the
+# `mpirun -np 2` (data parallel; with ZeRO-1; expert parallel, EP = 2): training tokens/s,
+# and for the MPI runs the bytes rank 0 hands to MPI per step and the share of training
+# time it spends inside collectives (waiting for the other rank included). Every run gets the
 # same cores: one process all of them, each rank its share. Not a test; on a machine
 # shared with other work the figures are indicative only.
 set -euo pipefail
@@ -32,4 +32,6 @@ report "mpirun -np 2 (DP)" "$OUT/dp2.log"
 mpirun --oversubscribe -np 2 -x OMP_NUM_THREADS=$PER "$MOE" "${ARGS[@]}" dist.zero=1 \
     train.name=zero2 >"$OUT/zero2.log" 2>&1
 report "mpirun -np 2 (ZeRO-1)" "$OUT/zero2.log"
-echo "expert parallel (EP=2): not implemented"
+mpirun --oversubscribe -np 2 -x OMP_NUM_THREADS=$PER "$MOE" "${ARGS[@]}" \
+    dist.expert_parallel=2 train.name=ep2 >"$OUT/ep2.log" 2>&1
+report "mpirun -np 2 (EP=2)" "$OUT/ep2.log"

@@ -136,6 +136,7 @@ void ep_init(Ep *ep, Model **models, int n_models) {
         FAIL("dist.expert_parallel = %d: model.experts = %d must be a multiple of it",
              dist_size(), m0->cfg.experts);
     ep->n_models = n_models;
+    ep->n_moe = m0->n_moe;
     ep->models = CALLOC((size_t)n_models, sizeof *ep->models);
     ep->layers = CALLOC((size_t)n_models * (size_t)m0->n_moe, sizeof *ep->layers);
     for (int i = 0; i < n_models; i++) {
@@ -150,8 +151,8 @@ void ep_init(Ep *ep, Model **models, int n_models) {
 void ep_attach(Ep *ep, int on) {
     for (int i = 0; i < ep->n_models; i++) {
         Model *m = ep->models[i];
-        for (int l = 0; l < m->n_moe; l++) {
-            EpLayer *L = &ep->layers[(size_t)i * m->n_moe + l];
+        for (int l = 0; l < ep->n_moe; l++) {
+            EpLayer *L = &ep->layers[(size_t)i * ep->n_moe + l];
             m->tape.ops[L->op].experts.shard = on ? &L->shard : NULL;
         }
     }
@@ -159,9 +160,8 @@ void ep_attach(Ep *ep, int on) {
 
 void ep_free(Ep *ep) {
     if (!ep->models) return;
-    for (int i = 0; i < ep->n_models; i++)
-        for (int l = 0; l < ep->models[i]->n_moe; l++)
-            layer_free(&ep->layers[(size_t)i * ep->models[i]->n_moe + l]);
+    for (size_t i = 0; i < (size_t)ep->n_models * (size_t)ep->n_moe; i++)
+        layer_free(&ep->layers[i]);
     free(ep->layers);
     free(ep->models);
     memset(ep, 0, sizeof *ep);

@@ -22,6 +22,7 @@ typedef struct {
     EpLayer *layers;   // (n_models * n_moe) one exchange state per routed experts op
     Model **models;    // (n_models)
     int n_models;
+    int n_moe;         // MoE layers of each model
 } Ep;
 
 // Makes the routed experts ops of models (sharing one configuration, their tapes built)
@@ -31,6 +32,7 @@ void ep_init(Ep *ep, Model **models, int n_models);
 // 1: the ops exchange; 0: every expert runs locally (rank 0's evaluation and sample,
 // which the other ranks do not join).
 void ep_attach(Ep *ep, int on);
+// Before the models it was given are freed.
 void ep_free(Ep *ep);
 
 #endif

@@ -591,7 +591,7 @@ static void train_loop(Run *r) {
     size_t tokens_per_step = r->model.N * (size_t)tc->grad_accum;
     long first = r->first_step = r->st.step;
     int n_evals = 0;
-    const int lead = dist_lead();   // evaluates, logs and saves; the others only train
+    const int lead = dist_lead();   // evaluates, logs and writes; the others only train
     if (lead && tc->eval_every > 0 && r->mode != MODE_RESUME) {   // the starting point
         evaluate(r);
         print_eval(r, first);
@@ -695,6 +695,7 @@ static void finish(Run *r) {
     printf("run written to %s (config.ini, metrics.csv, experts.csv, checkpoints)\n",
            r->run_dir);
     free(r->batch);
+    ep_free(&r->ep);
     step_runner_free(&r->step);
     free(r->trainable);
     eval_result_free(&r->eval);
@@ -702,7 +703,6 @@ static void finish(Run *r) {
     routing_stats_free(&r->window);
     adamw_free(&r->opt);
     zero_free(&r->zero);
-    ep_free(&r->ep);
     model_free(&r->model);
     data_loader_close(r->data);
 }
