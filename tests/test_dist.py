@@ -301,19 +301,22 @@ def test_export_of_an_expert_parallel_run_holds_every_expert(tmp_path, config):
                     tensors[name], ckpt[f"model/layers/{layer}/experts/{e}/{w}"])
 
 
-@pytest.mark.parametrize("zero", [0, 1])
-def test_finetune_one_expert_keeps_every_other_tensor(tmp_path, config, zero):
+@pytest.mark.parametrize("layout", [["dist.zero=0"], ["dist.zero=1"],
+                                    ["dist.expert_parallel=2"]], ids=["dp", "zero1", "ep2"])
+def test_finetune_one_expert_keeps_every_other_tensor(tmp_path, config, layout):
+    """Expert 2 of layer 1 lives on rank 1 under EP = 2: its owner alone computes its
+    gradient; every other tensor, on either rank, must stay bit-identical."""
     base = train(config, tmp_path, "base", ["train.grad_accum=2", "train.steps=5"])
     run = moe(["finetune", config, *MODEL, f"finetune.init={base}/ckpt_000005.h5",
                "finetune.train=layers.1.experts.2", "train.grad_accum=2", "train.steps=5",
-               f"dist.zero={zero}", f"train.out_dir={tmp_path}", "train.name=ft"], ranks=2)
+               *layout, f"train.out_dir={tmp_path}", "train.name=ft"], ranks=2)
     assert run.returncode == 0, run.stdout + run.stderr
     before = datasets(base / "ckpt_000005.h5")
     after = datasets(tmp_path / "ft" / "ckpt_000005.h5")
     changed = [k for k in before if k.startswith("model/")
                and not np.array_equal(before[k], after[k])]
     assert changed and all(k.startswith("model/layers/1/experts/2/") for k in changed), changed
-    if zero:
+    if layout == ["dist.zero=1"]:
         # One expert (w1, w3, w2 of 16 x 32 each) holds the only state, over both ranks:
         # 2 moments x 1536 values x 4 bytes.
         assert "of 0.012 MB over 2 ranks; frozen tensors hold none" in run.stdout, run.stdout
