@@ -4,6 +4,7 @@
 #   make bench      benchmark (not a test): peaks, training phases, one MoE layer; bench.csv
 #   make bench-peer moe.c's tokens/s over PyTorch's on configs/small.ini
 #   make bench-gpu  the GPU part of make bench alone; bench-gpu-peer: against PyTorch on the GPU
+#   make bench-dist configs/small.ini in one process and under mpirun -np 2 (DP, ZeRO-1, EP)
 #   make gpu-bundle pack binaries and libraries for tests/cuda/gpu_check.sh on a GPU machine
 #   make deps       install the Debian packages the build needs (apt-get; root or sudo)
 #   make deps-test  install the packages the tests need (PyTorch, h5py, pytest, cmocka,
@@ -40,7 +41,7 @@ endif
 .DEFAULT_GOAL := all
 
 BUILD_PKGS := gcc make pkg-config libhdf5-dev libcsv-dev libopenblas-openmp-dev libinih-dev zlib1g-dev \
-    libcjson-dev g++ libpcre2-dev libsentencepiece-dev libunistring-dev
+    libcjson-dev g++ libpcre2-dev libsentencepiece-dev libunistring-dev libopenmpi-dev openmpi-bin
 TEST_PKGS := libcmocka-dev python3-torch python3-h5py python3-numpy python3-pytest gnuplot-nox \
     python3-pip python3-venv chromium python3-pil
 # Python's own safetensors package reads our export in tests/test_hf.py. Debian 12 does not
@@ -90,20 +91,20 @@ $(BUILD)/config.mk: Makefile
 	@mkdir -p $(BUILD)
 	@$(if $(NVCC),bash kernels/cuda/fetch_cudnn_frontend.sh $(CUDNN_FE_DIR) $(CUDNN_FE_VERSION) $(PYTHON_REF))
 	@echo "CUDNN_FE_INC := $$(test -f $(CUDNN_FE_DIR)/include/cudnn_frontend.h && echo $(CUDNN_FE_DIR)/include)" > $@.tmp
-	@echo "PKG_CFLAGS := $$(PKG_CONFIG_PATH=$(OPENBLAS_PC) pkg-config --cflags hdf5 openblas inih libcjson)" >> $@.tmp
-	@echo "PKG_LIBS := $$(PKG_CONFIG_PATH=$(OPENBLAS_PC) pkg-config --libs hdf5 openblas inih libcjson) \
+	@echo "PKG_CFLAGS := $$(PKG_CONFIG_PATH=$(OPENBLAS_PC) pkg-config --cflags hdf5 openblas inih libcjson ompi-c)" >> $@.tmp
+	@echo "PKG_LIBS := $$(PKG_CONFIG_PATH=$(OPENBLAS_PC) pkg-config --libs hdf5 openblas inih libcjson ompi-c) \
 	  -Wl,-rpath,$$(PKG_CONFIG_PATH=$(OPENBLAS_PC) pkg-config --variable=libdir openblas)" >> $@.tmp
 	@mv $@.tmp $@
 
 CFLAGS = $(CFLAGS_BASE) $(SAN_FLAGS) $(PKG_CFLAGS) $(EXTRA_CFLAGS)
 LDLIBS = $(PKG_LIBS) $(LDLIBS_BASE) $(SAN_FLAGS)
 
-# Rooms, bottom up: base <- kernels <- model, optim, data <- train; inside train:
+# Rooms, bottom up: base <- kernels <- model, optim, data, dist <- train; inside train:
 # train/config.* (RunConfig: every room's section) <- train/formats (checkpoints, HDF5,
 # safetensors, Hugging Face) <- train (the training loop and what the commands share)
 # <- train/cli (main and the commands). config sits under formats/ because a checkpoint
 # stores a whole RunConfig and an import makes one.
-LIB_SRC := $(wildcard base/*.c kernels/*.c kernels/cpu/*.c model/*.c optim/*.c data/*.c)
+LIB_SRC := $(wildcard base/*.c kernels/*.c kernels/cpu/*.c model/*.c optim/*.c data/*.c dist/*.c)
 TRAIN_SRC := $(wildcard train/*.c train/formats/*.c train/cli/*.c)
 # C++ in the library rooms (data/spm.cpp: SentencePiece's C++ API behind C functions).
 LIB_CPP := $(wildcard data/*.cpp)
@@ -280,13 +281,18 @@ BENCH_OBJ := $(patsubst %.c,$(BUILD)/f32/%.o,$(wildcard bench/*.c)) $(F32_LIB) \
 $(BUILD)/bench: $(BENCH_OBJ)
 	$(CC) -o $@ $^ $(LDLIBS)
 
-.PHONY: bench bench-peer bench-gpu bench-gpu-peer
+.PHONY: bench bench-peer bench-gpu bench-gpu-peer bench-dist
 bench: $(BUILD)/bench
 	$(BUILD)/bench
 	$(BUILD)/bench --gpu --csv bench-gpu.csv
 
 bench-peer: $(BUILD)/bench
 	$(BUILD)/bench --peer --steps 5 configs/small.ini
+
+# configs/small.ini in one process and under mpirun -np 2 (DP, ZeRO-1, EP): tokens/s, bytes
+# per step and the share of time in collectives (bench/dist_bench.sh).
+bench-dist: $(MOE_BIN)
+	bash bench/dist_bench.sh ./$(MOE_BIN)
 
 # The GPU part alone (make bench runs it too; without a GPU it says why and passes), and
 # moe.c against PyTorch on the GPU (bench/torch_gpu_ref.py: eager and torch.compile).

@@ -40,11 +40,26 @@ static void message_format(Message *m, const char *fmt, va_list ap) {
     va_end(before);
 }
 
+static char error_prefix[64];
+static util_exit_hook exit_hook;
+
+void util_set_error_prefix(const char *prefix) {
+    snprintf(error_prefix, sizeof error_prefix, "%s", prefix);
+}
+
+void util_set_exit_hook(util_exit_hook hook) { exit_hook = hook; }
+
+static _Noreturn void end_process(int code) {
+    fflush(stderr);
+    if (exit_hook) exit_hook(code);
+    exit(code);
+}
+
 static void print_error(const char *fmt, va_list ap) {
     Message m;
     message_format(&m, fmt, ap);
     fflush(stdout);
-    fprintf(stderr, "moe: error: ");
+    fprintf(stderr, "moe: %serror: ", error_prefix);
     util_print_message(stderr, m.text, m.hint);
 }
 
@@ -54,7 +69,7 @@ _Noreturn void util_die(const char *file, int line, const char *fmt, ...) {
     print_error(fmt, ap);
     va_end(ap);
     fprintf(stderr, " (%s:%d)\n", file, line);
-    exit(EXIT_FAILURE);
+    end_process(EXIT_FAILURE);
 }
 
 static util_fail_hook fail_hook;
@@ -74,7 +89,7 @@ _Noreturn void util_fail(const char *fmt, ...) {
     print_error(fmt, ap);
     va_end(ap);
     fputc('\n', stderr);
-    exit(EXIT_FAILURE);
+    end_process(EXIT_FAILURE);
 }
 
 void *util_calloc(size_t n, size_t size, const char *file, int line) {

@@ -27,6 +27,14 @@ _Noreturn void util_fail(const char *fmt, ...) __attribute__((format(printf, 1, 
 typedef void (*util_fail_hook)(const char *message, long hint);
 void util_set_fail_hook(util_fail_hook hook);
 
+// A distributed run (dist/) ends the whole job on any rank's error and says which rank
+// failed: the prefix follows "moe: " on every error line ("rank 1: "; empty by default),
+// and the exit hook, when set, replaces exit() after FAIL and DIE have printed (it must
+// not return: MPI_Abort).
+void util_set_error_prefix(const char *prefix);
+typedef void (*util_exit_hook)(int code);
+void util_set_exit_hook(util_exit_hook hook);
+
 #define FAIL(...) util_fail(__VA_ARGS__)
 #define DIE(...) util_die(__FILE__, __LINE__, __VA_ARGS__)
 #define CHECK(cond, ...) \

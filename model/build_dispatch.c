@@ -59,6 +59,7 @@ Buf build_routed_experts(Builder *b, Buf xn, const RouterBufs *r, int l, MoeLaye
     Buf yp = build_experts(b, ga->gather.xp, w, st->offsets, M, E, F);
     b->m->tape.ops[b->m->tape.n - 1].experts.train =
         b->m->expert_train + (size_t)(st - b->m->moe) * E;
+    st->experts_op = b->m->tape.n - 1;
 
     TapeOp *co = tape_push(&b->m->tape, OP_COMBINE);
     co->combine.y = build_take_buf(b, N * b->C); // (N, C)

@@ -37,6 +37,7 @@ typedef struct {
     // tape ops whose backward uses them.
     Tensor pooled_counts, pooled_imp, pooled_load;   // (E) each
     size_t lb_op, importance_op, load_op;
+    size_t experts_op;   // the routed experts' op (expert parallelism replaces its compute)
 } MoeLayerState;
 
 // Losses of the last forward pass. Aux losses are unscaled means over MoE layers;

@@ -11,6 +11,7 @@
 #include <stddef.h>
 #include <stdint.h>
 
+#include "../kernels/expert_shard.h"
 #include "../kernels/kernels.h"
 
 // A value and its gradient (g.data NULL: no gradient wanted or needed).

@@ -88,10 +88,15 @@ double adamw_grad_norm(const AdamW *opt, Tensor grads, double grad_scale) {
 
 double adamw_step(AdamW *opt, Tensor params, Tensor grads, double lr_now, long step,
                   double grad_scale) {
+    double norm = adamw_grad_norm(opt, grads, grad_scale);
+    if (isfinite(norm)) adamw_apply(opt, params, grads, lr_now, step, grad_scale, norm);
+    return norm;
+}
+
+void adamw_apply(AdamW *opt, Tensor params, Tensor grads, double lr_now, long step,
+                 double grad_scale, double norm) {
     check_slab(opt, params, "parameter");
     const OptimConfig *c = &opt->cfg;
-    double norm = adamw_grad_norm(opt, grads, grad_scale);
-    if (!isfinite(norm)) return norm;
     double clip = (c->grad_clip > 0 && norm > c->grad_clip) ? c->grad_clip / norm : 1.0;
     double t = (double)step + 1.0;
     double bias_c1 = 1.0 - pow(c->beta1, t), bias_c2 = 1.0 - pow(c->beta2, t);
@@ -105,7 +110,6 @@ double adamw_step(AdamW *opt, Tensor params, Tensor grads, double lr_now, long s
                               sp->decay ? c->weight_decay : 0.0, bias_c1, bias_c2,
                               grad_scale * clip);
     }
-    return norm;
 }
 
 static Tensor state_view(const AdamW *opt, Tensor state, size_t i) {

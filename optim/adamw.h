@@ -71,6 +71,11 @@ double adamw_grad_norm(const AdamW *opt, Tensor grads, double grad_scale);
 double adamw_step(AdamW *opt, Tensor params, Tensor grads, double lr_now, long step,
                   double grad_scale);
 
+// adamw_step's update with the global norm given (finite): for an optimizer that holds a
+// shard of the tensors and takes the norm over every shard (ZeRO-1, train/zero.h).
+void adamw_apply(AdamW *opt, Tensor params, Tensor grads, double lr_now, long step,
+                 double grad_scale, double norm);
+
 // The state of the tensor of group param_index (its numel elements), for checkpoints;
 // data is NULL for a frozen tensor.
 Tensor adamw_state_m(const AdamW *opt, size_t param_index);

@@ -1,8 +1,8 @@
 """The arrows between rooms (docs/architecture.md, "Arrows"): every project include in the
 C, CUDA and C++ sources points to the file's own room or to a room below it.
 
-Bottom up: base <- kernels <- model, optim, data <- train/config <- train/formats <- train
-<- train/cli. model, optim and data are peers and include none of each other; bench may
+Bottom up: base <- kernels <- model, optim, data, dist <- train/config <- train/formats <- train
+<- train/cli. model, optim, data and dist (MPI) are peers and include none of each other; bench may
 use everything but the CLI; tests may use everything.
 """
 import os
@@ -12,7 +12,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SOURCES = (".c", ".h", ".cu", ".cuh", ".cpp", ".def")
 INCLUDE = re.compile(r'^\s*#\s*include\s+"([^"]+)"', re.M)
 
-LIBRARY = {"base", "kernels", "model", "optim", "data"}
+LIBRARY = {"base", "kernels", "model", "optim", "data", "dist"}
 TRAIN_LOWER = LIBRARY | {"train/config"}
 ALLOWED = {
     "base": set(),
@@ -20,6 +20,7 @@ ALLOWED = {
     "model": {"base", "kernels"},
     "optim": {"base", "kernels"},
     "data": {"base", "kernels"},
+    "dist": {"base", "kernels"},
     "train/config": LIBRARY,
     "train/formats": TRAIN_LOWER,
     "train": TRAIN_LOWER | {"train/formats"},

@@ -88,6 +88,7 @@ int run_config_sections(RunConfig *rc, KeySection out[RUN_CONFIG_MAX_SECTIONS]) 
     out[n++] = (KeySection){"finetune", finetune_keys, sizeof finetune_keys / sizeof *finetune_keys,
                             &rc->finetune};
     out[n++] = data_config_section(&rc->data);
+    out[n++] = dist_config_section(&rc->dist);
     for (int d = 0; d < rc->data.n_domains; d++)
         out[n++] = data_domain_section(&rc->data.domains[d]);
     return n;

@@ -12,6 +12,7 @@
 #include <stdio.h>
 
 #include "../data/config.h"
+#include "../dist/config.h"
 #include "../model/config.h"
 #include "../optim/config.h"
 
@@ -63,10 +64,11 @@ typedef struct {
     OptimConfig optim;
     DataConfig data;
     FinetuneConfig finetune;
+    DistConfig dist;
 } RunConfig;
 
-// Fixed sections: model, router, train, optim, finetune, data (domains come after).
-#define RUN_CONFIG_FIXED (MODEL_CONFIG_SECTIONS + 4)
+// Fixed sections: model, router, train, optim, finetune, data, dist (domains come after).
+#define RUN_CONFIG_FIXED (MODEL_CONFIG_SECTIONS + 5)
 #define RUN_CONFIG_MAX_SECTIONS (RUN_CONFIG_FIXED + DATA_MAX_DOMAINS)
 // A run directory (<out_dir>/<name>) plus a file name in it.
 #define RUN_PATH_MAX (2 * KEY_STRING_MAX + 64)

@@ -18,6 +18,7 @@
 #include <sys/stat.h>
 
 #include "../data/loader.h"
+#include "../dist/dist.h"
 #include "../kernels/cpu/blas.h"
 #include "../base/util.h"
 #include "../model/esft.h"
@@ -35,7 +36,9 @@
 #include "report.h"
 #include "run.h"
 #include "sample.h"
+#include "ep.h"
 #include "step.h"
+#include "zero.h"
 
 typedef enum { MODE_TRAIN, MODE_RESUME, MODE_FINETUNE } RunMode;
 
@@ -45,7 +48,10 @@ typedef struct {
     char run_dir[RUN_PATH_MAX];
     char ckpt[KEY_STRING_MAX];   // resume: the checkpoint; finetune: the initial weights
     Model model;
-    AdamW opt;
+    AdamW opt;                // this rank's block of the state under ZeRO-1
+    Zero zero;
+    Ep ep;                    // expert parallelism's exchanges (dist.expert_parallel > 1)
+    int zero_on;              // dist.zero = 1 over several ranks
     DataLoader *data;
     Metrics metrics;
     RoutingStats step_stats;
@@ -140,6 +146,7 @@ static void claim_run_dir(Run *r) {
 }
 
 static void open_metrics(Run *r, long from_step) {
+    if (!dist_lead()) return;   // rank 0 alone writes the run's files
     int nd = data_loader_domains(r->data);
     const char *names[DATA_MAX_DOMAINS];
     for (int d = 0; d < nd; d++) names[d] = data_loader_domain_name(r->data, d);
@@ -203,6 +210,18 @@ static void choose_trainable(Run *r) {
     model_set_trainable(m, r->trainable);
 }
 
+// A checkpoint's weights, state and AdamW moments (this rank's block of them under
+// ZeRO-1, sliced out of the whole state every rank reads).
+static void load_checkpoint(Run *r, const char *path) {
+    char err[1024];
+    AdamW full, *opt = &r->opt;
+    if (r->zero_on) zero_full_init(&r->zero, opt = &full);
+    if (ckpt_load(path, &r->model, opt, &r->st, err, sizeof err) != 0) FAIL("%s", err);
+    if (!r->zero_on) return;
+    zero_take(&r->zero, &r->opt, &full);
+    adamw_free(&full);
+}
+
 static void load_weights(Run *r) {
     char err[1024];
     Model *m = &r->model;
@@ -215,15 +234,32 @@ static void load_weights(Run *r) {
     if (init[0]) r->base_fingerprint = ckpt_fingerprint(m);
 }
 
+// The routed experts of every activation set exchange with the experts' owners.
+static void start_expert_parallel(Run *r) {
+    int ep = r->rc.dist.expert_parallel;
+    if (ep != dist_size())
+        FAIL("dist.expert_parallel = %d with %d rank(s): expert parallelism runs over every "
+             "rank (EP = the rank count under mpirun -np)", ep, dist_size());
+    Model *models[64];
+    int n = step_runner_sets(&r->step);
+    CHECK(n <= 64, "%d activation sets", n);
+    for (int a = 0; a < n; a++) models[a] = step_runner_model(&r->step, a);
+    ep_init(&r->ep, models, n);
+}
+
 static void setup(Run *r) {
     RunConfig *rc = &r->rc;
     run_set_threads(&rc->train);
     if (cpu_blas_self_check() != 0)
         FAIL("OpenBLAS kernel %s computes a wrong product\nHINT: set OPENBLAS_CORETYPE to a "
              "kernel your CPU supports (e.g. Haswell) and run again", cpu_blas_kernel_name());
+    if (rc->train.grad_accum % dist_size() != 0)
+        FAIL("train.grad_accum = %d: %d ranks split the step's micro-batches, so it must be "
+             "a multiple of %d\nHINT: train.grad_accum=%d runs the same batch size per rank",
+             rc->train.grad_accum, dist_size(), dist_size(), rc->train.grad_accum * dist_size());
     if (r->mode != MODE_RESUME) {
         snprintf(r->run_dir, sizeof r->run_dir, "%s/%s", rc->train.out_dir, rc->train.name);
-        check_run_dir_free(r);
+        if (dist_lead()) check_run_dir_free(r);
     }
     size_t B = (size_t)rc->train.batch_size, T = (size_t)rc->model.seq_len;
     model_init(&r->model, &rc->model, run_backend(&rc->train), B, T);
@@ -239,17 +275,21 @@ static void setup(Run *r) {
     ParamGroupRules rules = {rc->optim.decay_norms, rc->optim.decay_embeddings,
                              rc->optim.decay_router, rc->optim.router_lr_mult};
     ParamGroup *groups = param_groups_build(&r->model.layout, r->trainable, &rules);
-    adamw_init(&r->opt, &rc->optim, groups, r->model.layout.n_params, r->model.be);
+    r->zero_on = rc->dist.zero && dist_size() > 1;
+    if (r->zero_on)
+        zero_init(&r->zero, &r->opt, &rc->optim, groups, r->model.layout.n_params, r->model.be);
+    else
+        adamw_init(&r->opt, &rc->optim, groups, r->model.layout.n_params, r->model.be);
     free(groups);
     if (r->mode == MODE_RESUME) {
-        char err[1024];
-        if (ckpt_load(r->ckpt, &r->model, &r->opt, &r->st, err, sizeof err) != 0)
-            FAIL("%s", err);
+        load_checkpoint(r, r->ckpt);
         data_loader_seek(r->data, r->st.data_cursor);
     }
-    claim_run_dir(r);
-    run_save_tokenizer(rc, r->run_dir);
-    write_resolved_config(r);
+    if (dist_lead()) {
+        claim_run_dir(r);
+        run_save_tokenizer(rc, r->run_dir);
+        write_resolved_config(r);
+    }
     routing_stats_init(&r->step_stats, &rc->model);
     routing_stats_init(&r->window, &rc->model);
     eval_result_init(&r->eval, &rc->model, data_loader_domains(r->data));
@@ -257,6 +297,31 @@ static void setup(Run *r) {
     r->batch = CALLOC(2 * r->model.N * (size_t)rc->train.grad_accum, sizeof *r->batch);
     step_runner_init(&r->step, &r->model, rc->train.grad_accum,
                      rc->model.aux_scope == AUX_SCOPE_BATCH, rc->train.keep_activations);
+    r->step.sum_grads = !r->zero_on;
+    if (rc->dist.expert_parallel > 1) start_expert_parallel(r);
+}
+
+// Under several ranks the plan above is each rank's; ZeRO-1's optimizer state differs
+// by rank: the largest block is what a rank must hold.
+static void print_rank_memory(const Run *r, FILE *f) {
+    if (!r->zero_on) {
+        fprintf(f, "every rank holds the plan above (dist.zero=1 shards the optimizer state)\n");
+        return;
+    }
+    const size_t *sb = r->zero.state_bounds, bytes = 2 * sizeof(real);
+    size_t most = 0;
+    for (int k = 0; k < dist_size(); k++)
+        if (sb[k + 1] - sb[k] > most) most = sb[k + 1] - sb[k];
+    fprintf(f, "ZeRO-1: optimizer state at most %.3f MB per rank (of %.3f MB over %d ranks; "
+            "frozen tensors hold none)\n",
+            (double)(most * bytes) / 1e6, (double)(sb[dist_size()] * bytes) / 1e6, dist_size());
+}
+
+// Rank 0's evaluation alone: every expert runs locally (each rank holds every weight).
+static void evaluate(Run *r) {
+    ep_attach(&r->ep, 0);
+    eval_run(&r->eval, &r->model, r->data);
+    ep_attach(&r->ep, 1);
 }
 
 // Everything the run allocated once, on the device it computes on.
@@ -273,6 +338,7 @@ static void print_memory_plan(const Run *r, FILE *f) {
     if (m->tape.bf16 && m->be->set_bf16_weights)
         fprintf(f, ", bf16 weight copy %.1f MB", param / 2 / mb);
     fprintf(f, "\n");
+    if (dist_size() > 1) print_rank_memory(r, f);
 }
 
 static void print_startup(const Run *r, FILE *f) {
@@ -301,6 +367,15 @@ static void print_startup(const Run *r, FILE *f) {
             rc->train.batch_size, rc->model.seq_len, rc->train.grad_accum,
             m->N * (size_t)rc->train.grad_accum, rc->train.steps, omp_get_max_threads(),
             cpu_blas_kernel_name(), cpu_blas_kernel_origin(), dev);
+    if (dist_size() > 1)
+        fprintf(f, "data parallel: %d ranks, %d micro-batch(es) of the step's %d each; %s\n",
+                dist_size(), r->step.accum, r->step.total,
+                r->zero_on ? "ZeRO-1: gradients reduce-scattered, AdamW state sharded, weights "
+                             "all-gathered" : "gradients all-reduced every step");
+    if (r->rc.dist.expert_parallel > 1)
+        fprintf(f, "expert parallel: %d ranks, each computing %d of the %d experts of every MoE "
+                "layer for every rank's tokens (rows exchanged with MPI_Alltoallv)\n",
+                dist_size(), r->rc.model.experts / dist_size(), r->rc.model.experts);
     print_memory_plan(r, f);
 }
 
@@ -325,11 +400,26 @@ static void add_routing(void *ctx, const Model *m) {
     routing_stats_add(&r->step_stats, m, m->B);
 }
 
-// Forward and backward over grad_accum micro-batches; returns the step's losses.
+// Every rank's routing of the step, so that the logs and the expert-bias update see the
+// whole step's.
+static void sum_routing(RoutingStats *rs) {
+    size_t n = (size_t)rs->n_layers * (size_t)rs->experts;
+    dist_sum_u64(&rs->tokens, 1);
+    dist_sum_u64(rs->routed, n);
+    dist_sum_u64(rs->dropped, n);
+    dist_sum_doubles(rs->gate_sum, n);
+    dist_sum_doubles(rs->entropy_sum, (size_t)rs->n_layers);
+    dist_sum_doubles(rs->lse_sum, (size_t)rs->n_layers);
+}
+
+// Forward and backward over grad_accum micro-batches (this rank's share of them); returns
+// the step's losses.
 static ModelLosses accumulate_gradients(Run *r) {
     draw_micro_batches(r);
     routing_stats_reset(&r->step_stats);
-    return step_runner_run(&r->step, r->batch, &r->st.noise_rng, add_routing, r);
+    ModelLosses l = step_runner_run(&r->step, r->batch, &r->st.noise_rng, add_routing, r);
+    if (dist_size() > 1) sum_routing(&r->step_stats);
+    return l;
 }
 
 static void print_eval(Run *r, long step) {
@@ -360,7 +450,7 @@ static int find_nonfinite(const Run *r, Tensor slab, int trainable_only, char *o
 
 // A checkpoint with a NaN or an infinity would poison every run resumed from it and
 // push good ones out of train.keep: such weights are never saved.
-static void save_checkpoint(Run *r, const char *file) {
+static void write_checkpoint(Run *r, const char *file, AdamW *opt) {
     char path[RUN_FILE_MAX], err[1024], bad[384];
     snprintf(path, sizeof path, "%s/%s", r->run_dir, file);
     if (find_nonfinite(r, r->model.params, 0, bad, sizeof bad))
@@ -369,9 +459,17 @@ static void save_checkpoint(Run *r, const char *file) {
     // Only a delta names its base: a full checkpoint's fingerprint is 0 (export takes it,
     // merge refuses it), whatever weights the run started from.
     const int delta = r->rc.finetune.delta;
-    if (ckpt_save(path, &r->rc, &r->model, &r->opt, &r->st, delta ? r->trainable : NULL,
+    if (ckpt_save(path, &r->rc, &r->model, opt, &r->st, delta ? r->trainable : NULL,
                   delta ? r->base_fingerprint : 0, err, sizeof err) != 0)
         FAIL("%s", err);
+}
+
+// Every rank calls it (ZeRO-1 gathers the state to rank 0); rank 0 writes.
+static void save_checkpoint(Run *r, const char *file) {
+    AdamW full, *opt = &r->opt;
+    if (r->zero_on) zero_gather(&r->zero, &r->opt, opt = &full);
+    if (dist_lead()) write_checkpoint(r, file, opt);
+    if (r->zero_on) adamw_free(&full);
 }
 
 // Keeps the newest train.keep ckpt_<step>.h5 files up to the one just saved, which is
@@ -396,7 +494,7 @@ static void save_step_checkpoint(Run *r) {
     snprintf(file, sizeof file, "ckpt_%06ld.h5", r->st.step);
     save_checkpoint(r, file);
     r->saved_step = r->st.step;
-    prune_checkpoints(r);
+    if (dist_lead()) prune_checkpoints(r);
 }
 
 static void after_step(Run *r, int evaluated) {
@@ -411,16 +509,22 @@ static void after_step(Run *r, int evaluated) {
 }
 
 // SIGINT or SIGTERM arrived: the step is complete, so it is saved and the run ends.
+// Every rank stops after the same step: a signal reaching any of them counts.
 static void stop_if_interrupted(Run *r) {
-    int sig = interrupt_pending();
+    int sig = dist_max_int(interrupt_pending());
     if (!sig) return;
     if (r->saved_step != r->st.step) save_step_checkpoint(r);
+    if (!dist_lead()) {
+        dist_finalize();
+        exit(0);
+    }
     run_remove_tmp(r->run_dir);
     metrics_close(&r->metrics);
     fflush(stdout);
     fprintf(stderr, "moe: %s: stopped after step %ld; checkpoint %s/ckpt_%06ld.h5 (moe train "
                     "--resume %s continues)\n",
             interrupt_name(sig), r->st.step, r->run_dir, r->st.step, r->run_dir);
+    dist_finalize();
     exit(0);
 }
 
@@ -428,11 +532,11 @@ static void stop_if_interrupted(Run *r) {
 // rows) at a lower learning rate; repeated rollbacks to one checkpoint are bounded.
 static void roll_back(Run *r, long step, const char *what) {
     const TrainConfig *tc = &r->rc.train;
-    char ckpt[RUN_FILE_MAX], err[1024];
+    char ckpt[RUN_FILE_MAX];
     if (run_latest_checkpoint(r->run_dir, ckpt, sizeof ckpt) != 0)
         FAIL("step %ld: non-finite %s; train.on_nonfinite = rollback, but the run has no "
              "checkpoint yet", step + 1, what);
-    if (ckpt_load(ckpt, &r->model, &r->opt, &r->st, err, sizeof err) != 0) FAIL("%s", err);
+    load_checkpoint(r, ckpt);
     r->rollbacks = r->st.step == r->rollback_step ? r->rollbacks + 1 : 1;
     r->rollback_step = r->st.step;
     if (r->rollbacks > tc->max_rollbacks)
@@ -478,8 +582,10 @@ static int update_weights(Run *r, StepReport *rep) {
         snprintf(what, sizeof what, "loss (%g)", rep->losses.total);
         return handle_nonfinite(r, rep, what);
     }
-    rep->grad_norm = adamw_step(&r->opt, r->model.params, r->model.grads, rep->lr, rep->step,
-                                1.0 / tc->grad_accum);
+    rep->grad_norm = r->zero_on ? zero_step(&r->zero, &r->opt, r->model.params, r->model.grads,
+                                            rep->lr, rep->step, 1.0 / tc->grad_accum)
+                                : adamw_step(&r->opt, r->model.params, r->model.grads, rep->lr,
+                                             rep->step, 1.0 / tc->grad_accum);
     if (!isfinite(rep->grad_norm)) {
         char name[384];
         if (find_nonfinite(r, r->model.grads, 1, name, sizeof name))
@@ -499,8 +605,9 @@ static void train_loop(Run *r) {
     size_t tokens_per_step = r->model.N * (size_t)tc->grad_accum;
     long first = r->first_step = r->st.step;
     int n_evals = 0;
-    if (tc->eval_every > 0 && r->mode != MODE_RESUME) {   // the starting point
-        eval_run(&r->eval, &r->model, r->data);
+    const int lead = dist_lead();   // evaluates, logs and writes; the others only train
+    if (lead && tc->eval_every > 0 && r->mode != MODE_RESUME) {   // the starting point
+        evaluate(r);
         print_eval(r, first);
         eval_s = omp_get_wtime() - t0;
         n_evals++;
@@ -527,18 +634,22 @@ static void train_loop(Run *r) {
         routing_stats_merge(&r->window, &r->step_stats);
         int last = step + 1 == tc->steps;
         int eval = last || (tc->eval_every > 0 && (step + 1) % tc->eval_every == 0);
-        metrics_print_step(&r->metrics, &rep);
-        if (eval) {
+        if (lead) metrics_print_step(&r->metrics, &rep);
+        if (eval) {   // on rank 0; the others learn its losses (best.h5 is saved by all)
             double te = omp_get_wtime();
-            eval_run(&r->eval, &r->model, r->data);
+            if (lead) evaluate(r);
+            dist_broadcast(r->eval.loss, (size_t)(r->eval.n_domains + 1) * sizeof *r->eval.loss,
+                           0);
             eval_s += omp_get_wtime() - te;
             n_evals++;
-            print_eval(r, step + 1);
+            if (lead) print_eval(r, step + 1);
         }
         rep.window = eval ? &r->window : NULL;
-        metrics_write_step(&r->metrics, &rep, eval ? r->eval.loss : NULL, &r->model);
+        if (lead) {
+            metrics_write_step(&r->metrics, &rep, eval ? r->eval.loss : NULL, &r->model);
+            metrics_write_experts(&r->metrics, step, &r->step_stats, &r->model);
+        }
         if (eval) routing_stats_reset(&r->window);
-        metrics_write_experts(&r->metrics, step, &r->step_stats, &r->model);
         after_step(r, eval);
         stop_if_interrupted(r);
     }
@@ -570,10 +681,11 @@ static void print_usage_table(const Run *r) {
 
 static void finish(Run *r) {
     metrics_close(&r->metrics);
-    print_usage_table(r);
+    ep_attach(&r->ep, 0);
     const TrainConfig *tc = &r->rc.train;
+    if (dist_lead()) print_usage_table(r);
     int bytes = r->rc.data.tokenizer == TOKENIZER_BYTES;
-    if (tc->sample_tokens > 0 && (!bytes || r->rc.model.vocab == 256)) {
+    if (dist_lead() && tc->sample_tokens > 0 && (!bytes || r->rc.model.vocab == 256)) {
         char err[512];
         Tokenizer *tok = run_open_tokenizer(&r->rc);
         char *text = sample_text(&r->model, tok, tc->sample_prompt, tc->sample_tokens,
@@ -590,19 +702,26 @@ static void finish(Run *r) {
                "with evaluation); final val loss %.4f mean\n",
                r->st.step, (double)tokens / 1e6, r->train_s, (double)tokens / r->train_s,
                r->total_s, r->eval.loss[r->eval.n_domains]);
+    if (dist_size() > 1 && r->steps_run > 0 && r->train_s > 0)
+        printf("communication (rank 0): %.3f MB per step handed to MPI, %.1f%% of the "
+               "training time inside collectives (waiting for other ranks included)\n",
+               (double)dist_bytes_sent() / 1e6 / (double)r->steps_run,
+               100.0 * dist_seconds() / r->train_s);
     if (r->skipped)
         printf("%ld of %ld steps skipped as non-finite (train.on_nonfinite = skip)\n",
                r->skipped, r->steps_run);
     printf("run written to %s (config.ini, metrics.csv, experts.csv, checkpoints)\n",
            r->run_dir);
-    report_after_run(r->run_dir);
+    if (dist_lead()) report_after_run(r->run_dir);
     free(r->batch);
+    ep_free(&r->ep);
     step_runner_free(&r->step);
     free(r->trainable);
     eval_result_free(&r->eval);
     routing_stats_free(&r->step_stats);
     routing_stats_free(&r->window);
     adamw_free(&r->opt);
+    zero_free(&r->zero);
     model_free(&r->model);
     data_loader_close(r->data);
 }
@@ -611,7 +730,7 @@ static void run_all(Run *r) {
     interrupt_install();   // a signal during setup stops the run after its first step
     setup(r);
     print_startup(r, stdout);
-    write_startup(r);
+    if (dist_lead()) write_startup(r);
     if (r->st.step >= r->rc.train.steps)
         FAIL("%s is at step %ld, train.steps = %d: nothing to do\nHINT: raise train.steps "
              "(e.g. train.steps=%ld) to train further",
@@ -637,6 +756,9 @@ int train_main(int argc, char **argv) {
         run.mode = MODE_RESUME;
         run_resolve_checkpoint(argv[2], run.ckpt, sizeof run.ckpt);
         run_load_checkpoint_config(&run.rc, run.ckpt, argc - 3, argv + 3);
+        // [dist] describes this launch, not the run: the checkpoint's does not carry over.
+        dist_config_defaults(&run.rc.dist);
+        run_apply_overrides(&run.rc, argc - 3, argv + 3);
         char dir[KEY_STRING_MAX];
         snprintf(dir, sizeof dir, "%s", run.ckpt);
         snprintf(run.run_dir, sizeof run.run_dir, "%s", dirname(dir));

@@ -3,6 +3,7 @@
 #include <string.h>
 
 #include "../../data/prepare.h"
+#include "../../dist/dist.h"
 #include "../../kernels/cpu/blas.h"
 #include "../config.h"
 #include "../train.h"
@@ -69,8 +70,7 @@ static int prepare_main(int argc, char **argv) {
     return 0;
 }
 
-int main(int argc, char **argv) {
-    cpu_blas_select_kernel(argv);
+static int run_command(int argc, char **argv) {
     if (argc < 2) {
         print_usage(stderr);
         return 2;
@@ -97,4 +97,13 @@ int main(int argc, char **argv) {
     if (!strcmp(cmd, "dump")) return dump_main(argc - 1, argv + 1);
     fprintf(stderr, "moe: error: unknown command '%s'\nHINT: moe help lists the commands\n", cmd);
     return 2;
+}
+
+// The kernel choice may re-execute the process, so MPI starts after it.
+int main(int argc, char **argv) {
+    cpu_blas_select_kernel(argv);
+    dist_init(&argc, &argv);
+    int rc = run_command(argc, argv);
+    dist_finalize();
+    return rc;
 }

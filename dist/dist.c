@@ -1,0 +1,246 @@
+#include "dist.h"
+
+#include <limits.h>
+#include <mpi.h>
+#include <omp.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "../base/util.h"
+
+#ifdef MOE_REAL_F64
+#define MPI_REAL_T MPI_DOUBLE
+#else
+#define MPI_REAL_T MPI_FLOAT
+#endif
+
+static int rank, size = 1, started;
+static uint64_t bytes_sent;
+static double seconds;
+
+// The variables mpirun (OpenMPI), MPICH's Hydra and srun (PMI-2, PMIx) give each rank.
+static int launched_by_mpi(void) {
+    static const char *vars[] = {"OMPI_COMM_WORLD_SIZE", "PMIX_RANK", "PMI_RANK", "PMI_SIZE"};
+    for (size_t i = 0; i < sizeof vars / sizeof *vars; i++)
+        if (getenv(vars[i])) return 1;
+    return 0;
+}
+
+static _Noreturn void abort_job(int code) {
+    MPI_Abort(MPI_COMM_WORLD, code);
+    exit(code);   // MPI_Abort does not return; this keeps the compiler's promise
+}
+
+void dist_init(int *argc, char ***argv) {
+    if (!launched_by_mpi()) return;
+    int provided;
+    if (MPI_Init_thread(argc, argv, MPI_THREAD_FUNNELED, &provided) != MPI_SUCCESS)
+        FAIL("MPI_Init failed: this process was started by an MPI launcher but cannot join "
+             "its job");
+    started = 1;
+    MPI_Comm_rank(MPI_COMM_WORLD, &rank);
+    MPI_Comm_size(MPI_COMM_WORLD, &size);
+    // An error on any rank must end the job, not leave the others waiting in a
+    // collective; MPI's own errors too (the default handler already aborts).
+    util_set_exit_hook(abort_job);
+    if (size > 1) {
+        char prefix[32];
+        snprintf(prefix, sizeof prefix, "rank %d: ", rank);
+        util_set_error_prefix(prefix);
+    }
+    // Whole lines, so that two ranks' errors do not interleave character by character.
+    setvbuf(stderr, NULL, _IOLBF, 1 << 12);
+    if (rank != 0 && !freopen("/dev/null", "w", stdout))
+        FAIL("rank %d: cannot redirect stdout to /dev/null", rank);
+}
+
+void dist_finalize(void) {
+    if (!started) return;
+    fflush(stdout);
+    MPI_Finalize();
+    started = 0;
+}
+
+int dist_rank(void) { return rank; }
+int dist_size(void) { return size; }
+int dist_lead(void) { return rank == 0; }
+
+// MPI counts are int: larger buffers go in pieces.
+static void sum_chunks(void *x, size_t n, MPI_Datatype type, size_t elem) {
+    if (size == 1 || n == 0) return;
+    double t0 = omp_get_wtime();
+    char *p = x;
+    for (size_t done = 0; done < n;) {
+        size_t part = n - done < (size_t)INT_MAX ? n - done : (size_t)INT_MAX;
+        CHECK(MPI_Allreduce(MPI_IN_PLACE, p + done * elem, (int)part, type, MPI_SUM,
+                            MPI_COMM_WORLD) == MPI_SUCCESS, "MPI_Allreduce failed");
+        done += part;
+    }
+    bytes_sent += n * elem;
+    seconds += omp_get_wtime() - t0;
+}
+
+void dist_sum_doubles(double *x, size_t n) { sum_chunks(x, n, MPI_DOUBLE, sizeof *x); }
+void dist_sum_i32(int32_t *x, size_t n) { sum_chunks(x, n, MPI_INT32_T, sizeof *x); }
+void dist_sum_u64(uint64_t *x, size_t n) { sum_chunks(x, n, MPI_UINT64_T, sizeof *x); }
+
+int dist_max_int(int x) {
+    if (size == 1) return x;
+    int out;
+    CHECK(MPI_Allreduce(&x, &out, 1, MPI_INT, MPI_MAX, MPI_COMM_WORLD) == MPI_SUCCESS,
+          "MPI_Allreduce failed");
+    return out;
+}
+
+void dist_sum_tensor(const Backend *be, Tensor t, size_t n) {
+    if (size == 1 || n == 0) return;
+    CHECK(t.dtype == DTYPE_REAL && n <= t.numel, "dist_sum_tensor: %zu values of a tensor "
+          "of %zu, dtype %d", n, t.numel, (int)t.dtype);
+    if (t.device == DEVICE_CPU) {
+        sum_chunks(t.data, n, MPI_REAL_T, sizeof(real));
+        return;
+    }
+    real *host = CALLOC(n, sizeof *host);   // (n)
+    be->download(host, t, n * sizeof *host);
+    sum_chunks(host, n, MPI_REAL_T, sizeof *host);
+    be->upload(t, host, n * sizeof *host);
+    free(host);
+}
+
+// MPI's int counts and displacements of the blocks.
+static void block_counts(const size_t *bounds, int *counts, int *displs) {
+    for (int r = 0; r < size; r++) {
+        CHECK(bounds[r + 1] >= bounds[r] && bounds[r + 1] - bounds[r] <= (size_t)INT_MAX &&
+              bounds[r] <= (size_t)INT_MAX, "dist: block %d [%zu, %zu) beyond MPI's int counts",
+              r, bounds[r], bounds[r + 1]);
+        counts[r] = (int)(bounds[r + 1] - bounds[r]);
+        displs[r] = (int)bounds[r];
+    }
+}
+
+// The host copy of t's first n values: t itself on the CPU, else a download.
+static real *host_view(const Backend *be, Tensor t, size_t n) {
+    if (t.device == DEVICE_CPU) return t.data;
+    real *host = CALLOC(n, sizeof *host);   // (n)
+    be->download(host, t, n * sizeof *host);
+    return host;
+}
+
+// Back to the device: values [lo, hi) of the host copy.
+static void host_done(const Backend *be, Tensor t, real *host, size_t lo, size_t hi) {
+    if (t.device == DEVICE_CPU) return;
+    if (hi > lo) be->upload(tensor_slice(t, lo, hi - lo), host + lo, (hi - lo) * sizeof *host);
+    free(host);
+}
+
+void dist_reduce_scatter_tensor(const Backend *be, Tensor t, const size_t *bounds) {
+    if (size == 1) return;
+    size_t lo = bounds[rank], hi = bounds[rank + 1], n = bounds[size];
+    CHECK(t.dtype == DTYPE_REAL && n <= t.numel, "dist: reduce-scatter of %zu values over a "
+          "tensor of %zu", n, t.numel);
+    int *counts = CALLOC((size_t)size, sizeof *counts), *displs = CALLOC((size_t)size, sizeof *displs);
+    block_counts(bounds, counts, displs);
+    double t0 = omp_get_wtime();
+    real *host = host_view(be, t, n), *mine = CALLOC(hi - lo, sizeof *mine);   // (hi - lo)
+    CHECK(MPI_Reduce_scatter(host, mine, counts, MPI_REAL_T, MPI_SUM, MPI_COMM_WORLD) ==
+          MPI_SUCCESS, "MPI_Reduce_scatter failed");
+    memcpy(host + lo, mine, (hi - lo) * sizeof *mine);
+    free(mine);
+    host_done(be, t, host, lo, hi);
+    bytes_sent += n * sizeof(real);
+    seconds += omp_get_wtime() - t0;
+    free(counts);
+    free(displs);
+}
+
+void dist_allgather_tensor(const Backend *be, Tensor t, const size_t *bounds) {
+    if (size == 1) return;
+    size_t n = bounds[size];
+    CHECK(t.dtype == DTYPE_REAL && n <= t.numel, "dist: all-gather of %zu values over a "
+          "tensor of %zu", n, t.numel);
+    int *counts = CALLOC((size_t)size, sizeof *counts), *displs = CALLOC((size_t)size, sizeof *displs);
+    block_counts(bounds, counts, displs);
+    double t0 = omp_get_wtime();
+    real *host = host_view(be, t, n);
+    CHECK(MPI_Allgatherv(MPI_IN_PLACE, 0, MPI_DATATYPE_NULL, host, counts, displs, MPI_REAL_T,
+                         MPI_COMM_WORLD) == MPI_SUCCESS, "MPI_Allgatherv failed");
+    host_done(be, t, host, 0, n);
+    bytes_sent += (bounds[rank + 1] - bounds[rank]) * sizeof(real);
+    seconds += omp_get_wtime() - t0;
+    free(counts);
+    free(displs);
+}
+
+void dist_gather_tensor(const Backend *be, Tensor src, Tensor dst, const size_t *bounds,
+                        int root) {
+    size_t mine = bounds[rank + 1] - bounds[rank], n = bounds[size];
+    CHECK(src.dtype == DTYPE_REAL && mine <= src.numel && (rank != root || n <= dst.numel),
+          "dist: gather of %zu values into %zu", mine, dst.numel);
+    CHECK(size > 1, "dist: gather in a run of one process");
+    int *counts = CALLOC((size_t)size, sizeof *counts), *displs = CALLOC((size_t)size, sizeof *displs);
+    block_counts(bounds, counts, displs);
+    double t0 = omp_get_wtime();
+    real *in = host_view(be, src, mine), *out = rank == root ? host_view(be, dst, n) : NULL;
+    CHECK(MPI_Gatherv(in, (int)mine, MPI_REAL_T, out, counts, displs, MPI_REAL_T, root,
+                      MPI_COMM_WORLD) == MPI_SUCCESS, "MPI_Gatherv failed");
+    if (src.device != DEVICE_CPU) free(in);
+    if (out) host_done(be, dst, out, 0, n);
+    bytes_sent += mine * sizeof(real);
+    seconds += omp_get_wtime() - t0;
+    free(counts);
+    free(displs);
+}
+
+void dist_alltoall_i32(const int32_t *send, int32_t *recv, size_t n) {
+    CHECK(n <= (size_t)INT_MAX, "dist: all-to-all of %zu values per rank", n);
+    double t0 = omp_get_wtime();
+    CHECK(MPI_Alltoall(send, (int)n, MPI_INT32_T, recv, (int)n, MPI_INT32_T, MPI_COMM_WORLD) ==
+          MPI_SUCCESS, "MPI_Alltoall failed");
+    bytes_sent += (size_t)(size - 1) * n * sizeof *send;
+    seconds += omp_get_wtime() - t0;
+}
+
+// size_t counts and displacements as MPI's ints.
+static int *as_ints(const size_t *v) {
+    int *out = CALLOC((size_t)size, sizeof *out);
+    for (int q = 0; q < size; q++) {
+        CHECK(v[q] <= (size_t)INT_MAX, "dist: all-to-all count or offset %zu beyond MPI's "
+              "int", v[q]);
+        out[q] = (int)v[q];
+    }
+    return out;
+}
+
+void dist_alltoallv_reals(const real *send, const size_t *scount, const size_t *sdispl,
+                          real *recv, const size_t *rcount, const size_t *rdispl) {
+    int *sc = as_ints(scount), *sd = as_ints(sdispl), *rc = as_ints(rcount),
+        *rd = as_ints(rdispl);
+    double t0 = omp_get_wtime();
+    CHECK(MPI_Alltoallv(send, sc, sd, MPI_REAL_T, recv, rc, rd, MPI_REAL_T, MPI_COMM_WORLD) ==
+          MPI_SUCCESS, "MPI_Alltoallv failed");
+    for (int q = 0; q < size; q++)
+        if (q != rank) bytes_sent += scount[q] * sizeof(real);
+    seconds += omp_get_wtime() - t0;
+    free(sc);
+    free(sd);
+    free(rc);
+    free(rd);
+}
+
+void dist_broadcast(void *buf, size_t bytes, int root) {
+    if (size == 1 || bytes == 0) return;
+    CHECK(bytes <= (size_t)INT_MAX, "dist_broadcast: %zu bytes", bytes);
+    double t0 = omp_get_wtime();
+    CHECK(MPI_Bcast(buf, (int)bytes, MPI_BYTE, root, MPI_COMM_WORLD) == MPI_SUCCESS,
+          "MPI_Bcast failed");
+    if (rank == root) bytes_sent += bytes;
+    seconds += omp_get_wtime() - t0;
+}
+
+void dist_barrier(void) {
+    if (size > 1) MPI_Barrier(MPI_COMM_WORLD);
+}
+
+uint64_t dist_bytes_sent(void) { return bytes_sent; }
+double dist_seconds(void) { return seconds; }

@@ -1,0 +1,69 @@
+// dist.h: the process group of a distributed run (MPI) and the collectives the trainer
+// uses on host buffers and on backend tensors.
+//
+// A run launched by mpirun or srun (the launcher's rank variables are in the
+// environment) initialises MPI and is one rank of MPI_COMM_WORLD; any other run has no
+// MPI at all and is rank 0 of 1, and every collective here is then a no-op. Rank 0 alone
+// keeps stdout (the other ranks' goes to /dev/null); every rank keeps stderr, and its
+// errors (FAIL, DIE) carry "rank R: " and end the whole job (MPI_Abort).
+//
+// Collectives are blocking and must be called by every rank in the same order. Sums of
+// floating-point values follow MPI's reduction order, which may differ from a
+// single process's accumulation order in the last bits.
+#ifndef MOE_DIST_H
+#define MOE_DIST_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#include "../kernels/kernels.h"
+
+// Call first in main (after anything that re-executes the process), with main's
+// arguments; dist_finalize before a normal exit.
+void dist_init(int *argc, char ***argv);
+void dist_finalize(void);
+
+int dist_rank(void);
+int dist_size(void);
+// 1 on rank 0: the rank that prints and writes files.
+int dist_lead(void);
+
+// In-place sums over every rank (every rank gets the result).
+void dist_sum_doubles(double *x, size_t n);
+void dist_sum_i32(int32_t *x, size_t n);
+void dist_sum_u64(uint64_t *x, size_t n);
+// The largest of every rank's value.
+int dist_max_int(int x);
+// n `real` values of t (on be's device) summed over every rank, in place. Device
+// tensors are staged through host memory.
+void dist_sum_tensor(const Backend *be, Tensor t, size_t n);
+// Blocks: rank r owns t's values [bounds[r], bounds[r+1]); bounds has dist_size() + 1
+// entries, bounds[0] = 0, and a block holds at most INT_MAX values.
+// t's bounds[P] values summed over every rank, of which this rank keeps its own block
+// (the other blocks of t keep this rank's own values).
+void dist_reduce_scatter_tensor(const Backend *be, Tensor t, const size_t *bounds);
+// Every rank's block of t copied to every rank.
+void dist_allgather_tensor(const Backend *be, Tensor t, const size_t *bounds);
+// src's bounds[r+1] - bounds[r] values of each rank r into dst's block r on rank root
+// (dst is not touched elsewhere).
+void dist_gather_tensor(const Backend *be, Tensor src, Tensor dst, const size_t *bounds,
+                        int root);
+// Every rank sends n int32 values to every rank: send (P, n) in rank order, recv (P, n)
+// from each rank in order.
+void dist_alltoall_i32(const int32_t *send, int32_t *recv, size_t n);
+// Every rank sends scount[q] values starting at send + sdispl[q] to rank q and receives
+// rcount[q] values from rank q at recv + rdispl[q] (host buffers of `real`, counts in
+// values, each below INT_MAX).
+void dist_alltoallv_reals(const real *send, const size_t *scount, const size_t *sdispl,
+                          real *recv, const size_t *rcount, const size_t *rdispl);
+// bytes of buf copied from rank root to every rank.
+void dist_broadcast(void *buf, size_t bytes, int root);
+void dist_barrier(void);
+
+// Bytes this rank has sent through the collectives above since dist_init (for make
+// bench-dist): the payload each call hands MPI, not the wire traffic of its algorithm.
+uint64_t dist_bytes_sent(void);
+// Wall seconds this rank has spent inside the collectives above.
+double dist_seconds(void);
+
+#endif

@@ -1,0 +1,112 @@
+#include "zero.h"
+
+#include <math.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "../base/util.h"
+#include "../dist/dist.h"
+
+// Block r ends where the running count of trainable values reaches (r+1)/P of them, so
+// each rank updates about the same number; a tensor may straddle two blocks.
+static void cut_blocks(Zero *z, size_t slab) {
+    const int P = dist_size();
+    size_t trainable = 0;
+    for (size_t i = 0; i < z->n_groups; i++)
+        if (z->groups[i].trainable) trainable += z->groups[i].numel;
+    z->bounds = CALLOC((size_t)P + 1, sizeof *z->bounds);
+    z->state_bounds = CALLOC((size_t)P + 1, sizeof *z->state_bounds);
+    for (int r = 1; r < P; r++) {
+        size_t want = trainable * (size_t)r / (size_t)P, seen = 0, at = 0;
+        for (size_t i = 0; i < z->n_groups; i++) {
+            const ParamGroup *g = &z->groups[i];
+            if (!g->trainable) continue;
+            at = g->offset + g->numel;
+            if (seen + g->numel >= want) {
+                at = g->offset + (want - seen);
+                break;
+            }
+            seen += g->numel;
+        }
+        z->bounds[r] = at > z->bounds[r - 1] ? at : z->bounds[r - 1];
+        z->state_bounds[r] = want;
+    }
+    z->bounds[P] = slab;
+    z->state_bounds[P] = trainable;
+}
+
+// The trainable part of group g inside [lo, hi), or numel 0.
+static ParamGroup clip_group(const ParamGroup *g, size_t lo, size_t hi) {
+    ParamGroup c = *g;
+    size_t a = g->offset > lo ? g->offset : lo, b = g->offset + g->numel < hi ? g->offset + g->numel : hi;
+    c.offset = a;
+    c.numel = g->trainable && b > a ? b - a : 0;
+    return c;
+}
+
+void zero_init(Zero *z, AdamW *shard, const OptimConfig *cfg, const ParamGroup *groups,
+               size_t n_groups, const Backend *be) {
+    memset(z, 0, sizeof *z);
+    z->cfg = *cfg;
+    z->be = be;
+    z->n_groups = n_groups;
+    z->groups = CALLOC(n_groups, sizeof *z->groups);
+    memcpy(z->groups, groups, n_groups * sizeof *groups);
+    size_t slab = 0;
+    for (size_t i = 0; i < n_groups; i++)
+        if (groups[i].offset + groups[i].numel > slab) slab = groups[i].offset + groups[i].numel;
+    cut_blocks(z, slab);
+    int r = dist_rank();
+    ParamGroup *mine = CALLOC(n_groups, sizeof *mine);   // (n_groups) pieces in block r
+    size_t n = 0;
+    for (size_t i = 0; i < n_groups; i++) {
+        ParamGroup c = clip_group(&groups[i], z->bounds[r], z->bounds[r + 1]);
+        if (c.numel) mine[n++] = c;
+    }
+    adamw_init(shard, cfg, mine, n, be);
+    free(mine);
+    CHECK(shard->n_trainable == z->state_bounds[r + 1] - z->state_bounds[r],
+          "zero: block %d holds %zu trainable values, its state range %zu", r,
+          shard->n_trainable, z->state_bounds[r + 1] - z->state_bounds[r]);
+}
+
+void zero_free(Zero *z) {
+    free(z->bounds);
+    free(z->state_bounds);
+    free(z->groups);
+    memset(z, 0, sizeof *z);
+}
+
+double zero_step(Zero *z, AdamW *shard, Tensor params, Tensor grads, double lr_now, long step,
+                 double grad_scale) {
+    dist_reduce_scatter_tensor(z->be, grads, z->bounds);
+    double local = adamw_grad_norm(shard, grads, grad_scale), sq = local * local;
+    dist_sum_doubles(&sq, 1);
+    double norm = sqrt(sq);
+    if (!isfinite(norm)) return norm;
+    adamw_apply(shard, params, grads, lr_now, step, grad_scale, norm);
+    dist_allgather_tensor(z->be, params, z->bounds);
+    return norm;
+}
+
+void zero_full_init(const Zero *z, AdamW *full) {
+    adamw_init(full, &z->cfg, z->groups, z->n_groups, z->be);
+}
+
+void zero_gather(const Zero *z, const AdamW *shard, AdamW *full) {
+    memset(full, 0, sizeof *full);   // only rank 0 holds the whole state, and only now
+    if (dist_lead()) zero_full_init(z, full);
+    dist_gather_tensor(z->be, shard->m, full->m, z->state_bounds, 0);
+    dist_gather_tensor(z->be, shard->v, full->v, z->state_bounds, 0);
+}
+
+void zero_take(const Zero *z, AdamW *shard, const AdamW *full) {
+    size_t lo = z->state_bounds[dist_rank()], n = shard->n_trainable;
+    if (n == 0) return;
+    real *host = CALLOC(n, sizeof *host);   // (n) one moment at a time
+    z->be->download(host, tensor_slice(full->m, lo, n), n * sizeof *host);
+    z->be->upload(shard->m, host, n * sizeof *host);
+    z->be->download(host, tensor_slice(full->v, lo, n), n * sizeof *host);
+    z->be->upload(shard->v, host, n * sizeof *host);
+    free(host);
+}

@@ -1,0 +1,48 @@
+// zero.h: ZeRO-1 (dist.zero = 1): AdamW's state sharded over the ranks of a data-parallel
+// run (Rajbhandari et al. 2020, stage 1).
+//
+// The parameter slab is cut into P consecutive blocks holding about equal numbers of
+// trainable values; rank r keeps the moments of the trainable values in block r only (a
+// frozen tensor holds state on no rank). A step reduce-scatters the gradient slab (rank r
+// receives block r summed over the ranks), takes the global norm from every rank's sum of
+// squares, updates its block and all-gathers the updated weights. Checkpoints hold the
+// whole state: it is gathered to rank 0 to save and sliced out of the file to load, so
+// a run saved with one rank count or setting resumes with any other.
+#ifndef MOE_TRAIN_ZERO_H
+#define MOE_TRAIN_ZERO_H
+
+#include <stddef.h>
+
+#include "../kernels/param_group.h"
+#include "../optim/adamw.h"
+
+typedef struct {
+    size_t *bounds;        // (P+1) slab blocks, in elements
+    size_t *state_bounds;  // (P+1) the blocks' trainable values in the full state's order
+    ParamGroup *groups;    // (n_groups) the unsharded groups, one per tensor
+    size_t n_groups;
+    OptimConfig cfg;
+    const Backend *be;
+} Zero;
+
+// Cuts groups (one per tensor, in slab order) into the ranks' blocks and initialises
+// shard, the optimizer of this rank's block.
+void zero_init(Zero *z, AdamW *shard, const OptimConfig *cfg, const ParamGroup *groups,
+               size_t n_groups, const Backend *be);
+void zero_free(Zero *z);
+
+// The sharded step (collective): gradients summed into this rank's block, the global norm
+// (returned, pre-clip, as adamw_step's), the update of this rank's block unless the norm
+// is not finite, and every rank's updated block to every rank.
+double zero_step(Zero *z, AdamW *shard, Tensor params, Tensor grads, double lr_now, long step,
+                 double grad_scale);
+
+// An unsharded optimizer with the whole state (collective): on rank 0 every rank's
+// moments gathered into full (adamw_free it after use); elsewhere full is left zeroed.
+void zero_gather(const Zero *z, const AdamW *shard, AdamW *full);
+// An unsharded optimizer (full-size, zeroed state) to load a checkpoint into.
+void zero_full_init(const Zero *z, AdamW *full);
+// This rank's block of full's state into shard.
+void zero_take(const Zero *z, AdamW *shard, const AdamW *full);
+
+#endif
