@@ -193,9 +193,13 @@ def test_rank_zero_alone_prints_and_writes(tmp_path, config):
     assert run.returncode == 0, run.stdout + run.stderr
     assert run.stdout.count("data parallel: 2 ranks") == 1
     assert run.stdout.count("\ndone: step 3") == 1
-    assert sorted(os.listdir(tmp_path / "p")) == [
-        "best.h5", "ckpt_000003.h5", "config.ini", "experts.csv", "layers.csv",
-        "metrics.csv", "run_id"]
+    # Exactly the files a one-process run writes (rank 1 adds none, and none goes missing).
+    single = moe(["train", config, *MODEL, "train.grad_accum=2", "train.steps=3",
+                  f"train.out_dir={tmp_path}", "train.name=s"])
+    assert single.returncode == 0, single.stdout + single.stderr
+    written = sorted(os.listdir(tmp_path / "p"))
+    assert written == sorted(os.listdir(tmp_path / "s"))
+    assert {"best.h5", "ckpt_000003.h5", "config.ini", "metrics.csv", "report.html"} <= set(written)
 
 
 def test_error_names_the_rank_and_ends_the_job(tmp_path, config):
