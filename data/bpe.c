@@ -77,7 +77,7 @@ static void map_put(StrMap *m, const void *key, size_t len, int32_t val) {
         s->val = val;
         return;
     }
-    if (m->keys_len + len > m->keys_cap) {
+    if (!m->keys || m->keys_len + len > m->keys_cap) {   // an empty first key still needs a buffer
         m->keys_cap = 2 * (m->keys_len + len) + 4096;
         m->keys = realloc(m->keys, m->keys_cap);
         CHECK(m->keys, "out of memory growing a tokenizer table");
