@@ -16,6 +16,8 @@ from html.parser import HTMLParser
 
 import pytest
 
+from toy_domains import write_toy_domains
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MOE = os.environ.get("MOE_BIN", os.path.join(ROOT, "moe"))
 CHROMIUM = shutil.which("chromium")
@@ -82,14 +84,7 @@ def read_csv(path):
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("report")
-    words = ("the quick brown fox jumps over the lazy dog while a small bird sings in the "
-             "old tree near the river").split()
-    texts = {"prose": " ".join(words[(i * 7 + i // 3) % len(words)] for i in range(1200)),
-             "digits": "".join(f"{i * 37 % 1000:03d}," for i in range(1500))}
-    for name, text in texts.items():
-        (tmp / name).mkdir()
-        (tmp / name / "train.txt").write_text(text)
-        (tmp / name / "val.txt").write_text(text[::-1])
+    write_toy_domains(tmp)
     (tmp / "odd.txt").write_bytes(ODD_TEXT)
     cfg = tmp / "tiny.ini"
     cfg.write_text(CONFIG.format(d=tmp))

@@ -7,6 +7,8 @@ import subprocess
 
 import pytest
 
+from toy_domains import write_toy_domains
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MOE = os.environ.get("MOE_BIN", os.path.join(ROOT, "moe"))
 
@@ -56,14 +58,7 @@ def read_csv(path):
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("route")
-    words = ("the quick brown fox jumps over the lazy dog while a small bird sings in the "
-             "old tree near the river").split()
-    texts = {"prose": " ".join(words[(i * 7 + i // 3) % len(words)] for i in range(1200)),
-             "digits": "".join(f"{i * 37 % 1000:03d}," for i in range(1500))}
-    for name, text in texts.items():
-        (tmp / name).mkdir()
-        (tmp / name / "train.txt").write_text(text)
-        (tmp / name / "val.txt").write_text(text[::-1])
+    write_toy_domains(tmp)
     cfg = tmp / "tiny.ini"
     cfg.write_text(CONFIG.format(d=tmp))
     for seed in (1, 2):
