@@ -112,6 +112,14 @@ def test_finetune_an_expert_of_a_real_model(loop, reference_line):
     chosen = {(int(l), int(e)) for l, e in re.findall(r"layers\.(\d+)\.experts\.(\d+)", expr)}
     assert chosen and len(chosen) < 2 * 64, ft
 
+    # The route dump spells each token with the tokenizer: the held-out text, escaped.
+    moe("route", d / "python", held_out, "--tokens", 40, "--out", d / "route")
+    with open(d / "route" / "tokens.csv", newline="", encoding="utf-8") as f:
+        cells = [r["char"] for r in csv.DictReader(f) if r["layer"] == "0"]
+    text = held_out.read_text(encoding="utf-8")
+    escaped = text.replace("\\", "\\\\").replace("\n", "\\n").replace("\t", "\\t")
+    assert len(cells) == 40 and all(cells) and escaped.startswith("".join(cells)), cells
+
     before = loss(moe("eval", d / "olmoe.h5", held_out))
     after = loss(moe("eval", d / "python", held_out))
     assert after < before, (before, after)

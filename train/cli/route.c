@@ -12,6 +12,7 @@
 #include <sys/stat.h>
 
 #include "../../base/util.h"
+#include "../html.h"
 #include "../plot.h"
 #include "../run.h"
 #include "route_page.h"
@@ -106,20 +107,29 @@ static void counts_free(RouteCounts *c) {
 
 // ---- the token dump -------------------------------------------------------------------
 
-// A byte as one readable cell: itself when printable, else a C escape.
-static void byte_text(int32_t tok, int vocab, char *out, size_t n) {
-    if (vocab != 256)
-        out[0] = '\0';
-    else if (tok == '\n')
-        snprintf(out, n, "\\n");
-    else if (tok == '\t')
-        snprintf(out, n, "\\t");
-    else if (tok == '\\')
-        snprintf(out, n, "\\\\");
-    else if (isprint(tok))
-        snprintf(out, n, "%c", (char)tok);
-    else
-        snprintf(out, n, "\\x%02x", (unsigned)tok);
+// A token's text (its bytes through the tokenizer) as one readable cell: valid UTF-8 as
+// itself, newline, tab and backslash as C escapes, any other control or invalid byte as
+// \xNN. Returns out, malloc'ed.
+static char *token_cell(const char *piece, size_t len) {
+    char *out = CALLOC(4 * len + 1, 1), *o = out;
+    const unsigned char *s = (const unsigned char *)piece;
+    while (len > 0) {
+        size_t n = html_utf8_len(s, len);
+        if (n > 1 || (n == 1 && isprint(*s) && *s != '\\'))
+            o += sprintf(o, "%.*s", (int)n, (const char *)s);
+        else if (*s == '\n')
+            o += sprintf(o, "\\n");
+        else if (*s == '\t')
+            o += sprintf(o, "\\t");
+        else if (*s == '\\')
+            o += sprintf(o, "\\\\");
+        else
+            o += sprintf(o, "\\x%02x", *s);
+        n = n ? n : 1;
+        s += n;
+        len -= n;
+    }
+    return out;
 }
 
 static void csv_cell(FILE *f, const char *text, int first) {
@@ -128,9 +138,9 @@ static void csv_cell(FILE *f, const char *text, int first) {
 }
 
 static void dump_row(FILE *f, const char *domain, size_t offset, size_t pos, int32_t tok,
-                     int vocab, int layer, const Routes *r, const size_t *slot, size_t n) {
-    char ch[8], experts[1024] = "", gates[2048] = "", kept[1024] = "";
-    byte_text(tok, vocab, ch, sizeof ch);
+                     const char *text, int layer, const Routes *r, const size_t *slot,
+                     size_t n) {
+    char experts[1024] = "", gates[2048] = "", kept[1024] = "";
     for (size_t i = 0; i < n; i++) {
         const char *sep = i ? " " : "";
         snprintf(experts + strlen(experts), sizeof experts - strlen(experts), "%s%d", sep,
@@ -142,7 +152,7 @@ static void dump_row(FILE *f, const char *domain, size_t offset, size_t pos, int
     }
     csv_cell(f, domain, 1);
     fprintf(f, ",%zu,%zu,%d,", offset, pos, tok);
-    csv_fwrite(f, ch, strlen(ch));
+    csv_fwrite(f, text, strlen(text));
     fprintf(f, ",%d,%s,%s,%s\n", layer, experts, gates, kept);
 }
 
@@ -152,6 +162,7 @@ typedef struct {
     const RouteArgs *args;
     RunConfig *rc;
     Model m, other; // other: --compare, else unused
+    Tokenizer *tok;  // the checkpoint's: the text of the tokens shown
     int compare;
     DataLoader *dl;
     Routes ra, rb;
@@ -208,15 +219,20 @@ static void route_domain(RouteRun *rr, int d) {
         size_t rows = data_loader_val_batch(rr->dl, d, i, tok, tgt);
         forward_batch(rr, tok, tgt);
         for (size_t t = 0; t < rows * T; t++) {
-            size_t offset = i * B * T + t;
+            size_t offset = i * B * T + t, len = 0;
+            int shown = (long)offset < rr->args->tokens;
+            char *piece = shown ? tokenizer_decode(rr->tok, tok + t, 1, &len) : NULL;
+            char *cell = shown ? token_cell(piece, len) : NULL;
             for (int l = 0; l < m->n_moe; l++) {
                 size_t n = count_token(rr, d, l, t, sa, sb);
-                if ((long)offset >= rr->args->tokens) continue;
-                dump_row(rr->dump, name, offset, t % T, tok[t], m->cfg.vocab, m->moe[l].layer,
+                if (!shown) continue;
+                dump_row(rr->dump, name, offset, t % T, tok[t], cell, m->moe[l].layer,
                          &rr->ra, sa, n);
                 route_page_layer(&rr->page, l, rr->ra.idx, rr->ra.gates, rr->ra.keep, sa, n);
             }
-            if ((long)offset < rr->args->tokens) route_page_token(&rr->page, tok[t], offset);
+            if (shown) route_page_token(&rr->page, tok[t], piece, len, offset);
+            free(piece);
+            free(cell);
         }
         rr->c.tokens[d] += rows * T;
     }
@@ -567,6 +583,7 @@ int route_main(int argc, char **argv) {
     routes_init(&rr.ra, &rr.m);
     if (a.compare) open_other(&rr, a.compare);
     rr.dl = run_open_data(rr.rc, &rr.m, (uint64_t)rr.rc->train.seed);
+    rr.tok = run_open_tokenizer(rr.rc);
     char dir[KEY_STRING_MAX];
     snprintf(dir, sizeof dir, "%s", ckpt);
     if (a.out)
@@ -609,6 +626,7 @@ int route_main(int argc, char **argv) {
         routes_free(&rr.rb);
         model_free(&rr.other);
     }
+    tokenizer_free(rr.tok);
     data_loader_close(rr.dl);
     model_free(&rr.m);
     free(rr.rc);
