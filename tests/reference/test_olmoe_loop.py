@@ -15,11 +15,14 @@ import json
 import os
 import re
 import subprocess
+import sys
 
-import h5py
 import numpy as np
 import pytest
 from safetensors.numpy import load_file
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from test_hf import params  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 MOE = os.path.abspath(os.environ.get("MOE_BIN", os.path.join(ROOT, "moe")))
@@ -27,7 +30,7 @@ BUILD = os.environ.get("MOE_BUILD", os.path.join(ROOT, "build"))
 HF_PY = os.path.join(BUILD, "venv-hf", "bin", "python")
 SCRIPT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "olmoe_loop.py")
 DEFAULT = os.path.join(ROOT, "data", "default")
-PROMPT, NEW = "def main(", 12
+PROMPT, NEW = "def main(", 10
 P = 0.2   # finetune.p, the default
 
 
@@ -61,14 +64,6 @@ def loop(tmp_path_factory):
     return d
 
 
-def params(path):
-    out = {}
-    with h5py.File(path, "r") as f:
-        f["model"].visititems(
-            lambda n, o: out.__setitem__(n, o[()]) if isinstance(o, h5py.Dataset) else None)
-    return out
-
-
 def esft_selected(rows, p):
     """Per layer, the fewest experts whose token scores (normalised in the layer) reach p."""
     picked = set()
@@ -91,7 +86,7 @@ def loss(text):
 def test_finetune_an_expert_of_a_real_model(loop, reference_line):
     d = loop
     domain = head(os.path.join(DEFAULT, "python", "train.txt"), d / "python.txt", 200000)
-    held_out = head(os.path.join(DEFAULT, "python", "val.txt"), d / "python_val.txt", 30000)
+    held_out = head(os.path.join(DEFAULT, "python", "val.txt"), d / "python_val.txt", 15000)
     out = moe("import", d / "hf", d / "olmoe.h5")
     assert "data.tokenizer = hf-bpe" in out, out
 
@@ -107,10 +102,12 @@ def test_finetune_an_expert_of_a_real_model(loop, reference_line):
     (d / "ft.ini").write_text("[train]\nsteps = 40\nbatch_size = 8\nthreads = 1\n"
                               "sample_tokens = 0\n[optim]\nlr = 1e-2\nwarmup_steps = 5\n")
     ft = moe("finetune", d / "ft.ini", f"finetune.init={d / 'olmoe.h5'}", "finetune.train=auto",
-             f"domain.python.text={domain}", f"train.out_dir={d}", "train.name=python")
+             f"domain.python.train={domain}", f"domain.python.val={held_out}",
+             f"train.out_dir={d}", "train.name=python")
     expr = re.search(r"finetune.train = auto: .* -> (.*)", ft).group(1)
     chosen = {(int(l), int(e)) for l, e in re.findall(r"layers\.(\d+)\.experts\.(\d+)", expr)}
-    assert chosen and len(chosen) < 2 * 64, ft
+    # The same batches (the domain's train file, train.seed, train.batch_size): the same pick.
+    assert chosen == shown and len(chosen) < 2 * 64, (ex, ft)
 
     # The route dump spells each token with the tokenizer: the held-out text, escaped.
     moe("route", d / "python", held_out, "--tokens", 40, "--out", d / "route")
