@@ -107,6 +107,28 @@ static void counts_free(RouteCounts *c) {
 
 // ---- the token dump -------------------------------------------------------------------
 
+// The text ids[t] adds to the one before it (in its window): SentencePiece drops the
+// leading space of a word that decodes alone. A pair whose text does not begin with the
+// first token's (a character split across byte tokens) gives the token's text alone.
+// Returns it malloc'ed, *len bytes.
+static char *token_piece(const Tokenizer *tok, const int32_t *ids, size_t t, size_t T,
+                         size_t *len) {
+    if (t % T == 0 || tokenizer_kind(tok) != TOKENIZER_SENTENCEPIECE)
+        return tokenizer_decode(tok, ids + t, 1, len);
+    size_t first_len, pair_len;
+    char *first = tokenizer_decode(tok, ids + t - 1, 1, &first_len);
+    char *pair = tokenizer_decode(tok, ids + t - 1, 2, &pair_len);
+    char *piece = NULL;
+    if (pair_len >= first_len && !memcmp(pair, first, first_len)) {
+        *len = pair_len - first_len;
+        piece = CALLOC(*len + 1, 1);
+        memcpy(piece, pair + first_len, *len);
+    }
+    free(first);
+    free(pair);
+    return piece ? piece : tokenizer_decode(tok, ids + t, 1, len);
+}
+
 // A token's text (its bytes through the tokenizer) as one readable cell: valid UTF-8 as
 // itself, newline, tab and backslash as C escapes, any other control or invalid byte as
 // \xNN. Returns out, malloc'ed.
@@ -221,7 +243,7 @@ static void route_domain(RouteRun *rr, int d) {
         for (size_t t = 0; t < rows * T; t++) {
             size_t offset = i * B * T + t, len = 0;
             int shown = (long)offset < rr->args->tokens;
-            char *piece = shown ? tokenizer_decode(rr->tok, tok + t, 1, &len) : NULL;
+            char *piece = shown ? token_piece(rr->tok, tok, t, T, &len) : NULL;
             char *cell = shown ? token_cell(piece, len) : NULL;
             for (int l = 0; l < m->n_moe; l++) {
                 size_t n = count_token(rr, d, l, t, sa, sb);
