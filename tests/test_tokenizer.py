@@ -10,7 +10,9 @@ default corpus, Greek, Cyrillic, CJK, Arabic, combining marks, emoji with ZWJ se
 whitespace runs, CR LF, special tokens inside the text) `moe tokenize` must give every id
 the library gives, and `moe tokenizer decode` the library's text (the input itself where
 the tokenizer is lossless). Then runs: a tokenizer travels with the run directory, a
-changed or missing copy is refused, and `moe sample` decodes with it."""
+changed or missing copy is refused, `moe sample` decodes with it and `moe route` spells
+each token with it."""
+import csv
 import os
 import random
 import shutil
@@ -302,6 +304,39 @@ def test_resume_and_finetune_use_the_run_tokenizer(work, tmp_path):
                                         f"data.tokenizer_file={work / 'llama3.json'}"],
                              check=False))
     assert "llama3.json: not the tokenizer" in err, err
+
+
+def unescape(cell):
+    """The bytes of a tokens.csv char cell (\\n, \\t, \\\\ and \\xNN escapes)."""
+    raw, out, i = cell.encode(), bytearray(), 0
+    while i < len(raw):
+        if raw[i:i + 1] != b"\\":
+            out.append(raw[i])
+            i += 1
+        elif raw[i + 1:i + 2] == b"x":
+            out.append(int(raw[i + 2:i + 4], 16))
+            i += 4
+        else:
+            out += {b"n": b"\n", b"t": b"\t", b"\\": b"\\"}[raw[i + 1:i + 2]]
+            i += 2
+    return bytes(out)
+
+
+@pytest.mark.parametrize("kind,name", [("hf-bpe", "llama3.json"), ("sentencepiece", "spm.model")])
+def test_route_spells_tokens_with_the_tokenizer(work, tmp_path, kind, name):
+    """moe route's tokens.csv: each token's text, the spaces SentencePiece puts before
+    words included, so that the cells of a window spell its text."""
+    text = tmp_path / "t.txt"
+    with open(os.path.join(ROOT, "data/default/bible/val.txt"), encoding="utf-8") as f:
+        text.write_text(f.read()[:20000], encoding="utf-8")
+    run([MOE, "train", "configs/tiny.ini", *TINY, "model.vocab=3000", "train.sample_tokens=0",
+         "train.steps=1", f"train.out_dir={tmp_path}", "train.name=r", f"data.tokenizer={kind}",
+         f"data.tokenizer_file={work / name}", f"domain.t.text={text}"])
+    run([MOE, "route", tmp_path / "r", text, "--tokens", 30, "--out", tmp_path / "route"])
+    with open(tmp_path / "route" / "tokens.csv", newline="", encoding="utf-8") as f:
+        cells = [r["char"] for r in csv.DictReader(f) if r["layer"] == "0"]
+    assert len(cells) == 30 and all(cells), cells
+    assert text.read_bytes().startswith(b"".join(unescape(c) for c in cells)), cells
 
 
 def test_text_and_train_together_are_refused(tmp_path):

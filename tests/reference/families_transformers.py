@@ -70,10 +70,11 @@ def relative(theirs, ours):
     return float(np.abs(theirs.reshape(ours.shape) - ours).max() / np.abs(ours).max())
 
 
-def random_model(family, out):
+def random_model(family, out, **overrides):
+    """A tiny random FAMILY model saved in out; overrides: config fields over the table's."""
     config_cls, model_cls, extra = FAMILIES[family]
     torch.manual_seed(7)
-    config = getattr(transformers, config_cls)(**{**COMMON, **extra})
+    config = getattr(transformers, config_cls)(**{**COMMON, **extra, **overrides})
     model = getattr(transformers, model_cls)(config).eval()
     with torch.no_grad():
         for name, p in model.named_parameters():

@@ -65,12 +65,16 @@ static void load_exportable(Model *m, RunConfig *rc, const char *ckpt) {
 // tokenizer.json, or the SentencePiece LlamaTokenizer over tokenizer.model with nothing
 // added around the text (moe.c adds no BOS or EOS either); legacy = false, or its fast
 // conversion puts a word-start mark after every special token, which libsentencepiece
-// does not (tests/test_tokenizer.py compares the ids).
+// does not (tests/test_tokenizer.py compares the ids). No clean-up of spaces on decode:
+// transformers before 4.45 drops the space before punctuation by default, and its text
+// would no longer be what moe sample prints.
 static const char *const tokenizer_configs[] = {
     [TOKENIZER_HF_BPE] = "{\n  \"tokenizer_class\": \"PreTrainedTokenizerFast\",\n"
+                         "  \"clean_up_tokenization_spaces\": false,\n"
                          "  \"model_max_length\": %d\n}\n",
     [TOKENIZER_SENTENCEPIECE] = "{\n  \"tokenizer_class\": \"LlamaTokenizer\",\n"
                                 "  \"add_bos_token\": false,\n  \"add_eos_token\": false,\n"
+                                "  \"clean_up_tokenization_spaces\": false,\n"
                                 "  \"legacy\": false,\n  \"model_max_length\": %d\n}\n",
 };
 

@@ -12,6 +12,7 @@
 #include <sys/stat.h>
 
 #include "../../base/util.h"
+#include "../html.h"
 #include "../plot.h"
 #include "../run.h"
 #include "route_page.h"
@@ -106,20 +107,51 @@ static void counts_free(RouteCounts *c) {
 
 // ---- the token dump -------------------------------------------------------------------
 
-// A byte as one readable cell: itself when printable, else a C escape.
-static void byte_text(int32_t tok, int vocab, char *out, size_t n) {
-    if (vocab != 256)
-        out[0] = '\0';
-    else if (tok == '\n')
-        snprintf(out, n, "\\n");
-    else if (tok == '\t')
-        snprintf(out, n, "\\t");
-    else if (tok == '\\')
-        snprintf(out, n, "\\\\");
-    else if (isprint(tok))
-        snprintf(out, n, "%c", (char)tok);
-    else
-        snprintf(out, n, "\\x%02x", (unsigned)tok);
+// The text ids[t] adds to the one before it (in its window): SentencePiece drops the
+// leading space of a word that decodes alone. A pair whose text does not begin with the
+// first token's (a character split across byte tokens) gives the token's text alone.
+// Returns it malloc'ed, *len bytes.
+static char *token_piece(const Tokenizer *tok, const int32_t *ids, size_t t, size_t T,
+                         size_t *len) {
+    if (t % T == 0 || tokenizer_kind(tok) != TOKENIZER_SENTENCEPIECE)
+        return tokenizer_decode(tok, ids + t, 1, len);
+    size_t first_len, pair_len;
+    char *first = tokenizer_decode(tok, ids + t - 1, 1, &first_len);
+    char *pair = tokenizer_decode(tok, ids + t - 1, 2, &pair_len);
+    char *piece = NULL;
+    if (pair_len >= first_len && !memcmp(pair, first, first_len)) {
+        *len = pair_len - first_len;
+        piece = CALLOC(*len + 1, 1);
+        memcpy(piece, pair + first_len, *len);
+    }
+    free(first);
+    free(pair);
+    return piece ? piece : tokenizer_decode(tok, ids + t, 1, len);
+}
+
+// A token's text (its bytes through the tokenizer) as one readable cell: valid UTF-8 as
+// itself, newline, tab and backslash as C escapes, any other control or invalid byte as
+// \xNN. Returns out, malloc'ed.
+static char *token_cell(const char *piece, size_t len) {
+    char *out = CALLOC(4 * len + 1, 1), *o = out;
+    const unsigned char *s = (const unsigned char *)piece;
+    while (len > 0) {
+        size_t n = html_utf8_len(s, len);
+        if (n > 1 || (n == 1 && isprint(*s) && *s != '\\'))
+            o += sprintf(o, "%.*s", (int)n, (const char *)s);
+        else if (*s == '\n')
+            o += sprintf(o, "\\n");
+        else if (*s == '\t')
+            o += sprintf(o, "\\t");
+        else if (*s == '\\')
+            o += sprintf(o, "\\\\");
+        else
+            o += sprintf(o, "\\x%02x", *s);
+        n = n ? n : 1;
+        s += n;
+        len -= n;
+    }
+    return out;
 }
 
 static void csv_cell(FILE *f, const char *text, int first) {
@@ -128,9 +160,9 @@ static void csv_cell(FILE *f, const char *text, int first) {
 }
 
 static void dump_row(FILE *f, const char *domain, size_t offset, size_t pos, int32_t tok,
-                     int vocab, int layer, const Routes *r, const size_t *slot, size_t n) {
-    char ch[8], experts[1024] = "", gates[2048] = "", kept[1024] = "";
-    byte_text(tok, vocab, ch, sizeof ch);
+                     const char *text, int layer, const Routes *r, const size_t *slot,
+                     size_t n) {
+    char experts[1024] = "", gates[2048] = "", kept[1024] = "";
     for (size_t i = 0; i < n; i++) {
         const char *sep = i ? " " : "";
         snprintf(experts + strlen(experts), sizeof experts - strlen(experts), "%s%d", sep,
@@ -142,7 +174,7 @@ static void dump_row(FILE *f, const char *domain, size_t offset, size_t pos, int
     }
     csv_cell(f, domain, 1);
     fprintf(f, ",%zu,%zu,%d,", offset, pos, tok);
-    csv_fwrite(f, ch, strlen(ch));
+    csv_fwrite(f, text, strlen(text));
     fprintf(f, ",%d,%s,%s,%s\n", layer, experts, gates, kept);
 }
 
@@ -152,6 +184,7 @@ typedef struct {
     const RouteArgs *args;
     RunConfig *rc;
     Model m, other; // other: --compare, else unused
+    Tokenizer *tok;  // the checkpoint's: the text of the tokens shown
     int compare;
     DataLoader *dl;
     Routes ra, rb;
@@ -208,15 +241,20 @@ static void route_domain(RouteRun *rr, int d) {
         size_t rows = data_loader_val_batch(rr->dl, d, i, tok, tgt);
         forward_batch(rr, tok, tgt);
         for (size_t t = 0; t < rows * T; t++) {
-            size_t offset = i * B * T + t;
+            size_t offset = i * B * T + t, len = 0;
+            int shown = (long)offset < rr->args->tokens;
+            char *piece = shown ? token_piece(rr->tok, tok, t, T, &len) : NULL;
+            char *cell = shown ? token_cell(piece, len) : NULL;
             for (int l = 0; l < m->n_moe; l++) {
                 size_t n = count_token(rr, d, l, t, sa, sb);
-                if ((long)offset >= rr->args->tokens) continue;
-                dump_row(rr->dump, name, offset, t % T, tok[t], m->cfg.vocab, m->moe[l].layer,
+                if (!shown) continue;
+                dump_row(rr->dump, name, offset, t % T, tok[t], cell, m->moe[l].layer,
                          &rr->ra, sa, n);
                 route_page_layer(&rr->page, l, rr->ra.idx, rr->ra.gates, rr->ra.keep, sa, n);
             }
-            if ((long)offset < rr->args->tokens) route_page_token(&rr->page, tok[t], offset);
+            if (shown) route_page_token(&rr->page, tok[t], piece, len, offset);
+            free(piece);
+            free(cell);
         }
         rr->c.tokens[d] += rows * T;
     }
@@ -567,6 +605,7 @@ int route_main(int argc, char **argv) {
     routes_init(&rr.ra, &rr.m);
     if (a.compare) open_other(&rr, a.compare);
     rr.dl = run_open_data(rr.rc, &rr.m, (uint64_t)rr.rc->train.seed);
+    rr.tok = run_open_tokenizer(rr.rc);
     char dir[KEY_STRING_MAX];
     snprintf(dir, sizeof dir, "%s", ckpt);
     if (a.out)
@@ -609,6 +648,7 @@ int route_main(int argc, char **argv) {
         routes_free(&rr.rb);
         model_free(&rr.other);
     }
+    tokenizer_free(rr.tok);
     data_loader_close(rr.dl);
     model_free(&rr.m);
     free(rr.rc);

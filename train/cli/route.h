@@ -13,8 +13,9 @@
 //                     (gnuplot; usage.gp and usage.dat beside it)
 //   tokens.csv        the first N (--tokens, default 256) tokens of each domain, one row
 //                     per token and MoE layer: domain, offset (in the domain's validation
-//                     stream), position (in its window), token (id), char (the byte,
-//                     escaped when not printable), layer, experts, gates, kept
+//                     stream), position (in its window), token (id), char (its text
+//                     through the checkpoint's tokenizer; \n, \t, \\ and other control or
+//                     invalid bytes as \xNN escaped), layer, experts, gates, kept
 //                     (space-separated, best first; kept 0: dropped by capacity)
 //   coactivation.csv  layer, expert, then e0..e<E-1>: tokens (all domains) whose choices
 //                     in the layer include both experts; symmetric, zero diagonal

@@ -72,17 +72,25 @@ void route_page_layer(RoutePage *p, int l, const int32_t *idx, const real *gates
         p->first[(size_t)l * p->experts + p->tok_first[l]]++;
 }
 
-// What the span shows of a token: a printable byte itself, a newline as a mark (the line
-// break follows the span), any other byte as \xNN; token ids of larger vocabularies as #id.
-static void token_text(FILE *f, int32_t tok, int vocab) {
-    if (vocab != 256)
-        fprintf(f, "#%d", tok);
-    else if (tok == '\n')
-        fputs("\xe2\x86\xb5", f); // U+21B5, downwards arrow with corner
-    else if (tok == '\t' || (tok >= 0x20 && tok < 0x7f))
-        html_text(f, (char[]){(char)tok, 0});
-    else
-        fprintf(f, "<span class=\"esc\">\\x%02x</span>", (unsigned)tok & 0xff);
+// What the span shows of a token's text: valid UTF-8 itself, a newline as a mark (a line
+// break follows the span when the text ends in one), any other control or invalid byte
+// as \xNN.
+static void token_text(FILE *f, const char *piece, size_t len) {
+    const unsigned char *s = (const unsigned char *)piece;
+    while (len > 0) {
+        size_t n = html_utf8_len(s, len);
+        if (*s == '\n')
+            fputs("\xe2\x86\xb5", f); // U+21B5, downwards arrow with corner
+        else if (n > 1 || *s == '\t' || (n == 1 && *s >= 0x20 && *s < 0x7f)) {
+            char unit[5] = {0}; // one character, NUL-terminated for html_text
+            memcpy(unit, s, n);
+            html_text(f, unit);
+        } else
+            fprintf(f, "<span class=\"esc\">\\x%02x</span>", *s);
+        n = n ? n : 1;
+        s += n;
+        len -= n;
+    }
 }
 
 static void token_describe(char *out, size_t n, int32_t tok, int vocab, size_t offset) {
@@ -94,7 +102,8 @@ static void token_describe(char *out, size_t n, int32_t tok, int vocab, size_t o
         snprintf(out, n, "byte %d, offset %zu", tok, offset);
 }
 
-void route_page_token(RoutePage *p, int32_t tok, size_t offset) {
+void route_page_token(RoutePage *p, int32_t tok, const char *piece, size_t len,
+                      size_t offset) {
     fflush(p->title);
     char head[128];
     token_describe(head, sizeof head, tok, p->vocab, offset);
@@ -108,12 +117,9 @@ void route_page_token(RoutePage *p, int32_t tok, size_t offset) {
     html_text(p->text, head);
     html_text(p->text, p->title_buf);
     fputs("\">", p->text);
-    token_text(p->text, tok, p->vocab);
+    token_text(p->text, piece, len);
     fputs("</span>", p->text);
-    if (p->vocab != 256)
-        fputc(' ', p->text);
-    else if (tok == '\n')
-        fputc('\n', p->text);
+    if (len > 0 && piece[len - 1] == '\n') fputc('\n', p->text);
     // A fresh stream: a memory stream rewound keeps the longer text of the last token.
     fclose(p->title);
     free(p->title_buf);

@@ -53,8 +53,10 @@ void route_page_domain(RoutePage *p, const char *name);
 // One MoE layer of the current token: n choices, slot[i] indexing idx, gates and keep.
 void route_page_layer(RoutePage *p, int l, const int32_t *idx, const real *gates,
                       const int32_t *keep, const size_t *slot, size_t n);
-// Ends the current token: its span (token id tok at offset in the domain's stream).
-void route_page_token(RoutePage *p, int32_t tok, size_t offset);
+// Ends the current token: its span (token id tok, its text piece of len bytes, at offset
+// in the domain's stream).
+void route_page_token(RoutePage *p, int32_t tok, const char *piece, size_t len,
+                      size_t offset);
 // Reads the CSV `moe experts` writes (layer, expert, token_score, gate_score, selected):
 // every MoE layer and expert once; dies with a one-line error naming the file and line.
 void route_page_read_esft(RoutePage *p, const char *path);
