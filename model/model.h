@@ -77,11 +77,12 @@ void model_init(Model *m, const ModelConfig *cfg, const Backend *be, size_t B, s
 void model_free(Model *m);
 
 // A model for generation: B sequences of one new token each per forward, attending to
-// up to L earlier positions kept in a KV cache. Routing is dropless here whatever
-// router.capacity_factor says (docs/routing.md, "Routing at inference"). Every op of the training tape
-// runs on the B rows, but attention, which becomes attention_decode (RoPE at each row's
-// position, append to the cache, attend). Refuses router.select = expert_choice, which
-// a token alone does not define. Copy the weights (and expert_bias) in; forward only.
+// up to L earlier positions kept in a KV cache. Every op of the training tape runs on
+// the B rows but attention, which becomes attention_decode (RoPE at each row's position,
+// append to the cache, attend). Routing is dropless whatever router.capacity_factor says
+// (docs/routing.md, "Routing at inference"); router noise is off. Refuses
+// router.select = expert_choice, which one token at a time does not define. Copy the
+// weights (and expert_bias) in; forward only.
 void model_init_decode(Model *m, const ModelConfig *cfg, const Backend *be, size_t B,
                        size_t L);
 // The position of each row's token in its sequence (B), each < L; set with the batch.
