@@ -92,6 +92,9 @@ static void seq_advance(Seq *s, Tokenizer *tok, const real *logits, int V,
     check_stops(tok, s, o);
 }
 
+// The tokens a full cache of L keeps: its last half.
+static size_t window_keep(size_t L) { return L / 2 ? L / 2 : 1; }
+
 // This step's token and position of s; a full cache starts again from its last half.
 static void seq_feed(Seq *s, size_t L, int32_t *tok, int32_t *pos) {
     if (s->done) {
@@ -99,8 +102,7 @@ static void seq_feed(Seq *s, size_t L, int32_t *tok, int32_t *pos) {
         return;
     }
     if (s->cached == L) {
-        size_t keep = L / 2 ? L / 2 : 1;
-        s->start = s->len - keep;
+        s->start = s->len - window_keep(L);
         s->cached = 0;
     }
     *tok = s->ids[s->start + s->cached];
@@ -129,6 +131,9 @@ static void decode_loop(Model *d, Tokenizer *tok, Seq *seqs, int n, const Sample
     size_t V = (size_t)d->cfg.vocab, L = d->cache_len;
     int32_t *in = CALLOC(3 * (size_t)n, sizeof *in);   // (n) tokens, (n) targets, (n) positions
     real *logits = CALLOC((size_t)n * V, sizeof *logits); // (n, V)
+    // A prompt longer than the cache starts where filling it would have left it.
+    for (int i = 0; i < n; i++)
+        if (seqs[i].prompt_len > L) seqs[i].start = seqs[i].prompt_len - window_keep(L);
     for (;;) {
         int live = 0;
         for (int i = 0; i < n; i++) {
