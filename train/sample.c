@@ -21,9 +21,11 @@ typedef struct {
     real *logits;      // (len - 1, V) with a dump: the logits after each id
 } Seq;
 
-// The decode model for B sequences and a cache of L positions, with m's weights.
+// The decode model for B sequences and a cache of L positions, with m's weights. On the
+// CPU wherever m lives, as moe sample and moe eval run (a GPU run's end-of-training
+// sample decodes a copy; the CUDA decode op is checked by tests/cuda on a GPU only).
 static void decoder_init(Model *d, const Model *m, size_t B, size_t L) {
-    model_init_decode(d, &m->cfg, m->be, B, L);
+    model_init_decode(d, &m->cfg, backend_cpu(), B, L);
     size_t bytes = m->layout.total * sizeof(real);
     real *w = CALLOC(m->layout.total, sizeof *w);
     m->be->download(w, m->params, bytes);

@@ -30,7 +30,7 @@ typedef struct {
 } SampleOptions;
 
 // Continues each of the n prompts (encoded with tok; NULL: bytes; an empty prompt starts
-// from a newline) with m's weights, which it copies. texts[i] is prompt i and its
+// from a newline) with m's weights, which it copies to a CPU decode model. texts[i] is prompt i and its
 // continuation decoded with tok, malloc'ed and NUL-terminated. Returns 0, or -1 with err
 // set when a prompt cannot be encoded (texts then untouched).
 int sample_batch(const Model *m, Tokenizer *tok, const char *const *prompts, int n,

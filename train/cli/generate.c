@@ -7,6 +7,7 @@
 #include <string.h>
 
 #include "../../base/util.h"
+#include "../formats/checkpoint.h"
 #include "../run.h"
 #include "../sample.h"
 
@@ -155,9 +156,12 @@ int sample_main(int argc, char **argv) {
     a.o.stops = a.stops;
     a.o.n_stops = a.n_stops;
     Tokenizer *tok = run_open_tokenizer(&rc);
+    // The weights only (one row of one token: no window of activations); sample_batch
+    // copies them into its decode model.
     Model m;
-    run_model_from_checkpoint(&m, &rc, ckpt, 1);
-    char err[512];
+    char err[1024];
+    model_init(&m, &rc.model, backend_cpu(), 1, 1);
+    if (ckpt_load(ckpt, &m, NULL, NULL, err, sizeof err) != 0) FAIL("%s", err);
     char **texts = CALLOC((size_t)a.n_prompts, sizeof *texts);
     if (sample_batch(&m, tok, a.prompts, a.n_prompts, &a.o, texts, err, sizeof err) != 0)
         FAIL("--prompt: %s", err);
