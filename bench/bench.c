@@ -1,6 +1,6 @@
 // bench.c: `make bench` and `make bench-peer` (a benchmark, never a test).
 //
-//   bench [--steps N] [--seconds S] [--csv FILE] [--only train|layer] [CONFIG.ini ...]
+//   bench [--steps N] [--seconds S] [--csv FILE] [--only train|layer|generate] [CONFIG.ini ...]
 //         [section.key=value ...]
 //   bench --peer [--steps N] [--python PATH] [CONFIG.ini] [section.key=value ...]
 //   bench --gpu [--steps N] [--csv FILE] [CONFIG.ini] [section.key=value ...]
@@ -8,7 +8,9 @@
 //
 // Default configs: tiny, small, fine-grained. One run prints the machine's peaks (sgemm
 // and FMA), then per config training throughput, MFU and time per phase, then one MoE
-// layer alone with balanced and skewed routing, and writes every figure to bench.csv.
+// layer alone with balanced and skewed routing, then generated tokens/s at 64 and 512
+// tokens of context (KV cache, and a full forward per token), and writes every figure to
+// bench.csv.
 // --peer trains the config (default small) here and in bench/torch_ref.py (PyTorch,
 // same shapes and routing) and prints the ratio of their tokens/s. Override words
 // (router.aux_scope=micro, ...) apply to every config of moe.c, not to the peer.
@@ -35,7 +37,7 @@
 #define MAX_CONFIGS 16
 #define SGEMM_N 2048
 
-typedef enum { JOB_PEAK, JOB_TRAIN, JOB_LAYER, JOB_GPU } JobKind;
+typedef enum { JOB_PEAK, JOB_TRAIN, JOB_LAYER, JOB_GPU, JOB_GENERATE } JobKind;
 
 typedef struct {
     JobKind kind;
@@ -49,6 +51,7 @@ typedef union {
     TrainResult train;
     LayerResult layer;
     GpuResult gpu;
+    GenResult generate;
 } JobResult;
 
 typedef struct {
@@ -57,7 +60,7 @@ typedef struct {
     const char *csv;
     const char *python;
     int python_set;
-    const char *only; // "train" or "layer": that part alone (peaks are always measured)
+    const char *only; // "train", "layer" or "generate": that part alone (peaks always)
     int peer;
     int gpu;
     int gpu_peer; // --python defaults to python3 there: the GPU machine's own PyTorch
@@ -73,6 +76,7 @@ static void job_run(const Job *j, JobResult *r) {
     case JOB_TRAIN: bench_train(&r->train, &j->config, j->steps, j->seconds); break;
     case JOB_LAYER: bench_layer(&r->layer, &j->config); break;
     case JOB_GPU: bench_gpu(&r->gpu); break;
+    case JOB_GENERATE: bench_generate(&r->generate, &j->config); break;
     }
 }
 
@@ -244,6 +248,20 @@ static void print_layer(const LayerResult *l, const PeakResult *p, double rss, F
     csv_row(csv, "layer", l->name, "skewed_over_balanced", total[1] / total[0]);
 }
 
+static void print_generate(const GenResult *g, double rss, FILE *csv) {
+    printf("%s (%d threads, peak RSS %.0f MB):\n", g->name, g->threads, rss);
+    for (int i = 0; i < BENCH_GEN_CONTEXTS; i++) {
+        printf("  context %4zu: %8.1f tokens/s with the KV cache, %8.2f by a full forward "
+               "per token (%.0fx)\n", g->context[i], g->cached_tok_s[i], g->full_tok_s[i],
+               g->cached_tok_s[i] / g->full_tok_s[i]);
+        char key[48];
+        snprintf(key, sizeof key, "kv_cache_tok_s_ctx%zu", g->context[i]);
+        csv_row(csv, "generate", g->name, key, g->cached_tok_s[i]);
+        snprintf(key, sizeof key, "full_forward_tok_s_ctx%zu", g->context[i]);
+        csv_row(csv, "generate", g->name, key, g->full_tok_s[i]);
+    }
+}
+
 // ---- modes -------------------------------------------------------------------------------
 
 static void print_banner(void) {
@@ -263,7 +281,7 @@ typedef struct {
 
 static Outcome run_job(JobKind kind, const char *config, const Options *o) {
     static const char *what[] = {"machine peaks", "training steps", "one MoE layer",
-                                 "GPU: GEMM peak and experts"};
+                                 "GPU: GEMM peak and experts", "generation"};
     fprintf(stderr, "bench: %s%s%s ...\n", what[kind], config ? ", " : "",
             config ? config : "");
     Job j = {kind, {config, o->words, o->n_words}, o->steps, o->seconds};
@@ -288,15 +306,18 @@ static PeakResult best_peaks(const PeakResult *a, const PeakResult *b) {
 }
 
 static int bench_all(const Options *o) {
-    static Outcome train[MAX_CONFIGS], layer[MAX_CONFIGS];
+    static Outcome train[MAX_CONFIGS], layer[MAX_CONFIGS], gen[MAX_CONFIGS];
     Outcome first = run_job(JOB_PEAK, NULL, o);
     if (!first.ok) return 1;
     int do_train = !o->only || !strcmp(o->only, "train");
     int do_layer = !o->only || !strcmp(o->only, "layer");
+    int do_gen = !o->only || !strcmp(o->only, "generate");
     for (int i = 0; i < o->n_configs && do_train; i++)
         train[i] = run_job(JOB_TRAIN, o->configs[i], o);
     for (int i = 0; i < o->n_configs && do_layer; i++)
         layer[i] = run_job(JOB_LAYER, o->configs[i], o);
+    for (int i = 0; i < o->n_configs && do_gen; i++)
+        gen[i] = run_job(JOB_GENERATE, o->configs[i], o);
     Outcome last = run_job(JOB_PEAK, NULL, o);
     PeakResult peak = last.ok ? best_peaks(&first.r.peak, &last.r.peak) : first.r.peak;
 
@@ -315,6 +336,14 @@ static int bench_all(const Options *o) {
     for (int i = 0; i < o->n_configs && do_layer; i++) {
         if (layer[i].ok)
             print_layer(&layer[i].r.layer, &peak, layer[i].rss_mb, csv);
+        else
+            failed = printf("%s: failed\n", o->configs[i]) > 0;
+    }
+    if (do_gen)
+        printf("\ngeneration, one sequence, greedy (indicative: the machine may be shared):\n");
+    for (int i = 0; i < o->n_configs && do_gen; i++) {
+        if (gen[i].ok)
+            print_generate(&gen[i].r.generate, gen[i].rss_mb, csv);
         else
             failed = printf("%s: failed\n", o->configs[i]) > 0;
     }
@@ -528,8 +557,8 @@ static int bench_gpu_peer(const Options *o) {
 }
 
 static void usage(void) {
-    fprintf(stderr, "usage: bench [--steps N] [--seconds S] [--csv FILE] [--only train|layer] "
-                    "[CONFIG.ini ...] [section.key=value ...]\n"
+    fprintf(stderr, "usage: bench [--steps N] [--seconds S] [--csv FILE] "
+                    "[--only train|layer|generate] [CONFIG.ini ...] [section.key=value ...]\n"
                     "       bench --peer [--steps N] [--python PATH] [CONFIG.ini] "
                     "[section.key=value ...]\n"
                     "       bench --gpu [--steps N] [--csv FILE] [CONFIG.ini] "
@@ -573,7 +602,9 @@ static Options parse_options(int argc, char **argv) {
         else
             o.configs[o.n_configs++] = a;
     }
-    if (o.steps < 1 || (o.only && strcmp(o.only, "train") && strcmp(o.only, "layer"))) usage();
+    if (o.steps < 1 || (o.only && strcmp(o.only, "train") && strcmp(o.only, "layer") &&
+                        strcmp(o.only, "generate")))
+        usage();
     if (o.gpu || o.gpu_peer) { // their training runs are the GPU's
         static char device_word[] = "train.device=cuda";
         if (o.n_words == MAX_CONFIGS) usage();

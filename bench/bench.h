@@ -1,5 +1,6 @@
 // bench.h: `make bench`, the CPU benchmark (never a test): the machine's own peaks, then
-// training steps per config split into phases, then one MoE layer alone.
+// training steps per config split into phases, then one MoE layer alone, then generation
+// through the KV cache.
 //
 // Every measurement runs in a child process (bench.c) so that each reports its own peak
 // RSS and none inherits another's OpenMP or OpenBLAS state. The measuring functions
@@ -106,6 +107,22 @@ typedef struct {
 } LayerResult;
 
 void bench_layer(LayerResult *out, const BenchConfig *config);
+
+// ---- generation (gen_bench.c) -------------------------------------------------------------
+
+#define BENCH_GEN_CONTEXTS 2
+
+// Generated tokens/s of one sequence (greedy, CPU) after 64 and 512 tokens of context:
+// through the KV cache, and by a full forward over the context per token (no cache).
+typedef struct {
+    char name[BENCH_NAME_MAX];
+    size_t context[BENCH_GEN_CONTEXTS];
+    double cached_tok_s[BENCH_GEN_CONTEXTS];
+    double full_tok_s[BENCH_GEN_CONTEXTS];
+    int threads;
+} GenResult;
+
+void bench_generate(GenResult *out, const BenchConfig *config);
 
 // ---- the GPU (gpu_bench.c, bench --gpu) ---------------------------------------------------
 

@@ -61,7 +61,8 @@ Phase bench_op_phase(const Tape *t, size_t i) {
     case OP_ROPE:
     case OP_QK_NORM:
     case OP_BIAS_ADD:
-    case OP_ATTENTION: return PHASE_ATTENTION;
+    case OP_ATTENTION:
+    case OP_ATTENTION_DECODE: return PHASE_ATTENTION;
     case OP_GATED_ADD: return PHASE_EXPERTS;
     case OP_MATMUL: return matmul_phase(t, i);
     case OP_MUL: // Switch jitter, the router's input only

@@ -23,6 +23,9 @@ static const ConfigKey data_keys[] = {
      "the tokenizer.json or .model file (runs, checkpoints: the copy beside them)"},
     {"tokenizer_crc32", KEY_STRING, DK(tokenizer_crc32), "", 0, 0, NULL,
      "set by runs: the CRC-32 of the tokenizer file; a copy that differs is refused"},
+    {"eos_id", KEY_INT, DK(eos_id), "-1", -1, 2147483647, NULL,
+     "end-of-sequence token id: moe sample ends a sequence there (-1: none); moe import "
+     "sets it from config.json's eos_token_id"},
 };
 
 static const ConfigKey domain_keys[] = {

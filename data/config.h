@@ -41,6 +41,7 @@ typedef struct {
     int tokenizer;                     // TokenizerKind (tokenizer.h)
     char tokenizer_file[KEY_STRING_MAX];    // tokenizer.json or .model; none for bytes
     char tokenizer_crc32[KEY_STRING_MAX];   // the run's copy of it (8 hex digits), set by runs
+    int eos_id;                        // end-of-sequence id generation stops at; -1: none
 } DataConfig;
 
 // Defaults of [data]; no domains.

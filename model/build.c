@@ -37,6 +37,28 @@ static Buf build_qk_norm(Builder *b, Buf qkv, int l, size_t H, size_t KV, size_t
     return op->qk_norm.out;
 }
 
+// Generation: qkv (B, (H+2KV)D) one row per sequence; layer l's keys and values go into
+// its part of the KV cache (2, B, L, KV*D).
+static Buf build_attention_decode(Builder *b, Buf qkv, int l) {
+    Model *m = b->m;
+    const ModelConfig *c = &m->cfg;
+    size_t H = (size_t)c->heads, KV = (size_t)c->kv_heads, D = b->C / H;
+    size_t part = m->B * m->cache_len * KV * D; // (B, L, KV*D)
+    TapeOp *op = tape_push(&m->tape, OP_ATTENTION_DECODE);
+    op->attention_decode.out = build_take_buf(b, b->N * H * D); // (B, H*D)
+    op->attention_decode.qkv = qkv;
+    op->attention_decode.kcache = tensor_slice(m->kv_cache, (size_t)(2 * l) * part, part);
+    op->attention_decode.vcache = tensor_slice(m->kv_cache, (size_t)(2 * l + 1) * part, part);
+    op->attention_decode.pos = m->positions;
+    op->attention_decode.B = m->B;
+    op->attention_decode.L = m->cache_len;
+    op->attention_decode.H = H;
+    op->attention_decode.KV = KV;
+    op->attention_decode.D = D;
+    op->attention_decode.theta = c->rope_theta;
+    return op->attention_decode.out;
+}
+
 static Buf build_attention(Builder *b, Buf xn, int l) {
     const ModelConfig *c = &b->m->cfg;
     size_t H = (size_t)c->heads, KV = (size_t)c->kv_heads, D = b->C / H;
@@ -47,6 +69,8 @@ static Buf build_attention(Builder *b, Buf xn, int l) {
     if (c->qkv_bias) qkv = build_qkv_bias(b, qkv, l, QKV);
     if (c->qk_norm != QK_NORM_NONE) qkv = build_qk_norm(b, qkv, l, H, KV, D);
 
+    if (b->m->cache_len) return build_matmul(b, build_attention_decode(b, qkv, l), wo, b->N,
+                                             H * D, b->C);
     TapeOp *rope = tape_push(&b->m->tape, OP_ROPE);
     rope->rope.qkv = qkv;
     rope->rope.B = b->m->B;
@@ -133,6 +157,7 @@ void build_tape(Model *m) {
     m->acts.used = m->dacts.used = 0;
     m->tokens = build_take(&b, m->N, DTYPE_I32);
     m->targets = build_take(&b, m->N, DTYPE_I32);
+    if (m->cache_len) m->positions = build_take(&b, m->B, DTYPE_I32);
 
     TapeOp *emb = tape_push(&m->tape, OP_EMBED);
     Buf table = build_param(&b, V * b.C, "model.embed_tokens.weight", 0, 0);

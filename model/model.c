@@ -58,7 +58,9 @@ static void check_memory(const ModelConfig *cfg, const Backend *be) {
              need / 1e9, have / 1e9);
 }
 
-void model_init(Model *m, const ModelConfig *cfg, const Backend *be, size_t B, size_t T) {
+// model_init with a KV cache of L positions per sequence (L 0: a training model).
+static void init_model(Model *m, const ModelConfig *cfg, const Backend *be, size_t B, size_t T,
+                       size_t L) {
     char err[512];
     CHECK(model_config_validate(cfg, err, sizeof err) == 0, "%s", err);
     CHECK(T <= (size_t)cfg->seq_len, "batch of %zu tokens per row exceeds model.seq_len = %d",
@@ -75,7 +77,35 @@ void model_init(Model *m, const ModelConfig *cfg, const Backend *be, size_t B, s
     m->grads = slab_alloc(be, m->layout.total, "gradients");
     m->n_moe = model_config_moe_layers(cfg);
     m->expert_bias = slab_alloc(be, (size_t)m->n_moe * (size_t)cfg->experts, "expert bias");
+    m->cache_len = L;
+    size_t kv = (size_t)cfg->kv_heads * (size_t)(cfg->d_model / cfg->heads);
+    if (L) m->kv_cache = slab_alloc(be, (size_t)cfg->layers * 2 * B * L * kv, "the KV cache");
     plan_tape(m, NULL, 0);
+}
+
+void model_init(Model *m, const ModelConfig *cfg, const Backend *be, size_t B, size_t T) {
+    init_model(m, cfg, be, B, T, 0);
+}
+
+void model_init_decode(Model *m, const ModelConfig *cfg, const Backend *be, size_t B,
+                       size_t L) {
+    if (cfg->select == SELECT_EXPERT_CHOICE)
+        FAIL("router.select = expert_choice: experts choose among a batch's tokens, which "
+             "one token at a time does not define; generation cannot run this model");
+    CHECK(L >= 1 && L <= (size_t)cfg->seq_len, "KV cache of %zu positions: 1 to model.seq_len "
+          "= %d", L, cfg->seq_len);
+    ModelConfig dropless = *cfg;
+    dropless.capacity_factor = 0;
+    init_model(m, &dropless, be, B, 1, L);
+}
+
+void model_set_positions(Model *m, const int32_t *pos) {
+    CHECK(m->cache_len, "internal: positions on a model without a KV cache");
+    for (size_t b = 0; b < m->B; b++)
+        CHECK(pos[b] >= 0 && (size_t)pos[b] < m->cache_len,
+              "position %d of sequence %zu outside the KV cache of %zu", pos[b], b,
+              m->cache_len);
+    m->be->upload(m->positions, pos, m->B * sizeof *pos);
 }
 
 // What plan_tape made; a replica's dacts belong to its model.
@@ -94,6 +124,7 @@ void model_free(Model *m) {
     m->be->release(m->params.data);
     m->be->release(m->grads.data);
     m->be->release(m->expert_bias.data);
+    m->be->release(m->kv_cache.data);
     unplan_tape(m, 1);
     layout_free(&m->layout);
     free(m->trainable);

@@ -66,11 +66,27 @@ typedef struct {
     uint8_t *trainable;      // (layout.n_params) 1 trains, 0 frozen; NULL: all train
     uint8_t *expert_train;   // (n_moe, E) the same flags per routed expert, for the experts op
     Tensor expert_bias;      // (n_moe, E) DeepSeek-V3 selection bias, zero at init
+    // Generation (model_init_decode); cache_len 0 on a training model.
+    size_t cache_len;        // L positions kept per sequence
+    Tensor kv_cache;         // (layers, 2, B, L, KV*D) keys, then values, after QK-norm and RoPE
+    Tensor positions;        // (B) int32 the position of each row's token
 } Model;
 
 // Plans the tape and allocates everything for batches of B sequences of T tokens.
 void model_init(Model *m, const ModelConfig *cfg, const Backend *be, size_t B, size_t T);
 void model_free(Model *m);
+
+// A model for generation: B sequences of one new token each per forward, attending to
+// up to L earlier positions kept in a KV cache. Every op of the training tape runs on
+// the B rows but attention, which becomes attention_decode (RoPE at each row's position,
+// append to the cache, attend). Routing is dropless whatever router.capacity_factor says
+// (docs/routing.md, "Routing at inference"); router noise is off. Refuses
+// router.select = expert_choice, which one token at a time does not define. Copy the
+// weights (and expert_bias) in; forward only.
+void model_init_decode(Model *m, const ModelConfig *cfg, const Backend *be, size_t B,
+                       size_t L);
+// The position of each row's token in its sequence (B), each < L; set with the batch.
+void model_set_positions(Model *m, const int32_t *pos);
 
 // A second set of activations for m's parameters, so that several micro-batches' forward
 // passes can wait for their backward passes (router.aux_scope = batch pools routing

@@ -685,7 +685,11 @@ static void finish(Run *r) {
     const TrainConfig *tc = &r->rc.train;
     if (dist_lead()) print_usage_table(r);
     int bytes = r->rc.data.tokenizer == TOKENIZER_BYTES;
-    if (dist_lead() && tc->sample_tokens > 0 && (!bytes || r->rc.model.vocab == 256)) {
+    int decodable = r->rc.model.select != SELECT_EXPERT_CHOICE;   // model_init_decode
+    if (dist_lead() && tc->sample_tokens > 0 && !decodable)
+        printf("\nno sample: router.select = expert_choice routes among a batch's tokens, "
+               "which generation does not have (docs/routing.md)\n");
+    if (dist_lead() && tc->sample_tokens > 0 && decodable && (!bytes || r->rc.model.vocab == 256)) {
         char err[512];
         Tokenizer *tok = run_open_tokenizer(&r->rc);
         char *text = sample_text(&r->model, tok, tc->sample_prompt, tc->sample_tokens,

@@ -19,8 +19,28 @@
 
 // ---- RoPE -----------------------------------------------------------------------------
 
-// Rotates the first H + KV heads of each row (queries, then keys) by sign * a_i, with
-// a_i = t * theta^(-2i/D) as in kernels.h; sign -1 applies the transpose (backward).
+void cpu_rope_angles(double *cs, size_t t, size_t D, double theta, double sign) {
+    for (size_t i = 0; i < D / 2; i++) {
+        double a = sign * (double)t * pow(theta, -2.0 * (double)i / (double)D);
+        cs[2 * i] = cos(a);
+        cs[2 * i + 1] = sin(a);
+    }
+}
+
+void cpu_rope_row(real *row, const double *cs, size_t heads, size_t D) {
+    size_t half = D / 2;
+    for (size_t i = 0; i < half; i++) {
+        double c = cs[2 * i], s = cs[2 * i + 1];
+        for (size_t head = 0; head < heads; head++) {
+            real *x1 = row + head * D + i, *x2 = x1 + half;
+            double v1 = *x1, v2 = *x2;
+            *x1 = (real)(v1 * c - v2 * s);
+            *x2 = (real)(v2 * c + v1 * s);
+        }
+    }
+}
+
+// Rotates the first H + KV heads of each row (queries, then keys) by sign * a_i.
 // The angles depend on (t, i) alone: their cosines and sines are computed once per call
 // for the T positions, not once per sequence.
 static void rope_rotate(real *qkv, size_t B, size_t T, size_t H, size_t KV, size_t D,
@@ -30,25 +50,10 @@ static void rope_rotate(real *qkv, size_t B, size_t T, size_t H, size_t KV, size
     double *cs = CALLOC(2 * T * half, sizeof(double)); // (T, half, 2): cos, sin
 #pragma omp parallel for schedule(static)
     for (size_t t = 0; t < T; t++)
-        for (size_t i = 0; i < half; i++) {
-            double a = sign * (double)t * pow(theta, -2.0 * (double)i / (double)D);
-            cs[2 * (t * half + i)] = cos(a);
-            cs[2 * (t * half + i) + 1] = sin(a);
-        }
+        cpu_rope_angles(cs + 2 * t * half, t, D, theta, sign);
 #pragma omp parallel for schedule(static)
-    for (size_t bt = 0; bt < B * T; bt++) {
-        const double *ct = cs + 2 * (bt % T) * half;
-        real *row = qkv + bt * width; // ((H + 2KV) * D)
-        for (size_t i = 0; i < half; i++) {
-            double c = ct[2 * i], s = ct[2 * i + 1];
-            for (size_t head = 0; head < H + KV; head++) {
-                real *x1 = row + head * D + i, *x2 = x1 + half;
-                double v1 = *x1, v2 = *x2;
-                *x1 = (real)(v1 * c - v2 * s);
-                *x2 = (real)(v2 * c + v1 * s);
-            }
-        }
-    }
+    for (size_t bt = 0; bt < B * T; bt++)
+        cpu_rope_row(qkv + bt * width, cs + 2 * (bt % T) * half, H + KV, D);
     free(cs);
 }
 

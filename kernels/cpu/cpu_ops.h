@@ -5,8 +5,8 @@
 //
 // memory.c: alloc/zero; elementwise.c: add, mul; dense.c: embedding,
 // RMSNorm, matmul, SwiGLU, experts, cross-entropy; attention.c: RoPE and
-// attention; router.c: scores, noise, top-k, gates, the fused top-k route;
-// capacity.c: capacity; dispatch.c: dispatch plan, gather, combine;
+// attention; attention_decode.c: attention over a KV cache (generation);
+// router.c: scores, noise, top-k, gates, the fused top-k route; capacity.c: capacity; dispatch.c: dispatch plan, gather, combine;
 // aux_losses.c: load-balancing, z, importance and load losses, row
 // normalisation; router_variants.c: expert bias, hash routing, expert choice;
 // optim.c: the AdamW update and the sum of squares. The router files share
@@ -24,6 +24,13 @@ void cpu_gemm(int trans_a, int trans_b, size_t m, size_t n, size_t k, real alpha
 // Dies naming `op` when one of the n expert indices idx lies outside [0, E) (router.c;
 // the capacity, dispatch and aux-loss ops check their inputs with it).
 void cpu_check_experts(const int32_t *idx, size_t n, size_t E, const char *op);
+
+// RoPE's rotation (attention.c), shared by the training op and the decode-time one
+// (attention_decode.c): cs (D/2, 2) = cos, sin of sign * a_i at position t, with
+// a_i = t * theta^(-2i/D) (kernels.h); cpu_rope_row rotates the first `heads` heads of
+// one row of D-wide heads by those angles, in double.
+void cpu_rope_angles(double *cs, size_t t, size_t D, double theta, double sign);
+void cpu_rope_row(real *row, const double *cs, size_t heads, size_t D);
 
 // cpu_<name> for every KERNEL of the op list. Of the KERNEL_HOOKs the CPU sets one:
 // attention_plan (attention.c: fused attention keeps a logsumexp per query).

@@ -1,5 +1,5 @@
 // attention.cu: RoPE and causal grouped-query attention: which path runs, and the plain
-// CUDA kernels.
+// CUDA kernels; last, the decode-time attention over a KV cache (generation).
 //
 // Under bf16 products the ops run cuDNN's fused attention (sdpa_cudnn.cpp) wherever
 // cuDNN builds a plan for the shape: att then holds the softmax statistics (B*H*T) and
@@ -289,5 +289,88 @@ void cuda_attention_backward(Tensor dqkv, Tensor datt, Tensor dout, Tensor out, 
     cudaCheckLaunch();
     attention_backward_kv_kernel<<<(unsigned)(B * KV * T), CUDA_THREADS>>>(
         DEV_R(dqkv), DEV_R(datt), DEV_R(dout), DEV_R(qkv), DEV_R(att), s);
+    cudaCheckLaunch();
+}
+
+// ---- decode-time attention over a KV cache ----------------------------------------------
+
+// Row b's query and key heads rotated by pos[b] (the rope kernel's rotation), its key and
+// value heads copied into the cache at pos[b]. One block per row; a position outside
+// the cache raises the error flag and the row is left alone.
+__global__ void decode_append_kernel(float *qkv, float *kc, float *vc, const int32_t *pos,
+                                     size_t L, size_t H, size_t KV, size_t D, double theta,
+                                     int *flag) {
+    size_t b = blockIdx.x, half = D / 2, width = (H + 2 * KV) * D, p = (size_t)pos[b];
+    if (pos[b] < 0 || p >= L) {
+        if (threadIdx.x == 0) cuda_flag(flag, CUDA_BAD_ROW);
+        return;
+    }
+    float *row = qkv + b * width;
+    for (size_t j = threadIdx.x; j < (H + KV) * half; j += blockDim.x) {
+        size_t i = j % half, head = j / half;
+        double a = (double)p * pow(theta, -2.0 * (double)i / (double)D);
+        double c = cos(a), s = sin(a);
+        float *x1 = row + head * D + i, *x2 = x1 + half;
+        double v1 = *x1, v2 = *x2;
+        *x1 = (float)(v1 * c - v2 * s);
+        *x2 = (float)(v2 * c + v1 * s);
+    }
+    __syncthreads();
+    float *k = kc + (b * L + p) * KV * D, *v = vc + (b * L + p) * KV * D;
+    for (size_t j = threadIdx.x; j < KV * D; j += blockDim.x) {
+        k[j] = row[H * D + j];
+        v[j] = row[(H + KV) * D + j];
+    }
+}
+
+// Block (b, h): scores of positions 0..pos[b] in shared memory, their softmax, out = p v.
+__global__ void decode_attend_kernel(float *out, const float *qkv, const float *kc,
+                                     const float *vc, const int32_t *pos, size_t L, size_t H,
+                                     size_t KV, size_t D) {
+    extern __shared__ float sc[];   // (L) scores, then probabilities
+    size_t b = blockIdx.x / H, h = blockIdx.x % H, g = h / (H / KV);
+    size_t n = pos[b] < 0 || (size_t)pos[b] >= L ? 0 : (size_t)pos[b] + 1;
+    const float *q = qkv + b * (H + 2 * KV) * D + h * D;
+    const float *k = kc + b * L * KV * D + g * D, *v = vc + b * L * KV * D + g * D;
+    float scale = 1.0f / sqrtf((float)D), mx = -INFINITY;
+    for (size_t u = threadIdx.x; u < n; u += blockDim.x) {
+        float dot = 0.0f;
+        for (size_t d = 0; d < D; d++)
+            dot += q[d] * k[u * KV * D + d];
+        sc[u] = dot * scale;
+        mx = fmaxf(mx, sc[u]);
+    }
+    mx = cuda_block_max(mx);
+    double sum = 0.0;
+    for (size_t u = threadIdx.x; u < n; u += blockDim.x) {
+        sc[u] = expf(sc[u] - mx);
+        sum += sc[u];
+    }
+    sum = cuda_block_sum(sum);
+    for (size_t d = threadIdx.x; d < D; d += blockDim.x) {
+        double acc = 0.0;
+        for (size_t u = 0; u < n; u++)
+            acc += (double)sc[u] * v[u * KV * D + d];
+        out[blockIdx.x * D + d] = (float)(acc / sum);
+    }
+}
+
+void cuda_attention_decode_forward(Tensor out, Tensor qkv, Tensor kcache, Tensor vcache,
+                                   Tensor pos, size_t B, size_t L, size_t H, size_t KV,
+                                   size_t D, double theta) {
+    CUDA_REQUIRE(KV > 0 && H % KV == 0, "attention: %zu query heads cannot share %zu KV heads",
+                 H, KV);
+    CUDA_REQUIRE(D % 2 == 0, "RoPE needs an even head size, not %zu", D);
+    // The scores of one (sequence, head) live in shared memory: 48 KiB of them.
+    CUDA_REQUIRE(L * sizeof(float) <= 48 * 1024,
+                 "decode attention on CUDA keeps at most %zu cached positions, not %zu",
+                 (size_t)(48 * 1024 / sizeof(float)), L);
+    if (B == 0) return;
+    decode_append_kernel<<<(unsigned)B, CUDA_THREADS>>>(DEV_R(qkv), DEV_R(kcache),
+                                                        DEV_R(vcache), DEV_I(pos), L, H, KV,
+                                                        D, theta, cuda_error_flag());
+    cudaCheckLaunch();
+    decode_attend_kernel<<<(unsigned)(B * H), CUDA_THREADS, L * sizeof(float)>>>(
+        DEV_R(out), DEV_R(qkv), DEV_R(kcache), DEV_R(vcache), DEV_I(pos), L, H, KV, D);
     cudaCheckLaunch();
 }

@@ -430,6 +430,21 @@ static void attention_case(size_t B, size_t T, size_t H, size_t KV, size_t D) {
     free(second);
 }
 
+// Generation: one row per sequence at positions 0, 4 and 9 of a cache of 10 whose other
+// positions hold earlier keys and values; the row's rotation, the cache's writes and out.
+static void case_attention_decode(void) {
+    size_t B = 3, L = 10, H = 4, KV = 2, D = 8, W = (H + 2 * KV) * D;
+    int32_t at[3] = {0, 4, 9};
+    Pair qkv = reals(B * W, 1), kc = reals(B * L * KV * D, 1), vc = reals(B * L * KV * D, 1),
+         pos = ints(at, B), out = zeros(B * H * D, DTYPE_F32);
+    cpu->attention_decode_forward(out.c, qkv.c, kc.c, vc.c, pos.c, B, L, H, KV, D, 1e4);
+    gpu->attention_decode_forward(out.g, qkv.g, kc.g, vc.g, pos.g, B, L, H, KV, D, 1e4);
+    close_all("attention_decode qkv", qkv, RTOL);
+    close_all("attention_decode kcache", kc, RTOL);
+    close_all("attention_decode vcache", vc, RTOL);
+    close_all("attention_decode out", out, RTOL);
+}
+
 static void case_attention(void) {
     attention_case(2, 13, 4, 2, 8);
     attention_case(1, 70, 2, 2, 16);   // T beyond the CPU's 64-row blocks; no grouping
@@ -1106,6 +1121,7 @@ static const Case cases[] = {
     {"matmul_bf16", case_matmul_bf16},
     {"rope", case_rope},
     {"attention", case_attention},
+    {"attention_decode", case_attention_decode},
     {"attention_fused", case_attention_fused},
     {"swiglu", case_swiglu},
     {"experts", case_experts},

@@ -13,7 +13,6 @@
 #include "../logits.h"
 #include "../report.h"
 #include "../run.h"
-#include "../sample.h"
 
 // Words after the positional arguments: "section.key=value" overrides only.
 static int is_override(const char *w) { return strchr(w, '=') && strchr(w, '.'); }
@@ -54,61 +53,6 @@ int eval_main(int argc, char **argv) {
     printf("%-16s %10.4f %12.3f\n", "mean", ev.loss[ev.n_domains], exp(ev.loss[ev.n_domains]));
     eval_result_free(&ev);
     data_loader_close(dl);
-    model_free(&m);
-    return 0;
-}
-
-typedef struct {
-    const char *prompt;
-    int tokens;
-    double temperature, top_p;
-    unsigned long long seed;
-} SampleArgs;
-
-static void parse_sample_args(SampleArgs *a, int argc, char **argv) {
-    *a = (SampleArgs){"The ", 240, 0.8, 0.95, 1337};
-    for (int i = 2; i < argc; i++) {
-        if (i + 1 >= argc) FAIL("%s needs a value", argv[i]);
-        const char *f = argv[i], *v = argv[++i];
-        if (!strcmp(f, "--prompt")) a->prompt = v;
-        else if (!strcmp(f, "--tokens")) a->tokens = (int)util_arg_number(f, v, 0, 1 << 20, 1);
-        else if (!strcmp(f, "--temperature")) a->temperature = util_arg_number(f, v, 0, 100, 0);
-        else if (!strcmp(f, "--top-p")) a->top_p = util_arg_number(f, v, 1e-9, 1, 0);
-        else if (!strcmp(f, "--seed"))
-            a->seed = (unsigned long long)util_arg_number(f, v, 0, 1e18, 1);
-        else FAIL("unknown option %s (moe sample --help lists them)", f);
-    }
-}
-
-// `moe sample CKPT [--prompt TEXT] [--tokens N] [--temperature T] [--top-p P] [--seed S]`
-int sample_main(int argc, char **argv) {
-    if (argc < 2 || !strcmp(argv[1], "--help")) {
-        printf("usage: moe sample CHECKPOINT [--prompt TEXT] [--tokens 240] "
-               "[--temperature 0.8] [--top-p 0.95] [--seed 1337]\n"
-               "  Continues TEXT token by token, encoded and decoded with the checkpoint's\n"
-               "  tokenizer (temperature 0: greedy; nucleus sampling).\n");
-        return argc < 2 ? 2 : 0;
-    }
-    SampleArgs a;
-    parse_sample_args(&a, argc, argv);
-    char ckpt[KEY_STRING_MAX];
-    run_resolve_checkpoint(argv[1], ckpt, sizeof ckpt);
-    RunConfig rc;
-    run_load_checkpoint_config(&rc, ckpt, 0, NULL);
-    if (rc.data.tokenizer == TOKENIZER_BYTES && rc.model.vocab != 256)
-        FAIL("%s: vocab %d with the bytes tokenizer (data.tokenizer): its ids above 255 "
-             "have no text\nHINT: moe import picks up an HF directory's tokenizer", ckpt,
-             rc.model.vocab);
-    Tokenizer *tok = run_open_tokenizer(&rc);
-    Model m;
-    run_model_from_checkpoint(&m, &rc, ckpt, 1);
-    char err[512];
-    char *text = sample_text(&m, tok, a.prompt, a.tokens, a.temperature, a.top_p, a.seed, err,
-                             sizeof err);
-    if (!text) FAIL("--prompt: %s", err);
-    printf("%s\n", text);
-    free(text);
-    tokenizer_free(tok);
     model_free(&m);
     return 0;
 }

@@ -1,5 +1,5 @@
-// commands.h: the commands that use a trained model: eval, sample, experts (ESFT),
-// merge (delta onto base), report (a run's report.html again).
+// commands.h: the commands that use a trained model: eval, sample (generate.c), experts
+// (ESFT), merge (delta onto base), report (a run's report.html again).
 #ifndef MOE_COMMANDS_H
 #define MOE_COMMANDS_H
 

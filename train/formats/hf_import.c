@@ -231,6 +231,17 @@ static void set_fixed(RunConfig *rc, const char *const *words) {
         if (run_config_override(rc, *words, err, sizeof err) != 0) DIE("%s", err);
 }
 
+// eos_token_id (an id, or a list whose first id is taken) -> data.eos_id; null: none.
+static void eos_from_config(RunConfig *rc, const cJSON *j, const char *path) {
+    const cJSON *eos = cJSON_GetObjectItemCaseSensitive(j, "eos_token_id");
+    if (cJSON_IsArray(eos)) eos = cJSON_GetArrayItem(eos, 0);
+    if (!eos || cJSON_IsNull(eos)) return;
+    if (!cJSON_IsNumber(eos) || eos->valuedouble < 0 || eos->valuedouble >= rc->model.vocab ||
+        eos->valuedouble != (double)(int)eos->valuedouble)
+        FAIL("%s: eos_token_id is not a token id below vocab_size = %d", path, rc->model.vocab);
+    rc->data.eos_id = eos->valueint;
+}
+
 void hf_import_config(const char *dir, long seq_len, RunConfig *rc) {
     char path[HF_PATH_MAX], value[64], err[1024];
     join_path(path, dir, HF_CONFIG);
@@ -258,6 +269,7 @@ void hf_import_config(const char *dir, long seq_len, RunConfig *rc) {
         set_key(rc, path, "--seq-len", "model.seq_len", value);
     }
     if (f == HF_MIXTRAL) check_window(j, rc, path);
+    eos_from_config(rc, j, path);
     if (run_config_validate(rc, err, sizeof err) != 0) FAIL("%s: %s", path, err);
     cJSON_Delete(j);
 }
