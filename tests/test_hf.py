@@ -129,6 +129,16 @@ def test_export_import_is_bit_identical(base, tmp_path):
         assert (tmp_path / "again" / name).read_bytes() == (base["export"] / name).read_bytes()
 
 
+def test_end_of_sequence_id_goes_out_and_comes_back(base, tmp_path):
+    assert json.loads((base["export"] / "config.json").read_text())["eos_token_id"] is None
+    ckpt = train(tmp_path, "eos", ["data.eos_id=46"], steps=1)
+    run_moe(["export", ckpt, tmp_path / "export"])
+    assert json.loads((tmp_path / "export" / "config.json").read_text())["eos_token_id"] == 46
+    run_moe(["import", tmp_path / "export", tmp_path / "imported.h5"])
+    with h5py.File(tmp_path / "imported.h5", "r") as f:
+        assert f["config"].attrs["data.eos_id"] in (46, b"46", "46")
+
+
 def test_imported_checkpoint_evaluates_and_finetunes_like_the_original(base, tmp_path):
     out = tmp_path / "imported.h5"
     run_moe(["import", base["export"], out])

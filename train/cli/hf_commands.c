@@ -119,7 +119,7 @@ int export_main(int argc, char **argv) {
     Model m;
     load_exportable(&m, &rc, ckpt);
     uint64_t bytes;
-    size_t files = hf_export_write(a.dir, &m, a.dtype, a.shard_size, a.force, &bytes);
+    size_t files = hf_export_write(a.dir, &m, rc.data.eos_id, a.dtype, a.shard_size, a.force, &bytes);
     export_tokenizer(&rc, a.dir, a.force);
     printf("exported %s -> %s: %zu tensors, %" PRIu64 " bytes of %s in %zu file%s\n", ckpt,
            a.dir, m.layout.n_params, bytes, safetensors_dtype_name(a.dtype), files,

@@ -45,14 +45,15 @@ int hf_name_import(HfFamily f, const char *hf, char *out, size_t n);
 // The first feature of c that its family (hf_family_of) cannot express, described in
 // why; returns 0 when there is none.
 int hf_export_check(const ModelConfig *c, char *why, size_t n);
-// Writes m's weights (as dtype) and config.json into dir, created when missing; a new
-// shard starts where the next tensor would pass shard_size bytes. A dir that holds
+// Writes m's weights (as dtype) and config.json (eos_token_id = eos_id, null when
+// negative) into dir, created when missing; a new shard starts where the next tensor
+// would pass shard_size bytes. A dir that holds
 // anything is refused unless force; then, once the new files are written, the export
 // files they do not replace (config.json, model*.safetensors,
 // model.safetensors.index.json) are removed and every other file is kept. Sets *bytes
 // to the weights' size and returns the number of weight files.
-size_t hf_export_write(const char *dir, const Model *m, StDType dtype, uint64_t shard_size,
-                       int force, uint64_t *bytes);
+size_t hf_export_write(const char *dir, const Model *m, int eos_id, StDType dtype,
+                       uint64_t shard_size, int force, uint64_t *bytes);
 // Reads the directory into rc (defaults, then what the family fixes, then config.json's keys;
 // seq_len > 0 replaces max_position_embeddings) and its weights (F32, BF16 or F16) into m,
 // which it initialises on the CPU for one sequence.

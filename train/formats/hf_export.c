@@ -132,14 +132,15 @@ static void family_config(cJSON *j, const ModelConfig *c, HfFamily f) {
     cJSON_AddNumberToObject(j, "max_window_layers", c->layers);
 }
 
-static cJSON *hf_config(const ModelConfig *c, StDType dtype) {
+static cJSON *hf_config(const ModelConfig *c, StDType dtype, int eos_id) {
     HfFamily f = hf_family_of(c);
     cJSON *j = common_config(c, f);
     family_config(j, c, f);
-    // Byte-level models have no special tokens; the config classes' defaults (Mixtral's
-    // 1 and 2, OLMoE's 50279) would make generate() stop at a byte.
+    // Written even when absent: the config classes' defaults (Mixtral's 1 and 2, OLMoE's
+    // 50279) would make generate() stop at a byte of a byte-level model.
     cJSON_AddNullToObject(j, "bos_token_id");
-    cJSON_AddNullToObject(j, "eos_token_id");
+    if (eos_id >= 0) cJSON_AddNumberToObject(j, "eos_token_id", eos_id);
+    else cJSON_AddNullToObject(j, "eos_token_id");
     cJSON_AddBoolToObject(j, "use_cache", 1);
     cJSON_AddStringToObject(j, "torch_dtype", dtype == ST_BF16 ? "bfloat16" : "float32");
     return j;
@@ -307,8 +308,8 @@ static float *params_f32(const Model *m) {
     return out;
 }
 
-size_t hf_export_write(const char *dir, const Model *m, StDType dtype, uint64_t shard_size,
-                       int force, uint64_t *bytes) {
+size_t hf_export_write(const char *dir, const Model *m, int eos_id, StDType dtype,
+                       uint64_t shard_size, int force, uint64_t *bytes) {
     check_target(dir, force);
     make_dir(dir);
     float *host = params_f32(m);
@@ -322,7 +323,7 @@ size_t hf_export_write(const char *dir, const Model *m, StDType dtype, uint64_t 
         *bytes += safetensors_out_bytes(&t[i], dtype);
     }
     size_t files = write_weights(dir, t, m->layout.n_params, dtype, shard_size);
-    cJSON *config = hf_config(&m->cfg, dtype);
+    cJSON *config = hf_config(&m->cfg, dtype, eos_id);
     write_json(dir, HF_CONFIG, config);
     cJSON_Delete(config);
     remove_stale(dir, files);
