@@ -2,7 +2,7 @@
 #   make            build ./moe (installs missing Debian packages first, see `make deps`)
 #   make test       build and run every test (C suites and the PyTorch comparison)
 #   make bench      benchmark (not a test): peaks, training phases, one MoE layer; bench.csv
-#   make bench-peer moe.c's tokens/s over PyTorch's on configs/small.ini
+#   make bench-peer moe.c's tokens/s over PyTorch's (Debian's; PyPI's, eager and compiled) on small
 #   make bench-gpu  the GPU part of make bench alone; bench-gpu-peer: against PyTorch on the GPU
 #   make bench-dist configs/small.ini in one process and under mpirun -np 2 (DP, ZeRO-1, EP)
 #   make gpu-bundle pack binaries and libraries for tests/cuda/gpu_check.sh on a GPU machine
@@ -57,6 +57,10 @@ TOK_PIP := tokenizers==0.20.3 sentencepiece==0.2.0 transformers==4.46.3 protobuf
 # venv that sees Debian's packages. Qwen3-MoE needs torch 2 (by hand: families_transformers.py).
 HF_VENV := $(BUILD)/venv-hf
 HF_PIP := transformers==4.45.2
+# make bench-peer's current PyTorch (eager and torch.compile), made by that target alone:
+# PyPI's torch brings its CUDA wheels (about 5 GB), which neither make test nor the CI needs.
+TORCH_VENV := $(BUILD)/venv-torch
+TORCH_PIP := torch==2.15.0 numpy==2.4.6
 
 missing_pkgs = $(shell for p in $(1); do \
     dpkg-query -W -f='$${Status}\n' $$p 2>/dev/null | grep -q 'ok installed' || echo $$p; done)
@@ -287,7 +291,12 @@ bench: $(BUILD)/bench
 	$(BUILD)/bench --gpu --csv bench-gpu.csv
 
 bench-peer: $(BUILD)/bench
-	$(BUILD)/bench --peer --steps 5 configs/small.ini
+	@$(TORCH_VENV)/bin/python -c 'import torch' 2>/dev/null || { \
+	    echo "moe: installing $(TORCH_PIP) from PyPI into $(TORCH_VENV) (about 5 GB)"; \
+	    $(PYTHON_REF) -m venv $(TORCH_VENV) && $(TORCH_VENV)/bin/pip install -q \
+	        --disable-pip-version-check $(TORCH_PIP); }
+	$(BUILD)/bench --peer --steps 5 --python $(PYTHON_REF) --python $(TORCH_VENV)/bin/python \
+	    configs/small.ini
 
 # configs/small.ini in one process and under mpirun -np 2 (DP, ZeRO-1, EP): tokens/s, bytes
 # per step and the share of time in collectives (bench/dist_bench.sh).

@@ -2,7 +2,7 @@
 //
 //   bench [--steps N] [--seconds S] [--csv FILE] [--only train|layer|generate] [CONFIG.ini ...]
 //         [section.key=value ...]
-//   bench --peer [--steps N] [--python PATH] [CONFIG.ini] [section.key=value ...]
+//   bench --peer [--steps N] [--python PATH ...] [CONFIG.ini] [section.key=value ...]
 //   bench --gpu [--steps N] [--csv FILE] [CONFIG.ini] [section.key=value ...]
 //   bench --gpu-peer [--steps N] [--python PATH] [CONFIG.ini] [section.key=value ...]
 //
@@ -12,7 +12,8 @@
 // tokens of context (KV cache, and a full forward per token), and writes every figure to
 // bench.csv.
 // --peer trains the config (default small) here and in bench/torch_ref.py (PyTorch,
-// same shapes and routing) and prints the ratio of their tokens/s. Override words
+// same shapes and routing) under each --python (default Debian's), eager and through
+// torch.compile where its torch has it, and prints the ratios of their tokens/s. Override words
 // (router.aux_scope=micro, ...) apply to every config of moe.c, not to the peer.
 //
 // --gpu measures the CUDA backend's device instead: its dense bf16 GEMM rate, the grouped
@@ -36,6 +37,7 @@
 
 #define MAX_CONFIGS 16
 #define SGEMM_N 2048
+#define MAX_PYTHONS 4
 
 typedef enum { JOB_PEAK, JOB_TRAIN, JOB_LAYER, JOB_GPU, JOB_GENERATE } JobKind;
 
@@ -60,6 +62,8 @@ typedef struct {
     const char *csv;
     const char *python;
     int python_set;
+    const char *pythons[MAX_PYTHONS]; // --peer: one PyTorch peer per interpreter
+    int n_pythons;
     const char *only; // "train", "layer" or "generate": that part alone (peaks always)
     int peer;
     int gpu;
@@ -184,6 +188,11 @@ static void print_train(const TrainResult *t, const PeakResult *p, double rss, F
            "copies)\n",
            "other:", 100.0 * (t->phase_s[PHASE_OTHER] - t->untaped_s) / t->step_s,
            100.0 * t->untaped_s / t->step_s, "");
+    double attn_gflops = t->attention_s > 0.0 ? t->attention_flops / t->attention_s / 1e9 : 0.0;
+    printf("  %-24s the op alone %.1f%% of the step, %.1f GFLOP/s (%.0f%% of the sgemm peak; "
+           "GEMM FLOPs\n  %-24s on the causal half, the backward's recomputed scores in)\n",
+           "attention core:", 100.0 * t->attention_s / t->step_s, attn_gflops,
+           100.0 * attn_gflops / p->sgemm_gflops, "");
     printf("  %-24s %d steps, fastest %.3f s; arenas: activations %.0f MB, their gradients "
            "%.0f MB\n",
            "run:", t->steps, t->step_s, t->acts_mb, t->dacts_mb);
@@ -199,6 +208,8 @@ static void print_train(const TrainResult *t, const PeakResult *p, double rss, F
     csv_row(csv, "train", t->name, "kept", t->kept);
     csv_row(csv, "train", t->name, "done_gflops", done);
     csv_row(csv, "train", t->name, "moe_overhead", moe / (moe + t->phase_s[PHASE_EXPERTS]));
+    csv_row(csv, "train", t->name, "attention_core_s", t->attention_s);
+    csv_row(csv, "train", t->name, "attention_core_gflops", attn_gflops);
     for (int i = 0; i < PHASE_COUNT; i++) {
         char key[48];
         snprintf(key, sizeof key, "phase_%s_s", bench_phase_names[i]);
@@ -353,7 +364,8 @@ static int bench_all(const Options *o) {
 }
 
 // Runs a PyTorch peer script on the same config; returns the tokens/s it prints on its
-// "<tag> tokens/s: X" line, or 0 on failure.
+// "<tag> tokens/s: X" line, 0 on failure, or -1 when the script says (exit status 3) that
+// its torch lacks what was asked (torch.compile in torch 1).
 static double peer_tokens_per_s(const char *python, const char *script, const char *config,
                                 int steps, const char *extra) {
     char cmd[1024], tag[128];
@@ -369,15 +381,20 @@ static double peer_tokens_per_s(const char *python, const char *script, const ch
         fputs(line, stdout);
         sscanf(line, tag, &tok_s);
     }
-    return pclose(p) == 0 ? tok_s : 0.0;
+    int status = pclose(p);
+    if (WIFEXITED(status) && WEXITSTATUS(status) == 3) return -1.0;
+    return status == 0 ? tok_s : 0.0;
 }
 
-// Rounds of moe.c then PyTorch, alternating, each side's best kept: a quiet or a noisy
-// stretch of a shared machine then falls on both sides rather than on one. Both sides run
-// dropless (router.capacity_factor = 0), so both compute every assignment: equal work,
-// though not the same weights. The peer runs under each OpenMP wait policy and thread
-// count (all cores, half of them) and its best is kept: its own best settings.
+// Rounds of moe.c then each peer, alternating, each side's best kept: a quiet or a noisy
+// stretch of a shared machine then falls on every side rather than on one. All sides run
+// dropless (router.capacity_factor = 0), so all compute every assignment: equal work,
+// though not the same weights. Each peer (an interpreter's torch, eager or through
+// torch.compile) runs in the first round under each OpenMP wait policy and thread count
+// (all cores, half of them), in later rounds at the fastest of those: its own best
+// settings.
 #define PEER_ROUNDS 2
+#define PEER_SETTINGS 4
 
 typedef struct {
     const char *policy;
@@ -385,22 +402,68 @@ typedef struct {
     double tok_s;
 } PeerSetting;
 
+typedef struct {
+    const char *python;
+    int compiled; // through torch.compile
+    int absent;   // its torch has no torch.compile: skipped
+    PeerSetting set[PEER_SETTINGS];
+} Peer;
+
+static int peer_settings(PeerSetting *set) {
+    int cores = (int)sysconf(_SC_NPROCESSORS_ONLN), n = 0;
+    set[n++] = (PeerSetting){"PASSIVE", cores, 0};
+    set[n++] = (PeerSetting){"ACTIVE", cores, 0};
+    if (cores > 1) {
+        set[n++] = (PeerSetting){"PASSIVE", cores / 2, 0};
+        set[n++] = (PeerSetting){"ACTIVE", cores / 2, 0};
+    }
+    return n;
+}
+
+static int peer_best(const Peer *peer, int n_set) {
+    int best = 0;
+    for (int s = 1; s < n_set; s++)
+        if (peer->set[s].tok_s > peer->set[best].tok_s) best = s;
+    return best;
+}
+
+// One round of one peer: the first over all its settings, later ones at the best of
+// those alone; nonzero when a run failed.
+static int peer_round(Peer *peer, int n_set, const char *config, int steps, int round) {
+    int first = round == 1 ? 0 : peer_best(peer, n_set), last = round == 1 ? n_set : first + 1;
+    for (int s = first; s < last && !peer->absent; s++) {
+        char extra[128];
+        snprintf(extra, sizeof extra, "--dropless --wait-policy %s --threads %d%s",
+                 peer->set[s].policy, peer->set[s].threads, peer->compiled ? " --compile" : "");
+        printf("round %d: ", round);
+        double tok_s = peer_tokens_per_s(peer->python, "torch_ref", config, steps, extra);
+        if (tok_s < 0.0) peer->absent = 1;
+        if (tok_s == 0.0) {
+            fprintf(stderr, "bench: %s bench/torch_ref.py %s failed\n", peer->python, extra);
+            return 1;
+        }
+        if (tok_s > peer->set[s].tok_s) peer->set[s].tok_s = tok_s;
+    }
+    return 0;
+}
+
 static int bench_peer(const Options *o) {
     const char *config = o->n_configs ? o->configs[0] : "configs/small.ini";
     static char dropless[] = "router.capacity_factor=0";
     char *words[MAX_CONFIGS + 1];
     memcpy(words, o->words, (size_t)o->n_words * sizeof *words);
     words[o->n_words] = dropless;
-    int cores = (int)sysconf(_SC_NPROCESSORS_ONLN);
-    PeerSetting set[4] = {{"PASSIVE", cores, 0}, {"ACTIVE", cores, 0}};
-    int n_set = 2;
-    if (cores > 1) {
-        set[n_set++] = (PeerSetting){"PASSIVE", cores / 2, 0};
-        set[n_set++] = (PeerSetting){"ACTIVE", cores / 2, 0};
-    }
+    Peer peers[2 * MAX_PYTHONS];
+    int n_peers = 0, n_set = 0;
+    for (int i = 0; i < o->n_pythons; i++)
+        for (int compiled = 0; compiled < 2; compiled++) {
+            Peer *p = &peers[n_peers++];
+            *p = (Peer){o->pythons[i], compiled, 0, {{0}}};
+            n_set = peer_settings(p->set);
+        }
     print_banner();
-    printf("equal work: both sides dropless (router.capacity_factor=0 on %s), own random "
-           "weights\n", config);
+    printf("equal work: every side dropless (router.capacity_factor=0 on %s), each from its "
+           "own random weights\n", config);
     double ours = 0.0;
     for (int round = 1; round <= PEER_ROUNDS; round++) {
         JobResult r;
@@ -413,26 +476,23 @@ static int bench_peer(const Options *o) {
                round, r.train.name, tok_s, r.train.threads, r.train.steps, r.train.step_s,
                100.0 * r.train.kept);
         if (tok_s > ours) ours = tok_s;
-        for (int s = 0; s < n_set; s++) {
-            char extra[96];
-            snprintf(extra, sizeof extra, "--dropless --wait-policy %s --threads %d",
-                     set[s].policy, set[s].threads);
-            printf("round %d: ", round);
-            double peer = peer_tokens_per_s(o->python, "torch_ref", config, o->steps, extra);
-            if (peer <= 0.0) {
-                fprintf(stderr, "bench: bench/torch_ref.py %s failed\n", extra);
-                return 1;
-            }
-            if (peer > set[s].tok_s) set[s].tok_s = peer;
-        }
+        for (int p = 0; p < n_peers; p++)
+            if (peer_round(&peers[p], n_set, config, o->steps, round)) return 1;
     }
-    int best = 0;
-    for (int s = 1; s < n_set; s++)
-        if (set[s].tok_s > set[best].tok_s) best = s;
-    printf("best of %d rounds: moe.c %.0f, PyTorch %.0f tokens/s (OMP_WAIT_POLICY=%s, %d "
-           "threads, its best setting)\n",
-           PEER_ROUNDS, ours, set[best].tok_s, set[best].policy, set[best].threads);
-    printf("moe.c / PyTorch tokens/s, equal work (dropless): %.2fx\n", ours / set[best].tok_s);
+    printf("best of %d rounds: moe.c %.0f tokens/s\n", PEER_ROUNDS, ours);
+    for (int p = 0; p < n_peers; p++) {
+        const Peer *peer = &peers[p];
+        const char *mode = peer->compiled ? "torch.compile" : "eager";
+        if (peer->absent) {
+            printf("%s %s: skipped (its torch has no torch.compile)\n", peer->python, mode);
+            continue;
+        }
+        int best = peer_best(peer, n_set);
+        printf("moe.c / PyTorch (%s, %s) tokens/s, equal work (dropless): %.2fx (PyTorch %.0f "
+               "tokens/s at its best setting: OMP_WAIT_POLICY=%s, %d threads)\n",
+               peer->python, mode, ours / peer->set[best].tok_s, peer->set[best].tok_s,
+               peer->set[best].policy, peer->set[best].threads);
+    }
     return 0;
 }
 
@@ -559,7 +619,7 @@ static int bench_gpu_peer(const Options *o) {
 static void usage(void) {
     fprintf(stderr, "usage: bench [--steps N] [--seconds S] [--csv FILE] "
                     "[--only train|layer|generate] [CONFIG.ini ...] [section.key=value ...]\n"
-                    "       bench --peer [--steps N] [--python PATH] [CONFIG.ini] "
+                    "       bench --peer [--steps N] [--python PATH ...] [CONFIG.ini] "
                     "[section.key=value ...]\n"
                     "       bench --gpu [--steps N] [--csv FILE] [CONFIG.ini] "
                     "[section.key=value ...]\n"
@@ -585,8 +645,8 @@ static Options parse_options(int argc, char **argv) {
             o.seconds = atof(argv[++i]);
         else if (!strcmp(a, "--csv") && more)
             o.csv = argv[++i];
-        else if (!strcmp(a, "--python") && more)
-            o.python = argv[++i], o.python_set = 1;
+        else if (!strcmp(a, "--python") && more && o.n_pythons < MAX_PYTHONS)
+            o.python = o.pythons[o.n_pythons++] = argv[++i], o.python_set = 1;
         else if (!strcmp(a, "--only") && more)
             o.only = argv[++i];
         else if (!strcmp(a, "--peer"))
@@ -616,6 +676,7 @@ static Options parse_options(int argc, char **argv) {
 int main(int argc, char **argv) {
     cpu_blas_select_kernel(argv);
     Options o = parse_options(argc, argv);
+    if (o.peer && !o.n_pythons) o.pythons[o.n_pythons++] = o.python;
     if (o.peer) return bench_peer(&o);
     if (o.gpu) return bench_gpu_all(&o);
     if (o.gpu_peer) {

@@ -79,6 +79,8 @@ typedef struct {
     double step_s;               // the fastest step
     double phase_s[PHASE_COUNT]; // that step, by phase
     double untaped_s;            // the part of PHASE_OTHER outside tape ops
+    double attention_s;          // that step's attention op alone (forward + backward)
+    double attention_flops;      // its GEMM FLOPs on the causal half, backward's recompute in
     int steps, threads;
 } TrainResult;
 

@@ -11,14 +11,20 @@ to combine them. AdamW, random tokens, no data files. Prints the fastest step's 
     torch_ref tokens/s: 1234
 
 Usage: /usr/bin/python3 bench/torch_ref.py CONFIG.ini [--steps N] [--threads N]
-           [--wait-policy PASSIVE|ACTIVE] [--dropless]
+           [--wait-policy PASSIVE|ACTIVE] [--dropless] [--compile]
 --dropless sets router.capacity_factor = 0 (equal work with moe.c's dropless run).
+--compile runs the dense parts of the forward through torch.compile (torch 2): each
+layer's norms, attention and residual add, and the head with its loss. The MoE part, whose
+shapes depend on the routing (nonzero()), runs eager between them: compiling the whole
+forward breaks its graph there and inside the layer loop, where torch.compile gives up on
+the frame. A torch without torch.compile exits with status 3.
 Warm-up steps run until two in a row are within 5% of each other (at most 10), then
 --steps timed steps. Any python with torch runs it (Debian's python3-torch 1.13 lives in
 /usr/bin/python3).
 """
 import argparse
 import configparser
+import logging
 import math
 import os
 import statistics
@@ -185,13 +191,20 @@ class MoeModel(torch.nn.Module):
         x = self.embed[tokens]
         stats = []
         for b in self.blocks:
-            x = x + self.attention(self.rmsnorm(x, b.ln1), b)
-            y, counts, pmean, z = self.moe(self.rmsnorm(x, b.ln2).view(B * T, -1), b)
+            x, h = self.attention_block(x, b)
+            y, counts, pmean, z = self.moe(h.view(B * T, -1), b)
             x = x + y.view(B, T, -1)
             stats.append((counts, pmean, z))
+        return self.lm_loss(x, targets), stats
+
+    def attention_block(self, x, b):
+        """The residual stream after attention, and the MoE's normalised input."""
+        x = x + self.attention(self.rmsnorm(x, b.ln1), b)
+        return x, self.rmsnorm(x, b.ln2)
+
+    def lm_loss(self, x, targets):
         logits = self.rmsnorm(x, self.norm) @ (self.embed if self.head is None else self.head).t()
-        ce = F.cross_entropy(logits.view(B * T, -1), targets.view(-1))
-        return ce, stats
+        return F.cross_entropy(logits.view(-1, logits.shape[-1]), targets.view(-1))
 
 
 def step_loss(model, batches):
@@ -229,13 +242,22 @@ def main():
     ap.add_argument("--threads", type=int, default=os.cpu_count())
     ap.add_argument("--wait-policy", choices=("PASSIVE", "ACTIVE"), default="PASSIVE")
     ap.add_argument("--dropless", action="store_true")
+    ap.add_argument("--compile", action="store_true")
     args = ap.parse_args()
+    if args.compile and not hasattr(torch, "compile"):
+        print(f"torch_ref: torch {torch.__version__} has no torch.compile")
+        sys.exit(3)
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     c = read_config(args.config)
     if args.dropless:
         c.capacity_factor = 0.0
     model = MoeModel(c)
+    if args.compile:  # the dense parts; the MoE's shapes depend on the routing (nonzero())
+        # Inductor's C++ builder warns that a CUDA wheel finds no CUDA runtime: noise here.
+        logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
+        model.attention_block = torch.compile(model.attention_block)
+        model.lm_loss = torch.compile(model.lm_loss)
     opt = torch.optim.AdamW(model.parameters(), lr=c.lr, weight_decay=c.weight_decay)
     tokens_per_step = c.batch_size * c.seq_len * c.grad_accum
 
@@ -257,7 +279,7 @@ def main():
         kept.append(model.kept / model.routed)
     best = min(times)
     print(f"torch_ref: {args.config}{' (dropless)' if args.dropless else ''}, torch "
-          f"{torch.__version__}, {args.threads} threads, OMP_WAIT_POLICY="
+          f"{torch.__version__} {'torch.compile' if args.compile else 'eager'}, {args.threads} threads, OMP_WAIT_POLICY="
           f"{os.environ['OMP_WAIT_POLICY']}, {warm} warm-up steps, fastest of {args.steps} "
           f"steps: {best:.3f} s (median {statistics.median(times):.3f} s), "
           f"{100 * kept[times.index(best)]:.1f}% of assignments kept by capacity")

@@ -181,6 +181,22 @@ static double train_step(Trainer *tr, long step, double *phase, double *untaped)
     return t2 - t0;
 }
 
+// The attention op's time in the step just run (the op timer keeps it until the next),
+// and its GEMM FLOPs over the query-key pairs the causal mask keeps: forward q k^T and
+// p v (4D per pair), backward the scores again, dout v^T, dv, dq and dk (10D).
+static void attention_core(const Trainer *tr, double *seconds, double *flops) {
+    const Tape *t = &tr->m.tape;
+    *seconds = *flops = 0.0;
+    for (size_t i = 0; i < t->n; i++) {
+        if (t->ops[i].kind != OP_ATTENTION) continue;
+        const TapeOp *op = &t->ops[i];
+        double pairs = 0.5 * (double)op->attention.T * (double)(op->attention.T + 1);
+        *seconds += tr->op_seconds[i];
+        *flops += 14.0 * (double)(op->attention.D * op->attention.H * op->attention.B) * pairs *
+                  tr->rc.train.grad_accum;
+    }
+}
+
 void bench_train(TrainResult *out, const BenchConfig *config, int steps, double min_seconds) {
     static Trainer tr;
     trainer_init(&tr, config);
@@ -208,6 +224,7 @@ void bench_train(TrainResult *out, const BenchConfig *config, int steps, double 
             out->untaped_s = untaped;
             out->kept = routed ? (double)tr.kept / (double)routed : 1.0;
             memcpy(out->phase_s, phase, sizeof phase);
+            attention_core(&tr, &out->attention_s, &out->attention_flops);
         }
     }
     out->steps = (int)(s - 1);

@@ -929,12 +929,14 @@ static void combine_grad(Case *c, size_t which, real *grad) {
                            I(b->slot, b->N * b->k), b->N, b->k, b->C);
 }
 
+// k = 6 is above the backward's group of four gate gradients taken side by side, so a
+// token's kept choices span two groups, and capacity 7 drops some of them.
 static Case combine_case(void) {
     Rng r;
     rng_init(&r, 25);
-    size_t N = 11, E = 4, k = 2, C = 5;
+    size_t N = 11, E = 8, k = 6, C = 5;
     Case c = case_new("grad combine", N, E, k, N * C);
-    c.routed = routed_batch(&r, N, E, k, C, 4);
+    c.routed = routed_batch(&r, N, E, k, C, 7);
     c.n_in = 2;
     c.in[0] = test_rand(&r, c.routed.M * C, 1.0);
     c.in_n[0] = c.routed.M * C;
@@ -961,7 +963,7 @@ static void gather_grad(Case *c, size_t which, real *grad) {
                                I(b->rows, b->N * b->k), I(b->offsets, b->E + 1), b->E, b->C);
 }
 
-// C above one column block of the backward, so the blocked path is exercised.
+// Tokens with three, fewer or no kept rows (capacity 5): the backward sums each token's.
 static Case gather_case(void) {
     Rng r;
     rng_init(&r, 26);

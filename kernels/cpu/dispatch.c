@@ -7,8 +7,8 @@
 #include <stdlib.h>
 #include <string.h>
 
-// Columns per task in gather backward: one cache-friendly block of a row.
-#define GATHER_COLS 64
+// Gate gradients computed side by side in combine backward.
+#define COMBINE_GROUP 4
 
 void cpu_dispatch_plan(Tensor offsets, Tensor rows, Tensor slot, Tensor idx, Tensor keep,
                        size_t N, size_t E, size_t k) {
@@ -48,26 +48,37 @@ void cpu_gather_rows_forward(Tensor xp, Tensor x, Tensor rows, Tensor offsets, s
         memcpy(out + m * C, in + (size_t)row[m] * C, C * sizeof(real));
 }
 
-// A token owns one permuted row per kept choice, so splitting the work by row would race;
-// splitting by column block keeps every += in permuted-row order.
+// dx is summed per token, so threads split tokens without racing. Each token's permuted
+// rows are taken in ascending order (a counting sort of rows by token), the order in which
+// the rows come: the sums are the same, bit for bit, as adding row by row.
 void cpu_gather_rows_backward(Tensor dx, Tensor dxp, Tensor rows, Tensor offsets, size_t E,
                               size_t C) {
     if (!dx.data) return;
     real *d = TENSOR_R(dx);              // (N, C)
     const real *dp = TENSOR_R(dxp);      // (M, C)
     const int32_t *row = TENSOR_I(rows); // (M)
-    size_t M = (size_t)TENSOR_I(offsets)[E];
-    size_t blocks = util_ceil_div(C, GATHER_COLS);
+    size_t M = (size_t)TENSOR_I(offsets)[E], N = 0;
+    for (size_t m = 0; m < M; m++)
+        if ((size_t)row[m] + 1 > N) N = (size_t)row[m] + 1;
+    size_t *start = CALLOC(N + 1, sizeof *start); // (N+1) each token's first entry of order
+    int32_t *order = CALLOC(M ? M : 1, sizeof *order); // (M) permuted rows grouped by token
+    for (size_t m = 0; m < M; m++)
+        start[row[m] + 1]++;
+    for (size_t n = 0; n < N; n++)
+        start[n + 1] += start[n];
+    for (size_t m = 0; m < M; m++) // start[n] ends as the start of token n + 1
+        order[start[row[m]]++] = (int32_t)m;
 #pragma omp parallel for
-    for (size_t b = 0; b < blocks; b++) {
-        size_t c0 = b * GATHER_COLS, c1 = c0 + GATHER_COLS < C ? c0 + GATHER_COLS : C;
-        for (size_t m = 0; m < M; m++) {
-            real *dst = d + (size_t)row[m] * C;
-            const real *src = dp + m * C;
-            for (size_t c = c0; c < c1; c++)
+    for (size_t n = 0; n < N; n++) {
+        real *dst = d + n * C;
+        for (size_t i = n ? start[n - 1] : 0; i < start[n]; i++) {
+            const real *src = dp + (size_t)order[i] * C;
+            for (size_t c = 0; c < C; c++)
                 dst[c] += src[c];
         }
     }
+    free(order);
+    free(start);
 }
 
 void cpu_combine_forward(Tensor y, Tensor yp, Tensor gates, Tensor slot, size_t N, size_t k,
@@ -91,6 +102,30 @@ void cpu_combine_forward(Tensor y, Tensor yp, Tensor gates, Tensor slot, size_t 
     }
 }
 
+// A token's gate gradients are COMBINE_GROUP dot products taken side by side: each sums
+// in double in column order as one dot alone would (the same bits), while the group's
+// independent sums keep the adder busy instead of each waiting on its own last add.
+// Slots past a token's kept choices repeat its first and are not stored.
+static void combine_gate_grads(real *dg, const real *dyr, const real *in, const int32_t *sl,
+                               size_t k, size_t C) {
+    size_t kept[COMBINE_GROUP], n_kept = 0;
+    for (size_t j = 0; j < k; j++) {
+        if (sl[j] >= 0) kept[n_kept++] = j;
+        if (n_kept < COMBINE_GROUP && j + 1 < k) continue;
+        if (!n_kept) continue;
+        const real *src[COMBINE_GROUP];
+        for (size_t i = 0; i < COMBINE_GROUP; i++)
+            src[i] = in + (size_t)sl[kept[i < n_kept ? i : 0]] * C;
+        double dot[COMBINE_GROUP] = {0};
+        for (size_t c = 0; c < C; c++)
+            for (size_t i = 0; i < COMBINE_GROUP; i++)
+                dot[i] += (double)dyr[c] * src[i][c];
+        for (size_t i = 0; i < n_kept; i++)
+            dg[kept[i]] += (real)dot[i];
+        n_kept = 0;
+    }
+}
+
 void cpu_combine_backward(Tensor dyp, Tensor dgates, Tensor dy, Tensor yp, Tensor gates,
                           Tensor slot, size_t N, size_t k, size_t C) {
     real *dp = TENSOR_R(dyp);           // (M, C)
@@ -102,23 +137,15 @@ void cpu_combine_backward(Tensor dyp, Tensor dgates, Tensor dy, Tensor yp, Tenso
 #pragma omp parallel for
     for (size_t n = 0; n < N; n++) {
         const real *dyr = dout + n * C;
-        for (size_t j = 0; j < k; j++) {
+        // Each permuted row has one (n, j), so no two tokens write the same dp row.
+        for (size_t j = 0; j < k && dp; j++) {
             int32_t m = sl[n * k + j];
             if (m < 0) continue;
-            // Each permuted row has one (n, j), so no two tokens write the same dp row.
-            if (dp) {
-                real *dst = dp + (size_t)m * C;
-                real gj = g[n * k + j];
-                for (size_t c = 0; c < C; c++)
-                    dst[c] += gj * dyr[c];
-            }
-            if (dg) {
-                const real *src = in + (size_t)m * C;
-                double dot = 0.0;
-                for (size_t c = 0; c < C; c++)
-                    dot += (double)dyr[c] * src[c];
-                dg[n * k + j] += (real)dot;
-            }
+            real *dst = dp + (size_t)m * C;
+            real gj = g[n * k + j];
+            for (size_t c = 0; c < C; c++)
+                dst[c] += gj * dyr[c];
         }
+        if (dg) combine_gate_grads(dg + n * k, dyr, in, sl + n * k, k, C);
     }
 }
