@@ -3,6 +3,7 @@
 #include <cuda_runtime_api.h>
 #include <mpi.h>
 #include <nccl.h>
+#include <stdio.h>
 
 #include "../base/util.h"
 
@@ -37,6 +38,12 @@ static void comm_init(void) {
     CHECK(MPI_Bcast(&id, (int)sizeof id, MPI_BYTE, 0, MPI_COMM_WORLD) == MPI_SUCCESS,
           "MPI_Bcast of the NCCL id failed");
     NCCL_CHECK(ncclCommInitRank(&comm, size, id, rank));
+    int version, gpu;
+    NCCL_CHECK(ncclGetVersion(&version));
+    CUDA_CHECK(cudaGetDevice(&gpu));
+    // Rank 0's stdout is the job's: the tests and the GPU check look for this line.
+    printf("dist: NCCL %d.%d.%d communicator over %d rank(s), rank 0 on GPU %d\n",
+           version / 10000, version / 100 % 100, version % 100, size, gpu);
     CUDA_CHECK(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking));
     CUDA_CHECK(cudaEventCreateWithFlags(&issued, cudaEventDisableTiming));
     CUDA_CHECK(cudaEventCreateWithFlags(&finished, cudaEventDisableTiming));
