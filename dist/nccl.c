@@ -70,9 +70,10 @@ void dist_nccl_sum_start(real *x, size_t n) {
 void dist_nccl_reduce_scatter(real *x, const size_t *bounds) {
     after_backend();
     NCCL_CHECK(ncclGroupStart());
-    for (int r = 0; r < size; r++)
-        NCCL_CHECK(ncclReduce(x + bounds[r], x + bounds[r], bounds[r + 1] - bounds[r],
-                              ncclFloat, ncclSum, r, comm, stream));
+    for (int r = 0; r < size; r++)   // an empty block is empty on every rank: skipped by all
+        if (bounds[r + 1] > bounds[r])
+            NCCL_CHECK(ncclReduce(x + bounds[r], x + bounds[r], bounds[r + 1] - bounds[r],
+                                  ncclFloat, ncclSum, r, comm, stream));
     NCCL_CHECK(ncclGroupEnd());
     dist_nccl_join();
 }
@@ -81,8 +82,9 @@ void dist_nccl_allgather(real *x, const size_t *bounds) {
     after_backend();
     NCCL_CHECK(ncclGroupStart());
     for (int r = 0; r < size; r++)
-        NCCL_CHECK(ncclBroadcast(x + bounds[r], x + bounds[r], bounds[r + 1] - bounds[r],
-                                 ncclFloat, r, comm, stream));
+        if (bounds[r + 1] > bounds[r])
+            NCCL_CHECK(ncclBroadcast(x + bounds[r], x + bounds[r], bounds[r + 1] - bounds[r],
+                                     ncclFloat, r, comm, stream));
     NCCL_CHECK(ncclGroupEnd());
     dist_nccl_join();
 }
