@@ -108,7 +108,8 @@ LDLIBS = $(PKG_LIBS) $(LDLIBS_BASE) $(SAN_FLAGS)
 # safetensors, Hugging Face) <- train (the training loop and what the commands share)
 # <- train/cli (main and the commands). config sits under formats/ because a checkpoint
 # stores a whole RunConfig and an import makes one.
-LIB_SRC := $(wildcard base/*.c kernels/*.c kernels/cpu/*.c model/*.c optim/*.c data/*.c dist/*.c)
+LIB_SRC := $(filter-out dist/nccl.c,$(wildcard base/*.c kernels/*.c kernels/cpu/*.c model/*.c \
+    optim/*.c data/*.c dist/*.c))
 TRAIN_SRC := $(wildcard train/*.c train/formats/*.c train/cli/*.c)
 # C++ in the library rooms (data/spm.cpp: SentencePiece's C++ API behind C functions).
 LIB_CPP := $(wildcard data/*.cpp)
@@ -130,8 +131,10 @@ CUDA_SRC := $(if $(NVCC),$(wildcard kernels/cuda/*.cu))
 CUDA_CPP := $(if $(NVCC),$(wildcard kernels/cuda/*.cpp))
 # strip: with no CUDA sources the two empty lists still leave their separating space, and
 # `ifneq ($(CUDA_OBJ),)` below would take that for a CUDA build.
+# dist/nccl.c: the collectives on device tensors (NCCL, from the CUDA toolkit), with the
+# CUDA backend only; dist.c calls it under MOE_NCCL.
 CUDA_OBJ := $(strip $(patsubst %.cu,$(BUILD)/f32/%.o,$(CUDA_SRC)) \
-    $(patsubst %.cpp,$(BUILD)/f32/%.o,$(CUDA_CPP)))
+    $(patsubst %.cpp,$(BUILD)/f32/%.o,$(CUDA_CPP)) $(if $(NVCC),$(BUILD)/f32/dist/nccl.o))
 CUDA_LIBDIR := $(wildcard $(patsubst %/bin/nvcc,%,$(NVCC))/lib64)
 # cuBLAS is not linked: the backend opens it (dlopen, through this rpath) when asked for,
 # so CPU runs do not pay its load time.
@@ -204,7 +207,7 @@ $(BUILD)/f64/tests/%.o: tests/%.c | $(BUILD)/config.mk $(BUILD)/deps-test.stamp
 # stamp names the CUDA setting (off, or the architecture): when it changes, backend.c and
 # the CUDA objects rebuild and a stale CUDA test binary goes.
 CUDA_STAMP := $(BUILD)/f32/cuda.$(if $(CUDA_OBJ),sm_$(CUDA_ARCH)$(if $(CUDNN_FE_INC),-cudnn),off)
-$(BUILD)/f32/kernels/backend.o $(CUDA_OBJ): $(CUDA_STAMP)
+$(BUILD)/f32/kernels/backend.o $(BUILD)/f32/dist/dist.o $(CUDA_OBJ): $(CUDA_STAMP)
 $(CUDA_STAMP):
 	@mkdir -p $(dir $@) && rm -f $(BUILD)/f32/cuda.* $(BUILD)/tests/cuda_ops && touch $@
 ifneq ($(CUDA_OBJ),)
@@ -215,7 +218,10 @@ $(BUILD)/f32/kernels/cuda/%.o: kernels/cuda/%.cpp | $(BUILD)/config.mk
 	@mkdir -p $(dir $@)
 	$(CXX) $(CUDA_CXXFLAGS) -c $< -o $@
 $(BUILD)/f32/kernels/backend.o: CFLAGS += -DMOE_CUDA
+$(BUILD)/f32/dist/dist.o: CFLAGS += -DMOE_NCCL
+$(BUILD)/f32/dist/nccl.o: CFLAGS += -isystem $(patsubst %/bin/nvcc,%,$(NVCC))/include
 $(MOE_BIN) $(BUILD)/bench $(BUILD)/tests/optim_ref_f32 $(BUILD)/tests/cuda_ops: LDLIBS += $(CUDA_LIBS)
+$(MOE_BIN) $(BUILD)/bench: LDLIBS += -lnccl
 $(BUILD)/tests/cuda_ops: $(BUILD)/f32/tests/cuda/test_cuda_ops.o \
     $(filter $(BUILD)/f32/base/% $(BUILD)/f32/kernels/%,$(F32_LIB))
 	@mkdir -p $(dir $@)

@@ -8,6 +8,13 @@
 #include <string.h>
 
 #include "../base/util.h"
+#include "../kernels/backend.h"
+#ifdef MOE_NCCL
+#include "nccl.h"
+#define HAVE_NCCL 1
+#else
+#define HAVE_NCCL 0
+#endif
 
 #ifdef MOE_REAL_F64
 #define MPI_REAL_T MPI_DOUBLE
@@ -18,6 +25,9 @@
 static int rank, size = 1, started;
 static uint64_t bytes_sent;
 static double seconds;
+static MPI_Request *pending;      // (cap) dist_sum_start's MPI requests not yet waited for
+static size_t n_pending, cap_pending;
+static int nccl_pending;          // dist_sum_start queued NCCL work
 
 // The variables mpirun (OpenMPI), MPICH's Hydra and srun (PMI-2, PMIx) give each rank.
 static int launched_by_mpi(void) {
@@ -30,6 +40,19 @@ static int launched_by_mpi(void) {
 static _Noreturn void abort_job(int code) {
     MPI_Abort(MPI_COMM_WORLD, code);
     exit(code);   // MPI_Abort does not return; this keeps the compiler's promise
+}
+
+// Each rank's GPU: its rank among the job's ranks on its node (MPI's shared-memory split,
+// whatever the launcher), before the CUDA backend starts.
+static void select_gpu(void) {
+    MPI_Comm node;
+    int local = 0;
+    if (MPI_Comm_split_type(MPI_COMM_WORLD, MPI_COMM_TYPE_SHARED, rank, MPI_INFO_NULL, &node) ==
+        MPI_SUCCESS) {
+        MPI_Comm_rank(node, &local);
+        MPI_Comm_free(&node);
+    }
+    backend_set_cuda_device(local);
 }
 
 void dist_init(int *argc, char ***argv) {
@@ -53,11 +76,16 @@ void dist_init(int *argc, char ***argv) {
     setvbuf(stderr, NULL, _IOLBF, 1 << 12);
     if (rank != 0 && !freopen("/dev/null", "w", stdout))
         FAIL("rank %d: cannot redirect stdout to /dev/null", rank);
+    select_gpu();
 }
 
 void dist_finalize(void) {
     if (!started) return;
     fflush(stdout);
+#if HAVE_NCCL
+    dist_nccl_free();
+#endif
+    free(pending);
     MPI_Finalize();
     started = 0;
 }
@@ -93,10 +121,26 @@ int dist_max_int(int x) {
     return out;
 }
 
+// Device tensors through NCCL: the build has it and the run has MPI.
+static int on_nccl(const Tensor t) { return HAVE_NCCL && started && t.device != DEVICE_CPU; }
+
+int dist_sums(const Backend *be) {
+    return size > 1 || (HAVE_NCCL && started && be->device != DEVICE_CPU);
+}
+
+static void check_real(Tensor t, size_t n, const char *what) {
+    CHECK(t.dtype == DTYPE_REAL && n <= t.numel, "dist: %s of %zu values over a tensor of %zu "
+          "(dtype %d)", what, n, t.numel, (int)t.dtype);
+}
+
 void dist_sum_tensor(const Backend *be, Tensor t, size_t n) {
-    if (size == 1 || n == 0) return;
-    CHECK(t.dtype == DTYPE_REAL && n <= t.numel, "dist_sum_tensor: %zu values of a tensor "
-          "of %zu, dtype %d", n, t.numel, (int)t.dtype);
+    if (!dist_sums(be) || n == 0) return;
+    check_real(t, n, "sum");
+    if (on_nccl(t)) {
+        dist_sum_start(be, t, 0, n);
+        dist_sum_wait();
+        return;
+    }
     if (t.device == DEVICE_CPU) {
         sum_chunks(t.data, n, MPI_REAL_T, sizeof(real));
         return;
@@ -106,6 +150,64 @@ void dist_sum_tensor(const Backend *be, Tensor t, size_t n) {
     sum_chunks(host, n, MPI_REAL_T, sizeof *host);
     be->upload(t, host, n * sizeof *host);
     free(host);
+}
+
+static MPI_Request *new_request(void) {
+    if (n_pending == cap_pending) {
+        cap_pending = cap_pending ? 2 * cap_pending : 64;
+        pending = realloc(pending, cap_pending * sizeof *pending);
+        CHECK(pending, "out of memory for %zu MPI requests", cap_pending);
+    }
+    return &pending[n_pending++];
+}
+
+void dist_sum_start(const Backend *be, Tensor t, size_t lo, size_t n) {
+    if (!dist_sums(be) || n == 0) return;
+    check_real(t, lo + n, "sum");
+    double t0 = omp_get_wtime();
+    if (on_nccl(t)) {
+#if HAVE_NCCL
+        dist_nccl_sum_start((real *)t.data + lo, n);
+#endif
+        nccl_pending = 1;
+    } else if (t.device != DEVICE_CPU) {
+        dist_sum_tensor(be, tensor_slice(t, lo, n), n);   // staged through the host: blocking
+        return;
+    } else {
+        real *x = (real *)t.data + lo;
+        for (size_t done = 0; done < n;) {
+            size_t part = n - done < (size_t)INT_MAX ? n - done : (size_t)INT_MAX;
+            CHECK(MPI_Iallreduce(MPI_IN_PLACE, x + done, (int)part, MPI_REAL_T, MPI_SUM,
+                                 MPI_COMM_WORLD, new_request()) == MPI_SUCCESS,
+                  "MPI_Iallreduce failed");
+            done += part;
+        }
+    }
+    bytes_sent += n * sizeof(real);
+    seconds += omp_get_wtime() - t0;
+}
+
+void dist_progress(void) {
+    if (n_pending == 0) return;
+    double t0 = omp_get_wtime();
+    int done;
+    CHECK(MPI_Testall((int)n_pending, pending, &done, MPI_STATUSES_IGNORE) == MPI_SUCCESS,
+          "MPI_Testall failed");
+    if (done) n_pending = 0;
+    seconds += omp_get_wtime() - t0;
+}
+
+void dist_sum_wait(void) {
+    double t0 = omp_get_wtime();
+    if (n_pending)
+        CHECK(MPI_Waitall((int)n_pending, pending, MPI_STATUSES_IGNORE) == MPI_SUCCESS,
+              "MPI_Waitall failed");
+    n_pending = 0;
+#if HAVE_NCCL
+    if (nccl_pending) dist_nccl_join();
+#endif
+    nccl_pending = 0;
+    seconds += omp_get_wtime() - t0;
 }
 
 // MPI's int counts and displacements of the blocks.
@@ -137,8 +239,16 @@ static void host_done(const Backend *be, Tensor t, real *host, size_t lo, size_t
 void dist_reduce_scatter_tensor(const Backend *be, Tensor t, const size_t *bounds) {
     if (size == 1) return;
     size_t lo = bounds[rank], hi = bounds[rank + 1], n = bounds[size];
-    CHECK(t.dtype == DTYPE_REAL && n <= t.numel, "dist: reduce-scatter of %zu values over a "
-          "tensor of %zu", n, t.numel);
+    check_real(t, n, "reduce-scatter");
+    if (on_nccl(t)) {
+        double t0 = omp_get_wtime();
+#if HAVE_NCCL
+        dist_nccl_reduce_scatter(t.data, bounds);
+#endif
+        bytes_sent += n * sizeof(real);
+        seconds += omp_get_wtime() - t0;
+        return;
+    }
     int *counts = CALLOC((size_t)size, sizeof *counts), *displs = CALLOC((size_t)size, sizeof *displs);
     block_counts(bounds, counts, displs);
     double t0 = omp_get_wtime();
@@ -157,8 +267,16 @@ void dist_reduce_scatter_tensor(const Backend *be, Tensor t, const size_t *bound
 void dist_allgather_tensor(const Backend *be, Tensor t, const size_t *bounds) {
     if (size == 1) return;
     size_t n = bounds[size];
-    CHECK(t.dtype == DTYPE_REAL && n <= t.numel, "dist: all-gather of %zu values over a "
-          "tensor of %zu", n, t.numel);
+    check_real(t, n, "all-gather");
+    if (on_nccl(t)) {
+        double t0 = omp_get_wtime();
+#if HAVE_NCCL
+        dist_nccl_allgather(t.data, bounds);
+#endif
+        bytes_sent += (bounds[rank + 1] - bounds[rank]) * sizeof(real);
+        seconds += omp_get_wtime() - t0;
+        return;
+    }
     int *counts = CALLOC((size_t)size, sizeof *counts), *displs = CALLOC((size_t)size, sizeof *displs);
     block_counts(bounds, counts, displs);
     double t0 = omp_get_wtime();
@@ -226,6 +344,30 @@ void dist_alltoallv_reals(const real *send, const size_t *scount, const size_t *
     free(sd);
     free(rc);
     free(rd);
+}
+
+void dist_alltoallv_tensor(const Backend *be, Tensor send, const size_t *scount,
+                           const size_t *sdispl, Tensor recv, const size_t *rcount,
+                           const size_t *rdispl) {
+    CHECK(send.device == recv.device && send.device == be->device, "dist: all-to-all between "
+          "devices %d and %d on the %s backend", (int)send.device, (int)recv.device, be->name);
+    for (int q = 0; q < size; q++) {
+        check_real(send, sdispl[q] + scount[q], "all-to-all send");
+        check_real(recv, rdispl[q] + rcount[q], "all-to-all receive");
+    }
+    if (send.device == DEVICE_CPU) {
+        dist_alltoallv_reals(send.data, scount, sdispl, recv.data, rcount, rdispl);
+        return;
+    }
+    CHECK(on_nccl(send), "dist: all-to-all of %s tensors needs NCCL (a CUDA build under an "
+          "MPI launcher)", be->name);
+    double t0 = omp_get_wtime();
+#if HAVE_NCCL
+    dist_nccl_alltoallv(send.data, scount, sdispl, recv.data, rcount, rdispl);
+#endif
+    for (int q = 0; q < size; q++)
+        if (q != rank) bytes_sent += scount[q] * sizeof(real);
+    seconds += omp_get_wtime() - t0;
 }
 
 void dist_broadcast(void *buf, size_t bytes, int root) {

@@ -7,9 +7,13 @@
 // keeps stdout (the other ranks' goes to /dev/null); every rank keeps stderr, and its
 // errors (FAIL, DIE) carry "rank R: " and end the whole job (MPI_Abort).
 //
-// Collectives are blocking and must be called by every rank in the same order. Sums of
-// floating-point values follow MPI's reduction order, which may differ from a
-// single process's accumulation order in the last bits.
+// Collectives must be called by every rank in the same order. Sums of floating-point
+// values follow MPI's reduction order, which may differ from a single process's
+// accumulation order in the last bits. Host buffers go through MPI. Device tensors go
+// through NCCL when the binary has the CUDA backend (dist/nccl.h: one communicator over
+// the job's ranks, made on first use; each rank's GPU is its rank among the job's ranks
+// on its node, modulo the node's GPUs); a build without it stages them through host
+// memory and MPI. Every call below blocks but dist_sum_start's sums.
 #ifndef MOE_DIST_H
 #define MOE_DIST_H
 
@@ -34,9 +38,23 @@ void dist_sum_i32(int32_t *x, size_t n);
 void dist_sum_u64(uint64_t *x, size_t n);
 // The largest of every rank's value.
 int dist_max_int(int x);
-// n `real` values of t (on be's device) summed over every rank, in place. Device
-// tensors are staged through host memory.
+// n `real` values of t (on be's device) summed over every rank, in place.
 void dist_sum_tensor(const Backend *be, Tensor t, size_t n);
+// 1 when sums of be's tensors do work: several ranks, or a GPU run under an MPI launcher
+// (NCCL's one-rank communicator, so that one GPU checks the NCCL path).
+int dist_sums(const Backend *be);
+
+// Overlapped sums. dist_sum_start begins summing values [lo, lo + n) of t over every rank
+// (MPI_Iallreduce; NCCL on its own stream after the work issued so far) and returns;
+// the values must not be read or written until dist_sum_wait. Every rank starts the same
+// ranges in the same order. Nothing else in MPI advances a started sum while the caller
+// computes (Open MPI runs no progress thread for non-blocking collectives): calling
+// dist_progress (MPI_Testall) between pieces of work lets it move. dist_sum_wait returns
+// when every started sum is done (device tensors: the device's later work waits for them).
+// The sums are MPI_Allreduce's for the same range: the same bits for two ranks.
+void dist_sum_start(const Backend *be, Tensor t, size_t lo, size_t n);
+void dist_progress(void);
+void dist_sum_wait(void);
 // Blocks: rank r owns t's values [bounds[r], bounds[r+1]); bounds has dist_size() + 1
 // entries, bounds[0] = 0, and a block holds at most INT_MAX values.
 // t's bounds[P] values summed over every rank, of which this rank keeps its own block
@@ -56,6 +74,11 @@ void dist_alltoall_i32(const int32_t *send, int32_t *recv, size_t n);
 // values, each below INT_MAX).
 void dist_alltoallv_reals(const real *send, const size_t *scount, const size_t *sdispl,
                           real *recv, const size_t *rcount, const size_t *rdispl);
+// The same exchange between tensors on be's device (counts and displacements on the host,
+// exchanged beforehand): NCCL's grouped send/recv per peer on the GPU, MPI on the CPU.
+void dist_alltoallv_tensor(const Backend *be, Tensor send, const size_t *scount,
+                           const size_t *sdispl, Tensor recv, const size_t *rcount,
+                           const size_t *rdispl);
 // bytes of buf copied from rank root to every rank.
 void dist_broadcast(void *buf, size_t bytes, int root);
 void dist_barrier(void);
@@ -63,7 +86,9 @@ void dist_barrier(void);
 // Bytes this rank has sent through the collectives above since dist_init (for make
 // bench-dist): the payload each call hands MPI, not the wire traffic of its algorithm.
 uint64_t dist_bytes_sent(void);
-// Wall seconds this rank has spent inside the collectives above.
+// Wall seconds this rank has spent inside the collectives above (for overlapped sums: in
+// dist_sum_start, dist_progress and the wait, i.e. the communication not hidden behind
+// compute; NCCL's calls return once queued, so on a GPU this is the queueing time).
 double dist_seconds(void);
 
 #endif

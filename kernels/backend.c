@@ -13,6 +13,10 @@
 #define HAVE_CUDA 0
 #endif
 
+static int cuda_ordinal;
+
+void backend_set_cuda_device(int ordinal) { cuda_ordinal = ordinal; }
+
 const Backend *backend_select(const char *device, char *err, size_t n) {
     if (!strcmp(device, "cpu")) return backend_cpu();
     if (strcmp(device, "cuda") != 0) {
@@ -20,7 +24,7 @@ const Backend *backend_select(const char *device, char *err, size_t n) {
         return NULL;
     }
 #if HAVE_CUDA
-    return backend_cuda_probe(err, n) ? backend_cuda() : NULL;
+    return backend_cuda_probe(cuda_ordinal, err, n) ? backend_cuda() : NULL;
 #else
 #ifdef MOE_REAL_F64
     snprintf(err, n, "the fp64 build has no CUDA backend");

@@ -15,6 +15,10 @@
 // (an unknown name, a build without CUDA, no GPU, a GPU of another architecture).
 const Backend *backend_select(const char *device, char *err, size_t n);
 
+// The GPU backend_select("cuda") takes: ordinal modulo the visible GPUs (default 0). A
+// distributed run sets each rank's (dist/) before selecting.
+void backend_set_cuda_device(int ordinal);
+
 // 1 when this binary was built with the CUDA backend (whether or not a GPU is present).
 int backend_cuda_built(void);
 

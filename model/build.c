@@ -169,8 +169,10 @@ void build_tape(Model *m) {
 
     Buf x = emb->embed.out;
     int moe_i = 0;
-    for (int l = 0; l < c->layers; l++)
+    for (int l = 0; l < c->layers; l++) {
+        m->block_op[l] = m->tape.n;
         x = build_block(&b, x, l, &moe_i);
+    }
     Buf xf = build_rmsnorm(&b, x, build_param(&b, b.C, "model.norm.weight", 0, 0));
     Buf head = c->tie_embeddings ? table : build_param(&b, V * b.C, "lm_head.weight", 0, 0);
     m->logits = build_matmul(&b, xf, head, m->N, b.C, V); // (N, V)

@@ -28,6 +28,7 @@ static void arena_alloc(const Backend *be, Arena *a, const char *what) {
 static void plan_tape(Model *m, const Arena *shared_dacts, int bf16) {
     m->moe = CALLOC((size_t)m->n_moe, sizeof *m->moe);
     m->expert_train = CALLOC((size_t)m->n_moe * (size_t)m->cfg.experts, 1);
+    m->block_op = CALLOC((size_t)m->cfg.layers, sizeof *m->block_op);
     tape_init(&m->tape);
     m->tape.bf16 = bf16;
     m->acts.device = m->dacts.device = m->be->device;
@@ -117,6 +118,7 @@ static void unplan_tape(Model *m, int owns_dacts) {
     tape_free(&m->tape);
     free(m->moe);
     free(m->expert_train);
+    free(m->block_op);
 }
 
 void model_free(Model *m) {

@@ -62,6 +62,7 @@ typedef struct {
     Tensor ce;         // (1)
     MoeLayerState *moe;
     int n_moe;
+    size_t *block_op;  // (layers) tape index of each decoder layer's first op
     ModelLosses losses;
     uint8_t *trainable;      // (layout.n_params) 1 trains, 0 frozen; NULL: all train
     uint8_t *expert_train;   // (n_moe, E) the same flags per routed expert, for the experts op

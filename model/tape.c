@@ -101,5 +101,6 @@ void tape_backward(const Tape *t, const Backend *be) {
         set_precision(t, &t->ops[i], be);
         tape_op_table[t->ops[i].kind].backward(&t->ops[i], be);
         if (t->op_seconds) t->op_seconds[i] += op_clock(t, be) - t0;
+        if (t->after_backward) t->after_backward(t->after_ctx, i);
     }
 }

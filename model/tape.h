@@ -64,6 +64,11 @@ typedef struct {
     // Products in bf16 (Backend.set_gemm_bf16) for every matmul not marked fp32 and for
     // the experts; 0: fp32 throughout. Set through model_set_precision.
     int bf16;
+    // When non-NULL, tape_backward calls it after each op's backward with the op's index
+    // (the trainer starts summing a layer's gradients over the ranks from it as soon as
+    // the layer is done).
+    void (*after_backward)(void *ctx, size_t op);
+    void *after_ctx;
 } Tape;
 
 void tape_init(Tape *t);

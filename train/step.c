@@ -18,6 +18,7 @@ void step_runner_init(StepRunner *s, Model *m, int accum, int aux_scope_batch,
     s->sum_grads = 1;
     s->pooled = accum > 1 && aux_scope_batch;
     routing_pool_init(&s->pool, m);
+    grad_sync_init(&s->sync, m);
     if (!s->pooled || !keep_activations) return;
     s->replicas = CALLOC((size_t)s->accum - 1, sizeof *s->replicas);
     for (int a = 0; a < s->accum - 1; a++)
@@ -29,6 +30,7 @@ void step_runner_free(StepRunner *s) {
         model_free_replica(&s->replicas[a]);
     free(s->replicas);
     routing_pool_free(&s->pool);
+    grad_sync_free(&s->sync);
     memset(s, 0, sizeof *s);
 }
 
@@ -73,10 +75,16 @@ static void skip_noise(StepRunner *s, Rng *noise) {
     for (int a = 0; a < s->first; a++) model_draw_noise(s->model, noise);
 }
 
+// Micro-batch a's backward; the step's last one on this rank starts the gradient sums.
+static void backward_micro(StepRunner *s, Model *m, int a) {
+    if (a == s->accum - 1 && s->sum_grads) grad_sync_arm(&s->sync, m);
+    model_backward(m);
+}
+
 // Every rank's gradient sum, and the noise generator where the last rank left it.
 static void finish_step(StepRunner *s, Rng *noise) {
+    if (s->sum_grads) grad_sync_finish(&s->sync, s->model);
     if (dist_size() == 1) return;
-    if (s->sum_grads) dist_sum_tensor(s->model->be, s->model->grads, s->model->layout.total);
     dist_broadcast(noise, sizeof *noise, dist_size() - 1);
 }
 
@@ -115,7 +123,7 @@ static ModelLosses run_kept(StepRunner *s, const int32_t *batch, Rng *noise, Ste
     for (int a = 0; a < s->accum; a++) {
         Model *m = step_runner_model(s, a);
         model_use_pool(m, &s->pool);
-        model_backward(m);
+        backward_micro(s, m, a);
         model_use_pool(m, NULL);
         if (after) after(ctx, m);
     }
@@ -141,7 +149,7 @@ ModelLosses step_runner_run(StepRunner *s, const int32_t *batch, Rng *noise, Ste
     ModelLosses mean = {0};
     for (int a = 0; a < s->accum; a++) {
         ModelLosses l = forward_micro(s, batch, a, noise);
-        model_backward(m);
+        backward_micro(s, m, a);
         if (after) after(ctx, m);
         mean.total += l.total / s->total;
         mean.ce += l.ce / s->total;

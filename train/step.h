@@ -12,13 +12,15 @@
 // consecutive blocks, rank r running block r; pooled statistics, losses and gradients are
 // summed over the ranks and the router-noise generator continues from the last block, so
 // every rank ends the step with the values one process running every micro-batch would
-// have (to the order of the floating-point sums).
+// have (to the order of the floating-point sums). The gradient sum runs layer by layer
+// during the last backward (grad_sync.h).
 #ifndef MOE_TRAIN_STEP_H
 #define MOE_TRAIN_STEP_H
 
 #include "../base/rng.h"
 #include "../model/model.h"
 #include "../model/pool.h"
+#include "grad_sync.h"
 
 typedef struct {
     Model *model;
@@ -29,6 +31,7 @@ typedef struct {
     int sum_grads;   // 1: the gradient slab is all-reduced (0: the caller reduces, ZeRO-1)
     int pooled;      // aux statistics pooled over the step's micro-batches
     RoutingPool pool;
+    GradSync sync;   // the gradient sum, overlapped with the last backward (sum_grads)
     double pool_seconds; // the last step's pooling forward pass (0 when activations are kept)
 } StepRunner;
 

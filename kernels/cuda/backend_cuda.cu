@@ -42,7 +42,7 @@ static int probe_kernel_runs(char *err, size_t n) {
     return 0;
 }
 
-extern "C" int backend_cuda_probe(char *err, size_t n) {
+extern "C" int backend_cuda_probe(int ordinal, char *err, size_t n) {
     int count = 0;
     cudaError_t e = cudaGetDeviceCount(&count);
     if (e != cudaSuccess) {
@@ -55,10 +55,11 @@ extern "C" int backend_cuda_probe(char *err, size_t n) {
         snprintf(err, n, "CUDA backend built, but no GPU: cudaGetDeviceCount found 0 devices");
         return 0;
     }
-    e = cudaSetDevice(0);
+    int dev = ordinal % count;
+    e = cudaSetDevice(dev);
     if (e != cudaSuccess) {
         (void)cudaGetLastError();
-        snprintf(err, n, "CUDA backend built, but device 0 cannot be used: %s: %s",
+        snprintf(err, n, "CUDA backend built, but device %d cannot be used: %s: %s", dev,
                  cudaGetErrorName(e), cudaGetErrorString(e));
         return 0;
     }
@@ -71,7 +72,8 @@ extern "C" int backend_cuda_probe(char *err, size_t n) {
 
 extern "C" void backend_cuda_describe(char *buf, size_t n) {
     cudaDeviceProp prop;
-    if (cudaGetDeviceProperties(&prop, 0) != cudaSuccess) {
+    int dev = 0;
+    if (cudaGetDevice(&dev) != cudaSuccess || cudaGetDeviceProperties(&prop, dev) != cudaSuccess) {
         (void)cudaGetLastError();
         snprintf(buf, n, "no CUDA device");
         return;

@@ -15,14 +15,15 @@ extern "C" {
 
 #include "../kernels.h"
 
-// 1 when device 0 is usable (selected, a test kernel ran, cuBLAS is ready); 0 otherwise,
-// with a one-line reason in err. Safe without a GPU driver: it only asks the runtime.
-int backend_cuda_probe(char *err, size_t n);
+// 1 when device `ordinal` modulo the visible devices is usable (selected, a test kernel
+// ran, cuBLAS is ready); 0 otherwise, with a one-line reason in err. Safe without a GPU
+// driver: it only asks the runtime.
+int backend_cuda_probe(int ordinal, char *err, size_t n);
 
 // The table (fp32: real = float on the device). Call after backend_cuda_probe returned 1.
 const Backend *backend_cuda(void);
 
-// One line about device 0, e.g. "NVIDIA H100 80GB HBM3 (sm_90, 79.1 GiB)".
+// One line about the selected device, e.g. "NVIDIA H100 80GB HBM3 (sm_90, 79.1 GiB)".
 void backend_cuda_describe(char *buf, size_t n);
 
 // 1 when attention of this shape runs cuDNN's fused kernel under bf16 products (cuDNN

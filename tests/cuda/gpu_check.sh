@@ -9,11 +9,14 @@
 #   cuda_ops.txt     every CUDA op against the CPU op (build/tests/cuda_ops)
 #   cuda_train.txt   tests/cuda/test_cuda_train.py: fp32 / bf16 loss sequences against the
 #                    CPU, resume bit for bit, freezing
+#   nccl.txt         tests/cuda/test_nccl_train.py: mpirun -np 1 (the bundle's Open MPI)
+#                    with NCCL equals the run without MPI, bit for bit
 #   hf.txt           transformers' MixtralForCausalLM on a `moe export` against moe's logits
 #   bench-gpu.txt    build/bench --gpu (GEMM peak, expert GEMMs, gpu-medium training);
 #                    bench-gpu.csv
 #   peer.txt         build/bench --gpu-peer (PyTorch eager and torch.compile)
-# The limits add up to 9 minutes, inside one 10-minute call.
+# The limits add up to 10 minutes, one device call's limit: name steps to run only those,
+# e.g. `bash tests/cuda/gpu_check.sh nccl cuda_ops`.
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 OUT=${OUT:-$PWD/gpu-out}
@@ -32,6 +35,14 @@ if [ ! -e /usr/local/cuda/lib64/libcudart.so.13 ]; then
 fi
 export PYTHONUNBUFFERED=1
 PY=${PYTHON:-python3}   # the interpreter with PyTorch (and transformers, h5py, pytest)
+# libnccl.so.2 (./moe and build/bench link it): the toolkit's, or PyTorch's wheel's.
+if [ ! -e /usr/local/cuda/lib64/libnccl.so.2 ] && ! ldconfig -p 2>/dev/null | grep -q 'libnccl.so.2 '; then
+    nccl=$("$PY" -c 'import nvidia.nccl, os; print(os.path.join(list(nvidia.nccl.__path__)[0], "lib"))' 2>/dev/null ||
+           dirname "$(find / -name 'libnccl.so.2' -not -path '/proc/*' 2>/dev/null | head -1)")
+    export LD_LIBRARY_PATH="$nccl${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+    echo "gpu_check: libnccl from $nccl"
+fi
+export MOE_MPIRUN=/tmp/moe-gpu/ompi/mpirun
 # libcudnn.so.9 (opened at run time for fused attention): the system's, or PyTorch's wheel's.
 if ! ldconfig -p 2>/dev/null | grep -q 'libcudnn.so.9 ' && [ ! -e /usr/local/cuda/lib64/libcudnn.so.9 ]; then
     cudnn=$("$PY" -c 'import nvidia.cudnn, os; print(os.path.join(list(nvidia.cudnn.__path__)[0], "lib"))' 2>/dev/null ||
@@ -40,9 +51,11 @@ if ! ldconfig -p 2>/dev/null | grep -q 'libcudnn.so.9 ' && [ ! -e /usr/local/cud
     echo "gpu_check: libcudnn from $cudnn"
 fi
 
+ONLY=" $* "   # the steps named on the command line; all when none
 step() {   # step NAME SECONDS COMMAND...: runs COMMAND into $OUT/NAME.txt, says how it ended
     local name=$1 limit=$2
     shift 2
+    [ "$ONLY" = "  " ] || [[ "$ONLY" == *" $name "* ]] || return 0
     local t0=$SECONDS
     timeout "$limit" "$@" >"$OUT/$name.txt" 2>&1
     local rc=$?
@@ -68,6 +81,7 @@ export -f hf_check
 export PY
 step cuda_ops 60 build/tests/cuda_ops
 step cuda_train 150 "$PY" -m pytest -q -s -p no:cacheprovider tests/cuda/test_cuda_train.py
+step nccl 60 "$PY" -m pytest -q -s -p no:cacheprovider tests/cuda/test_nccl_train.py
 step hf 60 bash -c hf_check
 step bench-gpu 150 build/bench --gpu --csv "$OUT/bench-gpu.csv"
 step peer 120 build/bench --gpu-peer --steps 5 --python "$PY"

@@ -4,7 +4,10 @@
 # distribution) into .gpu/bundle.tar.xz (git-ignored):
 #   moe, build/tests/cuda_ops, build/bench   built here, their RPATH pointed at lib/
 #   lib/                                     every shared library they load, but glibc's
-#                                            own and CUDA's (the GPU machine has those)
+#                                            own and CUDA's (the GPU machine has those;
+#                                            NCCL: the toolkit's or PyTorch's wheel's)
+#   ompi/                                    Open MPI's runtime and an mpirun wrapper for
+#                                            the NCCL check (tests/cuda/bundle_mpi.sh)
 # tests/cuda/gpu_check.sh unpacks it there and runs the checks. The RPATH (DT_RPATH, not
 # RUNPATH) covers the binaries' own dependencies and is not inherited by the Python
 # processes the checks start, so PyTorch there keeps its own libraries.
@@ -29,8 +32,9 @@ for b in $BINARIES; do
 done
 # glibc's libraries must be the host's own; CUDA's come from the GPU machine's toolkit.
 ldd $BINARIES | awk '/=> \//{print $3}' | sort -u |
-    grep -v -E '/(libc|libm|libdl|libpthread|librt|libresolv)\.so|/ld-linux|libcuda|libcudart|libcublas' |
+    grep -v -E '/(libc|libm|libdl|libpthread|librt|libresolv)\.so|/ld-linux|libcuda|libcudart|libcublas|libnccl' |
     while read -r lib; do cp -L "$lib" "$stage/lib/"; done
+bash tests/cuda/bundle_mpi.sh "$stage" "$(dirname "$LIB_DIR")"
 mkdir -p .gpu
 tar -C "$stage" -cf - . | xz -T0 -6 > .gpu/bundle.tar.xz.tmp
 mv .gpu/bundle.tar.xz.tmp .gpu/bundle.tar.xz
