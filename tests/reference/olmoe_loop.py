@@ -20,7 +20,7 @@ import sys
 
 import torch
 import transformers
-from transformers.models.gpt2.tokenization_gpt2 import bytes_to_unicode
+from transformers.convert_slow_tokenizer import bytes_to_unicode  # 4.x and 5.x alike
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from families_transformers import random_model  # noqa: E402
