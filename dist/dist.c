@@ -16,6 +16,8 @@
 #endif
 
 static int rank, size = 1, started;
+static int ep_rank, ep_size = 1;
+static MPI_Comm ep_comm = MPI_COMM_NULL;   // the expert group; MPI_COMM_WORLD until split
 static uint64_t bytes_sent;
 static double seconds;
 
@@ -41,6 +43,9 @@ void dist_init(int *argc, char ***argv) {
     started = 1;
     MPI_Comm_rank(MPI_COMM_WORLD, &rank);
     MPI_Comm_size(MPI_COMM_WORLD, &size);
+    ep_comm = MPI_COMM_WORLD;
+    ep_rank = rank;
+    ep_size = size;
     // An error on any rank must end the job, not leave the others waiting in a
     // collective; MPI's own errors too (the default handler already aborts).
     util_set_exit_hook(abort_job);
@@ -58,6 +63,7 @@ void dist_init(int *argc, char ***argv) {
 void dist_finalize(void) {
     if (!started) return;
     fflush(stdout);
+    if (ep_comm != MPI_COMM_WORLD) MPI_Comm_free(&ep_comm);
     MPI_Finalize();
     started = 0;
 }
@@ -65,6 +71,19 @@ void dist_finalize(void) {
 int dist_rank(void) { return rank; }
 int dist_size(void) { return size; }
 int dist_lead(void) { return rank == 0; }
+
+void dist_split_expert_groups(int ep) {
+    CHECK(ep >= 1 && size % ep == 0, "dist: expert groups of %d over %d ranks", ep, size);
+    if (size == 1 || ep == ep_size) return;
+    if (ep_comm != MPI_COMM_WORLD) MPI_Comm_free(&ep_comm);
+    CHECK(MPI_Comm_split(MPI_COMM_WORLD, rank / ep, rank % ep, &ep_comm) == MPI_SUCCESS,
+          "MPI_Comm_split failed");
+    MPI_Comm_rank(ep_comm, &ep_rank);
+    MPI_Comm_size(ep_comm, &ep_size);
+}
+
+int dist_ep_rank(void) { return ep_rank; }
+int dist_ep_size(void) { return ep_size; }
 
 // MPI counts are int: larger buffers go in pieces.
 static void sum_chunks(void *x, size_t n, MPI_Datatype type, size_t elem) {
@@ -195,16 +214,16 @@ void dist_gather_tensor(const Backend *be, Tensor src, Tensor dst, const size_t 
 void dist_alltoall_i32(const int32_t *send, int32_t *recv, size_t n) {
     CHECK(n <= (size_t)INT_MAX, "dist: all-to-all of %zu values per rank", n);
     double t0 = omp_get_wtime();
-    CHECK(MPI_Alltoall(send, (int)n, MPI_INT32_T, recv, (int)n, MPI_INT32_T, MPI_COMM_WORLD) ==
+    CHECK(MPI_Alltoall(send, (int)n, MPI_INT32_T, recv, (int)n, MPI_INT32_T, ep_comm) ==
           MPI_SUCCESS, "MPI_Alltoall failed");
-    bytes_sent += (size_t)(size - 1) * n * sizeof *send;
+    bytes_sent += (size_t)(ep_size - 1) * n * sizeof *send;
     seconds += omp_get_wtime() - t0;
 }
 
-// size_t counts and displacements as MPI's ints.
+// The expert group's size_t counts and displacements as MPI's ints.
 static int *as_ints(const size_t *v) {
-    int *out = CALLOC((size_t)size, sizeof *out);
-    for (int q = 0; q < size; q++) {
+    int *out = CALLOC((size_t)ep_size, sizeof *out);
+    for (int q = 0; q < ep_size; q++) {
         CHECK(v[q] <= (size_t)INT_MAX, "dist: all-to-all count or offset %zu beyond MPI's "
               "int", v[q]);
         out[q] = (int)v[q];
@@ -217,10 +236,10 @@ void dist_alltoallv_reals(const real *send, const size_t *scount, const size_t *
     int *sc = as_ints(scount), *sd = as_ints(sdispl), *rc = as_ints(rcount),
         *rd = as_ints(rdispl);
     double t0 = omp_get_wtime();
-    CHECK(MPI_Alltoallv(send, sc, sd, MPI_REAL_T, recv, rc, rd, MPI_REAL_T, MPI_COMM_WORLD) ==
+    CHECK(MPI_Alltoallv(send, sc, sd, MPI_REAL_T, recv, rc, rd, MPI_REAL_T, ep_comm) ==
           MPI_SUCCESS, "MPI_Alltoallv failed");
-    for (int q = 0; q < size; q++)
-        if (q != rank) bytes_sent += scount[q] * sizeof(real);
+    for (int q = 0; q < ep_size; q++)
+        if (q != ep_rank) bytes_sent += scount[q] * sizeof(real);
     seconds += omp_get_wtime() - t0;
     free(sc);
     free(sd);

@@ -48,12 +48,19 @@ void dist_allgather_tensor(const Backend *be, Tensor t, const size_t *bounds);
 // (dst is not touched elsewhere).
 void dist_gather_tensor(const Backend *be, Tensor src, Tensor dst, const size_t *bounds,
                         int root);
-// Every rank sends n int32 values to every rank: send (P, n) in rank order, recv (P, n)
-// from each rank in order.
+// Expert-parallel groups: the ranks split into P / ep groups of ep consecutive ranks
+// (group g: ranks g ep .. g ep + ep - 1); the all-to-alls below run within a rank's group,
+// whose members it numbers 0 .. ep - 1 (its EP rank). Collective; ep divides P. Until
+// called, the one group is every rank.
+void dist_split_expert_groups(int ep);
+int dist_ep_rank(void);
+int dist_ep_size(void);
+// Within the expert group: every member sends n int32 values to every member: send
+// (EP, n) in EP-rank order, recv (EP, n) from each member in order.
 void dist_alltoall_i32(const int32_t *send, int32_t *recv, size_t n);
-// Every rank sends scount[q] values starting at send + sdispl[q] to rank q and receives
-// rcount[q] values from rank q at recv + rdispl[q] (host buffers of `real`, counts in
-// values, each below INT_MAX).
+// Within the expert group: every member sends scount[q] values starting at send +
+// sdispl[q] to EP rank q and receives rcount[q] values from EP rank q at recv + rdispl[q]
+// (host buffers of `real`, counts in values, each below INT_MAX).
 void dist_alltoallv_reals(const real *send, const size_t *scount, const size_t *sdispl,
                           real *recv, const size_t *rcount, const size_t *rdispl);
 // bytes of buf copied from rank root to every rank.

@@ -120,6 +120,9 @@ CASES = {
                              "router.bias_gamma=0.01", "router.aux_coef=0"]),
     "ep2_zero1": (2, ["train.grad_accum=2", "router.capacity_factor=1.0",
                       "dist.expert_parallel=2", "dist.zero=1"]),
+    # EP x DP: two expert groups of two ranks, each exchanging rows within itself.
+    "ep2_dp2_capacity_drops": (4, ["train.grad_accum=4", "router.capacity_factor=1.0",
+                                   "dist.expert_parallel=2"]),
 }
 
 
@@ -180,7 +183,8 @@ def test_expert_parallel_refuses_what_it_cannot_split(tmp_path, config):
             (2, ["model.experts=3", "router.top_k=2", "dist.expert_parallel=2"],
              "dist.expert_parallel = 2: model.experts = 3 must be a multiple of it"),
             (2, ["dist.expert_parallel=4"],
-             "dist.expert_parallel = 4 with 2 rank(s): expert parallelism runs over every rank")):
+             "dist.expert_parallel = 4 with 2 rank(s): the rank count (mpirun -np) must be "
+             "a multiple of EP")):
         run = moe(["train", config, *MODEL, "train.grad_accum=2", *words,
                    f"train.out_dir={tmp_path}"], ranks=ranks, timeout=60)
         assert run.returncode != 0
@@ -265,7 +269,7 @@ def assert_close_run(a, b, what):
 
 def test_checkpoint_resumes_at_another_rank_count(tmp_path, config):
     """A checkpoint is one file whatever the layout: step 10 of a 20-step run at -np 2
-    (plain and ZeRO-1) or -np 4 (EP = 4) resumed in one process or at -np 2 (plain,
+    (plain and ZeRO-1) or -np 4 (EP = 4, EP = 2 x DP = 2) resumed in one process or at -np 2 (plain,
     ZeRO-1, EP = 2), and step 10 of a single-process run resumed at -np 2, all end where
     the uninterrupted single-process run ends."""
     extra = ["train.grad_accum=4", "train.ckpt_every=10", "train.keep=5",
@@ -274,6 +278,7 @@ def test_checkpoint_resumes_at_another_rank_count(tmp_path, config):
     cases = (("p2p1", 2, [], None, []), ("p1p2", None, [], 2, []),
              ("z2p1", 2, ["dist.zero=1"], None, []), ("p1z2", None, [], 2, ["dist.zero=1"]),
              ("ep4p1", 4, ["dist.expert_parallel=4"], None, []),
+             ("ep2dp2p1", 4, ["dist.expert_parallel=2"], None, []),
              ("ep4ep2", 4, ["dist.expert_parallel=4"], 2, ["dist.expert_parallel=2"]))
     for name, first, first_more, then, then_more in cases:
         src = train(config, tmp_path, name, extra + first_more, ranks=first)
@@ -320,6 +325,13 @@ def test_finetune_one_expert_keeps_every_other_tensor(tmp_path, config, layout):
     changed = [k for k in before if k.startswith("model/")
                and not np.array_equal(before[k], after[k])]
     assert changed and all(k.startswith("model/layers/1/experts/2/") for k in changed), changed
+    # Frozen tensors send nothing: the gradient collectives carry that expert's w1, w3 and
+    # w2 (3 x expert_ffn_dim x d_model values) alone, which the plan says and rank 0's byte
+    # count shows (the whole slab would be 0.108 MB a step).
+    assert f"gradient collectives: {3 * 16 * 32} of the slab's" in run.stdout, run.stdout
+    if layout == ["dist.zero=0"]:
+        # 6144 bytes of gradient plus the step's losses and routing statistics.
+        assert 3 * 16 * 32 * 4 / 1e6 <= sent_per_step(run.stdout) <= 0.008, run.stdout
     if layout == ["dist.zero=1"]:
         # One expert (w1, w3, w2 of 16 x 32 each) holds the only state, over both ranks:
         # 2 moments x 1536 values x 4 bytes.

@@ -31,7 +31,7 @@ static Tensor host_tensor(void *data, DType dtype, size_t numel) {
 
 // Counts per destination from this rank's offsets, exchanged; each block's offsets.
 static void exchange_counts(EpLayer *L, const int32_t *off) {
-    const int P = dist_size(), me = dist_rank();
+    const int P = dist_ep_size(), me = dist_ep_rank();
     const size_t Eq = L->Eq, C = L->C, E = L->E;
     for (size_t e = 0; e < E; e++) L->send_cnt[e] = off[e + 1] - off[e];
     dist_alltoall_i32(L->send_cnt, L->recv_cnt, Eq);
@@ -60,7 +60,7 @@ static void ep_forward(void *ctx, const Backend *be, Tensor yp, Tensor xp, Tenso
     EpLayer *L = ctx;
     exchange_counts(L, offsets.data);
     dist_alltoallv_reals(xp.data, L->scount, L->sdispl, L->x, L->rcount, L->rdispl);
-    for (int q = 0; q < dist_size(); q++) {
+    for (int q = 0; q < dist_ep_size(); q++) {
         size_t r0 = L->rdispl[q] / C, n = L->rcount[q] / C;
         Tensor lo = host_tensor(L->loff + (size_t)q * (E + 1), DTYPE_I32, E + 1);
         be->experts_forward(BLOCK(L->y, C), BLOCK(L->h13, 2 * F), BLOCK(L->act, F),
@@ -77,7 +77,7 @@ static void ep_backward(void *ctx, const Backend *be, Tensor dxp, Tensor dw,
     (void)xp;
     size_t M = (size_t)((const int32_t *)offsets.data)[E];
     dist_alltoallv_reals(dyp.data, L->scount, L->sdispl, L->y, L->rcount, L->rdispl);
-    for (int q = 0; q < dist_size(); q++) {
+    for (int q = 0; q < dist_ep_size(); q++) {
         size_t r0 = L->rdispl[q] / C, n = L->rcount[q] / C;
         Tensor lo = host_tensor(L->loff + (size_t)q * (E + 1), DTYPE_I32, E + 1);
         memset(L->dx + r0 * C, 0, n * C * sizeof *L->dx);
@@ -93,7 +93,7 @@ static void ep_backward(void *ctx, const Backend *be, Tensor dxp, Tensor dw,
 
 static void layer_init(EpLayer *L, Model *m, size_t op_index) {
     const TapeOp *op = &m->tape.ops[op_index];
-    const int P = dist_size();
+    const int P = dist_ep_size();
     memset(L, 0, sizeof *L);
     L->op = op_index;
     L->E = op->experts.E;
@@ -132,9 +132,9 @@ void ep_init(Ep *ep, Model **models, int n_models) {
     const Model *m0 = models[0];
     if (m0->be->device != DEVICE_CPU)
         FAIL("dist.expert_parallel > 1 runs on the CPU only (train.device = %s)", m0->be->name);
-    if (m0->cfg.experts % dist_size() != 0)
+    if (m0->cfg.experts % dist_ep_size() != 0)
         FAIL("dist.expert_parallel = %d: model.experts = %d must be a multiple of it",
-             dist_size(), m0->cfg.experts);
+             dist_ep_size(), m0->cfg.experts);
     ep->n_models = n_models;
     ep->n_moe = m0->n_moe;
     ep->models = CALLOC((size_t)n_models, sizeof *ep->models);

@@ -1,6 +1,7 @@
-// ep.h: expert parallelism (dist.expert_parallel = P, CPU): the routed experts of every
-// MoE layer are computed by the rank that owns them, rank q owning experts
-// [q E/P, (q+1) E/P).
+// ep.h: expert parallelism (dist.expert_parallel = EP, CPU): the routed experts of every
+// MoE layer are computed by the rank of the expert group (dist_split_expert_groups: EP
+// consecutive ranks) that owns them, EP rank q owning experts [q E/EP, (q+1) E/EP). With
+// P = EP x DP ranks there are DP such groups, each exchanging rows only within itself.
 //
 // Each rank routes its own micro-batch as one process would; at the routed experts op
 // the per-expert row counts are exchanged first (MPI_Alltoall), then the gathered rows go
@@ -9,8 +10,9 @@
 // the output gradients the same way, the owner accumulates its experts' weight gradients
 // from every rank's rows and returns the input gradients. Gates, combine and the router
 // stay local, so the router's gradient is the whole one. Every rank still holds every
-// expert's weights (the data-parallel gradient sum then gives each rank the owners'
-// expert gradients): the compute is sharded, the weights and their memory are not yet.
+// expert's weights: the data-parallel gradient sum over all P ranks adds each group's
+// owner's expert gradient (the other ranks hold zeros there) and gives every rank the
+// whole one. The compute is sharded, the weights and their memory are not yet.
 #ifndef MOE_TRAIN_EP_H
 #define MOE_TRAIN_EP_H
 
@@ -26,8 +28,8 @@ typedef struct {
 } Ep;
 
 // Makes the routed experts ops of models (sharing one configuration, their tapes built)
-// exchange with the other ranks. Dies unless the backend is the CPU's and the experts
-// divide evenly over the ranks.
+// exchange with the other ranks of the expert group (split before). Dies unless the
+// backend is the CPU's and the experts divide evenly over the group.
 void ep_init(Ep *ep, Model **models, int n_models);
 // 1: the ops exchange; 0: every expert runs locally (rank 0's evaluation and sample,
 // which the other ranks do not join).

@@ -16,6 +16,7 @@ void step_runner_init(StepRunner *s, Model *m, int accum, int aux_scope_batch,
     s->accum = accum / dist_size();
     s->first = s->accum * dist_rank();
     s->sum_grads = 1;
+    grad_ranges_init(&s->reduce, &m->layout, m->trainable);
     s->pooled = accum > 1 && aux_scope_batch;
     routing_pool_init(&s->pool, m);
     if (!s->pooled || !keep_activations) return;
@@ -29,6 +30,7 @@ void step_runner_free(StepRunner *s) {
         model_free_replica(&s->replicas[a]);
     free(s->replicas);
     routing_pool_free(&s->pool);
+    grad_ranges_free(&s->reduce);
     memset(s, 0, sizeof *s);
 }
 
@@ -73,10 +75,19 @@ static void skip_noise(StepRunner *s, Rng *noise) {
     for (int a = 0; a < s->first; a++) model_draw_noise(s->model, noise);
 }
 
+// The trainable runs of the gradient slab summed over every rank (frozen tensors' zeros
+// stay home).
+static void sum_gradients(StepRunner *s) {
+    const GradRanges *g = &s->reduce;
+    for (size_t i = 0; i < g->n; i++)
+        dist_sum_tensor(s->model->be, tensor_slice(s->model->grads, g->offset[i], g->numel[i]),
+                        g->numel[i]);
+}
+
 // Every rank's gradient sum, and the noise generator where the last rank left it.
 static void finish_step(StepRunner *s, Rng *noise) {
     if (dist_size() == 1) return;
-    if (s->sum_grads) dist_sum_tensor(s->model->be, s->model->grads, s->model->layout.total);
+    if (s->sum_grads) sum_gradients(s);
     dist_broadcast(noise, sizeof *noise, dist_size() - 1);
 }
 

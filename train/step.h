@@ -19,6 +19,7 @@
 #include "../base/rng.h"
 #include "../model/model.h"
 #include "../model/pool.h"
+#include "grad_ranges.h"
 
 typedef struct {
     Model *model;
@@ -27,6 +28,7 @@ typedef struct {
     int first;       // the step's micro-batch this rank starts at
     int total;       // micro-batches per step over every rank
     int sum_grads;   // 1: the gradient slab is all-reduced (0: the caller reduces, ZeRO-1)
+    GradRanges reduce; // what the all-reduce sends: the trainable tensors' runs of the slab
     int pooled;      // aux statistics pooled over the step's micro-batches
     RoutingPool pool;
     double pool_seconds; // the last step's pooling forward pass (0 when activations are kept)

@@ -234,12 +234,14 @@ static void load_weights(Run *r) {
     if (init[0]) r->base_fingerprint = ckpt_fingerprint(m);
 }
 
-// The routed experts of every activation set exchange with the experts' owners.
+// The routed experts of every activation set exchange with the experts' owners in the
+// rank's expert group.
 static void start_expert_parallel(Run *r) {
     int ep = r->rc.dist.expert_parallel;
-    if (ep != dist_size())
-        FAIL("dist.expert_parallel = %d with %d rank(s): expert parallelism runs over every "
-             "rank (EP = the rank count under mpirun -np)", ep, dist_size());
+    if (dist_size() % ep != 0)
+        FAIL("dist.expert_parallel = %d with %d rank(s): the rank count (mpirun -np) must be "
+             "a multiple of EP (EP x DP ranks)", ep, dist_size());
+    dist_split_expert_groups(ep);
     Model *models[64];
     int n = step_runner_sets(&r->step);
     CHECK(n <= 64, "%d activation sets", n);
@@ -341,6 +343,16 @@ static void print_memory_plan(const Run *r, FILE *f) {
     if (dist_size() > 1) print_rank_memory(r, f);
 }
 
+// EP x DP: the expert groups, each exchanging within itself.
+static const char *expert_groups_note(int groups) {
+    static char note[128];
+    note[0] = '\0';
+    if (groups > 1)
+        snprintf(note, sizeof note, "; %d such groups of consecutive ranks (EP x DP), each "
+                 "exchanging within itself", groups);
+    return note;
+}
+
 static void print_startup(const Run *r, FILE *f) {
     const Model *m = &r->model;
     const RunConfig *rc = &r->rc;
@@ -372,10 +384,15 @@ static void print_startup(const Run *r, FILE *f) {
                 dist_size(), r->step.accum, r->step.total,
                 r->zero_on ? "ZeRO-1: gradients reduce-scattered, AdamW state sharded, weights "
                              "all-gathered" : "gradients all-reduced every step");
+    if (dist_size() > 1)
+        fprintf(f, "gradient collectives: %zu of the slab's %zu values (%.3f MB) per step, the "
+                "trainable tensors' (frozen tensors send none)\n", r->step.reduce.values,
+                m->layout.total, (double)(r->step.reduce.values * sizeof(real)) / 1e6);
     if (r->rc.dist.expert_parallel > 1)
         fprintf(f, "expert parallel: %d ranks, each computing %d of the %d experts of every MoE "
-                "layer for every rank's tokens (rows exchanged with MPI_Alltoallv)\n",
-                dist_size(), r->rc.model.experts / dist_size(), r->rc.model.experts);
+                "layer for every rank's tokens (rows exchanged with MPI_Alltoallv)%s\n",
+                dist_ep_size(), r->rc.model.experts / dist_ep_size(), r->rc.model.experts,
+                expert_groups_note(dist_size() / dist_ep_size()));
     print_memory_plan(r, f);
 }
 
