@@ -18,6 +18,7 @@
 static int rank, size = 1, started;
 static int ep_rank, ep_size = 1;
 static MPI_Comm ep_comm = MPI_COMM_NULL;   // the expert group; MPI_COMM_WORLD until split
+static MPI_Comm rep_comm = MPI_COMM_NULL;  // the expert replicas; MPI_COMM_WORLD until split
 static uint64_t bytes_sent;
 static double seconds;
 
@@ -43,7 +44,7 @@ void dist_init(int *argc, char ***argv) {
     started = 1;
     MPI_Comm_rank(MPI_COMM_WORLD, &rank);
     MPI_Comm_size(MPI_COMM_WORLD, &size);
-    ep_comm = MPI_COMM_WORLD;
+    ep_comm = rep_comm = MPI_COMM_WORLD;
     ep_rank = rank;
     ep_size = size;
     // An error on any rank must end the job, not leave the others waiting in a
@@ -64,6 +65,7 @@ void dist_finalize(void) {
     if (!started) return;
     fflush(stdout);
     if (ep_comm != MPI_COMM_WORLD) MPI_Comm_free(&ep_comm);
+    if (rep_comm != MPI_COMM_WORLD) MPI_Comm_free(&rep_comm);
     MPI_Finalize();
     started = 0;
 }
@@ -74,9 +76,11 @@ int dist_lead(void) { return rank == 0; }
 
 void dist_split_expert_groups(int ep) {
     CHECK(ep >= 1 && size % ep == 0, "dist: expert groups of %d over %d ranks", ep, size);
-    if (size == 1 || ep == ep_size) return;
+    if (size == 1) return;
     if (ep_comm != MPI_COMM_WORLD) MPI_Comm_free(&ep_comm);
-    CHECK(MPI_Comm_split(MPI_COMM_WORLD, rank / ep, rank % ep, &ep_comm) == MPI_SUCCESS,
+    if (rep_comm != MPI_COMM_WORLD) MPI_Comm_free(&rep_comm);
+    CHECK(MPI_Comm_split(MPI_COMM_WORLD, rank / ep, rank % ep, &ep_comm) == MPI_SUCCESS &&
+          MPI_Comm_split(MPI_COMM_WORLD, rank % ep, rank / ep, &rep_comm) == MPI_SUCCESS,
           "MPI_Comm_split failed");
     MPI_Comm_rank(ep_comm, &ep_rank);
     MPI_Comm_size(ep_comm, &ep_size);
@@ -85,22 +89,34 @@ void dist_split_expert_groups(int ep) {
 int dist_ep_rank(void) { return ep_rank; }
 int dist_ep_size(void) { return ep_size; }
 
+static MPI_Comm group_comm(DistGroup g) {
+    return g == DIST_EXPERT_GROUP ? ep_comm : g == DIST_EXPERT_REPLICAS ? rep_comm
+                                                                      : MPI_COMM_WORLD;
+}
+
 // MPI counts are int: larger buffers go in pieces.
-static void sum_chunks(void *x, size_t n, MPI_Datatype type, size_t elem) {
+static void sum_chunks_in(MPI_Comm comm, void *x, size_t n, MPI_Datatype type, size_t elem) {
     if (size == 1 || n == 0) return;
     double t0 = omp_get_wtime();
     char *p = x;
     for (size_t done = 0; done < n;) {
         size_t part = n - done < (size_t)INT_MAX ? n - done : (size_t)INT_MAX;
-        CHECK(MPI_Allreduce(MPI_IN_PLACE, p + done * elem, (int)part, type, MPI_SUM,
-                            MPI_COMM_WORLD) == MPI_SUCCESS, "MPI_Allreduce failed");
+        CHECK(MPI_Allreduce(MPI_IN_PLACE, p + done * elem, (int)part, type, MPI_SUM, comm) ==
+              MPI_SUCCESS, "MPI_Allreduce failed");
         done += part;
     }
     bytes_sent += n * elem;
     seconds += omp_get_wtime() - t0;
 }
 
+static void sum_chunks(void *x, size_t n, MPI_Datatype type, size_t elem) {
+    sum_chunks_in(MPI_COMM_WORLD, x, n, type, elem);
+}
+
 void dist_sum_doubles(double *x, size_t n) { sum_chunks(x, n, MPI_DOUBLE, sizeof *x); }
+void dist_sum_doubles_in(DistGroup g, double *x, size_t n) {
+    sum_chunks_in(group_comm(g), x, n, MPI_DOUBLE, sizeof *x);
+}
 void dist_sum_i32(int32_t *x, size_t n) { sum_chunks(x, n, MPI_INT32_T, sizeof *x); }
 void dist_sum_u64(uint64_t *x, size_t n) { sum_chunks(x, n, MPI_UINT64_T, sizeof *x); }
 
@@ -113,16 +129,21 @@ int dist_max_int(int x) {
 }
 
 void dist_sum_tensor(const Backend *be, Tensor t, size_t n) {
+    dist_sum_tensor_in(DIST_ALL, be, t, n);
+}
+
+void dist_sum_tensor_in(DistGroup g, const Backend *be, Tensor t, size_t n) {
     if (size == 1 || n == 0) return;
+    MPI_Comm comm = group_comm(g);
     CHECK(t.dtype == DTYPE_REAL && n <= t.numel, "dist_sum_tensor: %zu values of a tensor "
           "of %zu, dtype %d", n, t.numel, (int)t.dtype);
     if (t.device == DEVICE_CPU) {
-        sum_chunks(t.data, n, MPI_REAL_T, sizeof(real));
+        sum_chunks_in(comm, t.data, n, MPI_REAL_T, sizeof(real));
         return;
     }
     real *host = CALLOC(n, sizeof *host);   // (n)
     be->download(host, t, n * sizeof *host);
-    sum_chunks(host, n, MPI_REAL_T, sizeof *host);
+    sum_chunks_in(comm, host, n, MPI_REAL_T, sizeof *host);
     be->upload(t, host, n * sizeof *host);
     free(host);
 }
@@ -245,6 +266,30 @@ void dist_alltoallv_reals(const real *send, const size_t *scount, const size_t *
     free(sd);
     free(rc);
     free(rd);
+}
+
+// MPI counts are int: larger buffers go in pieces, sent and received alike.
+void dist_send_reals(const real *x, size_t n, int dst) {
+    double t0 = omp_get_wtime();
+    for (size_t done = 0; done < n;) {
+        size_t part = n - done < (size_t)INT_MAX ? n - done : (size_t)INT_MAX;
+        CHECK(MPI_Send(x + done, (int)part, MPI_REAL_T, dst, 0, MPI_COMM_WORLD) == MPI_SUCCESS,
+              "MPI_Send failed");
+        done += part;
+    }
+    bytes_sent += n * sizeof *x;
+    seconds += omp_get_wtime() - t0;
+}
+
+void dist_recv_reals(real *x, size_t n, int src) {
+    double t0 = omp_get_wtime();
+    for (size_t done = 0; done < n;) {
+        size_t part = n - done < (size_t)INT_MAX ? n - done : (size_t)INT_MAX;
+        CHECK(MPI_Recv(x + done, (int)part, MPI_REAL_T, src, 0, MPI_COMM_WORLD,
+                       MPI_STATUS_IGNORE) == MPI_SUCCESS, "MPI_Recv failed");
+        done += part;
+    }
+    seconds += omp_get_wtime() - t0;
 }
 
 void dist_broadcast(void *buf, size_t bytes, int root) {

@@ -52,9 +52,24 @@ void dist_gather_tensor(const Backend *be, Tensor src, Tensor dst, const size_t 
 // (group g: ranks g ep .. g ep + ep - 1); the all-to-alls below run within a rank's group,
 // whose members it numbers 0 .. ep - 1 (its EP rank). Collective; ep divides P. Until
 // called, the one group is every rank.
+// The split also makes the expert replicas: the P / ep ranks of one EP rank, one in each
+// group, which hold the same experts.
 void dist_split_expert_groups(int ep);
 int dist_ep_rank(void);
 int dist_ep_size(void);
+
+// Which ranks a sum below runs over.
+typedef enum {
+    DIST_ALL,              // every rank
+    DIST_EXPERT_GROUP,     // the rank's expert group
+    DIST_EXPERT_REPLICAS,  // the ranks holding the same experts as this one
+} DistGroup;
+void dist_sum_doubles_in(DistGroup g, double *x, size_t n);
+void dist_sum_tensor_in(DistGroup g, const Backend *be, Tensor t, size_t n);
+// n values from this rank to rank dst, and on rank dst from rank src (host buffers of
+// `real`; every send meets its receive, in order).
+void dist_send_reals(const real *x, size_t n, int dst);
+void dist_recv_reals(real *x, size_t n, int src);
 // Within the expert group: every member sends n int32 values to every member: send
 // (EP, n) in EP-rank order, recv (EP, n) from each member in order.
 void dist_alltoall_i32(const int32_t *send, int32_t *recv, size_t n);

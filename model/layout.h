@@ -42,9 +42,14 @@ typedef struct {
     size_t total;        // elements in the slab
     size_t *index;       // open-addressing hash of the names: param index + 1, 0 empty
     size_t index_cap;    // a power of two, at least twice n_params
+    int expert_lo, expert_hi;   // the routed experts held: [lo, hi) of every MoE layer
 } Layout;
 
 void layout_init(Layout *lay, const ModelConfig *cfg);
+// The layout of a shard holding routed experts [expert_lo, expert_hi) of every MoE layer
+// only (expert parallelism): the same order, names and global expert indices, without
+// the other experts' tensors (the offsets close up).
+void layout_init_experts(Layout *lay, const ModelConfig *cfg, int expert_lo, int expert_hi);
 void layout_free(Layout *lay);
 // The tensor named `name`, or NULL (a hash lookup: a model may have millions of tensors).
 const ParamInfo *layout_find(const Layout *lay, const char *name);

@@ -75,13 +75,14 @@ static void skip_noise(StepRunner *s, Rng *noise) {
     for (int a = 0; a < s->first; a++) model_draw_noise(s->model, noise);
 }
 
-// The trainable runs of the gradient slab summed over every rank (frozen tensors' zeros
-// stay home).
+// The trainable runs of the gradient slab summed over every rank, the routed experts'
+// over the ranks holding the same experts (frozen tensors' zeros stay home).
 static void sum_gradients(StepRunner *s) {
     const GradRanges *g = &s->reduce;
     for (size_t i = 0; i < g->n; i++)
-        dist_sum_tensor(s->model->be, tensor_slice(s->model->grads, g->offset[i], g->numel[i]),
-                        g->numel[i]);
+        dist_sum_tensor_in(g->experts[i] ? DIST_EXPERT_REPLICAS : DIST_ALL, s->model->be,
+                           tensor_slice(s->model->grads, g->offset[i], g->numel[i]),
+                           g->numel[i]);
 }
 
 // Every rank's gradient sum, and the noise generator where the last rank left it.
