@@ -4,7 +4,8 @@
 // the layout computed from a ModelConfig. Order in the slab: embed_tokens, then per
 // layer input_layernorm, q|k|v (contiguous: one fused projection), o_proj,
 // post_attention_layernorm, then either the MoE block (router gate, [noise], experts
-// 0..E-1, shared experts 0..S-1) or a dense SwiGLU; then norm and lm_head (untied only).
+// 0..E-1 (a shard's: its range only), shared experts 0..S-1) or a dense SwiGLU; then norm
+// and lm_head (untied only).
 // Every SwiGLU (routed expert, shared expert, dense MLP) is w1 (F, C), w3 (F, C),
 // w2 (C, F) back to back, so each expert is one contiguous block of 3FC values that can
 // be read, frozen or replaced alone.
