@@ -21,7 +21,7 @@ report() {   # name, log
     local tok comm
     tok=$(grep -ao '([0-9]* tok/s training' "$2" | grep -o '[0-9]*' | head -1)
     comm=$(grep -a '^communication' "$2" | sed 's/^communication (rank 0): //' || true)
-    printf '%-22s %8s tok/s  %s\n' "$1" "$tok" "${comm:-no communication}"
+    printf '%-24s %8s tok/s  %s\n' "$1" "$tok" "${comm:-no communication}"
 }
 
 OMP_NUM_THREADS=$CORES "$MOE" "${ARGS[@]}" train.name=p1 >"$OUT/p1.log" 2>&1
