@@ -10,8 +10,9 @@ static const ConfigKey dist_keys[] = {
      "values (gradients reduce-scattered, updated weights all-gathered); 0: every rank "
      "keeps all of it"},
     {"expert_parallel", KEY_INT, DC(expert_parallel), "1", 1, 65536, NULL,
-     "ranks the routed experts are spread over (each computes its experts for every rank's "
-     "tokens, rows exchanged by MPI_Alltoallv; CPU); today 1 or the rank count"},
+     "ranks the routed experts are spread over (each holds and computes its experts for "
+     "its group's tokens, rows exchanged by MPI_Alltoallv; CPU); the rank count is a "
+     "multiple of it: P / EP groups of EP consecutive ranks"},
 };
 
 KeySection dist_config_section(DistConfig *cfg) {

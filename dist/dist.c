@@ -23,6 +23,9 @@
 #endif
 
 static int rank, size = 1, started;
+static int ep_rank, ep_size = 1;
+static MPI_Comm ep_comm = MPI_COMM_NULL;   // the expert group; MPI_COMM_WORLD until split
+static MPI_Comm rep_comm = MPI_COMM_NULL;  // the expert replicas; MPI_COMM_WORLD until split
 static uint64_t bytes_sent;
 static double seconds;
 static MPI_Request *pending;      // (cap) dist_sum_start's MPI requests not yet waited for
@@ -64,6 +67,9 @@ void dist_init(int *argc, char ***argv) {
     started = 1;
     MPI_Comm_rank(MPI_COMM_WORLD, &rank);
     MPI_Comm_size(MPI_COMM_WORLD, &size);
+    ep_comm = rep_comm = MPI_COMM_WORLD;
+    ep_rank = rank;
+    ep_size = size;
     // An error on any rank must end the job, not leave the others waiting in a
     // collective; MPI's own errors too (the default handler already aborts).
     util_set_exit_hook(abort_job);
@@ -86,6 +92,8 @@ void dist_finalize(void) {
     dist_nccl_free();
 #endif
     free(pending);
+    if (ep_comm != MPI_COMM_WORLD) MPI_Comm_free(&ep_comm);
+    if (rep_comm != MPI_COMM_WORLD) MPI_Comm_free(&rep_comm);
     MPI_Finalize();
     started = 0;
 }
@@ -94,22 +102,49 @@ int dist_rank(void) { return rank; }
 int dist_size(void) { return size; }
 int dist_lead(void) { return rank == 0; }
 
+void dist_split_expert_groups(int ep) {
+    CHECK(ep >= 1 && size % ep == 0, "dist: expert groups of %d over %d ranks", ep, size);
+    if (size == 1) return;
+    if (ep_comm != MPI_COMM_WORLD) MPI_Comm_free(&ep_comm);
+    if (rep_comm != MPI_COMM_WORLD) MPI_Comm_free(&rep_comm);
+    CHECK(MPI_Comm_split(MPI_COMM_WORLD, rank / ep, rank % ep, &ep_comm) == MPI_SUCCESS &&
+          MPI_Comm_split(MPI_COMM_WORLD, rank % ep, rank / ep, &rep_comm) == MPI_SUCCESS,
+          "MPI_Comm_split failed");
+    MPI_Comm_rank(ep_comm, &ep_rank);
+    MPI_Comm_size(ep_comm, &ep_size);
+}
+
+int dist_ep_rank(void) { return ep_rank; }
+int dist_ep_size(void) { return ep_size; }
+
+static MPI_Comm group_comm(DistGroup g) {
+    return g == DIST_EXPERT_GROUP ? ep_comm : g == DIST_EXPERT_REPLICAS ? rep_comm
+                                                                      : MPI_COMM_WORLD;
+}
+
 // MPI counts are int: larger buffers go in pieces.
-static void sum_chunks(void *x, size_t n, MPI_Datatype type, size_t elem) {
+static void sum_chunks_in(MPI_Comm comm, void *x, size_t n, MPI_Datatype type, size_t elem) {
     if (size == 1 || n == 0) return;
     double t0 = omp_get_wtime();
     char *p = x;
     for (size_t done = 0; done < n;) {
         size_t part = n - done < (size_t)INT_MAX ? n - done : (size_t)INT_MAX;
-        CHECK(MPI_Allreduce(MPI_IN_PLACE, p + done * elem, (int)part, type, MPI_SUM,
-                            MPI_COMM_WORLD) == MPI_SUCCESS, "MPI_Allreduce failed");
+        CHECK(MPI_Allreduce(MPI_IN_PLACE, p + done * elem, (int)part, type, MPI_SUM, comm) ==
+              MPI_SUCCESS, "MPI_Allreduce failed");
         done += part;
     }
     bytes_sent += n * elem;
     seconds += omp_get_wtime() - t0;
 }
 
+static void sum_chunks(void *x, size_t n, MPI_Datatype type, size_t elem) {
+    sum_chunks_in(MPI_COMM_WORLD, x, n, type, elem);
+}
+
 void dist_sum_doubles(double *x, size_t n) { sum_chunks(x, n, MPI_DOUBLE, sizeof *x); }
+void dist_sum_doubles_in(DistGroup g, double *x, size_t n) {
+    sum_chunks_in(group_comm(g), x, n, MPI_DOUBLE, sizeof *x);
+}
 void dist_sum_i32(int32_t *x, size_t n) { sum_chunks(x, n, MPI_INT32_T, sizeof *x); }
 void dist_sum_u64(uint64_t *x, size_t n) { sum_chunks(x, n, MPI_UINT64_T, sizeof *x); }
 
@@ -134,20 +169,25 @@ static void check_real(Tensor t, size_t n, const char *what) {
 }
 
 void dist_sum_tensor(const Backend *be, Tensor t, size_t n) {
+    dist_sum_tensor_in(DIST_ALL, be, t, n);
+}
+
+void dist_sum_tensor_in(DistGroup g, const Backend *be, Tensor t, size_t n) {
     if (!dist_sums(be) || n == 0) return;
     check_real(t, n, "sum");
     if (on_nccl(t)) {
-        dist_sum_start(be, t, 0, n);
+        dist_sum_start(g, be, t, 0, n);
         dist_sum_wait();
         return;
     }
+    MPI_Comm comm = group_comm(g);
     if (t.device == DEVICE_CPU) {
-        sum_chunks(t.data, n, MPI_REAL_T, sizeof(real));
+        sum_chunks_in(comm, t.data, n, MPI_REAL_T, sizeof(real));
         return;
     }
     real *host = CALLOC(n, sizeof *host);   // (n)
     be->download(host, t, n * sizeof *host);
-    sum_chunks(host, n, MPI_REAL_T, sizeof *host);
+    sum_chunks_in(comm, host, n, MPI_REAL_T, sizeof *host);
     be->upload(t, host, n * sizeof *host);
     free(host);
 }
@@ -161,24 +201,26 @@ static MPI_Request *new_request(void) {
     return &pending[n_pending++];
 }
 
-void dist_sum_start(const Backend *be, Tensor t, size_t lo, size_t n) {
+void dist_sum_start(DistGroup g, const Backend *be, Tensor t, size_t lo, size_t n) {
     if (!dist_sums(be) || n == 0) return;
     check_real(t, lo + n, "sum");
     double t0 = omp_get_wtime();
     if (on_nccl(t)) {
+        CHECK(g == DIST_ALL || ep_size == 1, "dist: NCCL sums within expert groups are not "
+              "written (expert parallelism runs on the CPU)");
 #if HAVE_NCCL
         dist_nccl_sum_start((real *)t.data + lo, n);
 #endif
         nccl_pending = 1;
     } else if (t.device != DEVICE_CPU) {
-        dist_sum_tensor(be, tensor_slice(t, lo, n), n);   // staged through the host: blocking
+        dist_sum_tensor_in(g, be, tensor_slice(t, lo, n), n);   // staged through the host: blocking
         return;
     } else {
         real *x = (real *)t.data + lo;
         for (size_t done = 0; done < n;) {
             size_t part = n - done < (size_t)INT_MAX ? n - done : (size_t)INT_MAX;
             CHECK(MPI_Iallreduce(MPI_IN_PLACE, x + done, (int)part, MPI_REAL_T, MPI_SUM,
-                                 MPI_COMM_WORLD, new_request()) == MPI_SUCCESS,
+                                 group_comm(g), new_request()) == MPI_SUCCESS,
                   "MPI_Iallreduce failed");
             done += part;
         }
@@ -313,16 +355,16 @@ void dist_gather_tensor(const Backend *be, Tensor src, Tensor dst, const size_t 
 void dist_alltoall_i32(const int32_t *send, int32_t *recv, size_t n) {
     CHECK(n <= (size_t)INT_MAX, "dist: all-to-all of %zu values per rank", n);
     double t0 = omp_get_wtime();
-    CHECK(MPI_Alltoall(send, (int)n, MPI_INT32_T, recv, (int)n, MPI_INT32_T, MPI_COMM_WORLD) ==
+    CHECK(MPI_Alltoall(send, (int)n, MPI_INT32_T, recv, (int)n, MPI_INT32_T, ep_comm) ==
           MPI_SUCCESS, "MPI_Alltoall failed");
-    bytes_sent += (size_t)(size - 1) * n * sizeof *send;
+    bytes_sent += (size_t)(ep_size - 1) * n * sizeof *send;
     seconds += omp_get_wtime() - t0;
 }
 
-// size_t counts and displacements as MPI's ints.
+// The expert group's size_t counts and displacements as MPI's ints.
 static int *as_ints(const size_t *v) {
-    int *out = CALLOC((size_t)size, sizeof *out);
-    for (int q = 0; q < size; q++) {
+    int *out = CALLOC((size_t)ep_size, sizeof *out);
+    for (int q = 0; q < ep_size; q++) {
         CHECK(v[q] <= (size_t)INT_MAX, "dist: all-to-all count or offset %zu beyond MPI's "
               "int", v[q]);
         out[q] = (int)v[q];
@@ -335,10 +377,10 @@ void dist_alltoallv_reals(const real *send, const size_t *scount, const size_t *
     int *sc = as_ints(scount), *sd = as_ints(sdispl), *rc = as_ints(rcount),
         *rd = as_ints(rdispl);
     double t0 = omp_get_wtime();
-    CHECK(MPI_Alltoallv(send, sc, sd, MPI_REAL_T, recv, rc, rd, MPI_REAL_T, MPI_COMM_WORLD) ==
+    CHECK(MPI_Alltoallv(send, sc, sd, MPI_REAL_T, recv, rc, rd, MPI_REAL_T, ep_comm) ==
           MPI_SUCCESS, "MPI_Alltoallv failed");
-    for (int q = 0; q < size; q++)
-        if (q != rank) bytes_sent += scount[q] * sizeof(real);
+    for (int q = 0; q < ep_size; q++)
+        if (q != ep_rank) bytes_sent += scount[q] * sizeof(real);
     seconds += omp_get_wtime() - t0;
     free(sc);
     free(sd);
@@ -351,7 +393,7 @@ void dist_alltoallv_tensor(const Backend *be, Tensor send, const size_t *scount,
                            const size_t *rdispl) {
     CHECK(send.device == recv.device && send.device == be->device, "dist: all-to-all between "
           "devices %d and %d on the %s backend", (int)send.device, (int)recv.device, be->name);
-    for (int q = 0; q < size; q++) {
+    for (int q = 0; q < ep_size; q++) {
         check_real(send, sdispl[q] + scount[q], "all-to-all send");
         check_real(recv, rdispl[q] + rcount[q], "all-to-all receive");
     }
@@ -361,12 +403,37 @@ void dist_alltoallv_tensor(const Backend *be, Tensor send, const size_t *scount,
     }
     CHECK(on_nccl(send), "dist: all-to-all of %s tensors needs NCCL (a CUDA build under an "
           "MPI launcher)", be->name);
+    CHECK(ep_size == size, "dist: NCCL all-to-all within expert groups is not written");
     double t0 = omp_get_wtime();
 #if HAVE_NCCL
     dist_nccl_alltoallv(send.data, scount, sdispl, recv.data, rcount, rdispl);
 #endif
     for (int q = 0; q < size; q++)
         if (q != rank) bytes_sent += scount[q] * sizeof(real);
+    seconds += omp_get_wtime() - t0;
+}
+
+// MPI counts are int: larger buffers go in pieces, sent and received alike.
+void dist_send_reals(const real *x, size_t n, int dst) {
+    double t0 = omp_get_wtime();
+    for (size_t done = 0; done < n;) {
+        size_t part = n - done < (size_t)INT_MAX ? n - done : (size_t)INT_MAX;
+        CHECK(MPI_Send(x + done, (int)part, MPI_REAL_T, dst, 0, MPI_COMM_WORLD) == MPI_SUCCESS,
+              "MPI_Send failed");
+        done += part;
+    }
+    bytes_sent += n * sizeof *x;
+    seconds += omp_get_wtime() - t0;
+}
+
+void dist_recv_reals(real *x, size_t n, int src) {
+    double t0 = omp_get_wtime();
+    for (size_t done = 0; done < n;) {
+        size_t part = n - done < (size_t)INT_MAX ? n - done : (size_t)INT_MAX;
+        CHECK(MPI_Recv(x + done, (int)part, MPI_REAL_T, src, 0, MPI_COMM_WORLD,
+                       MPI_STATUS_IGNORE) == MPI_SUCCESS, "MPI_Recv failed");
+        done += part;
+    }
     seconds += omp_get_wtime() - t0;
 }
 

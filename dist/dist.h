@@ -32,6 +32,13 @@ int dist_size(void);
 // 1 on rank 0: the rank that prints and writes files.
 int dist_lead(void);
 
+// Which ranks a sum runs over (the groups: dist_split_expert_groups below).
+typedef enum {
+    DIST_ALL,              // every rank
+    DIST_EXPERT_GROUP,     // the rank's expert group
+    DIST_EXPERT_REPLICAS,  // the ranks holding the same experts as this one
+} DistGroup;
+
 // In-place sums over every rank (every rank gets the result).
 void dist_sum_doubles(double *x, size_t n);
 void dist_sum_i32(int32_t *x, size_t n);
@@ -44,7 +51,7 @@ void dist_sum_tensor(const Backend *be, Tensor t, size_t n);
 // (NCCL's one-rank communicator, so that one GPU checks the NCCL path).
 int dist_sums(const Backend *be);
 
-// Overlapped sums. dist_sum_start begins summing values [lo, lo + n) of t over every rank
+// Overlapped sums. dist_sum_start begins summing values [lo, lo + n) of t over group g's ranks
 // (MPI_Iallreduce; NCCL on its own stream after the work issued so far) and returns;
 // the values must not be read or written until dist_sum_wait. Every rank starts the same
 // ranges in the same order. Nothing else in MPI advances a started sum while the caller
@@ -52,7 +59,7 @@ int dist_sums(const Backend *be);
 // dist_progress (MPI_Testall) between pieces of work lets it move. dist_sum_wait returns
 // when every started sum is done (device tensors: the device's later work waits for them).
 // The sums are MPI_Allreduce's for the same range: the same bits for two ranks.
-void dist_sum_start(const Backend *be, Tensor t, size_t lo, size_t n);
+void dist_sum_start(DistGroup g, const Backend *be, Tensor t, size_t lo, size_t n);
 void dist_progress(void);
 void dist_sum_wait(void);
 // Blocks: rank r owns t's values [bounds[r], bounds[r+1]); bounds has dist_size() + 1
@@ -66,12 +73,28 @@ void dist_allgather_tensor(const Backend *be, Tensor t, const size_t *bounds);
 // (dst is not touched elsewhere).
 void dist_gather_tensor(const Backend *be, Tensor src, Tensor dst, const size_t *bounds,
                         int root);
-// Every rank sends n int32 values to every rank: send (P, n) in rank order, recv (P, n)
-// from each rank in order.
+// Expert-parallel groups: the ranks split into P / ep groups of ep consecutive ranks
+// (group g: ranks g ep .. g ep + ep - 1); the all-to-alls below run within a rank's group,
+// whose members it numbers 0 .. ep - 1 (its EP rank). Collective; ep divides P. Until
+// called, the one group is every rank.
+// The split also makes the expert replicas: the P / ep ranks of one EP rank, one in each
+// group, which hold the same experts.
+void dist_split_expert_groups(int ep);
+int dist_ep_rank(void);
+int dist_ep_size(void);
+
+void dist_sum_doubles_in(DistGroup g, double *x, size_t n);
+void dist_sum_tensor_in(DistGroup g, const Backend *be, Tensor t, size_t n);
+// n values from this rank to rank dst, and on rank dst from rank src (host buffers of
+// `real`; every send meets its receive, in order).
+void dist_send_reals(const real *x, size_t n, int dst);
+void dist_recv_reals(real *x, size_t n, int src);
+// Within the expert group: every member sends n int32 values to every member: send
+// (EP, n) in EP-rank order, recv (EP, n) from each member in order.
 void dist_alltoall_i32(const int32_t *send, int32_t *recv, size_t n);
-// Every rank sends scount[q] values starting at send + sdispl[q] to rank q and receives
-// rcount[q] values from rank q at recv + rdispl[q] (host buffers of `real`, counts in
-// values, each below INT_MAX).
+// Within the expert group: every member sends scount[q] values starting at send +
+// sdispl[q] to EP rank q and receives rcount[q] values from EP rank q at recv + rdispl[q]
+// (host buffers of `real`, counts in values, each below INT_MAX).
 void dist_alltoallv_reals(const real *send, const size_t *scount, const size_t *sdispl,
                           real *recv, const size_t *rcount, const size_t *rdispl);
 // The same exchange between tensors on be's device (counts and displacements on the host,

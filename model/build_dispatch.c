@@ -55,7 +55,8 @@ Buf build_routed_experts(Builder *b, Buf xn, const RouterBufs *r, int l, MoeLaye
     ga->gather.E = E;
     ga->gather.C = b->C;
 
-    Buf w = build_expert_weights(b, l, E * 3 * F * b->C, st);
+    size_t held = (size_t)(b->m->layout.expert_hi - b->m->layout.expert_lo);
+    Buf w = build_expert_weights(b, l, held * 3 * F * b->C, st);   // (held, 3, F, C)
     Buf yp = build_experts(b, ga->gather.xp, w, st->offsets, M, E, F);
     b->m->tape.ops[b->m->tape.n - 1].experts.train =
         b->m->expert_train + (size_t)(st - b->m->moe) * E;

@@ -58,7 +58,7 @@ Buf build_expert_weights(Builder *b, int l, size_t numel, MoeLayerState *st) {
     size_t E = (size_t)m->cfg.experts;
     uint8_t *flags = m->expert_train + (size_t)(st - m->moe) * E;
     int any = 0;
-    for (size_t e = 0; e < E; e++) {
+    for (size_t e = (size_t)m->layout.expert_lo; e < (size_t)m->layout.expert_hi; e++) {
         const ParamInfo *p =
             param_find(m, "model.layers.%d.block_sparse_moe.experts.%d.w1.weight", l, (int)e);
         flags[e] = (uint8_t)is_trainable(m, p);
@@ -68,9 +68,10 @@ Buf build_expert_weights(Builder *b, int l, size_t numel, MoeLayerState *st) {
                   p[k].name);
         any |= flags[e];
     }
-    return param_view(
-        m, param_find(m, "model.layers.%d.block_sparse_moe.experts.%d.w1.weight", l, 0), numel,
-        any);
+    return param_view(m,
+                      param_find(m, "model.layers.%d.block_sparse_moe.experts.%d.w1.weight", l,
+                                 m->layout.expert_lo),
+                      numel, any);
 }
 
 Buf build_rmsnorm(Builder *b, Buf x, Buf w) {

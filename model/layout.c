@@ -47,7 +47,7 @@ static void add_swiglu(Builder *b, ParamKind kind, int layer, int expert, size_t
     add_param(b, kind, layer, expert, C, F, "%s.%s.weight", prefix, n2);
 }
 
-static void add_moe(Builder *b, const ModelConfig *cfg, int l) {
+static void add_moe(Builder *b, const ModelConfig *cfg, int l, int lo, int hi) {
     size_t C = (size_t)cfg->d_model, E = (size_t)cfg->experts;
     char prefix[96];
     if (cfg->select != SELECT_HASH)   // hash routing has no learned router
@@ -56,7 +56,7 @@ static void add_moe(Builder *b, const ModelConfig *cfg, int l) {
     if (cfg->noise == NOISE_SHAZEER)
         add_param(b, PARAM_ROUTER, l, -1, E, C,
                   "model.layers.%d.block_sparse_moe.noise.weight", l);
-    for (int e = 0; e < cfg->experts; e++) {
+    for (int e = lo; e < hi; e++) {
         snprintf(prefix, sizeof prefix, "model.layers.%d.block_sparse_moe.experts.%d", l, e);
         add_swiglu(b, PARAM_EXPERT, l, e, (size_t)cfg->expert_ffn_dim, C, prefix, "w1", "w3",
                    "w2");
@@ -72,7 +72,7 @@ static void add_moe(Builder *b, const ModelConfig *cfg, int l) {
     }
 }
 
-static void add_block(Builder *b, const ModelConfig *cfg, int l) {
+static void add_block(Builder *b, const ModelConfig *cfg, int l, int lo, int hi) {
     size_t C = (size_t)cfg->d_model, D = C / (size_t)cfg->heads;
     size_t HD = (size_t)cfg->heads * D, KD = (size_t)cfg->kv_heads * D;
     add_param(b, PARAM_NORM, l, -1, C, 0, "model.layers.%d.input_layernorm.weight", l);
@@ -94,7 +94,7 @@ static void add_block(Builder *b, const ModelConfig *cfg, int l) {
     }
     add_param(b, PARAM_NORM, l, -1, C, 0, "model.layers.%d.post_attention_layernorm.weight", l);
     if (model_config_is_moe_layer(cfg, l)) {
-        add_moe(b, cfg, l);
+        add_moe(b, cfg, l, lo, hi);
     } else {
         char prefix[64];
         snprintf(prefix, sizeof prefix, "model.layers.%d.mlp", l);
@@ -124,11 +124,19 @@ static void build_index(Layout *lay) {
 }
 
 void layout_init(Layout *lay, const ModelConfig *cfg) {
+    layout_init_experts(lay, cfg, 0, cfg->experts);
+}
+
+void layout_init_experts(Layout *lay, const ModelConfig *cfg, int expert_lo, int expert_hi) {
+    CHECK(0 <= expert_lo && expert_lo < expert_hi && expert_hi <= cfg->experts,
+          "layout: experts [%d, %d) of %d", expert_lo, expert_hi, cfg->experts);
     memset(lay, 0, sizeof *lay);
+    lay->expert_lo = expert_lo;
+    lay->expert_hi = expert_hi;
     Builder b = {lay, 0};
     size_t C = (size_t)cfg->d_model, V = (size_t)cfg->vocab;
     add_param(&b, PARAM_EMBED, -1, -1, V, C, "model.embed_tokens.weight");
-    for (int l = 0; l < cfg->layers; l++) add_block(&b, cfg, l);
+    for (int l = 0; l < cfg->layers; l++) add_block(&b, cfg, l, expert_lo, expert_hi);
     add_param(&b, PARAM_NORM, -1, -1, C, 0, "model.norm.weight");
     if (!cfg->tie_embeddings) add_param(&b, PARAM_HEAD, -1, -1, V, C, "lm_head.weight");
     build_index(lay);

@@ -4,7 +4,8 @@
 // the layout computed from a ModelConfig. Order in the slab: embed_tokens, then per
 // layer input_layernorm, q|k|v (contiguous: one fused projection), o_proj,
 // post_attention_layernorm, then either the MoE block (router gate, [noise], experts
-// 0..E-1, shared experts 0..S-1) or a dense SwiGLU; then norm and lm_head (untied only).
+// 0..E-1 (a shard's: its range only), shared experts 0..S-1) or a dense SwiGLU; then norm
+// and lm_head (untied only).
 // Every SwiGLU (routed expert, shared expert, dense MLP) is w1 (F, C), w3 (F, C),
 // w2 (C, F) back to back, so each expert is one contiguous block of 3FC values that can
 // be read, frozen or replaced alone.
@@ -42,9 +43,14 @@ typedef struct {
     size_t total;        // elements in the slab
     size_t *index;       // open-addressing hash of the names: param index + 1, 0 empty
     size_t index_cap;    // a power of two, at least twice n_params
+    int expert_lo, expert_hi;   // the routed experts held: [lo, hi) of every MoE layer
 } Layout;
 
 void layout_init(Layout *lay, const ModelConfig *cfg);
+// The layout of a shard holding routed experts [expert_lo, expert_hi) of every MoE layer
+// only (expert parallelism): the same order, names and global expert indices, without
+// the other experts' tensors (the offsets close up).
+void layout_init_experts(Layout *lay, const ModelConfig *cfg, int expert_lo, int expert_hi);
 void layout_free(Layout *lay);
 // The tensor named `name`, or NULL (a hash lookup: a model may have millions of tensors).
 const ParamInfo *layout_find(const Layout *lay, const char *name);

@@ -49,19 +49,19 @@ static void plan_tape(Model *m, const Arena *shared_dacts, int bf16) {
 
 // Parameters and gradients must fit the machine's memory: allocations succeed lazily
 // (overcommit), and a model far too large would swap or be killed, not fail.
-static void check_memory(const ModelConfig *cfg, const Backend *be) {
+static void check_memory(const ModelConfig *cfg, const Backend *be, const Layout *lay) {
     if (be->device != DEVICE_CPU) return;   // the device's allocator says so itself
-    double need = 2.0 * model_config_params(cfg) * sizeof(real);
+    double need = 2.0 * (double)lay->total * sizeof(real);
     double have = (double)sysconf(_SC_PHYS_PAGES) * (double)sysconf(_SC_PAGESIZE);
     if (have > 0 && need > have)
         FAIL(MODEL_SIZE_KEYS ": %.3g parameters need %.1f GB for weights and gradients, more "
-             "than this machine's %.1f GB", MODEL_SIZE_VALUES(cfg), model_config_params(cfg),
+             "than this machine's %.1f GB", MODEL_SIZE_VALUES(cfg), (double)lay->total,
              need / 1e9, have / 1e9);
 }
 
-// model_init with a KV cache of L positions per sequence (L 0: a training model).
+// model_init_experts with a KV cache of L positions per sequence (L 0: a training model).
 static void init_model(Model *m, const ModelConfig *cfg, const Backend *be, size_t B, size_t T,
-                       size_t L) {
+                       size_t L, int expert_lo, int expert_hi) {
     char err[512];
     CHECK(model_config_validate(cfg, err, sizeof err) == 0, "%s", err);
     CHECK(T <= (size_t)cfg->seq_len, "batch of %zu tokens per row exceeds model.seq_len = %d",
@@ -72,8 +72,8 @@ static void init_model(Model *m, const ModelConfig *cfg, const Backend *be, size
     m->B = B;
     m->T = T;
     m->N = B * T;
-    check_memory(cfg, be);
-    layout_init(&m->layout, cfg);
+    layout_init_experts(&m->layout, cfg, expert_lo, expert_hi);
+    check_memory(cfg, be, &m->layout);
     m->params = slab_alloc(be, m->layout.total, "parameters");
     m->grads = slab_alloc(be, m->layout.total, "gradients");
     m->n_moe = model_config_moe_layers(cfg);
@@ -85,7 +85,12 @@ static void init_model(Model *m, const ModelConfig *cfg, const Backend *be, size
 }
 
 void model_init(Model *m, const ModelConfig *cfg, const Backend *be, size_t B, size_t T) {
-    init_model(m, cfg, be, B, T, 0);
+    init_model(m, cfg, be, B, T, 0, 0, cfg->experts);
+}
+
+void model_init_experts(Model *m, const ModelConfig *cfg, const Backend *be, size_t B,
+                        size_t T, int expert_lo, int expert_hi) {
+    init_model(m, cfg, be, B, T, 0, expert_lo, expert_hi);
 }
 
 void model_init_decode(Model *m, const ModelConfig *cfg, const Backend *be, size_t B,
@@ -97,7 +102,7 @@ void model_init_decode(Model *m, const ModelConfig *cfg, const Backend *be, size
           "= %d", L, cfg->seq_len);
     ModelConfig dropless = *cfg;
     dropless.capacity_factor = 0;
-    init_model(m, &dropless, be, B, 1, L);
+    init_model(m, &dropless, be, B, 1, L, 0, cfg->experts);
 }
 
 void model_set_positions(Model *m, const int32_t *pos) {
@@ -189,23 +194,30 @@ static double param_init_std(const ModelConfig *cfg, const ParamInfo *p) {
     return cfg->init_std;
 }
 
+// The draws walk the whole model's layout, so that a shard's experts get the values the
+// whole model's would (the other experts' draws are made and dropped).
 void model_init_weights(Model *m, uint64_t seed) {
     Rng rng;
     rng_init(&rng, seed);
+    Layout whole;
+    layout_init(&whole, &m->cfg);
     real *host = CALLOC(m->layout.total, sizeof(real));
-    for (size_t i = 0; i < m->layout.n_params; i++) {
-        const ParamInfo *p = &m->layout.params[i];
-        real *w = host + p->offset;
-        if (p->kind == PARAM_NORM) {
-            for (size_t j = 0; j < p->numel; j++) w[j] = 1;
+    for (size_t i = 0; i < whole.n_params; i++) {
+        const ParamInfo *p = &whole.params[i], *held = layout_find(&m->layout, p->name);
+        real *w = held ? host + held->offset : NULL;
+        if (p->kind == PARAM_NORM || p->cols == 0) {   // norms 1, projection biases 0
+            for (size_t j = 0; w && p->kind == PARAM_NORM && j < p->numel; j++) w[j] = 1;
             continue;
         }
-        if (p->cols == 0) continue;   // projection biases start at zero
         double std = param_init_std(&m->cfg, p);
-        for (size_t j = 0; j < p->numel; j++) w[j] = (real)(std * rng_normal(&rng));
+        for (size_t j = 0; j < p->numel; j++) {
+            real v = (real)(std * rng_normal(&rng));
+            if (w) w[j] = v;
+        }
     }
     m->be->upload(m->params, host, m->layout.total * sizeof(real));
     free(host);
+    layout_free(&whole);
 }
 
 void model_randomize_weights(Model *m, uint64_t seed) {

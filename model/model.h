@@ -75,6 +75,11 @@ typedef struct {
 
 // Plans the tape and allocates everything for batches of B sequences of T tokens.
 void model_init(Model *m, const ModelConfig *cfg, const Backend *be, size_t B, size_t T);
+// A shard of the model (expert parallelism): the same, holding only routed experts
+// [expert_lo, expert_hi) of every MoE layer (layout_init_experts). Its routed experts op
+// cannot run alone: a shard op (kernels/expert_shard.h) must compute it.
+void model_init_experts(Model *m, const ModelConfig *cfg, const Backend *be, size_t B,
+                        size_t T, int expert_lo, int expert_hi);
 void model_free(Model *m);
 
 // A model for generation: B sequences of one new token each per forward, attending to

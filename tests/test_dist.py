@@ -118,8 +118,9 @@ CASES = {
                              "dist.expert_parallel=4"]),
     "dp4_sigmoid_bias": (4, ["train.grad_accum=4", "router.score=sigmoid",
                              "router.bias_gamma=0.01", "router.aux_coef=0"]),
-    "ep2_zero1": (2, ["train.grad_accum=2", "router.capacity_factor=1.0",
-                      "dist.expert_parallel=2", "dist.zero=1"]),
+    # EP x DP: two expert groups of two ranks, each exchanging rows within itself.
+    "ep2_dp2_capacity_drops": (4, ["train.grad_accum=4", "router.capacity_factor=1.0",
+                                   "dist.expert_parallel=2"]),
 }
 
 
@@ -180,7 +181,10 @@ def test_expert_parallel_refuses_what_it_cannot_split(tmp_path, config):
             (2, ["model.experts=3", "router.top_k=2", "dist.expert_parallel=2"],
              "dist.expert_parallel = 2: model.experts = 3 must be a multiple of it"),
             (2, ["dist.expert_parallel=4"],
-             "dist.expert_parallel = 4 with 2 rank(s): expert parallelism runs over every rank")):
+             "dist.expert_parallel = 4 with 2 rank(s): the rank count (mpirun -np) must be "
+             "a multiple of EP"),
+            (2, ["dist.expert_parallel=2", "dist.zero=1"],
+             "dist.zero = 1 with dist.expert_parallel = 2: not combined")):
         run = moe(["train", config, *MODEL, "train.grad_accum=2", *words,
                    f"train.out_dir={tmp_path}"], ranks=ranks, timeout=60)
         assert run.returncode != 0
@@ -265,7 +269,7 @@ def assert_close_run(a, b, what):
 
 def test_checkpoint_resumes_at_another_rank_count(tmp_path, config):
     """A checkpoint is one file whatever the layout: step 10 of a 20-step run at -np 2
-    (plain and ZeRO-1) or -np 4 (EP = 4) resumed in one process or at -np 2 (plain,
+    (plain and ZeRO-1) or -np 4 (EP = 4, EP = 2 x DP = 2) resumed in one process or at -np 2 (plain,
     ZeRO-1, EP = 2), and step 10 of a single-process run resumed at -np 2, all end where
     the uninterrupted single-process run ends."""
     extra = ["train.grad_accum=4", "train.ckpt_every=10", "train.keep=5",
@@ -274,6 +278,7 @@ def test_checkpoint_resumes_at_another_rank_count(tmp_path, config):
     cases = (("p2p1", 2, [], None, []), ("p1p2", None, [], 2, []),
              ("z2p1", 2, ["dist.zero=1"], None, []), ("p1z2", None, [], 2, ["dist.zero=1"]),
              ("ep4p1", 4, ["dist.expert_parallel=4"], None, []),
+             ("ep2dp2p1", 4, ["dist.expert_parallel=2"], None, []),
              ("ep4ep2", 4, ["dist.expert_parallel=4"], 2, ["dist.expert_parallel=2"]))
     for name, first, first_more, then, then_more in cases:
         src = train(config, tmp_path, name, extra + first_more, ranks=first)
@@ -320,7 +325,38 @@ def test_finetune_one_expert_keeps_every_other_tensor(tmp_path, config, layout):
     changed = [k for k in before if k.startswith("model/")
                and not np.array_equal(before[k], after[k])]
     assert changed and all(k.startswith("model/layers/1/experts/2/") for k in changed), changed
+    # Frozen tensors send nothing: the gradient collectives carry that expert's w1, w3 and
+    # w2 (3 x expert_ffn_dim x d_model values) alone, which the plan says and rank 0's byte
+    # count shows (the whole slab would be 0.108 MB a step).
+    # Under EP = 2 rank 0 does not hold expert 2 (experts 2 and 3 live on rank 1).
+    sends = 0 if layout == ["dist.expert_parallel=2"] else 3 * 16 * 32
+    assert f"gradient collectives (rank 0): {sends} of the slab's" in run.stdout, run.stdout
+    if layout == ["dist.zero=0"]:
+        # 6144 bytes of gradient plus the step's losses and routing statistics.
+        assert 3 * 16 * 32 * 4 / 1e6 <= sent_per_step(run.stdout) <= 0.008, run.stdout
     if layout == ["dist.zero=1"]:
         # One expert (w1, w3, w2 of 16 x 32 each) holds the only state, over both ranks:
         # 2 moments x 1536 values x 4 bytes.
         assert "of 0.012 MB over 2 ranks; frozen tensors hold none" in run.stdout, run.stdout
+
+
+def test_expert_parallel_shards_the_expert_memory(tmp_path, config):
+    """Each EP rank allocates the dense tensors and E/EP experts of each MoE layer only:
+    the plan's count per rank against the whole model (the tensors of a one-process
+    checkpoint) less the experts it does not hold, at EP = 2 and EP = 4."""
+    one = train(config, tmp_path, "one", ["train.grad_accum=4", "train.steps=1"])
+    whole = sum(x.size for k, x in datasets(one / "ckpt_000001.h5").items()
+                if k.startswith("model/") and not k.endswith("expert_bias"))
+    layers, experts, ffn, d_model = 2, 4, 16, 32
+    expert_values = layers * experts * 3 * ffn * d_model
+    for ep in (2, 4):
+        run = moe(["train", config, *MODEL, "train.grad_accum=4", "train.steps=1",
+                   f"dist.expert_parallel={ep}", f"train.out_dir={tmp_path}",
+                   f"train.name=ep{ep}"], ranks=ep)
+        assert run.returncode == 0, run.stdout + run.stderr
+        held = whole - expert_values + expert_values // ep
+        assert (f"each rank holds {held} of the model's {whole} parameter values"
+                in run.stdout), run.stdout
+        m = re.search(r"parameters ([0-9.]+) MB, gradients ([0-9.]+) MB, optimizer state "
+                      r"([0-9.]+) MB", run.stdout)
+        assert m and float(m.group(3)) == round(2 * held * 4 / 1e6, 1), run.stdout

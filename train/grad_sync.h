@@ -8,21 +8,26 @@
 // dist_progress after every op to move the started sums along. The embedding (tied to
 // the head or not) is final only at the end of backward: its bucket starts last, then
 // the step waits for every bucket. Only the step's last backward on this rank starts
-// sums: earlier micro-batches still add into the slab.
+// sums: earlier micro-batches still add into the slab. A bucket sends only its trainable
+// runs (grad_ranges.h): frozen tensors' zeros stay home, and routed experts' runs are
+// summed over the ranks that hold the same experts.
 #ifndef MOE_TRAIN_GRAD_SYNC_H
 #define MOE_TRAIN_GRAD_SYNC_H
 
 #include <stddef.h>
 
 #include "../model/model.h"
+#include "grad_ranges.h"
 
 typedef struct {
     size_t *lo;    // (layers + 1) slab offset of layer l's first tensor; lo[layers] = total
     int layers;
     int next;      // the next layer whose bucket starts (they start from the last down)
     Model *armed;  // the model whose next backward starts buckets, or NULL
+    GradRanges runs; // what the sums send: the trainable tensors' runs of the slab
 } GradSync;
 
+// m's layout and trainable flags, as they are now, decide the buckets and runs.
 void grad_sync_init(GradSync *g, const Model *m);
 void grad_sync_free(GradSync *g);
 // m's next backward (m, or a replica sharing its gradients) starts the layer buckets.

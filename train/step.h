@@ -31,7 +31,8 @@ typedef struct {
     int sum_grads;   // 1: the gradient slab is all-reduced (0: the caller reduces, ZeRO-1)
     int pooled;      // aux statistics pooled over the step's micro-batches
     RoutingPool pool;
-    GradSync sync;   // the gradient sum, overlapped with the last backward (sum_grads)
+    GradSync sync;   // the gradient sum (trainable tensors only), overlapped with the last
+                     // backward (sum_grads)
     double pool_seconds; // the last step's pooling forward pass (0 when activations are kept)
 } StepRunner;
 

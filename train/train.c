@@ -37,6 +37,7 @@
 #include "run.h"
 #include "sample.h"
 #include "ep.h"
+#include "ep_gather.h"
 #include "step.h"
 #include "zero.h"
 
@@ -52,6 +53,10 @@ typedef struct {
     Zero zero;
     Ep ep;                    // expert parallelism's exchanges (dist.expert_parallel > 1)
     int zero_on;              // dist.zero = 1 over several ranks
+    int ep_on;                // dist.expert_parallel > 1: the model is this rank's shard
+    Layout whole;             // the whole model's layout (under EP the model holds part)
+    uint8_t *whole_trainable; // (whole.n_params) trainable flags of the whole model
+    ParamGroup *whole_groups; // (whole.n_params) under EP: the checkpoint gather's
     DataLoader *data;
     Metrics metrics;
     RoutingStats step_stats;
@@ -155,11 +160,10 @@ static void open_metrics(Run *r, long from_step) {
 
 // Parameters one token computes with: all but the experts it is not routed to (the
 // embedding counts only when tied, i.e. when it is also the output matmul).
-static size_t active_params(const Model *m) {
+static size_t active_params(const Layout *lay, const ModelConfig *c) {
     size_t active = 0;
-    const ModelConfig *c = &m->cfg;
-    for (size_t i = 0; i < m->layout.n_params; i++) {
-        const ParamInfo *p = &m->layout.params[i];
+    for (size_t i = 0; i < lay->n_params; i++) {
+        const ParamInfo *p = &lay->params[i];
         if (p->kind == PARAM_EXPERT) active += p->expert < c->top_k ? p->numel : 0;
         else if (p->kind != PARAM_EMBED || c->tie_embeddings) active += p->numel;
     }
@@ -192,7 +196,10 @@ static void choose_trainable(Run *r) {
         RoutingStats rs;
         routing_stats_init(&rs, &m->cfg);
         DataLoader *dl = run_open_data(&r->rc, m, (uint64_t)r->rc.train.seed ^ 0x65736674ULL);
+        Ep ep = {0};   // a shard's routing needs its group's experts: every rank runs it
+        if (r->ep_on) ep_init(&ep, &m, 1);
         run_collect_routing(m, dl, fc->select_batches, &rs);
+        ep_free(&ep);
         data_loader_close(dl);
         EsftResult es;
         esft_select(&es, &rs, (EsftScore)fc->select, fc->p);
@@ -203,10 +210,14 @@ static void choose_trainable(Run *r) {
         routing_stats_free(&rs);
     }
     char err[1024];
-    r->trainable = CALLOC(m->layout.n_params, 1);
-    if (trainable_select(&m->layout, &m->cfg, fc->train, fc->freeze, r->trainable, err,
+    r->whole_trainable = CALLOC(r->whole.n_params, 1);
+    if (trainable_select(&r->whole, &m->cfg, fc->train, fc->freeze, r->whole_trainable, err,
                          sizeof err) != 0)
         FAIL("%s", err);
+    r->trainable = CALLOC(m->layout.n_params, 1);   // the shard's part of the selection
+    for (size_t i = 0; i < m->layout.n_params; i++)
+        r->trainable[i] = r->whole_trainable[layout_find(&r->whole, m->layout.params[i].name) -
+                                             r->whole.params];
     model_set_trainable(m, r->trainable);
 }
 
@@ -231,15 +242,36 @@ static void load_weights(Run *r) {
     }
     const char *init = r->mode == MODE_FINETUNE ? r->ckpt : r->rc.finetune.init;
     if (init[0] && ckpt_load(init, m, NULL, NULL, err, sizeof err) != 0) FAIL("%s", err);
-    if (init[0]) r->base_fingerprint = ckpt_fingerprint(m);
+    if (!init[0]) return;
+    if (!r->ep_on) {
+        r->base_fingerprint = ckpt_fingerprint(m);
+        return;
+    }
+    EpWhole w;   // a delta names the whole model it applies to
+    ep_gather(&w, m, NULL, NULL, NULL);
+    if (dist_lead()) r->base_fingerprint = ckpt_fingerprint(&w.model);
+    ep_whole_free(&w);
+    dist_broadcast(&r->base_fingerprint, sizeof r->base_fingerprint, 0);
 }
 
-// The routed experts of every activation set exchange with the experts' owners.
+// The expert groups, before the model (a shard of this rank's experts) is made.
+static void split_expert_groups(Run *r) {
+    const DistConfig *dc = &r->rc.dist;
+    int ep = dc->expert_parallel;
+    if (dist_size() % ep != 0)
+        FAIL("dist.expert_parallel = %d with %d rank(s): the rank count (mpirun -np) must be "
+             "a multiple of EP (EP x DP ranks)", ep, dist_size());
+    if (dc->zero)
+        FAIL("dist.zero = 1 with dist.expert_parallel = %d: not combined (each rank already "
+             "holds only its experts' AdamW state; ZeRO-1 over the expert replicas is not "
+             "written)\nHINT: dist.zero=0", ep);
+    dist_split_expert_groups(ep);
+    r->ep_on = 1;
+}
+
+// The routed experts of every activation set exchange with the experts' owners in the
+// rank's expert group.
 static void start_expert_parallel(Run *r) {
-    int ep = r->rc.dist.expert_parallel;
-    if (ep != dist_size())
-        FAIL("dist.expert_parallel = %d with %d rank(s): expert parallelism runs over every "
-             "rank (EP = the rank count under mpirun -np)", ep, dist_size());
     Model *models[64];
     int n = step_runner_sets(&r->step);
     CHECK(n <= 64, "%d activation sets", n);
@@ -261,8 +293,12 @@ static void setup(Run *r) {
         snprintf(r->run_dir, sizeof r->run_dir, "%s/%s", rc->train.out_dir, rc->train.name);
         if (dist_lead()) check_run_dir_free(r);
     }
+    if (rc->dist.expert_parallel > 1) split_expert_groups(r);
     size_t B = (size_t)rc->train.batch_size, T = (size_t)rc->model.seq_len;
-    model_init(&r->model, &rc->model, run_backend(&rc->train), B, T);
+    int lo = 0, hi = rc->model.experts;
+    if (r->ep_on) ep_expert_range(&rc->model, &lo, &hi);
+    model_init_experts(&r->model, &rc->model, run_backend(&rc->train), B, T, lo, hi);
+    layout_init(&r->whole, &rc->model);
     run_set_precision(&r->model, &rc->train);
     r->data = run_open_data(rc, &r->model, (uint64_t)rc->train.seed);
     check_val_batches(r->data, B, T);
@@ -275,6 +311,7 @@ static void setup(Run *r) {
     ParamGroupRules rules = {rc->optim.decay_norms, rc->optim.decay_embeddings,
                              rc->optim.decay_router, rc->optim.router_lr_mult};
     ParamGroup *groups = param_groups_build(&r->model.layout, r->trainable, &rules);
+    if (r->ep_on) r->whole_groups = param_groups_build(&r->whole, r->whole_trainable, &rules);
     r->zero_on = rc->dist.zero && dist_size() > 1;
     if (r->zero_on)
         zero_init(&r->zero, &r->opt, &rc->optim, groups, r->model.layout.n_params, r->model.be);
@@ -298,12 +335,21 @@ static void setup(Run *r) {
     step_runner_init(&r->step, &r->model, rc->train.grad_accum,
                      rc->model.aux_scope == AUX_SCOPE_BATCH, rc->train.keep_activations);
     r->step.sum_grads = !r->zero_on;
-    if (rc->dist.expert_parallel > 1) start_expert_parallel(r);
+    if (r->ep_on) start_expert_parallel(r);
 }
 
 // Under several ranks the plan above is each rank's; ZeRO-1's optimizer state differs
 // by rank: the largest block is what a rank must hold.
 static void print_rank_memory(const Run *r, FILE *f) {
+    if (r->ep_on) {
+        const Layout *lay = &r->model.layout;
+        fprintf(f, "expert parallel: the plan above is rank 0's; each rank holds %zu of the "
+                "model's %zu parameter values (%.3f MB; the dense tensors and %d of the %d "
+                "routed experts of each MoE layer), with their gradients and AdamW state\n",
+                lay->total, r->whole.total, (double)(lay->total * sizeof(real)) / 1e6,
+                lay->expert_hi - lay->expert_lo, r->rc.model.experts);
+        return;
+    }
     if (!r->zero_on) {
         fprintf(f, "every rank holds the plan above (dist.zero=1 shards the optimizer state)\n");
         return;
@@ -317,12 +363,13 @@ static void print_rank_memory(const Run *r, FILE *f) {
             (double)(most * bytes) / 1e6, (double)(sb[dist_size()] * bytes) / 1e6, dist_size());
 }
 
-// Rank 0's evaluation alone: every expert runs locally (each rank holds every weight).
-static void evaluate(Run *r) {
-    ep_attach(&r->ep, 0);
-    eval_run(&r->eval, &r->model, r->data);
-    ep_attach(&r->ep, 1);
+// Rank 0 evaluates; under expert parallelism its expert group (ranks 0 .. EP-1) with it,
+// each rank running the same batches, since no rank holds every expert.
+static int evaluates(const Run *r) {
+    return r->ep_on ? dist_rank() < dist_ep_size() : dist_lead();
 }
+
+static void evaluate(Run *r) { eval_run(&r->eval, &r->model, r->data); }
 
 // Everything the run allocated once, on the device it computes on.
 static void print_memory_plan(const Run *r, FILE *f) {
@@ -341,6 +388,16 @@ static void print_memory_plan(const Run *r, FILE *f) {
     if (dist_size() > 1) print_rank_memory(r, f);
 }
 
+// EP x DP: the expert groups, each exchanging within itself.
+static const char *expert_groups_note(int groups) {
+    static char note[128];
+    note[0] = '\0';
+    if (groups > 1)
+        snprintf(note, sizeof note, "; %d such groups of consecutive ranks (EP x DP), each "
+                 "exchanging within itself", groups);
+    return note;
+}
+
 static void print_startup(const Run *r, FILE *f) {
     const Model *m = &r->model;
     const RunConfig *rc = &r->rc;
@@ -348,13 +405,16 @@ static void print_startup(const Run *r, FILE *f) {
     fprintf(f, "moe %s: run %s -> %s", what[r->mode], rc->train.name, r->run_dir);
     if (r->mode != MODE_TRAIN) fprintf(f, " (from %s, step %ld)", r->ckpt, r->st.step);
     char sel[2048];
-    trainable_describe(&m->layout, r->trainable, sel, sizeof sel);
+    trainable_describe(&r->whole, r->whole_trainable, sel, sizeof sel);
+    size_t trainable = 0;   // the whole model's (under ZeRO-1 or EP a rank holds part)
+    for (size_t i = 0; i < r->whole.n_params; i++)
+        if (r->whole_trainable[i]) trainable += r->whole.params[i].numel;
     fprintf(f,
             "\nmodel: %d layers, d_model %d, %d experts top-%d, %.2fM params (%.2fM active per "
             "token)\ntraining: %s: %zu trainable params, optimizer state %.2f MB\n",
             rc->model.layers, rc->model.d_model, rc->model.experts, rc->model.top_k,
-            (double)m->layout.total / 1e6, (double)active_params(m) / 1e6, sel,
-            adamw_trainable_params(&r->opt), (double)adamw_state_bytes(&r->opt) / 1e6);
+            (double)r->whole.total / 1e6, (double)active_params(&r->whole, &m->cfg) / 1e6, sel,
+            trainable, (double)(2 * trainable * sizeof(real)) / 1e6);
     fprintf(f, "data:");
     for (int d = 0; d < data_loader_domains(r->data); d++)
         fprintf(f, " %s (%.2fM train tokens)", data_loader_domain_name(r->data, d),
@@ -372,10 +432,15 @@ static void print_startup(const Run *r, FILE *f) {
                 dist_size(), r->step.accum, r->step.total,
                 r->zero_on ? "ZeRO-1: gradients reduce-scattered, AdamW state sharded, weights "
                              "all-gathered" : "gradients all-reduced every step");
+    if (dist_size() > 1)
+        fprintf(f, "gradient collectives (rank 0): %zu of the slab's %zu values (%.3f MB) per "
+                "step, the trainable tensors' (frozen tensors send none)\n", r->step.sync.runs.values,
+                m->layout.total, (double)(r->step.sync.runs.values * sizeof(real)) / 1e6);
     if (r->rc.dist.expert_parallel > 1)
         fprintf(f, "expert parallel: %d ranks, each computing %d of the %d experts of every MoE "
-                "layer for every rank's tokens (rows exchanged with MPI_Alltoallv)\n",
-                dist_size(), r->rc.model.experts / dist_size(), r->rc.model.experts);
+                "layer for every rank's tokens (rows exchanged with MPI_Alltoallv)%s\n",
+                dist_ep_size(), r->rc.model.experts / dist_ep_size(), r->rc.model.experts,
+                expert_groups_note(dist_size() / dist_ep_size()));
     print_memory_plan(r, f);
 }
 
@@ -432,14 +497,14 @@ static void print_eval(Run *r, long step) {
 
 // The first tensor of slab (layout order; trainable ones only if asked) holding a NaN or
 // an infinity: 1 and "NAME (value)" in out, else 0.
-static int find_nonfinite(const Run *r, Tensor slab, int trainable_only, char *out, size_t n) {
-    const Model *m = &r->model;
+static int find_nonfinite(const Model *m, const uint8_t *trainable, Tensor slab,
+                          int trainable_only, char *out, size_t n) {
     real *host = CALLOC(m->layout.total, sizeof *host);
     m->be->download(host, slab, m->layout.total * sizeof *host);
     int found = 0;
     for (size_t i = 0; i < m->layout.n_params && !found; i++) {
         const ParamInfo *p = &m->layout.params[i];
-        if (trainable_only && !r->trainable[i]) continue;
+        if (trainable_only && !trainable[i]) continue;
         for (size_t j = 0; j < p->numel && !found; j++)
             if ((found = !isfinite(host[p->offset + j])))
                 snprintf(out, n, "%s (%g)", p->name, (double)host[p->offset + j]);
@@ -450,25 +515,34 @@ static int find_nonfinite(const Run *r, Tensor slab, int trainable_only, char *o
 
 // A checkpoint with a NaN or an infinity would poison every run resumed from it and
 // push good ones out of train.keep: such weights are never saved.
-static void write_checkpoint(Run *r, const char *file, AdamW *opt) {
+static void write_checkpoint(Run *r, const char *file, const Model *m, AdamW *opt,
+                             const uint8_t *trainable) {
     char path[RUN_FILE_MAX], err[1024], bad[384];
     snprintf(path, sizeof path, "%s/%s", r->run_dir, file);
-    if (find_nonfinite(r, r->model.params, 0, bad, sizeof bad))
+    if (find_nonfinite(m, trainable, m->params, 0, bad, sizeof bad))
         FAIL("%s: not saved: the weight %s is not finite", path, bad);
     r->st.data_cursor = data_loader_cursor(r->data);
     // Only a delta names its base: a full checkpoint's fingerprint is 0 (export takes it,
     // merge refuses it), whatever weights the run started from.
     const int delta = r->rc.finetune.delta;
-    if (ckpt_save(path, &r->rc, &r->model, opt, &r->st, delta ? r->trainable : NULL,
+    if (ckpt_save(path, &r->rc, m, opt, &r->st, delta ? trainable : NULL,
                   delta ? r->base_fingerprint : 0, err, sizeof err) != 0)
         FAIL("%s", err);
 }
 
-// Every rank calls it (ZeRO-1 gathers the state to rank 0); rank 0 writes.
+// Every rank calls it (ZeRO-1 gathers the state to rank 0, expert parallelism the whole
+// model); rank 0 writes.
 static void save_checkpoint(Run *r, const char *file) {
+    if (r->ep_on) {
+        EpWhole w;
+        ep_gather(&w, &r->model, &r->opt, r->whole_groups, &r->rc.optim);
+        if (dist_lead()) write_checkpoint(r, file, &w.model, &w.opt, r->whole_trainable);
+        ep_whole_free(&w);
+        return;
+    }
     AdamW full, *opt = &r->opt;
     if (r->zero_on) zero_gather(&r->zero, &r->opt, opt = &full);
-    if (dist_lead()) write_checkpoint(r, file, opt);
+    if (dist_lead()) write_checkpoint(r, file, &r->model, opt, r->trainable);
     if (r->zero_on) adamw_free(&full);
 }
 
@@ -582,13 +656,16 @@ static int update_weights(Run *r, StepReport *rep) {
         snprintf(what, sizeof what, "loss (%g)", rep->losses.total);
         return handle_nonfinite(r, rep, what);
     }
-    rep->grad_norm = r->zero_on ? zero_step(&r->zero, &r->opt, r->model.params, r->model.grads,
-                                            rep->lr, rep->step, 1.0 / tc->grad_accum)
-                                : adamw_step(&r->opt, r->model.params, r->model.grads, rep->lr,
-                                             rep->step, 1.0 / tc->grad_accum);
+    Tensor params = r->model.params, grads = r->model.grads;
+    double scale = 1.0 / tc->grad_accum;
+    rep->grad_norm = r->zero_on ? zero_step(&r->zero, &r->opt, params, grads, rep->lr, rep->step,
+                                            scale)
+                     : r->ep_on ? ep_step(&r->ep, &r->opt, params, grads, rep->lr, rep->step,
+                                          scale)
+                                : adamw_step(&r->opt, params, grads, rep->lr, rep->step, scale);
     if (!isfinite(rep->grad_norm)) {
         char name[384];
-        if (find_nonfinite(r, r->model.grads, 1, name, sizeof name))
+        if (find_nonfinite(&r->model, r->trainable, r->model.grads, 1, name, sizeof name))
             snprintf(what, sizeof what, "gradient of %s", name);
         else   // finite gradients whose sum of squares overflowed
             snprintf(what, sizeof what, "gradient norm (%g)", rep->grad_norm);
@@ -606,9 +683,9 @@ static void train_loop(Run *r) {
     long first = r->first_step = r->st.step;
     int n_evals = 0;
     const int lead = dist_lead();   // evaluates, logs and writes; the others only train
-    if (lead && tc->eval_every > 0 && r->mode != MODE_RESUME) {   // the starting point
+    if (evaluates(r) && tc->eval_every > 0 && r->mode != MODE_RESUME) {   // the starting point
         evaluate(r);
-        print_eval(r, first);
+        if (lead) print_eval(r, first);
         eval_s = omp_get_wtime() - t0;
         n_evals++;
     }
@@ -637,7 +714,7 @@ static void train_loop(Run *r) {
         if (lead) metrics_print_step(&r->metrics, &rep);
         if (eval) {   // on rank 0; the others learn its losses (best.h5 is saved by all)
             double te = omp_get_wtime();
-            if (lead) evaluate(r);
+            if (evaluates(r)) evaluate(r);
             dist_broadcast(r->eval.loss, (size_t)(r->eval.n_domains + 1) * sizeof *r->eval.loss,
                            0);
             eval_s += omp_get_wtime() - te;
@@ -681,15 +758,21 @@ static void print_usage_table(const Run *r) {
 
 static void finish(Run *r) {
     metrics_close(&r->metrics);
-    ep_attach(&r->ep, 0);
     const TrainConfig *tc = &r->rc.train;
     if (dist_lead()) print_usage_table(r);
     int bytes = r->rc.data.tokenizer == TOKENIZER_BYTES;
-    int decodable = r->rc.model.select != SELECT_EXPERT_CHOICE;   // model_init_decode
-    if (dist_lead() && tc->sample_tokens > 0 && !decodable)
+    int sample = dist_lead() && tc->sample_tokens > 0 && (!bytes || r->rc.model.vocab == 256);
+    if (sample && r->rc.model.select == SELECT_EXPERT_CHOICE) {   // model_init_decode
         printf("\nno sample: router.select = expert_choice routes among a batch's tokens, "
                "which generation does not have (docs/routing.md)\n");
-    if (dist_lead() && tc->sample_tokens > 0 && decodable && (!bytes || r->rc.model.vocab == 256)) {
+        sample = 0;
+    }
+    if (sample && r->ep_on) {
+        printf("\nsample: skipped (under expert parallelism no rank holds every expert; moe "
+               "sample %s/ckpt_%06ld.h5 writes one)\n", r->run_dir, r->st.step);
+        sample = 0;
+    }
+    if (sample) {
         char err[512];
         Tokenizer *tok = run_open_tokenizer(&r->rc);
         char *text = sample_text(&r->model, tok, tc->sample_prompt, tc->sample_tokens,
@@ -721,6 +804,9 @@ static void finish(Run *r) {
     ep_free(&r->ep);
     step_runner_free(&r->step);
     free(r->trainable);
+    free(r->whole_trainable);
+    free(r->whole_groups);
+    layout_free(&r->whole);
     eval_result_free(&r->eval);
     routing_stats_free(&r->step_stats);
     routing_stats_free(&r->window);

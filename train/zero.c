@@ -56,6 +56,8 @@ void zero_init(Zero *z, AdamW *shard, const OptimConfig *cfg, const ParamGroup *
     for (size_t i = 0; i < n_groups; i++)
         if (groups[i].offset + groups[i].numel > slab) slab = groups[i].offset + groups[i].numel;
     cut_blocks(z, slab);
+    z->packed = CALLOC(z->state_bounds[dist_size()] ? z->state_bounds[dist_size()] : 1,
+                       sizeof *z->packed);
     int r = dist_rank();
     ParamGroup *mine = CALLOC(n_groups, sizeof *mine);   // (n_groups) pieces in block r
     size_t n = 0;
@@ -74,18 +76,43 @@ void zero_free(Zero *z) {
     free(z->bounds);
     free(z->state_bounds);
     free(z->groups);
+    free(z->packed);
     memset(z, 0, sizeof *z);
+}
+
+// Packed values [lo, hi) (the trainable values in slab order) between slab and z->packed:
+// to the buffer when out, else back into the slab.
+static void move_packed(const Zero *z, Tensor slab, size_t lo, size_t hi, int out) {
+    size_t at = 0;   // packed position of group i's first value
+    for (size_t i = 0; i < z->n_groups && at < hi; i++) {
+        const ParamGroup *g = &z->groups[i];
+        if (!g->trainable) continue;
+        size_t a = at > lo ? at : lo, b = at + g->numel < hi ? at + g->numel : hi;
+        if (b > a) {
+            Tensor t = tensor_slice(slab, g->offset + (a - at), b - a);
+            if (out) z->be->download(z->packed + a, t, (b - a) * sizeof *z->packed);
+            else z->be->upload(t, z->packed + a, (b - a) * sizeof *z->packed);
+        }
+        at += g->numel;
+    }
 }
 
 double zero_step(Zero *z, AdamW *shard, Tensor params, Tensor grads, double lr_now, long step,
                  double grad_scale) {
-    dist_reduce_scatter_tensor(z->be, grads, z->bounds);
+    const size_t *sb = z->state_bounds, n = sb[dist_size()];
+    const int r = dist_rank();
+    Tensor packed = {z->packed, DTYPE_REAL, DEVICE_CPU, n};   // (n) trainable values
+    move_packed(z, grads, 0, n, 1);
+    dist_reduce_scatter_tensor(z->be, packed, sb);
+    move_packed(z, grads, sb[r], sb[r + 1], 0);
     double local = adamw_grad_norm(shard, grads, grad_scale), sq = local * local;
     dist_sum_doubles(&sq, 1);
     double norm = sqrt(sq);
     if (!isfinite(norm)) return norm;
     adamw_apply(shard, params, grads, lr_now, step, grad_scale, norm);
-    dist_allgather_tensor(z->be, params, z->bounds);
+    move_packed(z, params, sb[r], sb[r + 1], 1);
+    dist_allgather_tensor(z->be, packed, sb);
+    move_packed(z, params, 0, n, 0);
     return norm;
 }
 

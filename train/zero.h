@@ -3,9 +3,11 @@
 //
 // The parameter slab is cut into P consecutive blocks holding about equal numbers of
 // trainable values; rank r keeps the moments of the trainable values in block r only (a
-// frozen tensor holds state on no rank). A step reduce-scatters the gradient slab (rank r
+// frozen tensor holds state on no rank). A step reduce-scatters the gradients (rank r
 // receives block r summed over the ranks), takes the global norm from every rank's sum of
-// squares, updates its block and all-gathers the updated weights. Checkpoints hold the
+// squares, updates its block and all-gathers the updated weights. Both collectives carry
+// the trainable values only, packed back to back in slab order through a host buffer
+// (frozen tensors neither change nor have gradients to sum). Checkpoints hold the
 // whole state: it is gathered to rank 0 to save and sliced out of the file to load, so
 // a run saved with one rank count or setting resumes with any other.
 #ifndef MOE_TRAIN_ZERO_H
@@ -20,6 +22,7 @@ typedef struct {
     size_t *bounds;        // (P+1) slab blocks, in elements
     size_t *state_bounds;  // (P+1) the blocks' trainable values in the full state's order
     ParamGroup *groups;    // (n_groups) the unsharded groups, one per tensor
+    real *packed;          // (state_bounds[P]) host: the trainable values back to back
     size_t n_groups;
     OptimConfig cfg;
     const Backend *be;
