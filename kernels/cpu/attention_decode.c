@@ -1,8 +1,8 @@
 // attention_decode.c: decode-time attention over a KV cache (CPU): one new row per
 // sequence, rotated by RoPE at its own position, appended to the cache and attending to
 // every cached position before it. The training path's rotation (cpu_rope_row) and
-// scaling; the softmax of one query row is summed in double (a row is short work: no
-// blocking or online softmax needed).
+// scaling, and its two products per head (here one group of query heads sharing a KV
+// head, against every cached position: no blocking or online softmax needed).
 #include "cpu_ops.h"
 #include "../../base/util.h"
 
@@ -22,28 +22,24 @@ static void decode_append(real *row, real *kc, real *vc, size_t pos, size_t H, s
     memcpy(vc + pos * KV * D, row + (H + KV) * D, KV * D * sizeof *row);
 }
 
-// One query head q (D) over positions 0..n-1 of its KV head: o (D) = softmax(q k / sqrt D) v.
-// k and v step KV*D per position; s (n) is scratch.
-static void decode_head(real *o, const real *q, const real *k, const real *v, size_t n,
-                        size_t stride, size_t D, double *s) {
-    double scale = 1.0 / sqrt((double)D), mx = -INFINITY, sum = 0.0;
-    for (size_t u = 0; u < n; u++) {
-        double dot = 0.0;
-        for (size_t d = 0; d < D; d++)
-            dot += (double)q[d] * (double)k[u * stride + d];
-        s[u] = dot * scale;
-        mx = s[u] > mx ? s[u] : mx;
+// The `group` query heads q (group, D) sharing one KV head, over positions 0..n-1:
+// o (group, D) = softmax(q k^T / sqrt D) v, two products per group as in training
+// (k and v step `stride` per position); each row's softmax is summed in double.
+// p (group, n) is scratch.
+static void decode_group(real *o, const real *q, const real *k, const real *v, size_t group,
+                         size_t n, size_t stride, size_t D, real *p) {
+    cpu_gemm(0, 1, group, n, D, (real)(1.0 / sqrt((double)D)), q, D, k, stride, 0, p, n);
+    for (size_t r = 0; r < group; r++) {
+        real *s = p + r * n, mx = s[0];
+        for (size_t u = 1; u < n; u++) mx = s[u] > mx ? s[u] : mx;
+        double sum = 0.0;
+        for (size_t u = 0; u < n; u++) {
+            s[u] = (real)exp((double)(s[u] - mx));
+            sum += s[u];
+        }
+        for (size_t u = 0; u < n; u++) s[u] = (real)(s[u] / sum);
     }
-    for (size_t u = 0; u < n; u++) {
-        s[u] = exp(s[u] - mx);
-        sum += s[u];
-    }
-    for (size_t d = 0; d < D; d++) {
-        double acc = 0.0;
-        for (size_t u = 0; u < n; u++)
-            acc += s[u] * (double)v[u * stride + d];
-        o[d] = (real)(acc / sum);
-    }
+    cpu_gemm(0, 0, group, D, n, 1, p, n, v, stride, 0, o, D);
 }
 
 void cpu_attention_decode_forward(Tensor out, Tensor qkv, Tensor kcache, Tensor vcache,
@@ -61,12 +57,12 @@ void cpu_attention_decode_forward(Tensor out, Tensor qkv, Tensor kcache, Tensor 
         decode_append(TENSOR_R(qkv) + b * width, TENSOR_R(kcache) + b * seq,
                       TENSOR_R(vcache) + b * seq, (size_t)p[b], H, KV, D, theta);
 #pragma omp parallel for schedule(dynamic)
-    for (size_t bh = 0; bh < B * H; bh++) {
-        size_t b = bh / H, h = bh % H, n = (size_t)p[b] + 1, g = h / group;
-        double *s = CALLOC(n, sizeof *s);
-        decode_head(TENSOR_R(out) + bh * D, TENSOR_R(qkv) + b * width + h * D,
-                    TENSOR_R(kcache) + b * seq + g * D, TENSOR_R(vcache) + b * seq + g * D, n,
-                    KV * D, D, s);
-        free(s);
+    for (size_t bg = 0; bg < B * KV; bg++) {
+        size_t b = bg / KV, g = bg % KV, n = (size_t)p[b] + 1;
+        real *scratch = CALLOC(group * n, sizeof *scratch); // (group, n)
+        decode_group(TENSOR_R(out) + (b * H + g * group) * D,
+                     TENSOR_R(qkv) + b * width + g * group * D, TENSOR_R(kcache) + b * seq + g * D,
+                     TENSOR_R(vcache) + b * seq + g * D, group, n, KV * D, D, scratch);
+        free(scratch);
     }
 }
