@@ -1,6 +1,6 @@
 """`moe sample` on a small trained byte model: the options' definitions, checked from its
 own greedy or seeded runs (the logits and greedy ids against transformers are
-tests/reference/test_generate_transformers.py, the cache against the full forward
+tests/reference/test_families_transformers.py, the cache against the full forward
 tests/test_decode.c).
 
 A prompt's ids depend on nothing but the prompt, the seed and its index: batching, the
