@@ -359,8 +359,10 @@ static void print_rank_memory(const Run *r, FILE *f) {
     for (int k = 0; k < dist_size(); k++)
         if (sb[k + 1] - sb[k] > most) most = sb[k + 1] - sb[k];
     fprintf(f, "ZeRO-1: optimizer state at most %.3f MB per rank (of %.3f MB over %d ranks; "
-            "frozen tensors hold none)\n",
-            (double)(most * bytes) / 1e6, (double)(sb[dist_size()] * bytes) / 1e6, dist_size());
+            "frozen tensors hold none); collectives %s\n",
+            (double)(most * bytes) / 1e6, (double)(sb[dist_size()] * bytes) / 1e6, dist_size(),
+            r->zero.in_place ? "in place on the gradient and parameter tensors"
+                             : "on the trainable values packed into a host buffer");
 }
 
 // Rank 0 evaluates; under expert parallelism its expert group (ranks 0 .. EP-1) with it,

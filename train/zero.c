@@ -56,8 +56,11 @@ void zero_init(Zero *z, AdamW *shard, const OptimConfig *cfg, const ParamGroup *
     for (size_t i = 0; i < n_groups; i++)
         if (groups[i].offset + groups[i].numel > slab) slab = groups[i].offset + groups[i].numel;
     cut_blocks(z, slab);
-    z->packed = CALLOC(z->state_bounds[dist_size()] ? z->state_bounds[dist_size()] : 1,
-                       sizeof *z->packed);
+    // Every value trains (groups tile the slab, none frozen): the packed order is the
+    // slab's own, so the collectives run on the slab where it lives.
+    size_t trainable = z->state_bounds[dist_size()];
+    z->in_place = trainable == slab;
+    if (!z->in_place) z->packed = CALLOC(trainable ? trainable : 1, sizeof *z->packed);
     int r = dist_rank();
     ParamGroup *mine = CALLOC(n_groups, sizeof *mine);   // (n_groups) pieces in block r
     size_t n = 0;
@@ -97,19 +100,33 @@ static void move_packed(const Zero *z, Tensor slab, size_t lo, size_t hi, int ou
     }
 }
 
+// This rank's block of the summed gradients, the global norm and the update of the block
+// (the norm, not finite: no update).
+static double update_block(AdamW *shard, Tensor params, Tensor grads, double lr_now,
+                           long step, double grad_scale) {
+    double local = adamw_grad_norm(shard, grads, grad_scale), sq = local * local;
+    dist_sum_doubles(&sq, 1);
+    double norm = sqrt(sq);
+    if (isfinite(norm)) adamw_apply(shard, params, grads, lr_now, step, grad_scale, norm);
+    return norm;
+}
+
 double zero_step(Zero *z, AdamW *shard, Tensor params, Tensor grads, double lr_now, long step,
                  double grad_scale) {
     const size_t *sb = z->state_bounds, n = sb[dist_size()];
     const int r = dist_rank();
+    if (z->in_place) {   // the backend's tensors themselves: NCCL's on a GPU
+        dist_reduce_scatter_tensor(z->be, grads, z->bounds);
+        double norm = update_block(shard, params, grads, lr_now, step, grad_scale);
+        if (isfinite(norm)) dist_allgather_tensor(z->be, params, z->bounds);
+        return norm;
+    }
     Tensor packed = {z->packed, DTYPE_REAL, DEVICE_CPU, n};   // (n) trainable values
     move_packed(z, grads, 0, n, 1);
     dist_reduce_scatter_tensor(z->be, packed, sb);
     move_packed(z, grads, sb[r], sb[r + 1], 0);
-    double local = adamw_grad_norm(shard, grads, grad_scale), sq = local * local;
-    dist_sum_doubles(&sq, 1);
-    double norm = sqrt(sq);
+    double norm = update_block(shard, params, grads, lr_now, step, grad_scale);
     if (!isfinite(norm)) return norm;
-    adamw_apply(shard, params, grads, lr_now, step, grad_scale, norm);
     move_packed(z, params, sb[r], sb[r + 1], 1);
     dist_allgather_tensor(z->be, packed, sb);
     move_packed(z, params, 0, n, 0);

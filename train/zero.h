@@ -6,8 +6,11 @@
 // frozen tensor holds state on no rank). A step reduce-scatters the gradients (rank r
 // receives block r summed over the ranks), takes the global norm from every rank's sum of
 // squares, updates its block and all-gathers the updated weights. Both collectives carry
-// the trainable values only, packed back to back in slab order through a host buffer
-// (frozen tensors neither change nor have gradients to sum). Checkpoints hold the
+// the trainable values only (frozen tensors neither change nor have gradients to sum).
+// When every tensor trains, those are the whole slab in its own order: the collectives
+// then work in place on the backend's gradient and parameter tensors (on a GPU, NCCL on
+// device memory; no copy on the CPU). Otherwise the trainable values go packed back to
+// back in slab order through a host buffer, and back. Checkpoints hold the
 // whole state: it is gathered to rank 0 to save and sliced out of the file to load, so
 // a run saved with one rank count or setting resumes with any other.
 #ifndef MOE_TRAIN_ZERO_H
@@ -22,7 +25,9 @@ typedef struct {
     size_t *bounds;        // (P+1) slab blocks, in elements
     size_t *state_bounds;  // (P+1) the blocks' trainable values in the full state's order
     ParamGroup *groups;    // (n_groups) the unsharded groups, one per tensor
-    real *packed;          // (state_bounds[P]) host: the trainable values back to back
+    real *packed;          // (state_bounds[P]) host: the trainable values back to back;
+                           // NULL when in_place
+    int in_place;          // 1: every slab value trains, bounds = state_bounds
     size_t n_groups;
     OptimConfig cfg;
     const Backend *be;
