@@ -69,6 +69,9 @@ typedef struct {
     StepRunner step;          // the step's micro-batches forward and backward
     long first_step;          // the step this invocation started from
     long steps_run;           // optimizer steps this invocation ran (rolled back ones too)
+    uint64_t step_bytes;      // bytes this rank handed to the collectives inside the steps
+    double step_comm_s;       // seconds inside the steps' collectives
+    double step_s;            // seconds inside the steps (gradients and update)
     long skipped;             // steps this invocation skipped as non-finite
     long saved_step;          // the step of the last ckpt_<step>.h5 written, or -1
     long rollback_step;       // the checkpoint step the last rollback returned to, or -1
@@ -716,9 +719,16 @@ static void train_loop(Run *r) {
     while (r->st.step < tc->steps) {
         long step = r->st.step;
         StepReport rep = {.step = step, .steps = tc->steps};
+        // The steps' own communication, apart from checkpoints' and evaluations'.
+        uint64_t b0 = dist_bytes_sent();
+        double c0 = dist_seconds(), w0 = omp_get_wtime();
         rep.losses = accumulate_gradients(r);
         rep.lr = optim_lr_at(&r->rc.optim, step, tc->steps) * r->st.lr_scale;
-        if (!update_weights(r, &rep)) continue;
+        int updated = update_weights(r, &rep);
+        r->step_bytes += dist_bytes_sent() - b0;
+        r->step_comm_s += dist_seconds() - c0;
+        r->step_s += omp_get_wtime() - w0;
+        if (!updated) continue;
         r->st.step = step + 1;
         r->st.tokens_seen += tokens_per_step;
         rep.elapsed_s = omp_get_wtime() - t0;
@@ -813,11 +823,13 @@ static void finish(Run *r) {
                "with evaluation); final val loss %.4f mean\n",
                r->st.step, (double)tokens / 1e6, r->train_s, (double)tokens / r->train_s,
                r->total_s, r->eval.loss[r->eval.n_domains]);
-    if (dist_size() > 1 && r->steps_run > 0 && r->train_s > 0)
-        printf("communication (rank 0): %.3f MB per step handed to MPI, %.1f%% of the "
-               "training time inside collectives (waiting for other ranks included)\n",
-               (double)dist_bytes_sent() / 1e6 / (double)r->steps_run,
-               100.0 * dist_seconds() / r->train_s);
+    if (dist_size() > 1 && r->steps_run > 0 && r->step_s > 0)
+        printf("communication (rank 0): %.3f MB per step handed to MPI, %.1f%% of the steps' "
+               "time inside collectives (waiting for other ranks included); besides the steps "
+               "(start-up, checkpoints, evaluation) %.3f MB in all\n",
+               (double)r->step_bytes / 1e6 / (double)r->steps_run,
+               100.0 * r->step_comm_s / r->step_s,
+               (double)(dist_bytes_sent() - r->step_bytes) / 1e6);
     if (r->skipped)
         printf("%ld of %ld steps skipped as non-finite (train.on_nonfinite = skip)\n",
                r->skipped, r->steps_run);
