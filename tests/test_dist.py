@@ -179,7 +179,7 @@ def sent_per_step(run_dir_stdout):
 
 def test_expert_parallel_exchanges_rows(tmp_path, config):
     """EP moves the routed rows: rank 0 hands MPI more per step than data parallel alone
-    (the same gradient sum) on the same config; and the start-up line says so."""
+    less the experts' gradients on the same config; and the start-up line says so."""
     out = {}
     for name, extra in (("dp", []), ("ep", ["dist.expert_parallel=2"])):
         run = moe(["train", config, *MODEL, "train.grad_accum=2", "train.steps=3", *extra,
@@ -187,7 +187,11 @@ def test_expert_parallel_exchanges_rows(tmp_path, config):
         assert run.returncode == 0, run.stdout + run.stderr
         out[name] = run.stdout
     assert "expert parallel: 2 ranks, each computing 2 of the 4 experts" in out["ep"]
-    assert sent_per_step(out["ep"]) > sent_per_step(out["dp"]) + 0.01
+    # The steps' bytes alone (checkpoints and evaluation apart): at EP = 2 over 2 ranks no
+    # rank shares its experts, so their gradients (2 layers x 4 experts x w1, w3, w2 of
+    # 16 x 32) are not summed; the routed rows more than make up for them.
+    expert_grads = 2 * 4 * 3 * 16 * 32 * 4 / 1e6
+    assert sent_per_step(out["ep"]) > sent_per_step(out["dp"]) - expert_grads + 0.01
 
 
 def test_expert_parallel_refuses_what_it_cannot_split(tmp_path, config):
