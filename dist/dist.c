@@ -253,8 +253,8 @@ void dist_sum_wait(void) {
 }
 
 // MPI's int counts and displacements of the blocks.
-static void block_counts(const size_t *bounds, int *counts, int *displs) {
-    for (int r = 0; r < size; r++) {
+static void block_counts(int P, const size_t *bounds, int *counts, int *displs) {
+    for (int r = 0; r < P; r++) {
         CHECK(bounds[r + 1] >= bounds[r] && bounds[r + 1] - bounds[r] <= (size_t)INT_MAX &&
               bounds[r] <= (size_t)INT_MAX, "dist: block %d [%zu, %zu) beyond MPI's int counts",
               r, bounds[r], bounds[r + 1]);
@@ -278,11 +278,31 @@ static void host_done(const Backend *be, Tensor t, real *host, size_t lo, size_t
     free(host);
 }
 
-void dist_reduce_scatter_tensor(const Backend *be, Tensor t, const size_t *bounds) {
-    if (size == 1) return;
-    size_t lo = bounds[rank], hi = bounds[rank + 1], n = bounds[size];
+int dist_group_rank(DistGroup g) {
+    int r = 0;
+    if (started) MPI_Comm_rank(group_comm(g), &r);
+    return r;
+}
+
+int dist_group_size(DistGroup g) {
+    int n = 1;
+    if (started) MPI_Comm_size(group_comm(g), &n);
+    return n;
+}
+
+// NCCL's one communicator spans every rank: a group of fewer ranks goes through MPI only.
+static void check_nccl_group(DistGroup g) {
+    CHECK(dist_group_size(g) == size, "dist: NCCL collectives within a group of %d of the %d "
+          "ranks are not written (expert parallelism runs on the CPU)", dist_group_size(g), size);
+}
+
+void dist_reduce_scatter_tensor(DistGroup g, const Backend *be, Tensor t, const size_t *bounds) {
+    const int P = dist_group_size(g), me = dist_group_rank(g);
+    if (P == 1) return;
+    size_t lo = bounds[me], hi = bounds[me + 1], n = bounds[P];
     check_real(t, n, "reduce-scatter");
     if (on_nccl(t)) {
+        check_nccl_group(g);
         double t0 = omp_get_wtime();
 #if HAVE_NCCL
         dist_nccl_reduce_scatter(t.data, bounds);
@@ -291,11 +311,11 @@ void dist_reduce_scatter_tensor(const Backend *be, Tensor t, const size_t *bound
         seconds += omp_get_wtime() - t0;
         return;
     }
-    int *counts = CALLOC((size_t)size, sizeof *counts), *displs = CALLOC((size_t)size, sizeof *displs);
-    block_counts(bounds, counts, displs);
+    int *counts = CALLOC((size_t)P, sizeof *counts), *displs = CALLOC((size_t)P, sizeof *displs);
+    block_counts(P, bounds, counts, displs);
     double t0 = omp_get_wtime();
-    real *host = host_view(be, t, n), *mine = CALLOC(hi - lo, sizeof *mine);   // (hi - lo)
-    CHECK(MPI_Reduce_scatter(host, mine, counts, MPI_REAL_T, MPI_SUM, MPI_COMM_WORLD) ==
+    real *host = host_view(be, t, n), *mine = CALLOC(hi > lo ? hi - lo : 1, sizeof *mine);   // (hi - lo)
+    CHECK(MPI_Reduce_scatter(host, mine, counts, MPI_REAL_T, MPI_SUM, group_comm(g)) ==
           MPI_SUCCESS, "MPI_Reduce_scatter failed");
     memcpy(host + lo, mine, (hi - lo) * sizeof *mine);
     free(mine);
@@ -306,44 +326,47 @@ void dist_reduce_scatter_tensor(const Backend *be, Tensor t, const size_t *bound
     free(displs);
 }
 
-void dist_allgather_tensor(const Backend *be, Tensor t, const size_t *bounds) {
-    if (size == 1) return;
-    size_t n = bounds[size];
+void dist_allgather_tensor(DistGroup g, const Backend *be, Tensor t, const size_t *bounds) {
+    const int P = dist_group_size(g), me = dist_group_rank(g);
+    if (P == 1) return;
+    size_t n = bounds[P];
     check_real(t, n, "all-gather");
     if (on_nccl(t)) {
+        check_nccl_group(g);
         double t0 = omp_get_wtime();
 #if HAVE_NCCL
         dist_nccl_allgather(t.data, bounds);
 #endif
-        bytes_sent += (bounds[rank + 1] - bounds[rank]) * sizeof(real);
+        bytes_sent += (bounds[me + 1] - bounds[me]) * sizeof(real);
         seconds += omp_get_wtime() - t0;
         return;
     }
-    int *counts = CALLOC((size_t)size, sizeof *counts), *displs = CALLOC((size_t)size, sizeof *displs);
-    block_counts(bounds, counts, displs);
+    int *counts = CALLOC((size_t)P, sizeof *counts), *displs = CALLOC((size_t)P, sizeof *displs);
+    block_counts(P, bounds, counts, displs);
     double t0 = omp_get_wtime();
     real *host = host_view(be, t, n);
     CHECK(MPI_Allgatherv(MPI_IN_PLACE, 0, MPI_DATATYPE_NULL, host, counts, displs, MPI_REAL_T,
-                         MPI_COMM_WORLD) == MPI_SUCCESS, "MPI_Allgatherv failed");
+                         group_comm(g)) == MPI_SUCCESS, "MPI_Allgatherv failed");
     host_done(be, t, host, 0, n);
-    bytes_sent += (bounds[rank + 1] - bounds[rank]) * sizeof(real);
+    bytes_sent += (bounds[me + 1] - bounds[me]) * sizeof(real);
     seconds += omp_get_wtime() - t0;
     free(counts);
     free(displs);
 }
 
-void dist_gather_tensor(const Backend *be, Tensor src, Tensor dst, const size_t *bounds,
-                        int root) {
-    size_t mine = bounds[rank + 1] - bounds[rank], n = bounds[size];
-    CHECK(src.dtype == DTYPE_REAL && mine <= src.numel && (rank != root || n <= dst.numel),
+void dist_gather_tensor(DistGroup g, const Backend *be, Tensor src, Tensor dst,
+                        const size_t *bounds, int root) {
+    const int P = dist_group_size(g), me = dist_group_rank(g);
+    size_t mine = bounds[me + 1] - bounds[me], n = bounds[P];
+    CHECK(src.dtype == DTYPE_REAL && mine <= src.numel && (me != root || n <= dst.numel),
           "dist: gather of %zu values into %zu", mine, dst.numel);
-    CHECK(size > 1, "dist: gather in a run of one process");
-    int *counts = CALLOC((size_t)size, sizeof *counts), *displs = CALLOC((size_t)size, sizeof *displs);
-    block_counts(bounds, counts, displs);
+    CHECK(P > 1, "dist: gather within a group of one process");
+    int *counts = CALLOC((size_t)P, sizeof *counts), *displs = CALLOC((size_t)P, sizeof *displs);
+    block_counts(P, bounds, counts, displs);
     double t0 = omp_get_wtime();
-    real *in = host_view(be, src, mine), *out = rank == root ? host_view(be, dst, n) : NULL;
+    real *in = host_view(be, src, mine), *out = me == root ? host_view(be, dst, n) : NULL;
     CHECK(MPI_Gatherv(in, (int)mine, MPI_REAL_T, out, counts, displs, MPI_REAL_T, root,
-                      MPI_COMM_WORLD) == MPI_SUCCESS, "MPI_Gatherv failed");
+                      group_comm(g)) == MPI_SUCCESS, "MPI_Gatherv failed");
     if (src.device != DEVICE_CPU) free(in);
     if (out) host_done(be, dst, out, 0, n);
     bytes_sent += mine * sizeof(real);
@@ -445,6 +468,19 @@ void dist_broadcast(void *buf, size_t bytes, int root) {
           "MPI_Bcast failed");
     if (rank == root) bytes_sent += bytes;
     seconds += omp_get_wtime() - t0;
+}
+
+int dist_same_in(DistGroup g, const uint64_t *x, size_t n) {
+    if (dist_group_size(g) == 1 || n == 0) return 1;
+    CHECK(n <= (size_t)INT_MAX, "dist: comparison of %zu values", n);
+    uint64_t *lo = CALLOC(n, sizeof *lo), *hi = CALLOC(n, sizeof *hi);   // (n) each
+    CHECK(MPI_Allreduce(x, lo, (int)n, MPI_UINT64_T, MPI_MIN, group_comm(g)) == MPI_SUCCESS &&
+          MPI_Allreduce(x, hi, (int)n, MPI_UINT64_T, MPI_MAX, group_comm(g)) == MPI_SUCCESS,
+          "MPI_Allreduce failed");
+    int same = memcmp(lo, hi, n * sizeof *lo) == 0;
+    free(lo);
+    free(hi);
+    return same;
 }
 
 void dist_barrier(void) {

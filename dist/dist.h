@@ -62,17 +62,18 @@ int dist_sums(const Backend *be);
 void dist_sum_start(DistGroup g, const Backend *be, Tensor t, size_t lo, size_t n);
 void dist_progress(void);
 void dist_sum_wait(void);
-// Blocks: rank r owns t's values [bounds[r], bounds[r+1]); bounds has dist_size() + 1
-// entries, bounds[0] = 0, and a block holds at most INT_MAX values.
-// t's bounds[P] values summed over every rank, of which this rank keeps its own block
+// Blocks, within group g of P ranks: its rank r (dist_group_rank) owns t's values
+// [bounds[r], bounds[r+1]); bounds has P + 1 entries, bounds[0] = 0, and a block holds at
+// most INT_MAX values. On a GPU (NCCL) g must span every rank.
+// t's bounds[P] values summed over the group, of which this rank keeps its own block
 // (the other blocks of t keep this rank's own values).
-void dist_reduce_scatter_tensor(const Backend *be, Tensor t, const size_t *bounds);
-// Every rank's block of t copied to every rank.
-void dist_allgather_tensor(const Backend *be, Tensor t, const size_t *bounds);
-// src's bounds[r+1] - bounds[r] values of each rank r into dst's block r on rank root
-// (dst is not touched elsewhere).
-void dist_gather_tensor(const Backend *be, Tensor src, Tensor dst, const size_t *bounds,
-                        int root);
+void dist_reduce_scatter_tensor(DistGroup g, const Backend *be, Tensor t, const size_t *bounds);
+// Every member's block of t copied to every member.
+void dist_allgather_tensor(DistGroup g, const Backend *be, Tensor t, const size_t *bounds);
+// src's bounds[r+1] - bounds[r] values of each member r into dst's block r on the
+// group's rank root (dst is not touched elsewhere).
+void dist_gather_tensor(DistGroup g, const Backend *be, Tensor src, Tensor dst,
+                        const size_t *bounds, int root);
 // Expert-parallel groups: the ranks split into P / ep groups of ep consecutive ranks
 // (group g: ranks g ep .. g ep + ep - 1); the all-to-alls below run within a rank's group,
 // whose members it numbers 0 .. ep - 1 (its EP rank). Collective; ep divides P. Until
@@ -82,6 +83,9 @@ void dist_gather_tensor(const Backend *be, Tensor src, Tensor dst, const size_t 
 void dist_split_expert_groups(int ep);
 int dist_ep_rank(void);
 int dist_ep_size(void);
+// This rank's place in group g and the group's size (0 and 1 without MPI).
+int dist_group_rank(DistGroup g);
+int dist_group_size(DistGroup g);
 
 void dist_sum_doubles_in(DistGroup g, double *x, size_t n);
 void dist_sum_tensor_in(DistGroup g, const Backend *be, Tensor t, size_t n);
@@ -102,6 +106,8 @@ void dist_alltoallv_reals(const real *send, const size_t *scount, const size_t *
 void dist_alltoallv_tensor(const Backend *be, Tensor send, const size_t *scount,
                            const size_t *sdispl, Tensor recv, const size_t *rcount,
                            const size_t *rdispl);
+// 1 when x (n) holds the same values on every rank of group g (collective).
+int dist_same_in(DistGroup g, const uint64_t *x, size_t n);
 // bytes of buf copied from rank root to every rank.
 void dist_broadcast(void *buf, size_t bytes, int root);
 void dist_barrier(void);

@@ -69,6 +69,9 @@ typedef struct {
     StepRunner step;          // the step's micro-batches forward and backward
     long first_step;          // the step this invocation started from
     long steps_run;           // optimizer steps this invocation ran (rolled back ones too)
+    uint64_t step_bytes;      // bytes this rank handed to the collectives inside the steps
+    double step_comm_s;       // seconds inside the steps' collectives
+    double step_s;            // seconds inside the steps (gradients and update)
     long skipped;             // steps this invocation skipped as non-finite
     long saved_step;          // the step of the last ckpt_<step>.h5 written, or -1
     long rollback_step;       // the checkpoint step the last rollback returned to, or -1
@@ -261,10 +264,6 @@ static void split_expert_groups(Run *r) {
     if (dist_size() % ep != 0)
         FAIL("dist.expert_parallel = %d with %d rank(s): the rank count (mpirun -np) must be "
              "a multiple of EP (EP x DP ranks)", ep, dist_size());
-    if (dc->zero)
-        FAIL("dist.zero = 1 with dist.expert_parallel = %d: not combined (each rank already "
-             "holds only its experts' AdamW state; ZeRO-1 over the expert replicas is not "
-             "written)\nHINT: dist.zero=0", ep);
     dist_split_expert_groups(ep);
     r->ep_on = 1;
 }
@@ -277,6 +276,31 @@ static void start_expert_parallel(Run *r) {
     CHECK(n <= 64, "%d activation sets", n);
     for (int a = 0; a < n; a++) models[a] = step_runner_model(&r->step, a);
     ep_init(&r->ep, models, n);
+}
+
+// ZeRO-1 over the ranks that hold the same tensors: every rank, under EP the replicas.
+static void start_zero(Run *r, const ParamGroup *groups) {
+    const Layout *lay = &r->model.layout;
+    uint8_t *expert = CALLOC(lay->n_params ? lay->n_params : 1, 1);   // (n_params)
+    for (size_t i = 0; i < lay->n_params; i++) expert[i] = lay->params[i].kind == PARAM_EXPERT;
+    zero_init(&r->zero, &r->opt, &r->rc.optim, groups, r->ep_on ? expert : NULL,
+              lay->n_params, r->model.be);
+    free(expert);
+    if (!r->ep_on || r->zero.P <= 2) return;
+    const Zero *z = &r->zero;
+    uint64_t *cuts = CALLOC(2 * ((size_t)z->P + 1), sizeof *cuts);   // (2, P+1)
+    for (int k = 0; k <= z->P; k++) {
+        cuts[k] = z->bounds[k];
+        cuts[z->P + 1 + k] = z->state_bounds[k];
+    }
+    int same = dist_same_in(DIST_EXPERT_GROUP, cuts, 2 * ((size_t)z->P + 1));
+    free(cuts);
+    if (!same)
+        FAIL("dist.zero = 1 with dist.expert_parallel = %d over %d replicas: the training "
+             "selection differs between the expert groups' experts, so their ZeRO-1 blocks "
+             "differ and the dense gradients' sums could round differently from group to "
+             "group\nHINT: dist.zero=0, or at most 2 ranks per expert (mpirun -np %d)",
+             dist_ep_size(), z->P, 2 * dist_ep_size());
 }
 
 static void setup(Run *r) {
@@ -312,9 +336,9 @@ static void setup(Run *r) {
                              rc->optim.decay_router, rc->optim.router_lr_mult};
     ParamGroup *groups = param_groups_build(&r->model.layout, r->trainable, &rules);
     if (r->ep_on) r->whole_groups = param_groups_build(&r->whole, r->whole_trainable, &rules);
-    r->zero_on = rc->dist.zero && dist_size() > 1;
+    r->zero_on = rc->dist.zero && dist_size() / (r->ep_on ? dist_ep_size() : 1) > 1;
     if (r->zero_on)
-        zero_init(&r->zero, &r->opt, &rc->optim, groups, r->model.layout.n_params, r->model.be);
+        start_zero(r, groups);
     else
         adamw_init(&r->opt, &rc->optim, groups, r->model.layout.n_params, r->model.be);
     free(groups);
@@ -348,19 +372,22 @@ static void print_rank_memory(const Run *r, FILE *f) {
                 "routed experts of each MoE layer), with their gradients and AdamW state\n",
                 lay->total, r->whole.total, (double)(lay->total * sizeof(real)) / 1e6,
                 lay->expert_hi - lay->expert_lo, r->rc.model.experts);
-        return;
-    }
-    if (!r->zero_on) {
+        if (!r->zero_on) return;
+    } else if (!r->zero_on) {
         fprintf(f, "every rank holds the plan above (dist.zero=1 shards the optimizer state)\n");
         return;
     }
-    const size_t *sb = r->zero.state_bounds, bytes = 2 * sizeof(real);
+    const Zero *z = &r->zero;
+    const size_t *sb = z->state_bounds, bytes = 2 * sizeof(real);
     size_t most = 0;
-    for (int k = 0; k < dist_size(); k++)
+    for (int k = 0; k < z->P; k++)
         if (sb[k + 1] - sb[k] > most) most = sb[k + 1] - sb[k];
-    fprintf(f, "ZeRO-1: optimizer state at most %.3f MB per rank (of %.3f MB over %d ranks; "
-            "frozen tensors hold none)\n",
-            (double)(most * bytes) / 1e6, (double)(sb[dist_size()] * bytes) / 1e6, dist_size());
+    fprintf(f, "ZeRO-1: optimizer state at most %.3f MB per rank (of %.3f MB over %d ranks%s; "
+            "frozen tensors hold none); collectives %s\n",
+            (double)(most * bytes) / 1e6, (double)(sb[z->P] * bytes) / 1e6, z->P,
+            r->ep_on ? " holding the same experts, instead of the AdamW state above" : "",
+            z->in_place ? "in place on the gradient and parameter tensors"
+                             : "on the trainable values packed into a host buffer");
 }
 
 // Rank 0 evaluates; under expert parallelism its expert group (ranks 0 .. EP-1) with it,
@@ -530,19 +557,19 @@ static void write_checkpoint(Run *r, const char *file, const Model *m, AdamW *op
         FAIL("%s", err);
 }
 
-// Every rank calls it (ZeRO-1 gathers the state to rank 0, expert parallelism the whole
-// model); rank 0 writes.
+// Every rank calls it (ZeRO-1 gathers the state to rank 0, under EP to the ranks of expert
+// group 0; expert parallelism the whole model); rank 0 writes.
 static void save_checkpoint(Run *r, const char *file) {
-    if (r->ep_on) {
-        EpWhole w;
-        ep_gather(&w, &r->model, &r->opt, r->whole_groups, &r->rc.optim);
-        if (dist_lead()) write_checkpoint(r, file, &w.model, &w.opt, r->whole_trainable);
-        ep_whole_free(&w);
-        return;
-    }
     AdamW full, *opt = &r->opt;
     if (r->zero_on) zero_gather(&r->zero, &r->opt, opt = &full);
-    if (dist_lead()) write_checkpoint(r, file, &r->model, opt, r->trainable);
+    if (r->ep_on) {   // under ZeRO-1 the ranks of expert group 0 hold their shards' state
+        EpWhole w;
+        ep_gather(&w, &r->model, opt, r->whole_groups, &r->rc.optim);
+        if (dist_lead()) write_checkpoint(r, file, &w.model, &w.opt, r->whole_trainable);
+        ep_whole_free(&w);
+    } else if (dist_lead()) {
+        write_checkpoint(r, file, &r->model, opt, r->trainable);
+    }
     if (r->zero_on) adamw_free(&full);
 }
 
@@ -692,9 +719,16 @@ static void train_loop(Run *r) {
     while (r->st.step < tc->steps) {
         long step = r->st.step;
         StepReport rep = {.step = step, .steps = tc->steps};
+        // The steps' own communication, apart from checkpoints' and evaluations'.
+        uint64_t b0 = dist_bytes_sent();
+        double c0 = dist_seconds(), w0 = omp_get_wtime();
         rep.losses = accumulate_gradients(r);
         rep.lr = optim_lr_at(&r->rc.optim, step, tc->steps) * r->st.lr_scale;
-        if (!update_weights(r, &rep)) continue;
+        int updated = update_weights(r, &rep);
+        r->step_bytes += dist_bytes_sent() - b0;
+        r->step_comm_s += dist_seconds() - c0;
+        r->step_s += omp_get_wtime() - w0;
+        if (!updated) continue;
         r->st.step = step + 1;
         r->st.tokens_seen += tokens_per_step;
         rep.elapsed_s = omp_get_wtime() - t0;
@@ -789,11 +823,13 @@ static void finish(Run *r) {
                "with evaluation); final val loss %.4f mean\n",
                r->st.step, (double)tokens / 1e6, r->train_s, (double)tokens / r->train_s,
                r->total_s, r->eval.loss[r->eval.n_domains]);
-    if (dist_size() > 1 && r->steps_run > 0 && r->train_s > 0)
-        printf("communication (rank 0): %.3f MB per step handed to MPI, %.1f%% of the "
-               "training time inside collectives (waiting for other ranks included)\n",
-               (double)dist_bytes_sent() / 1e6 / (double)r->steps_run,
-               100.0 * dist_seconds() / r->train_s);
+    if (dist_size() > 1 && r->steps_run > 0 && r->step_s > 0)
+        printf("communication (rank 0): %.3f MB per step handed to MPI, %.1f%% of the steps' "
+               "time inside collectives (waiting for other ranks included); besides the steps "
+               "(start-up, checkpoints, evaluation) %.3f MB in all\n",
+               (double)r->step_bytes / 1e6 / (double)r->steps_run,
+               100.0 * r->step_comm_s / r->step_s,
+               (double)(dist_bytes_sent() - r->step_bytes) / 1e6);
     if (r->skipped)
         printf("%ld of %ld steps skipped as non-finite (train.on_nonfinite = skip)\n",
                r->skipped, r->steps_run);
