@@ -54,12 +54,16 @@ Buf build_routed_experts(Builder *b, Buf xn, const RouterBufs *r, int l, MoeLaye
     ga->gather.offsets = st->offsets;
     ga->gather.E = E;
     ga->gather.C = b->C;
+    ga->gather.fused = 1; // the experts op below reads xn through rows
+
 
     size_t held = (size_t)(b->m->layout.expert_hi - b->m->layout.expert_lo);
     Buf w = build_expert_weights(b, l, held * 3 * F * b->C, st);   // (held, 3, F, C)
     Buf yp = build_experts(b, ga->gather.xp, w, st->offsets, M, E, F);
-    b->m->tape.ops[b->m->tape.n - 1].experts.train =
-        b->m->expert_train + (size_t)(st - b->m->moe) * E;
+    TapeOp *ex = &b->m->tape.ops[b->m->tape.n - 1];
+    ex->experts.train = b->m->expert_train + (size_t)(st - b->m->moe) * E;
+    ex->experts.x = xn.v;
+    ex->experts.rows = dp->dispatch.rows;
     st->experts_op = b->m->tape.n - 1;
 
     TapeOp *co = tape_push(&b->m->tape, OP_COMBINE);

@@ -9,6 +9,7 @@
 #include "testlib.h"
 
 #include <math.h>
+#include <omp.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -455,34 +456,64 @@ static const int32_t EX_OFFSETS[EX_E + 1] = {0, 0, 3, 3, 7, 9, 9};
 
 typedef struct {
     Probe probe;
-    real *yp;     // (CAP, C)
-    real *h13;    // (CAP, 2F)
-    real *act;    // (CAP, F)
-    real *xp;     // (CAP, C)
-    real *w;      // (E, 3FC)
-    int32_t *off; // (E+1)
+    real *yp;      // (CAP, C)
+    real *h13;     // (CAP, 2F)
+    real *act;     // (CAP, F)
+    real *xp;      // (CAP, C)
+    real *w;       // (E, 3FC)
+    int32_t *off;  // (E+1)
+    real *x;       // (EX_N, C) the tokens the fused gather reads, or NULL: xp's rows
+    int32_t *rows; // (M) permuted row -> token of x
 } ExpCase;
+
+// The fused gather's tokens: 5 tokens for 9 routed rows, token 1 taken by three experts.
+#define EX_N 5
+static const int32_t EX_ROWS[EX_M] = {1, 3, 4, 0, 1, 2, 4, 1, 3};
+
+static Tensor exp_input(real *x, int32_t *rows, size_t n) {
+    return rows ? test_tensor(x, n) : tensor_none();
+}
 
 static void experts_run(void *self) {
     ExpCase *c = self;
     ops()->experts_forward(
         test_tensor(c->yp, EX_CAP * EX_C), test_tensor(c->h13, EX_CAP * 2 * EX_F),
         test_tensor(c->act, EX_CAP * EX_F), test_tensor(c->xp, EX_CAP * EX_C),
+        exp_input(c->x, c->rows, EX_N * EX_C),
+        c->rows ? test_itensor(c->rows, EX_M) : tensor_none(),
         test_tensor(c->w, EX_E * EX_WSIZE), test_itensor(c->off, EX_E + 1), EX_E, EX_C, EX_F);
 }
 
 static ExpCase experts_case(Rng *r, const real *R) {
-    ExpCase c = {{experts_run, NULL, R, EX_M * EX_C}, filled(EX_CAP * EX_C, 7.0),
-                 filled(EX_CAP * 2 * EX_F, 7.0),      filled(EX_CAP * EX_F, 7.0),
-                 test_rand(r, EX_CAP * EX_C, 1.0),    test_rand(r, EX_E * EX_WSIZE, 0.7),
-                 malloc(sizeof(EX_OFFSETS))};
+    ExpCase c = {{experts_run, NULL, R, EX_M * EX_C},
+                 filled(EX_CAP * EX_C, 7.0),
+                 filled(EX_CAP * 2 * EX_F, 7.0),
+                 filled(EX_CAP * EX_F, 7.0),
+                 test_rand(r, EX_CAP * EX_C, 1.0),
+                 test_rand(r, EX_E * EX_WSIZE, 0.7),
+                 malloc(sizeof(EX_OFFSETS)),
+                 NULL,
+                 NULL};
     memcpy(c.off, EX_OFFSETS, sizeof(EX_OFFSETS));
     c.probe.out = c.yp;
     return c;
 }
 
+// The same case with the gather fused in: xp holds NaN (the CPU must not read it), the
+// input rows come from x (EX_N, C) through EX_ROWS.
+static ExpCase experts_case_fused(Rng *r, const real *R) {
+    ExpCase c = experts_case(r, R);
+    for (size_t i = 0; i < EX_CAP * EX_C; i++)
+        c.xp[i] = NAN;
+    c.x = test_rand(r, EX_N * EX_C, 1.0);
+    c.rows = malloc(sizeof(EX_ROWS));
+    memcpy(c.rows, EX_ROWS, sizeof(EX_ROWS));
+    return c;
+}
+
 static void experts_case_free(ExpCase *c) {
     free(c->yp), free(c->h13), free(c->act), free(c->xp), free(c->w), free(c->off);
+    free(c->x), free(c->rows);
 }
 
 // Runs forward, then backward with dout = R into dxp (CAP, C) and dw (E, 3FC) (either
@@ -496,15 +527,17 @@ static void experts_grads(ExpCase *c, const uint8_t *train, real *dxp, real *dw,
         test_tensor(R, EX_CAP * EX_C), test_tensor(dh13, EX_CAP * 2 * EX_F),
         test_tensor(dact, EX_CAP * EX_F), test_tensor(c->h13, EX_CAP * 2 * EX_F),
         test_tensor(c->act, EX_CAP * EX_F), test_tensor(c->xp, EX_CAP * EX_C),
+        exp_input(c->x, c->rows, EX_N * EX_C),
+        c->rows ? test_itensor(c->rows, EX_M) : tensor_none(),
         test_tensor(c->w, EX_E * EX_WSIZE), test_itensor(c->off, EX_E + 1), EX_E, EX_C, EX_F);
     free(dh13), free(dact);
 }
 
-static void test_experts_forward(void **state) {
-    (void)state;
+// Forward against the naive loop; fused: the loop reads x[rows[m]] where it read xp[m].
+static void check_experts_forward(int fused) {
     Rng r;
     rng_init(&r, 17);
-    ExpCase c = experts_case(&r, NULL);
+    ExpCase c = fused ? experts_case_fused(&r, NULL) : experts_case(&r, NULL);
     real *yref = test_zeros(EX_CAP * EX_C), *href = test_zeros(EX_CAP * 2 * EX_F);
     real *aref = test_zeros(EX_CAP * EX_F);
     for (size_t m = 0; m < EX_M; m++) {
@@ -512,11 +545,12 @@ static void test_experts_forward(void **state) {
         while ((size_t)EX_OFFSETS[e + 1] <= m)
             e++;
         const real *w1 = c.w + e * EX_WSIZE, *w3 = w1 + EX_F * EX_C, *w2 = w3 + EX_F * EX_C;
+        const real *xm = fused ? c.x + (size_t)EX_ROWS[m] * EX_C : c.xp + m * EX_C;
         for (size_t f = 0; f < EX_F; f++) {
             double h1 = 0.0, h3 = 0.0;
             for (size_t k = 0; k < EX_C; k++) {
-                h1 += c.xp[m * EX_C + k] * w1[f * EX_C + k];
-                h3 += c.xp[m * EX_C + k] * w3[f * EX_C + k];
+                h1 += xm[k] * w1[f * EX_C + k];
+                h3 += xm[k] * w3[f * EX_C + k];
             }
             href[m * 2 * EX_F + f] = h1;
             href[m * 2 * EX_F + EX_F + f] = h3;
@@ -533,8 +567,20 @@ static void test_experts_forward(void **state) {
     real *spare = filled(2 * EX_F * (EX_CAP - EX_M), 7.0);
     assert_equal(c.yp + EX_M * EX_C, spare, (EX_CAP - EX_M) * EX_C, "experts yp past M");
     assert_equal(c.h13 + EX_M * 2 * EX_F, spare, (EX_CAP - EX_M) * 2 * EX_F, "h13 past M");
+    for (size_t i = 0; fused && i < EX_CAP * EX_C; i++)
+        assert_true(isnan(c.xp[i])); // the CPU reads x in place, xp untouched
     free(yref), free(href), free(aref), free(spare);
     experts_case_free(&c);
+}
+
+static void test_experts_forward(void **state) {
+    (void)state;
+    check_experts_forward(0);
+}
+
+static void test_experts_forward_fused(void **state) {
+    (void)state;
+    check_experts_forward(1);
 }
 
 // Finite-difference check of dw for every expert whose train flag is set (train NULL:
@@ -581,6 +627,58 @@ static void check_experts_backward(const uint8_t *train, uint64_t seed) {
 static void test_experts_backward(void **state) {
     (void)state;
     check_experts_backward(NULL, 18);
+}
+
+// The gather fused in: dw (expert 3 frozen) against finite differences, and the token
+// gradient, dxp summed per token by a loop here, against finite differences in x.
+static void test_experts_backward_fused(void **state) {
+    (void)state;
+    const uint8_t train[EX_E] = {1, 1, 1, 0, 1, 1};
+    Rng r;
+    rng_init(&r, 21);
+    real *R = test_rand(&r, EX_CAP * EX_C, 1.0);
+    ExpCase c = experts_case_fused(&r, R);
+    real *dxp = test_zeros(EX_CAP * EX_C), *dw = test_rand(&r, EX_E * EX_WSIZE, 1.0);
+    real *dw0 = test_copy(dw, EX_E * EX_WSIZE), *dx = test_zeros(EX_N * EX_C);
+    experts_grads(&c, train, dxp, dw, R);
+    check_expert_dw(&c, train, dw, dw0, &r);
+    for (size_t m = 0; m < EX_M; m++)
+        for (size_t k = 0; k < EX_C; k++)
+            dx[(size_t)EX_ROWS[m] * EX_C + k] += dxp[m * EX_C + k];
+    test_fd_check(c.x, EX_N * EX_C, dx, probe_loss, &c, 0, &r, FD_RTOL, FD_ATOL,
+                  "fused experts dx");
+    free(R), free(dxp), free(dw), free(dw0), free(dx);
+    experts_case_free(&c);
+}
+
+// Fused and unfused give the same bits when xp holds x[rows]: the products see the same
+// operands. Thread counts 1 and 4 take both ways of sharing out 6 experts (by expert, and
+// one expert after another with every thread on its products and its gather).
+static void test_experts_fused_bits(void **state) {
+    (void)state;
+    int threads = omp_get_max_threads();
+    for (int t = 1; t <= 4; t += 3) {
+        omp_set_num_threads(t);
+        Rng r;
+        rng_init(&r, 22);
+        real *R = test_rand(&r, EX_CAP * EX_C, 1.0);
+        ExpCase f = experts_case_fused(&r, R), u = experts_case(&r, R);
+        memcpy(u.w, f.w, EX_E * EX_WSIZE * sizeof(real));
+        for (size_t m = 0; m < EX_M; m++)
+            memcpy(u.xp + m * EX_C, f.x + (size_t)EX_ROWS[m] * EX_C, EX_C * sizeof(real));
+        real *dxp[2] = {test_zeros(EX_CAP * EX_C), test_zeros(EX_CAP * EX_C)};
+        real *dw[2] = {test_zeros(EX_E * EX_WSIZE), test_zeros(EX_E * EX_WSIZE)};
+        experts_grads(&f, NULL, dxp[0], dw[0], R);
+        experts_grads(&u, NULL, dxp[1], dw[1], R);
+        assert_equal(f.yp, u.yp, EX_M * EX_C, "fused experts yp bits");
+        assert_equal(dxp[0], dxp[1], EX_CAP * EX_C, "fused experts dxp bits");
+        assert_equal(dw[0], dw[1], EX_E * EX_WSIZE, "fused experts dw bits");
+        for (int i = 0; i < 2; i++)
+            free(dxp[i]), free(dw[i]);
+        free(R);
+        experts_case_free(&f), experts_case_free(&u);
+    }
+    omp_set_num_threads(threads);
 }
 
 // Expert 3 (rows 3..6) is frozen: no weight gradient, but its rows' input gradient flows.
@@ -964,7 +1062,10 @@ static const struct CMUnitTest tests[] = {
     cmocka_unit_test(test_swiglu_forward),
     cmocka_unit_test(test_swiglu_backward),
     cmocka_unit_test(test_experts_forward),
+    cmocka_unit_test(test_experts_forward_fused),
     cmocka_unit_test(test_experts_backward),
+    cmocka_unit_test(test_experts_backward_fused),
+    cmocka_unit_test(test_experts_fused_bits),
     cmocka_unit_test(test_experts_backward_frozen_expert),
     cmocka_unit_test(test_experts_backward_absent_dw),
     cmocka_unit_test(test_crossentropy_forward),
