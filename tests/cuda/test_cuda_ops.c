@@ -549,9 +549,9 @@ static void case_experts(void) {
     Pair offsets = ints(off, E + 1), w = reals(E * 3 * F * C, 0.25), xp = reals(cap * C, 1);
     Pair yp = zeros(cap * C, DTYPE_F32), h13 = zeros(cap * 2 * F, DTYPE_F32),
          act = zeros(cap * F, DTYPE_F32);
-    cpu->experts_forward(yp.c, h13.c, act.c, xp.c, tensor_none(), tensor_none(), w.c, offsets.c,
+    cpu->experts_forward(yp.c, h13.c, act.c, xp.c, (ExpertRoute){0}, w.c, offsets.c,
                          E, C, F);
-    gpu->experts_forward(yp.g, h13.g, act.g, xp.g, tensor_none(), tensor_none(), w.g, offsets.g,
+    gpu->experts_forward(yp.g, h13.g, act.g, xp.g, (ExpertRoute){0}, w.g, offsets.g,
                          E, C, F);
     close_n("experts yp", yp, M * C, RTOL);
     close_n("experts h13", h13, M * 2 * F, RTOL);
@@ -559,16 +559,16 @@ static void case_experts(void) {
     Pair dxp = reals(cap * C, 1), dw = reals(E * 3 * F * C, 1), dyp = reals(cap * C, 1);
     Pair dh13 = zeros(cap * 2 * F, DTYPE_F32), dact = zeros(cap * F, DTYPE_F32);
     cpu->experts_backward(dxp.c, dw.c, train, dyp.c, dh13.c, dact.c, h13.c, act.c, xp.c,
-                          tensor_none(), tensor_none(), w.c, offsets.c, E, C, F);
+                          (ExpertRoute){0}, w.c, offsets.c, E, C, F);
     gpu->experts_backward(dxp.g, dw.g, train, dyp.g, dh13.g, dact.g, h13.g, act.g, xp.g,
-                          tensor_none(), tensor_none(), w.g, offsets.g, E, C, F);
+                          (ExpertRoute){0}, w.g, offsets.g, E, C, F);
     close_n("experts dxp", dxp, M * C, RTOL);
     close_all("experts dw (expert 2 frozen)", dw, RTOL);
     Pair nx = none();
     cpu->experts_backward(nx.c, dw.c, NULL, dyp.c, dh13.c, dact.c, h13.c, act.c, xp.c,
-                          tensor_none(), tensor_none(), w.c, offsets.c, E, C, F);
+                          (ExpertRoute){0}, w.c, offsets.c, E, C, F);
     gpu->experts_backward(nx.g, dw.g, NULL, dyp.g, dh13.g, dact.g, h13.g, act.g, xp.g,
-                          tensor_none(), tensor_none(), w.g, offsets.g, E, C, F);
+                          (ExpertRoute){0}, w.g, offsets.g, E, C, F);
     close_all("experts dw (dxp NULL)", dw, RTOL);
 }
 
@@ -584,9 +584,9 @@ static void case_experts_bf16(void) {
          xp = reals_bf16(M * C, 1);
     Pair yp = zeros(M * C, DTYPE_F32), h13 = zeros(M * 2 * F, DTYPE_F32),
          act = zeros(M * F, DTYPE_F32);
-    cpu->experts_forward(yp.c, h13.c, act.c, xp.c, tensor_none(), tensor_none(), w.c, offsets.c,
+    cpu->experts_forward(yp.c, h13.c, act.c, xp.c, (ExpertRoute){0}, w.c, offsets.c,
                          E, C, F);
-    gpu->experts_forward(yp.g, h13.g, act.g, xp.g, tensor_none(), tensor_none(), w.g, offsets.g,
+    gpu->experts_forward(yp.g, h13.g, act.g, xp.g, (ExpertRoute){0}, w.g, offsets.g,
                          E, C, F);
     close_all("bf16 experts h13", h13, 1e-5);
     close_all("bf16 experts act", act, 1e-5);
@@ -596,9 +596,9 @@ static void case_experts_bf16(void) {
     Pair dh13 = zeros(M * 2 * F, DTYPE_F32), dact = zeros(M * F, DTYPE_F32);
     to_gpu(act); // the same act on both sides for backward
     cpu->experts_backward(dxp.c, dw.c, NULL, dyp.c, dh13.c, dact.c, h13.c, act.c, xp.c,
-                          tensor_none(), tensor_none(), w.c, offsets.c, E, C, F);
+                          (ExpertRoute){0}, w.c, offsets.c, E, C, F);
     gpu->experts_backward(dxp.g, dw.g, NULL, dyp.g, dh13.g, dact.g, h13.g, act.g, xp.g,
-                          tensor_none(), tensor_none(), w.g, offsets.g, E, C, F);
+                          (ExpertRoute){0}, w.g, offsets.g, E, C, F);
     close_all("bf16 experts dxp", dxp, 1e-2);
     close_all("bf16 experts dw", dw, 1e-2);
     gpu->set_gemm_bf16(0);
@@ -625,16 +625,16 @@ static void case_experts_bf16_state(void) {
         gpu->set_expert_gemm(grouped);
         Pair yp = zeros(M * C, DTYPE_F32), dxp = zeros(M * C, DTYPE_F32),
              dw = zeros(E * 3 * F * C, DTYPE_F32);
-        cpu->experts_forward(yp.c, h13.c, act.c, xp.c, tensor_none(), tensor_none(), w.c,
+        cpu->experts_forward(yp.c, h13.c, act.c, xp.c, (ExpertRoute){0}, w.c,
                              offsets.c, E, C, F);
-        gpu->experts_forward(yp.g, h16, a16, xp.g, tensor_none(), tensor_none(), w.g, offsets.g,
+        gpu->experts_forward(yp.g, h16, a16, xp.g, (ExpertRoute){0}, w.g, offsets.g,
                              E, C, F);
         close_all(grouped ? "bf16-state experts yp (grouped)" : "bf16-state experts yp", yp,
                   1e-2);
         cpu->experts_backward(dxp.c, dw.c, NULL, dyp.c, dh13.c, dact.c, h13.c, act.c, xp.c,
-                              tensor_none(), tensor_none(), w.c, offsets.c, E, C, F);
+                              (ExpertRoute){0}, w.c, offsets.c, E, C, F);
         gpu->experts_backward(dxp.g, dw.g, NULL, dyp.g, dh13.g, dact.g, h16, a16, xp.g,
-                              tensor_none(), tensor_none(), w.g, offsets.g, E, C, F);
+                              (ExpertRoute){0}, w.g, offsets.g, E, C, F);
         close_all(grouped ? "bf16-state experts dxp (grouped)" : "bf16-state experts dxp", dxp,
                   2e-2);
         close_all(grouped ? "bf16-state experts dw (grouped)" : "bf16-state experts dw", dw,
@@ -1088,9 +1088,9 @@ static void case_bf16_weights(void) {
         gpu->set_expert_gemm(grouped);
         Pair ya = zeros(rows * C, DTYPE_F32), yb = zeros(rows * C, DTYPE_F32),
              h = zeros(rows * 2 * F, DTYPE_F32), act = zeros(rows * F, DTYPE_F32);
-        gpu->experts_forward(ya.g, h.g, act.g, xp.g, tensor_none(), tensor_none(),
+        gpu->experts_forward(ya.g, h.g, act.g, xp.g, (ExpertRoute){0},
                              tensor_slice(w.g, off, E * 3 * F * C), o.g, E, C, F);
-        gpu->experts_forward(yb.g, h.g, act.g, xp.g, tensor_none(), tensor_none(),
+        gpu->experts_forward(yb.g, h.g, act.g, xp.g, (ExpertRoute){0},
                              tensor_slice(plain.g, off, E * 3 * F * C), o.g, E, C, F);
         float *fa = gpu_copy(ya, ya.n), *fb = gpu_copy(yb, yb.n);
         same_bits(grouped ? "experts yp, grouped, bf16 copy" : "experts yp, bf16 copy", fa, fb,
