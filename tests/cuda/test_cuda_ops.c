@@ -572,6 +572,37 @@ static void case_experts(void) {
     close_all("experts dw (dxp NULL)", dw, RTOL);
 }
 
+// The dispatch fused in (ExpertRoute: x[rows], gates times dy): the GPU gathers into xp
+// and scatters into dyp first, the CPU reads the tokens in place; both as the CPU's
+// unfused op on the gathered rows. Four tokens for 7 rows, top-2, token 3's second
+// choice dropped.
+static void case_experts_fused(void) {
+    size_t E = 3, C = 16, F = 12, N = 4, k = 2, M = 7;
+    int32_t off[] = {0, 3, 3, 7}, rows[] = {0, 1, 2, 0, 1, 2, 3};
+    int32_t slot[] = {0, 3, 1, 4, 2, 5, 6, -1};
+    Pair offsets = ints(off, E + 1), w = reals(E * 3 * F * C, 0.25), x = reals(N * C, 1);
+    Pair rw = ints(rows, M), sl = ints(slot, N * k), gates = reals(N * k, 1);
+    Pair dy = reals(N * C, 1), xp = zeros(M * C, DTYPE_F32);
+    Pair yp = zeros(M * C, DTYPE_F32), h13 = zeros(M * 2 * F, DTYPE_F32),
+         act = zeros(M * F, DTYPE_F32);
+    ExpertRoute rc = {x.c, rw.c, tensor_none(), tensor_none(), tensor_none(), k};
+    ExpertRoute rg = {x.g, rw.g, none().g, none().g, none().g, k};
+    cpu->experts_forward(yp.c, h13.c, act.c, xp.c, rc, w.c, offsets.c, E, C, F);
+    gpu->experts_forward(yp.g, h13.g, act.g, xp.g, rg, w.g, offsets.g, E, C, F);
+    close_all("fused experts yp", yp, RTOL);
+    Pair dxp = zeros(M * C, DTYPE_F32), dw = zeros(E * 3 * F * C, DTYPE_F32),
+         dyp = zeros(M * C, DTYPE_F32);
+    Pair dh13 = zeros(M * 2 * F, DTYPE_F32), dact = zeros(M * F, DTYPE_F32);
+    rc.dy = dy.c, rc.gates = gates.c, rc.slot = sl.c;
+    rg.dy = dy.g, rg.gates = gates.g, rg.slot = sl.g;
+    cpu->experts_backward(dxp.c, dw.c, NULL, dyp.c, dh13.c, dact.c, h13.c, act.c, xp.c, rc,
+                          w.c, offsets.c, E, C, F);
+    gpu->experts_backward(dxp.g, dw.g, NULL, dyp.g, dh13.g, dact.g, h13.g, act.g, xp.g, rg,
+                          w.g, offsets.g, E, C, F);
+    close_all("fused experts dxp", dxp, RTOL);
+    close_all("fused experts dw", dw, RTOL);
+}
+
 // The experts op under bf16 products. xp, w and dyp are bf16 values on both sides, so the
 // first product of each pass is exact up to sum order (h13, act within 1e-5); the second
 // rounds an fp32 intermediate (act, dh13) on the GPU only: relative error up to 2^-9 per
@@ -651,6 +682,7 @@ static void case_experts_bf16_state(void) {
 static void case_experts_grouped(void) {
     gpu->set_expert_gemm(1);
     case_experts();
+    case_experts_fused();
     case_experts_bf16();
     gpu->set_expert_gemm(0);
 }
