@@ -109,11 +109,11 @@ static double time_pass(GpuExperts *g, size_t E, Pass pass) {
         be->synchronize();
         double t0 = omp_get_wtime();
         if (pass == PASS_FORWARD)
-            be->experts_forward(g->yp, g->h13, g->act, g->xp, g->w, g->offsets, E, g->C, g->F);
+            be->experts_forward(g->yp, g->h13, g->act, g->xp, (ExpertRoute){0},
+                                g->w, g->offsets, E, g->C, g->F);
         else
             be->experts_backward(g->dxp, pass == PASS_DGRAD ? no_dw : g->dw, NULL, g->dyp,
-                                 g->dh13, g->dact, g->h13, g->act, g->xp, g->w, g->offsets, E,
-                                 g->C, g->F);
+                                 g->dh13, g->dact, g->h13, g->act, g->xp, (ExpertRoute){0}, g->w, g->offsets, E, g->C, g->F);
         be->synchronize();
         double t = omp_get_wtime() - t0;
         if (r > 0 && (best == 0.0 || t < best)) best = t;

@@ -48,6 +48,17 @@ Tensor tensor_slice(Tensor t, size_t offset, size_t numel);
 #define TENSOR_R(t) ((real *)(t).data)
 #define TENSOR_I(t) ((int32_t *)(t).data)
 
+// The dispatch fused into the experts op (ops.def, experts_forward/_backward). rows.data
+// NULL: nothing fused, the op reads xp (and dyp). Else the experts read their input row m
+// as x[rows[m]] (x (N, C), rows (M) int32: dispatch_plan's rows) and, when dy.data, the
+// backward reads its output gradient row m as gates[n, j] dy[n] for the (n, j) with
+// slot[n, j] = m (dy (N, C), gates and slot (N, k): combine's operands), which is what
+// combine's backward would have added into a zeroed dyp.
+typedef struct {
+    Tensor x, rows, dy, gates, slot;
+    size_t k;
+} ExpertRoute;
+
 typedef enum { SCORE_SOFTMAX = 0, SCORE_SIGMOID = 1 } ScoreFunc;
 typedef enum { DROP_POSITION = 0, DROP_PROBS = 1 } DropPolicy;
 // A group's score for group-limited routing: its best expert (DeepSeek-V2's

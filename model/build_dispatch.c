@@ -36,39 +36,51 @@ Buf build_routed_experts(Builder *b, Buf xn, const RouterBufs *r, int l, MoeLaye
     st->slots = slots;
     build_keep(b, r, st, slots);
 
+    // Tensors are kept in locals: a push may move the tape's ops.
     TapeOp *dp = tape_push(&b->m->tape, OP_DISPATCH);
     st->offsets = dp->dispatch.offsets = build_take(b, E + 1, DTYPE_I32);
-    dp->dispatch.rows =
-        build_take(b, N * slots, DTYPE_I32); // (<= N*slots) permuted row -> token
-    dp->dispatch.slot = build_take(b, N * slots, DTYPE_I32); // (N, slots) -> permuted row or -1
+    Tensor rows = build_take(b, N * slots, DTYPE_I32); // (<= N*slots) permuted row -> token
+    Tensor slot = build_take(b, N * slots, DTYPE_I32); // (N, slots) -> permuted row or -1
+    dp->dispatch.rows = rows;
+    dp->dispatch.slot = slot;
     dp->dispatch.idx = st->idx;
     dp->dispatch.keep = st->keep;
     dp->dispatch.N = N;
     dp->dispatch.E = E;
     dp->dispatch.k = slots;
 
+    // The dispatch is fused into the experts (docs/architecture.md, "The MoE layer"): they
+    // read xn's rows and the gates times y's gradient in place of gathered copies, so the
+    // gather runs its backward only and the combine its gates' gradient only.
+    Buf xp = build_take_buf(b, M * b->C); // (M, C): for a backend that gathers (CUDA, EP)
     TapeOp *ga = tape_push(&b->m->tape, OP_GATHER);
-    ga->gather.xp = build_take_buf(b, M * b->C); // (M, C)
+    ga->gather.xp = xp;
     ga->gather.x = xn;
-    ga->gather.rows = dp->dispatch.rows;
+    ga->gather.rows = rows;
     ga->gather.offsets = st->offsets;
     ga->gather.E = E;
     ga->gather.C = b->C;
+    ga->gather.fused = 1;
 
     size_t held = (size_t)(b->m->layout.expert_hi - b->m->layout.expert_lo);
-    Buf w = build_expert_weights(b, l, held * 3 * F * b->C, st);   // (held, 3, F, C)
-    Buf yp = build_experts(b, ga->gather.xp, w, st->offsets, M, E, F);
-    b->m->tape.ops[b->m->tape.n - 1].experts.train =
-        b->m->expert_train + (size_t)(st - b->m->moe) * E;
-    st->experts_op = b->m->tape.n - 1;
+    Buf w = build_expert_weights(b, l, held * 3 * F * b->C, st); // (held, 3, F, C)
+    Buf yp = build_experts(b, xp, w, st->offsets, M, E, F);
+    size_t ex = b->m->tape.n - 1;
+    st->experts_op = ex;
 
+    Buf y = build_take_buf(b, N * b->C); // (N, C)
     TapeOp *co = tape_push(&b->m->tape, OP_COMBINE);
-    co->combine.y = build_take_buf(b, N * b->C); // (N, C)
+    co->combine.y = y;
     co->combine.yp = yp;
     co->combine.gates = r->gates;
-    co->combine.slot = dp->dispatch.slot;
+    co->combine.slot = slot;
     co->combine.N = N;
     co->combine.k = slots;
     co->combine.C = b->C;
-    return co->combine.y;
+    co->combine.fused = 1;
+
+    TapeOp *eo = &b->m->tape.ops[ex];
+    eo->experts.train = b->m->expert_train + (size_t)(st - b->m->moe) * E;
+    eo->experts.route = (ExpertRoute){xn.v, rows, y.g, r->gates.v, slot, slots};
+    return y;
 }

@@ -440,10 +440,11 @@ static void recording_matmul_backward(Tensor dx, Tensor dw, Tensor dout, Tensor 
     backend_cpu()->matmul_backward(dx, dw, dout, x, w, N, K, M);
 }
 
-static void recording_experts_forward(Tensor yp, Tensor h13, Tensor act, Tensor xp, Tensor w,
-                                      Tensor offsets, size_t E, size_t C, size_t F) {
+static void recording_experts_forward(Tensor yp, Tensor h13, Tensor act, Tensor xp,
+                                      ExpertRoute route, Tensor w, Tensor offsets, size_t E,
+                                      size_t C, size_t F) {
     g_experts_fp32 += !g_bf16;
-    backend_cpu()->experts_forward(yp, h13, act, xp, w, offsets, E, C, F);
+    backend_cpu()->experts_forward(yp, h13, act, xp, route, w, offsets, E, C, F);
 }
 
 static const Backend *recording_backend(void) {

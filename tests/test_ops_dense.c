@@ -9,6 +9,7 @@
 #include "testlib.h"
 
 #include <math.h>
+#include <omp.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -455,34 +456,105 @@ static const int32_t EX_OFFSETS[EX_E + 1] = {0, 0, 3, 3, 7, 9, 9};
 
 typedef struct {
     Probe probe;
-    real *yp;     // (CAP, C)
-    real *h13;    // (CAP, 2F)
-    real *act;    // (CAP, F)
-    real *xp;     // (CAP, C)
-    real *w;      // (E, 3FC)
-    int32_t *off; // (E+1)
+    real *yp;      // (CAP, C)
+    real *h13;     // (CAP, 2F)
+    real *act;     // (CAP, F)
+    real *xp;      // (CAP, C)
+    real *w;       // (E, 3FC)
+    int32_t *off;  // (E+1)
+    real *x;       // (EX_N, C) the tokens the fused gather reads, or NULL: xp's rows
+    int32_t *rows; // (M) permuted row -> token of x
+    real *dy;      // (EX_N, C) combine's output gradient (fused backward), or NULL: dyp
+    real *gates;   // (EX_N, EX_K)
+    int32_t *slot; // (EX_N, EX_K) -> permuted row, or -1
 } ExpCase;
+
+// The fused dispatch's tokens: 5 tokens for 9 routed rows, token 1 taken by three experts,
+// up to EX_K = 3 choices per token, the unused ones dropped (slot -1).
+#define EX_N 5
+#define EX_K 3
+static const int32_t EX_ROWS[EX_M] = {1, 3, 4, 0, 1, 2, 4, 1, 3};
+
+static ExpertRoute exp_route(const ExpCase *c) {
+    if (!c->rows) return (ExpertRoute){0};
+    ExpertRoute r = {test_tensor(c->x, EX_N * EX_C),
+                     test_itensor(c->rows, EX_M),
+                     tensor_none(),
+                     tensor_none(),
+                     tensor_none(),
+                     EX_K};
+    if (c->dy) {
+        r.dy = test_tensor(c->dy, EX_N * EX_C);
+        r.gates = test_tensor(c->gates, EX_N * EX_K);
+        r.slot = test_itensor(c->slot, EX_N * EX_K);
+    }
+    return r;
+}
 
 static void experts_run(void *self) {
     ExpCase *c = self;
     ops()->experts_forward(
         test_tensor(c->yp, EX_CAP * EX_C), test_tensor(c->h13, EX_CAP * 2 * EX_F),
-        test_tensor(c->act, EX_CAP * EX_F), test_tensor(c->xp, EX_CAP * EX_C),
+        test_tensor(c->act, EX_CAP * EX_F), test_tensor(c->xp, EX_CAP * EX_C), exp_route(c),
         test_tensor(c->w, EX_E * EX_WSIZE), test_itensor(c->off, EX_E + 1), EX_E, EX_C, EX_F);
 }
 
 static ExpCase experts_case(Rng *r, const real *R) {
-    ExpCase c = {{experts_run, NULL, R, EX_M * EX_C}, filled(EX_CAP * EX_C, 7.0),
-                 filled(EX_CAP * 2 * EX_F, 7.0),      filled(EX_CAP * EX_F, 7.0),
-                 test_rand(r, EX_CAP * EX_C, 1.0),    test_rand(r, EX_E * EX_WSIZE, 0.7),
-                 malloc(sizeof(EX_OFFSETS))};
+    ExpCase c = {{experts_run, NULL, R, EX_M * EX_C},
+                 filled(EX_CAP * EX_C, 7.0),
+                 filled(EX_CAP * 2 * EX_F, 7.0),
+                 filled(EX_CAP * EX_F, 7.0),
+                 test_rand(r, EX_CAP * EX_C, 1.0),
+                 test_rand(r, EX_E * EX_WSIZE, 0.7),
+                 malloc(sizeof(EX_OFFSETS)),
+                 NULL,
+                 NULL,
+                 NULL,
+                 NULL,
+                 NULL};
     memcpy(c.off, EX_OFFSETS, sizeof(EX_OFFSETS));
     c.probe.out = c.yp;
     return c;
 }
 
+// The same case with the gather fused in: xp holds NaN (the CPU must not read it), the
+// input rows come from x (EX_N, C) through EX_ROWS.
+static ExpCase experts_case_fused(Rng *r, const real *R) {
+    ExpCase c = experts_case(r, R);
+    for (size_t i = 0; i < EX_CAP * EX_C; i++)
+        c.xp[i] = NAN;
+    c.x = test_rand(r, EX_N * EX_C, 1.0);
+    c.rows = malloc(sizeof(EX_ROWS));
+    memcpy(c.rows, EX_ROWS, sizeof(EX_ROWS));
+    return c;
+}
+
+// The fused case with combine's backward fused too: dy (EX_N, C), gates and slot (EX_N, K)
+// for EX_ROWS (each token's choices in permuted-row order). Returns R (CAP, C), what
+// combine's backward would have written into a zeroed dyp: R[m] = gates[n, j] dy[n]; it
+// becomes the probe's R, so finite differences check the loss the fused gradient is of.
+static real *experts_case_combine(ExpCase *c, Rng *r) {
+    c->dy = test_rand(r, EX_N * EX_C, 1.0);
+    c->gates = test_rand(r, EX_N * EX_K, 1.0);
+    c->slot = malloc(EX_N * EX_K * sizeof *c->slot);
+    for (size_t a = 0; a < EX_N * EX_K; a++)
+        c->slot[a] = -1;
+    real *R = test_zeros(EX_CAP * EX_C);
+    for (size_t m = 0; m < EX_M; m++) {
+        size_t n = (size_t)EX_ROWS[m], j = 0;
+        while (c->slot[n * EX_K + j] >= 0)
+            j++;
+        c->slot[n * EX_K + j] = (int32_t)m;
+        for (size_t k = 0; k < EX_C; k++)
+            R[m * EX_C + k] = c->gates[n * EX_K + j] * c->dy[n * EX_C + k];
+    }
+    c->probe.R = R;
+    return R;
+}
+
 static void experts_case_free(ExpCase *c) {
     free(c->yp), free(c->h13), free(c->act), free(c->xp), free(c->w), free(c->off);
+    free(c->x), free(c->rows), free(c->dy), free(c->gates), free(c->slot);
 }
 
 // Runs forward, then backward with dout = R into dxp (CAP, C) and dw (E, 3FC) (either
@@ -495,16 +567,16 @@ static void experts_grads(ExpCase *c, const uint8_t *train, real *dxp, real *dw,
         dw ? test_tensor(dw, EX_E * EX_WSIZE) : tensor_none(), train,
         test_tensor(R, EX_CAP * EX_C), test_tensor(dh13, EX_CAP * 2 * EX_F),
         test_tensor(dact, EX_CAP * EX_F), test_tensor(c->h13, EX_CAP * 2 * EX_F),
-        test_tensor(c->act, EX_CAP * EX_F), test_tensor(c->xp, EX_CAP * EX_C),
+        test_tensor(c->act, EX_CAP * EX_F), test_tensor(c->xp, EX_CAP * EX_C), exp_route(c),
         test_tensor(c->w, EX_E * EX_WSIZE), test_itensor(c->off, EX_E + 1), EX_E, EX_C, EX_F);
     free(dh13), free(dact);
 }
 
-static void test_experts_forward(void **state) {
-    (void)state;
+// Forward against the naive loop; fused: the loop reads x[rows[m]] where it read xp[m].
+static void check_experts_forward(int fused) {
     Rng r;
     rng_init(&r, 17);
-    ExpCase c = experts_case(&r, NULL);
+    ExpCase c = fused ? experts_case_fused(&r, NULL) : experts_case(&r, NULL);
     real *yref = test_zeros(EX_CAP * EX_C), *href = test_zeros(EX_CAP * 2 * EX_F);
     real *aref = test_zeros(EX_CAP * EX_F);
     for (size_t m = 0; m < EX_M; m++) {
@@ -512,11 +584,12 @@ static void test_experts_forward(void **state) {
         while ((size_t)EX_OFFSETS[e + 1] <= m)
             e++;
         const real *w1 = c.w + e * EX_WSIZE, *w3 = w1 + EX_F * EX_C, *w2 = w3 + EX_F * EX_C;
+        const real *xm = fused ? c.x + (size_t)EX_ROWS[m] * EX_C : c.xp + m * EX_C;
         for (size_t f = 0; f < EX_F; f++) {
             double h1 = 0.0, h3 = 0.0;
             for (size_t k = 0; k < EX_C; k++) {
-                h1 += c.xp[m * EX_C + k] * w1[f * EX_C + k];
-                h3 += c.xp[m * EX_C + k] * w3[f * EX_C + k];
+                h1 += xm[k] * w1[f * EX_C + k];
+                h3 += xm[k] * w3[f * EX_C + k];
             }
             href[m * 2 * EX_F + f] = h1;
             href[m * 2 * EX_F + EX_F + f] = h3;
@@ -533,8 +606,20 @@ static void test_experts_forward(void **state) {
     real *spare = filled(2 * EX_F * (EX_CAP - EX_M), 7.0);
     assert_equal(c.yp + EX_M * EX_C, spare, (EX_CAP - EX_M) * EX_C, "experts yp past M");
     assert_equal(c.h13 + EX_M * 2 * EX_F, spare, (EX_CAP - EX_M) * 2 * EX_F, "h13 past M");
+    for (size_t i = 0; fused && i < EX_CAP * EX_C; i++)
+        assert_true(isnan(c.xp[i])); // the CPU reads x in place, xp untouched
     free(yref), free(href), free(aref), free(spare);
     experts_case_free(&c);
+}
+
+static void test_experts_forward(void **state) {
+    (void)state;
+    check_experts_forward(0);
+}
+
+static void test_experts_forward_fused(void **state) {
+    (void)state;
+    check_experts_forward(1);
 }
 
 // Finite-difference check of dw for every expert whose train flag is set (train NULL:
@@ -581,6 +666,63 @@ static void check_experts_backward(const uint8_t *train, uint64_t seed) {
 static void test_experts_backward(void **state) {
     (void)state;
     check_experts_backward(NULL, 18);
+}
+
+// The dispatch fused in (x[rows] and gates times dy, dyp NaN: not read): dw (expert 3
+// frozen) against finite differences, and the token gradient, dxp summed per token by a
+// loop here, against finite differences in x.
+static void test_experts_backward_fused(void **state) {
+    (void)state;
+    const uint8_t train[EX_E] = {1, 1, 1, 0, 1, 1};
+    Rng r;
+    rng_init(&r, 21);
+    ExpCase c = experts_case_fused(&r, NULL);
+    real *R = experts_case_combine(&c, &r), *dyp = filled(EX_CAP * EX_C, NAN);
+    real *dxp = test_zeros(EX_CAP * EX_C), *dw = test_rand(&r, EX_E * EX_WSIZE, 1.0);
+    real *dw0 = test_copy(dw, EX_E * EX_WSIZE), *dx = test_zeros(EX_N * EX_C);
+    experts_grads(&c, train, dxp, dw, dyp);
+    check_expert_dw(&c, train, dw, dw0, &r);
+    for (size_t m = 0; m < EX_M; m++)
+        for (size_t k = 0; k < EX_C; k++)
+            dx[(size_t)EX_ROWS[m] * EX_C + k] += dxp[m * EX_C + k];
+    test_fd_check(c.x, EX_N * EX_C, dx, probe_loss, &c, 0, &r, FD_RTOL, FD_ATOL,
+                  "fused experts dx");
+    free(R), free(dyp), free(dxp), free(dw), free(dw0), free(dx);
+    experts_case_free(&c);
+}
+
+// Fused and unfused give the same bits when xp holds x[rows] and dyp what combine's
+// backward writes: the products see the same operands. Gather alone fused, then the
+// combine too; thread counts 1 and 4 take both ways of sharing out 6 experts (by expert,
+// and one expert after another with every thread on its products and its copies).
+static void test_experts_fused_bits(void **state) {
+    (void)state;
+    int threads = omp_get_max_threads();
+    for (int t = 1; t <= 4; t += 3)
+        for (int with_dy = 0; with_dy < 2; with_dy++) {
+            omp_set_num_threads(t);
+            Rng r;
+            rng_init(&r, 22);
+            ExpCase f = experts_case_fused(&r, NULL), u = experts_case(&r, NULL);
+            real *R =
+                with_dy ? experts_case_combine(&f, &r) : test_rand(&r, EX_CAP * EX_C, 1.0);
+            memcpy(u.w, f.w, EX_E * EX_WSIZE * sizeof(real));
+            for (size_t m = 0; m < EX_M; m++)
+                memcpy(u.xp + m * EX_C, f.x + (size_t)EX_ROWS[m] * EX_C, EX_C * sizeof(real));
+            real *dxp[2] = {test_zeros(EX_CAP * EX_C), test_zeros(EX_CAP * EX_C)};
+            real *dw[2] = {test_zeros(EX_E * EX_WSIZE), test_zeros(EX_E * EX_WSIZE)};
+            real *nan = filled(EX_CAP * EX_C, NAN);
+            experts_grads(&f, NULL, dxp[0], dw[0], with_dy ? nan : R);
+            experts_grads(&u, NULL, dxp[1], dw[1], R);
+            assert_equal(f.yp, u.yp, EX_M * EX_C, "fused experts yp bits");
+            assert_equal(dxp[0], dxp[1], EX_CAP * EX_C, "fused experts dxp bits");
+            assert_equal(dw[0], dw[1], EX_E * EX_WSIZE, "fused experts dw bits");
+            for (int i = 0; i < 2; i++)
+                free(dxp[i]), free(dw[i]);
+            free(R), free(nan);
+            experts_case_free(&f), experts_case_free(&u);
+        }
+    omp_set_num_threads(threads);
 }
 
 // Expert 3 (rows 3..6) is frozen: no weight gradient, but its rows' input gradient flows.
@@ -964,7 +1106,10 @@ static const struct CMUnitTest tests[] = {
     cmocka_unit_test(test_swiglu_forward),
     cmocka_unit_test(test_swiglu_backward),
     cmocka_unit_test(test_experts_forward),
+    cmocka_unit_test(test_experts_forward_fused),
     cmocka_unit_test(test_experts_backward),
+    cmocka_unit_test(test_experts_backward_fused),
+    cmocka_unit_test(test_experts_fused_bits),
     cmocka_unit_test(test_experts_backward_frozen_expert),
     cmocka_unit_test(test_experts_backward_absent_dw),
     cmocka_unit_test(test_crossentropy_forward),

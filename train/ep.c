@@ -68,7 +68,7 @@ static void ep_forward(void *ctx, const Backend *be, Tensor yp, Tensor xp, Tenso
         size_t r0 = L->rdispl[q] / C, n = L->rcount[q] / C;
         Tensor lo = host_tensor(L->loff + (size_t)q * (Eq + 1), DTYPE_I32, Eq + 1);
         be->experts_forward(BLOCK(L->y, C), BLOCK(L->h13, 2 * F), BLOCK(L->act, F),
-                            BLOCK(L->x, C), w, lo, Eq, C, F);
+                            BLOCK(L->x, C), (ExpertRoute){0}, w, lo, Eq, C, F);
     }
     dist_alltoallv_reals(L->y, L->rcount, L->rdispl, yp.data, L->scount, L->sdispl);
 }
@@ -89,7 +89,7 @@ static void ep_backward(void *ctx, const Backend *be, Tensor dxp, Tensor dw,
         memset(L->dx + r0 * C, 0, n * C * sizeof *L->dx);
         be->experts_backward(BLOCK(L->dx, C), dw, mine, BLOCK(L->y, C), BLOCK(L->dh13, 2 * F),
                              BLOCK(L->dact, F), BLOCK(L->h13, 2 * F), BLOCK(L->act, F),
-                             BLOCK(L->x, C), w, lo, Eq, C, F);
+                             BLOCK(L->x, C), (ExpertRoute){0}, w, lo, Eq, C, F);
     }
     dist_alltoallv_reals(L->dx, L->rcount, L->rdispl, L->back, L->scount, L->sdispl);
     if (!dxp.data) return;   // nothing below wants it; the exchange was still everyone's

@@ -225,6 +225,108 @@ static void check_fits(Tensor t, size_t need, const char *name) {
 // product. An expert's result never depends on which thread ran it.
 static int experts_by_thread(size_t E) { return E >= 2 * (size_t)omp_get_max_threads(); }
 
+// dst (C) = src, or gate * src.
+static void pick_row(real *dst, const real *src, const real *gate, size_t C) {
+    if (!gate) {
+        memcpy(dst, src, C * sizeof(real));
+        return;
+    }
+    for (size_t c = 0; c < C; c++)
+        dst[c] = *gate * src[c];
+}
+
+// Where the experts read their input rows and, in backward, their output gradient rows:
+// xp's and dyp's own rows, or (the dispatch fused in, ExpertRoute) rows of x and gate-scaled
+// rows of dy, copied one expert at a time into the running thread's scratch right before
+// the products that read them, so they are read from cache and no (M, C) gathered copy is
+// written to memory and read back.
+typedef struct {
+    const real *xp, *dyp; // (M, C): route.rows NULL (dyp also: route.dy NULL)
+    const real *x, *dy;   // (N, C)
+    const int32_t *rows;  // (M) permuted row -> token, or NULL
+    real *gate;           // (M) each permuted row's gate: dy given
+    real *scratch;        // (slots, 2, most, C): one expert's x rows and dy rows per thread
+    size_t most, C;       // most: the largest expert's rows
+} ExpertInput;
+
+// gate[slot[a]] = gates[a] for the kept assignments a: each permuted row has one.
+static real *expert_row_gates(const ExpertRoute *r, size_t M) {
+    size_t n = r->slot.numel;
+    const int32_t *sl = TENSOR_I(r->slot); // (N, k)
+    const real *g = TENSOR_R(r->gates);    // (N, k)
+    check_fits(r->gates, n, "gates");
+    real *gate = CALLOC(M + 1, sizeof *gate);
+    for (size_t a = 0; a < n; a++) {
+        CHECK(sl[a] < 0 || (size_t)sl[a] < M, "experts: slot %zu is %d of %zu rows", a,
+              (int)sl[a], M);
+        if (sl[a] >= 0) gate[sl[a]] = g[a];
+    }
+    return gate;
+}
+
+static void expert_input_init(ExpertInput *in, Tensor xp, Tensor dyp, const ExpertRoute *r,
+                              const int32_t *off, size_t E, size_t C, int by_thread) {
+    size_t M = (size_t)off[E];
+    *in = (ExpertInput){.xp = TENSOR_R(xp), .dyp = TENSOR_R(dyp), .C = C};
+    if (!r->rows.data) {
+        check_fits(xp, M * C, "xp");
+        return;
+    }
+    check_fits(r->rows, M, "rows");
+    in->x = TENSOR_R(r->x), in->rows = TENSOR_I(r->rows);
+    size_t N = C ? r->x.numel / C : 0;
+    for (size_t m = 0; m < M; m++)
+        CHECK(in->rows[m] >= 0 && (size_t)in->rows[m] < N,
+              "experts: row %zu reads token %d of %zu", m, (int)in->rows[m], N);
+    if (r->dy.data) {
+        check_fits(r->dy, N * C, "dy");
+        in->dy = TENSOR_R(r->dy), in->dyp = NULL;
+        in->gate = expert_row_gates(r, M);
+    }
+    for (size_t e = 0; e < E; e++)
+        if ((size_t)(off[e + 1] - off[e]) > in->most) in->most = (size_t)(off[e + 1] - off[e]);
+    size_t slots = by_thread ? (size_t)omp_get_max_threads() : 1;
+    in->scratch = CALLOC(slots * 2 * in->most * C + 1, sizeof(real));
+}
+
+static void expert_input_free(ExpertInput *in) {
+    free(in->scratch);
+    free(in->gate);
+}
+
+// Rows [r0, r0 + n) of src picked by rows, times gate[m] when gate is given, into scratch
+// half `half` of this call's slot. by_thread: inside the experts' parallel loop (this
+// thread's slot, one thread copies); else the copy is shared out.
+static const real *expert_pick_rows(const ExpertInput *in, const real *src, const real *gate,
+                                    int half, size_t r0, size_t n, int by_thread) {
+    size_t C = in->C, slot = by_thread ? (size_t)omp_get_thread_num() : 0;
+    real *dst = in->scratch + (slot * 2 + (size_t)half) * in->most * C;
+    const int32_t *at = in->rows + r0;
+    if (by_thread) {
+        for (size_t i = 0; i < n; i++)
+            pick_row(dst + i * C, src + (size_t)at[i] * C, gate ? gate + r0 + i : NULL, C);
+        return dst;
+    }
+#pragma omp parallel for schedule(static)
+    for (size_t i = 0; i < n; i++)
+        pick_row(dst + i * C, src + (size_t)at[i] * C, gate ? gate + r0 + i : NULL, C);
+    return dst;
+}
+
+// The experts' input rows [r0, r0 + n).
+static const real *expert_input_rows(const ExpertInput *in, size_t r0, size_t n,
+                                     int by_thread) {
+    if (!in->rows) return in->xp + r0 * in->C;
+    return expert_pick_rows(in, in->x, NULL, 0, r0, n, by_thread);
+}
+
+// The experts' output gradient rows [r0, r0 + n): combine's gate times dy, the product
+// combine's backward adds into a zeroed dyp (the same bits).
+static const real *expert_dy_rows(const ExpertInput *in, size_t r0, size_t n, int by_thread) {
+    if (!in->dy) return in->dyp + r0 * in->C;
+    return expert_pick_rows(in, in->dy, in->gate, 1, r0, n, by_thread);
+}
+
 // One expert's rows: h (rows, 2F) = x w13^T, a = silu(h1) * h3, y (rows, C) = a w2^T.
 static void expert_forward(real *y, real *h, real *a, const real *x, const real *w13,
                            size_t rows, size_t C, size_t F) {
@@ -236,82 +338,93 @@ static void expert_forward(real *y, real *h, real *a, const real *x, const real 
 
 // The rows of expert e: [off[e], off[e+1]).
 static void experts_forward_one(size_t e, const int32_t *off, Tensor yp, Tensor h13, Tensor act,
-                                Tensor xp, Tensor w, size_t C, size_t F) {
+                                const ExpertInput *in, int by_thread, Tensor w, size_t C,
+                                size_t F) {
     size_t r0 = (size_t)off[e], rows = (size_t)off[e + 1] - r0;
     if (rows == 0) return;
     expert_forward(TENSOR_R(yp) + r0 * C, TENSOR_R(h13) + r0 * 2 * F, TENSOR_R(act) + r0 * F,
-                   TENSOR_R(xp) + r0 * C, TENSOR_R(w) + e * 3 * F * C, rows, C, F);
+                   expert_input_rows(in, r0, rows, by_thread), TENSOR_R(w) + e * 3 * F * C,
+                   rows, C, F);
 }
 
-void cpu_experts_forward(Tensor yp, Tensor h13, Tensor act, Tensor xp, Tensor w, Tensor offsets,
-                         size_t E, size_t C, size_t F) {
+void cpu_experts_forward(Tensor yp, Tensor h13, Tensor act, Tensor xp, ExpertRoute route,
+                         Tensor w, Tensor offsets, size_t E, size_t C, size_t F) {
     const int32_t *off = TENSOR_I(offsets); // (E+1)
     size_t M = expert_rows(off, E);
     check_fits(w, E * 3 * F * C, "w");
-    check_fits(xp, M * C, "xp");
     check_fits(h13, M * 2 * F, "h13");
     check_fits(act, M * F, "act");
     check_fits(yp, M * C, "yp");
+    int by_thread = experts_by_thread(E);
+    ExpertInput in;
+    route.dy = tensor_none(); // the forward reads no gradient
+    expert_input_init(&in, xp, tensor_none(), &route, off, E, C, by_thread);
     // Two loops, not one `parallel for if (...)`: that hung libgomp (GCC 12) on a shared
     // expert (inactive region, SwiGLU's parallel loop nested in it) then routed experts.
-    if (experts_by_thread(E)) {
+    if (by_thread) {
 #pragma omp parallel for schedule(dynamic, 1)
         for (size_t e = 0; e < E; e++)
-            experts_forward_one(e, off, yp, h13, act, xp, w, C, F);
+            experts_forward_one(e, off, yp, h13, act, &in, 1, w, C, F);
     } else {
         for (size_t e = 0; e < E; e++)
-            experts_forward_one(e, off, yp, h13, act, xp, w, C, F);
+            experts_forward_one(e, off, yp, h13, act, &in, 0, w, C, F);
     }
+    expert_input_free(&in);
 }
 
 // One expert's backward over its rows (shapes as in expert_forward); dw13 (3FC) NULL: no
 // weight gradient; dx NULL: no input gradient. dh (rows, 2F), da (rows, F) are scratch.
-static void expert_backward(real *dx, real *dw13, const real *dy, real *dh, real *da,
-                            const real *h, const real *a, const real *x, const real *w13,
-                            size_t rows, size_t C, size_t F) {
-    const real *w2 = w13 + 2 * F * C; // (C, F)
+// The input rows are fetched only for dw13, their one reader, right before it.
+static void expert_backward(real *dx, real *dw13, real *dh, real *da, const real *h,
+                            const real *a, const ExpertInput *in, size_t r0, int by_thread,
+                            const real *w13, size_t rows, size_t C, size_t F) {
+    const real *w2 = w13 + 2 * F * C;                         // (C, F)
+    const real *dy = expert_dy_rows(in, r0, rows, by_thread); // (rows, C)
     cpu_gemm(0, 0, rows, F, C, 1, dy, C, w2, F, 0, da, F);
     if (dw13) cpu_gemm(1, 0, C, F, rows, 1, dy, C, a, F, 1, dw13 + 2 * F * C, F);
     swiglu_backward_rows(dh, da, h, rows, F, 0);
     if (dx) cpu_gemm(0, 0, rows, C, 2 * F, 1, dh, 2 * F, w13, C, 1, dx, C);
-    if (dw13) cpu_gemm(1, 0, 2 * F, C, rows, 1, dh, 2 * F, x, C, 1, dw13, C);
+    if (dw13)
+        cpu_gemm(1, 0, 2 * F, C, rows, 1, dh, 2 * F, expert_input_rows(in, r0, rows, by_thread),
+                 C, 1, dw13, C);
 }
 
 // Gradients of expert e's rows, and of its weights when it trains (train NULL: all).
 static void experts_backward_one(size_t e, const int32_t *off, Tensor dxp, Tensor dw,
-                                 const uint8_t *train, Tensor dyp, Tensor dh13, Tensor dact,
-                                 Tensor h13, Tensor act, Tensor xp, Tensor w, size_t C,
-                                 size_t F) {
+                                 const uint8_t *train, Tensor dh13, Tensor dact, Tensor h13,
+                                 Tensor act, const ExpertInput *in, int by_thread, Tensor w,
+                                 size_t C, size_t F) {
     size_t r0 = (size_t)off[e], rows = (size_t)off[e + 1] - r0;
     int want_dw = dw.data && (!train || train[e]);
     if (rows == 0 || (!want_dw && !dxp.data)) return;
     expert_backward(dxp.data ? TENSOR_R(dxp) + r0 * C : NULL,
-                    want_dw ? TENSOR_R(dw) + e * 3 * F * C : NULL, TENSOR_R(dyp) + r0 * C,
-                    TENSOR_R(dh13) + r0 * 2 * F, TENSOR_R(dact) + r0 * F,
-                    TENSOR_R(h13) + r0 * 2 * F, TENSOR_R(act) + r0 * F, TENSOR_R(xp) + r0 * C,
-                    TENSOR_R(w) + e * 3 * F * C, rows, C, F);
+                    want_dw ? TENSOR_R(dw) + e * 3 * F * C : NULL, TENSOR_R(dh13) + r0 * 2 * F,
+                    TENSOR_R(dact) + r0 * F, TENSOR_R(h13) + r0 * 2 * F, TENSOR_R(act) + r0 * F,
+                    in, r0, by_thread, TENSOR_R(w) + e * 3 * F * C, rows, C, F);
 }
 
 void cpu_experts_backward(Tensor dxp, Tensor dw, const uint8_t *train, Tensor dyp, Tensor dh13,
-                          Tensor dact, Tensor h13, Tensor act, Tensor xp, Tensor w,
-                          Tensor offsets, size_t E, size_t C, size_t F) {
+                          Tensor dact, Tensor h13, Tensor act, Tensor xp, ExpertRoute route,
+                          Tensor w, Tensor offsets, size_t E, size_t C, size_t F) {
     const int32_t *off = TENSOR_I(offsets); // (E+1)
     size_t M = expert_rows(off, E);
     check_fits(dw, E * 3 * F * C, "dw");
     check_fits(dxp, M * C, "dxp");
-    check_fits(dyp, M * C, "dyp");
     check_fits(dh13, M * 2 * F, "dh13");
     check_fits(dact, M * F, "dact");
-    if (experts_by_thread(E)) {
+    if (!route.rows.data || !route.dy.data) check_fits(dyp, M * C, "dyp");
+    int by_thread = experts_by_thread(E);
+    ExpertInput in;
+    expert_input_init(&in, xp, dyp, &route, off, E, C, by_thread);
+    if (by_thread) {
 #pragma omp parallel for schedule(dynamic, 1)
         for (size_t e = 0; e < E; e++)
-            experts_backward_one(e, off, dxp, dw, train, dyp, dh13, dact, h13, act, xp, w, C,
-                                 F);
+            experts_backward_one(e, off, dxp, dw, train, dh13, dact, h13, act, &in, 1, w, C, F);
     } else {
         for (size_t e = 0; e < E; e++)
-            experts_backward_one(e, off, dxp, dw, train, dyp, dh13, dact, h13, act, xp, w, C,
-                                 F);
+            experts_backward_one(e, off, dxp, dw, train, dh13, dact, h13, act, &in, 0, w, C, F);
     }
+    expert_input_free(&in);
 }
 
 // ---- cross-entropy --------------------------------------------------------------------

@@ -425,13 +425,19 @@ static void experts_forward_loop(Tensor yp, Tensor h13, Tensor act, Tensor xp, T
     }
 }
 
-void cuda_experts_forward(Tensor yp, Tensor h13, Tensor act, Tensor xp, Tensor w,
-                          Tensor offsets, size_t E, size_t C, size_t F) {
+// The gather fused in (route.rows.data) is gathered into xp first: the grouped products
+// take their operands as strided matrices, and the backward reads xp again.
+void cuda_experts_forward(Tensor yp, Tensor h13, Tensor act, Tensor xp, ExpertRoute route,
+                          Tensor w, Tensor offsets, size_t E, size_t C, size_t F) {
     size_t M;
     check_state(h13, act);
     int32_t *off = expert_offsets(offsets, E, &M);
     check_fits(w, E * 3 * F * C, "w");
     check_fits(xp, M * C, "xp");
+    if (route.rows.data) {
+        check_fits(route.rows, M, "rows");
+        cuda_gather_rows_forward(xp, route.x, route.rows, offsets, E, C);
+    }
     check_fits(h13, M * 2 * F, "h13");
     check_fits(act, M * F, "act");
     check_fits(yp, M * C, "yp");
@@ -515,9 +521,17 @@ static void experts_backward_loop(const ExpertGrads *g, const int32_t *off, size
     }
 }
 
+// xp holds the rows the forward gathered. The combine fused in (route.dy.data): dyp is
+// written first, as combine's backward would have (zeroed, then gates times dy added).
 void cuda_experts_backward(Tensor dxp, Tensor dw, const uint8_t *train, Tensor dyp,
                            Tensor dh13, Tensor dact, Tensor h13, Tensor act, Tensor xp,
-                           Tensor w, Tensor offsets, size_t E, size_t C, size_t F) {
+                           ExpertRoute route, Tensor w, Tensor offsets, size_t E, size_t C,
+                           size_t F) {
+    if (route.rows.data && route.dy.data && C) {
+        cuda_zero(dyp, dyp.numel);
+        cuda_combine_backward(dyp, tensor_none(), route.dy, tensor_none(), route.gates,
+                              route.slot, route.dy.numel / C, route.k, C);
+    }
     size_t M;
     check_state(h13, act);
     int32_t *off = expert_offsets(offsets, E, &M);

@@ -549,25 +549,58 @@ static void case_experts(void) {
     Pair offsets = ints(off, E + 1), w = reals(E * 3 * F * C, 0.25), xp = reals(cap * C, 1);
     Pair yp = zeros(cap * C, DTYPE_F32), h13 = zeros(cap * 2 * F, DTYPE_F32),
          act = zeros(cap * F, DTYPE_F32);
-    cpu->experts_forward(yp.c, h13.c, act.c, xp.c, w.c, offsets.c, E, C, F);
-    gpu->experts_forward(yp.g, h13.g, act.g, xp.g, w.g, offsets.g, E, C, F);
+    cpu->experts_forward(yp.c, h13.c, act.c, xp.c, (ExpertRoute){0}, w.c, offsets.c,
+                         E, C, F);
+    gpu->experts_forward(yp.g, h13.g, act.g, xp.g, (ExpertRoute){0}, w.g, offsets.g,
+                         E, C, F);
     close_n("experts yp", yp, M * C, RTOL);
     close_n("experts h13", h13, M * 2 * F, RTOL);
     close_n("experts act", act, M * F, RTOL);
     Pair dxp = reals(cap * C, 1), dw = reals(E * 3 * F * C, 1), dyp = reals(cap * C, 1);
     Pair dh13 = zeros(cap * 2 * F, DTYPE_F32), dact = zeros(cap * F, DTYPE_F32);
-    cpu->experts_backward(dxp.c, dw.c, train, dyp.c, dh13.c, dact.c, h13.c, act.c, xp.c, w.c,
-                          offsets.c, E, C, F);
-    gpu->experts_backward(dxp.g, dw.g, train, dyp.g, dh13.g, dact.g, h13.g, act.g, xp.g, w.g,
-                          offsets.g, E, C, F);
+    cpu->experts_backward(dxp.c, dw.c, train, dyp.c, dh13.c, dact.c, h13.c, act.c, xp.c,
+                          (ExpertRoute){0}, w.c, offsets.c, E, C, F);
+    gpu->experts_backward(dxp.g, dw.g, train, dyp.g, dh13.g, dact.g, h13.g, act.g, xp.g,
+                          (ExpertRoute){0}, w.g, offsets.g, E, C, F);
     close_n("experts dxp", dxp, M * C, RTOL);
     close_all("experts dw (expert 2 frozen)", dw, RTOL);
     Pair nx = none();
-    cpu->experts_backward(nx.c, dw.c, NULL, dyp.c, dh13.c, dact.c, h13.c, act.c, xp.c, w.c,
-                          offsets.c, E, C, F);
-    gpu->experts_backward(nx.g, dw.g, NULL, dyp.g, dh13.g, dact.g, h13.g, act.g, xp.g, w.g,
-                          offsets.g, E, C, F);
+    cpu->experts_backward(nx.c, dw.c, NULL, dyp.c, dh13.c, dact.c, h13.c, act.c, xp.c,
+                          (ExpertRoute){0}, w.c, offsets.c, E, C, F);
+    gpu->experts_backward(nx.g, dw.g, NULL, dyp.g, dh13.g, dact.g, h13.g, act.g, xp.g,
+                          (ExpertRoute){0}, w.g, offsets.g, E, C, F);
     close_all("experts dw (dxp NULL)", dw, RTOL);
+}
+
+// The dispatch fused in (ExpertRoute: x[rows], gates times dy): the GPU gathers into xp
+// and scatters into dyp first, the CPU reads the tokens in place; both as the CPU's
+// unfused op on the gathered rows. Four tokens for 7 rows, top-2, token 3's second
+// choice dropped.
+static void case_experts_fused(void) {
+    size_t E = 3, C = 16, F = 12, N = 4, k = 2, M = 7;
+    int32_t off[] = {0, 3, 3, 7}, rows[] = {0, 1, 2, 0, 1, 2, 3};
+    int32_t slot[] = {0, 3, 1, 4, 2, 5, 6, -1};
+    Pair offsets = ints(off, E + 1), w = reals(E * 3 * F * C, 0.25), x = reals(N * C, 1);
+    Pair rw = ints(rows, M), sl = ints(slot, N * k), gates = reals(N * k, 1);
+    Pair dy = reals(N * C, 1), xp = zeros(M * C, DTYPE_F32);
+    Pair yp = zeros(M * C, DTYPE_F32), h13 = zeros(M * 2 * F, DTYPE_F32),
+         act = zeros(M * F, DTYPE_F32);
+    ExpertRoute rc = {x.c, rw.c, tensor_none(), tensor_none(), tensor_none(), k};
+    ExpertRoute rg = {x.g, rw.g, none().g, none().g, none().g, k};
+    cpu->experts_forward(yp.c, h13.c, act.c, xp.c, rc, w.c, offsets.c, E, C, F);
+    gpu->experts_forward(yp.g, h13.g, act.g, xp.g, rg, w.g, offsets.g, E, C, F);
+    close_all("fused experts yp", yp, RTOL);
+    Pair dxp = zeros(M * C, DTYPE_F32), dw = zeros(E * 3 * F * C, DTYPE_F32),
+         dyp = zeros(M * C, DTYPE_F32);
+    Pair dh13 = zeros(M * 2 * F, DTYPE_F32), dact = zeros(M * F, DTYPE_F32);
+    rc.dy = dy.c, rc.gates = gates.c, rc.slot = sl.c;
+    rg.dy = dy.g, rg.gates = gates.g, rg.slot = sl.g;
+    cpu->experts_backward(dxp.c, dw.c, NULL, dyp.c, dh13.c, dact.c, h13.c, act.c, xp.c, rc,
+                          w.c, offsets.c, E, C, F);
+    gpu->experts_backward(dxp.g, dw.g, NULL, dyp.g, dh13.g, dact.g, h13.g, act.g, xp.g, rg,
+                          w.g, offsets.g, E, C, F);
+    close_all("fused experts dxp", dxp, RTOL);
+    close_all("fused experts dw", dw, RTOL);
 }
 
 // The experts op under bf16 products. xp, w and dyp are bf16 values on both sides, so the
@@ -578,22 +611,25 @@ static void case_experts_bf16(void) {
     size_t E = 3, C = 64, F = 48, M = 90;
     int32_t off[] = {0, 40, 40, 90};
     gpu->set_gemm_bf16(1);
-    Pair offsets = ints(off, E + 1), w = reals_bf16(E * 3 * F * C, 0.2), xp = reals_bf16(M * C, 1);
+    Pair offsets = ints(off, E + 1), w = reals_bf16(E * 3 * F * C, 0.2),
+         xp = reals_bf16(M * C, 1);
     Pair yp = zeros(M * C, DTYPE_F32), h13 = zeros(M * 2 * F, DTYPE_F32),
          act = zeros(M * F, DTYPE_F32);
-    cpu->experts_forward(yp.c, h13.c, act.c, xp.c, w.c, offsets.c, E, C, F);
-    gpu->experts_forward(yp.g, h13.g, act.g, xp.g, w.g, offsets.g, E, C, F);
+    cpu->experts_forward(yp.c, h13.c, act.c, xp.c, (ExpertRoute){0}, w.c, offsets.c,
+                         E, C, F);
+    gpu->experts_forward(yp.g, h13.g, act.g, xp.g, (ExpertRoute){0}, w.g, offsets.g,
+                         E, C, F);
     close_all("bf16 experts h13", h13, 1e-5);
     close_all("bf16 experts act", act, 1e-5);
     close_all("bf16 experts yp", yp, 1e-2);
     Pair dxp = zeros(M * C, DTYPE_F32), dw = zeros(E * 3 * F * C, DTYPE_F32),
          dyp = reals_bf16(M * C, 1);
     Pair dh13 = zeros(M * 2 * F, DTYPE_F32), dact = zeros(M * F, DTYPE_F32);
-    to_gpu(act);   // the same act on both sides for backward
-    cpu->experts_backward(dxp.c, dw.c, NULL, dyp.c, dh13.c, dact.c, h13.c, act.c, xp.c, w.c,
-                          offsets.c, E, C, F);
-    gpu->experts_backward(dxp.g, dw.g, NULL, dyp.g, dh13.g, dact.g, h13.g, act.g, xp.g, w.g,
-                          offsets.g, E, C, F);
+    to_gpu(act); // the same act on both sides for backward
+    cpu->experts_backward(dxp.c, dw.c, NULL, dyp.c, dh13.c, dact.c, h13.c, act.c, xp.c,
+                          (ExpertRoute){0}, w.c, offsets.c, E, C, F);
+    gpu->experts_backward(dxp.g, dw.g, NULL, dyp.g, dh13.g, dact.g, h13.g, act.g, xp.g,
+                          (ExpertRoute){0}, w.g, offsets.g, E, C, F);
     close_all("bf16 experts dxp", dxp, 1e-2);
     close_all("bf16 experts dw", dw, 1e-2);
     gpu->set_gemm_bf16(0);
@@ -609,7 +645,8 @@ static void case_experts_bf16_state(void) {
     int32_t off[] = {0, 40, 40, 90};
     if (gpu->experts_state_dtype(1) != DTYPE_BF16) fail("bf16 products keep an fp32 state");
     gpu->set_gemm_bf16(1);
-    Pair offsets = ints(off, E + 1), w = reals_bf16(E * 3 * F * C, 0.2), xp = reals_bf16(M * C, 1);
+    Pair offsets = ints(off, E + 1), w = reals_bf16(E * 3 * F * C, 0.2),
+         xp = reals_bf16(M * C, 1);
     Pair h13 = zeros(M * 2 * F, DTYPE_F32), act = zeros(M * F, DTYPE_F32);
     Tensor h16 = {gpu->alloc(M * 2 * F * 2), DTYPE_BF16, DEVICE_CUDA, M * 2 * F};
     Tensor a16 = {gpu->alloc(M * F * 2), DTYPE_BF16, DEVICE_CUDA, M * F};
@@ -619,15 +656,20 @@ static void case_experts_bf16_state(void) {
         gpu->set_expert_gemm(grouped);
         Pair yp = zeros(M * C, DTYPE_F32), dxp = zeros(M * C, DTYPE_F32),
              dw = zeros(E * 3 * F * C, DTYPE_F32);
-        cpu->experts_forward(yp.c, h13.c, act.c, xp.c, w.c, offsets.c, E, C, F);
-        gpu->experts_forward(yp.g, h16, a16, xp.g, w.g, offsets.g, E, C, F);
-        close_all(grouped ? "bf16-state experts yp (grouped)" : "bf16-state experts yp", yp, 1e-2);
-        cpu->experts_backward(dxp.c, dw.c, NULL, dyp.c, dh13.c, dact.c, h13.c, act.c, xp.c, w.c,
-                              offsets.c, E, C, F);
-        gpu->experts_backward(dxp.g, dw.g, NULL, dyp.g, dh13.g, dact.g, h16, a16, xp.g, w.g,
-                              offsets.g, E, C, F);
-        close_all(grouped ? "bf16-state experts dxp (grouped)" : "bf16-state experts dxp", dxp, 2e-2);
-        close_all(grouped ? "bf16-state experts dw (grouped)" : "bf16-state experts dw", dw, 2e-2);
+        cpu->experts_forward(yp.c, h13.c, act.c, xp.c, (ExpertRoute){0}, w.c,
+                             offsets.c, E, C, F);
+        gpu->experts_forward(yp.g, h16, a16, xp.g, (ExpertRoute){0}, w.g, offsets.g,
+                             E, C, F);
+        close_all(grouped ? "bf16-state experts yp (grouped)" : "bf16-state experts yp", yp,
+                  1e-2);
+        cpu->experts_backward(dxp.c, dw.c, NULL, dyp.c, dh13.c, dact.c, h13.c, act.c, xp.c,
+                              (ExpertRoute){0}, w.c, offsets.c, E, C, F);
+        gpu->experts_backward(dxp.g, dw.g, NULL, dyp.g, dh13.g, dact.g, h16, a16, xp.g,
+                              (ExpertRoute){0}, w.g, offsets.g, E, C, F);
+        close_all(grouped ? "bf16-state experts dxp (grouped)" : "bf16-state experts dxp", dxp,
+                  2e-2);
+        close_all(grouped ? "bf16-state experts dw (grouped)" : "bf16-state experts dw", dw,
+                  2e-2);
     }
     gpu->set_expert_gemm(0);
     gpu->set_gemm_bf16(0);
@@ -640,6 +682,7 @@ static void case_experts_bf16_state(void) {
 static void case_experts_grouped(void) {
     gpu->set_expert_gemm(1);
     case_experts();
+    case_experts_fused();
     case_experts_bf16();
     gpu->set_expert_gemm(0);
 }
@@ -1086,10 +1129,10 @@ static void case_bf16_weights(void) {
         gpu->set_expert_gemm(grouped);
         Pair ya = zeros(rows * C, DTYPE_F32), yb = zeros(rows * C, DTYPE_F32),
              h = zeros(rows * 2 * F, DTYPE_F32), act = zeros(rows * F, DTYPE_F32);
-        gpu->experts_forward(ya.g, h.g, act.g, xp.g, tensor_slice(w.g, off, E * 3 * F * C), o.g,
-                             E, C, F);
-        gpu->experts_forward(yb.g, h.g, act.g, xp.g, tensor_slice(plain.g, off, E * 3 * F * C),
-                             o.g, E, C, F);
+        gpu->experts_forward(ya.g, h.g, act.g, xp.g, (ExpertRoute){0},
+                             tensor_slice(w.g, off, E * 3 * F * C), o.g, E, C, F);
+        gpu->experts_forward(yb.g, h.g, act.g, xp.g, (ExpertRoute){0},
+                             tensor_slice(plain.g, off, E * 3 * F * C), o.g, E, C, F);
         float *fa = gpu_copy(ya, ya.n), *fb = gpu_copy(yb, yb.n);
         same_bits(grouped ? "experts yp, grouped, bf16 copy" : "experts yp, bf16 copy", fa, fb,
                   ya.n);
