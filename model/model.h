@@ -145,4 +145,15 @@ void model_zero_grad(Model *m);
 // Accumulates d(total loss)/d(params) into m->grads.
 void model_backward(Model *m);
 
+// What model_init(cfg, be, B, T) and model_set_trainable(trainable; NULL: all) would
+// allocate, in bytes, measured by the tape's planning pass without allocating any of it
+// (moe plan): parameters (gradients are as large), activations and their gradients, the
+// expert bias; and the trainable parameter count (AdamW keeps two values for each).
+typedef struct {
+    size_t params, acts, dacts, expert_bias;
+    size_t trainable;
+} ModelPlan;
+void model_plan(const ModelConfig *cfg, const Backend *be, size_t B, size_t T,
+                const uint8_t *trainable, ModelPlan *out);
+
 #endif
