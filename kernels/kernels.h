@@ -50,6 +50,22 @@ Tensor tensor_slice(Tensor t, size_t offset, size_t numel);
 
 typedef enum { SCORE_SOFTMAX = 0, SCORE_SIGMOID = 1 } ScoreFunc;
 typedef enum { DROP_POSITION = 0, DROP_PROBS = 1 } DropPolicy;
+// A group's score for group-limited routing: its best expert (DeepSeek-V2's
+// group_limited_greedy) or the sum of its two best (DeepSeek-V3's noaux_tc).
+typedef enum { GROUP_SCORE_MAX = 0, GROUP_SCORE_TOP2 = 1 } GroupScore;
+
+// How route_topk_forward selects and weighs (docs/routing.md, "Group-limited routing"):
+// the E experts form `groups` equal groups of consecutive indices, only the
+// `topk_groups` best groups compete for the k places (groups == topk_groups: plain
+// top-k); gates are the scores of the chosen, over their sum when renorm, times `scale`
+// (DeepSeek's routed_scaling_factor).
+typedef struct {
+    ScoreFunc func;
+    int renorm;
+    size_t groups, topk_groups;
+    GroupScore group_score;
+    double scale;
+} RouteSpec;
 
 // The op table: one function pointer per entry of ops.def (the op list, with each op's
 // semantics and shapes).

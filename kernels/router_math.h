@@ -2,8 +2,8 @@
 //
 // Defines MOE_TOPK_MAX (the largest top-k any router takes) and `static inline` functions
 // on one row or one value: stable sigmoid and softplus, the normal CDF and PDF, softmax,
-// log-sum-exp, top-k, gates, row normalisation, the CV^2 spread, the Shazeer load term,
-// the hash-routing mix. kernels/cpu/ and kernels/cuda/ both include it, so the CPU ops
+// log-sum-exp, top-k (plain or group-limited), gates, row normalisation, the CV^2 spread,
+// the Shazeer load term, the hash-routing mix. kernels/cpu/ and kernels/cuda/ both include it, so the CPU ops
 // and the CUDA kernels run the same operations in the same order and types, and a change
 // to one backend's row math cannot leave the other computing different bits.
 //
@@ -117,14 +117,18 @@ static inline MOE_HD double logsumexp(const real *x, size_t E) {
 // ---- selection ------------------------------------------------------------------------
 
 // top (k) = the k largest of v[e] + bias[e] over a row (bias NULL: v), the sum in `real`
-// as add_bias_forward takes it. Insertion into a list kept sorted, largest first: strict >
-// leaves an equal value behind the lower expert index seen earlier. k <= MOE_TOPK_MAX.
-static inline MOE_HD void topk_row(int32_t *top, const real *v, const real *bias, size_t E,
-                                   size_t k) {
+// as add_bias_forward takes it, among the experts whose group (of gsize consecutive
+// experts) has kept[group] set (kept NULL: every expert). Insertion into a list kept
+// sorted, largest first: strict > leaves an equal value behind the lower expert index
+// seen earlier. k <= MOE_TOPK_MAX, and at least k experts eligible.
+static inline MOE_HD void topk_row_masked(int32_t *top, const real *v, const real *bias,
+                                          size_t E, size_t k, const unsigned char *kept,
+                                          size_t gsize) {
     real best[MOE_TOPK_MAX];
     int32_t who[MOE_TOPK_MAX];
     size_t len = 0;
     for (size_t e = 0; e < E; e++) {
+        if (kept && !kept[e / gsize]) continue;
         real x = bias ? v[e] + bias[e] : v[e];
         if (len == k && !(x > best[k - 1])) continue;
         size_t pos = len < k ? len++ : k - 1;
@@ -139,6 +143,75 @@ static inline MOE_HD void topk_row(int32_t *top, const real *v, const real *bias
         top[j] = who[j];
 }
 
+static inline MOE_HD void topk_row(int32_t *top, const real *v, const real *bias, size_t E,
+                                   size_t k) {
+    topk_row_masked(top, v, bias, E, k, NULL, 1);
+}
+
+// ---- group-limited selection (DeepSeek-V2 group_limited_greedy, V3 noaux_tc) -------------
+
+// The most expert groups a router may have: the group mask lives on the stack like the
+// top-k list (DeepSeek-V2 and V3 use 8).
+#define MOE_GROUPS_MAX 64
+
+// A group's score from its n selection values v + bias (bias NULL: v), in `real` as the
+// reference computes it in fp32: the largest, or the sum of the two largest (n >= 2).
+static inline MOE_HD real group_value(const real *v, const real *bias, size_t n,
+                                      GroupScore how) {
+    real a = bias ? v[0] + bias[0] : v[0], b = a;
+    int have_b = 0;
+    for (size_t e = 1; e < n; e++) {
+        real x = bias ? v[e] + bias[e] : v[e];
+        if (x > a) {
+            b = a;
+            a = x;
+            have_b = 1;
+        } else if (!have_b || x > b) {
+            b = x;
+            have_b = 1;
+        }
+    }
+    return how == GROUP_SCORE_TOP2 ? a + b : a;
+}
+
+// top (k): the k largest of v + bias among the experts of the spec->topk_groups groups
+// with the highest group_value (ties to the lower group index); plain topk_row when every
+// group is kept, so ungrouped routing keeps its bits. The caller checked the spec
+// (route_spec_check).
+static inline MOE_HD void route_select_row(int32_t *top, const real *v, const real *bias,
+                                           size_t E, size_t k, const RouteSpec *spec) {
+    size_t G = spec->groups, TG = spec->topk_groups;
+    if (G <= 1 || TG >= G) {
+        topk_row(top, v, bias, E, k);
+        return;
+    }
+    size_t gsize = E / G;
+    real gv[MOE_GROUPS_MAX];
+    unsigned char kept[MOE_GROUPS_MAX];
+    for (size_t g = 0; g < G; g++)
+        gv[g] = group_value(v + g * gsize, bias ? bias + g * gsize : NULL, gsize,
+                            spec->group_score);
+    for (size_t g = 0; g < G; g++) {
+        size_t ahead = 0;   // groups ranked before g
+        for (size_t h = 0; h < G; h++)
+            ahead += gv[h] > gv[g] || (gv[h] == gv[g] && h < g);
+        kept[g] = ahead < TG;
+    }
+    topk_row_masked(top, v, bias, E, k, kept, gsize);
+}
+
+// NULL when spec fits E experts and top-k, else what is wrong (the backends' checks).
+static inline MOE_HD const char *route_spec_problem(const RouteSpec *spec, size_t E,
+                                                     size_t k) {
+    size_t G = spec->groups, TG = spec->topk_groups;
+    if (G < 1 || G > MOE_GROUPS_MAX || E % G) return "groups must divide E, 1..64";
+    if (TG < 1 || TG > G) return "topk_groups must be in 1..groups";
+    if (TG < G && k > TG * (E / G)) return "k exceeds the experts of topk_groups groups";
+    if (TG < G && spec->group_score == GROUP_SCORE_TOP2 && E / G < 2)
+        return "group_score top2 needs at least 2 experts per group";
+    return NULL;
+}
+
 static inline MOE_HD double selected_sum(const real *s, const int32_t *top, size_t k) {
     double sum = 0.0;
     for (size_t j = 0; j < k; j++)
@@ -146,29 +219,35 @@ static inline MOE_HD double selected_sum(const real *s, const int32_t *top, size
     return sum;
 }
 
-// g (k) = the scores s (E) at top (k), over their sum when renorm.
+// The renormalised gates' denominator: the selected scores' sum plus DeepSeek-V3's 1e-20,
+// which only matters for sigmoid scores that all underflow (softmax's top-k sum is at least
+// k/E, where adding 1e-20 leaves the double unchanged).
+#define MOE_RENORM_EPS 1e-20
+
+// g (k) = the scores s (E) at top (k), over their sum when renorm, times scale.
 static inline MOE_HD void gates_row(real *g, const real *s, const int32_t *top, size_t k,
-                                    int renorm) {
-    double scale = renorm ? 1.0 / selected_sum(s, top, k) : 1.0;
+                                    int renorm, double scale) {
+    double mult = renorm ? scale / (selected_sum(s, top, k) + MOE_RENORM_EPS) : scale;
     for (size_t j = 0; j < k; j++)
-        g[j] = (real)(s[top[j]] * scale);
+        g[j] = (real)(s[top[j]] * mult);
 }
 
 // ds (E) += dg (k) through gates_row.
 static inline MOE_HD void gates_backward_row(real *ds, const real *dg, const real *s,
-                                             const int32_t *top, size_t k, int renorm) {
+                                             const int32_t *top, size_t k, int renorm,
+                                             double scale) {
     if (!renorm) {
         for (size_t j = 0; j < k; j++)
-            ds[top[j]] += dg[j];
+            ds[top[j]] += (real)(scale * dg[j]);
         return;
     }
-    // g_j = s_j / S: d/ds_m = (dg_m - sum_j dg_j g_j) / S.
-    double sum = selected_sum(s, top, k), dot = 0.0;
+    // g_j = c s_j / D, D = S + eps: d/ds_m = c (dg_m - sum_j dg_j s_j / D) / D.
+    double sum = selected_sum(s, top, k) + MOE_RENORM_EPS, dot = 0.0;
     for (size_t j = 0; j < k; j++)
         dot += (double)dg[j] * s[top[j]];
     dot /= sum;
     for (size_t j = 0; j < k; j++)
-        ds[top[j]] += (real)((dg[j] - dot) / sum);
+        ds[top[j]] += (real)(scale * (dg[j] - dot) / sum);
 }
 
 // ---- row normalisation and the load-balancing loss --------------------------------------

@@ -42,7 +42,8 @@ static Buf op_gates(Builder *b, Buf scores, Tensor idx, size_t slots, int renorm
 }
 
 // Scores (of the noisy logits under Shazeer noise), top-k on the scores or on scores +
-// expert bias (DeepSeek-V3: the bias picks, the scores weigh), and gates: one op
+// expert bias (DeepSeek-V3: the bias picks, the scores weigh), limited to the best expert
+// groups (DeepSeek-V2/V3), and gates times gate_scale: one op
 // (Backend.route_topk_forward).
 static void op_route(Builder *b, RouterBufs *r, MoeLayerState *st) {
     const ModelConfig *c = &b->m->cfg;
@@ -58,12 +59,11 @@ static void op_route(Builder *b, RouterBufs *r, MoeLayerState *st) {
     op->route.h = noisy ? r->logits : none;
     op->route.raw = noisy ? r->raw : none;
     op->route.eps = noisy ? st->eps : tensor_none();
-    op->route.bias = c->bias_gamma > 0 ? st->bias : tensor_none();
+    op->route.bias = model_config_has_bias(c) ? st->bias : tensor_none();
     op->route.N = N;
     op->route.E = E;
     op->route.k = k;
-    op->route.func = (ScoreFunc)c->score;
-    op->route.renorm = c->renorm;
+    op->route.spec = model_config_route_spec(c);
 }
 
 // Hash routing: fixed experts from the token id, equal gates 1/k, no learned router.

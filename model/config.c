@@ -19,6 +19,9 @@ static const ConfigKey model_keys[] = {
      "hidden width of dense SwiGLU layers (those that are not MoE)"},
     {"moe_every", KEY_INT, MK(moe_every), "1", 1, 256, NULL,
      "layer i is MoE when (i+1) % moe_every == 0 (1: all, 2: every other)"},
+    {"first_dense_layers", KEY_INT, MK(first_dense_layers), "0", 0, 256, NULL,
+     "layers below this index are dense SwiGLU whatever moe_every says (DeepSeek's "
+     "first_k_dense_replace)"},
     {"experts", KEY_INT, MK(experts), "4", 1, 4096, NULL, "routed experts per MoE layer E"},
     {"expert_ffn_dim", KEY_INT, MK(expert_ffn_dim), "64", 1, 1 << 20, NULL,
      "hidden width F of each routed expert"},
@@ -71,6 +74,19 @@ static const ConfigKey router_keys[] = {
     {"aux_scope", KEY_ENUM, MK(aux_scope), "batch", 0, 0, "batch|micro",
      "aux-loss statistics over the optimizer batch (exact under grad_accum; one extra "
      "forward per micro-batch) or each micro-batch"},
+    {"groups", KEY_INT, MK(groups), "1", 1, MOE_GROUPS_MAX, NULL,
+     "expert groups of E/groups consecutive experts (DeepSeek n_group; 1: ungrouped)"},
+    {"topk_groups", KEY_INT, MK(topk_groups), "0", 0, MOE_GROUPS_MAX, NULL,
+     "only the experts of this many best groups compete for the top-k (DeepSeek "
+     "topk_group; 0: all groups)"},
+    {"group_score", KEY_ENUM, MK(group_score), "max", 0, 0, "max|top2",
+     "a group's score: its best selection score (DeepSeek-V2 group_limited_greedy) or the "
+     "sum of its two best (V3 noaux_tc)"},
+    {"gate_scale", KEY_DOUBLE, MK(gate_scale), "1", 1e-6, 1e6, NULL,
+     "the gates times this, after renorm (DeepSeek routed_scaling_factor)"},
+    {"expert_bias", KEY_BOOL, MK(expert_bias), "false", 0, 1, NULL,
+     "select on score + per-expert bias (DeepSeek-V3 e_score_correction_bias) even with "
+     "bias_gamma = 0 (an imported or frozen bias); bias_gamma > 0 also turns it on"},
 };
 
 void model_config_sections(ModelConfig *cfg, KeySection out[MODEL_CONFIG_SECTIONS]) {
@@ -82,6 +98,33 @@ void model_config_defaults(ModelConfig *cfg) {
     KeySection s[MODEL_CONFIG_SECTIONS];
     model_config_sections(cfg, s);
     for (int i = 0; i < MODEL_CONFIG_SECTIONS; i++) keys_set_defaults(&s[i]);
+}
+
+// Group-limited routing (DeepSeek-V2/V3): groups of equal size, enough experts in the
+// kept groups for k, and only where selection is token-choice top-k on learned scores
+// (Shazeer's load loss is written for plain top-k).
+static int validate_groups(const ModelConfig *c, char *err, size_t n) {
+    int G = c->groups, TG = c->topk_groups ? c->topk_groups : c->groups;
+    if (c->experts % G)
+        return snprintf(err, n, "router.groups = %d must divide model.experts = %d", G,
+                        c->experts), -1;
+    if (TG > G)
+        return snprintf(err, n, "router.topk_groups = %d exceeds router.groups = %d", TG, G), -1;
+    if (c->top_k > TG * (c->experts / G))
+        return snprintf(err, n, "router.top_k = %d exceeds the %d experts of router.topk_groups "
+                        "= %d groups of %d", c->top_k, TG * (c->experts / G), TG,
+                        c->experts / G), -1;
+    if (TG == G) return 0;
+    if (c->group_score == GROUP_SCORE_TOP2 && c->experts / G < 2)
+        return snprintf(err, n, "router.group_score = top2 needs at least 2 experts per group "
+                        "(model.experts / router.groups = %d)", c->experts / G), -1;
+    if (c->select != SELECT_TOPK)
+        return snprintf(err, n, "router.topk_groups = %d < router.groups = %d needs "
+                        "router.select = topk (groups limit token-choice top-k)", TG, G), -1;
+    if (c->noise == NOISE_SHAZEER)
+        return snprintf(err, n, "router.topk_groups = %d < router.groups = %d and router.noise = "
+                        "shazeer do not combine: the load loss assumes plain top-k", TG, G), -1;
+    return 0;
 }
 
 int model_config_validate(const ModelConfig *c, char *err, size_t n) {
@@ -108,18 +151,22 @@ int model_config_validate(const ModelConfig *c, char *err, size_t n) {
     if (c->select == SELECT_HASH && c->noise != NOISE_NONE)
         return snprintf(err, n, "router.select = hash has no router to add noise to; set "
                                 "router.noise = none"), -1;
-    if (c->noise == NOISE_SHAZEER && c->bias_gamma > 0)
-        return snprintf(err, n, "router.noise = shazeer and router.bias_gamma > 0 do not combine: "
-                                "the load loss assumes selection on the noisy scores alone"), -1;
-    if (c->select != SELECT_TOPK && c->bias_gamma > 0)
-        return snprintf(err, n, "router.bias_gamma > 0 needs router.select = topk (the bias "
-                                "shifts top-k selection)"), -1;
+    if (c->noise == NOISE_SHAZEER && model_config_has_bias(c))
+        return snprintf(err, n, "router.noise = shazeer and an expert bias (router.bias_gamma > 0 "
+                                "or router.expert_bias = true) do not combine: the load loss "
+                                "assumes selection on the noisy scores alone"), -1;
+    if (c->select != SELECT_TOPK && model_config_has_bias(c))
+        return snprintf(err, n, "an expert bias (router.bias_gamma > 0 or router.expert_bias = "
+                                "true) needs router.select = topk (the bias shifts top-k "
+                                "selection)"), -1;
+    if (validate_groups(c, err, n)) return -1;
     if (c->shared_gate && c->shared_experts == 0)
         return snprintf(err, n, "model.shared_gate = true needs model.shared_experts >= 1 (it "
                                 "gates their output)"), -1;
-    if (c->moe_every > c->layers)
-        return snprintf(err, n, "model.moe_every = %d exceeds model.layers = %d: no MoE layer",
-                        c->moe_every, c->layers), -1;
+    if (model_config_moe_layers(c) == 0)
+        return snprintf(err, n, "model.moe_every = %d with model.first_dense_layers = %d leaves "
+                        "no MoE layer among model.layers = %d", c->moe_every,
+                        c->first_dense_layers, c->layers), -1;
     double params = model_config_params(c);
     if (params > MODEL_MAX_PARAMS)
         return snprintf(err, n, MODEL_SIZE_KEYS ": %.3g parameters, more than %.0e",
@@ -144,10 +191,36 @@ double model_config_params(const ModelConfig *c) {
 }
 
 int model_config_is_moe_layer(const ModelConfig *cfg, int layer) {
-    return (layer + 1) % cfg->moe_every == 0;
+    return layer >= cfg->first_dense_layers && (layer + 1) % cfg->moe_every == 0;
 }
 
-int model_config_moe_layers(const ModelConfig *cfg) { return cfg->layers / cfg->moe_every; }
+int model_config_moe_layers(const ModelConfig *cfg) {
+    int n = 0;
+    for (int l = 0; l < cfg->layers; l++)
+        n += model_config_is_moe_layer(cfg, l);
+    return n;
+}
+
+int model_config_moe_layer(const ModelConfig *cfg, int m) {
+    for (int l = 0; l < cfg->layers; l++)
+        if (model_config_is_moe_layer(cfg, l) && m-- == 0) return l;
+    return -1;
+}
+
+int model_config_has_bias(const ModelConfig *cfg) {
+    return cfg->expert_bias || cfg->bias_gamma > 0;
+}
+
+RouteSpec model_config_route_spec(const ModelConfig *cfg) {
+    RouteSpec s;
+    s.func = (ScoreFunc)cfg->score;
+    s.renorm = cfg->renorm;
+    s.groups = (size_t)cfg->groups;
+    s.topk_groups = (size_t)(cfg->topk_groups ? cfg->topk_groups : cfg->groups);
+    s.group_score = (GroupScore)cfg->group_score;
+    s.scale = cfg->gate_scale;
+    return s;
+}
 
 size_t model_config_capacity(const ModelConfig *cfg, size_t n_tokens) {
     if (cfg->select == SELECT_EXPERT_CHOICE) {

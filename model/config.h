@@ -22,6 +22,7 @@ typedef struct {
     int seq_len;
     int ffn_dim;          // hidden width of dense (non-MoE) SwiGLU layers
     int moe_every;        // layer i is MoE when (i + 1) % moe_every == 0
+    int first_dense_layers;  // layers below this are dense (DeepSeek's first_k_dense_replace)
     int experts;
     int expert_ffn_dim;
     int shared_experts;
@@ -48,6 +49,11 @@ typedef struct {
     int select;           // RouterSelect
     double bias_gamma;    // DeepSeek-V3 expert-bias step (0: off)
     int lb_type;          // LbType
+    int groups;           // expert groups (DeepSeek n_group); 1: ungrouped
+    int topk_groups;      // groups competing per token (topk_group); 0: all
+    int group_score;      // GroupScore
+    double gate_scale;    // gates times this (routed_scaling_factor)
+    int expert_bias;      // select on score + expert bias even when bias_gamma = 0
 } ModelConfig;
 
 typedef enum { QK_NORM_NONE = 0, QK_NORM_HEAD = 1, QK_NORM_FULL = 2 } QkNorm;
@@ -64,8 +70,16 @@ void model_config_defaults(ModelConfig *cfg);
 // Cross-key checks. Returns 0, or -1 with a one-line reason naming the keys in err.
 int model_config_validate(const ModelConfig *cfg, char *err, size_t err_len);
 
+// Layer l is MoE when l >= first_dense_layers and (l + 1) % moe_every == 0.
 int model_config_is_moe_layer(const ModelConfig *cfg, int layer);
 int model_config_moe_layers(const ModelConfig *cfg);
+// The layer index of the m-th MoE layer (0-based), or -1 past the last.
+int model_config_moe_layer(const ModelConfig *cfg, int m);
+// Whether selection adds the per-expert bias: router.expert_bias, or bias_gamma > 0
+// (balancing updates it). The bias is then model state saved with checkpoints.
+int model_config_has_bias(const ModelConfig *cfg);
+// The route op's selection and gate settings (topk_groups 0 resolved to groups).
+RouteSpec model_config_route_spec(const ModelConfig *cfg);
 // Parameters the layout will hold (a double: every key at its maximum overflows nothing).
 double model_config_params(const ModelConfig *cfg);
 // More parameters than this is refused before anything is allocated (Mixtral 8x22B has

@@ -85,7 +85,7 @@ void esft_to_expr(const EsftResult *r, const ModelConfig *cfg, char *out, size_t
     size_t len = 0;
     out[0] = '\0';
     for (int m = 0; m < r->n_layers; m++) {
-        int layer = (m + 1) * cfg->moe_every - 1;
+        int layer = model_config_moe_layer(cfg, m);
         for (int j = 0; j < r->experts; j++) {
             if (!r->selected[(size_t)m * (size_t)r->experts + (size_t)j]) continue;
             int w = snprintf(out + len, n - len, "%slayers.%d.experts.%d", len ? ", " : "",

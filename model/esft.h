@@ -38,7 +38,7 @@ void esft_free(EsftResult *r);
 
 // The selection as a trainable.h expression, "layers.<L>.experts.<J>, ...", in layer then
 // expert order, with L the model layer of each MoE layer (MoE layer m is model layer
-// (m + 1) * moe_every - 1). Dies rather than truncate when it does not fit in n bytes:
+// model_config_moe_layer). Dies rather than truncate when it does not fit in n bytes:
 // a cut expression would train the wrong experts. About 24 bytes per selected expert.
 void esft_to_expr(const EsftResult *r, const ModelConfig *cfg, char *out, size_t n);
 

@@ -233,7 +233,7 @@ void model_randomize_weights(Model *m, uint64_t seed) {
     }
     m->be->upload(m->params, host, m->layout.total * sizeof(real));
     free(host);
-    if (m->cfg.bias_gamma <= 0) return;   // a bias only matters when balancing uses it
+    if (!model_config_has_bias(&m->cfg)) return;   // a bias only matters when selection uses it
     size_t nb = m->expert_bias.numel;
     real *b = CALLOC(nb, sizeof *b);
     for (size_t i = 0; i < nb; i++) b[i] = (real)(0.2 * rng_normal(&rng));

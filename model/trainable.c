@@ -220,10 +220,13 @@ static void explain_empty(const Item *it, const ModelConfig *cfg, char *why, siz
     if (it->kind == PARAM_SHARED && cfg->shared_experts == 0) {
         snprintf(why, n, "the model has no shared experts (model.shared_experts = 0)");
     } else if (it->layer >= 0 && (moe_part || it->kind == PARAM_DENSE)) {
+        char fdl[64] = "";
         list_layers(cfg, moe_part, layers, sizeof layers);
-        snprintf(why, n, "layer %d is a %s layer; %s layers: %s (model.moe_every = %d)",
+        if (cfg->first_dense_layers)
+            snprintf(fdl, sizeof fdl, ", model.first_dense_layers = %d", cfg->first_dense_layers);
+        snprintf(why, n, "layer %d is a %s layer; %s layers: %s (model.moe_every = %d%s)",
                  it->layer, moe_part ? "dense" : "MoE", moe_part ? "MoE" : "dense", layers,
-                 cfg->moe_every);
+                 cfg->moe_every, fdl);
     } else if (it->kind == PARAM_DENSE) {
         snprintf(why, n, "the model has no dense layers (model.moe_every = 1)");
     } else {

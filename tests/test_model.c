@@ -178,6 +178,64 @@ static void test_sigmoid_bias_balancing(void **state) {
     check_model_gradients(&c);
 }
 
+// DeepSeek-V2: a leading dense layer, softmax scores limited to the best 2 of 4 groups by
+// each group's best score, gates not renormalised but scaled, a shared expert.
+static void test_deepseek_v2_routing(void **state) {
+    (void)state;
+    ModelConfig c = tiny_config();
+    c.layers = 3;
+    c.first_dense_layers = 1;
+    c.experts = 8;
+    c.groups = 4;
+    c.topk_groups = 2;
+    c.renorm = 0;
+    c.gate_scale = 2.0;
+    c.shared_experts = 1;
+    c.shared_ffn_dim = 5;
+    check_model_gradients(&c);
+}
+
+// DeepSeek-V3 noaux_tc: sigmoid scores, a frozen expert bias in selection (bias_gamma 0),
+// the best group of 2 by its two best biased scores, renormalised gates scaled by 2.5.
+static void test_deepseek_v3_routing(void **state) {
+    (void)state;
+    ModelConfig c = tiny_config();
+    c.layers = 3;
+    c.first_dense_layers = 1;
+    c.score = SCORE_SIGMOID;
+    c.expert_bias = 1;
+    c.groups = 2;
+    c.topk_groups = 1;
+    c.group_score = GROUP_SCORE_TOP2;
+    c.gate_scale = 2.5;
+    check_model_gradients(&c);
+}
+
+// first_dense_layers joins the moe_every rule: with 6 layers, moe_every 2 and 2 leading
+// dense layers the MoE layers are 3 and 5.
+static void test_first_dense_layers(void **state) {
+    (void)state;
+    ModelConfig c = tiny_config();
+    c.layers = 6;
+    c.moe_every = 2;
+    c.first_dense_layers = 2;
+    int want[6] = {0, 0, 0, 1, 0, 1};
+    for (int l = 0; l < 6; l++) assert_int_equal(model_config_is_moe_layer(&c, l), want[l]);
+    assert_int_equal(model_config_moe_layers(&c), 2);
+    assert_int_equal(model_config_moe_layer(&c, 0), 3);
+    assert_int_equal(model_config_moe_layer(&c, 1), 5);
+    assert_int_equal(model_config_moe_layer(&c, 2), -1);
+    c.moe_every = 1;
+    Model m;
+    model_init(&m, &c, backend_cpu(), 1, 5);
+    assert_int_equal(m.n_moe, 4);
+    assert_int_equal(m.moe[0].layer, 2);
+    assert_non_null(layout_find(&m.layout, "model.layers.1.mlp.gate_proj.weight"));
+    assert_null(layout_find(&m.layout, "model.layers.1.block_sparse_moe.gate.weight"));
+    assert_non_null(layout_find(&m.layout, "model.layers.2.block_sparse_moe.gate.weight"));
+    model_free(&m);
+}
+
 static void test_sequence_lb(void **state) {
     (void)state;
     ModelConfig c = tiny_config();
@@ -651,6 +709,9 @@ static const struct CMUnitTest tests[] = {
     cmocka_unit_test(test_lb_loss_is_one_when_balanced),
     cmocka_unit_test(test_expert_choice),
     cmocka_unit_test(test_sigmoid_bias_balancing),
+    cmocka_unit_test(test_deepseek_v2_routing),
+    cmocka_unit_test(test_deepseek_v3_routing),
+    cmocka_unit_test(test_first_dense_layers),
     cmocka_unit_test(test_sequence_lb),
     cmocka_unit_test(test_hash_routing),
 };

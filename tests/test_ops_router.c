@@ -286,7 +286,7 @@ static void test_gates_forward(void **state) {
         real *got = test_zeros(N * k), *want = test_zeros(N * k);
         for (int renorm = 0; renorm <= 1; renorm++) {
             bk()->gates_forward(T(got, N * k), T(scores, N * E), I(idx, N * k), N, E, k,
-                                renorm);
+                                renorm, 1.0);
             for (size_t n = 0; n < N; n++) {
                 double sum = 0.0;
                 for (size_t j = 0; j < k; j++) sum += scores[n * E + idx[n * k + j]];
@@ -886,14 +886,14 @@ static Case noisy_case(void) {
 static double gates_loss(void *ctx) {
     Case *c = ctx;
     bk()->gates_forward(T(c->out, c->out_n), T(c->in[0], c->in_n[0]), I(c->idx, c->N * c->k),
-                        c->N, c->E, c->k, c->mode);
+                        c->N, c->E, c->k, c->mode, 1.0);
     return dot_loss(c);
 }
 
 static void gates_grad(Case *c, size_t which, real *grad) {
     bk()->gates_backward(grad_or_none(c, which, 0, grad), T(c->R, c->out_n),
                          T(c->in[0], c->in_n[0]), I(c->idx, c->N * c->k), c->N, c->E, c->k,
-                         c->mode);
+                         c->mode, 1.0);
 }
 
 static Case gates_case(int renorm) {
@@ -1231,7 +1231,7 @@ static void test_backward_skips_null_gradients(void **state) {
     bk()->router_scores_backward(none(), T(c.in[0], NE), T(c.in[1], NE), c.N, c.E,
                                  SCORE_SOFTMAX);
     bk()->gates_backward(none(), T(c.in[0], NE), T(c.in[1], NE), I(c.idx, c.N * c.k), c.N, c.E,
-                         c.k, 1);
+                         c.k, 1, 1.0);
     bk()->lb_loss_backward(none(), I(c.counts, c.E), 1.0, c.N, c.E, c.k, 1);
     bk()->normalize_rows_backward(none(), T(c.in[0], NE), T(c.in[1], NE), c.N, c.E);
     bk()->zloss_backward(none(), T(c.in[0], NE), T(c.in[1], c.N), 1.0, c.N, c.E);

@@ -93,37 +93,52 @@ void cpu_topk_forward(Tensor idx, Tensor vals, size_t N, size_t E, size_t k) {
 }
 
 void cpu_gates_forward(Tensor gates, Tensor scores, Tensor idx, size_t N, size_t E, size_t k,
-                       int renorm) {
+                       int renorm, double scale) {
     real *g = TENSOR_R(gates);          // (N, k)
     const real *s = TENSOR_R(scores);   // (N, E)
     const int32_t *top = TENSOR_I(idx); // (N, k)
 #pragma omp parallel for
     for (size_t n = 0; n < N; n++)
-        gates_row(g + n * k, s + n * E, top + n * k, k, renorm);
+        gates_row(g + n * k, s + n * E, top + n * k, k, renorm, scale);
+}
+
+// Group-limited selection on vals (N, E) (scores, or scores + bias already added).
+static void route_select(Tensor idx, Tensor vals, size_t N, size_t E, size_t k,
+                         const RouteSpec *spec) {
+    int32_t *top = TENSOR_I(idx);   // (N, k)
+    const real *v = TENSOR_R(vals); // (N, E)
+#pragma omp parallel for
+    for (size_t n = 0; n < N; n++)
+        route_select_row(top + n * k, v + n * E, NULL, E, k, spec);
 }
 
 // The separate ops in turn: the CPU gains nothing from fusing rows it already streams.
 void cpu_route_topk_forward(Tensor scores, Tensor idx, Tensor gates, Tensor h, Tensor logits,
                             Tensor raw, Tensor eps, Tensor bias, size_t N, size_t E, size_t k,
-                            ScoreFunc func, int renorm) {
+                            RouteSpec spec) {
+    CHECK(k >= 1 && k <= E && k <= MOE_TOPK_MAX,
+          "topk: need 1 <= k <= min(E, %d), got k=%zu E=%zu", MOE_TOPK_MAX, k, E);
+    const char *bad = route_spec_problem(&spec, E, k);
+    CHECK(!bad, "route: %s (groups=%zu topk_groups=%zu E=%zu k=%zu)", bad, spec.groups,
+          spec.topk_groups, E, k);
     if (raw.data) {
         cpu_noisy_logits_forward(h, logits, raw, eps, N * E);
         logits = h;
     }
-    cpu_router_scores_forward(scores, logits, N, E, func);
+    cpu_router_scores_forward(scores, logits, N, E, spec.func);
     Tensor vals = scores;
     size_t n = N * E;
     if (bias.data) {
         vals.data = CALLOC(n ? n : 1, sizeof(real)); // (N, E) scores + bias
         cpu_add_bias_forward(vals, scores, bias, N, E);
     }
-    cpu_topk_forward(idx, vals, N, E, k);
+    route_select(idx, vals, N, E, k, &spec);
     if (bias.data) free(vals.data);
-    cpu_gates_forward(gates, scores, idx, N, E, k, renorm);
+    cpu_gates_forward(gates, scores, idx, N, E, k, spec.renorm, spec.scale);
 }
 
 void cpu_gates_backward(Tensor dscores, Tensor dgates, Tensor scores, Tensor idx, size_t N,
-                        size_t E, size_t k, int renorm) {
+                        size_t E, size_t k, int renorm, double scale) {
     if (!dscores.data) return;
     real *ds = TENSOR_R(dscores);       // (N, E)
     const real *dg = TENSOR_R(dgates);  // (N, k)
@@ -131,5 +146,5 @@ void cpu_gates_backward(Tensor dscores, Tensor dgates, Tensor scores, Tensor idx
     const int32_t *top = TENSOR_I(idx); // (N, k)
 #pragma omp parallel for
     for (size_t n = 0; n < N; n++)
-        gates_backward_row(ds + n * E, dg + n * k, s + n * E, top + n * k, k, renorm);
+        gates_backward_row(ds + n * E, dg + n * k, s + n * E, top + n * k, k, renorm, scale);
 }

@@ -99,42 +99,42 @@ void cuda_topk_forward(Tensor idx, Tensor vals, size_t N, size_t E, size_t k) {
 }
 
 __global__ void gates_kernel(float *g, const float *s, const int32_t *top, size_t N, size_t E,
-                             size_t k, int renorm) {
-    GRID_STRIDE(n, N) gates_row(g + n * k, s + n * E, top + n * k, k, renorm);
+                             size_t k, int renorm, double scale) {
+    GRID_STRIDE(n, N) gates_row(g + n * k, s + n * E, top + n * k, k, renorm, scale);
 }
 
 void cuda_gates_forward(Tensor gates, Tensor scores, Tensor idx, size_t N, size_t E, size_t k,
-                        int renorm) {
+                        int renorm, double scale) {
     if (N * k == 0) return;
     gates_kernel<<<cuda_blocks(N), CUDA_THREADS>>>(DEV_R(gates), DEV_R(scores), DEV_I(idx), N,
-                                                   E, k, renorm);
+                                                   E, k, renorm, scale);
     cudaCheckLaunch();
 }
 
 __global__ void gates_backward_kernel(float *ds, const float *dg, const float *s,
                                       const int32_t *top, size_t N, size_t E, size_t k,
-                                      int renorm) {
+                                      int renorm, double scale) {
     GRID_STRIDE(n, N) {
-        gates_backward_row(ds + n * E, dg + n * k, s + n * E, top + n * k, k, renorm);
+        gates_backward_row(ds + n * E, dg + n * k, s + n * E, top + n * k, k, renorm, scale);
     }
 }
 
 void cuda_gates_backward(Tensor dscores, Tensor dgates, Tensor scores, Tensor idx, size_t N,
-                         size_t E, size_t k, int renorm) {
+                         size_t E, size_t k, int renorm, double scale) {
     if (!dscores.data || N * k == 0) return;
     gates_backward_kernel<<<cuda_blocks(N), CUDA_THREADS>>>(
-        DEV_R(dscores), DEV_R(dgates), DEV_R(scores), DEV_I(idx), N, E, k, renorm);
+        DEV_R(dscores), DEV_R(dgates), DEV_R(scores), DEV_I(idx), N, E, k, renorm, scale);
     cudaCheckLaunch();
 }
 
 // ---- fused top-k routing ------------------------------------------------------------------
 
-// One thread per row: noisy logits (raw not NULL), scores, top-k on scores (+ bias),
-// gates, the row never leaving the thread between steps (the separate ops take up to
-// five launches and round trips of the (N, E) rows through memory).
+// One thread per row: noisy logits (raw not NULL), scores, top-k on scores (+ bias), plain
+// or group-limited, gates, the row never leaving the thread between steps (the separate
+// ops take up to five launches and round trips of the (N, E) rows through memory).
 __global__ void route_topk_kernel(float *s, int32_t *top, float *g, float *h, const float *x,
                                   const float *raw, const float *ev, const float *bias,
-                                  size_t N, size_t E, size_t k, int sigmoid, int renorm) {
+                                  size_t N, size_t E, size_t k, RouteSpec spec) {
     GRID_STRIDE(n, N) {
         float *sr = s + n * E;
         const float *xr = x + n * E;
@@ -144,25 +144,28 @@ __global__ void route_topk_kernel(float *s, int32_t *top, float *g, float *h, co
                 hr[e] = noisy_value(xr[e], raw[n * E + e], ev[n * E + e]);
             xr = hr;
         }
-        if (sigmoid)
+        if (spec.func == SCORE_SIGMOID)
             for (size_t e = 0; e < E; e++)
                 sr[e] = (float)stable_sigmoid(xr[e]);
         else
             softmax_row(sr, xr, E);
-        topk_row(top + n * k, sr, bias, E, k);
-        gates_row(g + n * k, sr, top + n * k, k, renorm);
+        route_select_row(top + n * k, sr, bias, E, k, &spec);
+        gates_row(g + n * k, sr, top + n * k, k, spec.renorm, spec.scale);
     }
 }
 
 void cuda_route_topk_forward(Tensor scores, Tensor idx, Tensor gates, Tensor h, Tensor logits,
                              Tensor raw, Tensor eps, Tensor bias, size_t N, size_t E, size_t k,
-                             ScoreFunc func, int renorm) {
-    check_score_func(func);
+                             RouteSpec spec) {
+    check_score_func(spec.func);
     CUDA_REQUIRE(k >= 1 && k <= E && k <= MOE_TOPK_MAX,
                  "topk: need 1 <= k <= min(E, %d), got k=%zu E=%zu", MOE_TOPK_MAX, k, E);
+    const char *bad = route_spec_problem(&spec, E, k);
+    CUDA_REQUIRE(!bad, "route: %s (groups=%zu topk_groups=%zu E=%zu k=%zu)", bad ? bad : "",
+                 spec.groups, spec.topk_groups, E, k);
     if (N == 0) return;
     route_topk_kernel<<<cuda_blocks(N), CUDA_THREADS>>>(
         DEV_R(scores), DEV_I(idx), DEV_R(gates), DEV_R(h), DEV_R(logits), DEV_R(raw),
-        DEV_R(eps), DEV_R(bias), N, E, k, func == SCORE_SIGMOID, renorm);
+        DEV_R(eps), DEV_R(bias), N, E, k, spec);
     cudaCheckLaunch();
 }

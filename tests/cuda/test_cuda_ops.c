@@ -725,41 +725,50 @@ static void case_gates(void) {
     make_routing(N, E, k, 0, &scores, &idx);
     for (int renorm = 0; renorm < 2; renorm++) {
         Pair g = zeros(N * k, DTYPE_F32);
-        cpu->gates_forward(g.c, scores.c, idx.c, N, E, k, renorm);
-        gpu->gates_forward(g.g, scores.g, idx.g, N, E, k, renorm);
+        cpu->gates_forward(g.c, scores.c, idx.c, N, E, k, renorm, 1.0 + 1.5 * renorm);
+        gpu->gates_forward(g.g, scores.g, idx.g, N, E, k, renorm, 1.0 + 1.5 * renorm);
         close_all(renorm ? "gates (renorm)" : "gates", g, RTOL);
         Pair ds = reals(N * E, 1), dg = reals(N * k, 1);
-        cpu->gates_backward(ds.c, dg.c, scores.c, idx.c, N, E, k, renorm);
-        gpu->gates_backward(ds.g, dg.g, scores.g, idx.g, N, E, k, renorm);
+        cpu->gates_backward(ds.c, dg.c, scores.c, idx.c, N, E, k, renorm, 1.0 + 1.5 * renorm);
+        gpu->gates_backward(ds.g, dg.g, scores.g, idx.g, N, E, k, renorm, 1.0 + 1.5 * renorm);
         close_all(renorm ? "gates dscores (renorm)" : "gates dscores", ds, RTOL);
     }
 }
 
 // The fused routing op against the CPU's (the separate CPU ops in turn), and on the GPU
 // bit for bit against the GPU's separate ops, for both score functions, with and without
-// expert bias, renormalisation and Shazeer noise. Logits with ties check the lower-index
-// rule.
+// expert bias, renormalisation and Shazeer noise; group-limited (5 groups of 2, the best 2
+// kept, group score max under softmax and top2 under sigmoid, gates times 2.5) against the
+// CPU only. Logits with ties check the lower-index rule.
 static void case_route_topk(void) {
     size_t N = 83, E = 10, k = 3;
-    for (int variant = 0; variant < 16; variant++) {
+    for (int variant = 0; variant < 24; variant++) {
         ScoreFunc func = variant & 1 ? SCORE_SIGMOID : SCORE_SOFTMAX;
-        int renorm = (variant >> 1) & 1, with_bias = (variant >> 2) & 1, noisy = variant >> 3;
-        char what[96];
-        snprintf(what, sizeof what, "route_topk (%s%s%s%s)", func ? "sigmoid" : "softmax",
-                 renorm ? ", renorm" : "", with_bias ? ", bias" : "", noisy ? ", noise" : "");
+        int renorm = (variant >> 1) & 1, with_bias = (variant >> 2) & 1;
+        int noisy = (variant >> 3) & 1, grouped = variant >> 4;
+        RouteSpec spec = {func, renorm, 1, 1, GROUP_SCORE_MAX, 1.0};
+        if (grouped) {
+            spec.groups = 5, spec.topk_groups = 2, spec.scale = 2.5;
+            spec.group_score = func == SCORE_SIGMOID ? GROUP_SCORE_TOP2 : GROUP_SCORE_MAX;
+        }
+        char what[112];
+        snprintf(what, sizeof what, "route_topk (%s%s%s%s%s)", func ? "sigmoid" : "softmax",
+                 renorm ? ", renorm" : "", with_bias ? ", bias" : "", noisy ? ", noise" : "",
+                 grouped ? ", groups" : "");
         Pair lg = variant == 6 ? ties(N * E, 4, 1.0) : reals(N * E, 2);
         Pair bias = with_bias ? reals(E, 0.3) : none();
         Pair raw = noisy ? reals(N * E, 1) : none(), eps = noisy ? reals(N * E, 1) : none();
         Pair h = noisy ? zeros(N * E, DTYPE_F32) : none();
         Pair s = zeros(N * E, DTYPE_F32), idx = zeros(N * k, DTYPE_I32), g = zeros(N * k, DTYPE_F32);
-        cpu->route_topk_forward(s.c, idx.c, g.c, h.c, lg.c, raw.c, eps.c, bias.c, N, E, k, func,
-                                renorm);
-        gpu->route_topk_forward(s.g, idx.g, g.g, h.g, lg.g, raw.g, eps.g, bias.g, N, E, k, func,
-                                renorm);
+        cpu->route_topk_forward(s.c, idx.c, g.c, h.c, lg.c, raw.c, eps.c, bias.c, N, E, k,
+                                spec);
+        gpu->route_topk_forward(s.g, idx.g, g.g, h.g, lg.g, raw.g, eps.g, bias.g, N, E, k,
+                                spec);
         if (noisy) close_all(what, h, RTOL);
         close_all(what, s, RTOL);
         same_ints(what, idx);
         close_all(what, g, RTOL);
+        if (grouped) continue;   // no separate op selects by groups
         Pair s2 = zeros(N * E, DTYPE_F32), v = zeros(N * E, DTYPE_F32),
              idx2 = zeros(N * k, DTYPE_I32), g2 = zeros(N * k, DTYPE_F32),
              h2 = zeros(N * E, DTYPE_F32);
@@ -767,7 +776,7 @@ static void case_route_topk(void) {
         gpu->router_scores_forward(s2.g, noisy ? h2.g : lg.g, N, E, func);
         if (with_bias) gpu->add_bias_forward(v.g, s2.g, bias.g, N, E);
         gpu->topk_forward(idx2.g, with_bias ? v.g : s2.g, N, E, k);
-        gpu->gates_forward(g2.g, s2.g, idx2.g, N, E, k, renorm);
+        gpu->gates_forward(g2.g, s2.g, idx2.g, N, E, k, renorm, 1.0);
         float *f[2][3] = {{gpu_copy(s, s.n), gpu_copy(idx, idx.n), gpu_copy(g, g.n)},
                           {gpu_copy(s2, s2.n), gpu_copy(idx2, idx2.n), gpu_copy(g2, g2.n)}};
         same_bits("route_topk scores vs the separate GPU ops", f[0][0], f[1][0], s.n);
@@ -813,7 +822,7 @@ static Plan make_plan(size_t N, size_t E, size_t k, size_t capacity) {
     Plan p;
     make_routing(N, E, k, 0, &p.scores, &p.idx);
     p.gates = zeros(N * k, DTYPE_F32);
-    cpu->gates_forward(p.gates.c, p.scores.c, p.idx.c, N, E, k, 1);
+    cpu->gates_forward(p.gates.c, p.scores.c, p.idx.c, N, E, k, 1, 1.0);
     to_gpu(p.gates);
     p.keep = zeros(N * k, DTYPE_I32);
     cpu->capacity_forward(p.keep.c, p.idx.c, p.gates.c, N, E, k, capacity, DROP_POSITION);

@@ -80,6 +80,22 @@ CASES = {
                                    "router.renorm=false"],
     "bias_sigmoid_capacity_probs": ["router.bias_gamma=0.001", "router.score=sigmoid",
                                     "router.capacity_factor=1.0", "router.drop_policy=probs"],
+    # DeepSeek routing: V2's group_limited_greedy (group score = its best softmax score,
+    # gates not renormalised, times routed_scaling_factor) after a leading dense layer,
+    # V3's noaux_tc (sigmoid, a frozen e_score_correction_bias in selection, group score =
+    # sum of its two best biased scores, renormalised gates times routed_scaling_factor)
+    "ds_v2_group_limited": ["model.experts=8", "router.top_k=3", "router.groups=4",
+                            "router.topk_groups=2", "router.group_score=max",
+                            "router.renorm=false", "router.gate_scale=2.0", "model.layers=3",
+                            "model.first_dense_layers=1", "model.shared_experts=1",
+                            "model.shared_ffn_dim=8"],
+    "ds_v3_noaux_tc": ["model.experts=8", "router.top_k=3", "router.score=sigmoid",
+                       "router.expert_bias=true", "router.groups=4", "router.topk_groups=2",
+                       "router.group_score=top2", "router.renorm=true", "router.gate_scale=2.5",
+                       "model.layers=3", "model.first_dense_layers=1"],
+    "ds_top2_bias_gamma_capacity": ["model.experts=8", "router.groups=4", "router.topk_groups=1",
+                                    "router.group_score=top2", "router.bias_gamma=0.001",
+                                    "router.capacity_factor=1.0", "router.drop_policy=probs"],
     # per-sequence load balancing
     "lb_seq_top2": ["router.lb_type=seq"],
     "lb_seq_sigmoid_top1": ["router.lb_type=seq", "router.score=sigmoid", "router.top_k=1",
@@ -90,7 +106,8 @@ CASES = {
 
 # Cases that prove nothing unless capacity drops something: try these seeds in turn.
 DROP_CASES = {"capacity_position", "capacity_probs", "hash_capacity_position",
-              "hash_capacity_probs", "bias_sigmoid_capacity_probs", "lb_seq_capacity"}
+              "hash_capacity_probs", "bias_sigmoid_capacity_probs", "lb_seq_capacity",
+              "ds_top2_bias_gamma_capacity"}
 SEEDS = [None, 1, 2, 3, 4, 5, 6, 7]
 
 
@@ -134,6 +151,19 @@ def bias_changes_selection(cmp):
     return False
 
 
+def groups_change_selection(cmp):
+    """True when limiting the selection to the best groups changes some token's selected
+    set (else a group case would pass with the groups ignored)."""
+    k = cmp.cfg.top_k
+    out, _ = cmp.ref
+    for r in out["routers"]:
+        grouped = r["topk"].sort(dim=1).values
+        plain = r["order_ungrouped"][:, :k].sort(dim=1).values
+        if not bool((grouped == plain).all()):
+            return True
+    return False
+
+
 def seq_lb_differs(cmp):
     """True when the per-sequence lb differs from the batch-wide one in some layer."""
     out, _ = cmp.ref
@@ -159,6 +189,8 @@ def not_exercised(case, cmp):
         why.append("probs keeps the same as position")
     if case.startswith("bias_") and not bias_changes_selection(cmp):
         why.append("the expert bias changes no selection")
+    if case.startswith("ds_") and not groups_change_selection(cmp):
+        why.append("the expert groups change no selection")
     if case.startswith("lb_seq") and not seq_lb_differs(cmp):
         why.append("per-sequence lb equals the batch lb")
     if case.startswith("ec_cf1") or case == "ec_jitter":
@@ -201,6 +233,14 @@ def check_case_invariants(case, cmp, path):
     if cfg.uses_bias:
         assert all(f"layers.{i}.expert_bias" in dump.state for i in cfg.moe_layers())
         assert bias_changes_selection(cmp)
+    if cfg.group_limited:
+        G, TG, per = cfg.groups, cfg.topk_groups, cfg.experts // cfg.groups
+        for r in out["routers"]:
+            # every token's experts lie in at most topk_groups groups
+            assert max(len(set((row // per).tolist())) for row in r["topk"]) <= TG < G
+    if cfg.first_dense_layers:
+        assert min(cfg.moe_layers()) == cfg.first_dense_layers
+        assert "model.layers.0.mlp.gate_proj.weight" in dump.params
 
 
 @pytest.mark.parametrize("case", list(CASES))

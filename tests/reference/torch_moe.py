@@ -7,8 +7,11 @@ router selection, capacity drops, auxiliary losses) and every parameter gradient
 autograd, and compares them with what the C code stored.
 
 Router variants (router.select): token-choice top-k (optionally on score + a DeepSeek-V3
-expert bias from /state, router.bias_gamma > 0), expert choice (Zhou et al. 2022) and hash
-routing (Roller et al. 2021); load balancing over the batch or per sequence (router.lb_type).
+expert bias from /state, router.bias_gamma > 0 or router.expert_bias; optionally limited to
+the best router.topk_groups of router.groups expert groups, DeepSeek-V2's
+group_limited_greedy and V3's noaux_tc; gates times router.gate_scale), expert choice (Zhou
+et al. 2022) and hash routing (Roller et al. 2021); load balancing over the batch or per
+sequence (router.lb_type); DeepSeek's leading dense layers (model.first_dense_layers).
 
 Written from the model and routing equations (docs/architecture.md, docs/routing.md) and torch's
 own ops, never from the C sources: its point is to disagree with the C when the C is wrong.
@@ -85,6 +88,7 @@ class Config:
         self.vocab = get("model.vocab", int)
         self.seq_len = get("model.seq_len", int)
         self.moe_every = get("model.moe_every", int)
+        self.first_dense_layers = get("model.first_dense_layers", int, 0)
         self.experts = get("model.experts", int)
         self.shared_experts = get("model.shared_experts", int, 0)
         # Hugging Face family features (defaults: what dumps before these keys meant)
@@ -108,6 +112,18 @@ class Config:
         self.select = get("router.select", str, "topk")
         self.bias_gamma = get("router.bias_gamma", float, 0.0)
         self.lb_type = get("router.lb_type", str, "batch")
+        # DeepSeek routing (n_group, topk_group, routed_scaling_factor)
+        self.expert_bias = get("router.expert_bias", bool, False)
+        self.groups = get("router.groups", int, 1)
+        self.topk_groups = get("router.topk_groups", int, 0) or self.groups
+        self.group_score = get("router.group_score", str, "max")
+        self.gate_scale = get("router.gate_scale", float, 1.0)
+        if self.group_score not in ("max", "top2"):
+            raise ValueError(f"router.group_score={self.group_score!r}: reference knows max, "
+                             "top2")
+        if self.experts % self.groups or not 1 <= self.topk_groups <= self.groups:
+            raise ValueError("router.groups must divide experts and topk_groups be in "
+                             "1..groups")
 
         if self.score not in ("softmax", "sigmoid"):
             raise ValueError(f"router.score={self.score!r}: reference knows softmax, sigmoid")
@@ -123,10 +139,10 @@ class Config:
             raise ValueError(f"router.lb_type={self.lb_type!r}: reference knows batch, seq")
         if self.select == "hash" and self.noise != "none":
             raise ValueError("router.select=hash has no router logits to add noise to")
-        if self.select != "topk" and (self.noise == "shazeer" or self.bias_gamma > 0):
+        if self.select != "topk" and (self.noise == "shazeer" or self.has_bias):
             raise ValueError("Shazeer noise and the expert bias are defined for "
                              "router.select=topk only")
-        if self.bias_gamma > 0 and self.noise == "shazeer":
+        if self.has_bias and self.noise == "shazeer":
             # the Shazeer load loss's threshold (k-th largest noisy logit excluding i) is
             # not defined when the selection is on score + bias: no equation to check
             raise ValueError("router.bias_gamma > 0 with router.noise=shazeer: the reference "
@@ -149,15 +165,23 @@ class Config:
         return self.select == "topk"
 
     @property
+    def has_bias(self):
+        return self.bias_gamma > 0 or self.expert_bias
+
+    @property
     def uses_bias(self):
-        return self.select == "topk" and self.bias_gamma > 0
+        return self.select == "topk" and self.has_bias
+
+    @property
+    def group_limited(self):
+        return self.select == "topk" and self.topk_groups < self.groups
 
     @property
     def head_dim(self):
         return self.d_model // self.heads
 
     def is_moe(self, i):
-        return (i + 1) % self.moe_every == 0
+        return i >= self.first_dense_layers and (i + 1) % self.moe_every == 0
 
     def moe_layers(self):
         return [i for i in range(self.layers) if self.is_moe(i)]
@@ -436,13 +460,32 @@ def moe_layer(x, P, pre, cfg, noise, tokens=None, state=None):
     key = s.detach()
     if cfg.uses_bias:
         if "expert_bias" not in state:
-            raise KeyError("router.bias_gamma > 0 but the dump has no /state/layers.{i}."
+            raise KeyError("an expert bias is in use but the dump has no /state/layers.{i}."
                            "expert_bias")
         key = key + state["expert_bias"].reshape(1, E)
+    group_margin = float("inf")
+    ungrouped = key
+    if cfg.group_limited:
+        # DeepSeek: a group's score is its best key (V2) or the sum of its two best (V3);
+        # only the experts of the topk_groups best groups stay eligible (ties to the lower
+        # group), the others drop out of the selection entirely
+        G, TG = cfg.groups, cfg.topk_groups
+        grouped = key.view(N, G, E // G)
+        if cfg.group_score == "max":
+            gs = grouped.max(dim=-1).values
+        else:
+            gs = grouped.topk(2, dim=-1).values.sum(dim=-1)
+        gorder = torch.sort(gs, dim=-1, descending=True, stable=True).indices  # (N, G)
+        kept = torch.zeros(N, G, dtype=torch.bool).scatter(1, gorder[:, :TG], True)
+        key = key.masked_fill(~kept.repeat_interleave(E // G, dim=1), float("-inf"))
+        gss = gs.gather(1, gorder)
+        group_margin = float((gss[:, TG - 1] - gss[:, TG]).min())
     order = torch.sort(key, dim=-1, descending=True, stable=True).indices  # (N, E)
     idx = order[:, :k]
     sel = s.gather(1, idx)  # (N, k)
-    gates = sel / sel.sum(dim=-1, keepdim=True) if cfg.renorm else sel
+    # V3's 1e-20 keeps an all-underflowed sigmoid selection finite; routed_scaling_factor
+    gates = sel / (sel.sum(dim=-1, keepdim=True) + 1e-20) if cfg.renorm else sel
+    gates = gates * cfg.gate_scale
 
     cap = capacity(cfg, N)
     keep = capacity_keep(idx, gates, E, cap, cfg.drop_policy)
@@ -458,8 +501,12 @@ def moe_layer(x, P, pre, cfg, noise, tokens=None, state=None):
 
     sk = key.gather(1, order)
     margin = float((sk[:, k - 1] - sk[:, k]).min()) if k < E else float("inf")
+    margin = min(margin, group_margin)
     res = {"lb": lb, "z": z, "topk": idx, "keep": keep, "scores": s.detach(),
            "probs": p.detach(), "order": order, "gates": gates.detach(), "margin": margin}
+    if cfg.group_limited:
+        res["order_ungrouped"] = torch.sort(ungrouped, dim=-1, descending=True,
+                                            stable=True).indices
     if cfg.uses_bias:
         res["order_unbiased"] = torch.sort(s.detach(), dim=-1, descending=True,
                                            stable=True).indices
@@ -588,8 +635,8 @@ def state_from_dump(dump):
     for i in cfg.moe_layers():
         key = f"layers.{i}.expert_bias"
         if key not in dump.state:
-            raise KeyError(f"{dump.path}: router.bias_gamma={cfg.bias_gamma:g} but no "
-                           f"/state/{key}")
+            raise KeyError(f"{dump.path}: router.bias_gamma={cfg.bias_gamma:g}, "
+                           f"router.expert_bias={cfg.expert_bias} but no /state/{key}")
         b = dump.state[key]
         if b.shape != (cfg.experts,):
             raise ValueError(f"/state/{key} has shape {b.shape}, expected ({cfg.experts},)")

@@ -85,7 +85,7 @@ static void write_routing(hid_t f, const Model *m) {
         snprintf(path, sizeof path, "/noise/layers.%d.jitter", st->layer);
         if (st->jitter.data) write_real_tensor(f, m, path, st->jitter, N, C);
         snprintf(path, sizeof path, "/state/layers.%d.expert_bias", st->layer);
-        if (m->cfg.bias_gamma > 0) write_real_tensor(f, m, path, st->bias, E, 0);
+        if (model_config_has_bias(&m->cfg)) write_real_tensor(f, m, path, st->bias, E, 0);
     }
     write_layer_losses(f, m, "/out/lb", offsetof(MoeLayerState, lb));
     write_layer_losses(f, m, "/out/z", offsetof(MoeLayerState, z));

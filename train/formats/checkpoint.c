@@ -242,7 +242,7 @@ static void bias_path(const Model *m, int moe_layer, char *out, size_t len) {
     snprintf(out, len, "/model/layers/%d/router/expert_bias", m->moe[moe_layer].layer);
 }
 
-static int has_bias(const Model *m) { return m->cfg.bias_gamma > 0 && m->n_moe > 0; }
+static int has_bias(const Model *m) { return model_config_has_bias(&m->cfg) && m->n_moe > 0; }
 
 static int gate_included(const Model *m, int moe_layer, const uint8_t *include) {
     char name[96];
@@ -570,27 +570,43 @@ static int is_training_setting(const char *name) {
                                  "router.drop_policy", "router.aux_coef",
                                  "router.z_coef",      "router.noise_coef",
                                  "router.jitter_eps", "router.aux_scope",
-                                 "router.bias_gamma", "router.lb_type"};
+                                 "router.bias_gamma", "router.lb_type",
+                                 "router.expert_bias"};
     for (size_t i = 0; i < sizeof keys / sizeof *keys; i++)
         if (!strcmp(name, keys[i])) return 1;
     return 0;
 }
 
-// router.bias_gamma may change between runs (it is the bias's update rate), but not to 0
-// when the checkpoint was trained with biases: at 0 routing leaves the biases out, so the
-// model would route otherwise than it was trained, silently. Refused instead.
-static int check_bias_kept(Ckpt *c, hid_t config, const ModelConfig *cfg) {
-    const char *name = "router.bias_gamma";
+// Whether the stored /config routed with expert biases (bias_gamma > 0 or expert_bias).
+static int stored_bias(Ckpt *c, hid_t config, int *on) {
+    static const char *names[] = {"router.bias_gamma", "router.expert_bias"};
     char text[ATTR_MAX];
-    double stored = 0;
-    if (cfg->bias_gamma > 0 || H5Aexists(config, name) <= 0) return 0;
-    if (read_str_attr(config, name, text, sizeof text) != 0 ||
-        util_parse_number(text, 0, &stored) != 0)
-        return ckpt_fail(c, "/config attribute '%s' is not a number", name);
-    if (stored > 0)
-        return ckpt_fail(c, "trained with router.bias_gamma = %s (expert biases steer its "
-                         "routing): router.bias_gamma = 0 would route without them; keep it > 0 "
-                         "(a small value barely moves the biases)", text);
+    *on = 0;
+    for (int i = 0; i < 2; i++) {
+        if (H5Aexists(config, names[i]) <= 0) continue;
+        if (read_str_attr(config, names[i], text, sizeof text) != 0)
+            return ckpt_fail(c, "/config attribute '%s' is not a string", names[i]);
+        double v = 0;
+        if (i == 0 && util_parse_number(text, 0, &v) != 0)
+            return ckpt_fail(c, "/config attribute '%s' is not a number", names[i]);
+        *on |= i == 0 ? v > 0 : !strcmp(text, "true");
+    }
+    return 0;
+}
+
+// router.bias_gamma and router.expert_bias may change between runs (the bias's update
+// rate; whether it moves), but not both to off when the checkpoint was trained with
+// biases: routing would leave them out, so the model would route otherwise than it was
+// trained, silently. Refused instead.
+static int check_bias_kept(Ckpt *c, hid_t config, const ModelConfig *cfg) {
+    int on = 0;
+    if (model_config_has_bias(cfg)) return 0;
+    if (stored_bias(c, config, &on)) return -1;
+    if (on)
+        return ckpt_fail(c, "trained with expert biases steering its routing (router.bias_gamma "
+                         "> 0 or router.expert_bias = true): this run would route without them; "
+                         "keep router.bias_gamma > 0 (a small value barely moves the biases) or "
+                         "set router.expert_bias = true (frozen biases)");
     return 0;
 }
 
@@ -739,7 +755,8 @@ static int read_bias(Ckpt *c, const Model *m, char *host) {
         bias_path(m, l, dpath, sizeof dpath);
         if (!path_exists(c->file, dpath)) {
             if (is_delta(c)) continue;
-            return ckpt_fail(c, "%s is missing (router.bias_gamma > 0)", dpath);
+            return ckpt_fail(c, "%s is missing (router.bias_gamma > 0 or router.expert_bias "
+                             "= true)", dpath);
         }
         char *data = host + (size_t)l * E * esize;
         if (read_array(c, dpath, mem_type(m->expert_bias.dtype), data, 1, dims) ||

@@ -49,6 +49,18 @@ static int check_router(const ModelConfig *c, const char *fam, char *why, size_t
     else if (c->bias_gamma > 0)
         snprintf(why, n, "router.bias_gamma = %g: %s has no expert-selection bias "
                  "(DeepSeek-V3)", c->bias_gamma, fam);
+    else if (c->expert_bias)
+        snprintf(why, n, "router.expert_bias = true: %s has no expert-selection bias "
+                 "(DeepSeek-V3)", fam);
+    else if (c->groups > 1 && (c->topk_groups == 0 ? c->groups : c->topk_groups) < c->groups)
+        snprintf(why, n, "router.topk_groups = %d < router.groups = %d: %s has no group-limited "
+                 "routing (DeepSeek)", c->topk_groups, c->groups, fam);
+    else if (c->gate_scale != 1.0)
+        snprintf(why, n, "router.gate_scale = %g: %s does not scale its gates (DeepSeek's "
+                 "routed_scaling_factor)", c->gate_scale, fam);
+    else if (c->first_dense_layers > 0)
+        snprintf(why, n, "model.first_dense_layers = %d: %s has no leading dense layers "
+                 "(DeepSeek's first_k_dense_replace)", c->first_dense_layers, fam);
     else return 0;
     return -1;
 }
