@@ -19,24 +19,6 @@
 
 static int is_deepseek(HfFamily f) { return f == HF_DEEPSEEK_V2 || f == HF_DEEPSEEK_V3; }
 
-// What only DeepSeek expresses: its routing and dense first layers.
-static int check_deepseek_only(const ModelConfig *c, const char *fam, char *why, size_t n) {
-    if (c->groups > 1)
-        snprintf(why, n, "router.groups = %d: %s has no group-limited routing (DeepSeek, "
-                 "with model.attention = mla, has)", c->groups, fam);
-    else if (c->gate_scale != 1)
-        snprintf(why, n, "router.gate_scale = %g: %s has no routed scaling factor (DeepSeek, "
-                 "with model.attention = mla, has)", c->gate_scale, fam);
-    else if (c->first_dense_layers > 0)
-        snprintf(why, n, "model.first_dense_layers = %d: %s places no dense layers first "
-                 "(DeepSeek, with model.attention = mla, does)", c->first_dense_layers, fam);
-    else if (c->expert_bias)
-        snprintf(why, n, "router.expert_bias = true: %s has no expert-selection bias "
-                 "(DeepSeek-V3 has)", fam);
-    else return 0;
-    return -1;
-}
-
 // What no family expresses: moe.c's router variants.
 static int check_router(const ModelConfig *c, const char *fam, char *why, size_t n) {
     if (c->score != SCORE_SOFTMAX)
@@ -87,7 +69,6 @@ int hf_export_check(const ModelConfig *c, char *why, size_t n) {
     HfFamily f = hf_family_of(c);
     if (is_deepseek(f)) return hf_deepseek_export_check(c, f, why, n);
     if (check_router(c, hf_family_name(f), why, n)) return -1;
-    if (check_deepseek_only(c, hf_family_name(f), why, n)) return -1;
     if (f == HF_QWEN2_MOE) return check_qwen2(c, why, n);
     if (f == HF_QWEN3_MOE) return 0;   // dense layers: decoder_sparse_step
     if (c->moe_every > 1)
