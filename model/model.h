@@ -69,7 +69,9 @@ typedef struct {
     Tensor expert_bias;      // (n_moe, E) DeepSeek-V3 selection bias, zero at init
     // Generation (model_init_decode); cache_len 0 on a training model.
     size_t cache_len;        // L positions kept per sequence
-    Tensor kv_cache;         // (layers, 2, B, L, KV*D) keys, then values, after QK-norm and RoPE
+    Tensor kv_cache;         // (layers, 2, B, L, KV*D) keys, then values, after QK-norm and RoPE;
+                             // MLA: (layers, B*L*(R + Dr)) latents (B, L, R), then rotated
+                             // k_pe (B, L, Dr)
     Tensor positions;        // (B) int32 the position of each row's token
 } Model;
 
