@@ -145,7 +145,7 @@ IMPORT_REFUSED = {
         (lambda c: c.update(topk_method="greedy"), "topk_method = greedy"),
         (lambda c: c.update(scoring_func="softmax"), "scoring_func = softmax"),
         (lambda c: c.update(mlp_bias=True), "mlp_bias is true"),
-        (lambda c: c.update(n_group=3), "n_group = 3"),
+        (lambda c: c.update(n_group=3), "router.groups = 3 must divide model.experts = 8"),
     ],
 }
 

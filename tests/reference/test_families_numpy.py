@@ -34,7 +34,7 @@ CASES = {
     "deepseek_v2": ["model.attention=mla", "model.heads=4", "model.q_lora_rank=0",
                     "model.kv_lora_rank=16", "model.qk_nope_dim=8", "model.qk_rope_dim=8",
                     "model.v_head_dim=12", "model.norm_eps=1e-6", "model.rope_theta=500",
-                    "model.rope_scaling=yarn", "model.rope_factor=4",
+                    "model.rope_scaling=yarn", "model.rope_factor=16",
                     "model.rope_orig_max_pos=16", "model.rope_beta_fast=0.5",
                     "model.rope_beta_slow=0.05", "model.rope_mscale=0.707",
                     "model.rope_mscale_all_dim=0.5", "model.layers=3",
