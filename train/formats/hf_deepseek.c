@@ -120,10 +120,7 @@ void hf_deepseek_check(const cJSON *j, HfFamily f, const char *path) {
     if (f == HF_DEEPSEEK_V2 && cJSON_IsTrue(item(j, "norm_topk_prob")))
         FAIL("%s: norm_topk_prob is true: transformers' DeepseekV2 ignores it and "
              "DeepSeek's code renormalises, so moe.c reads neither", path);
-    if (present(j, "num_nextn_predict_layers") &&
-        int_key(j, "num_nextn_predict_layers", -1, path) > 0)
-        FAIL("%s: num_nextn_predict_layers > 0: moe.c has no multi-token prediction layers",
-             path);
+    if (present(j, "num_nextn_predict_layers")) int_key(j, "num_nextn_predict_layers", -1, path);
     const cJSON *d = rope_dict(j);
     const char *type = d ? rope_type(d, path) : "default";
     if (!strcmp(type, "yarn")) check_yarn(d, path);
@@ -192,6 +189,11 @@ void hf_deepseek_config(const cJSON *j, HfFamily f, const char *path, RunConfig 
         set_number(rc, path, "n_shared_experts", "model.shared_ffn_dim", (double)shared * width);
     rope_config(j, path, rc);
     router_config(j, f, path, rc);
+}
+
+int hf_deepseek_mtp_layers(const cJSON *j) {
+    const cJSON *v = item(j, "num_nextn_predict_layers");
+    return cJSON_IsNumber(v) && v->valuedouble > 0 ? (int)v->valuedouble : 0;
 }
 
 int hf_deepseek_interleaved(const cJSON *j, HfFamily f) {

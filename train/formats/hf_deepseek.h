@@ -16,6 +16,10 @@
 void hf_deepseek_check(const cJSON *j, HfFamily f, const char *path);
 // config.json's DeepSeek keys into rc (after the keys the families share).
 void hf_deepseek_config(const cJSON *j, HfFamily f, const char *path, RunConfig *rc);
+// DeepSeek-V3's multi-token prediction modules (num_nextn_predict_layers): files may hold
+// them as layers num_hidden_layers.. on; moe.c, like transformers' DeepseekV3ForCausalLM,
+// predicts the next token only and leaves them out.
+int hf_deepseek_mtp_layers(const cJSON *j);
 // Whether the file's RoPE rows are interleaved pairs (V2 always; V3 by rope_interleave).
 int hf_deepseek_interleaved(const cJSON *j, HfFamily f);
 

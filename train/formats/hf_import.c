@@ -435,6 +435,14 @@ static void load_bias(Model *m, const HfWeights *w, const char *dir) {
     free(buf);
 }
 
+// Whether `have` belongs to one of the `mtp` multi-token prediction modules that follow
+// the model's layers.
+static int is_mtp(const Model *m, int mtp, const char *have) {
+    int layer;
+    return mtp > 0 && sscanf(have, "model.layers.%d.", &layer) == 1 &&
+           layer >= m->cfg.layers && layer < m->cfg.layers + mtp;
+}
+
 // Whether a file's tensor `have` is one family f's model of m's config has.
 static int expected(const Model *m, HfFamily f, const char *have) {
     char name[160];
@@ -444,13 +452,19 @@ static int expected(const Model *m, HfFamily f, const char *have) {
 }
 
 // Reads every layout tensor into m from family f's names (RoPE rows from interleaved
-// pairs when `interleaved`); names the first unexpected, missing or misshapen one.
+// pairs when `interleaved`; the tensors of `mtp` prediction modules left out, said on
+// stderr); names the first unexpected, missing or misshapen one.
 static void load_weights(Model *m, const HfWeights *w, const char *dir, HfFamily f,
-                         int interleaved) {
+                         int interleaved, int mtp) {
     char err[HF_PATH_MAX + 256], name[160];
+    size_t skipped = 0;
     for (size_t k = 0; k < w->n_files; k++)
         for (size_t i = 0; i < w->files[k].n_tensors; i++) {
             const char *have = w->files[k].tensors[i].name;
+            if (is_mtp(m, mtp, have)) {
+                skipped++;
+                continue;
+            }
             if (!expected(m, f, have))
                 FAIL("%s: unexpected tensor %s (a %s model of this config.json has none by "
                      "that name)", w->files[k].path, have, hf_family_name(f));
@@ -475,6 +489,10 @@ static void load_weights(Model *m, const HfWeights *w, const char *dir, HfFamily
     free(host);
     free(buf);
     if (f == HF_DEEPSEEK_V3) load_bias(m, w, dir);
+    if (skipped)
+        fprintf(stderr, "moe: note: %s: %zu tensors of num_nextn_predict_layers = %d "
+                "multi-token prediction module(s) left out (moe.c predicts the next token "
+                "only, as transformers does)\n", dir, skipped, mtp);
 }
 
 void hf_import_read(const char *dir, long seq_len, RunConfig *rc, Model *m) {
@@ -483,11 +501,13 @@ void hf_import_read(const char *dir, long seq_len, RunConfig *rc, Model *m) {
     join_path(path, dir, HF_CONFIG);
     cJSON *j = read_json(path);
     HfFamily f = family_of(j, path);
-    int interleaved = (f == HF_DEEPSEEK_V2 || f == HF_DEEPSEEK_V3) && hf_deepseek_interleaved(j, f);
+    int deepseek = f == HF_DEEPSEEK_V2 || f == HF_DEEPSEEK_V3;
+    int interleaved = deepseek && hf_deepseek_interleaved(j, f);
+    int mtp = deepseek ? hf_deepseek_mtp_layers(j) : 0;
     cJSON_Delete(j);
     HfWeights w;
     open_weights(&w, dir);
     model_init(m, &rc->model, backend_cpu(), 1, 1);   // weights only: the smallest batch
-    load_weights(m, &w, dir, f, interleaved);
+    load_weights(m, &w, dir, f, interleaved, mtp);
     close_weights(&w);
 }
