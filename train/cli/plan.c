@@ -12,6 +12,7 @@
 #include "../../model/trainable.h"
 #include "../run.h"
 
+#define MB 1e6
 #define GB 1e9
 
 // One activation set per micro-batch when pooled aux statistics keep them (train/step.h).
@@ -33,15 +34,16 @@ static void print_plan(const RunConfig *rc, const Layout *lay, const uint8_t *tr
                    (double)p.expert_bias;
     printf("model: %d layers, d_model %d, %d experts top-%d, %.4gB params\n"
            "training: %s: %zu trainable params (%.2f%%)\n"
-           "batch: %zu x %zu tokens, %d activation set%s\n"
-           "memory plan (cpu backend, %zu-byte values, nothing allocated): parameters %.2f GB, "
-           "gradients %.2f GB, optimizer state %.2f GB (trainable tensors only), activations "
-           "%d x %.2f GB, their gradients %.2f GB, expert bias %.2g GB; total %.2f GB\n",
+           "batch: %zu x %zu tokens, %d activation set%s\n",
            c->layers, c->d_model, c->experts, c->top_k, (double)lay->total / 1e9, sel,
            p.trainable, 100.0 * (double)p.trainable / (double)lay->total, B, T, sets,
-           sets == 1 ? "" : "s", sizeof(real), (double)p.params / GB, (double)p.params / GB,
-           opt / GB, sets, (double)p.acts / GB, (double)p.dacts / GB,
-           (double)p.expert_bias / GB, total / GB);
+           sets == 1 ? "" : "s");
+    // The start-up line's figures (train.c's memory plan), then their sum.
+    printf("memory plan (cpu backend, %zu-byte values, nothing allocated): parameters %.1f MB, "
+           "gradients %.1f MB, optimizer state %.1f MB (trainable tensors only), activations "
+           "%d x %.1f MB, their gradients %.1f MB, expert bias %.1f MB; total %.2f GB\n",
+           sizeof(real), (double)p.params / MB, (double)p.params / MB, opt / MB, sets,
+           (double)p.acts / MB, (double)p.dacts / MB, (double)p.expert_bias / MB, total / GB);
 }
 
 int plan_main(int argc, char **argv) {
