@@ -134,6 +134,21 @@ static void test_decode_sigmoid_expert_bias(void **state) {
     check_same(c);
 }
 
+// DeepSeek-V3 routing: a leading dense layer, a frozen bias, group-limited, scaled gates.
+static void test_decode_deepseek_v3_routing(void **state) {
+    (void)state;
+    ModelConfig c = tiny_config();
+    c.layers = 3;
+    c.first_dense_layers = 1;
+    c.score = SCORE_SIGMOID;
+    c.expert_bias = 1;
+    c.groups = 2;
+    c.topk_groups = 1;
+    c.group_score = GROUP_SCORE_TOP2;
+    c.gate_scale = 2.5;
+    check_same(c);
+}
+
 static void test_decode_noisy_routers_without_noise(void **state) {
     (void)state;
     ModelConfig c = tiny_config();
@@ -251,6 +266,7 @@ static const struct CMUnitTest tests[] = {
     cmocka_unit_test(test_decode_qwen2_bias_gated_shared),
     cmocka_unit_test(test_decode_shared_experts_tied_mha),
     cmocka_unit_test(test_decode_sigmoid_expert_bias),
+    cmocka_unit_test(test_decode_deepseek_v3_routing),
     cmocka_unit_test(test_decode_noisy_routers_without_noise),
     cmocka_unit_test(test_decode_hash_routing),
     cmocka_unit_test(test_decode_mla),

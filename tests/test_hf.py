@@ -451,6 +451,12 @@ REFUSED = {
     "no-renorm-top1": (["router.renorm=false", "router.top_k=1"], "Mixtral", "with top_k = 1 its gate is 1.0"),
     "hash": (["router.select=hash"], "Mixtral", "router.select = hash: Mixtral routes by token-choice top-k"),
     "expert-bias": (["router.bias_gamma=0.001"], "Mixtral", "router.bias_gamma = 0.001: Mixtral has no expert-selection bias"),
+    "frozen-bias": (["router.expert_bias=true"], "Mixtral", "router.expert_bias = true: Mixtral has no expert-selection bias"),
+    "groups": (["router.groups=2", "router.topk_groups=1"], "Mixtral",
+               "router.topk_groups = 1 < router.groups = 2: Mixtral has no group-limited routing"),
+    "gate-scale": (["router.gate_scale=2.5"], "Mixtral", "router.gate_scale = 2.5: Mixtral does not scale its gates"),
+    "first-dense": (["model.first_dense_layers=1"], "Mixtral",
+                    "model.first_dense_layers = 1: Mixtral has no leading dense layers"),
 }
 
 

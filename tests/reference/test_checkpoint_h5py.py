@@ -60,7 +60,8 @@ def expected_tensors(cfg):
         out += [(f"{p}/input_layernorm", (C,)), (f"{p}/self_attn/q_proj", (H * D, C)),
                 (f"{p}/self_attn/k_proj", (KV * D, C)), (f"{p}/self_attn/v_proj", (KV * D, C)),
                 (f"{p}/self_attn/o_proj", (C, H * D)), (f"{p}/post_attention_layernorm", (C,))]
-        if (l + 1) % int(cfg["model.moe_every"]) == 0:
+        if (l >= int(cfg.get("model.first_dense_layers", "0"))
+                and (l + 1) % int(cfg["model.moe_every"]) == 0):
             out.append((f"{p}/router/gate", (E, C)))
             if cfg["router.noise"] == "shazeer":
                 out.append((f"{p}/router/noise", (E, C)))
