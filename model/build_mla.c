@@ -11,8 +11,13 @@ typedef struct {
 } MlaDims;
 
 static MlaDims mla_dims(const ModelConfig *c) {
-    MlaDims d = {(size_t)c->heads, (size_t)c->q_lora_rank, (size_t)c->kv_lora_rank,
-                 (size_t)c->qk_nope_dim, (size_t)c->qk_rope_dim, (size_t)c->v_head_dim, 0};
+    MlaDims d = {(size_t)c->heads,
+                 (size_t)c->q_lora_rank,
+                 (size_t)c->kv_lora_rank,
+                 (size_t)c->qk_nope_dim,
+                 (size_t)c->qk_rope_dim,
+                 (size_t)c->v_head_dim,
+                 0};
     d.Dq = d.Dn + d.Dr;
     return d;
 }
@@ -21,10 +26,9 @@ static MlaDims mla_dims(const ModelConfig *c) {
 static Buf build_mla_query(Builder *b, Buf xn, int l, const MlaDims *d) {
     size_t N = b->N, C = b->C, HQ = d->H * d->Dq;
     if (!d->Rq)
-        return build_matmul(b, xn,
-                            build_param(b, HQ * C, "model.layers.%d.self_attn.q_proj.weight", l,
-                                        0),
-                            N, C, HQ);
+        return build_matmul(
+            b, xn, build_param(b, HQ * C, "model.layers.%d.self_attn.q_proj.weight", l, 0), N,
+            C, HQ);
     Buf wa = build_param(b, d->Rq * C, "model.layers.%d.self_attn.q_a_proj.weight", l, 0);
     Buf ln = build_param(b, d->Rq, "model.layers.%d.self_attn.q_a_layernorm.weight", l, 0);
     Buf wb = build_param(b, HQ * d->Rq, "model.layers.%d.self_attn.q_b_proj.weight", l, 0);
@@ -102,7 +106,7 @@ Buf build_mla_attention(Builder *b, Buf xn, int l) {
     // goes through kv_a_layernorm.
     Buf wkva = build_param(b, (d.R + d.Dr) * C,
                            "model.layers.%d.self_attn.kv_a_proj_with_mqa.weight", l, 0);
-    Buf lat = build_matmul(b, xn, build_slice(wkva, 0, d.R * C), N, C, d.R);        // (N, R)
+    Buf lat = build_matmul(b, xn, build_slice(wkva, 0, d.R * C), N, C, d.R);         // (N, R)
     Buf kpe = build_matmul(b, xn, build_slice(wkva, d.R * C, d.Dr * C), N, C, d.Dr); // (N, Dr)
     Buf ln = build_param(b, d.R, "model.layers.%d.self_attn.kv_a_layernorm.weight", l, 0);
     Buf latn = build_rmsnorm_width(b, lat, ln, d.R);

@@ -36,7 +36,8 @@ static double probe_loss(void *ctx) {
 }
 
 static void subtract(real *a, const real *b, size_t n) {
-    for (size_t i = 0; i < n; i++) a[i] -= b[i];
+    for (size_t i = 0; i < n; i++)
+        a[i] -= b[i];
 }
 
 // ---- RoPE frequencies, written from the definition --------------------------------------
@@ -157,10 +158,13 @@ static void check_qkv_forward(RopeSpec rope, uint64_t seed) {
                 y[H * Dq + h * Dq + d] = kvh[d];
             }
             ref_rope(rot, qh + Dn, n % c.T, Dr, &rope);
-            for (size_t d = 0; d < Dr; d++) y[h * Dq + Dn + d] = rot[d];
+            for (size_t d = 0; d < Dr; d++)
+                y[h * Dq + Dn + d] = rot[d];
             ref_rope(rot, c.kpe + n * Dr, n % c.T, Dr, &rope);
-            for (size_t d = 0; d < Dr; d++) y[H * Dq + h * Dq + Dn + d] = rot[d];
-            for (size_t d = 0; d < Dv; d++) y[2 * H * Dq + h * Dv + d] = kvh[Dn + d];
+            for (size_t d = 0; d < Dr; d++)
+                y[H * Dq + h * Dq + Dn + d] = rot[d];
+            for (size_t d = 0; d < Dv; d++)
+                y[2 * H * Dq + h * Dv + d] = kvh[Dn + d];
         }
     }
     qkv_run(&c);
@@ -221,10 +225,9 @@ static size_t sw(const SplitCase *c) { return (c->H + c->KV) * c->Dk + c->KV * c
 static void split_run(void *self) {
     SplitCase *c = self;
     size_t N = c->B * c->T;
-    ops()->attention_mla_forward(test_tensor(c->out, N * c->H * c->Dv),
-                                 test_tensor(c->att, c->B * c->H * c->T),
-                                 test_tensor(c->qkv, N * sw(c)), c->B, c->T, c->H, c->KV, c->Dk,
-                                 c->Dv, c->scale);
+    ops()->attention_mla_forward(
+        test_tensor(c->out, N * c->H * c->Dv), test_tensor(c->att, c->B * c->H * c->T),
+        test_tensor(c->qkv, N * sw(c)), c->B, c->T, c->H, c->KV, c->Dk, c->Dv, c->scale);
 }
 
 static SplitCase split_case(Rng *r, size_t B, size_t T, size_t H, size_t KV, size_t Dk,
@@ -255,11 +258,13 @@ static void split_reference(const SplitCase *c, real *ref) {
                 for (size_t u = 0; u <= t; u++) {
                     const real *k = c->qkv + (b * T + u) * W + (c->H + g) * Dk;
                     double s = 0;
-                    for (size_t d = 0; d < Dk; d++) s += q[d] * k[d];
+                    for (size_t d = 0; d < Dk; d++)
+                        s += q[d] * k[d];
                     p[u] = s * c->scale;
                     mx = fmax(mx, p[u]);
                 }
-                for (size_t u = 0; u <= t; u++) sum += (p[u] = exp(p[u] - mx));
+                for (size_t u = 0; u <= t; u++)
+                    sum += (p[u] = exp(p[u] - mx));
                 for (size_t d = 0; d < Dv; d++) {
                     double acc = 0;
                     for (size_t u = 0; u <= t; u++)
@@ -304,11 +309,10 @@ static void test_attention_mla_backward(void **state) {
         size_t n = c.B * c.T * sw(&c);
         split_run(&c);
         real *dx = test_rand(&r, n, 1.0), *dx0 = test_copy(dx, n);
-        ops()->attention_mla_backward(test_tensor(dx, n), tensor_none(),
-                                      test_tensor((real *)c.probe.R, c.probe.n),
-                                      test_tensor(c.out, c.probe.n), test_tensor(c.qkv, n),
-                                      test_tensor(c.att, c.B * c.H * c.T), c.B, c.T, c.H, c.KV,
-                                      c.Dk, c.Dv, c.scale);
+        ops()->attention_mla_backward(
+            test_tensor(dx, n), tensor_none(), test_tensor((real *)c.probe.R, c.probe.n),
+            test_tensor(c.out, c.probe.n), test_tensor(c.qkv, n),
+            test_tensor(c.att, c.B * c.H * c.T), c.B, c.T, c.H, c.KV, c.Dk, c.Dv, c.scale);
         subtract(dx, dx0, n);
         test_fd_check(c.qkv, n, dx, probe_loss, &c, c.T > 64 ? 300 : 0, &r, FD_RTOL, FD_ATOL,
                       "attention_mla dqkv");
@@ -356,7 +360,8 @@ static void test_mla_decode_forward(void **state) {
     for (size_t b = 0; b < B; b++) {
         memcpy(cc_ref + (b * L + pos[b]) * R, lat + b * R, R * sizeof(real));
         ref_rope(rot, kpe + b * Dr, (size_t)pos[b], Dr, &YARN);
-        for (size_t d = 0; d < Dr; d++) kc_ref[(b * L + pos[b]) * Dr + d] = rot[d];
+        for (size_t d = 0; d < Dr; d++)
+            kc_ref[(b * L + pos[b]) * Dr + d] = rot[d];
     }
     for (size_t b = 0; b < B; b++)
         for (size_t h = 0; h < H; h++) {
@@ -369,14 +374,17 @@ static void test_mla_decode_forward(void **state) {
                 double dot = 0;
                 for (size_t d = 0; d < Dn; d++) { // k_nope[d] = W_uk[d] . c
                     double k = 0;
-                    for (size_t j = 0; j < R; j++) k += wh[d * R + j] * c[j];
+                    for (size_t j = 0; j < R; j++)
+                        k += wh[d * R + j] * c[j];
                     dot += qh[d] * k;
                 }
-                for (size_t d = 0; d < Dr; d++) dot += qr[d] * kc_ref[(b * L + u) * Dr + d];
+                for (size_t d = 0; d < Dr; d++)
+                    dot += qr[d] * kc_ref[(b * L + u) * Dr + d];
                 s[u] = dot * scale;
                 mx = fmax(mx, s[u]);
             }
-            for (size_t u = 0; u < n; u++) sum += (s[u] = exp(s[u] - mx));
+            for (size_t u = 0; u < n; u++)
+                sum += (s[u] = exp(s[u] - mx));
             for (size_t d = 0; d < Dv; d++) {
                 double acc = 0;
                 for (size_t u = 0; u < n; u++) {
@@ -388,11 +396,10 @@ static void test_mla_decode_forward(void **state) {
                 ref[(b * H + h) * Dv + d] = acc;
             }
         }
-    ops()->mla_decode_forward(test_tensor(out, B * H * Dv), test_tensor(q, B * H * Dq),
-                              test_tensor(lat, B * R), test_tensor(kpe, B * Dr),
-                              test_tensor(w, H * (Dn + Dv) * R), test_tensor(cc, B * L * R),
-                              test_tensor(kc, B * L * Dr), test_itensor(p, B), B, L, H, Dn, Dr,
-                              Dv, R, YARN, scale);
+    ops()->mla_decode_forward(
+        test_tensor(out, B * H * Dv), test_tensor(q, B * H * Dq), test_tensor(lat, B * R),
+        test_tensor(kpe, B * Dr), test_tensor(w, H * (Dn + Dv) * R), test_tensor(cc, B * L * R),
+        test_tensor(kc, B * L * Dr), test_itensor(p, B), B, L, H, Dn, Dr, Dv, R, YARN, scale);
     test_assert_close(out, ref, B * H * Dv, 1e-10, 1e-12, "mla_decode out");
     test_assert_close(cc, cc_ref, B * L * R, 0, 0, "mla_decode latent cache");
     test_assert_close(kc, kc_ref, B * L * Dr, REF_RTOL, REF_ATOL, "mla_decode k_pe cache");

@@ -34,7 +34,8 @@ static void mla_rotate(real *y, const real *x, const double *cs, size_t Dr, int 
 static double *mla_table(size_t T, size_t Dr, const RopeSpec *rope, double sign) {
     CHECK(Dr % 2 == 0 && Dr > 0, "MLA RoPE needs an even qk_rope_dim, not %zu", Dr);
     double *cs = CALLOC(T * Dr, sizeof(double));
-    for (size_t t = 0; t < T; t++) mla_angles(cs + t * Dr, t, Dr, rope, sign);
+    for (size_t t = 0; t < T; t++)
+        mla_angles(cs + t * Dr, t, Dr, rope, sign);
     return cs;
 }
 
@@ -42,10 +43,10 @@ void cpu_mla_qkv_forward(Tensor qkv, Tensor q, Tensor kv, Tensor kpe, size_t B, 
                          size_t H, size_t Dn, size_t Dr, size_t Dv, RopeSpec rope) {
     size_t Dq = Dn + Dr, Dkv = Dn + Dv, W = 2 * H * Dq + H * Dv;
     double *cs = mla_table(T, Dr, &rope, 1.0);
-    real *y = TENSOR_R(qkv);          // (N, 2*H*Dq + H*Dv)
-    const real *xq = TENSOR_R(q);     // (N, H*Dq)
-    const real *xkv = TENSOR_R(kv);   // (N, H*(Dn+Dv))
-    const real *xk = TENSOR_R(kpe);   // (N, Dr)
+    real *y = TENSOR_R(qkv);        // (N, 2*H*Dq + H*Dv)
+    const real *xq = TENSOR_R(q);   // (N, H*Dq)
+    const real *xkv = TENSOR_R(kv); // (N, H*(Dn+Dv))
+    const real *xk = TENSOR_R(kpe); // (N, Dr)
 #pragma omp parallel for schedule(static)
     for (size_t n = 0; n < B * T; n++) {
         const double *c = cs + (n % T) * Dr;
@@ -66,10 +67,10 @@ void cpu_mla_qkv_backward(Tensor dq, Tensor dkv, Tensor dkpe, Tensor dqkv, size_
                           size_t H, size_t Dn, size_t Dr, size_t Dv, RopeSpec rope) {
     size_t Dq = Dn + Dr, Dkv = Dn + Dv, W = 2 * H * Dq + H * Dv;
     double *cs = mla_table(T, Dr, &rope, -1.0); // the transposed rotation
-    const real *g = TENSOR_R(dqkv);  // (N, 2*H*Dq + H*Dv)
-    real *gq = TENSOR_R(dq);         // (N, H*Dq)
-    real *gkv = TENSOR_R(dkv);       // (N, H*(Dn+Dv))
-    real *gk = TENSOR_R(dkpe);       // (N, Dr)
+    const real *g = TENSOR_R(dqkv);             // (N, 2*H*Dq + H*Dv)
+    real *gq = TENSOR_R(dq);                    // (N, H*Dq)
+    real *gkv = TENSOR_R(dkv);                  // (N, H*(Dn+Dv))
+    real *gk = TENSOR_R(dkpe);                  // (N, Dr)
 #pragma omp parallel for schedule(static)
     for (size_t n = 0; n < B * T; n++) {
         const double *c = cs + (n % T) * Dr;
@@ -77,13 +78,16 @@ void cpu_mla_qkv_backward(Tensor dq, Tensor dkv, Tensor dkpe, Tensor dqkv, size_
         for (size_t h = 0; h < H; h++) {
             if (gq) {
                 real *row = gq + n * H * Dq + h * Dq;
-                for (size_t d = 0; d < Dn; d++) row[d] += tq[h * Dq + d];
+                for (size_t d = 0; d < Dn; d++)
+                    row[d] += tq[h * Dq + d];
                 mla_rotate(row + Dn, tq + h * Dq + Dn, c, Dr, 1);
             }
             if (gkv) {
                 real *row = gkv + n * H * Dkv + h * Dkv;
-                for (size_t d = 0; d < Dn; d++) row[d] += tk[h * Dq + d];
-                for (size_t d = 0; d < Dv; d++) row[Dn + d] += tv[h * Dv + d];
+                for (size_t d = 0; d < Dn; d++)
+                    row[d] += tk[h * Dq + d];
+                for (size_t d = 0; d < Dv; d++)
+                    row[Dn + d] += tv[h * Dv + d];
             }
             if (gk) mla_rotate(gk + n * Dr, tk + h * Dq + Dn, c, Dr, 1); // heads in order
         }
@@ -103,18 +107,20 @@ static void decode_heads(real *out, real *q, const real *w, const real *c, const
     cpu_gemm(0, 1, H, n, Dr, (real)scale, q + Dn, Dq, kr, Dr, 1, s, n);
     for (size_t h = 0; h < H; h++) {
         real *sh = s + h * n, mx = sh[0];
-        for (size_t u = 1; u < n; u++) mx = sh[u] > mx ? sh[u] : mx;
+        for (size_t u = 1; u < n; u++)
+            mx = sh[u] > mx ? sh[u] : mx;
         double sum = 0.0;
         for (size_t u = 0; u < n; u++) {
             sh[u] = (real)exp((double)(sh[u] - mx));
             sum += sh[u];
         }
-        for (size_t u = 0; u < n; u++) sh[u] = (real)(sh[u] / sum);
+        for (size_t u = 0; u < n; u++)
+            sh[u] = (real)(sh[u] / sum);
     }
     cpu_gemm(0, 0, H, R, n, 1, s, n, c, R, 0, lat, R); // o_lat (H, R)
     for (size_t h = 0; h < H; h++) // out_h (1, Dv) = o_lat_h (1, R) W_uv_h^T (R, Dv)
-        cpu_gemm(0, 1, 1, Dv, R, 1, lat + h * R, R, w + (h * Dkv + Dn) * R, R, 0,
-                 out + h * Dv, Dv);
+        cpu_gemm(0, 1, 1, Dv, R, 1, lat + h * R, R, w + (h * Dkv + Dn) * R, R, 0, out + h * Dv,
+                 Dv);
 }
 
 void cpu_mla_decode_forward(Tensor out, Tensor q, Tensor latent, Tensor kpe, Tensor wkvb,
@@ -139,8 +145,8 @@ void cpu_mla_decode_forward(Tensor out, Tensor q, Tensor latent, Tensor kpe, Ten
         for (size_t h = 0; h < H; h++) // in place: each pair is read before it is written
             mla_rotate(qb + h * Dq + Dn, qb + h * Dq + Dn, cs, Dr, 0);
         real *s = CALLOC(H * n + H * R, sizeof(real)); // (H, n) scores, (H, R) latents
-        decode_heads(TENSOR_R(out) + b * H * Dv, qb, TENSOR_R(wkvb), c, kr, n, H, Dn, Dr, Dv,
-                     R, scale, s, s + H * n);
+        decode_heads(TENSOR_R(out) + b * H * Dv, qb, TENSOR_R(wkvb), c, kr, n, H, Dn, Dr, Dv, R,
+                     scale, s, s + H * n);
         free(s);
         free(cs);
     }

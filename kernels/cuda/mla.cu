@@ -25,9 +25,12 @@ __global__ void mla_qkv_forward_kernel(float *qkv, const float *q, const float *
         float y;
         if (c < 2 * H * Dq) {
             size_t key = c >= H * Dq, h = (c % (H * Dq)) / Dq, d = c % Dq;
-            if (d < Dn) y = key ? kv[n * H * (Dn + Dv) + h * (Dn + Dv) + d] : q[n * H * Dq + h * Dq + d];
-            else y = (float)mla_rot(key ? kpe + n * Dr : q + n * H * Dq + h * Dq + Dn, d - Dn,
-                                    Dr, t, r, 1.0);
+            if (d < Dn)
+                y = key ? kv[n * H * (Dn + Dv) + h * (Dn + Dv) + d]
+                        : q[n * H * Dq + h * Dq + d];
+            else
+                y = (float)mla_rot(key ? kpe + n * Dr : q + n * H * Dq + h * Dq + Dn, d - Dn,
+                                   Dr, t, r, 1.0);
         } else {
             size_t h = (c - 2 * H * Dq) / Dv, d = (c - 2 * H * Dq) % Dv;
             y = kv[n * H * (Dn + Dv) + h * (Dn + Dv) + Dn + d];
@@ -63,7 +66,8 @@ __global__ void mla_dkpe_kernel(float *dkpe, const float *g, size_t N, size_t T,
         size_t n = j / Dr, i = j % Dr;
         double acc = dkpe[j];
         for (size_t h = 0; h < H; h++) // heads in order, as the CPU op
-            acc = (float)(acc + mla_rot(g + n * W + H * Dq + h * Dq + Dn, i, Dr, n % T, r, -1.0));
+            acc =
+                (float)(acc + mla_rot(g + n * W + H * Dq + h * Dq + Dn, i, Dr, n % T, r, -1.0));
         dkpe[j] = (float)acc;
     }
 }
@@ -73,9 +77,8 @@ void cuda_mla_qkv_forward(Tensor qkv, Tensor q, Tensor kv, Tensor kpe, size_t B,
     CUDA_REQUIRE(Dr % 2 == 0 && Dr > 0, "MLA RoPE needs an even qk_rope_dim, not %zu", Dr);
     size_t n = B * T * (2 * H * (Dn + Dr) + H * Dv);
     if (n == 0) return;
-    mla_qkv_forward_kernel<<<cuda_blocks(n), CUDA_THREADS>>>(DEV_R(qkv), DEV_R(q), DEV_R(kv),
-                                                             DEV_R(kpe), B * T, T, H, Dn, Dr,
-                                                             Dv, rope);
+    mla_qkv_forward_kernel<<<cuda_blocks(n), CUDA_THREADS>>>(
+        DEV_R(qkv), DEV_R(q), DEV_R(kv), DEV_R(kpe), B * T, T, H, Dn, Dr, Dv, rope);
     cudaCheckLaunch();
 }
 
@@ -89,13 +92,13 @@ void cuda_mla_qkv_backward(Tensor dq, Tensor dkv, Tensor dkpe, Tensor dqkv, size
         cudaCheckLaunch();
     }
     if (dkv.data) {
-        mla_dkv_kernel<<<cuda_blocks(N * H * (Dn + Dv)), CUDA_THREADS>>>(DEV_R(dkv), DEV_R(dqkv),
-                                                                         N, H, Dn, Dr, Dv);
+        mla_dkv_kernel<<<cuda_blocks(N * H * (Dn + Dv)), CUDA_THREADS>>>(
+            DEV_R(dkv), DEV_R(dqkv), N, H, Dn, Dr, Dv);
         cudaCheckLaunch();
     }
     if (dkpe.data) {
-        mla_dkpe_kernel<<<cuda_blocks(N * Dr), CUDA_THREADS>>>(DEV_R(dkpe), DEV_R(dqkv), N, T, H,
-                                                               Dn, Dr, Dv, rope);
+        mla_dkpe_kernel<<<cuda_blocks(N * Dr), CUDA_THREADS>>>(DEV_R(dkpe), DEV_R(dqkv), N, T,
+                                                               H, Dn, Dr, Dv, rope);
         cudaCheckLaunch();
     }
 }
@@ -116,8 +119,10 @@ __global__ void mla_append_kernel(float *q, float *cc, float *kc, const float *l
         tmp[j] = qb[(j / Dr) * Dq + Dn + j % Dr];
     __syncthreads();
     for (size_t j = threadIdx.x; j < H * Dr; j += blockDim.x)
-        qb[(j / Dr) * Dq + Dn + j % Dr] = (float)mla_rot(tmp + (j / Dr) * Dr, j % Dr, Dr, p, r, 1.0);
-    for (size_t j = threadIdx.x; j < R; j += blockDim.x) cc[(b * L + p) * R + j] = lat[b * R + j];
+        qb[(j / Dr) * Dq + Dn + j % Dr] =
+            (float)mla_rot(tmp + (j / Dr) * Dr, j % Dr, Dr, p, r, 1.0);
+    for (size_t j = threadIdx.x; j < R; j += blockDim.x)
+        cc[(b * L + p) * R + j] = lat[b * R + j];
     for (size_t j = threadIdx.x; j < Dr; j += blockDim.x)
         kc[(b * L + p) * Dr + j] = (float)mla_rot(kpe + b * Dr, j, Dr, p, r, 1.0);
 }
@@ -135,15 +140,18 @@ __global__ void mla_attend_kernel(float *out, const float *q, const float *w, co
     const float *c = cc + b * L * R, *k = kc + b * L * Dr;
     for (size_t j = threadIdx.x; j < R; j += blockDim.x) {
         float acc = 0.0f;
-        for (size_t d = 0; d < Dn; d++) acc += qh[d] * wh[d * R + j];
+        for (size_t d = 0; d < Dn; d++)
+            acc += qh[d] * wh[d * R + j];
         ql[j] = acc;
     }
     __syncthreads();
     float mx = -INFINITY;
     for (size_t u = threadIdx.x; u < n; u += blockDim.x) {
         float dot = 0.0f;
-        for (size_t j = 0; j < R; j++) dot += ql[j] * c[u * R + j];
-        for (size_t d = 0; d < Dr; d++) dot += qh[Dn + d] * k[u * Dr + d];
+        for (size_t j = 0; j < R; j++)
+            dot += ql[j] * c[u * R + j];
+        for (size_t d = 0; d < Dr; d++)
+            dot += qh[Dn + d] * k[u * Dr + d];
         sc[u] = dot * scale;
         mx = fmaxf(mx, sc[u]);
     }
@@ -157,13 +165,15 @@ __global__ void mla_attend_kernel(float *out, const float *q, const float *w, co
     __syncthreads();
     for (size_t j = threadIdx.x; j < R; j += blockDim.x) {
         double acc = 0.0;
-        for (size_t u = 0; u < n; u++) acc += (double)sc[u] * c[u * R + j];
+        for (size_t u = 0; u < n; u++)
+            acc += (double)sc[u] * c[u * R + j];
         ol[j] = (float)(acc / sum);
     }
     __syncthreads();
     for (size_t d = threadIdx.x; d < Dv; d += blockDim.x) {
         float acc = 0.0f;
-        for (size_t j = 0; j < R; j++) acc += wh[(Dn + d) * R + j] * ol[j];
+        for (size_t j = 0; j < R; j++)
+            acc += wh[(Dn + d) * R + j] * ol[j];
         out[(b * H + h) * Dv + d] = acc;
     }
 }
@@ -176,7 +186,8 @@ void cuda_mla_decode_forward(Tensor out, Tensor q, Tensor latent, Tensor kpe, Te
     size_t shared = (2 * R + L) * sizeof(float);
     CUDA_REQUIRE(shared <= 48 * 1024 && H * Dr * sizeof(float) <= 48 * 1024,
                  "MLA decode on CUDA keeps 2 kv_lora_rank + cached positions <= %zu values, "
-                 "not %zu", (size_t)(48 * 1024 / sizeof(float)), 2 * R + L);
+                 "not %zu",
+                 (size_t)(48 * 1024 / sizeof(float)), 2 * R + L);
     if (B == 0) return;
     mla_append_kernel<<<(unsigned)B, CUDA_THREADS, H * Dr * sizeof(float)>>>(
         DEV_R(q), DEV_R(ccache), DEV_R(kcache), DEV_R(latent), DEV_R(kpe), DEV_I(pos), L, H, Dn,
