@@ -203,9 +203,6 @@ EXPORT_REFUSED = [
     (MLA + ["router.renorm=false", "model.norm_eps=1e-5"], "model.norm_eps = 1e-05"),
     (MLA + ["router.score=sigmoid", "router.group_score=max"], "router.group_score = max"),
     (MLA + ["router.renorm=false", "model.shared_experts=2"], "model.shared_experts = 2"),
-    (["router.groups=2", "router.topk_groups=1"], "router.topk_groups = 1 < router.groups = 2"),
-    (["router.gate_scale=2"], "router.gate_scale = 2: Mixtral"),
-    (["model.first_dense_layers=1", "model.ffn_dim=40"], "model.first_dense_layers = 1"),
 ]
 
 
