@@ -22,7 +22,8 @@ void model_plan(const ModelConfig *cfg, const Backend *be, size_t B, size_t T,
     m.params = (Tensor){NULL, DTYPE_REAL, be->device, m.layout.total};
     m.grads = m.params;
     m.n_moe = model_config_moe_layers(cfg);
-    m.expert_bias = (Tensor){NULL, DTYPE_REAL, be->device, (size_t)m.n_moe * (size_t)cfg->experts};
+    m.expert_bias =
+        (Tensor){NULL, DTYPE_REAL, be->device, (size_t)m.n_moe * (size_t)cfg->experts};
     if (trainable) {
         m.trainable = CALLOC(m.layout.n_params, 1);
         memcpy(m.trainable, trainable, m.layout.n_params);
@@ -32,7 +33,7 @@ void model_plan(const ModelConfig *cfg, const Backend *be, size_t B, size_t T,
     m.block_op = CALLOC((size_t)cfg->layers, sizeof *m.block_op);
     tape_init(&m.tape);
     m.acts.device = m.dacts.device = be->device;
-    build_tape(&m);   // the measuring pass of plan_tape: arenas with a NULL base
+    build_tape(&m); // the measuring pass of plan_tape: arenas with a NULL base
     out->params = m.layout.total * sizeof(real);
     out->acts = m.acts.used;
     out->dacts = m.dacts.used;
