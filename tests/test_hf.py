@@ -451,6 +451,9 @@ REFUSED = {
     "no-renorm-top1": (["router.renorm=false", "router.top_k=1"], "Mixtral", "with top_k = 1 its gate is 1.0"),
     "hash": (["router.select=hash"], "Mixtral", "router.select = hash: Mixtral routes by token-choice top-k"),
     "expert-bias": (["router.bias_gamma=0.001"], "Mixtral", "router.bias_gamma = 0.001: Mixtral has no expert-selection bias"),
+    "mla": (["model.attention=mla", "model.kv_lora_rank=8", "model.qk_nope_dim=4",
+             "model.qk_rope_dim=4", "model.v_head_dim=4"], "Mixtral",
+            "model.attention = mla: none of the exported families"),
 }
 
 

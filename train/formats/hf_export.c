@@ -51,6 +51,9 @@ static int check_qwen2(const ModelConfig *c, char *why, size_t n) {
 }
 
 int hf_export_check(const ModelConfig *c, char *why, size_t n) {
+    if (c->attention == ATTENTION_MLA)
+        return snprintf(why, n, "model.attention = mla: none of the exported families (Mixtral, "
+                        "OLMoE, Qwen2-MoE, Qwen3-MoE) has multi-head latent attention"), -1;
     HfFamily f = hf_family_of(c);
     if (check_router(c, hf_family_name(f), why, n)) return -1;
     if (f == HF_QWEN2_MOE) return check_qwen2(c, why, n);
