@@ -11,7 +11,8 @@
 static const ConfigKey model_keys[] = {
     {"layers", KEY_INT, MK(layers), "2", 1, 256, NULL, "transformer blocks"},
     {"d_model", KEY_INT, MK(d_model), "64", 2, 65536, NULL, "residual stream width C"},
-    {"heads", KEY_INT, MK(heads), "4", 1, 1024, NULL, "query heads (must divide d_model under attention = gqa)"},
+    {"heads", KEY_INT, MK(heads), "4", 1, 1024, NULL,
+     "query heads (must divide d_model under attention = gqa)"},
     {"kv_heads", KEY_INT, MK(kv_heads), "4", 1, 1024, NULL,
      "key/value heads, grouped-query attention when < heads (must divide heads)"},
     {"vocab", KEY_INT, MK(vocab), "256", 2, 1 << 24, NULL, "vocabulary size (256: bytes)"},
