@@ -47,11 +47,24 @@ static size_t active_params(const Model *m) {
 // The tape's matmuls are the attention projections (q|k|v feeds RoPE, its bias or
 // QK-norm; o_proj reads the attention output), the router's gate and noise, the shared
 // experts' gate, and the lm_head before cross-entropy.
+// MLA's projections (q, kv_a, kv_b and their norms) run up to the op that assembles them.
+static int feeds_mla(const Tape *t, size_t i) {
+    for (size_t j = i + 1; j < t->n; j++) {
+        OpKind k = t->ops[j].kind;
+        if (k == OP_MLA_QKV || k == OP_MLA_DECODE) return 1;
+        if (k != OP_MATMUL && k != OP_RMSNORM) return 0;
+    }
+    return 0;
+}
+
 static Phase matmul_phase(const Tape *t, size_t i) {
     OpKind next = i + 1 < t->n ? t->ops[i + 1].kind : OP_CROSSENTROPY;
+    OpKind prev = i > 0 ? t->ops[i - 1].kind : OP_EMBED;
     if (next == OP_ROPE || next == OP_QK_NORM || next == OP_BIAS_ADD) return PHASE_ATTENTION;
     if (next == OP_GATED_ADD) return PHASE_EXPERTS;
-    if (i > 0 && t->ops[i - 1].kind == OP_ATTENTION) return PHASE_ATTENTION;
+    if (prev == OP_ATTENTION || prev == OP_ATTENTION_MLA || prev == OP_MLA_DECODE)
+        return PHASE_ATTENTION;
+    if (feeds_mla(t, i)) return PHASE_ATTENTION;
     if (i + 1 < t->n && t->ops[i + 1].kind == OP_CROSSENTROPY) return PHASE_OTHER;
     return PHASE_ROUTER;
 }
@@ -62,7 +75,10 @@ Phase bench_op_phase(const Tape *t, size_t i) {
     case OP_QK_NORM:
     case OP_BIAS_ADD:
     case OP_ATTENTION:
-    case OP_ATTENTION_DECODE: return PHASE_ATTENTION;
+    case OP_ATTENTION_DECODE:
+    case OP_MLA_QKV:
+    case OP_ATTENTION_MLA:
+    case OP_MLA_DECODE: return PHASE_ATTENTION;
     case OP_GATED_ADD: return PHASE_EXPERTS;
     case OP_MATMUL: return matmul_phase(t, i);
     case OP_MUL: // Switch jitter, the router's input only
@@ -188,12 +204,21 @@ static void attention_core(const Trainer *tr, double *seconds, double *flops) {
     const Tape *t = &tr->m.tape;
     *seconds = *flops = 0.0;
     for (size_t i = 0; i < t->n; i++) {
-        if (t->ops[i].kind != OP_ATTENTION) continue;
         const TapeOp *op = &t->ops[i];
-        double pairs = 0.5 * (double)op->attention.T * (double)(op->attention.T + 1);
+        double B, T, HD; // HD: query/key and value widths of all heads, averaged
+        if (op->kind == OP_ATTENTION) {
+            B = (double)op->attention.B, T = (double)op->attention.T;
+            HD = (double)(op->attention.D * op->attention.H);
+        } else if (op->kind == OP_ATTENTION_MLA) {
+            B = (double)op->attention_mla.B, T = (double)op->attention_mla.T;
+            HD = 0.5 * (double)((op->attention_mla.Dk + op->attention_mla.Dv) *
+                                op->attention_mla.H);
+        } else {
+            continue;
+        }
+        double pairs = 0.5 * T * (T + 1);
         *seconds += tr->op_seconds[i];
-        *flops += 14.0 * (double)(op->attention.D * op->attention.H * op->attention.B) * pairs *
-                  tr->rc.train.grad_accum;
+        *flops += 14.0 * HD * B * pairs * tr->rc.train.grad_accum;
     }
 }
 

@@ -60,6 +60,13 @@ typedef struct {
 } ExpertRoute;
 
 typedef enum { SCORE_SOFTMAX = 0, SCORE_SIGMOID = 1 } ScoreFunc;
+// RoPE's frequencies for the MLA ops (rope_math.h): base theta and, when yarn is set,
+// YaRN's scaling (factor, original context, beta_fast, beta_slow, mscale, mscale_all_dim).
+typedef struct {
+    double theta;
+    int yarn;
+    double factor, orig_max_pos, beta_fast, beta_slow, mscale, mscale_all_dim;
+} RopeSpec;
 typedef enum { DROP_POSITION = 0, DROP_PROBS = 1 } DropPolicy;
 // A group's score for group-limited routing: its best expert (DeepSeek-V2's
 // group_limited_greedy) or the sum of its two best (DeepSeek-V3's noaux_tc).

@@ -136,7 +136,10 @@ static Buf build_block(Builder *b, Buf x, int l, int *moe_i) {
     const ModelConfig *c = &b->m->cfg;
     Buf ln1 = build_param(b, b->C, "model.layers.%d.input_layernorm.weight", l, 0);
     Buf ln2 = build_param(b, b->C, "model.layers.%d.post_attention_layernorm.weight", l, 0);
-    Buf h = build_add(b, x, build_attention(b, build_rmsnorm(b, x, ln1), l), b->N * b->C);
+    Buf xn = build_rmsnorm(b, x, ln1);
+    Buf att = c->attention == ATTENTION_MLA ? build_mla_attention(b, xn, l)
+                                            : build_attention(b, xn, l);
+    Buf h = build_add(b, x, att, b->N * b->C);
     Buf hn = build_rmsnorm(b, h, ln2);
     Buf ffn;
     if (model_config_is_moe_layer(c, l)) {

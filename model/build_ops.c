@@ -74,16 +74,23 @@ Buf build_expert_weights(Builder *b, int l, size_t numel, MoeLayerState *st) {
                       numel, any);
 }
 
-Buf build_rmsnorm(Builder *b, Buf x, Buf w) {
+Buf build_rmsnorm(Builder *b, Buf x, Buf w) { return build_rmsnorm_width(b, x, w, b->C); }
+
+Buf build_rmsnorm_width(Builder *b, Buf x, Buf w, size_t width) {
     TapeOp *op = tape_push(&b->m->tape, OP_RMSNORM);
-    op->rmsnorm.out = build_take_buf(b, b->N * b->C);   // (N, C)
+    op->rmsnorm.out = build_take_buf(b, b->N * width);  // (N, width)
     op->rmsnorm.rstd = build_take(b, b->N, DTYPE_REAL); // (N)
     op->rmsnorm.x = x;
     op->rmsnorm.w = w;
     op->rmsnorm.N = b->N;
-    op->rmsnorm.C = b->C;
+    op->rmsnorm.C = width;
     op->rmsnorm.eps = b->m->cfg.norm_eps;
     return op->rmsnorm.out;
+}
+
+Buf build_slice(Buf x, size_t offset, size_t numel) {
+    Buf y = {tensor_slice(x.v, offset, numel), tensor_slice(x.g, offset, numel)};
+    return y;
 }
 
 Buf build_matmul(Builder *b, Buf x, Buf w, size_t rows, size_t in, size_t out) {

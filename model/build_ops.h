@@ -34,11 +34,18 @@ Buf build_expert_weights(Builder *b, int l, size_t numel, MoeLayerState *st);
 
 // Ops every stage uses; each returns its output. Shapes: x (N, C) unless given.
 Buf build_rmsnorm(Builder *b, Buf x, Buf w);
+Buf build_rmsnorm_width(Builder *b, Buf x, Buf w, size_t width); // x (N, width)
+// numel values of x (and of its gradient) from offset.
+Buf build_slice(Buf x, size_t offset, size_t numel);
 Buf build_matmul(Builder *b, Buf x, Buf w, size_t rows, size_t in, size_t out);
 Buf build_matmul_fp32(Builder *b, Buf x, Buf w, size_t rows, size_t in, size_t out);
 Buf build_add(Builder *b, Buf x, Buf y, size_t n);
 Buf build_experts(Builder *b, Buf xp, Buf w, Tensor offsets, size_t rows, size_t E, size_t F);
 Buf build_swiglu_all(Builder *b, Buf x, Buf w, size_t F);
+
+// Multi-head latent attention (build_mla.c): layer l's attention output after o_proj
+// (N, C) from the normalised residual xn (N, C); under a KV cache its decode form.
+Buf build_mla_attention(Builder *b, Buf xn, int l);
 
 // The MoE layer's stages, in order.
 Buf build_router_input(Builder *b, Buf xn, MoeLayerState *st);

@@ -3,6 +3,7 @@
 #include <math.h>
 #include <stdio.h>
 
+#include "../kernels/rope_math.h"
 #include "../kernels/router_math.h"
 
 #define MK(field) offsetof(ModelConfig, field)
@@ -10,7 +11,8 @@
 static const ConfigKey model_keys[] = {
     {"layers", KEY_INT, MK(layers), "2", 1, 256, NULL, "transformer blocks"},
     {"d_model", KEY_INT, MK(d_model), "64", 2, 65536, NULL, "residual stream width C"},
-    {"heads", KEY_INT, MK(heads), "4", 1, 1024, NULL, "query heads (must divide d_model)"},
+    {"heads", KEY_INT, MK(heads), "4", 1, 1024, NULL,
+     "query heads (must divide d_model under attention = gqa)"},
     {"kv_heads", KEY_INT, MK(kv_heads), "4", 1, 1024, NULL,
      "key/value heads, grouped-query attention when < heads (must divide heads)"},
     {"vocab", KEY_INT, MK(vocab), "256", 2, 1 << 24, NULL, "vocabulary size (256: bytes)"},
@@ -35,6 +37,35 @@ static const ConfigKey model_keys[] = {
     {"norm_eps", KEY_DOUBLE, MK(norm_eps), "1e-5", 0, 1, NULL, "RMSNorm epsilon"},
     {"init_std", KEY_DOUBLE, MK(init_std), "0.02", 0, 10, NULL,
      "std of the normal weight init (output projections scaled by 1/sqrt(2*layers))"},
+    {"attention", KEY_ENUM, MK(attention), "gqa", 0, 0, "gqa|mla",
+     "grouped-query attention, or DeepSeek-V2's multi-head latent attention (keys and values "
+     "from a kv_lora_rank latent; kv_heads unused)"},
+    {"q_lora_rank", KEY_INT, MK(q_lora_rank), "0", 0, 1 << 20, NULL,
+     "mla: width of the compressed query (q_a_proj, q_a_layernorm, q_b_proj); 0: one q_proj"},
+    {"kv_lora_rank", KEY_INT, MK(kv_lora_rank), "0", 0, 1 << 20, NULL,
+     "mla: width of the key/value latent (kv_a_proj_with_mqa, kv_a_layernorm, kv_b_proj)"},
+    {"qk_nope_dim", KEY_INT, MK(qk_nope_dim), "0", 0, 1 << 16, NULL,
+     "mla: query/key values per head without RoPE (qk_nope_head_dim)"},
+    {"qk_rope_dim", KEY_INT, MK(qk_rope_dim), "0", 0, 1 << 16, NULL,
+     "mla: query/key values per head with RoPE, the key's shared by all heads "
+     "(qk_rope_head_dim, even)"},
+    {"v_head_dim", KEY_INT, MK(v_head_dim), "0", 0, 1 << 16, NULL, "mla: value width per head"},
+    {"rope_scaling", KEY_ENUM, MK(rope_scaling), "none", 0, 0, "none|yarn",
+     "RoPE frequency scaling: none, or YaRN (DeepSeek-V2/V3; attention = mla only)"},
+    {"rope_factor", KEY_DOUBLE, MK(rope_factor), "1", 1, 1e6, NULL,
+     "yarn: context extension factor (rope_scaling.factor)"},
+    {"rope_orig_max_pos", KEY_INT, MK(rope_orig_max_pos), "4096", 1, 1 << 30, NULL,
+     "yarn: the pre-training context (original_max_position_embeddings)"},
+    {"rope_beta_fast", KEY_DOUBLE, MK(rope_beta_fast), "32", 1e-6, 1e6, NULL,
+     "yarn: rotations below which a frequency is extrapolated (beta_fast)"},
+    {"rope_beta_slow", KEY_DOUBLE, MK(rope_beta_slow), "1", 1e-6, 1e6, NULL,
+     "yarn: rotations above which a frequency is interpolated (beta_slow)"},
+    {"rope_mscale", KEY_DOUBLE, MK(rope_mscale), "1", 0, 1e3, NULL,
+     "yarn: mscale; cos and sin are scaled by get_mscale(factor, mscale) / "
+     "get_mscale(factor, mscale_all_dim) when both are non-zero, else get_mscale(factor)"},
+    {"rope_mscale_all_dim", KEY_DOUBLE, MK(rope_mscale_all_dim), "0", 0, 1e3, NULL,
+     "yarn: mscale_all_dim; the softmax scale is multiplied by "
+     "get_mscale(factor, mscale_all_dim)^2"},
     {"qk_norm", KEY_ENUM, MK(qk_norm), "none", 0, 0, "none|head|full",
      "RMSNorm on queries and keys before RoPE: per head (Qwen3-MoE) or over each whole "
      "projection (OLMoE)"},
@@ -127,14 +158,40 @@ static int validate_groups(const ModelConfig *c, char *err, size_t n) {
     return 0;
 }
 
+// The MLA keys that must be set, and what MLA does not combine with.
+static int validate_mla(const ModelConfig *c, char *err, size_t n) {
+    const struct { const char *key; int v; } need[] = {
+        {"kv_lora_rank", c->kv_lora_rank}, {"qk_nope_dim", c->qk_nope_dim},
+        {"qk_rope_dim", c->qk_rope_dim}, {"v_head_dim", c->v_head_dim}};
+    for (size_t i = 0; i < sizeof need / sizeof *need; i++)
+        if (need[i].v <= 0)
+            return snprintf(err, n, "model.attention = mla needs model.%s > 0", need[i].key), -1;
+    if (c->qk_rope_dim % 2)
+        return snprintf(err, n, "model.qk_rope_dim = %d must be even for RoPE", c->qk_rope_dim),
+               -1;
+    if (c->qk_norm != QK_NORM_NONE || c->qkv_bias)
+        return snprintf(err, n, "model.attention = mla has no q/k/v projections for "
+                                "model.qk_norm or model.qkv_bias; set them to none/false"), -1;
+    return 0;
+}
+
 int model_config_validate(const ModelConfig *c, char *err, size_t n) {
-    if (c->d_model % c->heads)
+    if (c->attention == ATTENTION_MLA) {
+        if (validate_mla(c, err, n)) return -1;
+    } else if (c->rope_scaling != ROPE_SCALING_NONE) {
+        return snprintf(err, n, "model.rope_scaling = yarn needs model.attention = mla (the "
+                                "grouped-query attention has plain RoPE only)"), -1;
+    } else if (c->q_lora_rank || c->kv_lora_rank) {
+        return snprintf(err, n, "model.q_lora_rank / model.kv_lora_rank need model.attention "
+                                "= mla"), -1;
+    }
+    if (c->attention == ATTENTION_GQA && c->d_model % c->heads)
         return snprintf(err, n, "model.heads = %d must divide model.d_model = %d", c->heads,
                         c->d_model), -1;
-    if ((c->d_model / c->heads) % 2)
+    if (c->attention == ATTENTION_GQA && (c->d_model / c->heads) % 2)
         return snprintf(err, n, "model.d_model / model.heads = %d must be even for RoPE",
                         c->d_model / c->heads), -1;
-    if (c->heads % c->kv_heads)
+    if (c->attention == ATTENTION_GQA && c->heads % c->kv_heads)
         return snprintf(err, n, "model.kv_heads = %d must divide model.heads = %d",
                         c->kv_heads, c->heads), -1;
     if (c->top_k > c->experts)
@@ -174,6 +231,15 @@ int model_config_validate(const ModelConfig *c, char *err, size_t n) {
     return 0;
 }
 
+// One MLA layer's attention weights and its two norms (input, post-attention).
+static double mla_params(const ModelConfig *c) {
+    double C = c->d_model, H = c->heads, Dq = c->qk_nope_dim + c->qk_rope_dim;
+    double Rq = c->q_lora_rank, Rkv = c->kv_lora_rank;
+    double q = Rq ? Rq * C + Rq + H * Dq * Rq : H * Dq * C;
+    double kv = (Rkv + c->qk_rope_dim) * C + Rkv + H * (c->qk_nope_dim + c->v_head_dim) * Rkv;
+    return q + kv + C * H * c->v_head_dim + 2 * C;
+}
+
 double model_config_params(const ModelConfig *c) {
     double C = c->d_model, V = c->vocab, E = c->experts, D = C / c->heads;
     double attn = 2 * C * C + 2 * c->kv_heads * D * C + 2 * C;   // q, o, k, v, two norms
@@ -181,6 +247,7 @@ double model_config_params(const ModelConfig *c) {
     attn += c->qk_norm == QK_NORM_HEAD   ? 2 * D
             : c->qk_norm == QK_NORM_FULL ? C + c->kv_heads * D
                                          : 0;
+    if (c->attention == ATTENTION_MLA) attn = mla_params(c);
     double router = (c->select != SELECT_HASH) + (c->noise == NOISE_SHAZEER);
     double moe = router * E * C + E * 3.0 * c->expert_ffn_dim * C +
                  c->shared_experts * 3.0 * c->shared_ffn_dim * C + c->shared_gate * C;
@@ -188,6 +255,27 @@ double model_config_params(const ModelConfig *c) {
     int n_moe = model_config_moe_layers(c);
     return V * C * (c->tie_embeddings ? 1 : 2) + C + c->layers * attn + n_moe * moe +
            (c->layers - n_moe) * dense;
+}
+
+RopeSpec model_config_rope(const ModelConfig *c) {
+    RopeSpec r = {c->rope_theta, c->rope_scaling == ROPE_SCALING_YARN, c->rope_factor,
+                  (double)c->rope_orig_max_pos, c->rope_beta_fast, c->rope_beta_slow,
+                  c->rope_mscale, c->rope_mscale_all_dim};
+    return r;
+}
+
+double model_config_mla_scale(const ModelConfig *c) {
+    double s = 1.0 / sqrt((double)(c->qk_nope_dim + c->qk_rope_dim));
+    if (c->rope_scaling == ROPE_SCALING_YARN) {
+        double m = rope_get_mscale(c->rope_factor, c->rope_mscale_all_dim);
+        s *= m * m;
+    }
+    return s;
+}
+
+size_t model_config_cache_width(const ModelConfig *c) {
+    if (c->attention == ATTENTION_MLA) return (size_t)(c->kv_lora_rank + c->qk_rope_dim);
+    return 2 * (size_t)c->kv_heads * (size_t)(c->d_model / c->heads);
 }
 
 int model_config_is_moe_layer(const ModelConfig *cfg, int layer) {

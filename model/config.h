@@ -34,6 +34,20 @@ typedef struct {
     int qk_norm;          // QkNorm
     int qkv_bias;
     int shared_gate;      // sigmoid gate on the shared experts' sum
+    // multi-head latent attention (DeepSeek-V2) and YaRN RoPE
+    int attention;        // AttentionKind
+    int q_lora_rank;      // 0: one q_proj
+    int kv_lora_rank;
+    int qk_nope_dim;
+    int qk_rope_dim;
+    int v_head_dim;
+    int rope_scaling;     // RopeScalingKind
+    double rope_factor;
+    int rope_orig_max_pos;
+    double rope_beta_fast;
+    double rope_beta_slow;
+    double rope_mscale;
+    double rope_mscale_all_dim;
     // [router]
     int top_k;
     int score;            // ScoreFunc
@@ -56,6 +70,8 @@ typedef struct {
     int expert_bias;      // select on score + expert bias even when bias_gamma = 0
 } ModelConfig;
 
+typedef enum { ATTENTION_GQA = 0, ATTENTION_MLA = 1 } AttentionKind;
+typedef enum { ROPE_SCALING_NONE = 0, ROPE_SCALING_YARN = 1 } RopeScalingKind;
 typedef enum { QK_NORM_NONE = 0, QK_NORM_HEAD = 1, QK_NORM_FULL = 2 } QkNorm;
 typedef enum { SELECT_TOPK = 0, SELECT_EXPERT_CHOICE = 1, SELECT_HASH = 2 } RouterSelect;
 typedef enum { LB_BATCH = 0, LB_SEQ = 1 } LbType;
@@ -92,6 +108,14 @@ double model_config_params(const ModelConfig *cfg);
     "model.vocab = %d"
 #define MODEL_SIZE_VALUES(c) \
     (c)->layers, (c)->d_model, (c)->experts, (c)->expert_ffn_dim, (c)->vocab
+// The RoPE of the MLA ops: rope_theta and, under rope_scaling = yarn, YaRN's keys.
+RopeSpec model_config_rope(const ModelConfig *cfg);
+// MLA's softmax scale: 1/sqrt(qk_nope_dim + qk_rope_dim), times YaRN's
+// get_mscale(rope_factor, rope_mscale_all_dim)^2 under rope_scaling = yarn.
+double model_config_mla_scale(const ModelConfig *cfg);
+// Values the KV cache keeps per layer and position: keys and values (2 KV D), or under
+// MLA the latent and the rotated k_pe (kv_lora_rank + qk_rope_dim).
+size_t model_config_cache_width(const ModelConfig *cfg);
 // Per-expert capacity for N tokens: ceil(k N cf / E); 0 means dropless. Expert choice:
 // each expert's C = ceil(N cf / E), cf = capacity_factor, or top_k when that is <= 0.
 size_t model_config_capacity(const ModelConfig *cfg, size_t n_tokens);

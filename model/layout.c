@@ -72,10 +72,51 @@ static void add_moe(Builder *b, const ModelConfig *cfg, int l, int lo, int hi) {
     }
 }
 
+static void add_ffn(Builder *b, const ModelConfig *cfg, int l, int lo, int hi) {
+    if (model_config_is_moe_layer(cfg, l)) {
+        add_moe(b, cfg, l, lo, hi);
+    } else {
+        char prefix[64];
+        snprintf(prefix, sizeof prefix, "model.layers.%d.mlp", l);
+        add_swiglu(b, PARAM_DENSE, l, -1, (size_t)cfg->ffn_dim, (size_t)cfg->d_model, prefix,
+                   "gate_proj", "up_proj", "down_proj");
+    }
+}
+
+// Multi-head latent attention's tensors under DeepSeek's names (row order HF's: per head
+// nope then rope rows of q, k_nope then v rows of kv_b_proj; kv_a latent then k_pe rows).
+static void add_mla(Builder *b, const ModelConfig *cfg, int l) {
+    size_t C = (size_t)cfg->d_model, H = (size_t)cfg->heads, Rq = (size_t)cfg->q_lora_rank;
+    size_t R = (size_t)cfg->kv_lora_rank, Dn = (size_t)cfg->qk_nope_dim;
+    size_t Dr = (size_t)cfg->qk_rope_dim, Dv = (size_t)cfg->v_head_dim, Dq = Dn + Dr;
+    if (Rq) {
+        add_param(b, PARAM_ATTN, l, -1, Rq, C, "model.layers.%d.self_attn.q_a_proj.weight", l);
+        add_param(b, PARAM_NORM, l, -1, Rq, 0, "model.layers.%d.self_attn.q_a_layernorm.weight",
+                  l);
+        add_param(b, PARAM_ATTN, l, -1, H * Dq, Rq, "model.layers.%d.self_attn.q_b_proj.weight",
+                  l);
+    } else {
+        add_param(b, PARAM_ATTN, l, -1, H * Dq, C, "model.layers.%d.self_attn.q_proj.weight", l);
+    }
+    add_param(b, PARAM_ATTN, l, -1, R + Dr, C,
+              "model.layers.%d.self_attn.kv_a_proj_with_mqa.weight", l);
+    add_param(b, PARAM_NORM, l, -1, R, 0, "model.layers.%d.self_attn.kv_a_layernorm.weight", l);
+    add_param(b, PARAM_ATTN, l, -1, H * (Dn + Dv), R,
+              "model.layers.%d.self_attn.kv_b_proj.weight", l);
+    add_param(b, PARAM_ATTN, l, -1, C, H * Dv, "model.layers.%d.self_attn.o_proj.weight", l);
+}
+
 static void add_block(Builder *b, const ModelConfig *cfg, int l, int lo, int hi) {
     size_t C = (size_t)cfg->d_model, D = C / (size_t)cfg->heads;
     size_t HD = (size_t)cfg->heads * D, KD = (size_t)cfg->kv_heads * D;
     add_param(b, PARAM_NORM, l, -1, C, 0, "model.layers.%d.input_layernorm.weight", l);
+    if (cfg->attention == ATTENTION_MLA) {
+        add_mla(b, cfg, l);
+        add_param(b, PARAM_NORM, l, -1, C, 0, "model.layers.%d.post_attention_layernorm.weight",
+                  l);
+        add_ffn(b, cfg, l, lo, hi);
+        return;
+    }
     add_param(b, PARAM_ATTN, l, -1, HD, C, "model.layers.%d.self_attn.q_proj.weight", l);
     add_param(b, PARAM_ATTN, l, -1, KD, C, "model.layers.%d.self_attn.k_proj.weight", l);
     add_param(b, PARAM_ATTN, l, -1, KD, C, "model.layers.%d.self_attn.v_proj.weight", l);
@@ -93,14 +134,7 @@ static void add_block(Builder *b, const ModelConfig *cfg, int l, int lo, int hi)
                   "model.layers.%d.self_attn.k_norm.weight", l);
     }
     add_param(b, PARAM_NORM, l, -1, C, 0, "model.layers.%d.post_attention_layernorm.weight", l);
-    if (model_config_is_moe_layer(cfg, l)) {
-        add_moe(b, cfg, l, lo, hi);
-    } else {
-        char prefix[64];
-        snprintf(prefix, sizeof prefix, "model.layers.%d.mlp", l);
-        add_swiglu(b, PARAM_DENSE, l, -1, (size_t)cfg->ffn_dim, C, prefix, "gate_proj",
-                   "up_proj", "down_proj");
-    }
+    add_ffn(b, cfg, l, lo, hi);
 }
 
 // FNV-1a over the name's bytes.

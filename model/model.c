@@ -79,8 +79,8 @@ static void init_model(Model *m, const ModelConfig *cfg, const Backend *be, size
     m->n_moe = model_config_moe_layers(cfg);
     m->expert_bias = slab_alloc(be, (size_t)m->n_moe * (size_t)cfg->experts, "expert bias");
     m->cache_len = L;
-    size_t kv = (size_t)cfg->kv_heads * (size_t)(cfg->d_model / cfg->heads);
-    if (L) m->kv_cache = slab_alloc(be, (size_t)cfg->layers * 2 * B * L * kv, "the KV cache");
+    size_t width = model_config_cache_width(cfg);
+    if (L) m->kv_cache = slab_alloc(be, (size_t)cfg->layers * B * L * width, "the KV cache");
     plan_tape(m, NULL, 0);
 }
 

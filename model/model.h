@@ -69,7 +69,9 @@ typedef struct {
     Tensor expert_bias;      // (n_moe, E) DeepSeek-V3 selection bias, zero at init
     // Generation (model_init_decode); cache_len 0 on a training model.
     size_t cache_len;        // L positions kept per sequence
-    Tensor kv_cache;         // (layers, 2, B, L, KV*D) keys, then values, after QK-norm and RoPE
+    Tensor kv_cache;         // (layers, 2, B, L, KV*D) keys, then values, after QK-norm and RoPE;
+                             // MLA: (layers, B*L*(R + Dr)) latents (B, L, R), then rotated
+                             // k_pe (B, L, Dr)
     Tensor positions;        // (B) int32 the position of each row's token
 } Model;
 
@@ -144,5 +146,16 @@ ModelLosses model_forward(Model *m);
 void model_zero_grad(Model *m);
 // Accumulates d(total loss)/d(params) into m->grads.
 void model_backward(Model *m);
+
+// What model_init(cfg, be, B, T) and model_set_trainable(trainable; NULL: all) would
+// allocate, in bytes, measured by the tape's planning pass without allocating any of it
+// (moe plan): parameters (gradients are as large), activations and their gradients, the
+// expert bias; and the trainable parameter count (AdamW keeps two values for each).
+typedef struct {
+    size_t params, acts, dacts, expert_bias;
+    size_t trainable;
+} ModelPlan;
+void model_plan(const ModelConfig *cfg, const Backend *be, size_t B, size_t T,
+                const uint8_t *trainable, ModelPlan *out);
 
 #endif

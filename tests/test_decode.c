@@ -158,6 +158,36 @@ static void test_decode_noisy_routers_without_noise(void **state) {
     check_same(c);
 }
 
+// MLA: the cache keeps latents and rotated k_pe; each step attends in the absorbed form.
+static ModelConfig mla_decode_config(void) {
+    ModelConfig c = tiny_config();
+    c.attention = ATTENTION_MLA;
+    c.heads = 3;
+    c.kv_lora_rank = 5;
+    c.qk_nope_dim = 3;
+    c.qk_rope_dim = 4;
+    c.v_head_dim = 2;
+    return c;
+}
+
+static void test_decode_mla(void **state) {
+    (void)state;
+    check_same(mla_decode_config());
+}
+
+static void test_decode_mla_q_lora_yarn(void **state) {
+    (void)state;
+    ModelConfig c = mla_decode_config();
+    c.q_lora_rank = 4;
+    c.rope_scaling = ROPE_SCALING_YARN;
+    c.rope_theta = 10;
+    c.rope_factor = 8;
+    c.rope_orig_max_pos = 16;
+    c.rope_mscale = 0.707;
+    c.rope_mscale_all_dim = 1.0;
+    check_same(c);
+}
+
 static void test_decode_hash_routing(void **state) {
     (void)state;
     ModelConfig c = tiny_config();
@@ -239,6 +269,8 @@ static const struct CMUnitTest tests[] = {
     cmocka_unit_test(test_decode_deepseek_v3_routing),
     cmocka_unit_test(test_decode_noisy_routers_without_noise),
     cmocka_unit_test(test_decode_hash_routing),
+    cmocka_unit_test(test_decode_mla),
+    cmocka_unit_test(test_decode_mla_q_lora_yarn),
     cmocka_unit_test(test_top_k_one_is_greedy),
     cmocka_unit_test(test_top_k_draws_among_the_k_largest),
     cmocka_unit_test(test_top_p_and_combinations),

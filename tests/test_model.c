@@ -146,6 +146,44 @@ static void test_qkv_bias_gated_shared_expert(void **state) {
     check_model_gradients(&c);
 }
 
+// DeepSeek-V2-Lite's attention: MLA without a compressed query, 3 heads that do not
+// divide d_model, q/k heads (3 + 4) wide and values 2 wide.
+static ModelConfig mla_config(void) {
+    ModelConfig c = tiny_config();
+    c.attention = ATTENTION_MLA;
+    c.heads = 3;
+    c.kv_lora_rank = 5;
+    c.qk_nope_dim = 3;
+    c.qk_rope_dim = 4;
+    c.v_head_dim = 2;
+    return c;
+}
+
+static void test_mla(void **state) {
+    (void)state;
+    ModelConfig c = mla_config();
+    check_model_gradients(&c);
+}
+
+// DeepSeek-V2/V3: the compressed query path and YaRN (theta 10 and an original context
+// of 16 put the ramp between the two rope pairs; mscale_all_dim changes the softmax scale),
+// with a dense first layer and a shared expert.
+static void test_mla_q_lora_yarn(void **state) {
+    (void)state;
+    ModelConfig c = mla_config();
+    c.q_lora_rank = 6;
+    c.rope_scaling = ROPE_SCALING_YARN;
+    c.rope_theta = 10;
+    c.rope_factor = 8;
+    c.rope_orig_max_pos = 16;
+    c.rope_mscale = 0.707;
+    c.rope_mscale_all_dim = 1.0;
+    c.moe_every = 2;
+    c.shared_experts = 1;
+    c.shared_ffn_dim = 5;
+    check_model_gradients(&c);
+}
+
 static void test_dense_interleaved(void **state) {
     (void)state;
     ModelConfig c = tiny_config();
@@ -706,6 +744,8 @@ static const struct CMUnitTest tests[] = {
     cmocka_unit_test(test_qk_norm_whole_projection),
     cmocka_unit_test(test_qkv_bias_gated_shared_expert),
     cmocka_unit_test(test_dense_interleaved),
+    cmocka_unit_test(test_mla),
+    cmocka_unit_test(test_mla_q_lora_yarn),
     cmocka_unit_test(test_tied_embeddings_mha),
     cmocka_unit_test(test_lb_loss_is_one_when_balanced),
     cmocka_unit_test(test_expert_choice),

@@ -84,6 +84,15 @@ def code(n):
      "an expert bias (router.bias_gamma > 0 or router.expert_bias = true) needs router.select"),
     (["model.first_dense_layers=2"], "leaves no MoE layer among model.layers = 2"),
     (["router.gate_scale=0"], "router.gate_scale"),
+    # multi-head latent attention: its sizes are required, YaRN needs it
+    (["model.attention=mla", "model.kv_lora_rank=8", "model.qk_nope_dim=4",
+      "model.v_head_dim=4"], "model.attention = mla needs model.qk_rope_dim > 0"),
+    (["model.attention=mla", "model.kv_lora_rank=8", "model.qk_nope_dim=4",
+      "model.qk_rope_dim=3", "model.v_head_dim=4"], "model.qk_rope_dim = 3 must be even"),
+    (["model.rope_scaling=yarn"], "model.rope_scaling = yarn needs model.attention = mla"),
+    (["model.attention=mla", "model.kv_lora_rank=8", "model.qk_nope_dim=4",
+      "model.qk_rope_dim=4", "model.v_head_dim=4", "model.qk_norm=head"],
+     "model.attention = mla has no q/k/v projections for model.qk_norm"),
     (["train.steps=ten"], "train.steps = 'ten': expected an integer"),
     # A value's newline prints escaped (base/util.c): the error stays one line.
     (["train.steps=1\n0"], "train.steps = '1\\n0': expected an integer"),

@@ -719,6 +719,15 @@ static void test_config_params_match_layout(void **state) {
     layout_init(&lay, &c);
     assert_true(model_config_params(&c) == (double)lay.total);
     layout_free(&lay);
+    // multi-head latent attention, without and with the compressed query
+    c.attention = ATTENTION_MLA, c.heads = 3, c.kv_lora_rank = 5, c.qk_nope_dim = 3;
+    c.qk_rope_dim = 4, c.v_head_dim = 2;
+    for (int rq = 0; rq <= 6; rq += 6) {
+        c.q_lora_rank = rq;
+        layout_init(&lay, &c);
+        assert_true(model_config_params(&c) == (double)lay.total);
+        layout_free(&lay);
+    }
 }
 
 static const struct CMUnitTest tests[] = {

@@ -275,7 +275,10 @@ static const char *attention_kind(const Model *m) {
     const ModelConfig *c = &m->cfg;
     size_t H = (size_t)c->heads, D = (size_t)c->d_model / H, att, datt;
     if (!m->be->attention_plan) return "attention keeps its probabilities";
-    m->be->attention_plan(&att, &datt, m->B, m->T, H, (size_t)c->kv_heads, D, m->tape.bf16);
+    int mla = c->attention == ATTENTION_MLA; // planned as fp32: CUDA runs the plain kernels
+    if (mla) D = (size_t)(c->qk_nope_dim + c->qk_rope_dim);
+    m->be->attention_plan(&att, &datt, m->B, m->T, H, mla ? H : (size_t)c->kv_heads, D,
+                          mla ? 0 : m->tape.bf16);
     if (att == m->B * H * m->T * m->T) return "plain attention kernels (fp32)";
     return m->be->device == DEVICE_CPU ? "fused attention (online softmax)"
                                        : "fused attention (cuDNN)";

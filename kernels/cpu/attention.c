@@ -88,10 +88,10 @@ void cpu_attention_plan(size_t *att_numel, size_t *datt_numel, size_t B, size_t 
 }
 
 // One head's q, k, v (and their gradients) step `width` per position, out and dout
-// `out_width`; lse (T) is the head's logsumexp per query.
+// `out_width`; q and k are Dk wide, v and out Dv. lse (T) is the head's logsumexp per query.
 typedef struct {
     const real *q, *k, *v;
-    size_t T, D, width, out_width;
+    size_t T, Dk, Dv, width, out_width;
     real scale;
 } HeadView;
 
@@ -136,33 +136,33 @@ static void attend_block(real *out, real *lse, real *s, real *m, real *l, const 
     size_t rows = t1 - t0;
     for (size_t u0 = 0; u0 < t1; u0 += ATTN_BK) {
         size_t cols = min_size(u0 + ATTN_BK, t1) - u0;
-        cpu_gemm(0, 1, rows, cols, h->D, h->scale, h->q + t0 * h->width, h->width,
+        cpu_gemm(0, 1, rows, cols, h->Dk, h->scale, h->q + t0 * h->width, h->width,
                  h->k + u0 * h->width, h->width, 0, s, ATTN_BK);
         for (size_t r = 0; r < rows; r++) {
             if (u0 == 0) m[r] = -INFINITY;
             online_row(s + r * ATTN_BK, out + (t0 + r) * h->out_width, m + r, l + r, t0 + r,
-                       u0, cols, h->D, u0 == 0);
+                       u0, cols, h->Dv, u0 == 0);
         }
-        cpu_gemm(0, 0, rows, h->D, cols, 1, s, ATTN_BK, h->v + u0 * h->width, h->width,
+        cpu_gemm(0, 0, rows, h->Dv, cols, 1, s, ATTN_BK, h->v + u0 * h->width, h->width,
                  u0 == 0 ? 0 : 1, out + t0 * h->out_width, h->out_width);
     }
     for (size_t r = 0; r < rows; r++) {
         real inv = 1 / l[r], *o = out + (t0 + r) * h->out_width;
-        for (size_t d = 0; d < h->D; d++)
+        for (size_t d = 0; d < h->Dv; d++)
             o[d] *= inv;
         lse[t0 + r] = m[r] + (real)log(l[r]);
     }
 }
 
-void cpu_attention_forward(Tensor out, Tensor att, Tensor qkv, size_t B, size_t T, size_t H,
-                           size_t KV, size_t D) {
+void cpu_attention_mla_forward(Tensor out, Tensor att, Tensor qkv, size_t B, size_t T,
+                               size_t H, size_t KV, size_t Dk, size_t Dv, double scale) {
     check_groups(H, KV);
     CHECK(att.numel >= B * H * T, "attention: att holds %zu values, the logsumexp needs %zu",
           att.numel, B * H * T);
-    size_t width = (H + 2 * KV) * D, group = H / KV;
-    real *o = TENSOR_R(out);       // (B*T, H*D)
+    size_t width = (H + KV) * Dk + KV * Dv, group = H / KV;
+    real *o = TENSOR_R(out);       // (B*T, H*Dv)
     real *lse = TENSOR_R(att);     // (B, H, T)
-    const real *x = TENSOR_R(qkv); // (B*T, (H + 2KV) * D)
+    const real *x = TENSOR_R(qkv); // (B*T, (H + KV) * Dk + KV * Dv)
 #pragma omp parallel
     {
         real *s = CALLOC(ATTN_BQ * ATTN_BK, sizeof(real)); // (ATTN_BQ, ATTN_BK)
@@ -171,14 +171,19 @@ void cpu_attention_forward(Tensor out, Tensor att, Tensor qkv, size_t B, size_t 
         for (size_t bh = 0; bh < B * H; bh++) {
             size_t b = bh / H, h = bh % H, kvh = h / group;
             const real *xb = x + b * T * width;
-            HeadView view = {xb + h * D, xb + (H + kvh) * D, xb + (H + KV + kvh) * D, T, D,
-                             width, H * D, (real)(1.0 / sqrt((double)D))};
+            HeadView view = {xb + h * Dk, xb + (H + kvh) * Dk, xb + (H + KV) * Dk + kvh * Dv, T,
+                             Dk, Dv, width, H * Dv, (real)scale};
             for (size_t t0 = 0; t0 < T; t0 += ATTN_BQ)
-                attend_block(o + b * T * H * D + h * D, lse + bh * T, s, m, l, &view, t0,
+                attend_block(o + b * T * H * Dv + h * Dv, lse + bh * T, s, m, l, &view, t0,
                              min_size(t0 + ATTN_BQ, T));
         }
         free(s);
     }
+}
+
+void cpu_attention_forward(Tensor out, Tensor att, Tensor qkv, size_t B, size_t T, size_t H,
+                           size_t KV, size_t D) {
+    cpu_attention_mla_forward(out, att, qkv, B, T, H, KV, D, D, 1.0 / sqrt((double)D));
 }
 
 // One block of queries t0 .. t1-1 against keys u0 .. u0+cols-1 of one head: recomputes
@@ -187,9 +192,9 @@ void cpu_attention_forward(Tensor out, Tensor att, Tensor qkv, size_t B, size_t 
 static void grad_block(real *dq, real *dk, real *dv, real *p, real *ds, const HeadView *h,
                        const real *dout, const real *lse, const real *delta, size_t t0,
                        size_t t1, size_t u0, size_t cols) {
-    size_t rows = t1 - t0, w = h->width, ow = h->out_width, D = h->D;
-    cpu_gemm(0, 1, rows, cols, D, h->scale, h->q + t0 * w, w, h->k + u0 * w, w, 0, p, ATTN_BK);
-    cpu_gemm(0, 1, rows, cols, D, 1, dout + t0 * ow, ow, h->v + u0 * w, w, 0, ds, ATTN_BK);
+    size_t rows = t1 - t0, w = h->width, ow = h->out_width, Dk = h->Dk, Dv = h->Dv;
+    cpu_gemm(0, 1, rows, cols, Dk, h->scale, h->q + t0 * w, w, h->k + u0 * w, w, 0, p, ATTN_BK);
+    cpu_gemm(0, 1, rows, cols, Dv, 1, dout + t0 * ow, ow, h->v + u0 * w, w, 0, ds, ATTN_BK);
     for (size_t r = 0; r < rows; r++) {
         real *pr = p + r * ATTN_BK, *dr = ds + r * ATTN_BK, dl = delta[t0 + r];
         exp_row(pr, t0 + r, u0, cols, lse[t0 + r]);
@@ -197,9 +202,9 @@ static void grad_block(real *dq, real *dk, real *dv, real *p, real *ds, const He
         for (size_t u = 0; u < cols; u++)
             dr[u] = pr[u] * (dr[u] - dl);
     }
-    cpu_gemm(1, 0, cols, D, rows, 1, p, ATTN_BK, dout + t0 * ow, ow, 1, dv + u0 * w, w);
-    cpu_gemm(0, 0, rows, D, cols, h->scale, ds, ATTN_BK, h->k + u0 * w, w, 1, dq + t0 * w, w);
-    cpu_gemm(1, 0, cols, D, rows, h->scale, ds, ATTN_BK, h->q + t0 * w, w, 1, dk + u0 * w, w);
+    cpu_gemm(1, 0, cols, Dv, rows, 1, p, ATTN_BK, dout + t0 * ow, ow, 1, dv + u0 * w, w);
+    cpu_gemm(0, 0, rows, Dk, cols, h->scale, ds, ATTN_BK, h->k + u0 * w, w, 1, dq + t0 * w, w);
+    cpu_gemm(1, 0, cols, Dk, rows, h->scale, ds, ATTN_BK, h->q + t0 * w, w, 1, dk + u0 * w, w);
 }
 
 // delta (T) = rowsum(dout * out) for one head: equals rowsum(p * dp), the softmax
@@ -216,16 +221,17 @@ static void head_delta(real *delta, const real *dout, const real *out, size_t T,
 }
 
 // The forward's out and att (the logsumexp) suffice; datt is not used.
-void cpu_attention_backward(Tensor dqkv, Tensor datt, Tensor dout, Tensor out, Tensor qkv,
-                            Tensor att, size_t B, size_t T, size_t H, size_t KV, size_t D) {
+void cpu_attention_mla_backward(Tensor dqkv, Tensor datt, Tensor dout, Tensor out, Tensor qkv,
+                                Tensor att, size_t B, size_t T, size_t H, size_t KV, size_t Dk,
+                                size_t Dv, double scale) {
     (void)datt;
     if (!dqkv.data) return;
     check_groups(H, KV);
-    size_t width = (H + 2 * KV) * D, out_width = H * D, group = H / KV;
-    real *dx = TENSOR_R(dqkv);       // (B*T, (H + 2KV) * D)
-    const real *dy = TENSOR_R(dout); // (B*T, H*D)
-    const real *y = TENSOR_R(out);   // (B*T, H*D)
-    const real *x = TENSOR_R(qkv);   // (B*T, (H + 2KV) * D)
+    size_t width = (H + KV) * Dk + KV * Dv, out_width = H * Dv, group = H / KV;
+    real *dx = TENSOR_R(dqkv);       // (B*T, (H + KV) * Dk + KV * Dv)
+    const real *dy = TENSOR_R(dout); // (B*T, H*Dv)
+    const real *y = TENSOR_R(out);   // (B*T, H*Dv)
+    const real *x = TENSOR_R(qkv);   // (B*T, (H + KV) * Dk + KV * Dv)
     const real *lse = TENSOR_R(att); // (B, H, T)
 #pragma omp parallel
     {
@@ -237,20 +243,27 @@ void cpu_attention_backward(Tensor dqkv, Tensor datt, Tensor dout, Tensor out, T
             const real *xb = x + b * T * width;
             real *dxb = dx + b * T * width;
             for (size_t h = kvh * group; h < (kvh + 1) * group; h++) {
-                HeadView view = {xb + h * D, xb + (H + kvh) * D, xb + (H + KV + kvh) * D, T, D,
-                                 width, out_width, (real)(1.0 / sqrt((double)D))};
-                const real *dyh = dy + b * T * out_width + h * D;
-                head_delta(delta, dyh, y + b * T * out_width + h * D, T, D, out_width);
+                size_t vo = (H + KV) * Dk + kvh * Dv;
+                HeadView view = {xb + h * Dk, xb + (H + kvh) * Dk, xb + vo, T, Dk, Dv, width,
+                                 out_width, (real)scale};
+                const real *dyh = dy + b * T * out_width + h * Dv;
+                head_delta(delta, dyh, y + b * T * out_width + h * Dv, T, Dv, out_width);
                 for (size_t t0 = 0; t0 < T; t0 += ATTN_BQ) {
                     size_t t1 = min_size(t0 + ATTN_BQ, T);
                     for (size_t u0 = 0; u0 < t1; u0 += ATTN_BK)
-                        grad_block(dxb + h * D, dxb + (H + kvh) * D, dxb + (H + KV + kvh) * D,
-                                   p, ds, &view, dyh, lse + (b * H + h) * T, delta, t0, t1,
-                                   u0, min_size(u0 + ATTN_BK, t1) - u0);
+                        grad_block(dxb + h * Dk, dxb + (H + kvh) * Dk, dxb + vo, p, ds,
+                                   &view, dyh, lse + (b * H + h) * T, delta, t0, t1, u0,
+                                   min_size(u0 + ATTN_BK, t1) - u0);
                 }
             }
         }
         free(delta);
         free(p);
     }
+}
+
+void cpu_attention_backward(Tensor dqkv, Tensor datt, Tensor dout, Tensor out, Tensor qkv,
+                            Tensor att, size_t B, size_t T, size_t H, size_t KV, size_t D) {
+    cpu_attention_mla_backward(dqkv, datt, dout, out, qkv, att, B, T, H, KV, D, D,
+                               1.0 / sqrt((double)D));
 }

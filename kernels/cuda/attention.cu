@@ -55,34 +55,41 @@ void cuda_rope_backward(Tensor dqkv, size_t B, size_t T, size_t H, size_t KV, si
 
 // ---- attention --------------------------------------------------------------------------
 
+// Query/key heads Dk wide, value heads Dv wide from voff = (H + KV) Dk in each row.
 struct AttnShape {
-    size_t T, H, KV, D, width, out_width, group;
+    size_t T, H, KV, Dk, Dv, voff, width, out_width, group;
     float scale;
 };
 
-static AttnShape attn_shape(size_t T, size_t H, size_t KV, size_t D) {
+static AttnShape attn_shape_split(size_t T, size_t H, size_t KV, size_t Dk, size_t Dv,
+                                  double scale) {
     CUDA_REQUIRE(KV > 0 && H % KV == 0, "attention: %zu query heads cannot share %zu KV heads",
                  H, KV);
-    AttnShape s = {T, H, KV, D, (H + 2 * KV) * D, H * D, H / KV, (float)(1.0 / sqrt((double)D))};
+    AttnShape s = {T,  H,     KV,    Dk, Dv, (H + KV) * Dk, (H + KV) * Dk + KV * Dv, H * Dv,
+                   H / KV, (float)scale};
     return s;
+}
+
+static AttnShape attn_shape(size_t T, size_t H, size_t KV, size_t D) {
+    return attn_shape_split(T, H, KV, D, D, 1.0 / sqrt((double)D));
 }
 
 // Block (b, h, t): p[u] = softmax_u<=t(scale q_t . k_u), 0 above t; out_t = sum_u p[u] v_u.
 // The probabilities are built in place in att's row; dynamic shared memory holds q_t.
 __global__ void attention_forward_kernel(float *out, float *att, const float *qkv, AttnShape s) {
-    extern __shared__ float q[];   // (D)
-    size_t T = s.T, D = s.D, W = s.width;
+    extern __shared__ float q[];   // (Dk)
+    size_t T = s.T, Dk = s.Dk, Dv = s.Dv, W = s.width;
     size_t t = blockIdx.x % T, bh = blockIdx.x / T, h = bh % s.H, b = bh / s.H;
     size_t kvh = h / s.group;
     const float *xb = qkv + b * T * W;
-    const float *k = xb + (s.H + kvh) * D, *v = xb + (s.H + s.KV + kvh) * D;
+    const float *k = xb + (s.H + kvh) * Dk, *v = xb + s.voff + kvh * Dv;
     float *p = att + bh * T * T + t * T;
-    for (size_t d = threadIdx.x; d < D; d += blockDim.x) q[d] = xb[t * W + h * D + d];
+    for (size_t d = threadIdx.x; d < Dk; d += blockDim.x) q[d] = xb[t * W + h * Dk + d];
     __syncthreads();
     float mx = -INFINITY;
     for (size_t u = threadIdx.x; u <= t; u += blockDim.x) {
         float dot = 0.0f;
-        for (size_t d = 0; d < D; d++) dot += q[d] * k[u * W + d];
+        for (size_t d = 0; d < Dk; d++) dot += q[d] * k[u * W + d];
         p[u] = s.scale * dot;
         mx = fmaxf(mx, p[u]);
     }
@@ -97,10 +104,10 @@ __global__ void attention_forward_kernel(float *out, float *att, const float *qk
     for (size_t u = threadIdx.x; u < T; u += blockDim.x)
         p[u] = u <= t ? (float)((double)p[u] / sum) : 0.0f;
     __syncthreads();   // every p[u] written before any thread reads the row
-    for (size_t d = threadIdx.x; d < D; d += blockDim.x) {
+    for (size_t d = threadIdx.x; d < Dv; d += blockDim.x) {
         float acc = 0.0f;
         for (size_t u = 0; u <= t; u++) acc += p[u] * v[u * W + d];
-        out[(b * T + t) * s.out_width + h * D + d] = acc;
+        out[(b * T + t) * s.out_width + h * Dv + d] = acc;
     }
 }
 
@@ -222,21 +229,21 @@ void cuda_attention_forward(Tensor out, Tensor att, Tensor qkv, size_t B, size_t
 // (0 above t), into datt's row; then dq_t += scale * sum_u ds[u] k_u.
 __global__ void attention_backward_q_kernel(float *dqkv, float *datt, const float *dout,
                                             const float *qkv, const float *att, AttnShape s) {
-    extern __shared__ float dy[];   // (D) dout_t for this head
-    size_t T = s.T, D = s.D, W = s.width;
+    extern __shared__ float dy[];   // (Dv) dout_t for this head
+    size_t T = s.T, Dk = s.Dk, Dv = s.Dv, W = s.width;
     size_t t = blockIdx.x % T, bh = blockIdx.x / T, h = bh % s.H, b = bh / s.H;
     size_t kvh = h / s.group;
     const float *xb = qkv + b * T * W;
-    const float *k = xb + (s.H + kvh) * D, *v = xb + (s.H + s.KV + kvh) * D;
+    const float *k = xb + (s.H + kvh) * Dk, *v = xb + s.voff + kvh * Dv;
     const float *p = att + bh * T * T + t * T;
     float *ds = datt + bh * T * T + t * T;
-    for (size_t d = threadIdx.x; d < D; d += blockDim.x)
-        dy[d] = dout[(b * T + t) * s.out_width + h * D + d];
+    for (size_t d = threadIdx.x; d < Dv; d += blockDim.x)
+        dy[d] = dout[(b * T + t) * s.out_width + h * Dv + d];
     __syncthreads();
     double rowsum = 0.0;
     for (size_t u = threadIdx.x; u <= t; u += blockDim.x) {
         float dp = 0.0f;
-        for (size_t d = 0; d < D; d++) dp += dy[d] * v[u * W + d];
+        for (size_t d = 0; d < Dv; d++) dp += dy[d] * v[u * W + d];
         ds[u] = dp;
         rowsum += (double)p[u] * dp;
     }
@@ -244,10 +251,10 @@ __global__ void attention_backward_q_kernel(float *dqkv, float *datt, const floa
     for (size_t u = threadIdx.x; u < T; u += blockDim.x)
         ds[u] = u <= t ? (float)((double)p[u] * ((double)ds[u] - rowsum)) : 0.0f;
     __syncthreads();
-    for (size_t d = threadIdx.x; d < D; d += blockDim.x) {
+    for (size_t d = threadIdx.x; d < Dk; d += blockDim.x) {
         float acc = 0.0f;
         for (size_t u = 0; u <= t; u++) acc += ds[u] * k[u * W + d];
-        dqkv[(b * T + t) * W + h * D + d] += s.scale * acc;
+        dqkv[(b * T + t) * W + h * Dk + d] += s.scale * acc;
     }
 }
 
@@ -255,7 +262,7 @@ __global__ void attention_backward_q_kernel(float *dqkv, float *datt, const floa
 // p[t,u] dout_t, over the query heads h of this KV head, in head then query order.
 __global__ void attention_backward_kv_kernel(float *dqkv, const float *datt, const float *dout,
                                              const float *qkv, const float *att, AttnShape s) {
-    size_t T = s.T, D = s.D, W = s.width;
+    size_t T = s.T, Dk = s.Dk, Dv = s.Dv, W = s.width, D = Dk > Dv ? Dk : Dv;
     size_t u = blockIdx.x % T, bk = blockIdx.x / T, kvh = bk % s.KV, b = bk / s.KV;
     const float *xb = qkv + b * T * W;
     const float *dyb = dout + b * T * s.out_width;
@@ -264,13 +271,13 @@ __global__ void attention_backward_kv_kernel(float *dqkv, const float *datt, con
         for (size_t h = kvh * s.group; h < (kvh + 1) * s.group; h++) {
             const float *ds = datt + (b * s.H + h) * T * T, *p = att + (b * s.H + h) * T * T;
             for (size_t t = u; t < T; t++) {
-                dk += ds[t * T + u] * xb[t * W + h * D + d];
-                dv += p[t * T + u] * dyb[t * s.out_width + h * D + d];
+                if (d < Dk) dk += ds[t * T + u] * xb[t * W + h * Dk + d];
+                if (d < Dv) dv += p[t * T + u] * dyb[t * s.out_width + h * Dv + d];
             }
         }
         float *row = dqkv + (b * T + u) * W;
-        row[(s.H + kvh) * D + d] += s.scale * dk;
-        row[(s.H + s.KV + kvh) * D + d] += dv;
+        if (d < Dk) row[(s.H + kvh) * Dk + d] += s.scale * dk;
+        if (d < Dv) row[s.voff + kvh * Dv + d] += dv;
     }
 }
 
@@ -285,6 +292,35 @@ void cuda_attention_backward(Tensor dqkv, Tensor datt, Tensor dout, Tensor out, 
         return;
     }
     attention_backward_q_kernel<<<(unsigned)(B * H * T), CUDA_THREADS, D * sizeof(float)>>>(
+        DEV_R(dqkv), DEV_R(datt), DEV_R(dout), DEV_R(qkv), DEV_R(att), s);
+    cudaCheckLaunch();
+    attention_backward_kv_kernel<<<(unsigned)(B * KV * T), CUDA_THREADS>>>(
+        DEV_R(dqkv), DEV_R(datt), DEV_R(dout), DEV_R(qkv), DEV_R(att), s);
+    cudaCheckLaunch();
+}
+
+// Split head widths and a given scale (multi-head latent attention): always the plain
+// kernels in fp32 (cuDNN's path is not wired for Dk != Dv); the builder plans att for
+// them (attention_plan with bf16 = 0).
+void cuda_attention_mla_forward(Tensor out, Tensor att, Tensor qkv, size_t B, size_t T,
+                                size_t H, size_t KV, size_t Dk, size_t Dv, double scale) {
+    AttnShape s = attn_shape_split(T, H, KV, Dk, Dv, scale);
+    if (B * H * T == 0 || Dk == 0 || Dv == 0) return;
+    CUDA_REQUIRE(att.numel >= B * H * T * T, "internal: attention state holds %zu values, the "
+                 "plain path needs %zu", att.numel, B * H * T * T);
+    attention_forward_kernel<<<(unsigned)(B * H * T), CUDA_THREADS, Dk * sizeof(float)>>>(
+        DEV_R(out), DEV_R(att), DEV_R(qkv), s);
+    cudaCheckLaunch();
+}
+
+void cuda_attention_mla_backward(Tensor dqkv, Tensor datt, Tensor dout, Tensor out, Tensor qkv,
+                                 Tensor att, size_t B, size_t T, size_t H, size_t KV, size_t Dk,
+                                 size_t Dv, double scale) {
+    (void)out;
+    if (!dqkv.data) return;
+    AttnShape s = attn_shape_split(T, H, KV, Dk, Dv, scale);
+    if (B * H * T == 0 || Dk == 0 || Dv == 0) return;
+    attention_backward_q_kernel<<<(unsigned)(B * H * T), CUDA_THREADS, Dv * sizeof(float)>>>(
         DEV_R(dqkv), DEV_R(datt), DEV_R(dout), DEV_R(qkv), DEV_R(att), s);
     cudaCheckLaunch();
     attention_backward_kv_kernel<<<(unsigned)(B * KV * T), CUDA_THREADS>>>(

@@ -445,6 +445,65 @@ static void case_attention_decode(void) {
     close_all("attention_decode out", out, RTOL);
 }
 
+// Multi-head latent attention: the attention input assembled with RoPE (plain and YaRN),
+// its backward (accumulating into random gradients), attention with Dk != Dv and a scale,
+// and the absorbed decode over the latent cache at positions 0, 4 and 9.
+static const RopeSpec MLA_YARN = {1e4, 1, 40.0, 64, 32, 1, 0.707, 0.707};
+
+static void mla_qkv_case(RopeSpec rope) {
+    size_t B = 2, T = 9, H = 3, Dn = 5, Dr = 8, Dv = 4, N = B * T;
+    size_t W = 2 * H * (Dn + Dr) + H * Dv;
+    Pair q = reals(N * H * (Dn + Dr), 1), kv = reals(N * H * (Dn + Dv), 1), kpe = reals(N * Dr, 1);
+    Pair qkv = zeros(N * W, DTYPE_F32);
+    cpu->mla_qkv_forward(qkv.c, q.c, kv.c, kpe.c, B, T, H, Dn, Dr, Dv, rope);
+    gpu->mla_qkv_forward(qkv.g, q.g, kv.g, kpe.g, B, T, H, Dn, Dr, Dv, rope);
+    close_all("mla_qkv qkv", qkv, RTOL);
+    Pair g = reals(N * W, 1), dq = reals(q.n, 1), dkv = reals(kv.n, 1), dk = reals(kpe.n, 1);
+    cpu->mla_qkv_backward(dq.c, dkv.c, dk.c, g.c, B, T, H, Dn, Dr, Dv, rope);
+    gpu->mla_qkv_backward(dq.g, dkv.g, dk.g, g.g, B, T, H, Dn, Dr, Dv, rope);
+    close_all("mla_qkv dq", dq, RTOL);
+    close_all("mla_qkv dkv", dkv, RTOL);
+    close_all("mla_qkv dkpe", dk, RTOL);
+}
+
+static void attention_mla_case(size_t B, size_t T, size_t H, size_t Dk, size_t Dv) {
+    size_t W = 2 * H * Dk + H * Dv;
+    double scale = 0.3;
+    Pair qkv = reals(B * T * W, 1), out = zeros(B * T * H * Dv, DTYPE_F32),
+         att = zeros(B * H * T * T, DTYPE_F32);
+    cpu->attention_mla_forward(out.c, att.c, qkv.c, B, T, H, H, Dk, Dv, scale);
+    gpu->attention_mla_forward(out.g, att.g, qkv.g, B, T, H, H, Dk, Dv, scale);
+    close_all("attention_mla out", out, RTOL);
+    Pair dqkv = reals(B * T * W, 1), datt = zeros(B * H * T * T, DTYPE_F32),
+         dout = reals(B * T * H * Dv, 1);
+    cpu->attention_mla_backward(dqkv.c, datt.c, dout.c, out.c, qkv.c, att.c, B, T, H, H, Dk,
+                                Dv, scale);
+    gpu->attention_mla_backward(dqkv.g, datt.g, dout.g, out.g, qkv.g, att.g, B, T, H, H, Dk,
+                                Dv, scale);
+    close_all("attention_mla dqkv", dqkv, 2e-5);
+}
+
+static void case_mla(void) {
+    RopeSpec plain = {1e4, 0, 1, 4096, 32, 1, 1, 0};
+    mla_qkv_case(plain);
+    mla_qkv_case(MLA_YARN);
+    attention_mla_case(2, 13, 3, 12, 5);
+    attention_mla_case(1, 70, 2, 6, 9);
+    size_t B = 3, L = 10, H = 3, Dn = 5, Dr = 8, Dv = 4, R = 12, Dq = Dn + Dr;
+    int32_t at[3] = {0, 4, 9};
+    Pair q = reals(B * H * Dq, 1), lat = reals(B * R, 1), kpe = reals(B * Dr, 1),
+         w = reals(H * (Dn + Dv) * R, 0.5), cc = reals(B * L * R, 1), kc = reals(B * L * Dr, 1),
+         pos = ints(at, B), out = zeros(B * H * Dv, DTYPE_F32);
+    cpu->mla_decode_forward(out.c, q.c, lat.c, kpe.c, w.c, cc.c, kc.c, pos.c, B, L, H, Dn, Dr,
+                            Dv, R, MLA_YARN, 0.25);
+    gpu->mla_decode_forward(out.g, q.g, lat.g, kpe.g, w.g, cc.g, kc.g, pos.g, B, L, H, Dn, Dr,
+                            Dv, R, MLA_YARN, 0.25);
+    close_all("mla_decode q", q, RTOL);
+    close_all("mla_decode latent cache", cc, RTOL);
+    close_all("mla_decode k_pe cache", kc, RTOL);
+    close_all("mla_decode out", out, 1e-4);
+}
+
 static void case_attention(void) {
     attention_case(2, 13, 4, 2, 8);
     attention_case(1, 70, 2, 2, 16);   // T beyond the CPU's 64-row blocks; no grouping
@@ -1174,6 +1233,7 @@ static const Case cases[] = {
     {"rope", case_rope},
     {"attention", case_attention},
     {"attention_decode", case_attention_decode},
+    {"mla", case_mla},
     {"attention_fused", case_attention_fused},
     {"swiglu", case_swiglu},
     {"experts", case_experts},

@@ -1,15 +1,18 @@
 #!/usr/bin/env python3
-"""transformers' own model classes against moe.c, for the four families moe import and
-moe export read and write (Mixtral, OLMoE, Qwen2-MoE, Qwen3-MoE). Not part of `make test`:
-Debian's torch 1.13 runs transformers 4.45 (Mixtral, OLMoE, Qwen2-MoE) but Qwen3-MoE needs
-transformers >= 4.51 and torch 2. Run it by hand in a venv, for example
+"""transformers' own model classes against moe.c, for the six families moe import and
+moe export read and write (Mixtral, OLMoE, Qwen2-MoE, Qwen3-MoE, DeepSeek-V2, DeepSeek-V3).
+Not part of `make test` for all of them: Debian's torch 1.13 runs transformers 4.45
+(Mixtral, OLMoE, Qwen2-MoE) but Qwen3-MoE needs transformers >= 4.51 and torch 2, and
+DeepseekV2/V3ForCausalLM transformers 5 (its DeepSeek classes: the checks below were run
+with 5.25.0 and torch 2). Run it by hand in a venv, for example
 
     python3 -m venv /tmp/tf && /tmp/tf/bin/pip install torch==2.6.0 transformers==4.51.3 h5py
     /tmp/tf/bin/python tests/reference/families_transformers.py random FAMILY...
     /tmp/tf/bin/python tests/reference/families_transformers.py export HF_DIR LOGITS.h5
 
-`random`: for each FAMILY (mixtral, olmoe, qwen2_moe, qwen3_moe) transformers makes a
-tiny random model (norm weights and biases drawn too, so that they matter) and saves it;
+`random`: for each FAMILY (mixtral, olmoe, qwen2_moe, qwen3_moe, deepseek_v2,
+deepseek_v3) transformers makes a tiny random model (norm weights, biases and DeepSeek-V3's
+e_score_correction_bias drawn too, so that they matter) and saves it;
 `moe import` reads it, `moe eval --dump-logits` runs it on the README's bytes, and its
 logits are compared with the transformers model's on the same tokens; `moe export` of the
 import must give back every tensor bit for bit and config.json must load again.
@@ -36,6 +39,12 @@ COMMON = dict(vocab_size=256, hidden_size=32, num_hidden_layers=2, num_attention
               num_key_value_heads=2, max_position_embeddings=32, rms_norm_eps=1e-6,
               rope_theta=500.0, tie_word_embeddings=False, bos_token_id=None,
               eos_token_id=None, pad_token_id=None)
+# DeepSeek: every query head its own key (num_key_value_heads = heads); no rope_theta
+# beside rope_parameters.
+DEEPSEEK = dict(num_hidden_layers=3, num_key_value_heads=4, kv_lora_rank=16,
+                qk_nope_head_dim=8, intermediate_size=40, moe_intermediate_size=12,
+                n_routed_experts=8, n_shared_experts=2, first_k_dense_replace=1, n_group=4,
+                topk_group=2, rope_theta=None)
 FAMILIES = {
     "mixtral": ("MixtralConfig", "MixtralForCausalLM",
                 dict(intermediate_size=48, num_local_experts=4, num_experts_per_tok=2)),
@@ -51,6 +60,22 @@ FAMILIES = {
     "qwen3_moe": ("Qwen3MoeConfig", "Qwen3MoeForCausalLM",
                   dict(head_dim=8, intermediate_size=40, moe_intermediate_size=16,
                        num_experts=8, num_experts_per_tok=2, norm_topk_prob=True)),
+    # MLA without a compressed query, YaRN, a dense first layer, group-limited greedy
+    # routing over 4 groups, routed_scaling_factor, two shared experts.
+    "deepseek_v2": ("DeepseekV2Config", "DeepseekV2ForCausalLM",
+                    dict(DEEPSEEK, q_lora_rank=None, qk_rope_head_dim=8, v_head_dim=12,
+                         num_experts_per_tok=3, topk_method="group_limited_greedy",
+                         norm_topk_prob=False, routed_scaling_factor=1.5,
+                         rope_parameters=dict(rope_type="yarn", rope_theta=500.0, factor=4.0,
+                                              original_max_position_embeddings=16,
+                                              beta_fast=0.5, beta_slow=0.05, mscale=0.707,
+                                              mscale_all_dim=0.5))),
+    # MLA with a compressed query, noaux_tc with a drawn expert bias, interleaved RoPE.
+    "deepseek_v3": ("DeepseekV3Config", "DeepseekV3ForCausalLM",
+                    dict(DEEPSEEK, q_lora_rank=12, qk_rope_head_dim=4, v_head_dim=8,
+                         num_experts_per_tok=2, norm_topk_prob=True, routed_scaling_factor=2.5,
+                         rope_interleave=True,
+                         rope_parameters=dict(rope_type="default", rope_theta=500.0))),
 }
 
 
@@ -74,7 +99,10 @@ def random_model(family, out, **overrides):
     """A tiny random FAMILY model saved in out; overrides: config fields over the table's."""
     config_cls, model_cls, extra = FAMILIES[family]
     torch.manual_seed(7)
-    config = getattr(transformers, config_cls)(**{**COMMON, **extra, **overrides})
+    kwargs = {**COMMON, **extra, **overrides}
+    if kwargs.get("rope_theta", 0) is None:
+        del kwargs["rope_theta"]
+    config = getattr(transformers, config_cls)(**kwargs)
     model = getattr(transformers, model_cls)(config).eval()
     with torch.no_grad():
         for name, p in model.named_parameters():
@@ -82,6 +110,9 @@ def random_model(family, out, **overrides):
                 p.copy_((1.0 if "norm" in name else 0.0) + 0.2 * torch.randn_like(p))
             elif "gate" in name and "proj" not in name:   # routers: spread the scores
                 p.mul_(20.0)
+        for name, b in model.named_buffers():
+            if name.endswith("e_score_correction_bias"):   # DeepSeek-V3's selection bias
+                b.copy_(0.1 * torch.randn_like(b))
     model.save_pretrained(out, safe_serialization=True)
     return model
 

@@ -1,8 +1,9 @@
 #!/usr/bin/env python3
 """`moe sample` through its KV cache against transformers, on the tiny random models of
 families_transformers.py (Mixtral, OLMoE with QK-norm over the projections, Qwen2-MoE with
-q/k/v biases and a gated shared expert; Qwen3-MoE where transformers >= 4.51 runs it, by
-hand as that script says).
+q/k/v biases and a gated shared expert; Qwen3-MoE where transformers >= 4.51 runs it, and
+DeepSeek-V2 / -V3, whose cache keeps MLA's latent, where transformers 5 does: by hand as
+that script says).
 
 For each FAMILY: `moe import` reads the model, `moe sample --temperature 0` continues two
 prompts of different lengths in one batch and dumps its ids and the cached decode's logits

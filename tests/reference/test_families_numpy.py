@@ -1,6 +1,7 @@
-"""`moe export` of OLMoE, Qwen2-MoE and Qwen3-MoE against the independent NumPy models of
-families_numpy.py: a model trained here with the family's features (so that QK-norm
-weights, biases and the shared expert's gate are no longer at their initial values),
+"""`moe export` of OLMoE, Qwen2-MoE, Qwen3-MoE, DeepSeek-V2 and DeepSeek-V3 against the
+independent NumPy models of families_numpy.py: a model trained here with the family's
+features (so that QK-norm weights, biases, the shared expert's gate, MLA's latent norms and
+DeepSeek-V3's expert bias are no longer at their initial values),
 exported, and run by the reference on the batch `moe eval --dump-logits` wrote, gives the
 same logits within 1e-5 of the largest logit. transformers' own classes:
 families_transformers.py (by hand)."""
@@ -28,6 +29,31 @@ CASES = {
     "qwen2_moe": ["model.qkv_bias=true", "model.shared_experts=1", "model.shared_gate=true",
                   "model.shared_ffn_dim=48", "model.experts=8", "model.expert_ffn_dim=12",
                   "router.top_k=4", "router.renorm=false", "model.tie_embeddings=true"],
+    # MLA without a compressed query, YaRN (a ramp that mixes both frequency kinds),
+    # a dense first layer, group-limited greedy routing, a scaling factor, shared experts.
+    "deepseek_v2": ["model.attention=mla", "model.heads=4", "model.q_lora_rank=0",
+                    "model.kv_lora_rank=16", "model.qk_nope_dim=8", "model.qk_rope_dim=8",
+                    "model.v_head_dim=12", "model.norm_eps=1e-6", "model.rope_theta=500",
+                    "model.rope_scaling=yarn", "model.rope_factor=16",
+                    "model.rope_orig_max_pos=16", "model.rope_beta_fast=0.5",
+                    "model.rope_beta_slow=0.05", "model.rope_mscale=0.707",
+                    "model.rope_mscale_all_dim=0.5", "model.layers=3",
+                    "model.first_dense_layers=1", "model.ffn_dim=40", "model.experts=8",
+                    "model.expert_ffn_dim=12", "model.shared_experts=1",
+                    "model.shared_ffn_dim=24", "router.top_k=3", "router.renorm=false",
+                    "router.groups=4", "router.topk_groups=2", "router.group_score=max",
+                    "router.gate_scale=1.5"],
+    # MLA with a compressed query, noaux_tc: sigmoid scores, groups by their top two,
+    # a trained expert bias (bias balancing on), renormalised gates times 2.5.
+    "deepseek_v3": ["model.attention=mla", "model.heads=4", "model.q_lora_rank=12",
+                    "model.kv_lora_rank=16", "model.qk_nope_dim=8", "model.qk_rope_dim=4",
+                    "model.v_head_dim=8", "model.norm_eps=1e-6", "model.rope_theta=500",
+                    "model.layers=3", "model.first_dense_layers=1", "model.ffn_dim=40",
+                    "model.experts=8", "model.expert_ffn_dim=12", "model.shared_experts=1",
+                    "model.shared_ffn_dim=12", "router.top_k=2", "router.score=sigmoid",
+                    "router.expert_bias=true", "router.bias_gamma=0.01", "router.renorm=true",
+                    "router.groups=4", "router.topk_groups=2", "router.group_score=top2",
+                    "router.gate_scale=2.5"],
 }
 
 

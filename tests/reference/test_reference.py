@@ -73,6 +73,18 @@ CASES = {
     "ec_jitter": ["router.select=expert_choice", "router.capacity_factor=1.0",
                   "router.noise=jitter"],
     "ec_all_tokens": ["router.select=expert_choice", "router.capacity_factor=10"],
+    # DeepSeek-V2 multi-head latent attention: 3 heads that do not divide d_model, q/k heads
+    # 4 + 4 wide, values 6; then the compressed query path with YaRN (theta 10 and an
+    # original context of 16 put the ramp between the two rope pairs; mscale_all_dim != 0
+    # changes the softmax scale and the cos/sin factor)
+    "mla": ["model.attention=mla", "model.heads=3", "model.kv_lora_rank=6",
+            "model.qk_nope_dim=4", "model.qk_rope_dim=4", "model.v_head_dim=6"],
+    "mla_q_lora_yarn": ["model.attention=mla", "model.heads=3", "model.q_lora_rank=10",
+                        "model.kv_lora_rank=6", "model.qk_nope_dim=4", "model.qk_rope_dim=4",
+                        "model.v_head_dim=6", "model.rope_scaling=yarn", "model.rope_theta=10",
+                        "model.rope_factor=8", "model.rope_orig_max_pos=16",
+                        "model.rope_mscale=0.707", "model.rope_mscale_all_dim=1.0",
+                        "model.shared_experts=1", "model.shared_ffn_dim=8"],
     # DeepSeek-V3 expert bias: top-k on s + b, gates from s
     "bias_sigmoid_top2": ["router.bias_gamma=0.001", "router.score=sigmoid"],
     "bias_softmax_top2": ["router.bias_gamma=0.001", "router.score=softmax"],

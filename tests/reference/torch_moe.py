@@ -108,6 +108,20 @@ class Config:
         self.z_coef = get("router.z_coef", float)
         self.noise_coef = get("router.noise_coef", float) if self.noise == "shazeer" else 0.0
         self.batch_size = get("train.batch_size", int)
+        # multi-head latent attention (DeepSeek-V2) and YaRN; defaults: dumps before the keys
+        self.attention = get("model.attention", str, "gqa")
+        self.q_lora_rank = get("model.q_lora_rank", int, 0)
+        self.kv_lora_rank = get("model.kv_lora_rank", int, 0)
+        self.qk_nope_dim = get("model.qk_nope_dim", int, 0)
+        self.qk_rope_dim = get("model.qk_rope_dim", int, 0)
+        self.v_head_dim = get("model.v_head_dim", int, 0)
+        self.rope_scaling = get("model.rope_scaling", str, "none")
+        self.rope_factor = get("model.rope_factor", float, 1.0)
+        self.rope_orig_max_pos = get("model.rope_orig_max_pos", int, 4096)
+        self.rope_beta_fast = get("model.rope_beta_fast", float, 32.0)
+        self.rope_beta_slow = get("model.rope_beta_slow", float, 1.0)
+        self.rope_mscale = get("model.rope_mscale", float, 1.0)
+        self.rope_mscale_all_dim = get("model.rope_mscale_all_dim", float, 0.0)
         # router variants; defaults are what dumps written before these keys meant
         self.select = get("router.select", str, "topk")
         self.bias_gamma = get("router.bias_gamma", float, 0.0)
@@ -147,9 +161,15 @@ class Config:
             # not defined when the selection is on score + bias: no equation to check
             raise ValueError("router.bias_gamma > 0 with router.noise=shazeer: the reference "
                              "has no definition of the load loss for a biased selection")
-        if self.d_model % self.heads or self.heads % self.kv_heads:
+        if self.attention not in ("gqa", "mla"):
+            raise ValueError(f"model.attention={self.attention!r}: reference knows gqa, mla")
+        if self.rope_scaling not in ("none", "yarn"):
+            raise ValueError(f"model.rope_scaling={self.rope_scaling!r}: reference knows "
+                             "none, yarn")
+        if self.attention == "gqa" and (self.d_model % self.heads or
+                                        self.heads % self.kv_heads):
             raise ValueError("d_model must divide by heads and heads by kv_heads")
-        if (self.d_model // self.heads) % 2:
+        if self.attention == "gqa" and (self.d_model // self.heads) % 2:
             raise ValueError("head dim must be even for RoPE")
         if not 1 <= self.top_k <= self.experts:
             raise ValueError(f"router.top_k={self.top_k} outside 1..experts={self.experts}")
@@ -272,6 +292,81 @@ def attention(x, P, pre, cfg):
     att = att.masked_fill(causal, float("-inf")).softmax(dim=-1)
     y = (att @ v).transpose(1, 2).reshape(B, T, H * D)
     return F.linear(y, P[pre + "self_attn.o_proj.weight"])
+
+
+def yarn_get_mscale(factor, mscale):
+    # YaRN (Peng et al. 2023), eq. for the attention temperature: 0.1 m ln(s) + 1
+    return 1.0 if factor <= 1 else 0.1 * mscale * math.log(factor) + 1.0
+
+
+def mla_rope(cfg, T):
+    """cos, sin (T, Dr) of the MLA rope part: plain RoPE, or YaRN (Peng et al. 2023, as
+    DeepSeek-V2 uses it): frequencies blended between theta^(-2i/D) (extrapolation) and the
+    same divided by the factor (interpolation) by a linear ramp over the pairs between the
+    correction dimensions of beta_fast and beta_slow rotations over the original context;
+    cos and sin multiplied by the attention factor."""
+    D, theta = cfg.qk_rope_dim, cfg.rope_theta
+    pair = torch.arange(0, D, 2, dtype=DTYPE)
+    extrapolated = theta ** (-pair / D)
+    inv_freq, m = extrapolated, 1.0
+    if cfg.rope_scaling == "yarn":
+        f = cfg.rope_factor
+
+        def correction_dim(rotations):
+            # the pair index whose wavelength fits `rotations` times in the original context
+            wavelength = cfg.rope_orig_max_pos / (rotations * 2 * math.pi)
+            return D * math.log(wavelength) / (2 * math.log(theta))
+
+        lo = max(math.floor(correction_dim(cfg.rope_beta_fast)), 0)
+        hi = min(math.ceil(correction_dim(cfg.rope_beta_slow)), D - 1)
+        if lo == hi:
+            hi += 0.001
+        ramp = ((torch.arange(D // 2, dtype=DTYPE) - lo) / (hi - lo)).clamp(0, 1)
+        inv_freq = extrapolated / f * ramp + extrapolated * (1 - ramp)
+        if cfg.rope_mscale and cfg.rope_mscale_all_dim:
+            m = yarn_get_mscale(f, cfg.rope_mscale) / yarn_get_mscale(f, cfg.rope_mscale_all_dim)
+        else:
+            m = yarn_get_mscale(f, 1.0)
+    freqs = torch.outer(torch.arange(T, dtype=DTYPE), inv_freq)
+    emb = torch.cat((freqs, freqs), dim=-1)
+    return emb.cos() * m, emb.sin() * m
+
+
+def mla_attention(x, P, pre, cfg):
+    """x: (B, T, C) normed input. DeepSeek-V2's multi-head latent attention: queries
+    from q_proj (or q_a_proj, RMSNorm, q_b_proj), keys and values from a kv_lora_rank
+    latent (kv_a_proj_with_mqa, RMSNorm, kv_b_proj) plus one RoPE key shared by all heads."""
+    B, T, C = x.shape
+    H, Dn, Dr, Dv, R = (cfg.heads, cfg.qk_nope_dim, cfg.qk_rope_dim, cfg.v_head_dim,
+                        cfg.kv_lora_rank)
+    a = pre + "self_attn."
+    if cfg.q_lora_rank:
+        qa = rmsnorm(F.linear(x, P[a + "q_a_proj.weight"]), P[a + "q_a_layernorm.weight"],
+                     cfg.norm_eps)
+        q = F.linear(qa, P[a + "q_b_proj.weight"])
+    else:
+        q = F.linear(x, P[a + "q_proj.weight"])
+    q = q.view(B, T, H, Dn + Dr).transpose(1, 2)  # (B, H, T, Dn + Dr)
+    q_nope, q_pe = q[..., :Dn], q[..., Dn:]
+    ckv = F.linear(x, P[a + "kv_a_proj_with_mqa.weight"])  # (B, T, R + Dr)
+    latent, k_pe = ckv[..., :R], ckv[..., R:]
+    kv = F.linear(rmsnorm(latent, P[a + "kv_a_layernorm.weight"], cfg.norm_eps),
+                  P[a + "kv_b_proj.weight"]).view(B, T, H, Dn + Dv).transpose(1, 2)
+    k_nope, v = kv[..., :Dn], kv[..., Dn:]
+    cos, sin = mla_rope(cfg, T)
+    q_pe = q_pe * cos + rotate_half(q_pe) * sin
+    k_pe = k_pe.unsqueeze(1)  # (B, 1, T, Dr): one key for every head
+    k_pe = k_pe * cos + rotate_half(k_pe) * sin
+    qf = torch.cat((q_nope, q_pe), dim=-1)
+    kf = torch.cat((k_nope, k_pe.expand(B, H, T, Dr)), dim=-1)
+    scale = 1.0 / math.sqrt(Dn + Dr)
+    if cfg.rope_scaling == "yarn":
+        scale *= yarn_get_mscale(cfg.rope_factor, cfg.rope_mscale_all_dim) ** 2
+    att = (qf @ kf.transpose(-2, -1)) * scale
+    causal = torch.ones(T, T, dtype=torch.bool).triu(1)
+    att = att.masked_fill(causal, float("-inf")).softmax(dim=-1)
+    y = (att @ v).transpose(1, 2).reshape(B, T, H * Dv)
+    return F.linear(y, P[a + "o_proj.weight"])
 
 
 def swiglu(x, w1, w3, w2):
@@ -540,8 +635,9 @@ def forward(cfg, P, tokens, targets, noise, state=None):
     routers = []
     for i in range(cfg.layers):
         pre = f"model.layers.{i}."
-        hid = x + attention(rmsnorm(x, P[pre + "input_layernorm.weight"], cfg.norm_eps), P,
-                            pre, cfg)
+        attend = mla_attention if cfg.attention == "mla" else attention
+        hid = x + attend(rmsnorm(x, P[pre + "input_layernorm.weight"], cfg.norm_eps), P, pre,
+                         cfg)
         xn = rmsnorm(hid, P[pre + "post_attention_layernorm.weight"], cfg.norm_eps)
         xn = xn.reshape(N, C)
         if cfg.is_moe(i):
@@ -584,7 +680,17 @@ def expected_param_names(cfg):
     for i in range(cfg.layers):
         pre = f"model.layers.{i}."
         names += [pre + "input_layernorm.weight"]
-        names += [pre + f"self_attn.{p}_proj.weight" for p in "qkvo"]
+        if cfg.attention == "mla":
+            a = pre + "self_attn."
+            if cfg.q_lora_rank:
+                names += [a + "q_a_proj.weight", a + "q_a_layernorm.weight",
+                          a + "q_b_proj.weight"]
+            else:
+                names += [a + "q_proj.weight"]
+            names += [a + "kv_a_proj_with_mqa.weight", a + "kv_a_layernorm.weight",
+                      a + "kv_b_proj.weight", a + "o_proj.weight"]
+        else:
+            names += [pre + f"self_attn.{p}_proj.weight" for p in "qkvo"]
         if cfg.qkv_bias:
             names += [pre + f"self_attn.{p}_proj.bias" for p in "qkv"]
         if cfg.qk_norm != "none":

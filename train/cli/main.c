@@ -11,6 +11,7 @@
 #include "commands.h"
 #include "dump.h"
 #include "hf_commands.h"
+#include "plan.h"
 #include "route.h"
 #include "tokenize.h"
 
@@ -47,6 +48,8 @@ static void print_usage(FILE *f) {
             "                                        (default data/default)\n"
             "  dump OUT.h5 [section.key=value ...]   forward/backward on test weights, all\n"
             "                                        tensors to HDF5 (reference tests)\n"
+            "  plan CONFIG.ini [section.key=value ...]  the memory a run would allocate,\n"
+            "                                        computed without allocating it\n"
             "  help                                  this text and every config key\n"
             "\n"
             "config keys (INI sections [model] [router] [train] [optim] [data] and one\n"
@@ -96,6 +99,7 @@ static int run_command(int argc, char **argv) {
     if (!strcmp(cmd, "tokenize")) return tokenize_main(argc - 1, argv + 1);
     if (!strcmp(cmd, "tokenizer")) return tokenizer_main(argc - 1, argv + 1);
     if (!strcmp(cmd, "dump")) return dump_main(argc - 1, argv + 1);
+    if (!strcmp(cmd, "plan")) return plan_main(argc - 1, argv + 1);
     fprintf(stderr, "moe: error: unknown command '%s'\nHINT: moe help lists the commands\n", cmd);
     return 2;
 }

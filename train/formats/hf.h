@@ -1,5 +1,6 @@
-// hf.h: a Hugging Face MoE model directory, as transformers writes it, for four families
-// (Mixtral, OLMoE, Qwen2-MoE, Qwen3-MoE): config.json to and from [model] and [router],
+// hf.h: a Hugging Face MoE model directory, as transformers writes it, for six families
+// (Mixtral, OLMoE, Qwen2-MoE, Qwen3-MoE, DeepSeek-V2, DeepSeek-V3): config.json to and
+// from [model] and [router],
 // and the weights in safetensors files. `moe export` and `moe import`
 // (cli/hf_commands.h) are its command lines.
 //
@@ -9,8 +10,10 @@
 // {tensor: file}}). Tensor shapes are the layout's own ([out, in]); names are the
 // layout's (model/layout.h: HF Mixtral names) for Mixtral, and Llama-style MLP names
 // (mlp.gate, mlp.experts.<e>.gate_proj, ...) for the other families, mapped one to one
-// by hf_name_export and hf_name_import. Every failure dies naming the file and the
-// problem.
+// by hf_name_export and hf_name_import. DeepSeek's files rotate interleaved RoPE pairs,
+// moe.c halves: their query and shared-key RoPE rows are permuted on the way in and back
+// on the way out (hf_deepseek.c), and DeepSeek-V3's mlp.gate.e_score_correction_bias is
+// the model's expert_bias. Every failure dies naming the file and the problem.
 #ifndef MOE_HF_H
 #define MOE_HF_H
 
@@ -27,20 +30,34 @@
 // transformers' default max_shard_size ("5GB").
 #define HF_SHARD_DEFAULT 5000000000ull
 
-typedef enum { HF_MIXTRAL, HF_OLMOE, HF_QWEN2_MOE, HF_QWEN3_MOE, HF_N_FAMILIES } HfFamily;
+typedef enum {
+    HF_MIXTRAL,
+    HF_OLMOE,
+    HF_QWEN2_MOE,
+    HF_QWEN3_MOE,
+    HF_DEEPSEEK_V2,
+    HF_DEEPSEEK_V3,
+    HF_N_FAMILIES
+} HfFamily;
 
-// "Mixtral", "OLMoE", "Qwen2-MoE", "Qwen3-MoE"; the model_type; the architecture class.
+// "Mixtral", ..., "DeepSeek-V3"; the model_type; the architecture class.
 const char *hf_family_name(HfFamily f);
 const char *hf_family_type(HfFamily f);
 const char *hf_family_class(HfFamily f);
 // The family of a config.json model_type, or -1.
 int hf_family_from_type(const char *model_type);
-// The family an export of c writes: q/k/v biases or shared experts make it Qwen2-MoE,
-// QK-norm per head Qwen3-MoE, over the whole projections OLMoE; else Mixtral.
+// The family an export of c writes: multi-head latent attention makes it DeepSeek (V3
+// when the router scores with a sigmoid, as noaux_tc does; else V2); q/k/v biases or
+// shared experts Qwen2-MoE, QK-norm per head Qwen3-MoE, over the whole projections OLMoE;
+// else Mixtral.
 HfFamily hf_family_of(const ModelConfig *c);
 // A layout name as family f names it, and back (-1: f has no tensor by that name).
 void hf_name_export(HfFamily f, const char *name, char *out, size_t n);
 int hf_name_import(HfFamily f, const char *hf, char *out, size_t n);
+// DeepSeek-V3's per-layer expert bias: its name for decoder layer `layer`, and back (-1:
+// not such a name).
+void hf_bias_name(int layer, char *out, size_t n);
+int hf_bias_layer(const char *hf);
 
 // The first feature of c that its family (hf_family_of) cannot express, described in
 // why; returns 0 when there is none.

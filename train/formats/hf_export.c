@@ -13,8 +13,11 @@
 
 #include "../../base/util.h"
 #include "hf.h"
+#include "hf_deepseek.h"
 
 #define HF_PATH_MAX 4096
+
+static int is_deepseek(HfFamily f) { return f == HF_DEEPSEEK_V2 || f == HF_DEEPSEEK_V3; }
 
 // What no family expresses: moe.c's router variants.
 static int check_router(const ModelConfig *c, const char *fam, char *why, size_t n) {
@@ -64,6 +67,7 @@ static int check_qwen2(const ModelConfig *c, char *why, size_t n) {
 
 int hf_export_check(const ModelConfig *c, char *why, size_t n) {
     HfFamily f = hf_family_of(c);
+    if (is_deepseek(f)) return hf_deepseek_export_check(c, f, why, n);
     if (check_router(c, hf_family_name(f), why, n)) return -1;
     if (f == HF_QWEN2_MOE) return check_qwen2(c, why, n);
     if (f == HF_QWEN3_MOE) return 0;   // dense layers: decoder_sparse_step
@@ -100,15 +104,17 @@ static cJSON *common_config(const ModelConfig *c, HfFamily f) {
     cJSON_AddNumberToObject(j, "hidden_size", c->d_model);
     cJSON_AddNumberToObject(j, "num_hidden_layers", c->layers);
     cJSON_AddNumberToObject(j, "num_attention_heads", c->heads);
-    cJSON_AddNumberToObject(j, "num_key_value_heads", c->kv_heads);
-    cJSON_AddNumberToObject(j, "head_dim", c->d_model / c->heads);
+    if (!is_deepseek(f)) {   // DeepSeek's heads: hf_deepseek_config_out
+        cJSON_AddNumberToObject(j, "num_key_value_heads", c->kv_heads);
+        cJSON_AddNumberToObject(j, "head_dim", c->d_model / c->heads);
+        add_float(j, "router_aux_loss_coef", c->aux_coef);
+    }
     cJSON_AddNumberToObject(j, "num_experts_per_tok", c->top_k);
     cJSON_AddNumberToObject(j, "max_position_embeddings", c->seq_len);
     add_float(j, "rms_norm_eps", c->norm_eps);
     add_float(j, "rope_theta", c->rope_theta);
     cJSON_AddBoolToObject(j, "tie_word_embeddings", c->tie_embeddings);
     cJSON_AddStringToObject(j, "hidden_act", "silu");
-    add_float(j, "router_aux_loss_coef", c->aux_coef);
     cJSON_AddBoolToObject(j, "output_router_logits", 0);
     add_float(j, "initializer_range", c->init_std);
     add_float(j, "attention_dropout", 0.0);
@@ -117,6 +123,10 @@ static cJSON *common_config(const ModelConfig *c, HfFamily f) {
 
 // The family's own keys: expert counts and widths, routing, attention features.
 static void family_config(cJSON *j, const ModelConfig *c, HfFamily f) {
+    if (is_deepseek(f)) {
+        hf_deepseek_config_out(j, c, f);
+        return;
+    }
     if (f == HF_MIXTRAL || f == HF_OLMOE)
         cJSON_AddNumberToObject(j, "intermediate_size", c->expert_ffn_dim);
     if (f == HF_MIXTRAL) {
@@ -320,21 +330,41 @@ static float *params_f32(const Model *m) {
     return out;
 }
 
+// DeepSeek-V3's e_score_correction_bias of each MoE layer (n_moe, E), as float32.
+static float *bias_f32(const Model *m) {
+    size_t nb = (size_t)m->n_moe * (size_t)m->cfg.experts;
+    real *host = CALLOC(nb, sizeof *host);
+    if (nb) m->be->download(host, m->expert_bias, nb * sizeof *host);
+    float *out = CALLOC(nb ? nb : 1, sizeof *out);
+    for (size_t i = 0; i < nb; i++) out[i] = (float)host[i];
+    free(host);
+    return out;
+}
+
 size_t hf_export_write(const char *dir, const Model *m, int eos_id, StDType dtype,
                        uint64_t shard_size, int force, uint64_t *bytes) {
     check_target(dir, force);
     make_dir(dir);
-    float *host = params_f32(m);
-    StOut *t = CALLOC(m->layout.n_params, sizeof *t);
-    char(*names)[160] = CALLOC(m->layout.n_params, sizeof *names);
+    HfFamily f = hf_family_of(&m->cfg);
+    size_t n_bias = f == HF_DEEPSEEK_V3 ? (size_t)m->n_moe : 0, E = (size_t)m->cfg.experts;
+    size_t n = m->layout.n_params + n_bias;
+    float *host = params_f32(m), *bias = bias_f32(m);
+    StOut *t = CALLOC(n, sizeof *t);
+    char(*names)[160] = CALLOC(n, sizeof *names);
     *bytes = 0;
     for (size_t i = 0; i < m->layout.n_params; i++) {
         const ParamInfo *p = &m->layout.params[i];
-        hf_name_export(hf_family_of(&m->cfg), p->name, names[i], sizeof names[i]);
+        hf_name_export(f, p->name, names[i], sizeof names[i]);
+        if (is_deepseek(f)) hf_deepseek_rope_rows(&m->cfg, p->name, p->cols, host + p->offset, 1);
         t[i] = (StOut){names[i], p->rows, p->cols, host + p->offset};
-        *bytes += safetensors_out_bytes(&t[i], dtype);
     }
-    size_t files = write_weights(dir, t, m->layout.n_params, dtype, shard_size);
+    for (size_t k = 0; k < n_bias; k++) {
+        size_t i = m->layout.n_params + k;
+        hf_bias_name(m->moe[k].layer, names[i], sizeof names[i]);
+        t[i] = (StOut){names[i], E, 0, bias + k * E};
+    }
+    for (size_t i = 0; i < n; i++) *bytes += safetensors_out_bytes(&t[i], dtype);
+    size_t files = write_weights(dir, t, n, dtype, shard_size);
     cJSON *config = hf_config(&m->cfg, dtype, eos_id);
     write_json(dir, HF_CONFIG, config);
     cJSON_Delete(config);
@@ -342,6 +372,7 @@ size_t hf_export_write(const char *dir, const Model *m, int eos_id, StDType dtyp
     sync_dir(dir);
     free(names);
     free(t);
+    free(bias);
     free(host);
     return files;
 }

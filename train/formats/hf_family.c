@@ -12,6 +12,8 @@ static const struct {
     [HF_OLMOE] = {"OLMoE", "olmoe", "OlmoeForCausalLM"},
     [HF_QWEN2_MOE] = {"Qwen2-MoE", "qwen2_moe", "Qwen2MoeForCausalLM"},
     [HF_QWEN3_MOE] = {"Qwen3-MoE", "qwen3_moe", "Qwen3MoeForCausalLM"},
+    [HF_DEEPSEEK_V2] = {"DeepSeek-V2", "deepseek_v2", "DeepseekV2ForCausalLM"},
+    [HF_DEEPSEEK_V3] = {"DeepSeek-V3", "deepseek_v3", "DeepseekV3ForCausalLM"},
 };
 
 const char *hf_family_name(HfFamily f) { return FAMILIES[f].name; }
@@ -25,6 +27,8 @@ int hf_family_from_type(const char *model_type) {
 }
 
 HfFamily hf_family_of(const ModelConfig *c) {
+    if (c->attention == ATTENTION_MLA)
+        return c->score == SCORE_SIGMOID ? HF_DEEPSEEK_V3 : HF_DEEPSEEK_V2;
     if (c->qkv_bias || c->shared_gate || c->shared_experts > 0) return HF_QWEN2_MOE;
     if (c->qk_norm == QK_NORM_HEAD) return HF_QWEN3_MOE;
     if (c->qk_norm == QK_NORM_FULL) return HF_OLMOE;
@@ -42,6 +46,24 @@ static const char *swiglu_name(const char *from, int to_llama) {
 }
 
 #define MOE_BLOCK "block_sparse_moe."
+#define BIAS_NAME "model.layers.%d.mlp.gate.e_score_correction_bias"
+
+void hf_bias_name(int layer, char *out, size_t n) { snprintf(out, n, BIAS_NAME, layer); }
+
+int hf_bias_layer(const char *hf) {
+    int layer, end = 0;
+    char back[128];
+    if (sscanf(hf, "model.layers.%d.mlp.gate.e_score_correction_bias%n", &layer, &end) != 1 ||
+        hf[end] || layer < 0)
+        return -1;
+    hf_bias_name(layer, back, sizeof back);   // no "01", no "+1"
+    return strcmp(back, hf) ? -1 : layer;
+}
+
+// Qwen2-MoE's one shared expert is mlp.shared_expert, DeepSeek's mlp.shared_experts.
+static const char *shared_name(HfFamily f) {
+    return f == HF_DEEPSEEK_V2 || f == HF_DEEPSEEK_V3 ? "shared_experts" : "shared_expert";
+}
 
 void hf_name_export(HfFamily f, const char *name, char *out, size_t n) {
     const char *block = strstr(name, MOE_BLOCK);
@@ -55,7 +77,8 @@ void hf_name_export(HfFamily f, const char *name, char *out, size_t n) {
     if (sscanf(rest, "experts.%d.%2[w0-9].weight", &e, w) == 2 && swiglu_name(w, 1))
         snprintf(out, n, "%.*smlp.experts.%d.%s.weight", layer_len, name, e, swiglu_name(w, 1));
     else if (sscanf(rest, "shared_experts.%d.%2[w0-9].weight", &e, w) == 2 && swiglu_name(w, 1))
-        snprintf(out, n, "%.*smlp.shared_expert.%s.weight", layer_len, name, swiglu_name(w, 1));
+        snprintf(out, n, "%.*smlp.%s.%s.weight", layer_len, name, shared_name(f),
+                 swiglu_name(w, 1));
     else
         snprintf(out, n, "%.*smlp.%s", layer_len, name, rest);
 }
@@ -68,11 +91,12 @@ int hf_name_import(HfFamily f, const char *hf, char *out, size_t n) {
     }
     int layer_len = (int)(mlp - hf) + 1, e;
     const char *rest = mlp + strlen(".mlp.");
-    char w[16];
+    char w[16], shared[32];
+    snprintf(shared, sizeof shared, "%s.%%15[a-z_].weight", shared_name(f));
     if (sscanf(rest, "experts.%d.%15[a-z_].weight", &e, w) == 2 && swiglu_name(w, 0))
         snprintf(out, n, "%.*s" MOE_BLOCK "experts.%d.%s.weight", layer_len, hf, e,
                  swiglu_name(w, 0));
-    else if (sscanf(rest, "shared_expert.%15[a-z_].weight", w) == 1 && swiglu_name(w, 0))
+    else if (sscanf(rest, shared, w) == 1 && swiglu_name(w, 0))
         snprintf(out, n, "%.*s" MOE_BLOCK "shared_experts.0.%s.weight", layer_len, hf,
                  swiglu_name(w, 0));
     else if (!strcmp(rest, "gate.weight") || !strcmp(rest, "shared_expert_gate.weight"))

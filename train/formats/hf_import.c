@@ -10,6 +10,7 @@
 
 #include "../../base/util.h"
 #include "hf.h"
+#include "hf_deepseek.h"
 
 #define HF_PATH_MAX 4096
 
@@ -42,6 +43,8 @@ typedef enum { HF_INT, HF_REAL, HF_BOOL } HfKind;
 #define FAM(f) (1u << (f))
 #define ALL_FAMILIES (FAM(HF_N_FAMILIES) - 1)
 #define QWEN (FAM(HF_QWEN2_MOE) | FAM(HF_QWEN3_MOE))
+#define DEEPSEEK (FAM(HF_DEEPSEEK_V2) | FAM(HF_DEEPSEEK_V3))
+#define NOT_DEEPSEEK (ALL_FAMILIES & ~DEEPSEEK)
 
 typedef struct {
     const char *hf, *moe;
@@ -60,7 +63,7 @@ static const HfKey HF_KEYS[] = {
     {"hidden_size", "model.d_model", HF_INT, NULL, ALL_FAMILIES},
     {"num_hidden_layers", "model.layers", HF_INT, NULL, ALL_FAMILIES},
     {"num_attention_heads", "model.heads", HF_INT, NULL, ALL_FAMILIES},
-    {"num_key_value_heads", "model.kv_heads", HF_INT, NULL, ALL_FAMILIES},
+    {"num_key_value_heads", "model.kv_heads", HF_INT, NULL, NOT_DEEPSEEK},
     {"num_experts_per_tok", "router.top_k", HF_INT, NULL, ALL_FAMILIES},
     {"max_position_embeddings", "model.seq_len", HF_INT, NULL, ALL_FAMILIES},
     {"tie_word_embeddings", "model.tie_embeddings", HF_BOOL, "false", ALL_FAMILIES},
@@ -70,17 +73,32 @@ static const HfKey HF_KEYS[] = {
     {"num_local_experts", "model.experts", HF_INT, NULL, FAM(HF_MIXTRAL)},
     {"num_experts", "model.experts", HF_INT, NULL, FAM(HF_OLMOE) | QWEN},
     {"norm_topk_prob", "router.renorm", HF_BOOL, "false", FAM(HF_OLMOE) | QWEN},
-    {"moe_intermediate_size", "model.expert_ffn_dim", HF_INT, NULL, QWEN},
-    {"intermediate_size", "model.ffn_dim", HF_INT, NULL, QWEN},
+    {"moe_intermediate_size", "model.expert_ffn_dim", HF_INT, NULL, QWEN | DEEPSEEK},
+    {"intermediate_size", "model.ffn_dim", HF_INT, NULL, QWEN | DEEPSEEK},
     {"decoder_sparse_step", "model.moe_every", HF_INT, "1", QWEN},
     {"shared_expert_intermediate_size", "model.shared_ffn_dim", HF_INT, NULL,
      FAM(HF_QWEN2_MOE)},
     {"rms_norm_eps", "model.norm_eps", HF_REAL, "1e-5", FAM(HF_MIXTRAL) | FAM(HF_OLMOE)},
-    {"rms_norm_eps", "model.norm_eps", HF_REAL, "1e-6", QWEN},
+    {"rms_norm_eps", "model.norm_eps", HF_REAL, "1e-6", QWEN | DEEPSEEK},
     {"rope_theta", "model.rope_theta", HF_REAL, "1e6", FAM(HF_MIXTRAL)},
-    {"rope_theta", "model.rope_theta", HF_REAL, "10000", FAM(HF_OLMOE) | QWEN},
+    {"rope_theta", "model.rope_theta", HF_REAL, "10000", FAM(HF_OLMOE) | QWEN | DEEPSEEK},
     {"router_aux_loss_coef", "router.aux_coef", HF_REAL, "0.001", FAM(HF_MIXTRAL) | QWEN},
     {"router_aux_loss_coef", "router.aux_coef", HF_REAL, "0.01", FAM(HF_OLMOE)},
+    // DeepSeek: the config class's defaults where it has the key (DeepSeek's own files
+    // have every one).
+    {"n_routed_experts", "model.experts", HF_INT, NULL, DEEPSEEK},
+    {"kv_lora_rank", "model.kv_lora_rank", HF_INT, NULL, DEEPSEEK},
+    {"qk_nope_head_dim", "model.qk_nope_dim", HF_INT, NULL, DEEPSEEK},
+    {"qk_rope_head_dim", "model.qk_rope_dim", HF_INT, NULL, DEEPSEEK},
+    {"v_head_dim", "model.v_head_dim", HF_INT, NULL, DEEPSEEK},
+    {"first_k_dense_replace", "model.first_dense_layers", HF_INT, "0", FAM(HF_DEEPSEEK_V2)},
+    {"first_k_dense_replace", "model.first_dense_layers", HF_INT, "3", FAM(HF_DEEPSEEK_V3)},
+    {"routed_scaling_factor", "router.gate_scale", HF_REAL, "1", FAM(HF_DEEPSEEK_V2)},
+    {"routed_scaling_factor", "router.gate_scale", HF_REAL, "2.5", FAM(HF_DEEPSEEK_V3)},
+    {"norm_topk_prob", "router.renorm", HF_BOOL, "true", FAM(HF_DEEPSEEK_V3)},
+    // The balance loss's weight: DeepSeek's aux_loss_alpha (V3's paper: 1e-4).
+    {"aux_loss_alpha", "router.aux_coef", HF_REAL, "0.001", FAM(HF_DEEPSEEK_V2)},
+    {"aux_loss_alpha", "router.aux_coef", HF_REAL, "0.0001", FAM(HF_DEEPSEEK_V3)},
 };
 
 // What every family is, whatever moe.c's defaults: softmax top-k, no expert bias, and
@@ -96,9 +114,18 @@ static const char *OLMOE_FIXED[] = {"model.shared_experts=0", "model.moe_every=1
 static const char *QWEN2_FIXED[] = {"model.shared_experts=1", "model.shared_gate=true",
                                     "model.qkv_bias=true", NULL};
 static const char *QWEN3_FIXED[] = {"model.shared_experts=0", "model.qk_norm=head", NULL};
+static const char *DEEPSEEK_V2_FIXED[] = {
+    "model.attention=mla", "model.moe_every=1", "router.renorm=false",
+    "router.group_score=max", NULL};
+// noaux_tc: sigmoid scores, groups by their two best (score + bias), the bias for
+// selection only; moe.c does not update it unless router.bias_gamma is set.
+static const char *DEEPSEEK_V3_FIXED[] = {
+    "model.attention=mla", "model.moe_every=1", "router.score=sigmoid",
+    "router.group_score=top2", "router.expert_bias=true", NULL};
 static const char *const *FAMILY_FIXED[HF_N_FAMILIES] = {
     [HF_MIXTRAL] = MIXTRAL_FIXED, [HF_OLMOE] = OLMOE_FIXED,
-    [HF_QWEN2_MOE] = QWEN2_FIXED, [HF_QWEN3_MOE] = QWEN3_FIXED};
+    [HF_QWEN2_MOE] = QWEN2_FIXED, [HF_QWEN3_MOE] = QWEN3_FIXED,
+    [HF_DEEPSEEK_V2] = DEEPSEEK_V2_FIXED, [HF_DEEPSEEK_V3] = DEEPSEEK_V3_FIXED};
 
 static void set_key(RunConfig *rc, const char *path, const char *hf, const char *moe,
                     const char *value) {
@@ -140,12 +167,12 @@ static int is_true(const cJSON *j, const char *key) {
 static HfFamily family_of(const cJSON *j, const char *path) {
     const cJSON *type = cJSON_GetObjectItemCaseSensitive(j, "model_type");
     if (!cJSON_IsString(type))
-        FAIL("%s: no model_type string (moe import reads mixtral, olmoe, qwen2_moe and "
-             "qwen3_moe models)", path);
+        FAIL("%s: no model_type string (moe import reads mixtral, olmoe, qwen2_moe, "
+             "qwen3_moe, deepseek_v2 and deepseek_v3 models)", path);
     int f = hf_family_from_type(type->valuestring);
     if (f < 0)
         FAIL("%s: model_type '%s' is not one moe import reads (mixtral, olmoe, qwen2_moe, "
-             "qwen3_moe)", path, type->valuestring);
+             "qwen3_moe, deepseek_v2, deepseek_v3)", path, type->valuestring);
     return (HfFamily)f;
 }
 
@@ -168,14 +195,16 @@ static void check_family(const cJSON *j, HfFamily f, const char *path) {
     const cJSON *act = cJSON_GetObjectItemCaseSensitive(j, "hidden_act");
     if (act && (!cJSON_IsString(act) || strcmp(act->valuestring, "silu")))
         FAIL("%s: hidden_act is not \"silu\": moe.c's experts are SwiGLU", path);
-    if (is_set(j, "rope_scaling"))
+    int deepseek = f == HF_DEEPSEEK_V2 || f == HF_DEEPSEEK_V3;
+    if (deepseek) hf_deepseek_check(j, f, path);
+    else if (is_set(j, "rope_scaling"))
         FAIL("%s: rope_scaling is set: moe.c's RoPE has no scaling", path);
     if (is_set(j, "quantization_config"))
         FAIL("%s: quantization_config is set: moe import reads F32, BF16 or F16 weights", path);
     const cJSON *hd = cJSON_GetObjectItemCaseSensitive(j, "head_dim");
     const cJSON *hs = cJSON_GetObjectItemCaseSensitive(j, "hidden_size");
     const cJSON *nh = cJSON_GetObjectItemCaseSensitive(j, "num_attention_heads");
-    if (cJSON_IsNumber(hd) && cJSON_IsNumber(hs) && cJSON_IsNumber(nh) && nh->valuedouble > 0 &&
+    if (!deepseek && cJSON_IsNumber(hd) && cJSON_IsNumber(hs) && cJSON_IsNumber(nh) && nh->valuedouble > 0 &&
         hd->valuedouble != floor(hs->valuedouble / nh->valuedouble))
         FAIL("%s: head_dim = %g differs from hidden_size / num_attention_heads = %g: moe.c's "
              "heads split hidden_size", path, hd->valuedouble,
@@ -257,7 +286,8 @@ void hf_import_config(const char *dir, long seq_len, RunConfig *rc) {
         key_text(j, &HF_KEYS[i], f, path, value, sizeof value);
         set_key(rc, path, HF_KEYS[i].hf, HF_KEYS[i].moe, value);
     }
-    rope_from_parameters(rc, j, path);
+    if (f == HF_DEEPSEEK_V2 || f == HF_DEEPSEEK_V3) hf_deepseek_config(j, f, path, rc);
+    else rope_from_parameters(rc, j, path);
     const cJSON *jitter = cJSON_GetObjectItemCaseSensitive(j, "router_jitter_noise");
     if (f == HF_MIXTRAL && cJSON_IsNumber(jitter) && jitter->valuedouble > 0) {
         set_key(rc, path, "router_jitter_noise", "router.noise", "jitter");
@@ -375,14 +405,67 @@ static void check_shape(const StFile *f, const StTensor *t, const ParamInfo *p) 
     FAIL("%s: tensor %s has shape %s, config.json implies %s", f->path, t->name, have, want);
 }
 
-// Reads every layout tensor into m from family f's names; names the first unexpected,
-// missing or misshapen one.
-static void load_weights(Model *m, const HfWeights *w, const char *dir, HfFamily f) {
+// The index of m's MoE layer `layer`, or -1.
+static int moe_index(const Model *m, int layer) {
+    for (int i = 0; i < m->n_moe; i++)
+        if (m->moe[i].layer == layer) return i;
+    return -1;
+}
+
+// DeepSeek-V3's e_score_correction_bias of every MoE layer into m->expert_bias.
+static void load_bias(Model *m, const HfWeights *w, const char *dir) {
+    size_t E = (size_t)m->cfg.experts;
+    float *buf = CALLOC(E, sizeof *buf);
+    real *host = CALLOC(E, sizeof *host);
+    char name[128], err[HF_PATH_MAX + 256];
+    for (int i = 0; i < m->n_moe; i++) {
+        const StFile *file = NULL;
+        hf_bias_name(m->moe[i].layer, name, sizeof name);
+        const StTensor *t = locate(w, name, &file);
+        if (!t) FAIL("%s: tensor %s is missing (config.json implies it)", dir, name);
+        check_shape(file, t, &(ParamInfo){.rows = E});
+        if (safetensors_read_f32(file, t, buf, err, sizeof err) != 0) FAIL("%s", err);
+        for (size_t e = 0; e < E; e++) {
+            if (!isfinite(buf[e])) FAIL("%s: tensor %s holds %g", file->path, name, buf[e]);
+            host[e] = (real)buf[e];
+        }
+        m->be->upload(m->moe[i].bias, host, E * sizeof *host);
+    }
+    free(host);
+    free(buf);
+}
+
+// Whether `have` belongs to one of the `mtp` multi-token prediction modules that follow
+// the model's layers.
+static int is_mtp(const Model *m, int mtp, const char *have) {
+    int layer;
+    return mtp > 0 && sscanf(have, "model.layers.%d.", &layer) == 1 &&
+           layer >= m->cfg.layers && layer < m->cfg.layers + mtp;
+}
+
+// Whether a file's tensor `have` is one family f's model of m's config has.
+static int expected(const Model *m, HfFamily f, const char *have) {
+    char name[160];
+    int bias_layer = hf_bias_layer(have);
+    if (bias_layer >= 0) return f == HF_DEEPSEEK_V3 && moe_index(m, bias_layer) >= 0;
+    return hf_name_import(f, have, name, sizeof name) == 0 && layout_find(&m->layout, name);
+}
+
+// Reads every layout tensor into m from family f's names (RoPE rows from interleaved
+// pairs when `interleaved`; the tensors of `mtp` prediction modules left out, said on
+// stderr); names the first unexpected, missing or misshapen one.
+static void load_weights(Model *m, const HfWeights *w, const char *dir, HfFamily f,
+                         int interleaved, int mtp) {
     char err[HF_PATH_MAX + 256], name[160];
+    size_t skipped = 0;
     for (size_t k = 0; k < w->n_files; k++)
         for (size_t i = 0; i < w->files[k].n_tensors; i++) {
             const char *have = w->files[k].tensors[i].name;
-            if (hf_name_import(f, have, name, sizeof name) != 0 || !layout_find(&m->layout, name))
+            if (is_mtp(m, mtp, have)) {
+                skipped++;
+                continue;
+            }
+            if (!expected(m, f, have))
                 FAIL("%s: unexpected tensor %s (a %s model of this config.json has none by "
                      "that name)", w->files[k].path, have, hf_family_name(f));
         }
@@ -399,18 +482,32 @@ static void load_weights(Model *m, const HfWeights *w, const char *dir, HfFamily
         if (!t) FAIL("%s: tensor %s is missing (config.json implies it)", dir, name);
         check_shape(file, t, p);
         if (safetensors_read_f32(file, t, buf, err, sizeof err) != 0) FAIL("%s", err);
+        if (interleaved) hf_deepseek_rope_rows(&m->cfg, p->name, p->cols, buf, 0);
         for (size_t j = 0; j < p->numel; j++) host[p->offset + j] = (real)buf[j];
     }
     m->be->upload(m->params, host, m->layout.total * sizeof *host);
     free(host);
     free(buf);
+    if (f == HF_DEEPSEEK_V3) load_bias(m, w, dir);
+    if (skipped)
+        fprintf(stderr, "moe: note: %s: %zu tensors of num_nextn_predict_layers = %d "
+                "multi-token prediction module(s) left out (moe.c predicts the next token "
+                "only, as transformers does)\n", dir, skipped, mtp);
 }
 
 void hf_import_read(const char *dir, long seq_len, RunConfig *rc, Model *m) {
     hf_import_config(dir, seq_len, rc);
+    char path[HF_PATH_MAX];
+    join_path(path, dir, HF_CONFIG);
+    cJSON *j = read_json(path);
+    HfFamily f = family_of(j, path);
+    int deepseek = f == HF_DEEPSEEK_V2 || f == HF_DEEPSEEK_V3;
+    int interleaved = deepseek && hf_deepseek_interleaved(j, f);
+    int mtp = deepseek ? hf_deepseek_mtp_layers(j) : 0;
+    cJSON_Delete(j);
     HfWeights w;
     open_weights(&w, dir);
     model_init(m, &rc->model, backend_cpu(), 1, 1);   // weights only: the smallest batch
-    load_weights(m, &w, dir, hf_family_of(&rc->model));
+    load_weights(m, &w, dir, f, interleaved, mtp);
     close_weights(&w);
 }
