@@ -159,25 +159,14 @@ static void test_decode_noisy_routers_without_noise(void **state) {
 }
 
 // MLA: the cache keeps latents and rotated k_pe; each step attends in the absorbed form.
-static ModelConfig mla_decode_config(void) {
-    ModelConfig c = tiny_config();
-    c.attention = ATTENTION_MLA;
-    c.heads = 3;
-    c.kv_lora_rank = 5;
-    c.qk_nope_dim = 3;
-    c.qk_rope_dim = 4;
-    c.v_head_dim = 2;
-    return c;
-}
-
 static void test_decode_mla(void **state) {
     (void)state;
-    check_same(mla_decode_config());
+    check_same(tiny_mla_config());
 }
 
 static void test_decode_mla_q_lora_yarn(void **state) {
     (void)state;
-    ModelConfig c = mla_decode_config();
+    ModelConfig c = tiny_mla_config();
     c.q_lora_rank = 4;
     c.rope_scaling = ROPE_SCALING_YARN;
     c.rope_theta = 10;

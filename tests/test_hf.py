@@ -45,6 +45,19 @@ def one_line_error(run):
     return lines[0]
 
 
+def assert_import_refusals(export, cases, tmp_path):
+    """Each (edit of config.json, message) of cases, applied to a copy of the export
+    directory, makes `moe import` fail with one line naming config.json and the key."""
+    for k, (edit, message) in enumerate(cases):
+        out = tmp_path / f"hf{k}"
+        shutil.copytree(export, out)
+        config = json.loads((out / "config.json").read_text())
+        edit(config)
+        (out / "config.json").write_text(json.dumps(config))
+        err = one_line_error(run_moe(["import", out, tmp_path / "x.h5"], check=False))
+        assert message in err and str(out / "config.json") in err, err
+
+
 def text(n):
     words = ("experts in a mixture each learn a part of the data and a router picks two "
              "of them for every token it reads").split()

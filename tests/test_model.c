@@ -146,22 +146,9 @@ static void test_qkv_bias_gated_shared_expert(void **state) {
     check_model_gradients(&c);
 }
 
-// DeepSeek-V2-Lite's attention: MLA without a compressed query, 3 heads that do not
-// divide d_model, q/k heads (3 + 4) wide and values 2 wide.
-static ModelConfig mla_config(void) {
-    ModelConfig c = tiny_config();
-    c.attention = ATTENTION_MLA;
-    c.heads = 3;
-    c.kv_lora_rank = 5;
-    c.qk_nope_dim = 3;
-    c.qk_rope_dim = 4;
-    c.v_head_dim = 2;
-    return c;
-}
-
 static void test_mla(void **state) {
     (void)state;
-    ModelConfig c = mla_config();
+    ModelConfig c = tiny_mla_config();
     check_model_gradients(&c);
 }
 
@@ -170,7 +157,7 @@ static void test_mla(void **state) {
 // with a dense first layer and a shared expert.
 static void test_mla_q_lora_yarn(void **state) {
     (void)state;
-    ModelConfig c = mla_config();
+    ModelConfig c = tiny_mla_config();
     c.q_lora_rank = 6;
     c.rope_scaling = ROPE_SCALING_YARN;
     c.rope_theta = 10;

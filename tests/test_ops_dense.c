@@ -21,27 +21,6 @@
 
 static const Backend *ops(void) { return backend_cpu(); }
 
-// A forward pass and the scalar the finite differences differentiate: out . R.
-// Each op's case struct starts with a Probe so probe_loss can run any of them.
-typedef struct {
-    void (*forward)(void *self);
-    const real *out; // (n) written by forward
-    const real *R;   // (n) fixed random weights
-    size_t n;
-} Probe;
-
-static double probe_loss(void *ctx) {
-    Probe *p = ctx;
-    p->forward(ctx);
-    return test_dot(p->out, p->R, p->n);
-}
-
-// a (n) -= b (n): turns a gradient buffer that started at b into what backward added.
-static void subtract(real *a, const real *b, size_t n) {
-    for (size_t i = 0; i < n; i++)
-        a[i] -= b[i];
-}
-
 static real *filled(size_t n, real v) {
     real *x = test_zeros(n);
     for (size_t i = 0; i < n; i++)
@@ -58,7 +37,7 @@ static double silu(double z) { return z / (1.0 + exp(-z)); }
 // ---- add, mul -------------------------------------------------------------------------
 
 typedef struct {
-    Probe probe;
+    TestProbe probe;
     real *a, *b, *out; // (n) each; b is u for mul
     size_t n;
 } PairCase;
@@ -98,16 +77,16 @@ static void test_add_backward(void **state) {
     real *R = test_rand(&r, n, 1.0), *da = test_rand(&r, n, 1.0), *db = test_rand(&r, n, 1.0);
     real *da0 = test_copy(da, n), *db0 = test_copy(db, n);
     ops()->add_backward(test_tensor(da, n), test_tensor(db, n), test_tensor(R, n), n);
-    subtract(da, da0, n);
-    subtract(db, db0, n);
+    test_subtract(da, da0, n);
+    test_subtract(db, db0, n);
     PairCase c = {{add_run, out, R, n}, a, b, out, n};
-    test_fd_check(a, n, da, probe_loss, &c, 0, &r, FD_RTOL, FD_ATOL, "add da");
-    test_fd_check(b, n, db, probe_loss, &c, 0, &r, FD_RTOL, FD_ATOL, "add db");
+    test_fd_check(a, n, da, test_probe_loss, &c, 0, &r, FD_RTOL, FD_ATOL, "add da");
+    test_fd_check(b, n, db, test_probe_loss, &c, 0, &r, FD_RTOL, FD_ATOL, "add db");
 
     // An unwanted db is skipped; da still gets its gradient.
     memcpy(da, da0, n * sizeof(real));
     ops()->add_backward(test_tensor(da, n), tensor_none(), test_tensor(R, n), n);
-    subtract(da, da0, n);
+    test_subtract(da, da0, n);
     assert_equal(da, R, n, "add da with db absent");
     free(a), free(b), free(out), free(R), free(da), free(db), free(da0), free(db0);
 }
@@ -134,9 +113,9 @@ static void test_mul_backward(void **state) {
     real *x = test_rand(&r, n, 1.0), *u = test_rand(&r, n, 2.0), *out = test_zeros(n);
     real *R = test_rand(&r, n, 1.0), *dx = test_rand(&r, n, 1.0), *dx0 = test_copy(dx, n);
     ops()->mul_backward(test_tensor(dx, n), test_tensor(R, n), test_tensor(u, n), n);
-    subtract(dx, dx0, n);
+    test_subtract(dx, dx0, n);
     PairCase c = {{mul_run, out, R, n}, x, u, out, n};
-    test_fd_check(x, n, dx, probe_loss, &c, 0, &r, FD_RTOL, FD_ATOL, "mul dx");
+    test_fd_check(x, n, dx, test_probe_loss, &c, 0, &r, FD_RTOL, FD_ATOL, "mul dx");
     ops()->mul_backward(tensor_none(), test_tensor(R, n), test_tensor(u, n), n);
     free(x), free(u), free(out), free(R), free(dx), free(dx0);
 }
@@ -144,7 +123,7 @@ static void test_mul_backward(void **state) {
 // ---- embedding ------------------------------------------------------------------------
 
 typedef struct {
-    Probe probe;
+    TestProbe probe;
     real *out;    // (N, C)
     real *table;  // (V, C)
     int32_t *tok; // (N)
@@ -187,14 +166,14 @@ static void check_embedding_backward(size_t N, size_t V, size_t C, uint64_t seed
     Tensor dt = test_tensor(dtab, V * C), dy = test_tensor(R, N * C);
     ops()->embedding_backward(dt, dy, test_itensor(tok, N), N, C);
     real *once = test_copy(dtab, V * C);
-    subtract(once, dtab0, V * C);
+    test_subtract(once, dtab0, V * C);
     EmbCase c = {{embedding_run, out, R, N * C}, out, table, tok, N, V, C};
-    test_fd_check(table, V * C, once, probe_loss, &c, 0, &r, FD_RTOL, FD_ATOL,
+    test_fd_check(table, V * C, once, test_probe_loss, &c, 0, &r, FD_RTOL, FD_ATOL,
                   "embedding dtable");
     assert_equal(dtab + (V - 1) * C, dtab0 + (V - 1) * C, C, "embedding unused row");
 
     ops()->embedding_backward(dt, dy, test_itensor(tok, N), N, C);
-    subtract(dtab, dtab0, V * C);
+    test_subtract(dtab, dtab0, V * C);
     for (size_t i = 0; i < V * C; i++)
         once[i] *= 2;
     test_assert_close(dtab, once, V * C, 1e-14, 0.0, "embedding dtable after two calls");
@@ -212,7 +191,7 @@ static void test_embedding_backward(void **state) {
 #define RMS_EPS 1e-5
 
 typedef struct {
-    Probe probe;
+    TestProbe probe;
     real *out, *x; // (N, C)
     real *rstd;    // (N)
     real *w;       // (C)
@@ -261,10 +240,10 @@ static void check_rmsnorm_backward(size_t N, size_t C, uint64_t seed) {
     rmsnorm_run(&c);
     ops()->rmsnorm_backward(test_tensor(dx, nc), test_tensor(dw, C), test_tensor(R, nc),
                             test_tensor(x, nc), test_tensor(w, C), test_tensor(rstd, N), N, C);
-    subtract(dx, dx0, nc);
-    subtract(dw, dw0, C);
-    test_fd_check(x, nc, dx, probe_loss, &c, 0, &r, FD_RTOL, FD_ATOL, "rmsnorm dx");
-    test_fd_check(w, C, dw, probe_loss, &c, 0, &r, FD_RTOL, FD_ATOL, "rmsnorm dw");
+    test_subtract(dx, dx0, nc);
+    test_subtract(dw, dw0, C);
+    test_fd_check(x, nc, dx, test_probe_loss, &c, 0, &r, FD_RTOL, FD_ATOL, "rmsnorm dx");
+    test_fd_check(w, C, dw, test_probe_loss, &c, 0, &r, FD_RTOL, FD_ATOL, "rmsnorm dw");
 
     // With dw unwanted, dx gets the same gradient.
     rmsnorm_run(&c);
@@ -285,7 +264,7 @@ static void test_rmsnorm_backward(void **state) {
 // ---- matmul ---------------------------------------------------------------------------
 
 typedef struct {
-    Probe probe;
+    TestProbe probe;
     real *out; // (N, O)
     real *x;   // (N, I)
     real *w;   // (O, I)
@@ -348,11 +327,11 @@ static void test_matmul_backward(void **state) {
     real *dx = test_rand(&r, nx, 1.0), *dw = test_rand(&r, nw, 1.0);
     real *dx0 = test_copy(dx, nx), *dw0 = test_copy(dw, nw);
     matmul_grads(&c, dx, dw, R);
-    subtract(dx, dx0, nx);
-    subtract(dw, dw0, nw);
+    test_subtract(dx, dx0, nx);
+    test_subtract(dw, dw0, nw);
     c.probe.R = R;
-    test_fd_check(c.x, nx, dx, probe_loss, &c, 0, &r, FD_RTOL, FD_ATOL, "matmul dx");
-    test_fd_check(c.w, nw, dw, probe_loss, &c, 0, &r, FD_RTOL, FD_ATOL, "matmul dw");
+    test_fd_check(c.x, nx, dx, test_probe_loss, &c, 0, &r, FD_RTOL, FD_ATOL, "matmul dx");
+    test_fd_check(c.w, nw, dw, test_probe_loss, &c, 0, &r, FD_RTOL, FD_ATOL, "matmul dw");
     free(R), free(dx), free(dw), free(dx0), free(dw0);
     matmul_case_free(&c);
 }
@@ -401,7 +380,7 @@ static void test_matmul_backward_absent_grads(void **state) {
 // ---- SwiGLU ---------------------------------------------------------------------------
 
 typedef struct {
-    Probe probe;
+    TestProbe probe;
     real *out; // (N, F)
     real *h13; // (N, 2F)
     size_t N, F;
@@ -439,9 +418,9 @@ static void test_swiglu_backward(void **state) {
     real *dh = test_rand(&r, nh, 1.0), *dh0 = test_copy(dh, nh);
     ops()->swiglu_backward(test_tensor(dh, nh), test_tensor(R, N * F), test_tensor(h13, nh), N,
                            F);
-    subtract(dh, dh0, nh);
+    test_subtract(dh, dh0, nh);
     SwiCase c = {{swiglu_run, out, R, N * F}, out, h13, N, F};
-    test_fd_check(h13, nh, dh, probe_loss, &c, 0, &r, FD_RTOL, FD_ATOL, "swiglu dh13");
+    test_fd_check(h13, nh, dh, test_probe_loss, &c, 0, &r, FD_RTOL, FD_ATOL, "swiglu dh13");
     free(h13), free(out), free(R), free(dh), free(dh0);
 }
 
@@ -455,7 +434,7 @@ static const int32_t EX_OFFSETS[EX_E + 1] = {0, 0, 3, 3, 7, 9, 9};
 #define EX_WSIZE (3 * EX_F * EX_C) // one expert's w1, w3, w2
 
 typedef struct {
-    Probe probe;
+    TestProbe probe;
     real *yp;      // (CAP, C)
     real *h13;     // (CAP, 2F)
     real *act;     // (CAP, F)
@@ -627,11 +606,11 @@ static void test_experts_forward_fused(void **state) {
 static void check_expert_dw(ExpCase *c, const uint8_t *train, const real *dw, const real *dw0,
                             Rng *r) {
     real *delta = test_copy(dw, EX_E * EX_WSIZE);
-    subtract(delta, dw0, EX_E * EX_WSIZE);
+    test_subtract(delta, dw0, EX_E * EX_WSIZE);
     for (size_t e = 0; e < EX_E; e++) {
         size_t o = e * EX_WSIZE;
         if (!train || train[e])
-            test_fd_check(c->w + o, EX_WSIZE, delta + o, probe_loss, c, 0, r, FD_RTOL, FD_ATOL,
+            test_fd_check(c->w + o, EX_WSIZE, delta + o, test_probe_loss, c, 0, r, FD_RTOL, FD_ATOL,
                           "experts dw");
         else
             assert_equal(dw + o, dw0 + o, EX_WSIZE, "frozen expert dw");
@@ -641,8 +620,8 @@ static void check_expert_dw(ExpCase *c, const uint8_t *train, const real *dw, co
 
 // dxp over the routed rows against finite differences; the spare rows stay untouched.
 static void check_expert_dxp(ExpCase *c, real *dxp, const real *dxp0, Rng *r) {
-    subtract(dxp, dxp0, EX_CAP * EX_C);
-    test_fd_check(c->xp, EX_M * EX_C, dxp, probe_loss, c, 0, r, FD_RTOL, FD_ATOL,
+    test_subtract(dxp, dxp0, EX_CAP * EX_C);
+    test_fd_check(c->xp, EX_M * EX_C, dxp, test_probe_loss, c, 0, r, FD_RTOL, FD_ATOL,
                   "experts dxp");
     real *zeros = test_zeros((EX_CAP - EX_M) * EX_C);
     assert_equal(dxp + EX_M * EX_C, zeros, (EX_CAP - EX_M) * EX_C, "experts dxp past M");
@@ -685,7 +664,7 @@ static void test_experts_backward_fused(void **state) {
     for (size_t m = 0; m < EX_M; m++)
         for (size_t k = 0; k < EX_C; k++)
             dx[(size_t)EX_ROWS[m] * EX_C + k] += dxp[m * EX_C + k];
-    test_fd_check(c.x, EX_N * EX_C, dx, probe_loss, &c, 0, &r, FD_RTOL, FD_ATOL,
+    test_fd_check(c.x, EX_N * EX_C, dx, test_probe_loss, &c, 0, &r, FD_RTOL, FD_ATOL,
                   "fused experts dx");
     free(R), free(dyp), free(dxp), free(dw), free(dw0), free(dx);
     experts_case_free(&c);
@@ -754,7 +733,7 @@ static void test_experts_backward_absent_dw(void **state) {
 // ---- cross-entropy --------------------------------------------------------------------
 
 typedef struct {
-    Probe probe;
+    TestProbe probe;
     real loss;    // (1)
     real *lse;    // (N)
     real *logits; // (N, V)
@@ -829,8 +808,8 @@ static void test_crossentropy_backward(void **state) {
     ops()->crossentropy_backward(test_tensor(dl, n), test_tensor(logits, n),
                                  test_tensor(lse, CE_N), test_itensor(CE_TARGETS, CE_N), dloss,
                                  CE_N, CE_V);
-    subtract(dl, dl0, n);
-    test_fd_check(logits, n, dl, probe_loss, &c, 0, &r, FD_RTOL, FD_ATOL,
+    test_subtract(dl, dl0, n);
+    test_fd_check(logits, n, dl, test_probe_loss, &c, 0, &r, FD_RTOL, FD_ATOL,
                   "crossentropy dlogits");
     free(logits), free(lse), free(dl), free(dl0);
 }
@@ -838,7 +817,7 @@ static void test_crossentropy_backward(void **state) {
 // ---- RoPE -----------------------------------------------------------------------------
 
 typedef struct {
-    Probe probe;
+    TestProbe probe;
     real *x; // (B*T, (H + 2KV) * D) input
     real *y; // same shape: x rotated
     size_t B, T, H, KV, D;
@@ -892,16 +871,16 @@ static void test_rope_backward(void **state) {
     c.x = test_rand(&r, n, 1.0);
     c.y = test_zeros(n);
     real *R = test_rand(&r, n, 1.0), *dx = test_copy(R, n);
-    c.probe = (Probe){rope_run, c.y, R, n};
+    c.probe = (TestProbe){rope_run, c.y, R, n};
     ops()->rope_backward(test_tensor(dx, n), c.B, c.T, c.H, c.KV, c.D, c.theta);
-    test_fd_check(c.x, n, dx, probe_loss, &c, 0, &r, FD_RTOL, FD_ATOL, "rope dqkv");
+    test_fd_check(c.x, n, dx, test_probe_loss, &c, 0, &r, FD_RTOL, FD_ATOL, "rope dqkv");
     free(c.x), free(c.y), free(R), free(dx);
 }
 
 // ---- attention ------------------------------------------------------------------------
 
 typedef struct {
-    Probe probe;
+    TestProbe probe;
     real *out; // (B*T, H*D)
     real *att; // (B, H, T): the logsumexp of each query's scaled causal scores
     real *qkv; // (B*T, (H + 2KV) * D)
@@ -1038,8 +1017,8 @@ static void test_attention_backward(void **state) {
         real *dqkv = test_rand(&r, n, 1.0), *dqkv0 = test_copy(dqkv, n);
         c.probe.R = R;
         attention_grads(&c, dqkv, R);
-        subtract(dqkv, dqkv0, n);
-        test_fd_check(c.qkv, n, dqkv, probe_loss, &c, 0, &r, FD_RTOL, FD_ATOL,
+        test_subtract(dqkv, dqkv0, n);
+        test_fd_check(c.qkv, n, dqkv, test_probe_loss, &c, 0, &r, FD_RTOL, FD_ATOL,
                       "attention dqkv");
         free(R), free(dqkv), free(dqkv0);
         attention_case_free(&c);
@@ -1084,7 +1063,7 @@ static void test_attention_across_blocks(void **state) {
     real *R = test_rand(&r, att_out_numel(&c), 1.0), *dqkv = test_zeros(n);
     c.probe.R = R;
     attention_grads(&c, dqkv, R);
-    test_fd_check(c.qkv, n, dqkv, probe_loss, &c, 300, &r, FD_RTOL, 2e-8,
+    test_fd_check(c.qkv, n, dqkv, test_probe_loss, &c, 300, &r, FD_RTOL, 2e-8,
                   "long attention dqkv");
     free(out), free(att), free(R), free(dqkv);
     attention_case_free(&c);

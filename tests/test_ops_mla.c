@@ -22,24 +22,6 @@
 
 static const Backend *ops(void) { return backend_cpu(); }
 
-typedef struct {
-    void (*forward)(void *self);
-    const real *out; // (n) written by forward
-    const real *R;   // (n) fixed random weights
-    size_t n;
-} Probe;
-
-static double probe_loss(void *ctx) {
-    Probe *p = ctx;
-    p->forward(ctx);
-    return test_dot(p->out, p->R, p->n);
-}
-
-static void subtract(real *a, const real *b, size_t n) {
-    for (size_t i = 0; i < n; i++)
-        a[i] -= b[i];
-}
-
 // ---- RoPE frequencies, written from the definition --------------------------------------
 
 static const RopeSpec PLAIN = {10000.0, 0, 1, 4096, 32, 1, 1, 0};
@@ -108,7 +90,7 @@ static void test_yarn_frequencies_blend(void **state) {
 // ---- mla_qkv ----------------------------------------------------------------------------
 
 typedef struct {
-    Probe probe;
+    TestProbe probe;
     real *qkv, *q, *kv, *kpe;
     size_t B, T, H, Dn, Dr, Dv;
     RopeSpec rope;
@@ -134,7 +116,7 @@ static QkvCase qkv_case(Rng *r, RopeSpec rope) {
     c.q = test_rand(r, q_numel(&c), 1.0);
     c.kv = test_rand(r, kv_numel(&c), 1.0);
     c.kpe = test_rand(r, kpe_numel(&c), 1.0);
-    c.probe = (Probe){qkv_run, c.qkv, test_rand(r, n, 1.0), n};
+    c.probe = (TestProbe){qkv_run, c.qkv, test_rand(r, n, 1.0), n};
     return c;
 }
 
@@ -191,12 +173,12 @@ static void check_qkv_backward(RopeSpec rope, uint64_t seed) {
     ops()->mla_qkv_backward(test_tensor(dq, nq), test_tensor(dkv, nkv), test_tensor(dk, nk),
                             test_tensor((real *)c.probe.R, c.probe.n), c.B, c.T, c.H, c.Dn,
                             c.Dr, c.Dv, c.rope);
-    subtract(dq, dq0, nq);
-    subtract(dkv, dkv0, nkv);
-    subtract(dk, dk0, nk);
-    test_fd_check(c.q, nq, dq, probe_loss, &c, 0, &r, FD_RTOL, FD_ATOL, "mla_qkv dq");
-    test_fd_check(c.kv, nkv, dkv, probe_loss, &c, 0, &r, FD_RTOL, FD_ATOL, "mla_qkv dkv");
-    test_fd_check(c.kpe, nk, dk, probe_loss, &c, 0, &r, FD_RTOL, FD_ATOL, "mla_qkv dkpe");
+    test_subtract(dq, dq0, nq);
+    test_subtract(dkv, dkv0, nkv);
+    test_subtract(dk, dk0, nk);
+    test_fd_check(c.q, nq, dq, test_probe_loss, &c, 0, &r, FD_RTOL, FD_ATOL, "mla_qkv dq");
+    test_fd_check(c.kv, nkv, dkv, test_probe_loss, &c, 0, &r, FD_RTOL, FD_ATOL, "mla_qkv dkv");
+    test_fd_check(c.kpe, nk, dk, test_probe_loss, &c, 0, &r, FD_RTOL, FD_ATOL, "mla_qkv dkpe");
     // Absent gradients are skipped.
     ops()->mla_qkv_backward(tensor_none(), tensor_none(), tensor_none(),
                             test_tensor((real *)c.probe.R, c.probe.n), c.B, c.T, c.H, c.Dn,
@@ -214,7 +196,7 @@ static void test_mla_qkv_backward(void **state) {
 // ---- attention with split head widths ----------------------------------------------------
 
 typedef struct {
-    Probe probe;
+    TestProbe probe;
     real *out, *att, *qkv;
     size_t B, T, H, KV, Dk, Dv;
     double scale;
@@ -237,7 +219,7 @@ static SplitCase split_case(Rng *r, size_t B, size_t T, size_t H, size_t KV, siz
     c.out = test_zeros(no);
     c.att = test_zeros(B * H * T);
     c.qkv = test_rand(r, N * sw(&c), 1.0);
-    c.probe = (Probe){split_run, c.out, test_rand(r, no, 1.0), no};
+    c.probe = (TestProbe){split_run, c.out, test_rand(r, no, 1.0), no};
     return c;
 }
 
@@ -313,8 +295,8 @@ static void test_attention_mla_backward(void **state) {
             test_tensor(dx, n), tensor_none(), test_tensor((real *)c.probe.R, c.probe.n),
             test_tensor(c.out, c.probe.n), test_tensor(c.qkv, n),
             test_tensor(c.att, c.B * c.H * c.T), c.B, c.T, c.H, c.KV, c.Dk, c.Dv, c.scale);
-        subtract(dx, dx0, n);
-        test_fd_check(c.qkv, n, dx, probe_loss, &c, c.T > 64 ? 300 : 0, &r, FD_RTOL, FD_ATOL,
+        test_subtract(dx, dx0, n);
+        test_fd_check(c.qkv, n, dx, test_probe_loss, &c, c.T > 64 ? 300 : 0, &r, FD_RTOL, FD_ATOL,
                       "attention_mla dqkv");
         free(dx), free(dx0);
         split_free(&c);

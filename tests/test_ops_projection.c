@@ -19,27 +19,10 @@
 
 static const Backend *ops(void) { return backend_cpu(); }
 
-typedef struct {
-    void (*forward)(void *self);
-    const real *out; // (n) written by forward
-    const real *R;   // (n) fixed random weights
-    size_t n;
-} Probe;
-
-static double probe_loss(void *ctx) {
-    Probe *p = ctx;
-    p->forward(ctx);
-    return test_dot(p->out, p->R, p->n);
-}
-
-static void subtract(real *a, const real *b, size_t n) {
-    for (size_t i = 0; i < n; i++) a[i] -= b[i];
-}
-
 // ---- QK-norm ------------------------------------------------------------------------
 
 typedef struct {
-    Probe probe;
+    TestProbe probe;
     real *out, *qkv, *rstd, *wq, *wk;
     size_t N, H, KV, D;
     int per_head;
@@ -131,12 +114,12 @@ static void check_qk_backward(int per_head) {
                             test_tensor(R, n), test_tensor(c.qkv, n), test_tensor(c.wq, nq),
                             test_tensor(c.wk, nk), test_tensor(c.rstd, c.N * qk_groups(&c)),
                             c.N, c.H, c.KV, c.D, per_head);
-    subtract(dx, dx0, n);
-    subtract(dwq, dwq0, nq);
-    subtract(dwk, dwk0, nk);
-    test_fd_check(c.qkv, n, dx, probe_loss, &c, 0, &r, FD_RTOL, FD_ATOL, "qk_norm dqkv");
-    test_fd_check(c.wq, nq, dwq, probe_loss, &c, 0, &r, FD_RTOL, FD_ATOL, "qk_norm dwq");
-    test_fd_check(c.wk, nk, dwk, probe_loss, &c, 0, &r, FD_RTOL, FD_ATOL, "qk_norm dwk");
+    test_subtract(dx, dx0, n);
+    test_subtract(dwq, dwq0, nq);
+    test_subtract(dwk, dwk0, nk);
+    test_fd_check(c.qkv, n, dx, test_probe_loss, &c, 0, &r, FD_RTOL, FD_ATOL, "qk_norm dqkv");
+    test_fd_check(c.wq, nq, dwq, test_probe_loss, &c, 0, &r, FD_RTOL, FD_ATOL, "qk_norm dwq");
+    test_fd_check(c.wk, nk, dwk, test_probe_loss, &c, 0, &r, FD_RTOL, FD_ATOL, "qk_norm dwk");
 
     // Weights frozen: dqkv is the same.
     qk_run(&c);
@@ -163,7 +146,7 @@ static void test_qk_norm_backward_whole_projection(void **state) {
 // ---- bias ---------------------------------------------------------------------------
 
 typedef struct {
-    Probe probe;
+    TestProbe probe;
     real *out, *x, *b;
     size_t N, M;
 } BiasCase;
@@ -189,17 +172,17 @@ static void test_bias_add(void **state) {
     real *dx = test_rand(&r, n, 1.0), *db = test_rand(&r, M, 1.0);
     real *dx0 = test_copy(dx, n), *db0 = test_copy(db, M);
     ops()->bias_add_backward(test_tensor(dx, n), test_tensor(db, M), test_tensor(R, n), N, M);
-    subtract(dx, dx0, n);
-    subtract(db, db0, M);
-    test_fd_check(x, n, dx, probe_loss, &c, 0, &r, FD_RTOL, FD_ATOL, "bias_add dx");
-    test_fd_check(b, M, db, probe_loss, &c, 0, &r, FD_RTOL, FD_ATOL, "bias_add db");
+    test_subtract(dx, dx0, n);
+    test_subtract(db, db0, M);
+    test_fd_check(x, n, dx, test_probe_loss, &c, 0, &r, FD_RTOL, FD_ATOL, "bias_add dx");
+    test_fd_check(b, M, db, test_probe_loss, &c, 0, &r, FD_RTOL, FD_ATOL, "bias_add db");
     free(x), free(b), free(out), free(R), free(ref), free(dx), free(db), free(dx0), free(db0);
 }
 
 // ---- sigmoid-gated add --------------------------------------------------------------
 
 typedef struct {
-    Probe probe;
+    TestProbe probe;
     real *out, *a, *s, *g;
     size_t N, C;
 } GateCase;
@@ -229,12 +212,12 @@ static void test_gated_add(void **state) {
     real *da0 = test_copy(da, n), *ds0 = test_copy(ds, n), *dg0 = test_copy(dg, N);
     ops()->gated_add_backward(test_tensor(da, n), test_tensor(ds, n), test_tensor(dg, N),
                               test_tensor(R, n), test_tensor(s, n), test_tensor(g, N), N, C);
-    subtract(da, da0, n);
-    subtract(ds, ds0, n);
-    subtract(dg, dg0, N);
-    test_fd_check(a, n, da, probe_loss, &c, 0, &r, FD_RTOL, FD_ATOL, "gated_add da");
-    test_fd_check(s, n, ds, probe_loss, &c, 0, &r, FD_RTOL, FD_ATOL, "gated_add ds");
-    test_fd_check(g, N, dg, probe_loss, &c, 0, &r, FD_RTOL, FD_ATOL, "gated_add dg");
+    test_subtract(da, da0, n);
+    test_subtract(ds, ds0, n);
+    test_subtract(dg, dg0, N);
+    test_fd_check(a, n, da, test_probe_loss, &c, 0, &r, FD_RTOL, FD_ATOL, "gated_add da");
+    test_fd_check(s, n, ds, test_probe_loss, &c, 0, &r, FD_RTOL, FD_ATOL, "gated_add ds");
+    test_fd_check(g, N, dg, test_probe_loss, &c, 0, &r, FD_RTOL, FD_ATOL, "gated_add dg");
     free(a), free(s), free(g), free(out), free(R), free(ref);
     free(da), free(ds), free(dg), free(da0), free(ds0), free(dg0);
 }

@@ -91,6 +91,16 @@ double test_dot(const real *a, const real *b, size_t n) {
     return s;
 }
 
+double test_probe_loss(void *ctx) {
+    TestProbe *p = ctx;
+    p->forward(ctx);
+    return test_dot(p->out, p->R, p->n);
+}
+
+void test_subtract(real *a, const real *b, size_t n) {
+    for (size_t i = 0; i < n; i++) a[i] -= b[i];
+}
+
 static int remove_entry(const char *path, const struct stat *sb, int flag, struct FTW *ftw) {
     (void)sb, (void)flag, (void)ftw;
     return remove(path);

@@ -53,6 +53,19 @@ void test_fd_check(real *x, size_t n, const real *analytic, test_loss_fn f, void
 // sum_i a[i] * b[i] in double: the scalar a test differentiates (out . random weights).
 double test_dot(const real *a, const real *b, size_t n);
 
+// A forward pass and the scalar finite differences differentiate: out . R. An op suite's
+// case struct starts with a TestProbe, so test_probe_loss runs any of them.
+typedef struct {
+    void (*forward)(void *self);
+    const real *out; // (n) written by forward
+    const real *R;   // (n) fixed random weights
+    size_t n;
+} TestProbe;
+double test_probe_loss(void *ctx);
+
+// a (n) -= b (n): turns a gradient buffer that started at b into what backward added.
+void test_subtract(real *a, const real *b, size_t n);
+
 // Removes dir and everything below it (a test's mkdtemp directory). Returns nftw's result:
 // 0, or -1 when something could not be removed.
 int test_remove_tree(const char *dir);
@@ -76,6 +89,19 @@ static inline ModelConfig tiny_config(void) {
     c.experts = 4;
     c.expert_ffn_dim = 6;
     c.tie_embeddings = 0;
+    return c;
+}
+
+// tiny_config with DeepSeek-V2-Lite's attention: MLA without a compressed query, 3 heads
+// that do not divide d_model, q/k heads (3 + 4) wide and values 2 wide.
+static inline ModelConfig tiny_mla_config(void) {
+    ModelConfig c = tiny_config();
+    c.attention = ATTENTION_MLA;
+    c.heads = 3;
+    c.kv_lora_rank = 5;
+    c.qk_nope_dim = 3;
+    c.qk_rope_dim = 4;
+    c.v_head_dim = 2;
     return c;
 }
 

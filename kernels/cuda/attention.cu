@@ -376,13 +376,7 @@ __global__ void decode_attend_kernel(float *out, const float *qkv, const float *
         sc[u] = dot * scale;
         mx = fmaxf(mx, sc[u]);
     }
-    mx = cuda_block_max(mx);
-    double sum = 0.0;
-    for (size_t u = threadIdx.x; u < n; u += blockDim.x) {
-        sc[u] = expf(sc[u] - mx);
-        sum += sc[u];
-    }
-    sum = cuda_block_sum(sum);
+    double sum = cuda_block_exp_sum(sc, n, mx);
     for (size_t d = threadIdx.x; d < D; d += blockDim.x) {
         double acc = 0.0;
         for (size_t u = 0; u < n; u++)

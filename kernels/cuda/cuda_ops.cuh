@@ -102,6 +102,19 @@ __device__ __forceinline__ float cuda_block_max(float v) {
     return r;
 }
 
+// Softmax numerators of a block's scores sc (n), each thread's strided share: sc[u] =
+// exp(sc[u] - max) with the block's max of the threads' running maxima mx; returns the
+// block's sum of them to every thread. All threads of the block must call it.
+__device__ __forceinline__ double cuda_block_exp_sum(float *sc, size_t n, float mx) {
+    mx = cuda_block_max(mx);
+    double sum = 0.0;
+    for (size_t u = threadIdx.x; u < n; u += blockDim.x) {
+        sc[u] = expf(sc[u] - mx);
+        sum += sc[u];
+    }
+    return cuda_block_sum(sum);
+}
+
 // ---- invalid data ---------------------------------------------------------------------
 // The CPU ops die on an index outside its range (token, target, expert, offsets). On the
 // device a kernel skips the bad item and records the first problem in a flag; the flag is

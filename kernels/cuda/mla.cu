@@ -155,13 +155,7 @@ __global__ void mla_attend_kernel(float *out, const float *q, const float *w, co
         sc[u] = dot * scale;
         mx = fmaxf(mx, sc[u]);
     }
-    mx = cuda_block_max(mx);
-    double sum = 0.0;
-    for (size_t u = threadIdx.x; u < n; u += blockDim.x) {
-        sc[u] = expf(sc[u] - mx);
-        sum += sc[u];
-    }
-    sum = cuda_block_sum(sum);
+    double sum = cuda_block_exp_sum(sc, n, mx);
     __syncthreads();
     for (size_t j = threadIdx.x; j < R; j += blockDim.x) {
         double acc = 0.0;

@@ -285,16 +285,6 @@ int hf_deepseek_export_check(const ModelConfig *c, HfFamily f, char *why, size_t
     return -1;
 }
 
-static void add_real(cJSON *j, const char *key, double v) {
-    char text[40];
-    for (int digits = 15; digits <= 17; digits++) {
-        snprintf(text, sizeof text, "%.*g", digits, v);
-        if (strtod(text, NULL) == v) break;
-    }
-    if (!strpbrk(text, ".eEn")) strcat(text, ".0");
-    CHECK(cJSON_AddRawToObject(j, key, text), "out of memory writing %s", key);
-}
-
 static void rope_out(cJSON *j, const ModelConfig *c) {
     if (c->rope_scaling != ROPE_SCALING_YARN) {
         cJSON_AddNullToObject(j, "rope_scaling");
@@ -302,12 +292,12 @@ static void rope_out(cJSON *j, const ModelConfig *c) {
     }
     cJSON *d = cJSON_AddObjectToObject(j, "rope_scaling");
     cJSON_AddStringToObject(d, "type", "yarn");
-    add_real(d, "factor", c->rope_factor);
+    hf_json_add_float(d, "factor", c->rope_factor);
     cJSON_AddNumberToObject(d, "original_max_position_embeddings", c->rope_orig_max_pos);
-    add_real(d, "beta_fast", c->rope_beta_fast);
-    add_real(d, "beta_slow", c->rope_beta_slow);
-    add_real(d, "mscale", c->rope_mscale);
-    add_real(d, "mscale_all_dim", c->rope_mscale_all_dim);
+    hf_json_add_float(d, "beta_fast", c->rope_beta_fast);
+    hf_json_add_float(d, "beta_slow", c->rope_beta_slow);
+    hf_json_add_float(d, "mscale", c->rope_mscale);
+    hf_json_add_float(d, "mscale_all_dim", c->rope_mscale_all_dim);
 }
 
 void hf_deepseek_config_out(cJSON *j, const ModelConfig *c, HfFamily f) {
@@ -338,8 +328,8 @@ void hf_deepseek_config_out(cJSON *j, const ModelConfig *c, HfFamily f) {
     cJSON_AddNumberToObject(j, "topk_group", topk_groups);
     cJSON_AddStringToObject(j, "scoring_func", f == HF_DEEPSEEK_V3 ? "sigmoid" : "softmax");
     cJSON_AddBoolToObject(j, "norm_topk_prob", c->renorm);
-    add_real(j, "routed_scaling_factor", c->gate_scale);
-    add_real(j, "aux_loss_alpha", c->aux_coef);
+    hf_json_add_float(j, "routed_scaling_factor", c->gate_scale);
+    hf_json_add_float(j, "aux_loss_alpha", c->aux_coef);
     cJSON_AddBoolToObject(j, "seq_aux", c->lb_type == LB_SEQ);
     cJSON_AddBoolToObject(j, "attention_bias", 0);
     cJSON_AddBoolToObject(j, "mlp_bias", 0);

@@ -27,6 +27,10 @@ int hf_deepseek_interleaved(const cJSON *j, HfFamily f);
 int hf_deepseek_export_check(const ModelConfig *c, HfFamily f, char *why, size_t n);
 // The family's keys of c into j (config.json).
 void hf_deepseek_config_out(cJSON *j, const ModelConfig *c, HfFamily f);
+// A float field as JSON text that reads back as a float (hf_export.c): the shortest
+// digits that round-trip, with ".0" where printf leaves an integer. transformers 5
+// validates config fields by type and refuses `0` where its config class declares a float.
+void hf_json_add_float(cJSON *j, const char *key, double v);
 
 // Permutes the RoPE rows of layout tensor `name` (rows x cols floats at w) from the
 // file's interleaved pairs to moe.c's halves (to_file 0) or back (to_file 1); other

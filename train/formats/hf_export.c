@@ -81,10 +81,7 @@ int hf_export_check(const ModelConfig *c, char *why, size_t n) {
     return -1;
 }
 
-// A float field as JSON text that reads back as a float: the shortest digits that
-// round-trip, with ".0" where printf leaves an integer. transformers 5 validates config
-// fields by type and refuses `0` where its config class declares a float.
-static void add_float(cJSON *j, const char *key, double v) {
+void hf_json_add_float(cJSON *j, const char *key, double v) {
     char text[40];
     for (int digits = 15; digits <= 17; digits++) {
         snprintf(text, sizeof text, "%.*g", digits, v);
@@ -107,17 +104,17 @@ static cJSON *common_config(const ModelConfig *c, HfFamily f) {
     if (!is_deepseek(f)) {   // DeepSeek's heads: hf_deepseek_config_out
         cJSON_AddNumberToObject(j, "num_key_value_heads", c->kv_heads);
         cJSON_AddNumberToObject(j, "head_dim", c->d_model / c->heads);
-        add_float(j, "router_aux_loss_coef", c->aux_coef);
+        hf_json_add_float(j, "router_aux_loss_coef", c->aux_coef);
     }
     cJSON_AddNumberToObject(j, "num_experts_per_tok", c->top_k);
     cJSON_AddNumberToObject(j, "max_position_embeddings", c->seq_len);
-    add_float(j, "rms_norm_eps", c->norm_eps);
-    add_float(j, "rope_theta", c->rope_theta);
+    hf_json_add_float(j, "rms_norm_eps", c->norm_eps);
+    hf_json_add_float(j, "rope_theta", c->rope_theta);
     cJSON_AddBoolToObject(j, "tie_word_embeddings", c->tie_embeddings);
     cJSON_AddStringToObject(j, "hidden_act", "silu");
     cJSON_AddBoolToObject(j, "output_router_logits", 0);
-    add_float(j, "initializer_range", c->init_std);
-    add_float(j, "attention_dropout", 0.0);
+    hf_json_add_float(j, "initializer_range", c->init_std);
+    hf_json_add_float(j, "attention_dropout", 0.0);
     return j;
 }
 
@@ -131,7 +128,7 @@ static void family_config(cJSON *j, const ModelConfig *c, HfFamily f) {
         cJSON_AddNumberToObject(j, "intermediate_size", c->expert_ffn_dim);
     if (f == HF_MIXTRAL) {
         cJSON_AddNumberToObject(j, "num_local_experts", c->experts);
-        add_float(j, "router_jitter_noise", c->noise == NOISE_JITTER ? c->jitter_eps : 0.0);
+        hf_json_add_float(j, "router_jitter_noise", c->noise == NOISE_JITTER ? c->jitter_eps : 0.0);
         cJSON_AddNullToObject(j, "sliding_window");
         return;
     }
