@@ -31,6 +31,8 @@ static double seconds;
 static MPI_Request *pending;      // (cap) dist_sum_start's MPI requests not yet waited for
 static size_t n_pending, cap_pending;
 static int nccl_pending;          // dist_sum_start queued NCCL work
+static real *block;               // (block_cap) the reduce-scatter's received block, kept
+static size_t block_cap;          // from step to step: a block is about slab / P values
 
 // The variables mpirun (OpenMPI), MPICH's Hydra and srun (PMI-2, PMIx) give each rank.
 static int launched_by_mpi(void) {
@@ -92,6 +94,9 @@ void dist_finalize(void) {
     dist_nccl_free();
 #endif
     free(pending);
+    free(block);
+    block = NULL;
+    block_cap = 0;
     if (ep_comm != MPI_COMM_WORLD) MPI_Comm_free(&ep_comm);
     if (rep_comm != MPI_COMM_WORLD) MPI_Comm_free(&rep_comm);
     MPI_Finalize();
@@ -314,11 +319,15 @@ void dist_reduce_scatter_tensor(DistGroup g, const Backend *be, Tensor t, const 
     int *counts = CALLOC((size_t)P, sizeof *counts), *displs = CALLOC((size_t)P, sizeof *displs);
     block_counts(P, bounds, counts, displs);
     double t0 = omp_get_wtime();
-    real *host = host_view(be, t, n), *mine = CALLOC(hi > lo ? hi - lo : 1, sizeof *mine);   // (hi - lo)
-    CHECK(MPI_Reduce_scatter(host, mine, counts, MPI_REAL_T, MPI_SUM, group_comm(g)) ==
+    if (!block || hi - lo > block_cap) {   // never empty: MPI's buffers may not alias
+        block_cap = hi - lo > 1 ? hi - lo : 1;
+        free(block);
+        block = CALLOC(block_cap, sizeof *block);
+    }
+    real *host = host_view(be, t, n);
+    CHECK(MPI_Reduce_scatter(host, block, counts, MPI_REAL_T, MPI_SUM, group_comm(g)) ==
           MPI_SUCCESS, "MPI_Reduce_scatter failed");
-    memcpy(host + lo, mine, (hi - lo) * sizeof *mine);
-    free(mine);
+    if (hi > lo) memcpy(host + lo, block, (hi - lo) * sizeof *block);
     host_done(be, t, host, lo, hi);
     bytes_sent += n * sizeof(real);
     seconds += omp_get_wtime() - t0;

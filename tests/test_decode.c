@@ -137,16 +137,7 @@ static void test_decode_sigmoid_expert_bias(void **state) {
 // DeepSeek-V3 routing: a leading dense layer, a frozen bias, group-limited, scaled gates.
 static void test_decode_deepseek_v3_routing(void **state) {
     (void)state;
-    ModelConfig c = tiny_config();
-    c.layers = 3;
-    c.first_dense_layers = 1;
-    c.score = SCORE_SIGMOID;
-    c.expert_bias = 1;
-    c.groups = 2;
-    c.topk_groups = 1;
-    c.group_score = GROUP_SCORE_TOP2;
-    c.gate_scale = 2.5;
-    check_same(c);
+    check_same(tiny_deepseek_v3_config());
 }
 
 static void test_decode_noisy_routers_without_noise(void **state) {

@@ -45,6 +45,13 @@ def one_line_error(run):
     return lines[0]
 
 
+def family_export(tmp, name, keys):
+    """A family's fixture: a 3-step run with its keys and its `moe export`."""
+    ckpt = train(tmp, "base", keys, steps=3)
+    run_moe(["export", ckpt, tmp / "export"])
+    return {"name": name, "tmp": tmp, "ckpt": ckpt, "export": tmp / "export"}
+
+
 def assert_import_refusals(export, cases, tmp_path):
     """Each (edit of config.json, message) of cases, applied to a copy of the export
     directory, makes `moe import` fail with one line naming config.json and the key."""

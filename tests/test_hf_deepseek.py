@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file, save_file
 
-from test_hf import (MODEL, assert_bit_identical, assert_import_refusals, one_line_error,
+from test_hf import (assert_bit_identical, assert_import_refusals, family_export, one_line_error,
                      run_moe, train)
 
 MLA = ["model.attention=mla", "model.kv_lora_rank=16", "model.qk_nope_dim=8",
@@ -41,9 +41,7 @@ CLASSES = {"deepseek_v2": "DeepseekV2ForCausalLM", "deepseek_v3": "DeepseekV3For
 @pytest.fixture(scope="module", params=sorted(FAMILIES))
 def family(request, tmp_path_factory):
     tmp = tmp_path_factory.mktemp(request.param)
-    ckpt = train(tmp, "base", FAMILIES[request.param], steps=3)
-    run_moe(["export", ckpt, tmp / "export"])
-    return {"name": request.param, "tmp": tmp, "ckpt": ckpt, "export": tmp / "export"}
+    return family_export(tmp, request.param, FAMILIES[request.param])
 
 
 def expected_names(c):

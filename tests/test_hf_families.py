@@ -14,8 +14,8 @@ import subprocess
 import pytest
 from safetensors.numpy import load_file, save_file
 
-from test_hf import (MODEL, assert_bit_identical, assert_import_refusals, one_line_error,
-                     run_moe, train)
+from test_hf import (assert_bit_identical, assert_import_refusals, family_export, one_line_error,
+                     run_moe)
 
 FAMILIES = {
     "olmoe": ["model.qk_norm=full", "router.renorm=false", "model.experts=8", "router.top_k=8"],
@@ -33,9 +33,7 @@ FLOATS = ("rms_norm_eps", "rope_theta", "router_aux_loss_coef", "initializer_ran
 @pytest.fixture(scope="module", params=sorted(FAMILIES))
 def family(request, tmp_path_factory):
     tmp = tmp_path_factory.mktemp(request.param)
-    ckpt = train(tmp, "base", FAMILIES[request.param], steps=3)
-    run_moe(["export", ckpt, tmp / "export"])
-    return {"name": request.param, "tmp": tmp, "ckpt": ckpt, "export": tmp / "export"}
+    return family_export(tmp, request.param, FAMILIES[request.param])
 
 
 def expected_names(c):

@@ -220,19 +220,10 @@ static void test_deepseek_v2_routing(void **state) {
     check_model_gradients(&c);
 }
 
-// DeepSeek-V3 noaux_tc: sigmoid scores, a frozen expert bias in selection (bias_gamma 0),
-// the best group of 2 by its two best biased scores, renormalised gates scaled by 2.5.
+// DeepSeek-V3 noaux_tc (tiny_deepseek_v3_config).
 static void test_deepseek_v3_routing(void **state) {
     (void)state;
-    ModelConfig c = tiny_config();
-    c.layers = 3;
-    c.first_dense_layers = 1;
-    c.score = SCORE_SIGMOID;
-    c.expert_bias = 1;
-    c.groups = 2;
-    c.topk_groups = 1;
-    c.group_score = GROUP_SCORE_TOP2;
-    c.gate_scale = 2.5;
+    ModelConfig c = tiny_deepseek_v3_config();
     check_model_gradients(&c);
 }
 

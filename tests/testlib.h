@@ -105,4 +105,20 @@ static inline ModelConfig tiny_mla_config(void) {
     return c;
 }
 
+// tiny_config with DeepSeek-V3's routing (noaux_tc): a leading dense layer, sigmoid
+// scores with a frozen expert bias in selection (bias_gamma 0), the best group of 2 by its
+// two best biased scores, renormalised gates scaled by 2.5.
+static inline ModelConfig tiny_deepseek_v3_config(void) {
+    ModelConfig c = tiny_config();
+    c.layers = 3;
+    c.first_dense_layers = 1;
+    c.score = SCORE_SIGMOID;
+    c.expert_bias = 1;
+    c.groups = 2;
+    c.topk_groups = 1;
+    c.group_score = GROUP_SCORE_TOP2;
+    c.gate_scale = 2.5;
+    return c;
+}
+
 #endif
