@@ -5,7 +5,7 @@
 //
 // memory.c: alloc/zero; elementwise.c: add, mul; dense.c: embedding,
 // RMSNorm, matmul, SwiGLU, experts, cross-entropy; attention.c: RoPE and
-// attention; attention_decode.c: attention over a KV cache (generation);
+// attention (a head's blocks: attention_tiles.h); attention_decode.c: attention over a KV cache (generation);
 // router.c: scores, noise, top-k, gates, the fused top-k route; capacity.c: capacity; dispatch.c: dispatch plan, gather, combine;
 // aux_losses.c: load-balancing, z, importance and load losses, row
 // normalisation; router_variants.c: expert bias, hash routing, expert choice;
@@ -31,6 +31,10 @@ void cpu_check_experts(const int32_t *idx, size_t n, size_t E, const char *op);
 // one row of D-wide heads by those angles, in double.
 void cpu_rope_angles(double *cs, size_t t, size_t D, double theta, double sign);
 void cpu_rope_row(real *row, const double *cs, size_t heads, size_t D);
+// The attention tiles' instruction set (attention_tiles.h): "avx512", "avx2" or "base".
+// NULL returns the one in use; a name forces that variant from then on (the tests compare
+// them; forcing one the CPU lacks would fault).
+const char *cpu_attention_tiles(const char *name);
 
 // cpu_<name> for every KERNEL of the op list. Of the KERNEL_HOOKs the CPU sets one:
 // attention_plan (attention.c: fused attention keeps a logsumexp per query).

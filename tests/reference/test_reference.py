@@ -85,6 +85,14 @@ CASES = {
                         "model.rope_factor=8", "model.rope_orig_max_pos=16",
                         "model.rope_mscale=0.707", "model.rope_mscale_all_dim=1.0",
                         "model.shared_experts=1", "model.shared_ffn_dim=8"],
+    # Head widths past one vector (40: a vector and a part on AVX-512, 32 + 8 and 40 under
+    # MLA) and 70 positions (a second block of queries, 6 rows short of a tile): the CPU
+    # attention tiles' edges
+    "attention_wide_heads": ["model.d_model=80", "model.heads=2", "model.kv_heads=1",
+                             "model.seq_len=70"],
+    "mla_wide_heads": ["model.attention=mla", "model.heads=2", "model.kv_lora_rank=16",
+                       "model.qk_nope_dim=24", "model.qk_rope_dim=8", "model.v_head_dim=40",
+                       "model.seq_len=70"],
     # DeepSeek-V3 expert bias: top-k on s + b, gates from s
     "bias_sigmoid_top2": ["router.bias_gamma=0.001", "router.score=sigmoid"],
     "bias_softmax_top2": ["router.bias_gamma=0.001", "router.score=softmax"],
