@@ -226,7 +226,9 @@ void dist_sum_start(DistGroup g, const Backend *be, Tensor t, size_t lo, size_t 
     check_real(t, lo + n, "sum");
     double t0 = omp_get_wtime();
     if (on_nccl(t)) {
-        if (g != DIST_ALL && dist_group_size(g) == 1) return;   // a sum over itself
+        // A one-rank group of a larger job sums nothing (a one-rank job still goes through
+        // NCCL: one GPU checks the path).
+        if (size > 1 && dist_group_size(g) == 1) return;
 #if HAVE_NCCL
         dist_nccl_sum_start(nccl_of(g), (real *)t.data + lo, n);
 #endif
