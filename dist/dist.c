@@ -110,6 +110,10 @@ int dist_lead(void) { return rank == 0; }
 void dist_split_expert_groups(int ep) {
     CHECK(ep >= 1 && size % ep == 0, "dist: expert groups of %d over %d ranks", ep, size);
     if (size == 1) return;
+#if HAVE_NCCL
+    dist_nccl_comm_free(DIST_EXPERT_GROUP);
+    dist_nccl_comm_free(DIST_EXPERT_REPLICAS);
+#endif
     if (ep_comm != MPI_COMM_WORLD) MPI_Comm_free(&ep_comm);
     if (rep_comm != MPI_COMM_WORLD) MPI_Comm_free(&rep_comm);
     CHECK(MPI_Comm_split(MPI_COMM_WORLD, rank / ep, rank % ep, &ep_comm) == MPI_SUCCESS &&
@@ -164,6 +168,17 @@ int dist_max_int(int x) {
 // Device tensors through NCCL: the build has it and the run has MPI.
 static int on_nccl(const Tensor t) { return HAVE_NCCL && started && t.device != DEVICE_CPU; }
 
+#if HAVE_NCCL
+// Group g's NCCL communicator; a group spanning every rank (the same ranks in the same
+// order: the split keeps the world's order) shares the world's.
+static NcclComm *nccl_of(DistGroup g) {
+    if (dist_group_size(g) == size) g = DIST_ALL;
+    return dist_nccl_comm(g, group_comm(g));
+}
+#endif
+
+int dist_has_nccl(void) { return HAVE_NCCL; }
+
 int dist_sums(const Backend *be) {
     return size > 1 || (HAVE_NCCL && started && be->device != DEVICE_CPU);
 }
@@ -211,10 +226,11 @@ void dist_sum_start(DistGroup g, const Backend *be, Tensor t, size_t lo, size_t 
     check_real(t, lo + n, "sum");
     double t0 = omp_get_wtime();
     if (on_nccl(t)) {
-        CHECK(g == DIST_ALL || ep_size == 1, "dist: NCCL sums within expert groups are not "
-              "written (expert parallelism runs on the CPU)");
+        // A one-rank group of a larger job sums nothing (a one-rank job still goes through
+        // NCCL: one GPU checks the path).
+        if (size > 1 && dist_group_size(g) == 1) return;
 #if HAVE_NCCL
-        dist_nccl_sum_start((real *)t.data + lo, n);
+        dist_nccl_sum_start(nccl_of(g), (real *)t.data + lo, n);
 #endif
         nccl_pending = 1;
     } else if (t.device != DEVICE_CPU) {
@@ -295,22 +311,15 @@ int dist_group_size(DistGroup g) {
     return n;
 }
 
-// NCCL's one communicator spans every rank: a group of fewer ranks goes through MPI only.
-static void check_nccl_group(DistGroup g) {
-    CHECK(dist_group_size(g) == size, "dist: NCCL collectives within a group of %d of the %d "
-          "ranks are not written (expert parallelism runs on the CPU)", dist_group_size(g), size);
-}
-
 void dist_reduce_scatter_tensor(DistGroup g, const Backend *be, Tensor t, const size_t *bounds) {
     const int P = dist_group_size(g), me = dist_group_rank(g);
     if (P == 1) return;
     size_t lo = bounds[me], hi = bounds[me + 1], n = bounds[P];
     check_real(t, n, "reduce-scatter");
     if (on_nccl(t)) {
-        check_nccl_group(g);
         double t0 = omp_get_wtime();
 #if HAVE_NCCL
-        dist_nccl_reduce_scatter(t.data, bounds);
+        dist_nccl_reduce_scatter(nccl_of(g), t.data, bounds);
 #endif
         bytes_sent += n * sizeof(real);
         seconds += omp_get_wtime() - t0;
@@ -341,10 +350,9 @@ void dist_allgather_tensor(DistGroup g, const Backend *be, Tensor t, const size_
     size_t n = bounds[P];
     check_real(t, n, "all-gather");
     if (on_nccl(t)) {
-        check_nccl_group(g);
         double t0 = omp_get_wtime();
 #if HAVE_NCCL
-        dist_nccl_allgather(t.data, bounds);
+        dist_nccl_allgather(nccl_of(g), t.data, bounds);
 #endif
         bytes_sent += (bounds[me + 1] - bounds[me]) * sizeof(real);
         seconds += omp_get_wtime() - t0;
@@ -435,13 +443,13 @@ void dist_alltoallv_tensor(const Backend *be, Tensor send, const size_t *scount,
     }
     CHECK(on_nccl(send), "dist: all-to-all of %s tensors needs NCCL (a CUDA build under an "
           "MPI launcher)", be->name);
-    CHECK(ep_size == size, "dist: NCCL all-to-all within expert groups is not written");
     double t0 = omp_get_wtime();
 #if HAVE_NCCL
-    dist_nccl_alltoallv(send.data, scount, sdispl, recv.data, rcount, rdispl);
+    dist_nccl_alltoallv(nccl_of(DIST_EXPERT_GROUP), send.data, scount, sdispl, recv.data,
+                        rcount, rdispl);
 #endif
-    for (int q = 0; q < size; q++)
-        if (q != rank) bytes_sent += scount[q] * sizeof(real);
+    for (int q = 0; q < ep_size; q++)
+        if (q != ep_rank) bytes_sent += scount[q] * sizeof(real);
     seconds += omp_get_wtime() - t0;
 }
 

@@ -10,10 +10,11 @@
 // Collectives must be called by every rank in the same order. Sums of floating-point
 // values follow MPI's reduction order, which may differ from a single process's
 // accumulation order in the last bits. Host buffers go through MPI. Device tensors go
-// through NCCL when the binary has the CUDA backend (dist/nccl.h: one communicator over
-// the job's ranks, made on first use; each rank's GPU is its rank among the job's ranks
-// on its node, modulo the node's GPUs); a build without it stages them through host
-// memory and MPI. Every call below blocks but dist_sum_start's sums.
+// through NCCL when the binary has the CUDA backend (dist/nccl.h: one communicator per
+// group below, made on the group's first use; each rank's GPU is its rank among the job's
+// ranks on its node, modulo the node's GPUs); a build without it stages them through host
+// memory and MPI, but for the all-to-all, which refuses. Every call below blocks but
+// dist_sum_start's sums.
 #ifndef MOE_DIST_H
 #define MOE_DIST_H
 
@@ -47,6 +48,8 @@ void dist_sum_u64(uint64_t *x, size_t n);
 int dist_max_int(int x);
 // n `real` values of t (on be's device) summed over every rank, in place.
 void dist_sum_tensor(const Backend *be, Tensor t, size_t n);
+// 1 when this binary carries device tensors through NCCL (built with the CUDA backend).
+int dist_has_nccl(void);
 // 1 when sums of be's tensors do work: several ranks, or a GPU run under an MPI launcher
 // (NCCL's one-rank communicator, so that one GPU checks the NCCL path).
 int dist_sums(const Backend *be);
@@ -64,7 +67,7 @@ void dist_progress(void);
 void dist_sum_wait(void);
 // Blocks, within group g of P ranks: its rank r (dist_group_rank) owns t's values
 // [bounds[r], bounds[r+1]); bounds has P + 1 entries, bounds[0] = 0, and a block holds at
-// most INT_MAX values. On a GPU (NCCL) g must span every rank.
+// most INT_MAX values.
 // t's bounds[P] values summed over the group, of which this rank keeps its own block
 // (the other blocks of t keep this rank's own values).
 void dist_reduce_scatter_tensor(DistGroup g, const Backend *be, Tensor t, const size_t *bounds);

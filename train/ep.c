@@ -10,30 +10,37 @@
 // One routed experts op's exchange. The owner receives the rows rank by rank, each rank's
 // block sorted by expert as its gather left it, and runs its experts over each rank's
 // block in turn, in rank order: the weight gradients then add up micro-batch by
-// micro-batch as in one process. Counts in MPI calls are in values (rows x C).
+// micro-batch as in one process. The rows and the experts' state live where the backend
+// computes (device buffers on a GPU, exchanged through NCCL); the counts, worked out on
+// the host, are in values (rows x C) as the all-to-alls take them.
 struct EpLayer {
     ExpertShard shard;
+    const Backend *be;
     size_t op;          // index of the experts op in its model's tape
     size_t cap;         // rows the owner's buffers hold: every rank's worst case
+    size_t local;       // rows this rank's own buffers (xp, yp) hold
+    size_t rows;        // this rank's routed rows in the last forward (offsets[E])
     size_t C, F, E, Eq;
+    int32_t *off;       // (E+1) host: this rank's offsets of the last forward
     int32_t *send_cnt;  // (P, Eq) rows this rank sends for each of rank q's experts
     int32_t *recv_cnt;  // (P, Eq) rows rank q sends for each of this rank's experts
     int32_t *loff;      // (P, Eq+1) rank q's block: rows per own expert, prefix sums
     size_t *scount, *sdispl, *rcount, *rdispl;   // (P) each, in values
-    real *x, *y, *dx;   // (cap, C) received rows, their outputs, their input gradients
-    real *h13, *act;    // (cap, 2F), (cap, F) the experts' state between passes
-    real *dh13, *dact;  // scratch of the backward
-    real *back;         // (local rows, C) this rank's input gradients coming back
+    Tensor loff_dev;    // (P, Eq+1) int32 loff where the experts op reads it
+    Tensor x, y, dx;    // (cap, C) received rows, their outputs, their input gradients
+    Tensor h13, act;    // (cap, 2F), (cap, F) the experts' state between passes (its dtype)
+    Tensor dh13, dact;  // (cap, 2F), (cap, F) scratch of the backward
+    Tensor back;        // (local, C) this rank's input gradients coming back
 };
 
-static Tensor host_tensor(void *data, DType dtype, size_t numel) {
-    return (Tensor){data, dtype, DEVICE_CPU, numel};
-}
-
-// Counts per destination from this rank's offsets, exchanged; each block's offsets.
-static void exchange_counts(EpLayer *L, const int32_t *off) {
+// Counts per destination from this rank's offsets (copied to the host), exchanged; each
+// block's offsets, on the host and where the experts op reads them.
+static void exchange_counts(EpLayer *L, Tensor offsets) {
     const int P = dist_ep_size(), me = dist_ep_rank();
     const size_t Eq = L->Eq, C = L->C, E = L->E;
+    const int32_t *off = L->off;
+    L->be->download(L->off, offsets, (E + 1) * sizeof *L->off);
+    L->rows = (size_t)off[E];
     for (size_t e = 0; e < E; e++) L->send_cnt[e] = off[e + 1] - off[e];
     dist_alltoall_i32(L->send_cnt, L->recv_cnt, Eq);
     size_t rdispl = 0;
@@ -51,10 +58,11 @@ static void exchange_counts(EpLayer *L, const int32_t *off) {
     }
     CHECK(rdispl / C <= L->cap, "ep: %zu rows for EP rank %d's experts, buffers for %zu",
           rdispl / C, me, L->cap);
+    L->be->upload(L->loff_dev, L->loff, (size_t)P * (Eq + 1) * sizeof *L->loff);
 }
 
 // Views of rank q's block: rows from r0 (rows before it), n rows.
-#define BLOCK(p, width) host_tensor((p) + r0 * (width), DTYPE_REAL, n * (width))
+#define BLOCK(t, width) tensor_slice((t), r0 * (width), n * (width))
 
 // w holds this rank's experts only (the model is a shard: model_init_experts).
 static void ep_forward(void *ctx, const Backend *be, Tensor yp, Tensor xp, Tensor w,
@@ -62,15 +70,15 @@ static void ep_forward(void *ctx, const Backend *be, Tensor yp, Tensor xp, Tenso
     EpLayer *L = ctx;
     const size_t Eq = L->Eq;
     (void)E;
-    exchange_counts(L, offsets.data);
-    dist_alltoallv_reals(xp.data, L->scount, L->sdispl, L->x, L->rcount, L->rdispl);
+    exchange_counts(L, offsets);
+    dist_alltoallv_tensor(be, xp, L->scount, L->sdispl, L->x, L->rcount, L->rdispl);
     for (int q = 0; q < dist_ep_size(); q++) {
         size_t r0 = L->rdispl[q] / C, n = L->rcount[q] / C;
-        Tensor lo = host_tensor(L->loff + (size_t)q * (Eq + 1), DTYPE_I32, Eq + 1);
+        Tensor lo = tensor_slice(L->loff_dev, (size_t)q * (Eq + 1), Eq + 1);
         be->experts_forward(BLOCK(L->y, C), BLOCK(L->h13, 2 * F), BLOCK(L->act, F),
                             BLOCK(L->x, C), (ExpertRoute){0}, w, lo, Eq, C, F);
     }
-    dist_alltoallv_reals(L->y, L->rcount, L->rdispl, yp.data, L->scount, L->sdispl);
+    dist_alltoallv_tensor(be, L->y, L->rcount, L->rdispl, yp, L->scount, L->sdispl);
 }
 
 // The counts are the forward's (kept in L): each backward follows its own forward.
@@ -81,33 +89,44 @@ static void ep_backward(void *ctx, const Backend *be, Tensor dxp, Tensor dw,
     const size_t Eq = L->Eq;
     const uint8_t *mine = train ? train + (size_t)dist_ep_rank() * Eq : NULL;   // (Eq)
     (void)xp;
-    size_t M = (size_t)((const int32_t *)offsets.data)[E];
-    dist_alltoallv_reals(dyp.data, L->scount, L->sdispl, L->y, L->rcount, L->rdispl);
+    (void)offsets;
+    (void)E;
+    dist_alltoallv_tensor(be, dyp, L->scount, L->sdispl, L->y, L->rcount, L->rdispl);
     for (int q = 0; q < dist_ep_size(); q++) {
         size_t r0 = L->rdispl[q] / C, n = L->rcount[q] / C;
-        Tensor lo = host_tensor(L->loff + (size_t)q * (Eq + 1), DTYPE_I32, Eq + 1);
-        memset(L->dx + r0 * C, 0, n * C * sizeof *L->dx);
+        Tensor lo = tensor_slice(L->loff_dev, (size_t)q * (Eq + 1), Eq + 1);
+        be->zero(BLOCK(L->dx, C), n * C);
         be->experts_backward(BLOCK(L->dx, C), dw, mine, BLOCK(L->y, C), BLOCK(L->dh13, 2 * F),
                              BLOCK(L->dact, F), BLOCK(L->h13, 2 * F), BLOCK(L->act, F),
                              BLOCK(L->x, C), (ExpertRoute){0}, w, lo, Eq, C, F);
     }
-    dist_alltoallv_reals(L->dx, L->rcount, L->rdispl, L->back, L->scount, L->sdispl);
-    if (!dxp.data) return;   // nothing below wants it; the exchange was still everyone's
-    real *g = dxp.data;
-    for (size_t i = 0; i < M * C; i++) g[i] += L->back[i];
+    dist_alltoallv_tensor(be, L->dx, L->rcount, L->rdispl, L->back, L->scount, L->sdispl);
+    // Nothing below wants dxp when it is absent; the exchange was still everyone's.
+    if (dxp.data) be->add_backward(dxp, tensor_none(), L->back, L->rows * C);
+}
+
+// A zeroed buffer of numel values of dtype on the backend's device.
+static Tensor take(const Backend *be, size_t numel, DType dtype) {
+    size_t bytes = (numel ? numel : 1) * dtype_size(dtype);
+    void *p = be->alloc(bytes);
+    CHECK(p, "ep: out of %s memory for %zu bytes of exchange buffers", be->name, bytes);
+    return (Tensor){p, dtype, be->device, numel};
 }
 
 static void layer_init(EpLayer *L, Model *m, size_t op_index) {
     const TapeOp *op = &m->tape.ops[op_index];
+    const Backend *be = m->be;
     const int P = dist_ep_size();
     memset(L, 0, sizeof *L);
+    L->be = be;
     L->op = op_index;
     L->E = op->experts.E;
     L->C = op->experts.C;
     L->F = op->experts.F;
     L->Eq = L->E / (size_t)P;
-    size_t local = op->experts.yp.v.numel / L->C;   // this rank's worst case
-    L->cap = local * (size_t)P;
+    L->local = op->experts.yp.v.numel / L->C;   // this rank's worst case
+    L->cap = L->local * (size_t)P;
+    L->off = CALLOC(L->E + 1, sizeof *L->off);
     L->send_cnt = CALLOC(L->E, sizeof *L->send_cnt);
     L->recv_cnt = CALLOC(L->E, sizeof *L->recv_cnt);
     L->scount = CALLOC((size_t)P, sizeof(size_t));
@@ -115,22 +134,27 @@ static void layer_init(EpLayer *L, Model *m, size_t op_index) {
     L->rcount = CALLOC((size_t)P, sizeof(size_t));
     L->rdispl = CALLOC((size_t)P, sizeof(size_t));
     L->loff = CALLOC((size_t)P * (L->Eq + 1), sizeof *L->loff);
-    L->x = CALLOC(L->cap * L->C, sizeof(real));
-    L->y = CALLOC(L->cap * L->C, sizeof(real));
-    L->dx = CALLOC(L->cap * L->C, sizeof(real));
-    L->h13 = CALLOC(L->cap * 2 * L->F, sizeof(real));
-    L->dh13 = CALLOC(L->cap * 2 * L->F, sizeof(real));
-    L->act = CALLOC(L->cap * L->F, sizeof(real));
-    L->dact = CALLOC(L->cap * L->F, sizeof(real));
-    L->back = CALLOC(local * L->C, sizeof(real));
+    DType state = op->experts.h13.dtype;   // the experts op's own (bf16 under bf16 products)
+    size_t cap = L->cap, C = L->C, F = L->F;
+    L->loff_dev = take(be, (size_t)P * (L->Eq + 1), DTYPE_I32);
+    L->x = take(be, cap * C, DTYPE_REAL);
+    L->y = take(be, cap * C, DTYPE_REAL);
+    L->dx = take(be, cap * C, DTYPE_REAL);
+    L->h13 = take(be, cap * 2 * F, state);
+    L->act = take(be, cap * F, state);
+    L->dh13 = take(be, cap * 2 * F, DTYPE_REAL);
+    L->dact = take(be, cap * F, DTYPE_REAL);
+    L->back = take(be, L->local * C, DTYPE_REAL);
     L->shard = (ExpertShard){L, ep_forward, ep_backward};
 }
 
 static void layer_free(EpLayer *L) {
-    void *bufs[] = {L->send_cnt, L->recv_cnt, L->scount, L->sdispl, L->rcount, L->rdispl,
-                    L->loff, L->x, L->y, L->dx, L->h13, L->dh13, L->act, L->dact,
+    void *host[] = {L->off, L->send_cnt, L->recv_cnt, L->scount, L->sdispl, L->rcount,
+                    L->rdispl, L->loff};
+    for (size_t i = 0; i < sizeof host / sizeof *host; i++) free(host[i]);
+    Tensor dev[] = {L->loff_dev, L->x, L->y, L->dx, L->h13, L->act, L->dh13, L->dact,
                     L->back};
-    for (size_t i = 0; i < sizeof bufs / sizeof *bufs; i++) free(bufs[i]);
+    for (size_t i = 0; i < sizeof dev / sizeof *dev; i++) L->be->release(dev[i].data);
 }
 
 void ep_expert_range(const ModelConfig *cfg, int *lo, int *hi) {
@@ -145,8 +169,10 @@ void ep_expert_range(const ModelConfig *cfg, int *lo, int *hi) {
 void ep_init(Ep *ep, Model **models, int n_models) {
     memset(ep, 0, sizeof *ep);
     const Model *m0 = models[0];
-    if (m0->be->device != DEVICE_CPU)
-        FAIL("dist.expert_parallel > 1 runs on the CPU only (train.device = %s)", m0->be->name);
+    if (m0->be->device != DEVICE_CPU && !dist_has_nccl())
+        FAIL("dist.expert_parallel = %d with train.device = %s: this build has no NCCL to "
+             "exchange device rows (dist/nccl.c comes with the CUDA backend)", dist_ep_size(),
+             m0->be->name);
     int lo, hi;
     ep_expert_range(&m0->cfg, &lo, &hi);
     CHECK(m0->layout.expert_lo == lo && m0->layout.expert_hi == hi, "ep: the model holds "

@@ -1,4 +1,4 @@
-// ep.h: expert parallelism (dist.expert_parallel = EP, CPU): the routed experts of every
+// ep.h: expert parallelism (dist.expert_parallel = EP): the routed experts of every
 // MoE layer are computed by the rank of the expert group (dist_split_expert_groups: EP
 // consecutive ranks) that owns them, EP rank q owning experts [q E/EP, (q+1) E/EP). With
 // P = EP x DP ranks there are DP such groups, each exchanging rows only within itself.
@@ -6,7 +6,9 @@
 // Each rank routes its own micro-batch as one process would; at the routed experts op
 // the per-expert row counts are exchanged first (MPI_Alltoall), then the gathered rows go
 // to the experts' owners (MPI_Alltoallv, dispatch), the owner runs its experts over the
-// rows of every rank, and the outputs come back (MPI_Alltoallv, combine). Backward sends
+// rows of every rank, and the outputs come back (MPI_Alltoallv, combine); on a GPU the
+// rows stay in device memory and travel by NCCL's grouped send/recv within the expert
+// group's communicator (dist_alltoallv_tensor), the counts by MPI. Backward sends
 // the output gradients the same way, the owner accumulates its experts' weight gradients
 // from every rank's rows and returns the input gradients. Gates, combine and the router
 // stay local, so the router's gradient is the whole one. A rank holds its own experts'
@@ -34,8 +36,8 @@ typedef struct {
 void ep_expert_range(const ModelConfig *cfg, int *lo, int *hi);
 // Makes the routed experts ops of models (shards of this rank's range sharing one
 // configuration, their tapes built) exchange with the other ranks of the expert group,
-// from now on: a shard cannot compute its routed experts alone. Dies unless the backend
-// is the CPU's.
+// from now on: a shard cannot compute its routed experts alone. Dies where the backend
+// computes on a device and the build has no NCCL to carry device rows.
 void ep_init(Ep *ep, Model **models, int n_models);
 // The optimizer step of a shard (collective over the expert group), as adamw_step: the
 // global norm adds every EP rank's experts' squares to the dense tensors' (the same on

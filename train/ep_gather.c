@@ -55,20 +55,33 @@ static void take_tensor(EpWhole *w, const Model *shard, const AdamW *opt, size_t
     if (v) copy_local(shard, adamw_state_v(opt, h), v, p->numel);
 }
 
+// The expert biases (the same on every rank) copied to the host, and the MoE layers' states
+// with them: a checkpoint reads the layer numbers and the biases of these only.
+static void whole_bias(Model *m, const Model *shard) {
+    size_t nb = shard->expert_bias.numel, E = (size_t)shard->cfg.experts;
+    m->expert_bias = (Tensor){CALLOC(nb ? nb : 1, sizeof(real)), DTYPE_REAL, DEVICE_CPU, nb};
+    shard->be->download(m->expert_bias.data, shard->expert_bias, nb * sizeof(real));
+    m->moe = CALLOC(m->n_moe ? (size_t)m->n_moe : 1, sizeof *m->moe);   // (n_moe)
+    for (int l = 0; l < m->n_moe; l++) {
+        m->moe[l] = shard->moe[l];
+        m->moe[l].bias = tensor_slice(m->expert_bias, (size_t)l * E, E);
+    }
+}
+
+// In host memory, whatever device the shard computes on: the CPU backend reads it.
 static void whole_init(EpWhole *w, const Model *shard, const AdamW *opt,
                        const ParamGroup *groups, const OptimConfig *ocfg) {
     Model *m = &w->model;
     m->cfg = shard->cfg;
-    m->be = shard->be;   // the CPU's: expert parallelism runs there only
+    m->be = backend_cpu();
     layout_init(&m->layout, &shard->cfg);
     m->params = (Tensor){CALLOC(m->layout.total, sizeof(real)), DTYPE_REAL, DEVICE_CPU,
                          m->layout.total};   // (whole layout.total)
     m->n_moe = shard->n_moe;
-    m->moe = shard->moe;                 // the layer numbers and expert biases
-    m->expert_bias = shard->expert_bias;
+    whole_bias(m, shard);
     m->trainable = NULL;
     w->has_opt = opt != NULL;
-    if (opt) adamw_init(&w->opt, ocfg, groups, m->layout.n_params, shard->be);
+    if (opt) adamw_init(&w->opt, ocfg, groups, m->layout.n_params, backend_cpu());
 }
 
 void ep_gather(EpWhole *w, const Model *shard, const AdamW *opt, const ParamGroup *groups,
@@ -97,6 +110,8 @@ void ep_gather(EpWhole *w, const Model *shard, const AdamW *opt, const ParamGrou
 void ep_whole_free(EpWhole *w) {
     if (w->has_opt) adamw_free(&w->opt);
     free(w->model.params.data);
+    free(w->model.expert_bias.data);
+    free(w->model.moe);
     layout_free(&w->model.layout);
     memset(w, 0, sizeof *w);
 }

@@ -3,8 +3,9 @@
 //
 // The ranks of expert group 0 (world ranks 0 .. EP-1) hold every expert between them;
 // each sends its experts' weights (and their AdamW moments, where they train) to rank 0
-// tensor by tensor, in the whole layout's order. Rank 0 keeps the whole model in host
-// memory while the file is written (the checkpoint writer holds a file image of that
+// tensor by tensor, in the whole layout's order (through host memory and MPI, whatever
+// device the shards compute on). Rank 0 keeps the whole model in host memory while the
+// file is written (the checkpoint writer holds a file image of that
 // size anyway); the other groups take no part.
 #ifndef MOE_TRAIN_EP_GATHER_H
 #define MOE_TRAIN_EP_GATHER_H
@@ -15,7 +16,8 @@
 
 // What ckpt_save reads of a model, for every expert (rank 0 only; zeroed elsewhere).
 typedef struct {
-    Model model;      // cfg, be, the whole layout, params (host), the shard's routing state
+    Model model;      // cfg, the CPU backend, the whole layout, params and expert biases
+                      // (host), the MoE layers' numbers
     AdamW opt;        // the whole state (when gathered with one)
     int has_opt;
 } EpWhole;

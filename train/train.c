@@ -465,8 +465,9 @@ static void print_startup(const Run *r, FILE *f) {
                 m->layout.total, (double)(r->step.sync.runs.values * sizeof(real)) / 1e6);
     if (r->rc.dist.expert_parallel > 1)
         fprintf(f, "expert parallel: %d ranks, each computing %d of the %d experts of every MoE "
-                "layer for every rank's tokens (rows exchanged with MPI_Alltoallv)%s\n",
+                "layer for every rank's tokens (rows exchanged with %s)%s\n",
                 dist_ep_size(), r->rc.model.experts / dist_ep_size(), r->rc.model.experts,
+                m->be->device == DEVICE_CPU ? "MPI_Alltoallv" : "NCCL's grouped send/recv",
                 expert_groups_note(dist_size() / dist_ep_size()));
     print_memory_plan(r, f);
 }

@@ -10,7 +10,8 @@
 #   cuda_train.txt   tests/cuda/test_cuda_train.py: fp32 / bf16 loss sequences against the
 #                    CPU, resume bit for bit, freezing
 #   nccl.txt         tests/cuda/test_nccl_train.py: mpirun -np 1 (the bundle's Open MPI)
-#                    with NCCL equals the run without MPI, bit for bit
+#                    with NCCL equals the run without MPI, bit for bit (with 2 or 4
+#                    GPUs also expert parallelism against one GPU; skipped on one)
 #   hf.txt           transformers' MixtralForCausalLM on a `moe export` against moe's logits
 #   bench-gpu.txt    build/bench --gpu (GEMM peak, expert GEMMs, gpu-medium training);
 #                    bench-gpu.csv
