@@ -69,7 +69,9 @@ missing_pkgs = $(shell for p in $(1); do \
 # make bench); without -ffast-math it reorders no floating-point sum. -fno-trapping-math:
 # nothing here unmasks floating-point exceptions, and saying so lets GCC vectorise loops
 # with clamps and selects (kernels/cpu/vexp.h); it changes no result either.
-CFLAGS_BASE := -std=c11 -O3 -g -Wall -Wextra -Wshadow -fopenmp -fno-trapping-math \
+# -fno-math-errno: nothing reads errno after sqrt, so sqrt may be the vector instruction
+# (AdamW's update) instead of a scalar one with a library call behind it; same results.
+CFLAGS_BASE := -std=c11 -O3 -g -Wall -Wextra -Wshadow -fopenmp -fno-trapping-math -fno-math-errno \
     -D_GNU_SOURCE -MMD -MP
 # Tokenizers (data/): PCRE2 for the pre-tokenizer regexes, libunistring for NFC, and
 # libsentencepiece, whose C++ API data/spm.cpp wraps (hence libstdc++).

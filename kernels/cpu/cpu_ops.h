@@ -16,6 +16,17 @@
 
 #include "../kernels.h"
 
+// CPU_CLONES before a function: GCC compiles it for x86-64-v4 (AVX-512), x86-64-v3 (AVX2)
+// and the baseline, and the loader picks the widest the CPU runs (an ifunc). The build is
+// for the baseline (SSE2), so this is how an element loop gets wide vectors. Only for
+// loops without reductions across lanes: each lane does the same operations whatever the
+// width, and C11 mode leaves multiply-adds unfused, so every clone gives the same bits.
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+#define CPU_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
+#else
+#define CPU_CLONES
+#endif
+
 // c (m, n) = alpha op(a) op(b) + beta c through BLAS (sgemm, or dgemm in the fp64 build),
 // row-major, op(x) = x^T when trans_x is set. Inside an OpenMP parallel region the
 // OpenMP build of OpenBLAS runs it on the calling thread alone.

@@ -165,14 +165,27 @@ void cpu_matmul_backward(Tensor dx, Tensor dw, Tensor dout, Tensor x, Tensor w, 
 static real sigmoid(real z) { return 1 / (1 + vexp(-z)); }
 
 // out (N, F) = silu(h1) * h3 with h13 (N, 2F) rows [h1 | h3].
+CPU_CLONES static void swiglu_row(real *o, const real *h1, const real *h3, size_t F) {
+#pragma omp simd
+    for (size_t f = 0; f < F; f++)
+        o[f] = h1[f] * sigmoid(h1[f]) * h3[f];
+}
+
 static void swiglu_rows(real *out, const real *h13, size_t N, size_t F) {
 #pragma omp parallel for schedule(static)
-    for (size_t n = 0; n < N; n++) {
-        const real *h1 = h13 + n * 2 * F, *h3 = h1 + F;
-        real *o = out + n * F;
+    for (size_t n = 0; n < N; n++)
+        swiglu_row(out + n * F, h13 + n * 2 * F, h13 + n * 2 * F + F, F);
+}
+
+// One row of swiglu_backward_rows: dh1, dh3 (F) from g (F) and h1, h3 (F).
+CPU_CLONES static void swiglu_backward_row(real *dh1, real *dh3, const real *g, const real *h1,
+                                           const real *h3, size_t F, int accumulate) {
 #pragma omp simd
-        for (size_t f = 0; f < F; f++)
-            o[f] = h1[f] * sigmoid(h1[f]) * h3[f];
+    for (size_t f = 0; f < F; f++) {
+        real z = h1[f], s = sigmoid(z);
+        real d1 = g[f] * h3[f] * s * (1 + z * (1 - s)), d3 = g[f] * z * s;
+        dh1[f] = accumulate ? dh1[f] + d1 : d1;
+        dh3[f] = accumulate ? dh3[f] + d3 : d3;
     }
 }
 
@@ -182,15 +195,9 @@ static void swiglu_backward_rows(real *dh13, const real *dout, const real *h13, 
                                  size_t F, int accumulate) {
 #pragma omp parallel for schedule(static)
     for (size_t n = 0; n < N; n++) {
-        const real *h1 = h13 + n * 2 * F, *h3 = h1 + F, *g = dout + n * F;
-        real *dh1 = dh13 + n * 2 * F, *dh3 = dh1 + F;
-#pragma omp simd
-        for (size_t f = 0; f < F; f++) {
-            real z = h1[f], s = sigmoid(z);
-            real d1 = g[f] * h3[f] * s * (1 + z * (1 - s)), d3 = g[f] * z * s;
-            dh1[f] = accumulate ? dh1[f] + d1 : d1;
-            dh3[f] = accumulate ? dh3[f] + d3 : d3;
-        }
+        const real *h1 = h13 + n * 2 * F;
+        real *dh1 = dh13 + n * 2 * F;
+        swiglu_backward_row(dh1, dh1 + F, dout + n * F, h1, h1 + F, F, accumulate);
     }
 }
 

@@ -81,6 +81,20 @@ void cpu_gather_rows_backward(Tensor dx, Tensor dxp, Tensor rows, Tensor offsets
     free(start);
 }
 
+// yr (C) = sum over the token's kept choices j, in order, of gates[j] * yp[slot[j]].
+CPU_CLONES static void combine_row(real *yr, const real *in, const real *g, const int32_t *sl,
+                                   size_t k, size_t C) {
+    memset(yr, 0, C * sizeof(real));
+    for (size_t j = 0; j < k; j++) {
+        if (sl[j] < 0) continue;
+        const real *src = in + (size_t)sl[j] * C;
+        real gj = g[j];
+#pragma omp simd
+        for (size_t c = 0; c < C; c++)
+            yr[c] += gj * src[c];
+    }
+}
+
 void cpu_combine_forward(Tensor y, Tensor yp, Tensor gates, Tensor slot, size_t N, size_t k,
                          size_t C) {
     real *out = TENSOR_R(y);            // (N, C)
@@ -88,18 +102,8 @@ void cpu_combine_forward(Tensor y, Tensor yp, Tensor gates, Tensor slot, size_t 
     const real *g = TENSOR_R(gates);    // (N, k)
     const int32_t *sl = TENSOR_I(slot); // (N, k)
 #pragma omp parallel for
-    for (size_t n = 0; n < N; n++) {
-        real *yr = out + n * C;
-        memset(yr, 0, C * sizeof(real));
-        for (size_t j = 0; j < k; j++) {
-            int32_t m = sl[n * k + j];
-            if (m < 0) continue;
-            const real *src = in + (size_t)m * C;
-            real gj = g[n * k + j];
-            for (size_t c = 0; c < C; c++)
-                yr[c] += gj * src[c];
-        }
-    }
+    for (size_t n = 0; n < N; n++)
+        combine_row(out + n * C, in, g + n * k, sl + n * k, k, C);
 }
 
 // A token's gate gradients are COMBINE_GROUP dot products taken side by side: each sums

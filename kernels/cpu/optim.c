@@ -11,6 +11,26 @@
 #include <omp.h>
 #include <stdlib.h>
 
+// Elements [0, n) of one thread's block; the constants as cpu_adamw_update derives them.
+CPU_CLONES static void adamw_block(real *pp, const real *pg, real *pm, real *pv, size_t n,
+                                   double beta1, double beta2, double eps, double decay,
+                                   double step_size, double bc2_sqrt, double grad_scale) {
+#pragma omp simd
+    for (size_t i = 0; i < n; i++) {
+        double gi = (double)pg[i] * grad_scale;
+        real decayed = (real)((double)pp[i] * decay);
+        real mi = (real)(beta1 * pm[i] + (1.0 - beta1) * gi);
+        real vi = (real)(beta2 * pv[i] + (1.0 - beta2) * gi * gi);
+        double denom = sqrt((double)vi) / bc2_sqrt + eps;
+        pp[i] = (real)(decayed - step_size * (double)mi / denom);
+        pm[i] = mi;
+        pv[i] = vi;
+    }
+}
+
+// Blocks of ADAMW_BLOCK elements: each a call to the widest clone the CPU runs.
+#define ADAMW_BLOCK 4096
+
 void cpu_adamw_update(Tensor p, Tensor g, Tensor m, Tensor v, size_t n, double lr, double beta1,
                       double beta2, double eps, double weight_decay, double bias_c1,
                       double bias_c2, double grad_scale) {
@@ -22,15 +42,10 @@ void cpu_adamw_update(Tensor p, Tensor g, Tensor m, Tensor v, size_t n, double l
     double step_size = lr / bias_c1;
     double bc2_sqrt = sqrt(bias_c2);
 #pragma omp parallel for schedule(static)
-    for (size_t i = 0; i < n; i++) {
-        double gi = (double)pg[i] * grad_scale;
-        real decayed = (real)((double)pp[i] * decay);
-        real mi = (real)(beta1 * pm[i] + (1.0 - beta1) * gi);
-        real vi = (real)(beta2 * pv[i] + (1.0 - beta2) * gi * gi);
-        double denom = sqrt((double)vi) / bc2_sqrt + eps;
-        pp[i] = (real)(decayed - step_size * (double)mi / denom);
-        pm[i] = mi;
-        pv[i] = vi;
+    for (size_t i = 0; i < n; i += ADAMW_BLOCK) {
+        size_t len = n - i < ADAMW_BLOCK ? n - i : ADAMW_BLOCK;
+        adamw_block(pp + i, pg + i, pm + i, pv + i, len, beta1, beta2, eps, decay, step_size,
+                    bc2_sqrt, grad_scale);
     }
 }
 
