@@ -34,6 +34,7 @@
 #include <unistd.h>
 
 #include "../kernels/cpu/blas.h"
+#include "../kernels/cpu/cpu_ops.h"
 
 #define MAX_CONFIGS 16
 #define SGEMM_N 2048
@@ -280,8 +281,9 @@ static void print_banner(void) {
     time_t now = time(NULL);
     strftime(when, sizeof when, "%Y-%m-%d %H:%M", localtime(&now));
     // The kernel and who chose it: OPENBLAS_CORETYPE itself is set by now either way.
-    printf("moe.c bench, %s, %ld cores, OpenBLAS %s kernel (%s)\n", when,
-           sysconf(_SC_NPROCESSORS_ONLN), cpu_blas_kernel_name(), cpu_blas_kernel_origin());
+    printf("moe.c bench, %s, %ld cores, OpenBLAS %s kernel (%s), attention tiles %s\n", when,
+           sysconf(_SC_NPROCESSORS_ONLN), cpu_blas_kernel_name(), cpu_blas_kernel_origin(),
+           cpu_attention_tiles(NULL));
 }
 
 typedef struct {

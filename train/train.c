@@ -20,6 +20,7 @@
 #include "../data/loader.h"
 #include "../dist/dist.h"
 #include "../kernels/cpu/blas.h"
+#include "../kernels/cpu/cpu_ops.h"
 #include "../base/util.h"
 #include "../model/esft.h"
 #include "../model/model.h"
@@ -450,10 +451,10 @@ static void print_startup(const Run *r, FILE *f) {
     run_describe_device(m, dev, sizeof dev);
     fprintf(f,
             "\nbatch: %d x %d tokens x %d accum = %zu tokens/step, %d steps | cpu: %d threads, "
-            "OpenBLAS %s kernel (%s)\n%s\n",
+            "OpenBLAS %s kernel (%s), attention tiles %s\n%s\n",
             rc->train.batch_size, rc->model.seq_len, rc->train.grad_accum,
             m->N * (size_t)rc->train.grad_accum, rc->train.steps, omp_get_max_threads(),
-            cpu_blas_kernel_name(), cpu_blas_kernel_origin(), dev);
+            cpu_blas_kernel_name(), cpu_blas_kernel_origin(), cpu_attention_tiles(NULL), dev);
     if (dist_size() > 1)
         fprintf(f, "data parallel: %d ranks, %d micro-batch(es) of the step's %d each; %s\n",
                 dist_size(), r->step.accum, r->step.total,
