@@ -24,6 +24,7 @@ extern "C" {
 #ifdef __cplusplus
 }
 #endif
+#include "exp_math.h"
 
 #ifdef __CUDACC__
 #define MOE_HD __host__ __device__
@@ -74,16 +75,17 @@ static inline MOE_HD uint64_t mix64(uint64_t z) {
 // ---- scores ---------------------------------------------------------------------------
 
 // out (E) = softmax of x (E). Max-subtracted so exp never overflows; the exps are
-// normalised by their double sum.
+// normalised by their double sum, taken in expert order.
 static inline MOE_HD void softmax_row(real *out, const real *x, size_t E) {
     double mx = x[0];
     for (size_t e = 1; e < E; e++)
         mx = fmax(mx, (double)x[e]);
+    MOE_EXP_SIMD
+    for (size_t e = 0; e < E; e++)
+        out[e] = (real)row_exp((double)x[e] - mx);
     double sum = 0.0;
-    for (size_t e = 0; e < E; e++) {
-        out[e] = (real)exp((double)x[e] - mx);
+    for (size_t e = 0; e < E; e++)
         sum += out[e];
-    }
     for (size_t e = 0; e < E; e++)
         out[e] = (real)(out[e] / sum);
 }
@@ -104,14 +106,11 @@ static inline MOE_HD void scores_backward_row(real *dx, const real *ds, const re
         dx[e] += (real)(s[e] * ((double)ds[e] - dot));
 }
 
-static inline MOE_HD double logsumexp(const real *x, size_t E) {
+static inline MOE_EXP_HD double logsumexp(const real *x, size_t E) {
     double mx = x[0];
     for (size_t e = 1; e < E; e++)
         mx = fmax(mx, (double)x[e]);
-    double sum = 0.0;
-    for (size_t e = 0; e < E; e++)
-        sum += exp((double)x[e] - mx);
-    return mx + log(sum);
+    return mx + log(row_sum_exp(x, E, mx));
 }
 
 // ---- selection ------------------------------------------------------------------------

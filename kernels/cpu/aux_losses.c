@@ -78,12 +78,23 @@ void cpu_normalize_rows_backward(Tensor ds, Tensor dp, Tensor s, size_t N, size_
 
 // ---- z-loss -------------------------------------------------------------------------
 
+// logsumexp (router_math.h) in the widest vectors the CPU has (CPU_CLONES).
+CPU_CLONES static double logsumexp_wide(const real *x, size_t E) { return logsumexp(x, E); }
+
+// dx (E) += scale * softmax(x) (E), the softmax from the row's logsumexp l.
+CPU_CLONES static void zloss_backward_row(real *dx, const real *x, real l, double scale,
+                                          size_t E) {
+#pragma omp simd
+    for (size_t e = 0; e < E; e++)
+        dx[e] += (real)(scale * row_exp((double)x[e] - l));
+}
+
 void cpu_zloss_forward(Tensor loss, Tensor lse, Tensor logits, size_t N, size_t E) {
     real *l = TENSOR_R(lse);          // (N)
     const real *x = TENSOR_R(logits); // (N, E)
 #pragma omp parallel for
     for (size_t n = 0; n < N; n++)
-        l[n] = (real)logsumexp(x + n * E, E);
+        l[n] = (real)logsumexp_wide(x + n * E, E);
     double total = 0.0;
     for (size_t n = 0; n < N; n++)
         total += (double)l[n] * l[n];
@@ -97,11 +108,8 @@ void cpu_zloss_backward(Tensor dlogits, Tensor logits, Tensor lse, double dloss,
     const real *x = TENSOR_R(logits); // (N, E)
     const real *l = TENSOR_R(lse);    // (N)
 #pragma omp parallel for
-    for (size_t n = 0; n < N; n++) {
-        double scale = dloss * 2.0 * l[n] / (double)N;
-        for (size_t e = 0; e < E; e++)
-            dx[n * E + e] += (real)(scale * exp((double)x[n * E + e] - l[n]));
-    }
+    for (size_t n = 0; n < N; n++)
+        zloss_backward_row(dx + n * E, x + n * E, l[n], dloss * 2.0 * l[n] / (double)N, E);
 }
 
 // ---- CV^2 losses (Shazeer importance and load) -------------------------------------

@@ -25,6 +25,11 @@ static void check_score_func(ScoreFunc func) {
 
 // ---- scores ---------------------------------------------------------------------
 
+// softmax_row in the widest vectors the CPU has (CPU_CLONES: its exps vectorise).
+CPU_CLONES static void softmax_row_wide(real *out, const real *x, size_t E) {
+    softmax_row(out, x, E);
+}
+
 void cpu_router_scores_forward(Tensor scores, Tensor logits, size_t N, size_t E,
                                ScoreFunc func) {
     check_score_func(func);
@@ -38,7 +43,7 @@ void cpu_router_scores_forward(Tensor scores, Tensor logits, size_t N, size_t E,
     }
 #pragma omp parallel for
     for (size_t n = 0; n < N; n++)
-        softmax_row(s + n * E, x + n * E, E);
+        softmax_row_wide(s + n * E, x + n * E, E);
 }
 
 void cpu_router_scores_backward(Tensor dlogits, Tensor dscores, Tensor scores, size_t N,
