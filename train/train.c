@@ -564,8 +564,8 @@ static void write_checkpoint(Run *r, const char *file, const Model *m, AdamW *op
         FAIL("%s", err);
 }
 
-// Every rank calls it (ZeRO-1 gathers the state to rank 0, under EP to the ranks of expert
-// group 0; expert parallelism the whole model); rank 0 writes.
+// Every rank calls it (ZeRO-1 gathers the state to rank 0, under EP the experts' to the
+// ranks of expert group 0; expert parallelism the whole model); rank 0 writes.
 static void save_checkpoint(Run *r, const char *file) {
     AdamW full, *opt = &r->opt;
     if (r->zero_on) zero_gather(&r->zero, &r->opt, opt = &full);
