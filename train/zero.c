@@ -61,9 +61,10 @@ static void part_init(Zero *z, int k, DistGroup g, const uint8_t *expert, size_t
     // sends nothing.
     size_t trainable = p->state_bounds[p->P], held = 0;
     p->in_place = trainable == slab;
+    for (size_t m = 0; m < *n_mine; m++) p->shard_at += mine[m].numel;   // the parts before
     if (!p->in_place && p->P > 1) p->packed = CALLOC(trainable ? trainable : 1, sizeof *p->packed);
-    for (size_t k2 = 0; k2 < p->n_groups; k2++) {
-        ParamGroup c = clip_group(&z->groups[p->index[k2]], p->bounds[p->rank],
+    for (size_t j = 0; j < p->n_groups; j++) {
+        ParamGroup c = clip_group(&z->groups[p->index[j]], p->bounds[p->rank],
                                   p->bounds[p->rank + 1]);
         if (!c.numel) continue;
         mine[(*n_mine)++] = c;
@@ -91,11 +92,7 @@ void zero_init(Zero *z, AdamW *shard, const OptimConfig *cfg, const ParamGroup *
     size_t n_mine = 0;
     z->n_parts = expert ? 2 : 1;
     part_init(z, 0, DIST_ALL, expert, slab, mine, &n_mine);
-    if (expert) {
-        z->parts[1].shard_at = z->parts[0].state_bounds[z->parts[0].rank + 1] -
-                               z->parts[0].state_bounds[z->parts[0].rank];
-        part_init(z, 1, DIST_EXPERT_REPLICAS, expert, slab, mine, &n_mine);
-    }
+    if (expert) part_init(z, 1, DIST_EXPERT_REPLICAS, expert, slab, mine, &n_mine);
     adamw_init(shard, cfg, mine, n_mine, be);
     free(mine);
 }
