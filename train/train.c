@@ -360,11 +360,11 @@ static size_t largest_block(const ZeroPart *p) {
 // experts' over their replicas.
 static void print_zero_ep(const Run *r, FILE *f) {
     const ZeroPart *d = &r->zero.parts[0], *e = &r->zero.parts[1];
-    fprintf(f, "ZeRO-1: optimizer state %.3f MB on rank 0 (frozen tensors hold none): the dense tensors' %zu trainable values over all %d "
-            "ranks, at most %zu per rank, and the %zu of this rank's routed experts over the "
-            "%d rank(s) holding them, at most %zu per rank; collectives on the trainable "
-            "values packed into a host buffer\n",
-            (double)(adamw_state_bytes(&r->opt)) / 1e6, d->state_bounds[d->P], d->P,
+    fprintf(f, "ZeRO-1: optimizer state %.3f MB on rank 0 (frozen tensors hold none): the "
+            "dense tensors' %zu trainable values over all %d ranks, at most %zu per rank, and "
+            "the %zu of this rank's routed experts over the %d rank(s) holding them, at most "
+            "%zu per rank; collectives on the trainable values packed into a host buffer\n",
+            (double)adamw_state_bytes(&r->opt) / 1e6, d->state_bounds[d->P], d->P,
             largest_block(d), e->state_bounds[e->P], e->P, largest_block(e));
 }
 

@@ -38,7 +38,8 @@ static void cut_blocks(const Zero *z, ZeroPart *p, size_t slab) {
 // The trainable part of group g inside [lo, hi), or numel 0.
 static ParamGroup clip_group(const ParamGroup *g, size_t lo, size_t hi) {
     ParamGroup c = *g;
-    size_t a = g->offset > lo ? g->offset : lo, b = g->offset + g->numel < hi ? g->offset + g->numel : hi;
+    size_t end = g->offset + g->numel;
+    size_t a = g->offset > lo ? g->offset : lo, b = end < hi ? end : hi;
     c.offset = a;
     c.numel = g->trainable && b > a ? b - a : 0;
     return c;
