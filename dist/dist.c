@@ -487,19 +487,6 @@ void dist_broadcast(void *buf, size_t bytes, int root) {
     seconds += omp_get_wtime() - t0;
 }
 
-int dist_same_in(DistGroup g, const uint64_t *x, size_t n) {
-    if (dist_group_size(g) == 1 || n == 0) return 1;
-    CHECK(n <= (size_t)INT_MAX, "dist: comparison of %zu values", n);
-    uint64_t *lo = CALLOC(n, sizeof *lo), *hi = CALLOC(n, sizeof *hi);   // (n) each
-    CHECK(MPI_Allreduce(x, lo, (int)n, MPI_UINT64_T, MPI_MIN, group_comm(g)) == MPI_SUCCESS &&
-          MPI_Allreduce(x, hi, (int)n, MPI_UINT64_T, MPI_MAX, group_comm(g)) == MPI_SUCCESS,
-          "MPI_Allreduce failed");
-    int same = memcmp(lo, hi, n * sizeof *lo) == 0;
-    free(lo);
-    free(hi);
-    return same;
-}
-
 void dist_barrier(void) {
     if (size > 1) MPI_Barrier(MPI_COMM_WORLD);
 }

@@ -109,8 +109,6 @@ void dist_alltoallv_reals(const real *send, const size_t *scount, const size_t *
 void dist_alltoallv_tensor(const Backend *be, Tensor send, const size_t *scount,
                            const size_t *sdispl, Tensor recv, const size_t *rcount,
                            const size_t *rdispl);
-// 1 when x (n) holds the same values on every rank of group g (collective).
-int dist_same_in(DistGroup g, const uint64_t *x, size_t n);
 // bytes of buf copied from rank root to every rank.
 void dist_broadcast(void *buf, size_t bytes, int root);
 void dist_barrier(void);

@@ -121,12 +121,18 @@ CASES = {
     # EP x DP: two expert groups of two ranks, each exchanging rows within itself.
     "ep2_dp2_capacity_drops": (4, ["train.grad_accum=4", "router.capacity_factor=1.0",
                                    "dist.expert_parallel=2"]),
-    # ZeRO-1 under EP: the AdamW state sharded over the two ranks holding the same experts;
-    # with every tensor training (in place) and with a frozen selection that differs
-    # between the expert groups' experts (packed).
+    # ZeRO-1 under EP: the dense tensors' AdamW state sharded over every rank, the experts'
+    # over the ranks holding the same experts (none to share with at EP = P); with every
+    # tensor training and with a frozen selection that differs between the expert groups'
+    # experts, also over three replicas.
+    "ep2_zero1": (2, ["train.grad_accum=2", "router.capacity_factor=1.0",
+                      "dist.expert_parallel=2", "dist.zero=1"]),
     "ep2_dp2_zero1": (4, ["train.grad_accum=4", "router.capacity_factor=1.0",
                           "dist.expert_parallel=2", "dist.zero=1"]),
     "ep2_dp2_zero1_frozen": (4, ["train.grad_accum=4", "router.capacity_factor=1.0",
+                                 "finetune.freeze=layers.1.experts.1,layers.0.attn",
+                                 "dist.expert_parallel=2", "dist.zero=1"]),
+    "ep2_dp3_zero1_frozen": (6, ["train.grad_accum=6", "router.capacity_factor=1.0",
                                  "finetune.freeze=layers.1.experts.1,layers.0.attn",
                                  "dist.expert_parallel=2", "dist.zero=1"]),
 }
@@ -151,15 +157,15 @@ def test_data_parallel_equals_one_process(tmp_path, config, case):
         # Relative to the tensor's largest value: an entry near zero differs from the
         # reference in the same absolute last bits as the others. The moments hold the last
         # step's float32 gradient sums, added in another order over the ranks: 1e-5. The
-        # weights: 1e-6 at 2 ranks; 5e-6 at 4 ranks, where MPI adds four partial sums as
-        # (g0 + g1) + (g2 + g3) against one process's running sum. That is float32
+        # weights: 1e-6 at 2 ranks; 5e-6 at 4 and 6 ranks, where MPI adds the partial sums
+        # as (g0 + g1) + (g2 + g3) against one process's running sum. That is float32
         # rounding, not a wrong term: an fp64 build of the same binary gives 0 (every
         # weight equal to the one-process run's once stored as float32) in every 4-rank
-        # case, while float32 gives 2.4e-7 .. 9.5e-7 here (2026-12-06, OpenBLAS SkylakeX
-        # kernel; zero1_np4_capacity 9.5e-7, ep2_dp2_* 7.9e-7 .. 8.9e-7) and gave 3.3e-6
-        # (sigmoid + bias) at an earlier state of the code: AdamW divides by sqrt(v), so
-        # the last-bit differences of near-zero gradients grow by a factor that depends on
-        # the run's trajectory over 20 steps. 1e-6 would hold today with 5% to spare.
+        # case, while float32 gives 2.5e-7 .. 1.7e-6 here (2026-12-06, OpenBLAS SkylakeX
+        # kernel; zero1_np4_capacity 1.69e-6, ep2_dp2_* 2.5e-7 .. 2.9e-7; 6 ranks 4.0e-7)
+        # and gave 3.3e-6 (sigmoid + bias) at an earlier state of the code: AdamW divides by
+        # sqrt(v), so the last-bit differences of near-zero gradients grow by a factor that
+        # depends on the run's trajectory over 20 steps.
         scale = max(float(np.max(np.abs(x))), 1e-30) if x.size else 1.0
         err = float(np.max(np.abs(x.astype(np.float64) - y))) / scale if x.size else 0.0
         bound = 1e-5 if name.startswith("optim/") else 1e-6 if ranks == 2 else 5e-6
@@ -285,10 +291,10 @@ def assert_close_run(a, b, what):
 
 def test_checkpoint_resumes_at_another_rank_count(tmp_path, config):
     """A checkpoint is one file whatever the layout: step 10 of a 20-step run at -np 2
-    (plain and ZeRO-1) or -np 4 (EP = 4, EP = 2 x DP = 2 with and without ZeRO-1) resumed in
-    one process or at -np 2 (plain, ZeRO-1, EP = 2), and step 10 of a single-process run
-    resumed at -np 2 and at -np 4 (EP = 2 x DP = 2, ZeRO-1), all end where the uninterrupted
-    single-process run ends."""
+    (plain, ZeRO-1, EP = 2 with ZeRO-1) or -np 4 (EP = 4, EP = 2 x DP = 2 with and without
+    ZeRO-1) resumed in one process or at -np 2 (plain, ZeRO-1, EP = 2), and step 10 of a
+    single-process run resumed at -np 2 (plain, ZeRO-1, EP = 2 with ZeRO-1) and at -np 4
+    (EP = 2 x DP = 2, ZeRO-1), all end where the uninterrupted single-process run ends."""
     extra = ["train.grad_accum=4", "train.ckpt_every=10", "train.keep=5",
              "router.capacity_factor=1.0"]
     whole = train(config, tmp_path, "whole", extra)
@@ -298,7 +304,9 @@ def test_checkpoint_resumes_at_another_rank_count(tmp_path, config):
              ("ep2dp2p1", 4, ["dist.expert_parallel=2"], None, []),
              ("ep4ep2", 4, ["dist.expert_parallel=4"], 2, ["dist.expert_parallel=2"]),
              ("ep2dp2z1p1", 4, ["dist.expert_parallel=2", "dist.zero=1"], None, []),
-             ("p1ep2dp2z1", None, [], 4, ["dist.expert_parallel=2", "dist.zero=1"]))
+             ("p1ep2dp2z1", None, [], 4, ["dist.expert_parallel=2", "dist.zero=1"]),
+             ("ep2z1p1", 2, ["dist.expert_parallel=2", "dist.zero=1"], None, []),
+             ("p1ep2z1", None, [], 2, ["dist.expert_parallel=2", "dist.zero=1"]))
     for name, first, first_more, then, then_more in cases:
         src = train(config, tmp_path, name, extra + first_more, ranks=first)
         run_dir = tmp_path / (name + "_resumed")
@@ -383,3 +391,36 @@ def test_expert_parallel_shards_the_expert_memory(tmp_path, config):
         m = re.search(r"parameters ([0-9.]+) MB, gradients ([0-9.]+) MB, optimizer state "
                       r"([0-9.]+) MB", run.stdout)
         assert m and float(m.group(3)) == round(2 * held * 4 / 1e6, 1), run.stdout
+
+
+def zero_blocks(n, P):
+    """ZeRO-1's cut (train/zero.c): block r ends at floor(n (r+1) / P) values."""
+    return [n * (r + 1) // P - n * r // P for r in range(P)]
+
+
+def test_zero1_under_expert_parallel_shards_dense_state_over_every_rank(tmp_path, config):
+    """Under EP, ZeRO-1 cuts the dense tensors' AdamW state over all P ranks and each rank's
+    routed experts' over the P / EP ranks holding them, so a rank holds about 1/P of the
+    whole state. The counts come from MODEL's shapes (byte vocabulary 256, tied
+    embeddings), checked against the whole model's count the start-up line prints."""
+    V, C, H, KV, L, E, F = 256, 32, 2, 1, 2, 4, 16
+    D = C // H
+    layer = 2 * C + (H + 2 * KV) * D * C + H * D * C + E * C   # norms, qkv, o, router
+    dense = V * C + L * layer + C
+    experts = L * E * 3 * F * C
+    for ranks, ep in ((4, 2), (2, 2)):
+        run = moe(["train", config, *MODEL, f"train.grad_accum={ranks}", "train.steps=1",
+                   f"dist.expert_parallel={ep}", "dist.zero=1", f"train.out_dir={tmp_path}",
+                   f"train.name=ep{ep}p{ranks}"], ranks=ranks)
+        assert run.returncode == 0, run.stdout + run.stderr
+        assert f"of the model's {dense + experts} parameter values" in run.stdout, run.stdout
+        mine, replicas = experts // ep, ranks // ep   # rank 0's experts and their holders
+        assert (f"the dense tensors' {dense} trainable values over all {ranks} ranks, at most "
+                f"{max(zero_blocks(dense, ranks))} per rank, and the {mine} of this rank's "
+                f"routed experts over the {replicas} rank(s) holding them, at most "
+                f"{max(zero_blocks(mine, replicas))} per rank") in run.stdout, run.stdout
+        # Rank 0's blocks: the whole state (dense and every expert) over P, two float32
+        # moments per value.
+        held = zero_blocks(dense, ranks)[0] + zero_blocks(mine, replicas)[0]
+        assert abs(held - (dense + experts) / ranks) < 1
+        assert f"optimizer state {2 * 4 * held / 1e6:.3f} MB on rank 0" in run.stdout, run.stdout

@@ -279,7 +279,7 @@ static void start_expert_parallel(Run *r) {
     ep_init(&r->ep, models, n);
 }
 
-// ZeRO-1 over the ranks that hold the same tensors: every rank, under EP the replicas.
+// ZeRO-1 over every rank; under EP the routed experts' state over their replicas.
 static void start_zero(Run *r, const ParamGroup *groups) {
     const Layout *lay = &r->model.layout;
     uint8_t *expert = CALLOC(lay->n_params ? lay->n_params : 1, 1);   // (n_params)
@@ -287,21 +287,6 @@ static void start_zero(Run *r, const ParamGroup *groups) {
     zero_init(&r->zero, &r->opt, &r->rc.optim, groups, r->ep_on ? expert : NULL,
               lay->n_params, r->model.be);
     free(expert);
-    if (!r->ep_on || r->zero.P <= 2) return;
-    const Zero *z = &r->zero;
-    uint64_t *cuts = CALLOC(2 * ((size_t)z->P + 1), sizeof *cuts);   // (2, P+1)
-    for (int k = 0; k <= z->P; k++) {
-        cuts[k] = z->bounds[k];
-        cuts[z->P + 1 + k] = z->state_bounds[k];
-    }
-    int same = dist_same_in(DIST_EXPERT_GROUP, cuts, 2 * ((size_t)z->P + 1));
-    free(cuts);
-    if (!same)
-        FAIL("dist.zero = 1 with dist.expert_parallel = %d over %d replicas: the training "
-             "selection differs between the expert groups' experts, so their ZeRO-1 blocks "
-             "differ and the dense gradients' sums could round differently from group to "
-             "group\nHINT: dist.zero=0, or at most 2 ranks per expert (mpirun -np %d)",
-             dist_ep_size(), z->P, 2 * dist_ep_size());
 }
 
 static void setup(Run *r) {
@@ -337,7 +322,7 @@ static void setup(Run *r) {
                              rc->optim.decay_router, rc->optim.router_lr_mult};
     ParamGroup *groups = param_groups_build(&r->model.layout, r->trainable, &rules);
     if (r->ep_on) r->whole_groups = param_groups_build(&r->whole, r->whole_trainable, &rules);
-    r->zero_on = rc->dist.zero && dist_size() / (r->ep_on ? dist_ep_size() : 1) > 1;
+    r->zero_on = rc->dist.zero && dist_size() > 1;
     if (r->zero_on)
         start_zero(r, groups);
     else
@@ -363,6 +348,27 @@ static void setup(Run *r) {
     if (r->ep_on) start_expert_parallel(r);
 }
 
+// The largest block of a ZeRO-1 part.
+static size_t largest_block(const ZeroPart *p) {
+    size_t most = 0;
+    for (int k = 0; k < p->P; k++)
+        if (p->state_bounds[k + 1] - p->state_bounds[k] > most)
+            most = p->state_bounds[k + 1] - p->state_bounds[k];
+    return most;
+}
+
+// Under EP, ZeRO-1's two shardings: the dense tensors' state over every rank, this rank's
+// experts' over their replicas.
+static void print_zero_ep(const Run *r, FILE *f) {
+    const ZeroPart *d = &r->zero.parts[0], *e = &r->zero.parts[1];
+    fprintf(f, "ZeRO-1: optimizer state %.3f MB on rank 0 (frozen tensors hold none): the "
+            "dense tensors' %zu trainable values over all %d ranks, at most %zu per rank, and "
+            "the %zu of this rank's routed experts over the %d rank(s) holding them, at most "
+            "%zu per rank; collectives on the trainable values packed into a host buffer\n",
+            (double)adamw_state_bytes(&r->opt) / 1e6, d->state_bounds[d->P], d->P,
+            largest_block(d), e->state_bounds[e->P], e->P, largest_block(e));
+}
+
 // Under several ranks the plan above is each rank's; ZeRO-1's optimizer state differs
 // by rank: the largest block is what a rank must hold.
 static void print_rank_memory(const Run *r, FILE *f) {
@@ -370,25 +376,25 @@ static void print_rank_memory(const Run *r, FILE *f) {
         const Layout *lay = &r->model.layout;
         fprintf(f, "expert parallel: the plan above is rank 0's; each rank holds %zu of the "
                 "model's %zu parameter values (%.3f MB; the dense tensors and %d of the %d "
-                "routed experts of each MoE layer), with their gradients and AdamW state\n",
+                "routed experts of each MoE layer), with their gradients%s\n",
                 lay->total, r->whole.total, (double)(lay->total * sizeof(real)) / 1e6,
-                lay->expert_hi - lay->expert_lo, r->rc.model.experts);
-        if (!r->zero_on) return;
-    } else if (!r->zero_on) {
+                lay->expert_hi - lay->expert_lo, r->rc.model.experts,
+                r->zero_on ? "" : " and AdamW state");
+        if (r->zero_on) print_zero_ep(r, f);
+        return;
+    }
+    if (!r->zero_on) {
         fprintf(f, "every rank holds the plan above (dist.zero=1 shards the optimizer state)\n");
         return;
     }
-    const Zero *z = &r->zero;
-    const size_t *sb = z->state_bounds, bytes = 2 * sizeof(real);
-    size_t most = 0;
-    for (int k = 0; k < z->P; k++)
-        if (sb[k + 1] - sb[k] > most) most = sb[k + 1] - sb[k];
-    fprintf(f, "ZeRO-1: optimizer state at most %.3f MB per rank (of %.3f MB over %d ranks%s; "
+    const ZeroPart *p = &r->zero.parts[0];
+    const size_t bytes = 2 * sizeof(real);
+    fprintf(f, "ZeRO-1: optimizer state at most %.3f MB per rank (of %.3f MB over %d ranks; "
             "frozen tensors hold none); collectives %s\n",
-            (double)(most * bytes) / 1e6, (double)(sb[z->P] * bytes) / 1e6, z->P,
-            r->ep_on ? " holding the same experts, instead of the AdamW state above" : "",
-            z->in_place ? "in place on the gradient and parameter tensors"
-                             : "on the trainable values packed into a host buffer");
+            (double)(largest_block(p) * bytes) / 1e6,
+            (double)(p->state_bounds[p->P] * bytes) / 1e6, p->P,
+            p->in_place ? "in place on the gradient and parameter tensors"
+                        : "on the trainable values packed into a host buffer");
 }
 
 // Rank 0 evaluates; under expert parallelism its expert group (ranks 0 .. EP-1) with it,
@@ -559,8 +565,8 @@ static void write_checkpoint(Run *r, const char *file, const Model *m, AdamW *op
         FAIL("%s", err);
 }
 
-// Every rank calls it (ZeRO-1 gathers the state to rank 0, under EP to the ranks of expert
-// group 0; expert parallelism the whole model); rank 0 writes.
+// Every rank calls it (ZeRO-1 gathers the state to rank 0, under EP the experts' to the
+// ranks of expert group 0; expert parallelism the whole model); rank 0 writes.
 static void save_checkpoint(Run *r, const char *file) {
     AdamW full, *opt = &r->opt;
     if (r->zero_on) zero_gather(&r->zero, &r->opt, opt = &full);

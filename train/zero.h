@@ -14,16 +14,14 @@
 // whole state: it is gathered to rank 0 to save and sliced out of the file to load, so
 // a run saved with one rank count or setting resumes with any other.
 //
-// Under expert parallelism (EP > 1) a rank's slab holds the dense tensors and its own
-// experts, which the P / EP ranks holding the same experts (its replicas,
-// DIST_EXPERT_REPLICAS) share: ZeRO-1 shards that slab's state over those replicas. The
-// dense gradients are first summed within the expert group (where they differ but the
-// experts do not overlap), so the reduce-scatter over the replicas completes every sum:
-// dense over all P ranks, experts over their replicas. The expert groups cut their
-// replicas' blocks at the same places unless the training selection differs between
-// experts (train.c refuses that beyond 2 replicas: the dense sums could then round
-// differently in different groups). The norm adds every rank's squares: the same bits on
-// every rank.
+// Under expert parallelism (EP > 1) a rank's slab holds the dense tensors, the same on
+// every rank, and its own routed experts, the same on the P / EP ranks holding them (its
+// replicas, DIST_EXPERT_REPLICAS). The state then has two shardings, each a ZeroPart: the
+// dense tensors' over all P ranks, the experts' over the replicas. Each part cuts, sums,
+// updates and gathers its own trainable values (packed: the two interleave in the slab),
+// so a dense value is summed once over every rank and lands on every rank with the same
+// bits, whatever the expert groups' training selections. The norm adds every rank's
+// squares (each value is held by one rank): the same bits on every rank.
 #ifndef MOE_TRAIN_ZERO_H
 #define MOE_TRAIN_ZERO_H
 
@@ -34,28 +32,34 @@
 #include "../kernels/param_group.h"
 #include "../optim/adamw.h"
 
+// One sharding: a set of the slab's tensors whose state is cut over one group's ranks.
 typedef struct {
-    size_t *bounds;        // (P+1) slab blocks, in elements (P: the group's ranks)
-    size_t *state_bounds;  // (P+1) the blocks' trainable values in the full state's order
-    ParamGroup *groups;    // (n_groups) the unsharded groups, one per tensor
-    uint8_t *expert;       // (n_groups) 1: a routed expert's tensor (expert parallel)
-    ParamGroup *mine;      // (n_mine) this rank's pieces of the groups, in slab order
-    uint8_t *mine_expert;  // (n_mine)
-    size_t n_mine;
+    DistGroup group;       // DIST_ALL, or under EP the expert replicas
+    int P, rank;           // the group's size and this rank's place in it
+    size_t *index;         // (n_groups) its tensors, in slab order: indices into Zero.groups
+    size_t n_groups;
+    size_t *bounds;        // (P+1) slab blocks, in elements
+    size_t *state_bounds;  // (P+1) the blocks in the part's trainable values, in order
     real *packed;          // (state_bounds[P]) host: the trainable values back to back;
                            // NULL when in_place
-    int in_place;          // 1: every slab value trains, bounds = state_bounds
+    int in_place;          // 1: the part's trainable values are the whole slab, in order
+    size_t shard_at;       // where this rank's block starts in the shard's state
+} ZeroPart;
+
+typedef struct {
+    ParamGroup *groups;    // (n_groups) the unsharded groups, one per tensor
     size_t n_groups;
-    DistGroup group;       // the ranks sharing the state: DIST_ALL, under EP the replicas
-    int P, rank;           // the group's size and this rank's place in it
-    int ep;                // expert-parallel group size (1: none)
+    ZeroPart parts[2];     // without EP: every tensor over every rank; under EP: the dense
+                           // tensors over every rank, the routed experts over the replicas
+    int n_parts;
     OptimConfig cfg;
     const Backend *be;
 } Zero;
 
 // Cuts groups (one per tensor, in slab order) into the ranks' blocks and initialises
 // shard, the optimizer of this rank's block. expert: one flag per group under expert
-// parallelism (the groups split first), else NULL.
+// parallelism (the expert groups split before; the flagged groups form the second part),
+// else NULL.
 void zero_init(Zero *z, AdamW *shard, const OptimConfig *cfg, const ParamGroup *groups,
                const uint8_t *expert, size_t n_groups, const Backend *be);
 void zero_free(Zero *z);
@@ -66,9 +70,10 @@ void zero_free(Zero *z);
 double zero_step(Zero *z, AdamW *shard, Tensor params, Tensor grads, double lr_now, long step,
                  double grad_scale);
 
-// An unsharded optimizer with the whole state (collective): on the group's first rank
-// (rank 0; under EP the ranks of expert group 0) every member's moments gathered into
-// full (adamw_free it after use); elsewhere full is left zeroed.
+// An unsharded optimizer with the whole state (collective): on rank 0 (under EP the ranks
+// of expert group 0) every rank's moments of the tensors it holds gathered into
+// full (adamw_free it after use); elsewhere full is left zeroed. Under EP world rank 0
+// receives the dense tensors' state, every rank of expert group 0 its experts'.
 void zero_gather(const Zero *z, const AdamW *shard, AdamW *full);
 // An unsharded optimizer (full-size, zeroed state) to load a checkpoint into.
 void zero_full_init(const Zero *z, AdamW *full);
