@@ -57,6 +57,23 @@ static inline void tile_add_row(real *c, const vreal acc[NR], real alpha, size_t
     }
 }
 
+// acc[i][v] = sum over s < steps of a[i][s] * b[s * ldb + v * VL]: the tile's register
+// sums, one row pointer per tile row, NR vectors of b per step.
+static inline __attribute__((always_inline)) void tile_accumulate(
+    vreal acc[ATTN_MR][NR], const real *const a[ATTN_MR], const real *b, size_t ldb,
+    size_t steps) {
+    tile_zero(acc);
+    for (size_t s = 0; s < steps; s++) {
+        vreal b0 = vload(b + s * ldb), b1 = vload(b + s * ldb + VL);
+#pragma GCC unroll 16
+        for (size_t i = 0; i < ATTN_MR; i++) {
+            real x = a[i][s];
+            acc[i][0] += x * b0;
+            acc[i][1] += x * b1;
+        }
+    }
+}
+
 // s rows r < rows, columns up to the last visible key of the tile's last row rounded up
 // to NR vectors: alpha sum_d a[r, d] bt[d, c]. bt is zero past cols, so the rounding
 // writes zeros there; lds and ldb are multiples of NR * VL.
@@ -71,16 +88,7 @@ static void tile_scores(real *s, size_t lds, const real *a, size_t lda, const re
             ar[i] = a + (r0 + tile_min(i, m - 1)) * lda;
         for (size_t c0 = 0; c0 < need; c0 += NR * VL) {
             vreal acc[ATTN_MR][NR];
-            tile_zero(acc);
-            for (size_t d = 0; d < D; d++) {
-                vreal b0 = vload(bt + d * ldb + c0), b1 = vload(bt + d * ldb + c0 + VL);
-#pragma GCC unroll 16
-                for (size_t i = 0; i < ATTN_MR; i++) {
-                    real x = ar[i][d];
-                    acc[i][0] += x * b0;
-                    acc[i][1] += x * b1;
-                }
-            }
+            tile_accumulate(acc, ar, bt + c0, ldb, D);
             for (size_t i = 0; i < m; i++) {
                 real *sr = s + (r0 + i) * lds + c0;
                 *(vreal *)sr = alpha * acc[i][0];
@@ -103,16 +111,7 @@ static void tile_ab(real *c, size_t ldc, const real *p, size_t ldp, const real *
             pr[i] = p + (r0 + tile_min(i, m - 1)) * ldp;
         for (size_t j0 = 0; j0 < D; j0 += NR * VL) {
             vreal acc[ATTN_MR][NR];
-            tile_zero(acc);
-            for (size_t k = 0; k < kmax; k++) {
-                vreal b0 = vload(b + k * ldb + j0), b1 = vload(b + k * ldb + j0 + VL);
-#pragma GCC unroll 16
-                for (size_t i = 0; i < ATTN_MR; i++) {
-                    real x = pr[i][k];
-                    acc[i][0] += x * b0;
-                    acc[i][1] += x * b1;
-                }
-            }
+            tile_accumulate(acc, pr, b + j0, ldb, kmax);
             for (size_t i = 0; i < m; i++)
                 tile_add_row(c + (r0 + i) * ldc + j0, acc[i], alpha, tile_min(NR * VL, D - j0));
         }
