@@ -74,6 +74,14 @@ static inline __attribute__((always_inline)) void tile_accumulate(
     }
 }
 
+// row[i] = the tile's row r0 + i of a (step lda); past its m rows the last one again, so
+// the tile's sums stay defined and are not stored.
+static inline void tile_rows(const real *row[ATTN_MR], const real *a, size_t lda, size_t r0,
+                             size_t m) {
+    for (size_t i = 0; i < ATTN_MR; i++)
+        row[i] = a + (r0 + tile_min(i, m - 1)) * lda;
+}
+
 // s rows r < rows, columns up to the last visible key of the tile's last row rounded up
 // to NR vectors: alpha sum_d a[r, d] bt[d, c]. bt is zero past cols, so the rounding
 // writes zeros there; lds and ldb are multiples of NR * VL.
@@ -84,8 +92,7 @@ static void tile_scores(real *s, size_t lds, const real *a, size_t lda, const re
         size_t m = tile_min(ATTN_MR, rows - r0);
         size_t need = tile_visible(r0 + m - 1, q0, cols);
         const real *ar[ATTN_MR];
-        for (size_t i = 0; i < ATTN_MR; i++)
-            ar[i] = a + (r0 + tile_min(i, m - 1)) * lda;
+        tile_rows(ar, a, lda, r0, m);
         for (size_t c0 = 0; c0 < need; c0 += NR * VL) {
             vreal acc[ATTN_MR][NR];
             tile_accumulate(acc, ar, bt + c0, ldb, D);
@@ -107,8 +114,7 @@ static void tile_ab(real *c, size_t ldc, const real *p, size_t ldp, const real *
         size_t m = tile_min(ATTN_MR, rows - r0);
         size_t kmax = tile_visible(r0 + m - 1, q0, cols);
         const real *pr[ATTN_MR];
-        for (size_t i = 0; i < ATTN_MR; i++)
-            pr[i] = p + (r0 + tile_min(i, m - 1)) * ldp;
+        tile_rows(pr, p, ldp, r0, m);
         for (size_t j0 = 0; j0 < D; j0 += NR * VL) {
             vreal acc[ATTN_MR][NR];
             tile_accumulate(acc, pr, b + j0, ldb, kmax);
