@@ -53,10 +53,13 @@ Tensor tensor_slice(Tensor t, size_t offset, size_t numel);
 // as x[rows[m]] (x (N, C), rows (M) int32: dispatch_plan's rows) and, when dy.data, the
 // backward reads its output gradient row m as gates[n, j] dy[n] for the (n, j) with
 // slot[n, j] = m (dy (N, C), gates and slot (N, k): combine's operands), which is what
-// combine's backward would have added into a zeroed dyp.
+// combine's backward would have added into a zeroed dyp; and, when dgates.data too, the
+// backward adds combine's gate gradients dgates[n, j] += dot(dy[n], yp[slot[n, j]])
+// (dgates (N, k), yp (M, C): the experts' outputs), so combine's backward has nothing left.
 typedef struct {
     Tensor x, rows, dy, gates, slot;
     size_t k;
+    Tensor yp, dgates;
 } ExpertRoute;
 
 typedef enum { SCORE_SOFTMAX = 0, SCORE_SIGMOID = 1 } ScoreFunc;

@@ -74,12 +74,20 @@ static inline MOE_HD uint64_t mix64(uint64_t z) {
 
 // ---- scores ---------------------------------------------------------------------------
 
+// The largest of x (E), by comparison: fmax is a libm call per element on x86. The two
+// differ only where the row holds a NaN, and then the softmax and log-sum-exp below come
+// out NaN either way.
+static inline MOE_HD double row_max(const real *x, size_t E) {
+    real mx = x[0];
+    for (size_t e = 1; e < E; e++)
+        mx = x[e] > mx ? x[e] : mx;
+    return mx;
+}
+
 // out (E) = softmax of x (E). Max-subtracted so exp never overflows; the exps are
 // normalised by their double sum, taken in expert order.
 static inline MOE_HD void softmax_row(real *out, const real *x, size_t E) {
-    double mx = x[0];
-    for (size_t e = 1; e < E; e++)
-        mx = fmax(mx, (double)x[e]);
+    double mx = row_max(x, E);
     MOE_EXP_SIMD
     for (size_t e = 0; e < E; e++)
         out[e] = (real)row_exp((double)x[e] - mx);
@@ -107,9 +115,7 @@ static inline MOE_HD void scores_backward_row(real *dx, const real *ds, const re
 }
 
 static inline MOE_EXP_HD double logsumexp(const real *x, size_t E) {
-    double mx = x[0];
-    for (size_t e = 1; e < E; e++)
-        mx = fmax(mx, (double)x[e]);
+    double mx = row_max(x, E);
     return mx + log(row_sum_exp(x, E, mx));
 }
 

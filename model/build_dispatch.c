@@ -50,8 +50,9 @@ Buf build_routed_experts(Builder *b, Buf xn, const RouterBufs *r, int l, MoeLaye
     dp->dispatch.k = slots;
 
     // The dispatch is fused into the experts (docs/architecture.md, "The MoE layer"): they
-    // read xn's rows and the gates times y's gradient in place of gathered copies, so the
-    // gather runs its backward only and the combine its gates' gradient only.
+    // read xn's rows and the gates times y's gradient in place of gathered copies, and
+    // take the gates' gradient, so the gather runs its backward only and the combine its
+    // forward only.
     Buf xp = build_take_buf(b, M * b->C); // (M, C): for a backend that gathers (CUDA, EP)
     TapeOp *ga = tape_push(&b->m->tape, OP_GATHER);
     ga->gather.xp = xp;
@@ -81,6 +82,6 @@ Buf build_routed_experts(Builder *b, Buf xn, const RouterBufs *r, int l, MoeLaye
 
     TapeOp *eo = &b->m->tape.ops[ex];
     eo->experts.train = b->m->expert_train + (size_t)(st - b->m->moe) * E;
-    eo->experts.route = (ExpertRoute){xn.v, rows, y.g, r->gates.v, slot, slots};
+    eo->experts.route = (ExpertRoute){xn.v, rows, y.g, r->gates.v, slot, slots, yp.v, r->gates.g};
     return y;
 }

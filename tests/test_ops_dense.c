@@ -448,6 +448,7 @@ typedef struct {
     real *dy;      // (EX_N, C) combine's output gradient (fused backward), or NULL: dyp
     real *gates;   // (EX_N, EX_K)
     int32_t *slot; // (EX_N, EX_K) -> permuted row, or -1
+    real *dgates;  // (EX_N, EX_K) the gates' gradient the fused backward adds to, or NULL
 } ExpCase;
 
 // The fused dispatch's tokens: 5 tokens for 9 routed rows, token 1 taken by three experts,
@@ -463,11 +464,17 @@ static ExpertRoute exp_route(const ExpCase *c) {
                      tensor_none(),
                      tensor_none(),
                      tensor_none(),
-                     EX_K};
+                     EX_K,
+                     tensor_none(),
+                     tensor_none()};
     if (c->dy) {
         r.dy = test_tensor(c->dy, EX_N * EX_C);
         r.gates = test_tensor(c->gates, EX_N * EX_K);
         r.slot = test_itensor(c->slot, EX_N * EX_K);
+    }
+    if (c->dy && c->dgates) {
+        r.yp = test_tensor(c->yp, EX_CAP * EX_C);
+        r.dgates = test_tensor(c->dgates, EX_N * EX_K);
     }
     return r;
 }
@@ -488,6 +495,7 @@ static ExpCase experts_case(Rng *r, const real *R) {
                  test_rand(r, EX_CAP * EX_C, 1.0),
                  test_rand(r, EX_E * EX_WSIZE, 0.7),
                  malloc(sizeof(EX_OFFSETS)),
+                 NULL,
                  NULL,
                  NULL,
                  NULL,
@@ -535,7 +543,7 @@ static real *experts_case_combine(ExpCase *c, Rng *r) {
 
 static void experts_case_free(ExpCase *c) {
     free(c->yp), free(c->h13), free(c->act), free(c->xp), free(c->w), free(c->off);
-    free(c->x), free(c->rows), free(c->dy), free(c->gates), free(c->slot);
+    free(c->x), free(c->rows), free(c->dy), free(c->gates), free(c->slot), free(c->dgates);
 }
 
 // Runs forward, then backward with dout = R into dxp (CAP, C) and dw (E, 3FC) (either
@@ -702,6 +710,46 @@ static void test_experts_fused_bits(void **state) {
                 free(dxp[i]), free(dw[i]);
             free(R), free(nan);
             experts_case_free(&f), experts_case_free(&u);
+        }
+    omp_set_num_threads(threads);
+}
+
+// The gates' gradient taken by the fused experts (route.dgates): dgates[n, j] +=
+// dot(dy[n], yp[slot[n, j]]), against that sum in double here and bit for bit against
+// combine's backward, whether the experts run their products (all training, threads 1
+// and 4) or none (every expert frozen, no input gradient).
+static void test_experts_fused_gate_grads(void **state) {
+    (void)state;
+    int threads = omp_get_max_threads();
+    const uint8_t none[EX_E] = {0};
+    for (int t = 1; t <= 4; t += 3)
+        for (int frozen = 0; frozen < 2; frozen++) {
+            omp_set_num_threads(t);
+            Rng r;
+            rng_init(&r, 23);
+            ExpCase c = experts_case_fused(&r, NULL);
+            real *R = experts_case_combine(&c, &r), *nan = filled(EX_CAP * EX_C, NAN);
+            c.dgates = test_rand(&r, EX_N * EX_K, 1.0);
+            real *start = test_copy(c.dgates, EX_N * EX_K);
+            real *dxp = test_zeros(EX_CAP * EX_C), *dw = test_zeros(EX_E * EX_WSIZE);
+            experts_grads(&c, frozen ? none : NULL, frozen ? NULL : dxp, dw, nan);
+            real *want = test_copy(start, EX_N * EX_K), *comb = test_copy(start, EX_N * EX_K);
+            for (size_t a = 0; a < EX_N * EX_K; a++) {
+                if (c.slot[a] < 0) continue;
+                double dot = 0.0;
+                for (size_t k = 0; k < EX_C; k++)
+                    dot += (double)c.dy[(a / EX_K) * EX_C + k] * c.yp[c.slot[a] * EX_C + k];
+                want[a] += dot;
+            }
+            test_assert_close(c.dgates, want, EX_N * EX_K, REF_RTOL, REF_ATOL,
+                              "fused experts dgates");
+            ops()->combine_backward(tensor_none(), test_tensor(comb, EX_N * EX_K),
+                                    test_tensor(c.dy, EX_N * EX_C), test_tensor(c.yp, EX_CAP * EX_C),
+                                    test_tensor(c.gates, EX_N * EX_K),
+                                    test_itensor(c.slot, EX_N * EX_K), EX_N, EX_K, EX_C);
+            assert_equal(c.dgates, comb, EX_N * EX_K, "fused dgates bits = combine's");
+            free(R), free(nan), free(start), free(dxp), free(dw), free(want), free(comb);
+            experts_case_free(&c);
         }
     omp_set_num_threads(threads);
 }
@@ -1152,6 +1200,7 @@ static const struct CMUnitTest tests[] = {
     cmocka_unit_test(test_experts_backward),
     cmocka_unit_test(test_experts_backward_fused),
     cmocka_unit_test(test_experts_fused_bits),
+    cmocka_unit_test(test_experts_fused_gate_grads),
     cmocka_unit_test(test_experts_backward_frozen_expert),
     cmocka_unit_test(test_experts_backward_absent_dw),
     cmocka_unit_test(test_crossentropy_forward),

@@ -253,6 +253,8 @@ typedef struct {
     const real *x, *dy;   // (N, C)
     const int32_t *rows;  // (M) permuted row -> token, or NULL
     real *gate;           // (M) each permuted row's gate: dy given
+    const real *yp;       // (M, C) the experts' outputs: gate gradients wanted
+    double *dg;           // (M) each permuted row's gate gradient, or NULL
     real *scratch;        // (slots, 2, most, C): one expert's x rows and dy rows per thread
     size_t most, C;       // most: the largest expert's rows
 } ExpertInput;
@@ -291,6 +293,12 @@ static void expert_input_init(ExpertInput *in, Tensor xp, Tensor dyp, const Expe
         in->dy = TENSOR_R(r->dy), in->dyp = NULL;
         in->gate = expert_row_gates(r, M);
     }
+    if (r->dy.data && r->dgates.data) {
+        check_fits(r->dgates, r->slot.numel, "dgates");
+        check_fits(r->yp, M * C, "yp");
+        in->yp = TENSOR_R(r->yp);
+        in->dg = CALLOC(M + 1, sizeof *in->dg);
+    }
     for (size_t e = 0; e < E; e++)
         if ((size_t)(off[e + 1] - off[e]) > in->most) in->most = (size_t)(off[e + 1] - off[e]);
     size_t slots = by_thread ? (size_t)omp_get_max_threads() : 1;
@@ -300,6 +308,30 @@ static void expert_input_init(ExpertInput *in, Tensor xp, Tensor dyp, const Expe
 static void expert_input_free(ExpertInput *in) {
     free(in->scratch);
     free(in->gate);
+    free(in->dg);
+}
+
+// Permuted row m's gate gradient, dot(dy[rows[m]], yp[m]), into in->dg.
+static void expert_gate_grad(const ExpertInput *in, size_t m) {
+    size_t C = in->C;
+    in->dg[m] = cpu_gate_dot(in->dy + (size_t)in->rows[m] * C, in->yp + m * C, C);
+}
+
+// dgates[a] += the gate gradient of assignment a's permuted row, for the kept a: in
+// assignment order, as combine's backward adds them.
+static void expert_gate_grads_add(const ExpertInput *in, const ExpertRoute *r) {
+    real *dg = TENSOR_R(r->dgates);     // (N, k)
+    const int32_t *sl = TENSOR_I(r->slot); // (N, k)
+    for (size_t a = 0; a < r->slot.numel; a++)
+        if (sl[a] >= 0) dg[a] += (real)in->dg[sl[a]];
+}
+
+// Permuted row m into dst: src[rows[m]], or gate[m] times it. The dy rows (gate given)
+// also give their gate gradient when wanted, while the row is in cache.
+static void pick_at(const ExpertInput *in, real *dst, const real *src, const real *gate,
+                    size_t m) {
+    pick_row(dst, src + (size_t)in->rows[m] * in->C, gate ? gate + m : NULL, in->C);
+    if (gate && in->dg) expert_gate_grad(in, m);
 }
 
 // Rows [r0, r0 + n) of src picked by rows, times gate[m] when gate is given, into scratch
@@ -309,15 +341,14 @@ static const real *expert_pick_rows(const ExpertInput *in, const real *src, cons
                                     int half, size_t r0, size_t n, int by_thread) {
     size_t C = in->C, slot = by_thread ? (size_t)omp_get_thread_num() : 0;
     real *dst = in->scratch + (slot * 2 + (size_t)half) * in->most * C;
-    const int32_t *at = in->rows + r0;
     if (by_thread) {
         for (size_t i = 0; i < n; i++)
-            pick_row(dst + i * C, src + (size_t)at[i] * C, gate ? gate + r0 + i : NULL, C);
+            pick_at(in, dst + i * C, src, gate, r0 + i);
         return dst;
     }
 #pragma omp parallel for schedule(static)
     for (size_t i = 0; i < n; i++)
-        pick_row(dst + i * C, src + (size_t)at[i] * C, gate ? gate + r0 + i : NULL, C);
+        pick_at(in, dst + i * C, src, gate, r0 + i);
     return dst;
 }
 
@@ -404,7 +435,12 @@ static void experts_backward_one(size_t e, const int32_t *off, Tensor dxp, Tenso
                                  size_t C, size_t F) {
     size_t r0 = (size_t)off[e], rows = (size_t)off[e + 1] - r0;
     int want_dw = dw.data && (!train || train[e]);
-    if (rows == 0 || (!want_dw && !dxp.data)) return;
+    if (!want_dw && !dxp.data) { // no products; the gates still want their gradient
+        for (size_t m = r0; in->dg && m < r0 + rows; m++)
+            expert_gate_grad(in, m);
+        return;
+    }
+    if (rows == 0) return;
     expert_backward(dxp.data ? TENSOR_R(dxp) + r0 * C : NULL,
                     want_dw ? TENSOR_R(dw) + e * 3 * F * C : NULL, TENSOR_R(dh13) + r0 * 2 * F,
                     TENSOR_R(dact) + r0 * F, TENSOR_R(h13) + r0 * 2 * F, TENSOR_R(act) + r0 * F,
@@ -432,6 +468,7 @@ void cpu_experts_backward(Tensor dxp, Tensor dw, const uint8_t *train, Tensor dy
         for (size_t e = 0; e < E; e++)
             experts_backward_one(e, off, dxp, dw, train, dh13, dact, h13, act, &in, 0, w, C, F);
     }
+    if (in.dg) expert_gate_grads_add(&in, &route);
     expert_input_free(&in);
 }
 

@@ -7,8 +7,29 @@
 #include <stdlib.h>
 #include <string.h>
 
-// Gate gradients computed side by side in combine backward.
-#define COMBINE_GROUP 4
+// cpu_gate_dot's lanes: one AVX-512 vector of floats, two AVX2 ones; no wait on one
+// running sum, and the same bits whatever width the clone runs.
+#define DOT_LANES 16
+
+// A token's k permuted rows lie scattered over (M, C), and a row of a few hundred floats
+// is over before the hardware prefetcher has ramped up within it: the loops over tokens
+// ask for the rows of a token ahead (two, where a token's own work is short) while they
+// work on this one's.
+static void prefetch_rows(const real *base, const int32_t *idx, size_t n, size_t C) {
+    for (size_t i = 0; i < n; i++) {
+        if (idx[i] < 0) continue;
+        const char *p = (const char *)(base + (size_t)idx[i] * C);
+        for (size_t b = 0; b < C * sizeof(real); b += 64)
+            __builtin_prefetch(p + b);
+    }
+}
+
+// dst (C) += src (C).
+CPU_CLONES static void add_row(real *dst, const real *src, size_t C) {
+#pragma omp simd
+    for (size_t c = 0; c < C; c++)
+        dst[c] += src[c];
+}
 
 void cpu_dispatch_plan(Tensor offsets, Tensor rows, Tensor slot, Tensor idx, Tensor keep,
                        size_t N, size_t E, size_t k) {
@@ -70,12 +91,10 @@ void cpu_gather_rows_backward(Tensor dx, Tensor dxp, Tensor rows, Tensor offsets
         order[start[row[m]]++] = (int32_t)m;
 #pragma omp parallel for
     for (size_t n = 0; n < N; n++) {
-        real *dst = d + n * C;
-        for (size_t i = n ? start[n - 1] : 0; i < start[n]; i++) {
-            const real *src = dp + (size_t)order[i] * C;
-            for (size_t c = 0; c < C; c++)
-                dst[c] += src[c];
-        }
+        size_t first = n ? start[n - 1] : 0;
+        if (n + 1 < N) prefetch_rows(dp, order + start[n], start[n + 1] - start[n], C);
+        for (size_t i = first; i < start[n]; i++)
+            add_row(d + n * C, dp + (size_t)order[i] * C, C);
     }
     free(order);
     free(start);
@@ -102,32 +121,34 @@ void cpu_combine_forward(Tensor y, Tensor yp, Tensor gates, Tensor slot, size_t 
     const real *g = TENSOR_R(gates);    // (N, k)
     const int32_t *sl = TENSOR_I(slot); // (N, k)
 #pragma omp parallel for
-    for (size_t n = 0; n < N; n++)
+    for (size_t n = 0; n < N; n++) {
+        if (n + 2 < N) prefetch_rows(in, sl + (n + 2) * k, k, C);
         combine_row(out + n * C, in, g + n * k, sl + n * k, k, C);
+    }
 }
 
-// A token's gate gradients are COMBINE_GROUP dot products taken side by side: each sums
-// in double in column order as one dot alone would (the same bits), while the group's
-// independent sums keep the adder busy instead of each waiting on its own last add.
-// Slots past a token's kept choices repeat its first and are not stored.
-static void combine_gate_grads(real *dg, const real *dyr, const real *in, const int32_t *sl,
-                               size_t k, size_t C) {
-    size_t kept[COMBINE_GROUP], n_kept = 0;
-    for (size_t j = 0; j < k; j++) {
-        if (sl[j] >= 0) kept[n_kept++] = j;
-        if (n_kept < COMBINE_GROUP && j + 1 < k) continue;
-        if (!n_kept) continue;
-        const real *src[COMBINE_GROUP];
-        for (size_t i = 0; i < COMBINE_GROUP; i++)
-            src[i] = in + (size_t)sl[kept[i < n_kept ? i : 0]] * C;
-        double dot[COMBINE_GROUP] = {0};
-        for (size_t c = 0; c < C; c++)
-            for (size_t i = 0; i < COMBINE_GROUP; i++)
-                dot[i] += (double)dyr[c] * src[i][c];
-        for (size_t i = 0; i < n_kept; i++)
-            dg[kept[i]] += (real)dot[i];
-        n_kept = 0;
-    }
+// Column c sums into lane c % DOT_LANES in `real` (C / DOT_LANES terms each, where
+// sgemm's float sums run over whole rows), then the lanes in double, in order.
+CPU_CLONES double cpu_gate_dot(const real *a, const real *b, size_t C) {
+    real lane[DOT_LANES] = {0};
+    size_t c = 0;
+    for (; c + DOT_LANES <= C; c += DOT_LANES)
+#pragma omp simd
+        for (size_t l = 0; l < DOT_LANES; l++)
+            lane[l] += a[c + l] * b[c + l];
+    for (size_t l = 0; c < C; c++, l++)
+        lane[l] += a[c] * b[c];
+    double sum = 0.0;
+    for (size_t l = 0; l < DOT_LANES; l++)
+        sum += lane[l];
+    return sum;
+}
+
+// dst (C) += g * src (C).
+CPU_CLONES static void add_scaled_row(real *dst, real g, const real *src, size_t C) {
+#pragma omp simd
+    for (size_t c = 0; c < C; c++)
+        dst[c] += g * src[c];
 }
 
 void cpu_combine_backward(Tensor dyp, Tensor dgates, Tensor dy, Tensor yp, Tensor gates,
@@ -141,15 +162,14 @@ void cpu_combine_backward(Tensor dyp, Tensor dgates, Tensor dy, Tensor yp, Tenso
 #pragma omp parallel for
     for (size_t n = 0; n < N; n++) {
         const real *dyr = dout + n * C;
+        if (n + 2 < N && dp) prefetch_rows(dp, sl + (n + 2) * k, k, C);
+        if (n + 2 < N && dg) prefetch_rows(in, sl + (n + 2) * k, k, C);
         // Each permuted row has one (n, j), so no two tokens write the same dp row.
-        for (size_t j = 0; j < k && dp; j++) {
+        for (size_t j = 0; j < k; j++) {
             int32_t m = sl[n * k + j];
             if (m < 0) continue;
-            real *dst = dp + (size_t)m * C;
-            real gj = g[n * k + j];
-            for (size_t c = 0; c < C; c++)
-                dst[c] += gj * dyr[c];
+            if (dp) add_scaled_row(dp + (size_t)m * C, g[n * k + j], dyr, C);
+            if (dg) dg[n * k + j] += (real)cpu_gate_dot(dyr, in + (size_t)m * C, C);
         }
-        if (dg) combine_gate_grads(dg + n * k, dyr, in, sl + n * k, k, C);
     }
 }

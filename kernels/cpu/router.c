@@ -30,20 +30,24 @@ CPU_CLONES static void softmax_row_wide(real *out, const real *x, size_t E) {
     softmax_row(out, x, E);
 }
 
+// Scores of one token's logits x (E) into s (E).
+static void scores_row(real *s, const real *x, size_t E, ScoreFunc func) {
+    if (func == SCORE_SOFTMAX) {
+        softmax_row_wide(s, x, E);
+        return;
+    }
+    for (size_t e = 0; e < E; e++)
+        s[e] = (real)stable_sigmoid(x[e]);
+}
+
 void cpu_router_scores_forward(Tensor scores, Tensor logits, size_t N, size_t E,
                                ScoreFunc func) {
     check_score_func(func);
     real *s = TENSOR_R(scores);       // (N, E)
     const real *x = TENSOR_R(logits); // (N, E)
-    if (func == SCORE_SIGMOID) {
-#pragma omp parallel for
-        for (size_t i = 0; i < N * E; i++)
-            s[i] = (real)stable_sigmoid(x[i]);
-        return;
-    }
 #pragma omp parallel for
     for (size_t n = 0; n < N; n++)
-        softmax_row_wide(s + n * E, x + n * E, E);
+        scores_row(s + n * E, x + n * E, E, func);
 }
 
 void cpu_router_scores_backward(Tensor dlogits, Tensor dscores, Tensor scores, size_t N,
@@ -107,17 +111,10 @@ void cpu_gates_forward(Tensor gates, Tensor scores, Tensor idx, size_t N, size_t
         gates_row(g + n * k, s + n * E, top + n * k, k, renorm, scale);
 }
 
-// Group-limited selection on vals (N, E) (scores, or scores + bias already added).
-static void route_select(Tensor idx, Tensor vals, size_t N, size_t E, size_t k,
-                         const RouteSpec *spec) {
-    int32_t *top = TENSOR_I(idx);   // (N, k)
-    const real *v = TENSOR_R(vals); // (N, E)
-#pragma omp parallel for
-    for (size_t n = 0; n < N; n++)
-        route_select_row(top + n * k, v + n * E, NULL, E, k, spec);
-}
-
-// The separate ops in turn: the CPU gains nothing from fusing rows it already streams.
+// The route op in one pass over the rows, each row's steps back to back while it is in
+// cache: the noisy logits (when raw is given), scores, the selection on scores + bias
+// (the sum in `real`, as the separate add_bias op takes it) and the gates; the same
+// arithmetic as the separate ops, so the same bits.
 void cpu_route_topk_forward(Tensor scores, Tensor idx, Tensor gates, Tensor h, Tensor logits,
                             Tensor raw, Tensor eps, Tensor bias, size_t N, size_t E, size_t k,
                             RouteSpec spec) {
@@ -126,20 +123,27 @@ void cpu_route_topk_forward(Tensor scores, Tensor idx, Tensor gates, Tensor h, T
     const char *bad = route_spec_problem(&spec, E, k);
     CHECK(!bad, "route: %s (groups=%zu topk_groups=%zu E=%zu k=%zu)", bad, spec.groups,
           spec.topk_groups, E, k);
-    if (raw.data) {
-        cpu_noisy_logits_forward(h, logits, raw, eps, N * E);
-        logits = h;
+    check_score_func(spec.func);
+    real *s = TENSOR_R(scores);          // (N, E)
+    int32_t *top = TENSOR_I(idx);        // (N, k)
+    real *g = TENSOR_R(gates);           // (N, k)
+    real *hv = TENSOR_R(h);              // (N, E) noisy logits, when raw is given
+    const real *x = TENSOR_R(logits);    // (N, E)
+    const real *r = TENSOR_R(raw);       // (N, E) or NULL
+    const real *ev = TENSOR_R(eps);      // (N, E) or NULL
+    const real *b = TENSOR_R(bias);      // (E) or NULL
+#pragma omp parallel for
+    for (size_t n = 0; n < N; n++) {
+        const real *xr = x + n * E;
+        if (r) {
+            for (size_t e = 0; e < E; e++)
+                hv[n * E + e] = noisy_value(xr[e], r[n * E + e], ev[n * E + e]);
+            xr = hv + n * E;
+        }
+        scores_row(s + n * E, xr, E, spec.func);
+        route_select_row(top + n * k, s + n * E, b, E, k, &spec);
+        gates_row(g + n * k, s + n * E, top + n * k, k, spec.renorm, spec.scale);
     }
-    cpu_router_scores_forward(scores, logits, N, E, spec.func);
-    Tensor vals = scores;
-    size_t n = N * E;
-    if (bias.data) {
-        vals.data = CALLOC(n ? n : 1, sizeof(real)); // (N, E) scores + bias
-        cpu_add_bias_forward(vals, scores, bias, N, E);
-    }
-    route_select(idx, vals, N, E, k, &spec);
-    if (bias.data) free(vals.data);
-    cpu_gates_forward(gates, scores, idx, N, E, k, spec.renorm, spec.scale);
 }
 
 void cpu_gates_backward(Tensor dscores, Tensor dgates, Tensor scores, Tensor idx, size_t N,

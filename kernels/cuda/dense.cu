@@ -522,15 +522,16 @@ static void experts_backward_loop(const ExpertGrads *g, const int32_t *off, size
 }
 
 // xp holds the rows the forward gathered. The combine fused in (route.dy.data): dyp is
-// written first, as combine's backward would have (zeroed, then gates times dy added).
+// written first, as combine's backward would have (zeroed, then gates times dy added),
+// with the gates' gradient (route.dgates) beside it.
 void cuda_experts_backward(Tensor dxp, Tensor dw, const uint8_t *train, Tensor dyp,
                            Tensor dh13, Tensor dact, Tensor h13, Tensor act, Tensor xp,
                            ExpertRoute route, Tensor w, Tensor offsets, size_t E, size_t C,
                            size_t F) {
     if (route.rows.data && route.dy.data && C) {
         cuda_zero(dyp, dyp.numel);
-        cuda_combine_backward(dyp, tensor_none(), route.dy, tensor_none(), route.gates,
-                              route.slot, route.dy.numel / C, route.k, C);
+        cuda_combine_backward(dyp, route.dgates, route.dy, route.yp, route.gates, route.slot,
+                              route.dy.numel / C, route.k, C);
     }
     size_t M;
     check_state(h13, act);

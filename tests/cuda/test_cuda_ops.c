@@ -631,10 +631,10 @@ static void case_experts(void) {
     close_all("experts dw (dxp NULL)", dw, RTOL);
 }
 
-// The dispatch fused in (ExpertRoute: x[rows], gates times dy): the GPU gathers into xp
-// and scatters into dyp first, the CPU reads the tokens in place; both as the CPU's
-// unfused op on the gathered rows. Four tokens for 7 rows, top-2, token 3's second
-// choice dropped.
+// The dispatch fused in (ExpertRoute: x[rows], gates times dy, the gates' gradient): the
+// GPU gathers into xp and scatters into dyp first, the CPU reads the tokens in place;
+// both as the CPU's unfused op on the gathered rows. Four tokens for 7 rows, top-2,
+// token 3's second choice dropped.
 static void case_experts_fused(void) {
     size_t E = 3, C = 16, F = 12, N = 4, k = 2, M = 7;
     int32_t off[] = {0, 3, 3, 7}, rows[] = {0, 1, 2, 0, 1, 2, 3};
@@ -644,22 +644,25 @@ static void case_experts_fused(void) {
     Pair dy = reals(N * C, 1), xp = zeros(M * C, DTYPE_F32);
     Pair yp = zeros(M * C, DTYPE_F32), h13 = zeros(M * 2 * F, DTYPE_F32),
          act = zeros(M * F, DTYPE_F32);
-    ExpertRoute rc = {x.c, rw.c, tensor_none(), tensor_none(), tensor_none(), k};
-    ExpertRoute rg = {x.g, rw.g, none().g, none().g, none().g, k};
+    ExpertRoute rc = {x.c, rw.c, tensor_none(), tensor_none(), tensor_none(), k,
+                      tensor_none(), tensor_none()};
+    ExpertRoute rg = {x.g, rw.g, none().g, none().g, none().g, k, none().g, none().g};
     cpu->experts_forward(yp.c, h13.c, act.c, xp.c, rc, w.c, offsets.c, E, C, F);
     gpu->experts_forward(yp.g, h13.g, act.g, xp.g, rg, w.g, offsets.g, E, C, F);
     close_all("fused experts yp", yp, RTOL);
     Pair dxp = zeros(M * C, DTYPE_F32), dw = zeros(E * 3 * F * C, DTYPE_F32),
          dyp = zeros(M * C, DTYPE_F32);
     Pair dh13 = zeros(M * 2 * F, DTYPE_F32), dact = zeros(M * F, DTYPE_F32);
-    rc.dy = dy.c, rc.gates = gates.c, rc.slot = sl.c;
-    rg.dy = dy.g, rg.gates = gates.g, rg.slot = sl.g;
+    Pair dgates = zeros(N * k, DTYPE_F32);
+    rc.dy = dy.c, rc.gates = gates.c, rc.slot = sl.c, rc.yp = yp.c, rc.dgates = dgates.c;
+    rg.dy = dy.g, rg.gates = gates.g, rg.slot = sl.g, rg.yp = yp.g, rg.dgates = dgates.g;
     cpu->experts_backward(dxp.c, dw.c, NULL, dyp.c, dh13.c, dact.c, h13.c, act.c, xp.c, rc,
                           w.c, offsets.c, E, C, F);
     gpu->experts_backward(dxp.g, dw.g, NULL, dyp.g, dh13.g, dact.g, h13.g, act.g, xp.g, rg,
                           w.g, offsets.g, E, C, F);
     close_all("fused experts dxp", dxp, RTOL);
     close_all("fused experts dw", dw, RTOL);
+    close_all("fused experts dgates", dgates, RTOL);
 }
 
 // The experts op under bf16 products. xp, w and dyp are bf16 values on both sides, so the
