@@ -37,8 +37,8 @@ void cpu_gemm(int trans_a, int trans_b, size_t m, size_t n, size_t k, real alpha
 void cpu_check_experts(const int32_t *idx, size_t n, size_t E, const char *op);
 
 // A gate's gradient, dot(dy (C), y (C)) (dispatch.c): combine's backward, and the experts'
-// backward with the combine fused in. Summed in lanes in a fixed order, so both callers
-// and every instruction set give the same bits.
+// backward with the combine fused in. Summed in double lanes in a fixed order, so both
+// callers and every instruction set give the same bits.
 double cpu_gate_dot(const real *dy, const real *y, size_t C);
 
 // RoPE's rotation (attention.c), shared by the training op and the decode-time one

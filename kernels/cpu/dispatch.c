@@ -7,9 +7,9 @@
 #include <stdlib.h>
 #include <string.h>
 
-// cpu_gate_dot's lanes: one AVX-512 vector of floats, two AVX2 ones; no wait on one
+// cpu_gate_dot's lanes: one AVX-512 vector of doubles, two AVX2 ones; no wait on one
 // running sum, and the same bits whatever width the clone runs.
-#define DOT_LANES 16
+#define DOT_LANES 8
 
 // A token's k permuted rows lie scattered over (M, C), and a row of a few hundred floats
 // is over before the hardware prefetcher has ramped up within it: the loops over tokens
@@ -127,17 +127,18 @@ void cpu_combine_forward(Tensor y, Tensor yp, Tensor gates, Tensor slot, size_t 
     }
 }
 
-// Column c sums into lane c % DOT_LANES in `real` (C / DOT_LANES terms each, where
-// sgemm's float sums run over whole rows), then the lanes in double, in order.
+// Column c sums into lane c % DOT_LANES, in double; the lanes are added in order at the
+// end. (Summed in float the layer was no faster: inside the experts' backward the dots
+// wait on memory, not on the adds.)
 CPU_CLONES double cpu_gate_dot(const real *a, const real *b, size_t C) {
-    real lane[DOT_LANES] = {0};
+    double lane[DOT_LANES] = {0};
     size_t c = 0;
     for (; c + DOT_LANES <= C; c += DOT_LANES)
 #pragma omp simd
         for (size_t l = 0; l < DOT_LANES; l++)
-            lane[l] += a[c + l] * b[c + l];
+            lane[l] += (double)a[c + l] * b[c + l];
     for (size_t l = 0; c < C; c++, l++)
-        lane[l] += a[c] * b[c];
+        lane[l] += (double)a[c] * b[c];
     double sum = 0.0;
     for (size_t l = 0; l < DOT_LANES; l++)
         sum += lane[l];
