@@ -36,10 +36,11 @@ void cpu_gemm(int trans_a, int trans_b, size_t m, size_t n, size_t k, real alpha
 // the capacity, dispatch and aux-loss ops check their inputs with it).
 void cpu_check_experts(const int32_t *idx, size_t n, size_t E, const char *op);
 
-// A gate's gradient, dot(dy (C), y (C)) (dispatch.c): combine's backward, and the experts'
-// backward with the combine fused in. Summed in double lanes in a fixed order, so both
-// callers and every instruction set give the same bits.
-double cpu_gate_dot(const real *dy, const real *y, size_t C);
+// sum_c a[c] b[c], or sum_c a[c] w[c] b[c] when w is given, each term in double (dense.c).
+// Summed in double lanes added in a fixed order: no wait on one running sum, and the same
+// bits from every caller and instruction set (RMSNorm's rows, combine's gate gradients
+// and the experts' with the combine fused in).
+double cpu_row_dot(const real *a, const real *b, const real *w, size_t C);
 
 // RoPE's rotation (attention.c), shared by the training op and the decode-time one
 // (attention_decode.c): cs (D/2, 2) = cos, sin of sign * a_i at position t, with

@@ -21,6 +21,34 @@
 #define cblas_gemm cblas_sgemm
 #endif
 
+// cpu_row_dot's double lanes: one AVX-512 vector, two AVX2 ones.
+#define DOT_LANES 8
+
+// Column c sums into lane c % DOT_LANES; the lanes are added in order at the end.
+CPU_CLONES double cpu_row_dot(const real *a, const real *b, const real *w, size_t C) {
+    double lane[DOT_LANES] = {0};
+    size_t c = 0;
+    if (w) {
+        for (; c + DOT_LANES <= C; c += DOT_LANES)
+#pragma omp simd
+            for (size_t l = 0; l < DOT_LANES; l++)
+                lane[l] += (double)a[c + l] * w[c + l] * b[c + l];
+        for (size_t l = 0; c < C; c++, l++)
+            lane[l] += (double)a[c] * w[c] * b[c];
+    } else {
+        for (; c + DOT_LANES <= C; c += DOT_LANES)
+#pragma omp simd
+            for (size_t l = 0; l < DOT_LANES; l++)
+                lane[l] += (double)a[c + l] * b[c + l];
+        for (size_t l = 0; c < C; c++, l++)
+            lane[l] += (double)a[c] * b[c];
+    }
+    double sum = 0.0;
+    for (size_t l = 0; l < DOT_LANES; l++)
+        sum += lane[l];
+    return sum;
+}
+
 // Column sums over rows (weight gradients, repeated embedding rows) are split into
 // blocks of this many columns: one thread owns a block and walks the rows in order,
 // which is deterministic and reads each row contiguously.
@@ -83,6 +111,13 @@ void cpu_embedding_backward(Tensor dtable, Tensor dout, Tensor tokens, size_t N,
 
 // ---- RMSNorm --------------------------------------------------------------------------
 
+// o (C) = x r w (CPU_CLONES).
+CPU_CLONES static void scale_row(real *o, const real *x, real r, const real *w, size_t C) {
+#pragma omp simd
+    for (size_t c = 0; c < C; c++)
+        o[c] = x[c] * r * w[c];
+}
+
 void cpu_rmsnorm_forward(Tensor out, Tensor rstd, Tensor x, Tensor w, size_t N, size_t C,
                          double eps) {
     real *o = TENSOR_R(out);      // (N, C)
@@ -92,14 +127,19 @@ void cpu_rmsnorm_forward(Tensor out, Tensor rstd, Tensor x, Tensor w, size_t N, 
 #pragma omp parallel for schedule(static)
     for (size_t n = 0; n < N; n++) {
         const real *xr = xs + n * C;
-        double ss = 0.0;
-        for (size_t c = 0; c < C; c++)
-            ss += (double)xr[c] * xr[c];
+        double ss = cpu_row_dot(xr, xr, NULL, C);
         real r = (real)(1.0 / sqrt(ss / (double)C + eps));
         rs[n] = r;
-        for (size_t c = 0; c < C; c++)
-            o[n * C + c] = xr[c] * r * ws[c];
+        scale_row(o + n * C, xr, r, ws, C);
     }
+}
+
+// dx (C) += r w dy - k x (CPU_CLONES).
+CPU_CLONES static void rmsnorm_dx_row(real *dx, const real *dy, const real *x, const real *w,
+                                      double r, double k, size_t C) {
+#pragma omp simd
+    for (size_t c = 0; c < C; c++)
+        dx[c] += (real)(r * w[c] * dy[c] - k * x[c]);
 }
 
 // out = x r w with r = (mean x^2 + eps)^(-1/2), so dr/dx_j = -r^3 x_j / C and
@@ -109,14 +149,19 @@ static void rmsnorm_backward_x(real *dx, const real *dy, const real *x, const re
 #pragma omp parallel for schedule(static)
     for (size_t n = 0; n < N; n++) {
         const real *xr = x + n * C, *dyr = dy + n * C;
-        double dot = 0.0;
-        for (size_t c = 0; c < C; c++)
-            dot += (double)dyr[c] * w[c] * xr[c];
+        double dot = cpu_row_dot(dyr, xr, w, C);
         double r = rstd[n];
         double k = r * r * r * dot / (double)C;
-        for (size_t c = 0; c < C; c++)
-            dx[n * C + c] += (real)(r * w[c] * dyr[c] - k * xr[c]);
+        rmsnorm_dx_row(dx + n * C, dyr, xr, w, r, k, C);
     }
+}
+
+// acc (n) += dy (n) x (n) r, in double (CPU_CLONES).
+CPU_CLONES static void rmsnorm_dw_row(double *acc, const real *dy, const real *x, real r,
+                                      size_t n) {
+#pragma omp simd
+    for (size_t c = 0; c < n; c++)
+        acc[c] += (double)dy[c] * x[c] * r;
 }
 
 // dw_c = sum_n dout[n, c] x[n, c] r[n]: a column sum, blocked so threads own columns.
@@ -128,8 +173,7 @@ static void rmsnorm_backward_w(real *dw, const real *dy, const real *x, const re
         size_t c0 = blk * COL_BLOCK, c1 = c0 + COL_BLOCK < C ? c0 + COL_BLOCK : C;
         double acc[COL_BLOCK] = {0};
         for (size_t n = 0; n < N; n++)
-            for (size_t c = c0; c < c1; c++)
-                acc[c - c0] += (double)dy[n * C + c] * x[n * C + c] * rstd[n];
+            rmsnorm_dw_row(acc, dy + n * C + c0, x + n * C + c0, rstd[n], c1 - c0);
         for (size_t c = c0; c < c1; c++)
             dw[c] += (real)acc[c - c0];
     }
@@ -314,7 +358,7 @@ static void expert_input_free(ExpertInput *in) {
 // Permuted row m's gate gradient, dot(dy[rows[m]], yp[m]), into in->dg.
 static void expert_gate_grad(const ExpertInput *in, size_t m) {
     size_t C = in->C;
-    in->dg[m] = cpu_gate_dot(in->dy + (size_t)in->rows[m] * C, in->yp + m * C, C);
+    in->dg[m] = cpu_row_dot(in->dy + (size_t)in->rows[m] * C, in->yp + m * C, NULL, C);
 }
 
 // dgates[a] += the gate gradient of assignment a's permuted row, for the kept a: in

@@ -7,10 +7,6 @@
 #include <stdlib.h>
 #include <string.h>
 
-// cpu_gate_dot's lanes: one AVX-512 vector of doubles, two AVX2 ones; no wait on one
-// running sum, and the same bits whatever width the clone runs.
-#define DOT_LANES 8
-
 // A token's k permuted rows lie scattered over (M, C), and a row of a few hundred floats
 // is over before the hardware prefetcher has ramped up within it: the loops over tokens
 // ask for the rows of a token ahead (two, where a token's own work is short) while they
@@ -127,24 +123,6 @@ void cpu_combine_forward(Tensor y, Tensor yp, Tensor gates, Tensor slot, size_t 
     }
 }
 
-// Column c sums into lane c % DOT_LANES, in double; the lanes are added in order at the
-// end. (Summed in float the layer was no faster: inside the experts' backward the dots
-// wait on memory, not on the adds.)
-CPU_CLONES double cpu_gate_dot(const real *a, const real *b, size_t C) {
-    double lane[DOT_LANES] = {0};
-    size_t c = 0;
-    for (; c + DOT_LANES <= C; c += DOT_LANES)
-#pragma omp simd
-        for (size_t l = 0; l < DOT_LANES; l++)
-            lane[l] += (double)a[c + l] * b[c + l];
-    for (size_t l = 0; c < C; c++, l++)
-        lane[l] += (double)a[c] * b[c];
-    double sum = 0.0;
-    for (size_t l = 0; l < DOT_LANES; l++)
-        sum += lane[l];
-    return sum;
-}
-
 // dst (C) += g * src (C).
 CPU_CLONES static void add_scaled_row(real *dst, real g, const real *src, size_t C) {
 #pragma omp simd
@@ -170,7 +148,7 @@ void cpu_combine_backward(Tensor dyp, Tensor dgates, Tensor dy, Tensor yp, Tenso
             int32_t m = sl[n * k + j];
             if (m < 0) continue;
             if (dp) add_scaled_row(dp + (size_t)m * C, g[n * k + j], dyr, C);
-            if (dg) dg[n * k + j] += (real)cpu_gate_dot(dyr, in + (size_t)m * C, C);
+            if (dg) dg[n * k + j] += (real)cpu_row_dot(dyr, in + (size_t)m * C, NULL, C);
         }
     }
 }
