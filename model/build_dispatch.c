@@ -82,6 +82,7 @@ Buf build_routed_experts(Builder *b, Buf xn, const RouterBufs *r, int l, MoeLaye
 
     TapeOp *eo = &b->m->tape.ops[ex];
     eo->experts.train = b->m->expert_train + (size_t)(st - b->m->moe) * E;
-    eo->experts.route = (ExpertRoute){xn.v, rows, y.g, r->gates.v, slot, slots, yp.v, r->gates.g};
+    eo->experts.route =
+        (ExpertRoute){xn.v, rows, y.g, r->gates.v, slot, slots, yp.v, r->gates.g};
     return y;
 }

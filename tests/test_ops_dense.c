@@ -743,10 +743,10 @@ static void test_experts_fused_gate_grads(void **state) {
             }
             test_assert_close(c.dgates, want, EX_N * EX_K, REF_RTOL, REF_ATOL,
                               "fused experts dgates");
-            ops()->combine_backward(tensor_none(), test_tensor(comb, EX_N * EX_K),
-                                    test_tensor(c.dy, EX_N * EX_C), test_tensor(c.yp, EX_CAP * EX_C),
-                                    test_tensor(c.gates, EX_N * EX_K),
-                                    test_itensor(c.slot, EX_N * EX_K), EX_N, EX_K, EX_C);
+            ops()->combine_backward(
+                tensor_none(), test_tensor(comb, EX_N * EX_K), test_tensor(c.dy, EX_N * EX_C),
+                test_tensor(c.yp, EX_CAP * EX_C), test_tensor(c.gates, EX_N * EX_K),
+                test_itensor(c.slot, EX_N * EX_K), EX_N, EX_K, EX_C);
             assert_equal(c.dgates, comb, EX_N * EX_K, "fused dgates bits = combine's");
             free(R), free(nan), free(start), free(dxp), free(dw), free(want), free(comb);
             experts_case_free(&c);

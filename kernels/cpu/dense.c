@@ -364,7 +364,7 @@ static void expert_gate_grad(const ExpertInput *in, size_t m) {
 // dgates[a] += the gate gradient of assignment a's permuted row, for the kept a: in
 // assignment order, as combine's backward adds them.
 static void expert_gate_grads_add(const ExpertInput *in, const ExpertRoute *r) {
-    real *dg = TENSOR_R(r->dgates);     // (N, k)
+    real *dg = TENSOR_R(r->dgates);        // (N, k)
     const int32_t *sl = TENSOR_I(r->slot); // (N, k)
     for (size_t a = 0; a < r->slot.numel; a++)
         if (sl[a] >= 0) dg[a] += (real)in->dg[sl[a]];

@@ -124,14 +124,14 @@ void cpu_route_topk_forward(Tensor scores, Tensor idx, Tensor gates, Tensor h, T
     CHECK(!bad, "route: %s (groups=%zu topk_groups=%zu E=%zu k=%zu)", bad, spec.groups,
           spec.topk_groups, E, k);
     check_score_func(spec.func);
-    real *s = TENSOR_R(scores);          // (N, E)
-    int32_t *top = TENSOR_I(idx);        // (N, k)
-    real *g = TENSOR_R(gates);           // (N, k)
-    real *hv = TENSOR_R(h);              // (N, E) noisy logits, when raw is given
-    const real *x = TENSOR_R(logits);    // (N, E)
-    const real *r = TENSOR_R(raw);       // (N, E) or NULL
-    const real *ev = TENSOR_R(eps);      // (N, E) or NULL
-    const real *b = TENSOR_R(bias);      // (E) or NULL
+    real *s = TENSOR_R(scores);       // (N, E)
+    int32_t *top = TENSOR_I(idx);     // (N, k)
+    real *g = TENSOR_R(gates);        // (N, k)
+    real *hv = TENSOR_R(h);           // (N, E) noisy logits, when raw is given
+    const real *x = TENSOR_R(logits); // (N, E)
+    const real *r = TENSOR_R(raw);    // (N, E) or NULL
+    const real *ev = TENSOR_R(eps);   // (N, E) or NULL
+    const real *b = TENSOR_R(bias);   // (E) or NULL
 #pragma omp parallel for
     for (size_t n = 0; n < N; n++) {
         const real *xr = x + n * E;
