@@ -7,19 +7,6 @@
 #include <stdlib.h>
 #include <string.h>
 
-// A token's k permuted rows lie scattered over (M, C), and a row of a few hundred floats
-// is over before the hardware prefetcher has ramped up within it: the loops over tokens
-// ask for the rows of a token ahead (two, where a token's own work is short) while they
-// work on this one's.
-static void prefetch_rows(const real *base, const int32_t *idx, size_t n, size_t C) {
-    for (size_t i = 0; i < n; i++) {
-        if (idx[i] < 0) continue;
-        const char *p = (const char *)(base + (size_t)idx[i] * C);
-        for (size_t b = 0; b < C * sizeof(real); b += 64)
-            __builtin_prefetch(p + b);
-    }
-}
-
 // dst (C) += src (C).
 CPU_CLONES static void add_row(real *dst, const real *src, size_t C) {
 #pragma omp simd
@@ -87,9 +74,7 @@ void cpu_gather_rows_backward(Tensor dx, Tensor dxp, Tensor rows, Tensor offsets
         order[start[row[m]]++] = (int32_t)m;
 #pragma omp parallel for
     for (size_t n = 0; n < N; n++) {
-        size_t first = n ? start[n - 1] : 0;
-        if (n + 1 < N) prefetch_rows(dp, order + start[n], start[n + 1] - start[n], C);
-        for (size_t i = first; i < start[n]; i++)
+        for (size_t i = n ? start[n - 1] : 0; i < start[n]; i++)
             add_row(d + n * C, dp + (size_t)order[i] * C, C);
     }
     free(order);
@@ -117,10 +102,8 @@ void cpu_combine_forward(Tensor y, Tensor yp, Tensor gates, Tensor slot, size_t 
     const real *g = TENSOR_R(gates);    // (N, k)
     const int32_t *sl = TENSOR_I(slot); // (N, k)
 #pragma omp parallel for
-    for (size_t n = 0; n < N; n++) {
-        if (n + 2 < N) prefetch_rows(in, sl + (n + 2) * k, k, C);
+    for (size_t n = 0; n < N; n++)
         combine_row(out + n * C, in, g + n * k, sl + n * k, k, C);
-    }
 }
 
 // dst (C) += g * src (C).
@@ -141,8 +124,6 @@ void cpu_combine_backward(Tensor dyp, Tensor dgates, Tensor dy, Tensor yp, Tenso
 #pragma omp parallel for
     for (size_t n = 0; n < N; n++) {
         const real *dyr = dout + n * C;
-        if (n + 2 < N && dp) prefetch_rows(dp, sl + (n + 2) * k, k, C);
-        if (n + 2 < N && dg) prefetch_rows(in, sl + (n + 2) * k, k, C);
         // Each permuted row has one (n, j), so no two tokens write the same dp row.
         for (size_t j = 0; j < k; j++) {
             int32_t m = sl[n * k + j];
